@@ -1,0 +1,138 @@
+"""Read access to the section-stack contract: the manifest, per-section elements and spot order.
+
+Every asign function finds sections through :func:`get_stack` (the manifest in
+``table.uns['asign']['stack']``) and ``obs['section']``, never by parsing element names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ._constants import Key
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+STACK_FIELDS = ("section", "shapes_key", "image_key", "native_coordinate_system", "z_um", "um_per_px")
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """The section manifest of a stack, ordered by cutting order."""
+
+    sections: list[str]
+    shapes_keys: list[str]
+    image_keys: list[str | None]
+    coordinate_systems: list[str]
+    z_um: np.ndarray
+    um_per_px: np.ndarray
+    spot_diameter_um: float
+
+    @property
+    def n_sections(self) -> int:
+        return len(self.sections)
+
+    def index(self, section: str) -> int:
+        """Position of ``section`` in cutting order."""
+        try:
+            return self.sections.index(section)
+        except ValueError:
+            msg = f"Unknown section {section!r}; the stack has sections {self.sections}."
+            raise KeyError(msg) from None
+
+    def image_key(self, section: str) -> str | None:
+        return self.image_keys[self.index(section)]
+
+    def shapes_key(self, section: str) -> str:
+        return self.shapes_keys[self.index(section)]
+
+    def coordinate_system(self, section: str) -> str:
+        return self.coordinate_systems[self.index(section)]
+
+    def to_uns(self) -> dict[str, Any]:
+        """The zarr-writable manifest (no `None`: a missing image is stored as ``""``)."""
+        return {
+            "section": list(self.sections),
+            "shapes_key": list(self.shapes_keys),
+            "image_key": [k or "" for k in self.image_keys],
+            "native_coordinate_system": list(self.coordinate_systems),
+            "z_um": np.asarray(self.z_um, dtype=float),
+            "um_per_px": np.asarray(self.um_per_px, dtype=float),
+            "spot_diameter_um": float(self.spot_diameter_um),
+        }
+
+    @classmethod
+    def from_uns(cls, stack: dict[str, Any]) -> StackInfo:
+        return cls(
+            sections=[str(s) for s in stack["section"]],
+            shapes_keys=[str(s) for s in stack["shapes_key"]],
+            image_keys=[str(s) if str(s) else None for s in stack["image_key"]],
+            coordinate_systems=[str(s) for s in stack["native_coordinate_system"]],
+            z_um=np.asarray(stack["z_um"], dtype=float),
+            um_per_px=np.asarray(stack["um_per_px"], dtype=float),
+            spot_diameter_um=float(np.asarray(stack["spot_diameter_um"]).item()),
+        )
+
+
+def get_table(sdata: SpatialData, table_key: str = Key.TABLE) -> AnnData:
+    """Return ``sdata.tables[table_key]`` or raise a :class:`KeyError` that lists the tables present."""
+    if table_key not in sdata.tables:
+        msg = (
+            f"Table {table_key!r} not found in sdata.tables (present: {list(sdata.tables)}); "
+            "build a stack with `asign.io.stack_sections` or pass `table_key=`."
+        )
+        raise KeyError(msg)
+    return sdata.tables[table_key]
+
+
+def get_stack(sdata_or_table: SpatialData | AnnData, table_key: str = Key.TABLE) -> StackInfo:
+    """Return the :class:`StackInfo` manifest stored in ``table.uns['asign']['stack']``."""
+    from anndata import AnnData
+
+    table = sdata_or_table if isinstance(sdata_or_table, AnnData) else get_table(sdata_or_table, table_key)
+    try:
+        stack = table.uns[Key.UNS][Key.STACK]
+    except (KeyError, TypeError):
+        msg = (
+            f"`uns['{Key.UNS}']['{Key.STACK}']` (the section manifest) not found in table {table_key!r}; "
+            "build the stack with `asign.io.stack_sections` or `asign.io.read_her2st`."
+        )
+        raise KeyError(msg) from None
+    return StackInfo.from_uns(stack)
+
+
+def section_codes(table: AnnData, stack: StackInfo | None = None) -> np.ndarray:
+    """Integer position (cutting order) of every spot's section."""
+    stack = stack or get_stack(table)
+    sec = pd.Categorical(table.obs[Key.SECTION].astype(str), categories=stack.sections)
+    codes = np.asarray(sec.codes)
+    if (codes < 0).any():
+        bad = sorted(set(table.obs[Key.SECTION].astype(str)[codes < 0]))
+        msg = f"obs['{Key.SECTION}'] has sections {bad} that are not in the stack manifest {stack.sections}."
+        raise ValueError(msg)
+    return codes
+
+
+def section_masks(table: AnnData, stack: StackInfo | None = None) -> dict[str, np.ndarray]:
+    """Boolean row mask of every section, in cutting order."""
+    stack = stack or get_stack(table)
+    codes = section_codes(table, stack)
+    return {s: codes == i for i, s in enumerate(stack.sections)}
+
+
+def counts_matrix(table: AnnData):
+    """The raw counts of the table (``layers['counts']`` if present, else ``.X``), never a copy to modify."""
+    if Key.COUNTS in table.layers:
+        return table.layers[Key.COUNTS]
+    return table.X
+
+
+def copy_stack_uns(src: AnnData, dst: AnnData) -> None:
+    """Copy the section manifest from ``src`` to ``dst`` (every derived table carries it)."""
+    dst.uns.setdefault(Key.UNS, {})
+    dst.uns[Key.UNS][Key.STACK] = dict(src.uns[Key.UNS][Key.STACK])

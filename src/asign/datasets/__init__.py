@@ -1,0 +1,8 @@
+"""Datasets: the synthetic section stack (embedded default) and HER2ST."""
+
+from __future__ import annotations
+
+from ._her2st import her2st
+from ._synthetic import synthetic_stack
+
+__all__ = ["her2st", "synthetic_stack"]
