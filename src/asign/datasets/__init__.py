@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._her2st import her2st
+from ._her2st import download_her2st, her2st
 from ._synthetic import synthetic_stack
 
-__all__ = ["her2st", "synthetic_stack"]
+__all__ = ["download_her2st", "her2st", "synthetic_stack"]

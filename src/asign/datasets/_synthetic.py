@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from .._constants import Key
+from asign._constants import Key
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -134,7 +134,7 @@ def synthetic_stack(
     section mapping native pixels to block µm), ``rotation_deg``, the gene ``domain_effect`` and
     ``gradient_loading`` matrices and ``base_log_mean``.
     """
-    from ..io._build import Section, stack_sections
+    from asign.io._build import Section, stack_sections
 
     if n_sections < 1 or n_spots < 4 or n_genes < 1:
         msg = "synthetic_stack needs n_sections >= 1, n_spots >= 4 and n_genes >= 1."

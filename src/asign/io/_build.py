@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -10,15 +10,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._constants import Key
-from .._logging import logger
-from .._stack import StackInfo
+from asign._constants import Key
+from asign._logging import logger
+from asign._stack import StackInfo
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
 DEFAULT_SCALE_FACTORS = (2, 2, 2, 2)
+MIN_PYRAMID_SIDE = 256
 
 
 @dataclass
@@ -28,69 +29,107 @@ class Section:
     Parameters
     ----------
     name
-        Section name, unique in the stack (e.g. ``"C2"``).
+        Section name, unique in the stack (e.g. ``"C2"``); a valid SpatialData element name suffix (letters, digits,
+        ``_``, ``-``, ``.``).
     spots
         Spot centres ``(n, 2)`` as (x, y) in the section image's own pixels.
     counts
-        Raw counts: an :class:`~anndata.AnnData` with one row per spot (in the order of ``spots``), a dense or
-        sparse ``(n, genes)`` matrix (then ``genes`` is required), or `None` for a section without measured counts.
+        Raw counts: an :class:`~anndata.AnnData` with one row per spot (in the order of ``spots``; ``layers['counts']``
+        is used when present, else ``.X``), a dense or sparse ``(n, genes)`` matrix (then ``genes`` is required), or
+        `None` for a section without measured counts (its rows get zero counts and ``measured=False``).
     image
-        RGB image, ``(y, x, 3)`` or ``(3, y, x)`` uint8 array, a dask array, or an already parsed image element;
-        `None` for a section without image.
+        RGB image: a ``(y, x, 3)`` or ``(3, y, x)`` uint8 numpy or dask array, or an image element
+        (:class:`xarray.DataArray` or multiscale :class:`xarray.DataTree`) whose level 0 is in the same pixel frame
+        as ``spots``; `None` for a section without image.
     um_per_px
-        Microns per image pixel.
+        Microns per image pixel (required).
     spot_ids
         Stable spot identifiers (default ``0..n-1``); ``obs_names`` become ``"<section>_<spot id>"``.
     genes
         Gene names when ``counts`` is a matrix.
     obs
-        Extra per-spot columns.
+        Extra per-spot columns, one row per spot in the order of ``spots``.
     obsm
-        Extra per-spot arrays (e.g. a published registration).
+        Extra per-spot arrays ``(n, k)`` (e.g. a published registration); sections without a key get NaN rows.
     """
 
     name: str
     spots: np.ndarray
     counts: Any = None
     image: Any = None
-    um_per_px: float = 1.0
+    um_per_px: float | None = None
     spot_ids: Sequence[str] | None = None
     genes: Sequence[str] | None = None
     obs: pd.DataFrame | None = None
     obsm: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _parse_image(image: Any, coordinate_system: str, scale_factors: Sequence[int] | None):
+def _pyramid_factors(size: int, scale_factors: Sequence[int] | None) -> list[int]:
+    """The leading ``scale_factors`` whose levels keep at least :data:`MIN_PYRAMID_SIDE` px on the shorter side."""
+    keep, s = [], 1
+    for f in scale_factors or ():
+        if size // (s * f) < MIN_PYRAMID_SIDE:
+            break
+        keep.append(int(f))
+        s *= f
+    return keep
+
+
+def _retarget_image(image: Any, coordinate_system: str):
+    """A new image element with the data of ``image`` and only ``Identity`` to ``coordinate_system``."""
+    import xarray as xr
+    from spatialdata.transformations import Identity, set_transformation
+
+    def _level(old: xr.DataArray) -> xr.DataArray:
+        if set(old.dims) != {"c", "y", "x"}:
+            msg = f"image element must have dims ('c', 'y', 'x'), got {old.dims}."
+            raise ValueError(msg)
+        old = old.transpose("c", "y", "x")
+        return xr.DataArray(old.data, dims=old.dims, coords=old.coords, name=old.name or "image")
+
+    if isinstance(image, xr.DataTree):
+        nodes = {}
+        for name in sorted(image.children, key=lambda n: int(n.removeprefix("scale"))):
+            new = _level(next(iter(image[name].values())))
+            nodes[name] = xr.Dataset({new.name: new})
+        out = xr.DataTree.from_dict(nodes)
+    else:
+        out = _level(image)
+    set_transformation(out, {coordinate_system: Identity()}, set_all=True)
+    return out
+
+
+def _parse_image(image: Any, name: str, coordinate_system: str, scale_factors: Sequence[int] | None):
     import dask.array as da
+    import xarray as xr
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Identity
-    from xarray import DataArray, DataTree
 
-    if isinstance(image, DataArray | DataTree):
-        return image
-    arr = image
-    if not isinstance(arr, da.Array):
-        arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3, 4):
-        arr = arr.transpose(2, 0, 1)
+    if isinstance(image, xr.DataArray | xr.DataTree):
+        out = _retarget_image(image, coordinate_system)
+        Image2DModel().validate(out)
+        return out
+    arr = image if isinstance(image, da.Array) else np.asarray(image)
     if arr.ndim != 3:
-        msg = f"image must be (y, x, c) or (c, y, x), got shape {arr.shape}"
+        msg = (
+            f"Section {name!r}: image must be RGB, (y, x, 3) or (3, y, x), got shape {arr.shape}; "
+            "convert greyscale images to RGB."
+        )
         raise ValueError(msg)
-    size = min(arr.shape[1:])
-    sf = [f for f in (scale_factors or ())]
-    # only keep pyramid levels that stay above 256 px
-    keep, s = [], 1
-    for f in sf:
-        if size // (s * f) < 256:
-            break
-        keep.append(f)
-        s *= f
-    chunks = (arr.shape[0], 1024, 1024)
+    if arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3, 4):
+        arr = arr.transpose(2, 0, 1)
+    if arr.shape[0] != 3:
+        msg = f"Section {name!r}: image must have 3 (RGB) channels, got shape {arr.shape}; drop the alpha channel."
+        raise ValueError(msg)
+    if arr.dtype != np.uint8:
+        msg = f"Section {name!r}: image dtype is {arr.dtype}; convert it to uint8 RGB (e.g. skimage.util.img_as_ubyte)."
+        raise ValueError(msg)
+    keep = _pyramid_factors(min(arr.shape[1:]), scale_factors)
     return Image2DModel.parse(
         arr,
         dims=("c", "y", "x"),
         scale_factors=keep or None,
-        chunks=chunks,
+        chunks=(3, 1024, 1024),
         transformations={coordinate_system: Identity()},
     )
 
@@ -101,73 +140,22 @@ def _counts_to_anndata(sec: Section) -> AnnData | None:
     if sec.counts is None:
         return None
     if isinstance(sec.counts, AnnData):
-        return sec.counts
-    X = sec.counts
-    if sec.genes is None:
-        msg = f"Section {sec.name!r}: `counts` is a matrix, so `genes` must name its columns."
-        raise ValueError(msg)
-    return AnnData(X=sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr(), var=pd.DataFrame(index=list(sec.genes)))
-
-
-def _from_spatialdata(sdata: SpatialData, name: str | None, um_per_px: float | None) -> Section:
-    """Turn a single-section SpatialData (e.g. spatialdata-io's Visium reader) into a :class:`Section`."""
-    from spatialdata import get_extent
-    from spatialdata.models import get_table_keys
-    from spatialdata.transformations import get_transformation_between_coordinate_systems
-
-    circles = [k for k, v in sdata.shapes.items() if "radius" in v.columns]
-    if len(circles) != 1:
-        msg = f"Expected exactly one circles shapes element per section SpatialData, found {circles}."
-        raise ValueError(msg)
-    shapes_key = circles[0]
-    shapes = sdata.shapes[shapes_key]
-    tables = [t for t in sdata.tables.values() if shapes_key in np.atleast_1d(get_table_keys(t)[0])]
-    if len(tables) != 1:
-        msg = f"Expected one table annotating shapes {shapes_key!r}, found {len(tables)}."
-        raise ValueError(msg)
-    table = tables[0]
-    _, region_key, instance_key = get_table_keys(table)
-    # the highest-resolution image (largest extent in pixels)
-    image_key = None
-    if sdata.images:
-        image_key = max(sdata.images, key=lambda k: np.prod(_image_shape(sdata.images[k])))
-    xy = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])
-    radius = shapes["radius"].to_numpy()
-    if image_key is not None:
-        # express spot centres in the image's pixel frame
-        t = get_transformation_between_coordinate_systems(sdata, shapes, sdata.images[image_key])
-        m = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
-        xy = xy @ m[:2, :2].T + m[:2, 2]
-        radius = radius * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
-        image = sdata.images[image_key]
-        image = _highest_level(image)
+        a = sec.counts
     else:
-        image = None
-        _ = get_extent
-    rows = table[table.obs[region_key] == shapes_key]
-    order = pd.Index(rows.obs[instance_key].to_numpy()).get_indexer(shapes.index.to_numpy())
-    if (order < 0).any():
-        msg = f"Table does not annotate every spot of {shapes_key!r}."
+        if sec.genes is None:
+            msg = f"Section {sec.name!r}: `counts` is a matrix, so `genes` must name its columns."
+            raise ValueError(msg)
+        X = sec.counts
+        X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
+        if X.shape[1] != len(sec.genes):
+            msg = f"Section {sec.name!r}: counts have {X.shape[1]} columns for {len(sec.genes)} genes."
+            raise ValueError(msg)
+        a = AnnData(X=X, var=pd.DataFrame(index=[str(g) for g in sec.genes]))
+    if not a.var_names.is_unique:
+        d = a.var_names[a.var_names.duplicated()][:5].tolist()
+        msg = f"Section {sec.name!r}: duplicate gene names {d}; make them unique (`var_names_make_unique`)."
         raise ValueError(msg)
-    adata = rows[order].copy()
-    spot_ids = [str(i) for i in rows.obs_names[order]]
-    name = name or shapes_key
-    if um_per_px is None:
-        msg = f"Section {name!r}: pass `um_per_px` for SpatialData inputs (pixel size is not stored in the object)."
-        raise ValueError(msg)
-    return Section(
-        name=name,
-        spots=xy,
-        counts=adata,
-        image=image,
-        um_per_px=um_per_px,
-        spot_ids=spot_ids,
-        obs=pd.DataFrame({"spot_radius_px": radius}, index=spot_ids),
-    )
-
-
-def _image_shape(image) -> tuple[int, ...]:
-    return tuple(_highest_level(image).shape)
+    return a
 
 
 def _highest_level(image):
@@ -178,6 +166,119 @@ def _highest_level(image):
     return image
 
 
+def _from_spatialdata(
+    sdata: SpatialData,
+    *,
+    name: str | None,
+    um_per_px: float | None,
+    image_key: str | None,
+    spot_diameter_um: float,
+) -> Section:
+    """Turn a single-section SpatialData (e.g. spatialdata-io's Visium reader) into a :class:`Section`."""
+    from spatialdata.models import get_table_keys
+    from spatialdata.transformations import get_transformation_between_coordinate_systems
+
+    circles = [k for k, v in sdata.shapes.items() if "radius" in v.columns]
+    if len(circles) != 1:
+        msg = (
+            f"Expected exactly one circles shapes element (Point geometry + 'radius') per section SpatialData, "
+            f"found {circles} among shapes {list(sdata.shapes)}."
+        )
+        raise ValueError(msg)
+    shapes_key = circles[0]
+    shapes = sdata.shapes[shapes_key]
+    tables = []
+    for t in sdata.tables.values():
+        try:
+            region = get_table_keys(t)[0]
+        except (KeyError, ValueError):
+            continue
+        if shapes_key in [str(r) for r in np.atleast_1d(region)]:
+            tables.append(t)
+    if len(tables) != 1:
+        msg = (
+            f"Expected one table annotating shapes {shapes_key!r}, found {len(tables)} (tables: {list(sdata.tables)})."
+        )
+        raise ValueError(msg)
+    table = tables[0]
+    _, region_key, instance_key = get_table_keys(table)
+    name = name or shapes_key
+    if image_key is None and sdata.images:
+        # the highest-resolution image
+        image_key = max(sdata.images, key=lambda k: int(np.prod(_highest_level(sdata.images[k]).shape)))
+    elif image_key is not None and image_key not in sdata.images:
+        msg = f"Section {name!r}: image {image_key!r} not found (images: {list(sdata.images)})."
+        raise KeyError(msg)
+    xy = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])
+    radius = shapes["radius"].to_numpy(dtype=float)
+    image = None
+    if image_key is not None:
+        # express spot centres (and radii) in the chosen image's pixel frame
+        t = get_transformation_between_coordinate_systems(sdata, shapes, sdata.images[image_key])
+        m = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+        xy = xy @ m[:2, :2].T + m[:2, 2]
+        radius = radius * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
+        image = sdata.images[image_key]
+    rows = table[(table.obs[region_key].astype(str) == shapes_key).to_numpy()]
+    order = pd.Index(rows.obs[instance_key].to_numpy()).get_indexer(shapes.index.to_numpy())
+    if (order < 0).any():
+        msg = f"Section {name!r}: the table does not annotate every spot of {shapes_key!r} ({int((order < 0).sum())} missing)."
+        raise ValueError(msg)
+    adata = rows[order].copy()
+    spot_ids = [str(i) for i in adata.obs_names]
+    if um_per_px is None:
+        # the circles carry the physical spot diameter in pixels
+        um_per_px = float(spot_diameter_um / (2.0 * np.median(radius)))
+        logger.info(
+            f"Section {name!r}: um_per_px = {um_per_px:.4g} from the spot radius ({np.median(radius):.4g} px) and "
+            f"spot_diameter_um = {spot_diameter_um}; pass `um_per_px=` if the spots do not have that diameter."
+        )
+    extra = adata.obs.drop(columns=[c for c in (region_key, instance_key) if c in adata.obs.columns])
+    extra = extra.reset_index(drop=True)
+    extra["spot_radius_px"] = radius
+    return Section(
+        name=name,
+        spots=xy,
+        counts=adata,
+        image=image,
+        um_per_px=um_per_px,
+        spot_ids=spot_ids,
+        obs=extra,
+    )
+
+
+def _per_section(value: Any, n: int, what: str) -> list[Any]:
+    if value is None or isinstance(value, str) or np.ndim(value) == 0:
+        return [value] * n
+    out = list(value)
+    if len(out) != n:
+        msg = f"`{what}` has {len(out)} values for {n} sections."
+        raise ValueError(msg)
+    return out
+
+
+def _check_section(s: Section) -> np.ndarray:
+    from spatialdata import sanitize_name
+
+    if not isinstance(s.name, str) or not s.name or sanitize_name(s.name) != s.name:
+        msg = f"Section name {s.name!r} is not a valid element name; use e.g. {sanitize_name(str(s.name))!r}."
+        raise ValueError(msg)
+    spots = np.asarray(s.spots, dtype=float)
+    if spots.ndim != 2 or spots.shape[1] != 2:
+        msg = f"Section {s.name!r}: `spots` must be an (n, 2) array of (x, y) pixel centres, got shape {spots.shape}."
+        raise ValueError(msg)
+    if len(spots) == 0:
+        msg = f"Section {s.name!r}: has no spots; lay a grid over its tissue with `asign.pp.make_spots`."
+        raise ValueError(msg)
+    if not np.all(np.isfinite(spots)):
+        msg = f"Section {s.name!r}: `spots` has non-finite coordinates."
+        raise ValueError(msg)
+    if s.um_per_px is None or not (np.isfinite(s.um_per_px) and float(s.um_per_px) > 0):
+        msg = f"Section {s.name!r}: `um_per_px` must be a positive pixel size in µm, got {s.um_per_px}."
+        raise ValueError(msg)
+    return spots
+
+
 def stack_sections(
     sections: Sequence[Section | SpatialData],
     *,
@@ -186,6 +287,7 @@ def stack_sections(
     thickness_um: float = 16.0,
     z_um: Sequence[float] | None = None,
     um_per_px: float | Sequence[float] | None = None,
+    image_key: str | Sequence[str | None] | None = None,
     scale_factors: Sequence[int] | None = DEFAULT_SCALE_FACTORS,
     table_key: str = Key.TABLE,
     validate: bool = True,
@@ -197,7 +299,10 @@ def stack_sections(
     sections
         The sections in cutting order: :class:`asign.io.Section` objects (images, spot centres and counts in
         memory), or single-section :class:`spatialdata.SpatialData` objects such as spatialdata-io's Visium reader
-        returns (one circles shapes element, the table annotating it, the highest-resolution image).
+        returns (one circles shapes element, the table annotating it, and images). For a SpatialData input, the
+        spot centres and radii are mapped into the pixel frame of the chosen image (``image_key``, default the
+        largest image) with the transformation between the two elements, and the extra ``obs`` columns of its table
+        are kept.
     names
         Section names for :class:`~spatialdata.SpatialData` inputs (default: the shapes element's name).
     spot_diameter_um
@@ -205,11 +310,15 @@ def stack_sections(
     thickness_um
         Section thickness: section ``i`` (0-based) gets ``z = i * thickness_um`` unless ``z_um`` is given.
     z_um
-        Explicit z position of every section in µm.
+        Explicit z position of every section in µm (increasing in cutting order).
     um_per_px
-        Pixel size for :class:`~spatialdata.SpatialData` inputs (one value or one per section).
+        Pixel size of the chosen image for :class:`~spatialdata.SpatialData` inputs (one value or one per section).
+        Default: derived from the circles' radius, ``spot_diameter_um / (2 * radius_px)``.
+    image_key
+        For :class:`~spatialdata.SpatialData` inputs: the image to use (one name or one per section); default the
+        image with the most pixels.
     scale_factors
-        Pyramid downscale factors for in-memory images (levels below 256 px are dropped).
+        Pyramid downscale factors for array images (levels below 256 px on the shorter side are dropped).
     table_key
         Key of the table written.
     validate
@@ -217,9 +326,14 @@ def stack_sections(
 
     Returns
     -------
-    A :class:`spatialdata.SpatialData` with images ``he_<section>``, circles ``spots_<section>`` and one table
-    ``table_key`` with ``obs['section']``, ``obs['measured']``, ``obs['region']``, ``obs['spot_id']``,
-    ``obsm['spatial']``, raw counts in ``.X`` and the manifest ``uns['asign']['stack']``.
+    A :class:`spatialdata.SpatialData` with images ``he_<section>`` (multiscale, uint8 RGB), circles
+    ``spots_<section>`` (radius = ``spot_diameter_um / 2`` in the section's pixels; index = spot id ``0..n-1``), both
+    with :class:`~spatialdata.transformations.Identity` to the coordinate system named like the section, and one
+    table ``table_key`` annotating every ``spots_<section>`` (rows by section, then shapes index) with
+    ``obs['section']`` (ordered categorical), ``obs['measured']``, ``obs['region']``, ``obs['spot_id']``,
+    ``obs['barcode']`` (the given spot id), ``obsm['spatial']``, raw counts in ``.X`` (CSR float32; one gene axis, the
+    union of the sections' genes, a gene absent from a section being 0 there; ``var['n_sections_measured']``) and the
+    manifest ``uns['asign']['stack']``.
     """
     import anndata as ad
     from spatialdata import SpatialData
@@ -229,50 +343,71 @@ def stack_sections(
     if len(sections) == 0:
         msg = "stack_sections needs at least one section."
         raise ValueError(msg)
-    ums = um_per_px if isinstance(um_per_px, Sequence) else [um_per_px] * len(sections)
+    n_sec = len(sections)
+    ums = _per_section(um_per_px, n_sec, "um_per_px")
+    ikeys = _per_section(image_key, n_sec, "image_key")
+    sec_names_in = _per_section(names, n_sec, "names") if names is not None else [None] * n_sec
     secs: list[Section] = []
     for i, s in enumerate(sections):
         if isinstance(s, Section):
             secs.append(s)
+        elif isinstance(s, SpatialData):
+            secs.append(
+                _from_spatialdata(
+                    s, name=sec_names_in[i], um_per_px=ums[i], image_key=ikeys[i], spot_diameter_um=spot_diameter_um
+                )
+            )
         else:
-            secs.append(_from_spatialdata(s, None if names is None else names[i], ums[i]))
+            msg = f"sections[{i}] is a {type(s).__name__}; pass asign.io.Section or spatialdata.SpatialData objects."
+            raise TypeError(msg)
     sec_names = [s.name for s in secs]
-    dup = sorted({n for n in sec_names if sec_names.count(n) > 1})
+    dup = sorted({str(n) for n in sec_names if sec_names.count(n) > 1})
     if dup:
-        msg = f"Duplicate section names {dup}; every section needs a unique name."
+        msg = (
+            f"Duplicate section names {dup}; every section needs a unique name (pass `names=` for SpatialData inputs)."
+        )
+        raise ValueError(msg)
+    if not (np.isfinite(spot_diameter_um) and spot_diameter_um > 0):
+        msg = f"`spot_diameter_um` must be positive, got {spot_diameter_um}."
         raise ValueError(msg)
     if z_um is None:
-        z = np.arange(len(secs), dtype=float) * float(thickness_um)
+        z = np.arange(n_sec, dtype=float) * float(thickness_um)
     else:
         z = np.asarray(z_um, dtype=float)
-        if z.shape != (len(secs),):
-            msg = f"z_um has {z.size} values for {len(secs)} sections."
+        if z.shape != (n_sec,):
+            msg = f"`z_um` has {z.size} values for {n_sec} sections."
             raise ValueError(msg)
+    if n_sec > 1 and not np.all(np.diff(z) > 0):
+        msg = f"z positions {z.tolist()} must increase in cutting order (check `thickness_um` / `z_um`)."
+        raise ValueError(msg)
 
-    images, shapes, tables = {}, {}, []
+    images: dict[str, Any] = {}
+    shapes: dict[str, Any] = {}
     image_keys: list[str | None] = []
     genes: pd.Index | None = None
-    adatas = []
+    parts = []
     for s in secs:
-        cs = s.name
-        spots = np.asarray(s.spots, dtype=float).reshape(-1, 2)
+        spots = _check_section(s)
         n = spots.shape[0]
         ids = [str(i) for i in (s.spot_ids if s.spot_ids is not None else range(n))]
         if len(ids) != n:
             msg = f"Section {s.name!r}: {len(ids)} spot ids for {n} spots."
             raise ValueError(msg)
-        radius_px = 0.5 * spot_diameter_um / float(s.um_per_px)
+        if len(set(ids)) != n:
+            msg = f"Section {s.name!r}: spot ids are not unique; `obs_names` ('<section>_<spot id>') must be unique."
+            raise ValueError(msg)
+        radius_px = 0.5 * float(spot_diameter_um) / float(s.um_per_px)
         skey = Key.shapes(s.name)
         shapes[skey] = ShapesModel.parse(
             spots,
             geometry=0,
             radius=np.full(n, radius_px),
             index=pd.RangeIndex(n),
-            transformations={cs: Identity()},
+            transformations={s.name: Identity()},
         )
         if s.image is not None:
             ikey = Key.image(s.name)
-            images[ikey] = _parse_image(s.image, cs, scale_factors)
+            images[ikey] = _parse_image(s.image, s.name, s.name, scale_factors)
             image_keys.append(ikey)
         else:
             image_keys.append(None)
@@ -280,15 +415,22 @@ def stack_sections(
         if a is not None and a.n_obs != n:
             msg = f"Section {s.name!r}: counts have {a.n_obs} rows for {n} spots."
             raise ValueError(msg)
-        adatas.append((s, a, ids, spots, skey))
+        if s.obs is not None and len(s.obs) != n:
+            msg = f"Section {s.name!r}: `obs` has {len(s.obs)} rows for {n} spots."
+            raise ValueError(msg)
+        for k, v in s.obsm.items():
+            if np.asarray(v).ndim != 2 or len(v) != n:
+                msg = f"Section {s.name!r}: obsm[{k!r}] must be (n_spots, k) with n_spots = {n}, got {np.shape(v)}."
+                raise ValueError(msg)
+        parts.append((s, a, ids, spots, skey))
         if a is not None:
-            genes = a.var_names if genes is None else genes.union(a.var_names, sort=False)
+            genes = pd.Index(a.var_names) if genes is None else genes.union(a.var_names, sort=False)
     if genes is None:
-        genes = pd.Index([])
+        genes = pd.Index([], dtype=str)
     # one gene axis for all sections; a gene missing from a section is 0 there (and recorded in var)
     blocks, obs_frames, obsm_extra = [], [], {}
-    present = pd.DataFrame(False, index=genes, columns=sec_names)
-    for s, a, ids, spots, skey in adatas:
+    n_measured = np.zeros(len(genes), dtype=np.int64)
+    for s, a, ids, spots, skey in parts:
         n = spots.shape[0]
         if a is None:
             blocks.append(sp.csr_matrix((n, len(genes)), dtype=np.float32))
@@ -296,9 +438,11 @@ def stack_sections(
             X = a.layers[Key.COUNTS] if Key.COUNTS in a.layers else a.X
             X = sp.csr_matrix(X, dtype=np.float32)
             idx = genes.get_indexer(a.var_names)
-            M = sp.csr_matrix((np.ones(len(idx), dtype=np.float32), (np.arange(len(idx)), idx)), shape=(len(idx), len(genes)))
+            M = sp.csr_matrix(
+                (np.ones(len(idx), dtype=np.float32), (np.arange(len(idx)), idx)), shape=(len(idx), len(genes))
+            )
             blocks.append((X @ M).tocsr())
-            present.loc[a.var_names, s.name] = True
+            n_measured[idx] += 1
         obs = pd.DataFrame(
             {
                 Key.SECTION: s.name,
@@ -319,16 +463,20 @@ def stack_sections(
     obs = pd.concat(obs_frames)
     obs[Key.SECTION] = pd.Categorical(obs[Key.SECTION], categories=sec_names, ordered=True)
     obs[Key.REGION] = pd.Categorical(obs[Key.REGION], categories=[Key.shapes(n) for n in sec_names])
-    X = sp.vstack(blocks).tocsr()
-    var = pd.DataFrame(index=genes)
-    var["n_sections_measured"] = present.sum(axis=1).to_numpy()
+    obs[Key.MEASURED] = obs[Key.MEASURED].astype(bool)
+    X = sp.vstack(blocks, format="csr", dtype=np.float32)
+    var = pd.DataFrame({"n_sections_measured": n_measured}, index=genes.astype(str))
     adata = ad.AnnData(X=X, obs=obs, var=var)
-    adata.obsm[Key.SPATIAL] = np.vstack([a[3] for a in adatas])
-    for k, parts in obsm_extra.items():
-        full = np.full((adata.n_obs, parts[0][1].shape[1]), np.nan)
-        for name, v in parts:
-            full[(obs[Key.SECTION] == name).to_numpy()] = v
-        obsm_extra[k] = full
+    adata.obsm[Key.SPATIAL] = np.vstack([p[3] for p in parts])
+    section_of_row = obs[Key.SECTION].astype(str).to_numpy()
+    for k, vals in obsm_extra.items():
+        width = {v.shape[1] for _, v in vals}
+        if len(width) != 1:
+            msg = f"obsm[{k!r}] has different widths {sorted(width)} across sections."
+            raise ValueError(msg)
+        full = np.full((adata.n_obs, width.pop()), np.nan)
+        for name, v in vals:
+            full[section_of_row == name] = v
         adata.obsm[k] = full
     stack = StackInfo(
         sections=sec_names,
@@ -342,7 +490,7 @@ def stack_sections(
     adata.uns[Key.UNS] = {Key.STACK: stack.to_uns()}
     table = TableModel.parse(adata, region=stack.shapes_keys, region_key=Key.REGION, instance_key=Key.INSTANCE)
     sdata = SpatialData(images=images, shapes=shapes, tables={table_key: table})
-    logger.info(f"Stacked {len(secs)} sections, {adata.n_obs} spots, {adata.n_vars} genes.")
+    logger.info(f"Stacked {n_sec} sections, {adata.n_obs} spots, {adata.n_vars} genes.")
     if validate:
         from ._validate import validate_stack
 

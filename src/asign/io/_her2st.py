@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,8 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._constants import Key
-from .._logging import logger
+from asign._constants import Key
+from asign._logging import logger
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -21,15 +22,37 @@ HER2ST_SPOT_DIAMETER_UM = 100.0
 HER2ST_PITCH_UM = 200.0
 HER2ST_THICKNESS_UM = 16.0
 HER2ST_DEFAULT_UM_PER_PX = 0.69
+# patient A's images are smaller (about 217 px per 200 µm grid step)
+HER2ST_DEFAULT_UM_PER_PX_A = 0.92
+HER2ST_PYRAMID = (2, 2, 2, 2)
+
+# decoded JPEG levels, most recent last; bounded by bytes so that at most ~2 full-resolution images stay in memory
+_CACHE_BYTES = 640 * 2**20
+_cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
+_cache_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=2)
-def _decode_jpeg(path: str) -> np.ndarray:
+def _decode_jpeg(path: str, height: int, width: int) -> np.ndarray:
+    """Decode a JPEG at ``(height, width)``: reduced levels use the JPEG DCT scaling (`draft`), never the full image."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    key = (path, height, width)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(path) as im:
+            if (width, height) != im.size:
+                im.draft("RGB", (width, height))  # the smallest DCT scale that is still >= the requested size
+            im = im.convert("RGB")
+            if im.size != (width, height):
+                im = im.resize((width, height), Image.Resampling.BOX)
+            arr = np.asarray(im)
+        _cache[key] = arr
+        while sum(a.nbytes for a in _cache.values()) > _CACHE_BYTES and len(_cache) > 1:
+            _cache.popitem(last=False)
+        return arr
 
 
 def _jpeg_size(path: Path) -> tuple[int, int]:
@@ -40,48 +63,114 @@ def _jpeg_size(path: Path) -> tuple[int, int]:
         return im.size  # (width, height), from the header only
 
 
-def lazy_jpeg(path: str | Path, chunk: int = 1024):
-    """A lazy ``(3, y, x)`` dask array of a JPEG: nothing is decoded until a chunk is computed.
-
-    JPEG cannot be decoded by tile, so the first computed chunk decodes the file once; the decoded image is cached
-    for the following chunks (the two most recent files are kept).
-    """
+def _lazy_level(path: str, height: int, width: int, chunk: int):
     import dask
     import dask.array as da
 
-    path = str(path)
-    w, h = _jpeg_size(Path(path))
-    full = da.from_delayed(dask.delayed(_decode_jpeg, pure=True)(path), shape=(h, w, 3), dtype=np.uint8)
+    full = da.from_delayed(
+        dask.delayed(_decode_jpeg, pure=True)(path, height, width), shape=(height, width, 3), dtype=np.uint8
+    )
     return full.transpose(2, 0, 1).rechunk((3, chunk, chunk))
 
 
+def lazy_jpeg(path: str | Path, *, chunk: int = 1024):
+    """A lazy ``(3, y, x)`` dask array of a JPEG at full resolution: nothing is decoded until a chunk is computed.
+
+    JPEG cannot be decoded by tile, so the first computed chunk decodes the file once; decoded images are cached
+    (about two full-resolution images at most) for the following chunks.
+    """
+    path = str(path)
+    w, h = _jpeg_size(Path(path))
+    return _lazy_level(path, h, w, chunk)
+
+
+def lazy_jpeg_pyramid(
+    path: str | Path,
+    *,
+    coordinate_system: str,
+    scale_factors: Sequence[int] = HER2ST_PYRAMID,
+    chunk: int = 1024,
+):
+    """A multiscale image element of a JPEG whose every level is decoded lazily and on its own.
+
+    Level ``k`` is decoded directly at its size with the JPEG decoder's DCT scaling (1/2, 1/4, 1/8), so reading a
+    thumbnail never decodes the full-resolution image. The pyramid has the layout of
+    :meth:`spatialdata.models.Image2DModel.parse` with ``scale_factors`` and the transformation
+    :class:`~spatialdata.transformations.Identity` to ``coordinate_system``.
+    """
+    import xarray as xr
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    level0 = lazy_jpeg(path, chunk=chunk)
+    parsed = Image2DModel.parse(
+        level0,
+        dims=("c", "y", "x"),
+        scale_factors=list(scale_factors) or None,
+        chunks=(3, chunk, chunk),
+        transformations={coordinate_system: Identity()},
+    )
+    if not isinstance(parsed, xr.DataTree):
+        return parsed
+    nodes = {}
+    for name in parsed.children:
+        old = next(iter(parsed[name].values()))
+        if name == "scale0":
+            data = level0
+        else:
+            data = _lazy_level(str(path), int(old.sizes["y"]), int(old.sizes["x"]), chunk)
+        new = xr.DataArray(data, dims=old.dims, coords=old.coords, attrs=dict(old.attrs), name=old.name)
+        nodes[name] = xr.Dataset({old.name: new})
+    return xr.DataTree.from_dict(nodes)
+
+
 def _fit_rigid(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares 2D affine (3 x 3) mapping ``src`` onto ``dst``."""
-    A = np.column_stack([src, np.ones(len(src))])
-    sol, *_ = np.linalg.lstsq(A, dst, rcond=None)
+    """Least-squares rigid map (rotation + translation, 3 x 3 homogeneous) of ``src`` points onto ``dst`` (Kabsch)."""
+    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
+    H = (src - mu_s).T @ (dst - mu_d)
+    U, _, Vt = np.linalg.svd(H)
+    d = np.sign(np.linalg.det(Vt.T @ U.T))
+    R = Vt.T @ np.diag([1.0, d]) @ U.T
     M = np.eye(3)
-    M[:2, :] = sol.T
+    M[:2, :2] = R
+    M[:2, 2] = mu_d - R @ mu_s
     return M
 
 
-def _read_transforms(root: Path, sections: Sequence[str]) -> dict[str, np.ndarray]:
-    """The published rigid registration: one 3 x 3 matrix per section into its patient's reference section."""
+def _read_transforms(root: Path, sections: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The published rigid registration: one 3 x 3 matrix per section into its patient's reference section.
+
+    Returns the matrices and the reference section of each section.
+    """
     out: dict[str, np.ndarray] = {}
+    refs: dict[str, str] = {}
     table = root / "section_transforms.csv"
     if table.exists():
         df = pd.read_csv(table, index_col="section")
         for s in sections:
             if s in df.index:
                 r = df.loc[s]
-                out[s] = np.array([[r.a11, r.a12, r.tx], [r.a21, r.a22, r.ty], [0.0, 0.0, 1.0]])
-        return out
-    # upstream layout: fit the map from the warped spot coordinates of the cluster files
+                out[s] = np.array([[r.a11, r.a12, r.tx], [r.a21, r.a22, r.ty], [0.0, 0.0, 1.0]], dtype=float)
+                if "reference" in df.columns:
+                    refs[s] = str(r.reference)
+        return out, refs
+    # upstream layout: fit the rigid map from the warped spot coordinates of the cluster files
     for s in sections:
         f = root / "res" / "ST-cluster" / "lbl" / f"{s}-cluster-annotation.tsv.gz"
         if f.exists():
             c = pd.read_csv(f, sep="\t")
-            out[s] = _fit_rigid(c[["pixel_x", "pixel_y"]].to_numpy(float), c[["warped_x", "warped_y"]].to_numpy(float))
-    return out
+            src = c[["pixel_x", "pixel_y"]].to_numpy(float)
+            dst = c[["warped_x", "warped_y"]].to_numpy(float)
+            M = _fit_rigid(src, dst)
+            res = np.abs(src @ M[:2, :2].T + M[:2, 2] - dst).max()
+            if res > 2.0:
+                logger.warning(f"HER2ST {s}: the published registration is not rigid (max residual {res:.1f} px).")
+            out[s] = M
+    identity = [s for s, M in out.items() if np.allclose(M, np.eye(3), atol=1e-6)]
+    for s in out:
+        if len(identity) == 1:
+            refs[s] = identity[0]
+    return out, refs
 
 
 def _find_image(root: Path, patient: str, section: str) -> Path | None:
@@ -92,13 +181,31 @@ def _find_image(root: Path, patient: str, section: str) -> Path | None:
     return jpgs[0] if jpgs else None
 
 
-def _um_per_px(root: Path, section: str, image: Path | None) -> float:
+def _um_per_px(root: Path, section: str, spots: pd.DataFrame) -> float:
+    """Pixel size: ``sections.csv`` when present, else the spot grid (200 µm pitch) fitted on the spot file."""
     manifest = root / "sections.csv"
     if manifest.exists():
         df = pd.read_csv(manifest, index_col="section")
-        if section in df.index and np.isfinite(df.loc[section, "px_per_200um"]):
+        if section in df.index and "px_per_200um" in df.columns and np.isfinite(df.loc[section, "px_per_200um"]):
             return HER2ST_PITCH_UM / float(df.loc[section, "px_per_200um"])
-    return HER2ST_DEFAULT_UM_PER_PX
+    if len(spots) >= 10:
+        A = np.column_stack([spots["x"].to_numpy(float), spots["y"].to_numpy(float), np.ones(len(spots))])
+        sol, *_ = np.linalg.lstsq(A, spots[["pixel_x", "pixel_y"]].to_numpy(float), rcond=None)
+        px_per_step = float(np.sqrt(abs(np.linalg.det(sol[:2]))))
+        if np.isfinite(px_per_step) and px_per_step > 0:
+            return HER2ST_PITCH_UM / px_per_step
+    return HER2ST_DEFAULT_UM_PER_PX_A if section.startswith("A") else HER2ST_DEFAULT_UM_PER_PX
+
+
+def _pathologist_labels(root: Path, section: str, index: pd.Index) -> pd.Series | None:
+    f = root / "data" / "ST-pat" / "lbl" / f"{section}_labeled_coordinates.tsv"
+    if not f.exists():
+        return None
+    lab = pd.read_csv(f, sep="\t").dropna(subset=["x", "y"])
+    key = lab["x"].round().astype(int).astype(str) + "x" + lab["y"].round().astype(int).astype(str)
+    lab = pd.Series(lab["label"].astype(str).to_numpy(), index=key)
+    lab = lab[~lab.index.duplicated()]
+    return lab.reindex(index)
 
 
 def read_her2st(
@@ -117,23 +224,32 @@ def read_her2st(
         Root of the HER2ST layout: ``data/ST-cnts/<S>.tsv.gz`` (counts), ``data/ST-spotfiles/<S>_selection.tsv``
         (spot pixel centres), ``data/ST-imgs/<P>/<S>/*.jpg`` (full-resolution H&E, optional), and either
         ``section_transforms.csv`` or ``res/ST-cluster/lbl/<S>-cluster-annotation.tsv.gz`` (published registration).
+        Optional: ``sections.csv`` (pixel size from its ``px_per_200um`` column) and
+        ``data/ST-pat/lbl/<S>_labeled_coordinates.tsv`` (pathologist labels).
     patient
         One of ``A``–``H``.
     sections
         Sections to read, in cutting order (default: all sections of the patient, ``<P>1, <P>2, ...``).
     images
-        Whether to attach the H&E images that exist (read lazily, as multiscale pyramids).
+        Whether to attach the H&E images that exist. They are multiscale pyramids whose levels are decoded lazily
+        and separately (a low-resolution level never decodes the full-resolution image).
     genes
         Restrict the genes (default: the union of all genes of the patient; a gene absent from a section is 0).
 
     Returns
     -------
-    A section stack. Sections without an image have no image element (``image_key`` empty in the manifest). The
-    published rigid registration into the patient's reference section is kept in
-    ``obsm['spatial_her2st_reference']`` (reference-frame pixels) and in
-    ``uns['asign']['her2st_transforms']``, for evaluation only.
+    A section stack (see :func:`asign.io.stack_sections`) with sections ``<P>1, <P>2, ...``. Sections without an
+    image have no image element (``image_key`` empty in the manifest, ``obs['has_image']`` False). Also written:
+    ``obs['array_row']``, ``obs['array_col']`` (ST grid), ``obs['pathologist_label']`` (where published), the
+    published rigid registration into the patient's reference section in ``obsm['spatial_her2st_reference']``
+    (reference-frame pixels; NaN where unknown) and ``uns['asign']['her2st_transforms']`` ({section: 3 x 3 matrix
+    native px -> reference px}), and ``uns['asign']['dataset']`` (name, patient, reference section). The
+    registration is for evaluation only. The pixel size comes from ``sections.csv`` when present, else from the
+    spot grid (200 µm pitch).
     """
-    from .._stack import get_stack
+    import scipy.sparse as sp
+    from anndata import AnnData
+
     from ._build import Section, stack_sections
 
     root = Path(path)
@@ -141,44 +257,65 @@ def read_her2st(
     if patient not in HER2ST_PATIENTS:
         msg = f"Unknown HER2ST patient {patient!r}; choose one of {list(HER2ST_PATIENTS)}."
         raise ValueError(msg)
+    if not root.is_dir():
+        msg = f"HER2ST folder {root} does not exist; pass the root of the HER2ST layout (with data/ST-cnts)."
+        raise FileNotFoundError(msg)
     cnt_dir = root / "data" / "ST-cnts"
     if not cnt_dir.is_dir():
         msg = f"{cnt_dir} not found: `path` must be the root of the HER2ST layout (with data/ST-cnts)."
         raise FileNotFoundError(msg)
-    available = sorted(
-        (p.name.split(".")[0] for p in cnt_dir.glob(f"{patient}*.tsv.gz")), key=lambda s: int(s[len(patient) :])
-    )
-    if sections is None:
-        sections = available
+    names = [p.name[: -len(".tsv.gz")] for p in cnt_dir.glob(f"{patient}*.tsv.gz")]
+    available = sorted((s for s in names if s[len(patient) :].isdigit()), key=lambda s: int(s[len(patient) :]))
+    if not available:
+        msg = f"No count files of patient {patient} in {cnt_dir} (expected {patient}1.tsv.gz, ...)."
+        raise FileNotFoundError(msg)
+    sections = list(available if sections is None else sections)
     missing = [s for s in sections if s not in available]
     if missing:
         msg = f"Sections {missing} of patient {patient} not found in {cnt_dir} (available: {available})."
         raise ValueError(msg)
-    transforms = _read_transforms(root, sections)
+    transforms, refs = _read_transforms(root, sections)
     parts = []
     for s in sections:
         counts = pd.read_csv(cnt_dir / f"{s}.tsv.gz", sep="\t", index_col=0)
+        counts.index = counts.index.astype(str)
         if genes is not None:
             counts = counts.reindex(columns=list(genes), fill_value=0)
-        spots = pd.read_csv(root / "data" / "ST-spotfiles" / f"{s}_selection.tsv", sep="\t")
-        spots.index = spots["x"].astype(str) + "x" + spots["y"].astype(str)
+        spot_file = root / "data" / "ST-spotfiles" / f"{s}_selection.tsv"
+        if not spot_file.exists():
+            msg = f"Section {s}: spot file {spot_file} not found; it gives the spots' pixel positions."
+            raise FileNotFoundError(msg)
+        spots = pd.read_csv(spot_file, sep="\t")
+        spots.index = spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)
+        spots = spots[~spots.index.duplicated()]
         absent = counts.index.difference(spots.index)
         if len(absent):
-            msg = f"Section {s}: {len(absent)} spots of the count table have no pixel position (e.g. {list(absent[:3])})."
+            msg = (
+                f"Section {s}: {len(absent)} spots of the count table have no pixel position in {spot_file.name} "
+                f"(e.g. {list(absent[:3])})."
+            )
             raise ValueError(msg)
+        um_per_px = _um_per_px(root, s, spots)
         spots = spots.loc[counts.index]
         xy = spots[["pixel_x", "pixel_y"]].to_numpy(float)
         img_path = _find_image(root, patient, s) if images else None
         obs = pd.DataFrame(
-            {"array_row": spots["y"].to_numpy(), "array_col": spots["x"].to_numpy(), "has_image": img_path is not None}
+            {
+                "array_row": spots["y"].to_numpy(int),
+                "array_col": spots["x"].to_numpy(int),
+                "has_image": img_path is not None,
+            }
         )
+        labels = _pathologist_labels(root, s, counts.index)
+        if labels is not None:
+            obs["pathologist_label"] = labels.to_numpy()
         obsm = {}
         if s in transforms:
             M = transforms[s]
             obsm[Key.HER2ST_REFERENCE] = xy @ M[:2, :2].T + M[:2, 2]
-        from anndata import AnnData
-        import scipy.sparse as sp
-
+        else:
+            logger.warning(f"HER2ST {s}: no published registration found; obsm['{Key.HER2ST_REFERENCE}'] is NaN.")
+        image = lazy_jpeg_pyramid(img_path, coordinate_system=s) if img_path is not None else None
         adata = AnnData(
             X=sp.csr_matrix(counts.to_numpy(dtype=np.float32)), var=pd.DataFrame(index=counts.columns.astype(str))
         )
@@ -187,22 +324,29 @@ def read_her2st(
                 name=s,
                 spots=xy,
                 counts=adata,
-                image=lazy_jpeg(img_path) if img_path is not None else None,
-                um_per_px=_um_per_px(root, s, img_path),
-                spot_ids=list(counts.index.astype(str)),
+                image=image,
+                um_per_px=um_per_px,
+                spot_ids=list(counts.index),
                 obs=obs,
                 obsm=obsm,
             )
         )
         logger.debug(f"HER2ST {s}: {len(counts)} spots, image={'yes' if img_path else 'no'}")
+    if not transforms:
+        for p in parts:
+            p.obsm[Key.HER2ST_REFERENCE] = np.full((len(p.spots), 2), np.nan)
     sdata = stack_sections(parts, spot_diameter_um=HER2ST_SPOT_DIAMETER_UM, thickness_um=HER2ST_THICKNESS_UM)
     table = sdata.tables[Key.TABLE]
     table.obs["has_image"] = table.obs["has_image"].astype(bool)
-    table.uns[Key.UNS]["her2st_transforms"] = {s: M for s, M in transforms.items()}
-    table.uns[Key.UNS]["dataset"] = {"name": "her2st", "patient": patient}
-    stack = get_stack(table)
-    logger.info(
-        f"HER2ST patient {patient}: {len(stack.sections)} sections, {table.n_obs} spots, "
-        f"images for {[s for s, k in zip(stack.sections, stack.image_keys, strict=True) if k]}."
-    )
+    if "pathologist_label" in table.obs:
+        table.obs["pathologist_label"] = table.obs["pathologist_label"].astype("category")
+    table.uns[Key.UNS]["her2st_transforms"] = {s: np.asarray(M, dtype=float) for s, M in transforms.items()}
+    ref = sorted(set(refs.values()))
+    table.uns[Key.UNS]["dataset"] = {
+        "name": "her2st",
+        "patient": patient,
+        "reference_section": ref[0] if len(ref) == 1 else "",
+    }
+    with_img = [s for s, p in zip(sections, parts, strict=True) if p.image is not None]
+    logger.info(f"HER2ST patient {patient}: {len(sections)} sections, {table.n_obs} spots, images for {with_img}.")
     return sdata

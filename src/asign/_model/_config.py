@@ -1,0 +1,224 @@
+"""The ASIGN model's options in one typed dataclass, with the named presets of ``method.md`` §5–6."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+PRESETS = ("default", "paper_code")
+
+
+@dataclass
+class ASIGNConfig:
+    """Every option of the ASIGN model and its training loop.
+
+    The defaults are asign's (``preset="default"``, ``method.md`` §5–6); :meth:`from_preset` gives the released code's
+    hyper-parameters with ``preset="paper_code"``. The object is plain data: :meth:`to_dict` gives a zarr- and
+    ``weights_only``-safe dict and :meth:`from_dict` rebuilds it.
+
+    Attributes
+    ----------
+    hidden_dim
+        Width ``d`` of every token (1024 in the paper; smaller widths suit CPU runs and small data).
+    attn_heads
+        Heads of the cross-attention and transformer layers (must divide ``hidden_dim``).
+    gat_heads
+        Heads of each GATv2 layer, concatenated to ``hidden_dim`` (must divide ``hidden_dim``).
+    gnn_layers
+        Number of stacked GATv2 layers in each graph block (3 in the paper), each refined by one transformer layer.
+    dropout
+        Dropout of attention, GATv2 and feed-forward layers.
+    input_dropout
+        Dropout on the standardised frozen features before the level MLPs (regularisation for small data).
+    levels
+        ``"spot_region_global"`` (the paper's three branches) or ``"spot"`` (spot branch only; the cross-attention then
+        attends over the spot token and its graph-neighbour mean, so it still sees two tokens).
+    net_baseline
+        ``"visible_mean"``: every head predicts a deviation from the mean of the visible labels of the sample (so each
+        sample's known layer sets the level and the network learns the spatial pattern); ``"none"``: heads predict
+        absolute values (bias initialised to the training mean). *asign decision*.
+    use_propagation
+        Cross-layer label propagation and the per-gene mixing (``False`` gives the image-only "ASIGN 2D" variant).
+    lp_iterations
+        Propagation iterations ``T`` (10 in the supplement, 20 in the released code).
+    lp_init
+        Initial value of unlabelled spots: ``"mean"`` (visible-label mean) or ``"network"`` (detached network output).
+    lp_linear
+        Learned ``Linear(G, G)`` after the propagation, initialised to the identity.
+    alpha_init
+        Initial per-gene mixing logit ``alpha`` (``sigmoid(0.5) ~ 0.62`` on the propagation).
+    loss_weights
+        ``(w_mse, w_pcc, lambda_1, lambda_2)``: spot MSE, spot ``1 - PCC``, region/global and consistency weights.
+    pcc_axis
+        ``"spot"`` correlates across genes within each spot (the released code); ``"gene"`` correlates each gene across
+        the loss-set spots of each section (closer to the primary metric).
+    mask
+        ``"section"``: one labelled section visible per step, the others hidden; ``"spot"``: each labelled spot visible
+        with probability ``visible_fraction``. Samples with a single labelled section always use ``"spot"``.
+    visible_fraction
+        ``p`` of ``mask="spot"``.
+    known_policy
+        ``"random"`` (a new visible section each step) or ``"first"`` (always the first labelled section).
+    optimizer
+        ``"adamw"`` (asign) or ``"sgd"`` (released code: momentum 0.9, poly decay).
+    lr, weight_decay, momentum
+        Optimiser settings.
+    schedule
+        ``"cosine"`` or ``"poly"`` (``(1 - it / poly_iters) ** 0.9``).
+    poly_iters
+        Horizon of the poly schedule.
+    max_epochs
+        Upper bound on epochs; one epoch is one pass over the training samples in a seeded random order.
+    steps_per_epoch
+        Masked steps per sample and epoch (a single small sample needs several masks per epoch).
+    patience
+        Early-stopping patience in epochs (on the validation per-gene PCC); 0 disables early stopping.
+    min_epochs
+        Epochs before early stopping may trigger.
+    holdout_fraction
+        With no validation sample (transductive training), the fraction of labelled spots held out for early stopping:
+        they are never visible and never in the loss during training.
+    grad_clip
+        Gradient-norm clip.
+    amp
+        Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.
+    seed
+        Seed of the initialisation, masks and sample order.
+    """
+
+    hidden_dim: int = 256
+    attn_heads: int = 8
+    gat_heads: int = 4
+    gnn_layers: int = 3
+    dropout: float = 0.1
+    input_dropout: float = 0.1
+    levels: Literal["spot_region_global", "spot"] = "spot_region_global"
+    net_baseline: Literal["visible_mean", "none"] = "visible_mean"
+    use_propagation: bool = True
+    lp_iterations: int = 10
+    lp_init: Literal["mean", "network"] = "mean"
+    lp_linear: bool = False
+    alpha_init: float = 0.5
+    loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.25, 0.25])
+    pcc_axis: Literal["spot", "gene"] = "gene"
+    mask: Literal["section", "spot"] = "section"
+    visible_fraction: float = 0.2
+    known_policy: Literal["random", "first"] = "random"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: Literal["cosine", "poly"] = "cosine"
+    poly_iters: int = 25000
+    max_epochs: int = 100
+    steps_per_epoch: int = 1
+    patience: int = 10
+    min_epochs: int = 1
+    holdout_fraction: float = 0.2
+    grad_clip: float = 1.0
+    amp: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.loss_weights = [float(w) for w in self.loss_weights]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a :class:`ValueError` naming the first inconsistent option."""
+        choices = {
+            "levels": ("spot_region_global", "spot"),
+            "net_baseline": ("visible_mean", "none"),
+            "lp_init": ("mean", "network"),
+            "pcc_axis": ("spot", "gene"),
+            "mask": ("section", "spot"),
+            "known_policy": ("random", "first"),
+            "optimizer": ("adamw", "sgd"),
+            "schedule": ("cosine", "poly"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                msg = f"ASIGNConfig.{name}={getattr(self, name)!r} is not one of {list(allowed)}."
+                raise ValueError(msg)
+        for name in ("attn_heads", "gat_heads"):
+            h = getattr(self, name)
+            if h < 1 or self.hidden_dim % h:
+                msg = f"ASIGNConfig.{name}={h} must divide hidden_dim={self.hidden_dim}."
+                raise ValueError(msg)
+        if self.gnn_layers < 1:
+            msg = f"ASIGNConfig.gnn_layers={self.gnn_layers} must be at least 1."
+            raise ValueError(msg)
+        if len(self.loss_weights) != 4:
+            msg = f"ASIGNConfig.loss_weights must have 4 entries (w_mse, w_pcc, lambda_1, lambda_2), got {self.loss_weights}."
+            raise ValueError(msg)
+        if not 0.0 < self.visible_fraction < 1.0:
+            msg = f"ASIGNConfig.visible_fraction={self.visible_fraction} must lie in (0, 1)."
+            raise ValueError(msg)
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            msg = f"ASIGNConfig.holdout_fraction={self.holdout_fraction} must lie in [0, 1)."
+            raise ValueError(msg)
+        if self.lp_iterations < 0 or self.max_epochs < 1 or self.steps_per_epoch < 1:
+            msg = "ASIGNConfig.lp_iterations must be >= 0, max_epochs and steps_per_epoch >= 1."
+            raise ValueError(msg)
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides: Any) -> ASIGNConfig:
+        """The named preset with ``overrides`` applied.
+
+        ``"default"`` is asign's configuration. ``"paper_code"`` takes the released code's *hyper-parameters*
+        (``method.md`` §6.4): SGD with momentum 0.9, learning rate 1e-3, poly decay over 25,000 iterations, 51 epochs,
+        ``mask="spot"`` with ``p = 0.25``, ``T = 20``, loss weights (0.75, 0.25, 0.125, 0.125), per-spot PCC and
+        hidden width 1024. Its graph settings (within-section ``k = 4``, cross-section ``k = 12``) belong to
+        :func:`asign.pp.neighbors_3d`. None of the released code's defects are reproduced.
+        """
+        if preset == "default":
+            base: dict[str, Any] = {}
+        elif preset == "paper_code":
+            base = {
+                "hidden_dim": 1024,
+                "optimizer": "sgd",
+                "lr": 1e-3,
+                "momentum": 0.9,
+                "weight_decay": 0.0,
+                "schedule": "poly",
+                "poly_iters": 25000,
+                "max_epochs": 51,
+                "patience": 0,
+                "mask": "spot",
+                "visible_fraction": 0.25,
+                "lp_iterations": 20,
+                "loss_weights": [0.75, 0.25, 0.125, 0.125],
+                "pcc_axis": "spot",
+                "net_baseline": "none",
+                "input_dropout": 0.0,
+            }
+        else:
+            msg = f"Unknown preset {preset!r}; choose one of {list(PRESETS)}."
+            raise ValueError(msg)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            msg = f"Unknown ASIGN option(s) {sorted(unknown)}; valid options: {sorted(f.name for f in dataclasses.fields(cls))}."
+            raise ValueError(msg)
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``dict`` of str / int / float / bool / list values."""
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple | list) else v)
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ASIGNConfig:
+        """Rebuild from :meth:`to_dict` output (unknown keys are rejected)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            msg = f"Unknown ASIGN option(s) {sorted(unknown)} in the stored configuration."
+            raise ValueError(msg)
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> ASIGNConfig:
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)

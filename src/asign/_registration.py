@@ -1,0 +1,747 @@
+"""Image registration of serial sections: working images, tissue masks, coarse search, ANTs refinement.
+
+Conventions used throughout (see ``method.md`` §3):
+
+- Points are (x, y) = (column, row); a pixel's centre has integer coordinates (``numpy`` / ``scipy.ndimage``).
+  spatialdata's pyramid levels are related by ``Scale`` on pixel *corners*, so a level pixel ``l`` of scale ``s``
+  has its centre at full-resolution ``x = s (l + 1/2) - 1/2``.
+- Matrices are 3 x 3 homogeneous maps acting on column vectors ``(x, y, 1)``.
+- A pairwise map ``A`` always maps **moving** points into the **fixed** frame. ANTs' *forward* transform maps
+  fixed points to moving points (the pull-back used to resample images), so ``A`` is its inverse.
+- ANTs images are built from ``array.T`` so that ANTs' physical axis 0 is the image's x (column) axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ._logging import logger
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+    from ._stack import StackInfo
+
+ANTS_TYPES = {"rigid": "Rigid", "similarity": "Similarity", "affine": "Affine"}
+# small copies used by the coarse rotation search (longer side in pixels)
+SEARCH_SIZE = 256
+# a refinement may lower the coarse start's mask Dice by at most this much and still be kept
+DICE_TOLERANCE = 0.02
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# small matrix helpers
+# --------------------------------------------------------------------------------------------------------------------
+def translation(tx: float, ty: float) -> np.ndarray:
+    """3 x 3 translation."""
+    M = np.eye(3)
+    M[:2, 2] = (tx, ty)
+    return M
+
+
+def rotation(theta_deg: float, *, mirror: bool = False, scale: float = 1.0) -> np.ndarray:
+    """3 x 3 rotation by ``theta_deg`` (counter-clockwise in (x, y)), after a mirror of x if ``mirror``."""
+    t = np.deg2rad(theta_deg)
+    R = np.eye(3)
+    R[:2, :2] = scale * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    if mirror:
+        R = R @ np.diag([-1.0, 1.0, 1.0])
+    return R
+
+
+def decompose(A: np.ndarray) -> dict[str, float]:
+    """Rotation (degrees), mean scale, anisotropy and reflection of the linear part of ``A``."""
+    L = np.asarray(A, dtype=float)[:2, :2]
+    det = float(np.linalg.det(L))
+    U, sv, Vt = np.linalg.svd(L)
+    R = U @ Vt
+    return {
+        "rotation_deg": float(np.degrees(np.arctan2(R[1, 0], R[0, 0]))),
+        "scale": float(np.sqrt(abs(det))),
+        "anisotropy": float(sv[0] / sv[1]) if sv[1] > 0 else float("inf"),
+        "mirrored": bool(det < 0),
+    }
+
+
+def _swap_xy(A: np.ndarray) -> np.ndarray:
+    P = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    return P @ A @ P
+
+
+def warp(image: np.ndarray, A: np.ndarray, shape: tuple[int, int], *, order: int = 1, cval: float = 0.0) -> np.ndarray:
+    """Resample ``image`` into an output grid of ``shape`` so that output point ``A p`` shows input point ``p``."""
+    inv = _swap_xy(np.linalg.inv(A))  # output (row, col) -> input (row, col)
+    return ndi.affine_transform(
+        np.asarray(image, dtype=np.float32),
+        inv[:2, :2],
+        offset=inv[:2, 2],
+        output_shape=tuple(int(v) for v in shape),
+        order=order,
+        mode="constant",
+        cval=cval,
+        prefilter=False,
+    )
+
+
+def fit_transform(src: np.ndarray, dst: np.ndarray, *, kind: str = "rigid", allow_mirror: bool = False) -> np.ndarray:
+    """Least-squares map of ``src`` points onto ``dst`` points (``(n, 2)`` each): rigid, similarity or affine.
+
+    Rigid and similarity use Umeyama's closed form (a reflection only if ``allow_mirror``).
+    """
+    src = np.asarray(src, dtype=float).reshape(-1, 2)
+    dst = np.asarray(dst, dtype=float).reshape(-1, 2)
+    if src.shape != dst.shape:
+        msg = f"Landmarks differ in number: {len(src)} and {len(dst)} points; row k of each must be the same point."
+        raise ValueError(msg)
+    need = 3 if kind == "affine" else 2
+    if len(src) < need:
+        msg = f"A {kind} fit needs at least {need} landmark pairs, got {len(src)}."
+        raise ValueError(msg)
+    if not (np.all(np.isfinite(src)) and np.all(np.isfinite(dst))):
+        msg = "Landmarks must be finite."
+        raise ValueError(msg)
+    M = np.eye(3)
+    if kind == "affine":
+        X = np.column_stack([src, np.ones(len(src))])
+        sol, *_ = np.linalg.lstsq(X, dst, rcond=None)
+        M[:2, :] = sol.T
+        return M
+    ms, md = src.mean(0), dst.mean(0)
+    s0, d0 = src - ms, dst - md
+    C = d0.T @ s0 / len(src)
+    U, S, Vt = np.linalg.svd(C)
+    D = np.eye(2)
+    if np.linalg.det(U @ Vt) < 0 and not allow_mirror:
+        D[1, 1] = -1.0
+    R = U @ D @ Vt
+    c = 1.0
+    if kind == "similarity":
+        var = (s0**2).sum() / len(src)
+        c = float(np.trace(np.diag(S) @ D) / var) if var > 0 else 1.0
+    M[:2, :2] = c * R
+    M[:2, 2] = md - c * R @ ms
+    return M
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# working images
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class WorkImage:
+    """A section's image at the working resolution: grey scale (tissue bright), tissue mask, and its geometry."""
+
+    section: str
+    grey: np.ndarray  # (h, w) float32 in [0, 1]
+    mask: np.ndarray  # (h, w) bool
+    to_full: np.ndarray  # 3 x 3: working px -> full-resolution (native) px
+    px_um: float  # working pixel size in µm
+    level: int = 0
+    rgb: np.ndarray | None = field(default=None, repr=False)  # (h, w, 3) float32 in [0, 1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.grey.shape
+
+    @property
+    def tissue_area_um2(self) -> float:
+        return float(self.mask.sum()) * self.px_um**2
+
+
+def image_levels(image) -> list:
+    """The pyramid levels of an image element (``DataArray``s with dims ``(c, y, x)``), finest first."""
+    from xarray import DataTree
+
+    if isinstance(image, DataTree):
+        keys = sorted(image.children, key=lambda k: int(str(k).removeprefix("scale")))
+        return [next(iter(image[k].values())) for k in keys]
+    return [image]
+
+
+def full_size(image) -> tuple[int, int]:
+    """(height, width) of an image element's full-resolution level."""
+    lev = image_levels(image)[0]
+    return int(lev.sizes["y"]), int(lev.sizes["x"])
+
+
+def working_pixel_size(shapes_px: Sequence[tuple[int, int]], um_per_px: Sequence[float], target_size: int) -> float:
+    """One working pixel size (µm) for all sections: the largest image's longer side spans ``target_size`` pixels.
+
+    Never finer than the coarsest native pixel (images are not upsampled).
+    """
+    long_um = [max(h, w) * u for (h, w), u in zip(shapes_px, um_per_px, strict=True)]
+    return float(max(max(long_um) / float(target_size), max(um_per_px)))
+
+
+def tissue_grey(rgb: np.ndarray) -> np.ndarray:
+    """Grey scale with tissue bright: inverted luminance minus the background level, scaled to [0, 1]."""
+    lum = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    t = 1.0 - lum
+    h, w = t.shape
+    b = max(1, int(0.04 * min(h, w)))
+    border = np.concatenate([t[:b].ravel(), t[-b:].ravel(), t[:, :b].ravel(), t[:, -b:].ravel()])
+    bg = float(np.median(border))
+    hi = float(np.percentile(t, 99.5))
+    if hi - bg <= 1e-6:
+        return np.zeros_like(t, dtype=np.float32)
+    return np.clip((t - bg) / (hi - bg), 0.0, 1.0).astype(np.float32)
+
+
+def tissue_mask(grey: np.ndarray, *, min_fraction: float = 0.05) -> np.ndarray:
+    """Tissue mask: Otsu's threshold on the smoothed grey image, opened, small pieces dropped, holes filled.
+
+    Returns an all-False mask if no tissue stands out (a blank image).
+    """
+    from skimage.filters import threshold_otsu
+
+    g = ndi.gaussian_filter(np.asarray(grey, dtype=np.float32), 1.5)
+    if float(g.max() - g.min()) < 0.05:
+        return np.zeros(g.shape, dtype=bool)
+    m = g > threshold_otsu(g)
+    m = ndi.binary_opening(m, structure=np.ones((3, 3), bool), iterations=1)
+    lab, n = ndi.label(m)
+    if n == 0:
+        return np.zeros(g.shape, dtype=bool)
+    sizes = ndi.sum_labels(m, lab, index=np.arange(1, n + 1))
+    keep = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
+    m = np.isin(lab, keep)
+    m = ndi.binary_closing(m, structure=np.ones((3, 3), bool), iterations=2, border_value=0)
+    return ndi.binary_fill_holes(m)
+
+
+def load_work_image(image, *, section: str, um_per_px: float, px_um: float, keep_rgb: bool = False) -> WorkImage:
+    """Read an image element at the working pixel size ``px_um``.
+
+    The coarsest pyramid level that is at least as fine as the working resolution is read and resampled (with an
+    anti-aliasing blur) onto the working grid.
+    """
+    levels = image_levels(image)
+    h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
+    k = px_um / um_per_px  # full-resolution px per working px
+    chosen, li = levels[0], 0
+    for i, lev in enumerate(levels):
+        s = max(h0 / lev.sizes["y"], w0 / lev.sizes["x"])
+        if s <= k * (1.0 + 1e-6):
+            chosen, li = lev, i
+    sy, sx = h0 / chosen.sizes["y"], w0 / chosen.sizes["x"]
+    arr = chosen.transpose("y", "x", "c").data
+    arr = np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
+    rgb = arr[..., :3].astype(np.float32)
+    if arr.dtype == np.uint8:
+        rgb /= 255.0
+    elif rgb.size and rgb.max() > 1.0:
+        rgb /= float(rgb.max())
+    # working px u -> full x = k (u + 1/2) - 1/2 -> level l = (x + 1/2) / s - 1/2 = (k / s) u + (k / s - 1) / 2
+    fy, fx = k / sy, k / sx
+    h, w = max(1, int(np.ceil(h0 / k))), max(1, int(np.ceil(w0 / k)))
+    sig = (max(0.0, (fy - 1.0) / 2.0), max(0.0, (fx - 1.0) / 2.0))
+    out = np.empty((h, w, rgb.shape[2]), dtype=np.float32)
+    for c in range(rgb.shape[2]):
+        ch = ndi.gaussian_filter(rgb[..., c], sig) if max(sig) > 0.1 else rgb[..., c]
+        out[..., c] = ndi.affine_transform(
+            ch,
+            np.diag([fy, fx]),
+            offset=((fy - 1.0) / 2.0, (fx - 1.0) / 2.0),
+            output_shape=(h, w),
+            order=1,
+            mode="nearest",
+            prefilter=False,
+        )
+    grey = tissue_grey(out)
+    mask = tissue_mask(grey)
+    to_full = np.array([[k, 0.0, (k - 1.0) / 2.0], [0.0, k, (k - 1.0) / 2.0], [0.0, 0.0, 1.0]])
+    return WorkImage(section, grey, mask, to_full, float(px_um), li, out if keep_rgb else None)
+
+
+def to_full_resolution(A_work: np.ndarray, moving: WorkImage, fixed: WorkImage) -> np.ndarray:
+    """A map between working grids as a map between full-resolution pixels: ``S_f A S_m^{-1}``."""
+    return fixed.to_full @ A_work @ np.linalg.inv(moving.to_full)
+
+
+def to_working(A_full: np.ndarray, moving: WorkImage, fixed: WorkImage) -> np.ndarray:
+    """A map between full-resolution pixels as a map between working grids."""
+    return np.linalg.inv(fixed.to_full) @ A_full @ moving.to_full
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# similarity figures
+# --------------------------------------------------------------------------------------------------------------------
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient of two boolean masks (0 if both are empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    s = int(a.sum()) + int(b.sum())
+    return float(2.0 * np.logical_and(a, b).sum() / s) if s else 0.0
+
+
+def nmi(a: np.ndarray, b: np.ndarray, *, bins: int = 32, mask: np.ndarray | None = None) -> float:
+    """Normalised mutual information ``2 I(a; b) / (H(a) + H(b))`` of two images with values in [0, 1]."""
+    a = np.asarray(a, dtype=float).ravel()
+    b = np.asarray(b, dtype=float).ravel()
+    if mask is not None:
+        m = np.asarray(mask, bool).ravel()
+        a, b = a[m], b[m]
+    if a.size == 0:
+        return 0.0
+    h, _, _ = np.histogram2d(np.clip(a, 0, 1), np.clip(b, 0, 1), bins=bins, range=[[0, 1], [0, 1]])
+    p = h / h.sum()
+    pa, pb = p.sum(1), p.sum(0)
+
+    def ent(q):
+        q = q[q > 0]
+        return float(-(q * np.log(q)).sum())
+
+    ha, hb, hab = ent(pa), ent(pb), ent(p.ravel())
+    if ha + hb <= 0:
+        return 0.0
+    return float(max(0.0, 2.0 * (ha + hb - hab) / (ha + hb)))
+
+
+def pair_scores(moving: WorkImage, fixed: WorkImage, A_work: np.ndarray) -> tuple[float, float]:
+    """(mask Dice, NMI of the grey images) of the moving image mapped by ``A_work`` onto the fixed one."""
+    wm = warp(moving.mask.astype(np.float32), A_work, fixed.shape, order=1) > 0.5
+    wg = warp(moving.grey, A_work, fixed.shape, order=1)
+    return dice(wm, fixed.mask), nmi(wg, fixed.grey)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# coarse search
+# --------------------------------------------------------------------------------------------------------------------
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        h, w = mask.shape
+        return np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    return np.array([xs.mean(), ys.mean()])
+
+
+def _shrink(mask: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    f = max(1.0, max(mask.shape) / float(size))
+    if f == 1.0:
+        return mask.astype(np.float32), 1.0
+    S = np.diag([1.0 / f, 1.0 / f, 1.0])
+    S[:2, 2] = (1.0 / f - 1.0) / 2.0
+    shape = (max(1, int(np.ceil(mask.shape[0] / f))), max(1, int(np.ceil(mask.shape[1] / f))))
+    small = ndi.gaussian_filter(mask.astype(np.float32), max(0.0, (f - 1) / 2))
+    return warp(small, S, shape, order=1), f
+
+
+def coarse_search(
+    moving: WorkImage,
+    fixed: WorkImage,
+    *,
+    step_deg: float = 10.0,
+    mirror: bool = False,
+    scale: float = 1.0,
+    n_best: int = 1,
+) -> list[tuple[float, np.ndarray, dict[str, Any]]]:
+    """Rotation search on the tissue masks: centroids matched, rotations in ``step_deg`` steps over 360°.
+
+    Each of the best angles is refined to 1° by a local search. Returns up to ``n_best`` starts ``(Dice, A_work,
+    info)`` sorted by decreasing Dice, at least ``2 * step_deg`` apart.
+    """
+    ms, f = _shrink(moving.mask, SEARCH_SIZE)
+    fs, g = _shrink(fixed.mask, SEARCH_SIZE * max(fixed.shape) / max(moving.shape))
+    # work in the small grids: small = (full - (f - 1) / 2) / f
+    Sm = np.diag([f, f, 1.0])
+    Sm[:2, 2] = (f - 1.0) / 2.0
+    Sf = np.diag([g, g, 1.0])
+    Sf[:2, 2] = (g - 1.0) / 2.0
+    fb = fs > 0.5
+    cm, cf = _centroid(moving.mask), _centroid(fixed.mask)
+
+    def start(theta: float, mir: bool) -> np.ndarray:
+        return translation(*cf) @ rotation(theta, mirror=mir, scale=scale) @ translation(*(-cm))
+
+    def score(A: np.ndarray) -> float:
+        A_small = np.linalg.inv(Sf) @ A @ Sm
+        return dice(warp(ms, A_small, fs.shape, order=1) > 0.5, fb)
+
+    flips = (False, True) if mirror else (False,)
+    angles = np.arange(0.0, 360.0, step_deg)
+    grid = [(score(start(t, mir)), t, mir) for mir in flips for t in angles]
+    grid.sort(key=lambda r: -r[0])
+    picked: list[tuple[float, float, bool]] = []
+    for d, t, mir in grid:
+        if all(mir != pm or _angle_gap(t, pt) >= 2 * step_deg - 1e-9 for _, pt, pm in picked):
+            picked.append((d, t, mir))
+        if len(picked) == n_best:
+            break
+    out = []
+    for d, t, mir in picked:
+        best = (d, t)
+        for dt in np.arange(-step_deg / 2.0, step_deg / 2.0 + 1e-9, 1.0):
+            dd = score(start(t + dt, mir))
+            if dd > best[0]:
+                best = (dd, t + dt)
+        A = start(best[1], mir)
+        out.append((best[0], A, {"rotation_deg": float(best[1]), "mirrored": bool(mir)}))
+    out.sort(key=lambda r: -r[0])
+    return out
+
+
+def _angle_gap(a: float, b: float) -> float:
+    d = abs(a - b) % 360.0
+    return min(d, 360.0 - d)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ANTs
+# --------------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _ants_environment(seed: int):
+    keys = {"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "ANTS_RANDOM_SEED": str(int(seed) + 1)}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _to_ants(image: np.ndarray):
+    import ants
+
+    # ANTs' axis 0 is physical x: hand it (x, y)-ordered arrays
+    return ants.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.float32).T))
+
+
+def _write_ants_affine(F: np.ndarray, path: str) -> None:
+    import ants
+
+    tx = ants.create_ants_transform(
+        transform_type="AffineTransform",
+        precision="float",
+        dimension=2,
+        matrix=np.asarray(F[:2, :2], dtype=float),
+        offset=np.asarray(F[:2, 2], dtype=float),
+    )
+    ants.write_transform(tx, path)
+
+
+def _read_ants_affine(path: str) -> np.ndarray:
+    """The homogeneous matrix of an ANTs linear transform file, by mapping three points."""
+    import ants
+
+    tx = ants.read_transform(path)
+    pts = np.array([[0.0, 0.0], [1000.0, 0.0], [0.0, 1000.0]])
+    mapped = np.array([ants.apply_ants_transform_to_point(tx, tuple(p)) for p in pts], dtype=float)
+    return fit_transform(pts, mapped, kind="affine")
+
+
+def ants_refine(
+    moving: WorkImage,
+    fixed: WorkImage,
+    A0_work: np.ndarray,
+    *,
+    transform: str = "rigid",
+    seed: int = 0,
+    masked: bool = True,
+) -> np.ndarray:
+    """Refine a start ``A0_work`` (moving -> fixed working px) with :func:`ants.registration`.
+
+    Single-threaded with a fixed seed. Returns the refined moving -> fixed map in working pixels.
+    """
+    import ants
+
+    if transform not in ANTS_TYPES:
+        msg = f"Unknown transform {transform!r}; choose one of {list(ANTS_TYPES)}."
+        raise ValueError(msg)
+    fi = _to_ants(fixed.grey)
+    mi = _to_ants(moving.grey)
+    kw: dict[str, Any] = {}
+    if masked and fixed.mask.any() and moving.mask.any():
+        # the metric region: the tissue of either image with a margin (background texture and slide marks ignored)
+        fm = ndi.binary_dilation(fixed.mask, iterations=8)
+        mm = ndi.binary_dilation(moving.mask, iterations=8)
+        kw = {"mask": _to_ants(fm.astype(np.float32)), "moving_mask": _to_ants(mm.astype(np.float32))}
+    with tempfile.TemporaryDirectory(prefix="asign_ants_") as tmp, _ants_environment(seed):
+        init = os.path.join(tmp, "init.mat")
+        # ANTs wants the fixed -> moving map
+        _write_ants_affine(np.linalg.inv(A0_work), init)
+        reg = ants.registration(
+            fixed=fi,
+            moving=mi,
+            type_of_transform=ANTS_TYPES[transform],
+            initial_transform=[init],
+            outprefix=os.path.join(tmp, "reg_"),
+            aff_metric="mattes",
+            aff_sampling=32,
+            aff_random_sampling_rate=0.25,
+            aff_iterations=(1000, 500, 250, 50),
+            aff_shrink_factors=(8, 4, 2, 1),
+            aff_smoothing_sigmas=(3, 2, 1, 0),
+            verbose=False,
+            **kw,
+        )
+        fwd = [p for p in reg["fwdtransforms"] if str(p).endswith(".mat")]
+        if len(fwd) != 1:
+            msg = f"ANTs returned unexpected transforms {reg['fwdtransforms']}."
+            raise RuntimeError(msg)
+        F = _read_ants_affine(fwd[0])
+    return np.linalg.inv(F)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# one pair, one stack
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class PairResult:
+    """The registration of one moving section onto its fixed neighbour."""
+
+    moving: str
+    fixed: str
+    A_full: np.ndarray  # moving native px -> fixed native px
+    dice_before: float
+    dice_after: float
+    nmi_before: float
+    nmi_after: float
+    dice_start: float
+    refined: bool
+    start: str
+    info: dict[str, Any]
+
+
+def register_pair(
+    moving: WorkImage,
+    fixed: WorkImage,
+    *,
+    transform: str = "rigid",
+    mirror: bool = False,
+    landmark_start: np.ndarray | None = None,
+    refine: bool = True,
+    rotation_step: float = 10.0,
+    n_starts: int = 2,
+    seed: int = 0,
+) -> PairResult:
+    """Register ``moving`` onto ``fixed``: coarse start (or landmarks), ANTs refinement, robustness check."""
+    I_work = to_working(np.eye(3), moving, fixed)
+    d0, n0 = pair_scores(moving, fixed, I_work)
+    scale = 1.0
+    if transform != "rigid" and moving.mask.any() and fixed.mask.any():
+        scale = float(np.sqrt(fixed.tissue_area_um2 / moving.tissue_area_um2))
+    if landmark_start is not None:
+        A = to_working(landmark_start, moving, fixed)
+        starts = [(pair_scores(moving, fixed, A)[0], A, {"start": "landmarks"})]
+    elif moving.mask.any() and fixed.mask.any():
+        starts = [
+            (d, A, {**info, "start": "rotation_search"})
+            for d, A, info in coarse_search(
+                moving, fixed, step_deg=rotation_step, mirror=mirror, scale=scale, n_best=n_starts
+            )
+        ]
+    else:
+        starts = [(d0, I_work, {"start": "identity"})]
+    best = None
+    for d_start, A_start, info in starts:
+        A, refined = A_start, False
+        d_s, n_s = pair_scores(moving, fixed, A_start)
+        if refine:
+            try:
+                A_ref = ants_refine(moving, fixed, A_start, transform=transform, seed=seed)
+            except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:
+                logger.debug(f"ANTs failed for {moving.section} -> {fixed.section}: {e}")
+            else:
+                d_r, n_r = pair_scores(moving, fixed, A_ref)
+                if np.all(np.isfinite(A_ref)) and d_r >= d_s - DICE_TOLERANCE:
+                    A, refined, d_s, n_s = A_ref, True, d_r, n_r
+        cand = (d_s, n_s, A, refined, d_start, info)
+        # the best by Dice; near-ties (within the tolerance) are decided by NMI
+        if best is None or d_s > best[0] + DICE_TOLERANCE or (d_s > best[0] - DICE_TOLERANCE and n_s > best[1]):
+            best = cand
+    d1, n1, A, refined, d_start, info = best
+    A_full = to_full_resolution(A, moving, fixed)
+    info = {**info, **decompose(A_full)}
+    return PairResult(
+        moving=moving.section,
+        fixed=fixed.section,
+        A_full=A_full,
+        dice_before=d0,
+        dice_after=d1,
+        nmi_before=n0,
+        nmi_after=n1,
+        dice_start=float(d_start),
+        refined=bool(refined),
+        start=str(info.get("start", "")),
+        info=info,
+    )
+
+
+@dataclass
+class StackRegistration:
+    """Pairwise maps (native px of moving -> native px of fixed), quality columns and parameters."""
+
+    pairwise: dict[tuple[str, str], np.ndarray]
+    quality: dict[str, Any]
+    params: dict[str, Any]
+
+
+def check_pixel_sizes(
+    work: Mapping[str, WorkImage],
+    pairs: Sequence[tuple[str, str]],
+    um_per_px: Mapping[str, float],
+    *,
+    transform: str,
+    max_scale_ratio: float,
+) -> None:
+    """Stop (rigid) or warn (similarity, affine) when two neighbours' tissue differs wildly in physical size."""
+    for m, f in pairs:
+        am, af = work[m].tissue_area_um2, work[f].tissue_area_um2
+        if am <= 0 or af <= 0:
+            continue
+        r = float(np.sqrt(max(am, af) / min(am, af)))
+        if r <= max_scale_ratio:
+            continue
+        msg = (
+            f"Sections {m!r} and {f!r}: their tissue differs in linear size by a factor {r:.2f} "
+            f"(> max_scale_ratio={max_scale_ratio}) at the manifest's pixel sizes "
+            f"({um_per_px[m]:g} and {um_per_px[f]:g} µm/px). The pixel sizes are probably wrong or defaulted: fix "
+            "`um_per_px` in the manifest (`uns['asign']['stack']`)"
+        )
+        if transform == "rigid":
+            msg += ", or use transform='similarity' to estimate the scale, or raise `max_scale_ratio`."
+            raise ValueError(msg)
+        logger.warning(msg + "; the scale is estimated from the images.")
+
+
+def register_stack(
+    sdata: SpatialData,
+    stack: StackInfo,
+    sections: Sequence[str],
+    *,
+    reference: str,
+    transform: str = "rigid",
+    method: str = "ants",
+    mirror: bool = False,
+    landmarks: Mapping[str, Any] | None = None,
+    target_size: int = 1000,
+    rotation_step: float = 10.0,
+    max_scale_ratio: float = 1.5,
+    seed: int = 0,
+    show_progress_bar: bool = True,
+) -> StackRegistration:
+    """Register consecutive ``sections`` pairwise towards ``reference`` (see :func:`asign.pp.align_layers`)."""
+    from tqdm.auto import tqdm
+
+    from .pp._align import registration_pairs
+
+    pairs = registration_pairs(sections, reference)
+    landmarks = {str(k): np.asarray(v, dtype=float) for k, v in (landmarks or {}).items()}
+    unknown = [s for s in landmarks if s not in stack.sections]
+    if unknown:
+        msg = f"Landmarks given for unknown sections {unknown}; the stack has sections {stack.sections}."
+        raise KeyError(msg)
+    if method == "landmarks":
+        lacking = sorted({s for p in pairs for s in p if s not in landmarks})
+        if lacking:
+            msg = f"method='landmarks' needs landmarks for every section to align; missing for {lacking}."
+            raise ValueError(msg)
+    no_image = [s for s in sections if stack.image_key(s) is None or stack.image_key(s) not in sdata.images]
+    if no_image and method == "ants":
+        msg = (
+            f"Sections {no_image} have no image, so they cannot be registered from images; align the others with "
+            f"`sections={[s for s in sections if s not in no_image]}`, or use method='landmarks' / 'transforms'."
+        )
+        raise ValueError(msg)
+    um = {s: float(stack.um_per_px[stack.index(s)]) for s in sections}
+    with_image = [s for s in sections if s not in no_image]
+    work: dict[str, WorkImage] = {}
+    px_um = float("nan")
+    if with_image:
+        sizes = [full_size(sdata.images[stack.image_key(s)]) for s in with_image]
+        px_um = working_pixel_size(sizes, [um[s] for s in with_image], target_size)
+        for s in with_image:
+            work[s] = load_work_image(sdata.images[stack.image_key(s)], section=s, um_per_px=um[s], px_um=px_um)
+            if not work[s].mask.any():
+                logger.warning(f"Section {s!r}: no tissue found in image {stack.image_key(s)!r} (blank image?).")
+        if method == "ants":
+            check_pixel_sizes(work, pairs, um, transform=transform, max_scale_ratio=max_scale_ratio)
+
+    pairwise: dict[tuple[str, str], np.ndarray] = {}
+    rows: list[dict[str, Any]] = []
+    it = tqdm(pairs, desc="Registering sections", disable=not show_progress_bar)
+    for m, f in it:
+        lm = None
+        if m in landmarks and f in landmarks:
+            lm = fit_transform(landmarks[m], landmarks[f], kind=transform, allow_mirror=mirror)
+        if method == "landmarks":
+            A_full = lm
+            row: dict[str, Any] = {"pair": f"{m}->{f}", "moving": m, "fixed": f, "start": "landmarks"}
+            if m in work and f in work:
+                I_work = to_working(np.eye(3), work[m], work[f])
+                d0, n0 = pair_scores(work[m], work[f], I_work)
+                d1, n1 = pair_scores(work[m], work[f], to_working(A_full, work[m], work[f]))
+            else:
+                d0 = n0 = d1 = n1 = float("nan")
+            row.update(dice_before=d0, dice_after=d1, nmi_before=n0, nmi_after=n1, dice_start=d1, refined=False)
+            row.update(decompose(A_full))
+        else:
+            res = register_pair(
+                work[m],
+                work[f],
+                transform=transform,
+                mirror=mirror,
+                landmark_start=lm,
+                rotation_step=rotation_step,
+                seed=seed,
+            )
+            A_full = res.A_full
+            row = {
+                "pair": f"{m}->{f}",
+                "moving": m,
+                "fixed": f,
+                "start": res.start,
+                "dice_before": res.dice_before,
+                "dice_after": res.dice_after,
+                "nmi_before": res.nmi_before,
+                "nmi_after": res.nmi_after,
+                "dice_start": res.dice_start,
+                "refined": res.refined,
+                **{k: res.info[k] for k in ("rotation_deg", "scale", "anisotropy", "mirrored")},
+            }
+        pairwise[(m, f)] = A_full
+        rows.append(row)
+        logger.debug(f"{row['pair']}: Dice {row['dice_before']:.3f} -> {row['dice_after']:.3f}")
+    cols = [
+        "pair",
+        "moving",
+        "fixed",
+        "start",
+        "dice_before",
+        "dice_after",
+        "nmi_before",
+        "nmi_after",
+        "dice_start",
+        "refined",
+        "rotation_deg",
+        "scale",
+        "anisotropy",
+        "mirrored",
+    ]
+    quality: dict[str, Any] = {}
+    for c in cols:
+        vals = [r[c] for r in rows]
+        if c in ("pair", "moving", "fixed", "start"):
+            quality[c] = [str(v) for v in vals]
+        elif c in ("refined", "mirrored"):
+            quality[c] = np.asarray(vals, dtype=bool)
+        else:
+            quality[c] = np.asarray(vals, dtype=float)
+    params = {
+        "working_um_per_px": float(px_um) if np.isfinite(px_um) else -1.0,
+        "working_levels": {s: int(w.level) for s, w in work.items()},
+        "ants_type": ANTS_TYPES[transform],
+        "dice_tolerance": DICE_TOLERANCE,
+        "landmarks": sorted(landmarks),
+    }
+    return StackRegistration(pairwise=pairwise, quality=quality, params=params)

@@ -1,0 +1,270 @@
+"""The napari entry point: the stack's sections and an imputed table in napari-spatialdata's viewer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from asign._constants import Key
+from asign._docs import inject_docs
+from asign._logging import logger
+from asign._stack import get_table
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+_INSTALL_HINT = (
+    "asign.pl.interactive needs napari and napari-spatialdata: install them with `pip install 'asign[napari]'` "
+    '(or `pip install napari-spatialdata "napari[pyqt6]"`). On a machine without a display, run under '
+    "`xvfb-run -a` with QT_QPA_PLATFORM=xcb."
+)
+
+
+def _import_interactive():
+    try:
+        from napari_spatialdata import Interactive
+    except ImportError as e:
+        raise ImportError(_INSTALL_HINT) from e
+    return Interactive
+
+
+def _process_events() -> None:
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    if app is not None:
+        app.processEvents()
+
+
+def _wait_for_layer(viewer: Any, name: str, n_before: int, timeout: float) -> Any:
+    """Pump the Qt event loop until the layer ``name`` appears (napari-spatialdata loads elements in a thread)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        _process_events()
+        if len(viewer.layers) > n_before and name in viewer.layers:
+            return viewer.layers[name]
+        time.sleep(0.02)
+    msg = f"napari-spatialdata did not load element {name!r} within {timeout:.0f} s."
+    raise TimeoutError(msg)
+
+
+def _wait_idle(interactive: Any, timeout: float) -> None:
+    """Wait for napari-spatialdata's loader thread to finish (it refuses new elements while busy)."""
+    worker = getattr(getattr(interactive, "_sdata_widget", None), "worker_thread", None)
+    start = time.monotonic()
+    while worker is not None and worker.isRunning() and time.monotonic() - start < timeout:
+        _process_events()
+        time.sleep(0.02)
+    _process_events()
+
+
+def _select_in_view_widget(viewer: Any, table_key: str, layer: str) -> None:
+    """Preselect the table and the layer in napari-spatialdata's View widget (best effort: private widgets)."""
+    try:
+        for widget in viewer.window.dock_widgets.values():
+            table_widget = getattr(widget, "table_name_widget", None)
+            layer_widget = getattr(widget, "adata_layer_widget", None)
+            if table_widget is None or layer_widget is None:
+                continue
+            i = table_widget.findText(table_key)
+            if i >= 0:
+                table_widget.setCurrentIndex(i)
+            j = layer_widget.findText(layer)
+            if j >= 0:
+                layer_widget.setCurrentIndex(j)
+    except (AttributeError, RuntimeError, TypeError) as e:  # pragma: no cover - depends on the plugin version
+        logger.debug(f"Could not preselect table {table_key!r} / layer {layer!r} in the View widget: {e}")
+
+
+def _as_rgb(viewer: Any, napari_layer: Any) -> Any:
+    """Show a 3-channel image as RGB.
+
+    napari-spatialdata treats an image as RGB only when its channel coordinates are ``r``, ``g``, ``b``; other
+    stacks show a greyscale channel slider. The layer is then replaced by an RGB layer with the same data
+    (channel axis last), affine and metadata, so napari-spatialdata keeps managing it.
+    """
+    from napari.layers import Image
+
+    if getattr(napari_layer, "rgb", True):
+        return napari_layer
+    levels = list(napari_layer.data) if napari_layer.multiscale else [napari_layer.data]
+    if not all(getattr(lv, "dims", None) == ("c", "y", "x") and lv.sizes["c"] in (3, 4) for lv in levels):
+        return napari_layer
+    rgb = [lv.transpose("y", "x", "c").data for lv in levels]
+    affine = np.asarray(napari_layer.affine.affine_matrix)[-3:, -3:]
+    new = Image(
+        rgb if len(rgb) > 1 else rgb[0],
+        rgb=True,
+        multiscale=len(rgb) > 1,
+        name=napari_layer.name,
+        affine=affine,
+        metadata=napari_layer.metadata,
+    )
+    index = viewer.layers.index(napari_layer)
+    viewer.layers.remove(napari_layer)
+    viewer.layers.insert(index, new)
+    return new
+
+
+def _colour_layer(napari_layer: Any, values: np.ndarray, ids: np.ndarray, gene: str, *, cmap: Any, norm: Any) -> None:
+    """Colour a spots layer by ``values`` (aligned with the shapes index ``ids``) on a given colour scale."""
+    order = pd.Index(napari_layer.metadata.get("indices", ids))
+    vec = pd.Series(values, index=pd.Index(ids)).reindex(order).to_numpy(dtype=float)
+    colours = np.asarray(cmap(norm(np.nan_to_num(vec, nan=norm.vmin))), dtype=float)
+    colours[~np.isfinite(vec)] = (0.5, 0.5, 0.5, 0.6)
+    features = pd.DataFrame({gene: vec})
+    features["index"] = order.to_numpy()
+    napari_layer.features = features
+    napari_layer.face_color = colours
+
+
+def _set_text(viewer: Any, text: str) -> None:
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    overlay = getattr(overlays, "text", None) if overlays is not None else None
+    if overlay is None:  # napari < 0.9
+        overlay = viewer.text_overlay
+    overlay.visible = True
+    overlay.text = text
+    overlay.position = "top_left"
+    overlay.font_size = 10
+
+
+@inject_docs()
+def interactive(
+    sdata: SpatialData,
+    *,
+    table_key: str = Key.OUTPUT_TABLE,
+    layer: str = Key.IMPUTED,
+    gene: str | None = None,
+    coordinate_system: str = Key.ALIGNED,
+    sections: Sequence[str] | None = None,
+    images: bool = True,
+    cmap: str = "viridis",
+    grid: bool = False,
+    window_size: tuple[int, int] | None = None,
+    stack_table_key: str = Key.TABLE,
+    headless: bool = False,
+    timeout: float = 120.0,
+) -> Any:
+    """Open the stack in napari with napari-spatialdata, spots coloured by imputed expression.
+
+    Every section's image and spots are added in ``coordinate_system`` (by default the shared ``'aligned'`` frame,
+    so the sections lie on top of each other; toggle layers to compare them), and napari-spatialdata's View widget
+    is preselected on the table ``table_key`` and its layer ``layer``: double-click a gene to colour the selected
+    spots layer by it. With ``gene``, every spots layer is coloured by that gene at once on one shared colour
+    scale (hover shows the value). Needs the ``napari`` extra (``pip install 'asign[napari]'``).
+
+    Parameters
+    ----------
+    {sdata}
+    table_key
+        Table whose values colour the spots (the output of :func:`asign.tl.impute` by default); it must annotate
+        the spots shapes.
+    layer
+        Layer of ``table_key`` preselected in the View widget and used for ``gene`` (``'X'`` for ``.X``).
+    gene
+        Colour every section's spots by this gene on one shared colour scale; `None` leaves the colouring to the
+        View widget.
+    coordinate_system
+        Coordinate system to show (``'aligned'`` after :func:`asign.pp.align_layers`, or a section's native one).
+    sections
+        Sections to add; `None` adds all.
+    images
+        Whether to add the H&E images.
+    cmap
+        Colormap for ``gene``.
+    grid
+        Show the sections side by side (napari's grid mode, one cell per section) instead of on top of each other.
+    window_size
+        Resize the napari window to ``(width, height)`` pixels (useful for screenshots).
+    stack_table_key
+        Key of the stack's spot table (the section manifest).
+    headless
+        Build the viewer without starting napari's event loop (for scripts, tests and screenshots; run under
+        ``xvfb-run`` without a display). With `False`, the call blocks until the window is closed.
+    timeout
+        Seconds to wait for each element to load.
+
+    Returns
+    -------
+    The :class:`napari_spatialdata.Interactive` object; ``.screenshot()`` returns the window as an RGBA array
+    and ``._viewer`` is the :class:`napari.Viewer`.
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+    from spatialdata.transformations import get_transformation
+
+    from asign.io import validate_stack
+    from asign.pl._plots import _gene_values, _select_sections
+    from asign.pl._utils import shared_norm
+
+    stack = validate_stack(sdata, table_key=stack_table_key, check_counts=False)
+    spot_table = get_table(sdata, stack_table_key)
+    out = get_table(sdata, table_key)
+    secs = _select_sections(stack, sections)
+    missing = [s for s in secs if coordinate_system not in get_transformation(sdata[stack.shapes_key(s)], get_all=True)]
+    if missing:
+        msg = (
+            f"Sections {missing} have no transformation to coordinate system {coordinate_system!r}; "
+            "run `asign.pp.align_layers` first or pass a section's native coordinate system."
+        )
+        raise ValueError(msg)
+    if layer != "X" and layer not in out.layers:
+        msg = f"Layer {layer!r} not found in table {table_key!r} (layers: {list(out.layers)})."
+        raise KeyError(msg)
+    values = None
+    if gene is not None:
+        values = _gene_values(out, gene, layer, spot_table.obs_names)
+    Interactive = _import_interactive()
+
+    viewer_app = Interactive(sdata, headless=True)
+    viewer = viewer_app._viewer
+    if window_size is not None:
+        viewer.window.resize(int(window_size[0]), int(window_size[1]))
+    masks = {s: (spot_table.obs[Key.SECTION].astype(str) == s).to_numpy() for s in secs}
+    norm = None
+    if values is not None:
+        lo, hi = shared_norm([values[m] for m in masks.values()])
+        norm = Normalize(vmin=lo, vmax=hi)
+    elements = []
+    for s in secs:
+        ikey = stack.image_key(s)
+        if images and ikey is not None and ikey in sdata.images:
+            elements.append((s, ikey, False))
+        elements.append((s, stack.shapes_key(s), True))
+    for s, name, is_spots in elements:
+        _wait_idle(viewer_app, timeout)
+        n_before = len(viewer.layers)
+        viewer_app.add_element(element=name, element_coordinate_system=coordinate_system)
+        napari_layer = _wait_for_layer(viewer, name, n_before, timeout)
+        if not is_spots:
+            _as_rgb(viewer, napari_layer)
+        if is_spots and values is not None:
+            ids = spot_table.obs.loc[masks[s], Key.INSTANCE].to_numpy()
+            _colour_layer(napari_layer, values[masks[s]], ids, gene, cmap=colormaps[cmap], norm=norm)
+    _wait_idle(viewer_app, timeout)
+    try:
+        viewer_app.switch_coordinate_system(coordinate_system)
+    except ValueError:  # pragma: no cover - coordinate system listed by the widget under another name
+        logger.debug(f"Could not switch napari-spatialdata to {coordinate_system!r}.")
+    _select_in_view_widget(viewer, table_key, layer)
+    if grid:
+        canvas = getattr(viewer, "canvas", None)
+        grid_model = canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+        grid_model.enabled = True
+        grid_model.stride = 2 if images else 1
+        grid_model.shape = (1, len(secs)) if len(secs) <= 4 else (-1, -1)
+    viewer.reset_view()
+    if gene is not None:
+        _set_text(viewer, f"{gene} ({table_key} {layer}): {norm.vmin:.2f} to {norm.vmax:.2f} ({cmap})")
+    _process_events()
+    logger.info(
+        f"Added {len(elements)} elements of sections {secs} in coordinate system {coordinate_system!r} to napari."
+    )
+    if not headless:
+        viewer_app.run()
+    return viewer_app

@@ -1,0 +1,869 @@
+"""Static plots: measured vs imputed sections, a 3D scatter of the stack, evaluation metrics and training curves."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from asign._constants import Key
+from asign._docs import inject_docs
+from asign._logging import logger
+from asign._stack import StackInfo, get_table
+from asign.pl._utils import (
+    HIDDEN_SERIES,
+    LOWER_IS_BETTER,
+    X_CANDIDATES,
+    as_runs,
+    find_history,
+    finish,
+    group_column,
+    image_level,
+    output_table,
+    pick_metric,
+    rows_for,
+    shared_norm,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap
+    from matplotlib.figure import Figure
+    from spatialdata import SpatialData
+
+_NATIVE = "native"
+_LAYER_LABELS = {Key.TARGET: "measured", Key.IMPUTED: "imputed"}
+_MISSING_EDGE = "0.55"
+
+_plot_params = {
+    "key": """key
+    Key of the output table in :attr:`spatialdata.SpatialData.tables` written by :func:`asign.tl.impute`
+    (same ``obs_names`` as the spot table, modelled genes as ``var``, ``layers['target']`` and
+    ``layers['imputed']``).""",
+    "save": """save
+    Path to save the figure to; the format follows the suffix (``.png``, ``.pdf``, ``.svg``, ...).""",
+    "show": """show
+    Whether to call :func:`matplotlib.pyplot.show`; `None` shows the figure only on an interactive (GUI) backend.""",
+    "figsize": """figsize
+    Figure size in inches; `None` sizes the figure from the number of panels.""",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data access
+# --------------------------------------------------------------------------------------------------------------------
+def _gene_values(table: AnnData, gene: str, layer: str, obs_names: pd.Index) -> np.ndarray:
+    """Values of ``gene`` in ``layer`` (``'X'`` for ``.X``) of ``table``, reindexed to ``obs_names`` (NaN if absent)."""
+    import scipy.sparse as sp
+
+    if gene not in table.var_names:
+        some = ", ".join(map(str, table.var_names[:8]))
+        msg = f"Gene {gene!r} is not in the table's var_names ({table.n_vars} genes, e.g. {some})."
+        raise KeyError(msg)
+    j = int(table.var_names.get_loc(gene))
+    if layer == "X":
+        M = table.X
+    elif layer in table.layers:
+        M = table.layers[layer]
+    else:
+        msg = f"Layer {layer!r} not found in the table (layers: {list(table.layers)}); pass `layer=` or 'X'."
+        raise KeyError(msg)
+    if M is None:
+        msg = f"Layer {layer!r} of the table is empty."
+        raise ValueError(msg)
+    col = M[:, j]
+    col = col.toarray() if sp.issparse(col) else np.asarray(col)
+    values = pd.Series(np.asarray(col, dtype=float).ravel(), index=table.obs_names)
+    if table.obs_names.equals(obs_names):
+        return values.to_numpy()
+    return values.reindex(obs_names).to_numpy()
+
+
+def _select_sections(stack: StackInfo, sections: str | Sequence[str] | None) -> list[str]:
+    if sections is None:
+        return list(stack.sections)
+    chosen = [sections] if isinstance(sections, str) else list(sections)
+    for s in chosen:
+        stack.index(s)  # raises a KeyError naming the stack's sections
+    return chosen
+
+
+def _affine_to(element: Any, coordinate_system: str, *, what: str) -> np.ndarray:
+    """3 x 3 matrix mapping the element's (x, y) to ``coordinate_system``."""
+    from spatialdata.transformations import get_transformation
+
+    transforms = get_transformation(element, get_all=True)
+    if coordinate_system not in transforms:
+        hint = (
+            "run `asign.pp.align_layers` first or use `coordinate_system='native'`"
+            if coordinate_system == Key.ALIGNED
+            else f"available: {sorted(transforms)}"
+        )
+        msg = f"{what} has no transformation to the coordinate system {coordinate_system!r}; {hint}."
+        raise ValueError(msg)
+    return np.asarray(transforms[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
+
+
+def _has_cs(sdata: SpatialData, stack: StackInfo, coordinate_system: str) -> bool:
+    from spatialdata.transformations import get_transformation
+
+    return all(
+        coordinate_system in get_transformation(sdata.shapes[k], get_all=True)
+        for k in stack.shapes_keys
+        if k in sdata.shapes
+    )
+
+
+def _resolve_cs(sdata: SpatialData, stack: StackInfo, coordinate_system: str | None) -> str:
+    if coordinate_system is not None:
+        return coordinate_system
+    if _has_cs(sdata, stack, Key.ALIGNED):
+        return Key.ALIGNED
+    logger.info("No `'aligned'` coordinate system found; plotting each section in its own pixel frame.")
+    return _NATIVE
+
+
+def _um_per_unit(table: AnnData, stack: StackInfo, section: str, coordinate_system: str) -> tuple[float, str]:
+    """Microns per coordinate-system unit and the axis unit label."""
+    if coordinate_system in (_NATIVE, stack.coordinate_system(section)):
+        return float(stack.um_per_px[stack.index(section)]), "µm"
+    alignment = table.uns.get(Key.UNS, {}).get(Key.ALIGNMENT, {})
+    if isinstance(alignment, Mapping) and alignment.get("key_added", Key.ALIGNED) == coordinate_system:
+        um = alignment.get("um_per_px")
+        if um is not None and np.isfinite(float(um)) and float(um) > 0:
+            return float(um), "µm"
+    return 1.0, "px"
+
+
+def _section_geometry(
+    sdata: SpatialData,
+    table: AnnData,
+    stack: StackInfo,
+    section: str,
+    coordinate_system: str,
+) -> dict[str, Any]:
+    """Spot centres and radii of one section in ``coordinate_system`` (in µm when the pixel size is known)."""
+    cs = stack.coordinate_system(section) if coordinate_system == _NATIVE else coordinate_system
+    skey = stack.shapes_key(section)
+    shapes = sdata.shapes[skey]
+    M = _affine_to(shapes, cs, what=f"Shapes {skey!r} (section {section!r})")
+    um, unit = _um_per_unit(table, stack, section, coordinate_system)
+    U = np.diag([um, um, 1.0])
+    M = U @ M
+    mask = (table.obs[Key.SECTION].astype(str) == section).to_numpy()
+    ids = table.obs.loc[mask, Key.INSTANCE].to_numpy()
+    geo = shapes.loc[ids]
+    xy = np.column_stack([geo.geometry.x.to_numpy(), geo.geometry.y.to_numpy()])
+    xy = xy @ M[:2, :2].T + M[:2, 2]
+    radius = geo["radius"].to_numpy(dtype=float) * float(np.sqrt(abs(np.linalg.det(M[:2, :2]))))
+    return {"mask": mask, "xy": xy, "radius": radius, "cs": cs, "um": um, "unit": unit}
+
+
+def _draw_image(
+    ax: Axes, sdata: SpatialData, stack: StackInfo, section: str, cs: str, um: float, max_px: int | None, alpha: float
+) -> None:
+    from matplotlib.transforms import Affine2D
+
+    ikey = stack.image_key(section)
+    if ikey is None or ikey not in sdata.images:
+        return
+    element = sdata.images[ikey]
+    M = _affine_to(element, cs, what=f"Image {ikey!r} (section {section!r})")
+    rgb, sx, sy = image_level(element, max_px=max_px)
+    h, w = rgb.shape[:2]
+    full = np.diag([um, um, 1.0]) @ M @ np.diag([sx, sy, 1.0])
+    ax.imshow(
+        rgb,
+        extent=(0, w, h, 0),
+        transform=Affine2D(full) + ax.transData,
+        interpolation="antialiased",
+        alpha=alpha,
+        zorder=0,
+    )
+
+
+def _draw_spots(
+    ax: Axes, xy: np.ndarray, radius: np.ndarray, values: np.ndarray, *, cmap: Colormap, norm: Any, alpha: float
+) -> None:
+    from matplotlib.collections import EllipseCollection
+
+    finite = np.isfinite(values)
+    d = 2.0 * radius
+    if (~finite).any():
+        ax.add_collection(
+            EllipseCollection(
+                d[~finite],
+                d[~finite],
+                np.zeros((~finite).sum()),
+                units="xy",
+                offsets=xy[~finite],
+                offset_transform=ax.transData,
+                facecolors="none",
+                edgecolors=_MISSING_EDGE,
+                linewidths=0.5,
+                zorder=2,
+            )
+        )
+    if finite.any():
+        order = np.argsort(values[finite], kind="stable")  # high values on top
+        coll = EllipseCollection(
+            d[finite][order],
+            d[finite][order],
+            np.zeros(finite.sum()),
+            units="xy",
+            offsets=xy[finite][order],
+            offset_transform=ax.transData,
+            cmap=cmap,
+            norm=norm,
+            edgecolors="none",
+            alpha=alpha,
+            zorder=3,
+        )
+        coll.set_array(values[finite][order])
+        ax.add_collection(coll)
+
+
+def _limits(xy: np.ndarray, radius: np.ndarray, margin: float = 0.04) -> tuple[float, float, float, float]:
+    r = float(np.nanmax(radius)) if radius.size else 0.0
+    x0, y0 = np.nanmin(xy, axis=0) - r
+    x1, y1 = np.nanmax(xy, axis=0) + r
+    pad = margin * max(x1 - x0, y1 - y0, 1.0)
+    return x0 - pad, x1 + pad, y0 - pad, y1 + pad
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------------------------------
+@inject_docs(**_plot_params)
+def sections(
+    sdata: SpatialData,
+    *,
+    gene: str,
+    key: str = Key.OUTPUT_TABLE,
+    table_key: str = Key.TABLE,
+    sections: str | Sequence[str] | None = None,
+    layers: str | Sequence[str] = (Key.TARGET, Key.IMPUTED),
+    coordinate_system: str | None = None,
+    image: bool = True,
+    image_max_px: int | None = 1000,
+    image_alpha: float = 1.0,
+    cmap: str | Colormap = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    robust: bool = False,
+    spot_alpha: float = 0.95,
+    figsize: tuple[float, float] | None = None,
+    title: str | None = None,
+    save: str | os.PathLike[str] | None = None,
+    show: bool | None = None,
+) -> Figure:
+    """Measured and imputed expression of one gene, section by section, on one colour scale.
+
+    One column per section (cutting order), one row per layer. Spots are drawn as circles of their physical
+    diameter, optionally over the section's H&E image (a low-resolution pyramid level), in the shared
+    ``'aligned'`` frame or in each section's own pixel frame. Spots without a value (``layers['target']`` is NaN
+    outside the known sections) are drawn as hollow grey circles.
+
+    Parameters
+    ----------
+    {sdata}
+    gene
+        Gene to show (a ``var_name`` of the table ``key``).
+    {key}
+    {table_key}
+    sections
+        Sections to show, in the given order; `None` shows every section of the stack.
+    layers
+        Layers of the table ``key`` to show, one row each (``'X'`` for ``.X``); by default the measured target
+        and the imputation.
+    coordinate_system
+        ``'aligned'`` (the frame written by :func:`asign.pp.align_layers`), ``'native'`` (each section in its own
+        pixel frame) or another coordinate system every section's elements map to; `None` picks ``'aligned'`` when
+        present and ``'native'`` otherwise. Axes are in µm when the pixel size is known.
+    image
+        Whether to draw the H&E image under the spots.
+    image_max_px
+        Use the coarsest pyramid level whose longer side has at least this many pixels; `None` for full resolution.
+    image_alpha
+        Opacity of the image.
+    cmap
+        Colormap.
+    vmin, vmax
+        Limits of the shared colour scale; by default the range of the shown values over all panels.
+    robust
+        Use the 1st and 99th percentiles of the shown values as default limits.
+    spot_alpha
+        Opacity of the spots.
+    {figsize}
+    title
+        Figure title; by default the gene name.
+    {save}
+    {show}
+
+    Returns
+    -------
+    The :class:`matplotlib.figure.Figure`.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from asign.io import validate_stack
+
+    stack = validate_stack(sdata, table_key=table_key, check_counts=False)
+    spot_table = get_table(sdata, table_key)
+    out = output_table(sdata, key)
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    if not layers:
+        msg = "`layers` is empty; pass at least one layer, e.g. layers=['imputed']."
+        raise ValueError(msg)
+    secs = _select_sections(stack, sections)
+    cs = _resolve_cs(sdata, stack, coordinate_system)
+    values = {layer: _gene_values(out, gene, layer, spot_table.obs_names) for layer in layers}
+    geoms = {s: _section_geometry(sdata, spot_table, stack, s, cs) for s in secs}
+    lo, hi = shared_norm(
+        [values[layer][geoms[s]["mask"]] for layer in layers for s in secs], vmin=vmin, vmax=vmax, robust=robust
+    )
+    norm = Normalize(vmin=lo, vmax=hi)
+    cmap_ = plt.get_cmap(cmap) if isinstance(cmap, str) else cmap
+    known = _known_sections(out, spot_table, secs)
+
+    nrow, ncol = len(layers), len(secs)
+    if figsize is None:
+        figsize = (2.6 * ncol + 1.2, 2.6 * nrow + 0.5)
+    shared = cs != _NATIVE
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=figsize, squeeze=False, sharex=shared, sharey=shared, layout="constrained"
+    )
+    if shared:
+        allxy = np.vstack([geoms[s]["xy"] for s in secs])
+        allr = np.concatenate([geoms[s]["radius"] for s in secs])
+        lims = _limits(allxy, allr)
+    for j, s in enumerate(secs):
+        g = geoms[s]
+        if not shared:
+            lims = _limits(g["xy"], g["radius"])
+        for i, layer in enumerate(layers):
+            ax = axes[i, j]
+            if image:
+                _draw_image(ax, sdata, stack, s, g["cs"], g["um"], image_max_px, image_alpha)
+            v = values[layer][g["mask"]]
+            _draw_spots(ax, g["xy"], g["radius"], v, cmap=cmap_, norm=norm, alpha=spot_alpha)
+            ax.set_xlim(lims[0], lims[1])
+            ax.set_ylim(lims[3], lims[2])  # image convention: y grows downwards
+            ax.set_aspect("equal")
+            ax.tick_params(labelsize=7)
+            if i == 0:
+                ax.set_title(f"{s}" + (" (known)" if s in known else ""), fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f"{_LAYER_LABELS.get(layer, layer)}\ny ({g['unit']})", fontsize=9)
+            if i == nrow - 1:
+                ax.set_xlabel(f"x ({g['unit']})", fontsize=8)
+            if not np.isfinite(v).any():
+                ax.text(
+                    0.5,
+                    0.04,
+                    "no values",
+                    transform=ax.transAxes,
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    color="0.3",
+                    bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none"},
+                )
+    sm = ScalarMappable(norm=norm, cmap=cmap_)
+    fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=gene)
+    fig.suptitle(title if title is not None else f"{gene} ({cs})", fontsize=11)
+    return finish(fig, save=save, show=show)
+
+
+def _known_sections(out: AnnData, spot_table: AnnData, secs: list[str]) -> set[str]:
+    if Key.KNOWN not in out.obs.columns:
+        return set()
+    known = pd.Series(out.obs[Key.KNOWN].to_numpy(dtype=bool), index=out.obs_names)
+    known = known.reindex(spot_table.obs_names, fill_value=False).to_numpy(dtype=bool)
+    section = spot_table.obs[Key.SECTION].astype(str).to_numpy()
+    return {s for s in secs if known[section == s].any()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3D scatter
+# --------------------------------------------------------------------------------------------------------------------
+@inject_docs(**_plot_params)
+def scatter_3d(
+    sdata: SpatialData,
+    *,
+    gene: str,
+    key: str = Key.OUTPUT_TABLE,
+    layer: str = Key.IMPUTED,
+    table_key: str = Key.TABLE,
+    sections: str | Sequence[str] | None = None,
+    z_scale: float | None = None,
+    size: float | None = None,
+    cmap: str | Colormap = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    robust: bool = False,
+    elev: float = 22.0,
+    azim: float = -60.0,
+    figsize: tuple[float, float] | None = None,
+    title: str | None = None,
+    save: str | os.PathLike[str] | None = None,
+    show: bool | None = None,
+) -> Figure:
+    """A 3D scatter of the stack's spots at ``obsm['spatial_3d']``, coloured by one gene.
+
+    Parameters
+    ----------
+    {sdata}
+    gene
+        Gene to colour by (a ``var_name`` of the table ``key``).
+    {key}
+    layer
+        Layer of the table ``key`` (``'X'`` for ``.X``).
+    {table_key}
+    sections
+        Sections to show; `None` shows all.
+    z_scale
+        Exaggeration of the z axis: the displayed z extent is ``z_scale`` times the true one. `None` scales z so
+        that the stack's depth is drawn at 40% of its largest lateral extent (sections are thin compared to the
+        tissue). ``1.0`` draws true proportions.
+    size
+        Marker size in points²; `None` picks one from the number of spots.
+    cmap
+        Colormap.
+    vmin, vmax
+        Colour scale limits; by default the range of the shown values.
+    robust
+        Use the 1st and 99th percentiles as default limits.
+    elev, azim
+        Camera elevation and azimuth in degrees.
+    {figsize}
+    title
+        Figure title; by default the gene and layer.
+    {save}
+    {show}
+
+    Returns
+    -------
+    The :class:`matplotlib.figure.Figure` (its axes is a 3D :class:`~mpl_toolkits.mplot3d.axes3d.Axes3D`).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    from asign.io import validate_stack
+
+    stack = validate_stack(sdata, table_key=table_key, check_counts=False)
+    spot_table = get_table(sdata, table_key)
+    out = output_table(sdata, key)
+    xyz = _coords_3d(out, spot_table)
+    values = _gene_values(out, gene, layer, spot_table.obs_names)
+    secs = _select_sections(stack, sections)
+    mask = spot_table.obs[Key.SECTION].astype(str).isin(secs).to_numpy() & np.isfinite(xyz).all(axis=1)
+    xyz, values = xyz[mask], values[mask]
+    if xyz.shape[0] == 0:
+        msg = f"No spot with 3D coordinates in sections {secs}."
+        raise ValueError(msg)
+    lo, hi = shared_norm([values], vmin=vmin, vmax=vmax, robust=robust)
+    norm = Normalize(vmin=lo, vmax=hi)
+    cmap_ = plt.get_cmap(cmap) if isinstance(cmap, str) else cmap
+    if size is None:
+        size = float(np.clip(800.0 / np.sqrt(xyz.shape[0]), 1.0, 40.0))
+
+    fig = plt.figure(figsize=figsize or (7.0, 5.5))
+    ax = fig.add_subplot(projection="3d")
+    finite = np.isfinite(values)
+    if (~finite).any():
+        p = xyz[~finite]
+        ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=size * 0.4, c=_MISSING_EDGE, alpha=0.35, depthshade=False)
+    order = np.argsort(values[finite], kind="stable")
+    p, v = xyz[finite][order], values[finite][order]
+    sc = ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=size, c=v, cmap=cmap_, norm=norm, depthshade=False, linewidths=0)
+    rng_ = np.ptp(xyz, axis=0)
+    lateral = float(max(rng_[0], rng_[1], 1e-9))
+    zr = float(rng_[2])
+    if zr <= 0:
+        z_disp = 0.05 * lateral
+    elif z_scale is None:
+        z_disp = 0.4 * lateral
+    else:
+        z_disp = zr * float(z_scale)
+    ax.set_box_aspect((max(rng_[0], 1e-9), max(rng_[1], 1e-9), max(z_disp, 1e-9)))
+    ymin, ymax = float(xyz[:, 1].min()), float(xyz[:, 1].max())
+    ax.set_ylim(ymax, ymin)  # image convention
+    ax.view_init(elev=elev, azim=azim)
+    ax.set_xlabel("x (µm)", fontsize=8)
+    ax.set_ylabel("y (µm)", fontsize=8)
+    ax.set_zlabel("z (µm)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    zs = stack.z_um[[stack.index(s) for s in secs]]
+    if len(zs) <= 12:
+        ax.set_zticks(zs)
+    fig.colorbar(sc, ax=ax, shrink=0.6, pad=0.14, label=f"{gene} ({layer})")
+    ax.set_title(title if title is not None else f"{gene} ({_LAYER_LABELS.get(layer, layer)})", fontsize=11)
+    return finish(fig, save=save, show=show)
+
+
+def _coords_3d(out: AnnData, spot_table: AnnData) -> np.ndarray:
+    for t in (out, spot_table):
+        if Key.SPATIAL_3D in t.obsm:
+            xyz = pd.DataFrame(np.asarray(t.obsm[Key.SPATIAL_3D], dtype=float), index=t.obs_names)
+            return xyz.reindex(spot_table.obs_names).to_numpy()
+    msg = f"`obsm['{Key.SPATIAL_3D}']` not found in the spot or output table; run `asign.pp.align_layers` first."
+    raise KeyError(msg)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------------------------------
+@inject_docs(**_plot_params)
+def metrics(
+    df: pd.DataFrame,
+    *,
+    kind: Literal["section", "gene"] = "section",
+    metric: str | None = None,
+    group: str | None = None,
+    sections: Sequence[str] | None = None,
+    n_top: int = 20,
+    palette: str = "tab10",
+    figsize: tuple[float, float] | None = None,
+    title: str | None = None,
+    save: str | os.PathLike[str] | None = None,
+    show: bool | None = None,
+) -> Figure:
+    """Plots of the evaluation table returned by :func:`asign.tl.evaluate`.
+
+    The data frame is tidy: one row per evaluated unit with a ``section`` and/or ``gene`` column, a metric column
+    (``pcc_gene`` by default) and optionally a ``method`` column; concatenate the frames of several methods to
+    compare them. With :func:`asign.tl.evaluate`'s ``level`` column, the per-gene rows are used (the per-section
+    rows when no per-gene row is present; ``overall`` rows never). A long frame with ``metric`` and ``value``
+    columns is accepted too.
+
+    - ``kind='section'``: one box per section and method showing the spread of the metric over genes (or a bar
+      when a section has one value per method), with the mean printed above.
+    - ``kind='gene'``: left, the distribution of the per-gene metric (averaged over sections) for each method;
+      right, the ``n_top`` best genes of the first method with every method's value.
+
+    Parameters
+    ----------
+    df
+        Tidy evaluation table.
+    kind
+        ``'section'`` or ``'gene'``.
+    metric
+        Metric column to plot; `None` picks the first of ``pcc_gene``, ``pcc``, ``pcc_gene_varying``, ``pearson``,
+        ``r``, ``spearman``, ``ssim``, ``pcc_spot_legacy``, ``rmse``, ``mse``, ``mae`` with a value.
+    group
+        Column that distinguishes methods; `None` uses ``method`` when present.
+    sections
+        Sections to include (and their order); `None` uses every section of ``df`` in order of appearance.
+    n_top
+        Number of genes in the right panel of ``kind='gene'`` (``0`` hides the panel).
+    palette
+        Matplotlib colormap name for the methods.
+    {figsize}
+    title
+        Figure title.
+    {save}
+    {show}
+
+    Returns
+    -------
+    The :class:`matplotlib.figure.Figure`.
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(df, pd.DataFrame):
+        msg = f"`df` must be a pandas DataFrame as returned by `asign.tl.evaluate`, got {type(df).__name__}."
+        raise TypeError(msg)
+    if kind not in ("section", "gene"):
+        msg = f"`kind` must be 'section' or 'gene', got {kind!r}."
+        raise ValueError(msg)
+    data, metric = pick_metric(df, metric)
+    data = data.copy()
+    data[metric] = pd.to_numeric(data[metric], errors="coerce")
+    data = rows_for(data, metric, kind)
+    gcol = group_column(data, group)
+    if gcol is None:
+        gcol = "_group"
+        data[gcol] = metric
+    data[gcol] = data[gcol].fillna("").astype(str).replace("", "(unnamed)")
+    methods = list(pd.unique(data[gcol]))
+    cmap = plt.get_cmap(palette)
+    colors = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    if data[metric].notna().sum() == 0:
+        msg = f"Column {metric!r} has no finite value."
+        raise ValueError(msg)
+
+    if kind == "section":
+        if "section" not in data.columns:
+            msg = f"kind='section' needs a 'section' column (columns: {list(df.columns)})."
+            raise KeyError(msg)
+        data["section"] = data["section"].astype(str)
+        secs = list(sections) if sections is not None else list(pd.unique(data["section"]))
+        data = data[data["section"].isin(secs)]
+        fig, ax = plt.subplots(figsize=figsize or (max(4.0, 1.1 * len(secs) * max(1, len(methods)) ** 0.5 + 2), 3.8))
+        _section_panel(ax, data, metric, gcol, secs, methods, colors)
+    else:
+        if "gene" not in data.columns:
+            msg = f"kind='gene' needs a 'gene' column (columns: {list(df.columns)})."
+            raise KeyError(msg)
+        if sections is not None:
+            if "section" not in data.columns:
+                msg = "`sections=` needs a 'section' column in the data frame."
+                raise KeyError(msg)
+            data = data[data["section"].astype(str).isin(list(sections))]
+        per_gene = data.groupby([gcol, "gene"], observed=True, sort=False)[metric].mean().unstack(gcol)
+        per_gene = per_gene[[m for m in methods if m in per_gene.columns]]
+        ncols = 2 if n_top > 0 else 1
+        fig, axs = plt.subplots(
+            1,
+            ncols,
+            figsize=figsize or (4.0 + (5.5 if ncols == 2 else 0.0), 3.8),
+            squeeze=False,
+            layout="constrained",
+            width_ratios=[1, 1.6] if ncols == 2 else None,
+        )
+        _gene_distribution(axs[0, 0], per_gene, metric, colors)
+        if ncols == 2:
+            _top_genes(axs[0, 1], per_gene, metric, colors, n_top)
+    fig.suptitle(title if title is not None else f"{metric} per {kind}", fontsize=11)
+    return finish(fig, save=save, show=show)
+
+
+def _section_panel(
+    ax: Axes,
+    data: pd.DataFrame,
+    metric: str,
+    gcol: str,
+    secs: list[str],
+    methods: list[str],
+    colors: dict[str, Any],
+) -> None:
+    n_m = len(methods)
+    width = 0.8 / n_m
+    handles = {}
+    for i, s in enumerate(secs):
+        for k, m in enumerate(methods):
+            vals = data.loc[(data["section"] == s) & (data[gcol] == m), metric].dropna().to_numpy()
+            if vals.size == 0:
+                continue
+            pos = i - 0.4 + width * (k + 0.5)
+            if vals.size == 1:
+                h = ax.bar(pos, vals[0], width=width * 0.9, color=colors[m], edgecolor="0.2", linewidth=0.5)
+            else:
+                bp = ax.boxplot(
+                    vals,
+                    positions=[pos],
+                    widths=width * 0.8,
+                    patch_artist=True,
+                    showfliers=False,
+                    medianprops={"color": "0.1", "linewidth": 1.0},
+                )
+                for patch in bp["boxes"]:
+                    patch.set_facecolor(colors[m])
+                    patch.set_alpha(0.85)
+                h = bp["boxes"][0]
+                ax.plot(pos, float(np.mean(vals)), marker="D", color="white", markeredgecolor="0.1", markersize=3.5)
+            handles.setdefault(m, h)
+    ax.set_xticks(np.arange(len(secs)))
+    ax.set_xticklabels(secs)
+    ax.set_xlim(-0.6, len(secs) - 0.4)
+    ax.set_xlabel("section")
+    ax.set_ylabel(metric)
+    ax.axhline(0.0, color="0.6", linewidth=0.6, zorder=0)
+    ax.grid(axis="y", alpha=0.3)
+    if len(methods) > 1 or methods[0] != metric:
+        ax.legend(handles.values(), handles.keys(), fontsize=8, frameon=False, loc="best")
+
+
+def _gene_distribution(ax: Axes, per_gene: pd.DataFrame, metric: str, colors: dict[str, Any]) -> None:
+    cols = list(per_gene.columns)
+    vals = [per_gene[c].dropna().to_numpy() for c in cols]
+    pos = np.arange(len(cols))
+    keep = [i for i, v in enumerate(vals) if v.size > 1]
+    if keep:
+        parts = ax.violinplot([vals[i] for i in keep], positions=pos[keep], showmedians=True, showextrema=False)
+        for body, i in zip(parts["bodies"], keep, strict=True):
+            body.set_facecolor(colors[cols[i]])
+            body.set_alpha(0.6)
+        parts["cmedians"].set_color("0.1")
+    rng = np.random.default_rng(0)
+    for i, v in enumerate(vals):
+        jitter = rng.uniform(-0.08, 0.08, v.size)
+        ax.scatter(np.full(v.size, pos[i]) + jitter, v, s=6, color=colors[cols[i]], edgecolors="0.2", linewidths=0.2)
+        if v.size:
+            ax.text(
+                pos[i],
+                1.0,
+                f"mean {np.mean(v):.3f}",
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.set_xticks(pos)
+    ax.set_xticklabels(cols, rotation=30 if len(cols) > 3 else 0, ha="right" if len(cols) > 3 else "center")
+    ax.set_ylabel(f"{metric} (per gene)")
+    ax.axhline(0.0, color="0.6", linewidth=0.6, zorder=0)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _top_genes(ax: Axes, per_gene: pd.DataFrame, metric: str, colors: dict[str, Any], n_top: int) -> None:
+    first = per_gene.columns[0]
+    ascending = metric.lower() in LOWER_IS_BETTER
+    top = per_gene.sort_values(first, ascending=ascending).head(n_top)
+    cols = list(per_gene.columns)
+    width = 0.8 / len(cols)
+    x = np.arange(len(top))
+    for k, m in enumerate(cols):
+        ax.bar(x - 0.4 + width * (k + 0.5), top[m].to_numpy(), width=width, color=colors[m], label=m)
+    ax.set_xticks(x)
+    ax.set_xticklabels(top.index.astype(str), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(metric)
+    ax.set_title(f"top {len(top)} genes ({first})", fontsize=9)
+    ax.axhline(0.0, color="0.6", linewidth=0.6, zorder=0)
+    ax.grid(axis="y", alpha=0.3)
+    if len(cols) > 1:
+        ax.legend(fontsize=7, frameon=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# training curve
+# --------------------------------------------------------------------------------------------------------------------
+@inject_docs(**_plot_params)
+def training_curve(
+    data: SpatialData | AnnData | Mapping[str, Any] | pd.DataFrame,
+    *,
+    key: str = Key.OUTPUT_TABLE,
+    series: Sequence[str] | None = None,
+    log_loss: bool | None = None,
+    figsize: tuple[float, float] | None = None,
+    title: str | None = None,
+    save: str | os.PathLike[str] | None = None,
+    show: bool | None = None,
+) -> Figure:
+    """Loss and validation curves of an ASIGN training run.
+
+    The history is looked up in ``sdata.tables[key].uns['asign']`` (written by :func:`asign.tl.impute` with
+    ``method='asign'``) under the first key ``training``, ``history`` or ``curve`` found, searching nested dicts
+    such as ``uns['asign']['result']``. It may be a dict of equal-length lists such as ``{{'epoch': [...],
+    'loss_total': [...], 'val_pcc': [...]}}``, a training summary ``{{'curve': {{...}}, 'best_epoch': 12, ...}}``
+    (the best epoch is marked), a list of per-epoch dicts, a :class:`pandas.DataFrame`, or one of these per fold
+    (``{{'fold0': {{...}}, 'fold1': {{...}}}}``). Series whose name contains ``loss`` go to the left panel, every
+    other series (validation metrics) to the right panel; the learning rate (``lr``) is drawn only when named in
+    ``series``. Folds are drawn as separate lines of the same colour.
+
+    Parameters
+    ----------
+    data
+        A :class:`spatialdata.SpatialData` with the output table ``key``, that table itself, or the history.
+    {key}
+    series
+        Names of the series to draw; `None` draws all numeric series but the x axis (``epoch``, ``step``, ...).
+    log_loss
+        Log-scale the loss axis; `None` does so when every loss is positive and they span over a factor 20.
+    {figsize}
+    title
+        Figure title.
+    {save}
+    {show}
+
+    Returns
+    -------
+    The :class:`matplotlib.figure.Figure`.
+    """
+    import matplotlib.pyplot as plt
+
+    runs, bests = as_runs(find_history(data, key))
+    names: list[str] = []
+    for frame in runs.values():
+        for c in frame.columns:
+            if c not in X_CANDIDATES and c not in names and pd.api.types.is_numeric_dtype(frame[c]):
+                names.append(str(c))
+    available = list(names)
+    names = [n for n in names if n not in HIDDEN_SERIES]
+    if series is not None:
+        missing = [s for s in series if s not in available]
+        if missing:
+            msg = f"Series {missing} not found in the training history (series: {available})."
+            raise KeyError(msg)
+        names = list(series)
+    if not names:
+        msg = "The training history holds no series to plot."
+        raise ValueError(msg)
+    losses = [n for n in names if "loss" in n.lower()]
+    others = [n for n in names if n not in losses]
+    panels = [p for p in (losses, others) if p]
+    fig, axs = plt.subplots(
+        1, len(panels), figsize=figsize or (4.2 * len(panels), 3.4), squeeze=False, layout="constrained"
+    )
+    cmap = plt.get_cmap("tab10")
+    colors = {n: cmap(i % 10) for i, n in enumerate(names)}
+    multi = len(runs) > 1
+    for ax, panel in zip(axs[0], panels, strict=True):
+        for n in panel:
+            labelled = False
+            for frame in runs.values():
+                if n not in frame.columns:
+                    continue
+                xcol = next((c for c in X_CANDIDATES if c in frame.columns), None)
+                y = pd.to_numeric(frame[n], errors="coerce").to_numpy(dtype=float)
+                x = frame[xcol].to_numpy(dtype=float) if xcol else np.arange(1, len(y) + 1)
+                ok = np.isfinite(y)
+                style = {"marker": "o", "markersize": 3} if ok.sum() < 30 else {}
+                ax.plot(
+                    x[ok],
+                    y[ok],
+                    color=colors[n],
+                    alpha=0.55 if multi else 1.0,
+                    linewidth=1.2,
+                    label=None if labelled else n,
+                    **style,
+                )
+                labelled = True
+        first = next(iter(runs.values()))
+        ax.set_xlabel(next((c for c in X_CANDIDATES if c in first.columns), "epoch"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+        if panel is losses:
+            ax.set_ylabel("loss")
+            vals = np.concatenate(
+                [
+                    pd.to_numeric(f[n], errors="coerce").to_numpy(float)
+                    for f in runs.values()
+                    for n in panel
+                    if n in f.columns
+                ]
+            )
+            vals = vals[np.isfinite(vals)]
+            use_log = log_loss
+            if use_log is None:
+                use_log = bool(vals.size and vals.min() > 0 and vals.max() / vals.min() > 20)
+            if use_log:
+                ax.set_yscale("log")
+            ax.set_title("loss", fontsize=10)
+        else:
+            ax.set_ylabel("value")
+            ax.set_title("validation", fontsize=10)
+            for best in bests.values():
+                ax.axvline(best, color="0.4", linestyle="--", linewidth=0.8, label=None)
+            if bests:
+                ax.text(
+                    0.99,
+                    0.02,
+                    "dashed: best epoch",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="bottom",
+                    fontsize=7,
+                    color="0.4",
+                )
+    if multi:
+        fig.text(0.01, 0.01, f"{len(runs)} runs: {', '.join(runs)}", fontsize=7, color="0.4")
+    fig.suptitle(title if title is not None else "training", fontsize=11)
+    return finish(fig, save=save, show=show)

@@ -1,0 +1,292 @@
+"""Shared helpers of the plotting functions: saving, showing, colour scales and image levels."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from asign._constants import Key
+from asign._logging import logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.figure import Figure
+    from spatialdata import SpatialData
+
+# backends that cannot show a window; `show=None` never calls `plt.show()` on them
+_NON_INTERACTIVE = {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
+
+
+def is_interactive_backend() -> bool:
+    """Whether the current matplotlib backend opens windows (GUI backends; not Agg, PDF, ... nor Jupyter inline)."""
+    import matplotlib as mpl
+
+    backend = str(mpl.get_backend()).lower()
+    if backend in _NON_INTERACTIVE:
+        return False
+    # Jupyter's inline backend displays every open figure at the end of the cell by itself
+    return "inline" not in backend
+
+
+def finish(fig: Figure, *, save: str | os.PathLike[str] | None, show: bool | None, dpi: int = 150) -> Figure:
+    """Save ``fig`` to ``save`` (format from the suffix), show it if asked, and return it.
+
+    ``show=None`` shows the figure only on an interactive (GUI) backend; ``show=True`` always calls
+    :func:`matplotlib.pyplot.show`.
+    """
+    import matplotlib.pyplot as plt
+
+    if save is not None:
+        path = Path(save)
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        logger.info(f"Saved figure to {str(path)!r}.")
+    if show is None:
+        show = is_interactive_backend()
+    if show:
+        plt.show()
+    return fig
+
+
+def shared_norm(
+    values: list[np.ndarray], *, vmin: float | None = None, vmax: float | None = None, robust: bool = False
+) -> tuple[float, float]:
+    """One colour range for several arrays (NaN ignored): ``[min, max]`` or the 1st-99th percentiles if ``robust``."""
+    finite = [np.asarray(v, dtype=float)[np.isfinite(v)] for v in values]
+    finite = [v for v in finite if v.size]
+    if finite:
+        allv = np.concatenate(finite)
+        lo, hi = np.percentile(allv, [1.0, 99.0]) if robust else (allv.min(), allv.max())
+    else:
+        lo, hi = 0.0, 1.0
+    lo = float(lo) if vmin is None else float(vmin)
+    hi = float(hi) if vmax is None else float(vmax)
+    if not hi > lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+def image_level(image: Any, *, max_px: int | None) -> tuple[np.ndarray, float, float]:
+    """A small RGB copy of an image element and its pixel size relative to the full-resolution level.
+
+    Parameters
+    ----------
+    image
+        An image element: a :class:`xarray.DataTree` pyramid (``scale0``, ``scale1``, ...) or a
+        :class:`xarray.DataArray` with dims ``(c, y, x)``.
+    max_px
+        Pick the coarsest pyramid level whose longer side still has at least ``max_px`` pixels (the finest level if
+        none does); `None` uses the full resolution. A single-scale image is downsampled by striding.
+
+    Returns
+    -------
+    ``(rgb, sx, sy)``: ``rgb`` is a ``(y, x, 3)`` uint8 array (or float in [0, 1]); ``sx``, ``sy`` are the sizes of
+    one of its pixels in full-resolution pixels.
+    """
+    from xarray import DataTree
+
+    if isinstance(image, DataTree):
+        levels = [next(iter(image[k].values())) for k in sorted(image.children, key=lambda k: int(k.lstrip("scale")))]
+    else:
+        levels = [image]
+    full = levels[0]
+    h0, w0 = int(full.sizes["y"]), int(full.sizes["x"])
+    chosen = levels[0]
+    if max_px is not None:
+        for lev in levels:
+            if max(int(lev.sizes["y"]), int(lev.sizes["x"])) >= max_px:
+                chosen = lev
+    arr = chosen.transpose("y", "x", "c").data
+    step = 1
+    if max_px is not None and len(levels) == 1:
+        step = max(1, int(max(h0, w0) // max_px))
+        arr = arr[::step, ::step]
+    arr = np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
+    h, w = arr.shape[:2]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        arr = arr.astype(float)
+        hi = float(np.nanmax(arr)) if arr.size else 1.0
+        arr = np.clip(arr / (hi if hi > 1.0 else 1.0), 0.0, 1.0)
+    return arr, w0 / w, h0 / h
+
+
+def output_table(sdata: SpatialData, key: str) -> AnnData:
+    if key not in sdata.tables:
+        msg = (
+            f"Table {key!r} not found in sdata.tables (present: {list(sdata.tables)}); run `asign.tl.impute` first "
+            "or pass `key=` (the spot table works too, e.g. `key='table', layers=['X']`)."
+        )
+        raise KeyError(msg)
+    return sdata.tables[key]
+
+
+# evaluation tables
+METRIC_CANDIDATES = (
+    "pcc_gene",
+    "pcc",
+    "pcc_gene_varying",
+    "pearson",
+    "pearson_r",
+    "r",
+    "spearman",
+    "ssim",
+    "pcc_spot_legacy",
+    "rmse",
+    "mse",
+    "mae",
+)
+GROUP_CANDIDATES = ("method", "model", "label")
+LOWER_IS_BETTER = ("rmse", "mse", "mae", "mse_pooled", "mae_pooled")
+
+
+def pick_metric(df: pd.DataFrame, metric: str | None) -> tuple[pd.DataFrame, str]:
+    """Long (``metric``/``value`` columns) or wide (one column per metric) frame -> frame with a ``metric`` column."""
+    if {"metric", "value"} <= set(df.columns):
+        names = list(pd.unique(df["metric"].astype(str)))
+        if metric is None:
+            metric = next((m for m in METRIC_CANDIDATES if m in names), names[0] if names else None)
+        if metric not in names:
+            msg = f"Metric {metric!r} not found in df['metric'] (values: {names})."
+            raise KeyError(msg)
+        sub = df[df["metric"].astype(str) == metric].rename(columns={"value": metric})
+        return sub, metric
+    if metric is None:
+        metric = next((m for m in METRIC_CANDIDATES if m in df.columns and df[m].notna().any()), None)
+        if metric is None:
+            msg = f"No metric column found in the data frame (columns: {list(df.columns)}); pass `metric=`."
+            raise KeyError(msg)
+    if metric not in df.columns:
+        msg = f"Metric column {metric!r} not found (columns: {list(df.columns)})."
+        raise KeyError(msg)
+    return df, metric
+
+
+def group_column(df: pd.DataFrame, group: str | None) -> str | None:
+    if group is not None:
+        if group not in df.columns:
+            msg = f"Grouping column {group!r} not found (columns: {list(df.columns)})."
+            raise KeyError(msg)
+        return group
+    for c in GROUP_CANDIDATES:
+        if c in df.columns:
+            names = df[c].dropna().astype(str)
+            if (names != "").any():
+                return c
+    return None
+
+
+def rows_for(data: pd.DataFrame, metric: str, kind: str) -> pd.DataFrame:
+    """Rows of :func:`asign.tl.evaluate`'s ``level`` column to use: per-gene rows, else per-section rows."""
+    if "level" not in data.columns:
+        return data
+    level = data["level"].astype(str)
+    gene_rows = data[(level == "gene") & data[metric].notna()]
+    if kind == "gene" or len(gene_rows):
+        return gene_rows
+    return data[(level == "section") & data[metric].notna()]
+
+
+# training histories
+X_CANDIDATES = ("epoch", "step", "iteration", "iter")
+HISTORY_KEYS = ("training", "history", "train_history", "curve")
+HIDDEN_SERIES = ("lr", "learning_rate")
+
+
+def search_history(block: Any, depth: int = 0) -> Any:
+    """The first value under one of ``HISTORY_KEYS`` in nested dicts (breadth first, at most 3 levels)."""
+    if not isinstance(block, Mapping) or depth > 3:
+        return None
+    for k in HISTORY_KEYS:
+        if k in block:
+            return block[k]
+    for v in block.values():
+        found = search_history(v, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def find_history(data: Any, key: str) -> Any:
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        uns = data.uns
+    elif isinstance(data, Mapping | pd.DataFrame | list):
+        return data
+    else:  # SpatialData
+        uns = output_table(data, key).uns
+    found = search_history(uns.get(Key.UNS, {}))
+    if found is None:
+        found = search_history(uns)
+    if found is None:
+        msg = (
+            f"No training history found in `uns['{Key.UNS}']` of table {key!r} (looked for {list(HISTORY_KEYS)}); "
+            "train with `asign.tl.impute(..., method='asign')` or pass the history dict directly."
+        )
+        raise KeyError(msg)
+    return found
+
+
+def unwrap(history: Any) -> tuple[Any, float | None]:
+    """``{'curve': {...}, 'best_epoch': 3, ...}`` (a training summary) -> the curve and the best epoch."""
+    if isinstance(history, Mapping) and "curve" in history:
+        best = history.get("best_epoch")
+        try:
+            best = float(np.asarray(best).item()) if best is not None else None
+        except (TypeError, ValueError):
+            best = None
+        return history["curve"], best if best is not None and best >= 0 else None
+    return history, None
+
+
+def as_runs(history: Any) -> tuple[dict[str, pd.DataFrame], dict[str, float]]:
+    """Normalise a training history to one frame per run, plus the best epoch of each run that records it.
+
+    A history is a dict of lists, a list of per-epoch records, a DataFrame, a training summary with a ``curve``, or
+    one of those per fold.
+    """
+    history, best = unwrap(history)
+    bests = {"": best} if best is not None else {}
+    if isinstance(history, pd.DataFrame):
+        return {"": history}, bests
+    if isinstance(history, list | tuple):
+        if history and all(isinstance(r, Mapping) for r in history):
+            return {"": pd.DataFrame(list(history))}, bests
+        msg = "A training history list must hold one dict per epoch."
+        raise ValueError(msg)
+    if not isinstance(history, Mapping):
+        msg = f"Cannot read a training history of type {type(history).__name__}."
+        raise TypeError(msg)
+    if history and all(isinstance(v, Mapping | pd.DataFrame) or is_records(v) for v in history.values()):
+        runs: dict[str, pd.DataFrame] = {}
+        for name, sub in history.items():
+            sub_runs, sub_best = as_runs(sub)
+            for k, v in sub_runs.items():
+                label = f"{name}{'/' + k if k else ''}"
+                runs[label] = v
+                if k in sub_best:
+                    bests[label] = sub_best[k]
+        return runs, bests
+    cols = {}
+    for k, v in history.items():
+        arr = np.asarray(v)
+        if arr.ndim == 1 and arr.size > 0 and np.issubdtype(arr.dtype, np.number):
+            cols[str(k)] = arr.astype(float)
+    if not cols:
+        msg = "The training history holds no numeric series (expected e.g. {'epoch': [...], 'train_loss': [...]})."
+        raise ValueError(msg)
+    n = max(len(v) for v in cols.values())
+    return {"": pd.DataFrame({k: v for k, v in cols.items() if len(v) == n})}, bests
+
+
+def is_records(v: Any) -> bool:
+    return isinstance(v, list | tuple) and len(v) > 0 and all(isinstance(r, Mapping) for r in v)

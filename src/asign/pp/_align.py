@@ -1,0 +1,529 @@
+"""Serial-section alignment: one rigid (or similarity / affine) map per section into a shared frame.
+
+The shared frame (coordinate system ``key_added``, default ``"aligned"``) is the native pixel frame of the reference
+section. Every section's image and spots get a transformation to it, composed (``Sequence``) after their existing
+transformation to the section's native coordinate system; spot positions in microns go to the table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .._constants import Key
+from .._docs import inject_docs
+from .._logging import logger
+from .._stack import StackInfo, get_table, section_masks
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+TRANSFORM_TYPES = ("rigid", "similarity", "affine")
+METHODS = ("ants", "transforms", "landmarks")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reference, neighbours, composition
+# --------------------------------------------------------------------------------------------------------------------
+def default_reference(sections: Sequence[str]) -> str:
+    """The middle section, ``m = floor(S / 2) + 1`` in 1-based cutting order (the later one for even ``S``)."""
+    return sections[len(sections) // 2]
+
+
+def registration_pairs(sections: Sequence[str], reference: str) -> list[tuple[str, str]]:
+    """``(moving, fixed)`` pairs of consecutive sections, each registered onto its neighbour towards the reference.
+
+    Ordered outwards from the reference, so that composing them in order gives every section's map.
+    """
+    m = list(sections).index(reference)
+    pairs = []
+    for i in range(m - 1, -1, -1):
+        pairs.append((sections[i], sections[i + 1]))
+    for i in range(m + 1, len(sections)):
+        pairs.append((sections[i], sections[i - 1]))
+    return pairs
+
+
+def compose_to_reference(pairwise: Mapping[tuple[str, str], np.ndarray], sections: Sequence[str], reference: str):
+    """``T_s = T_{s'} A_{s -> s'}`` outwards from the reference (``T_ref = I``)."""
+    T = {reference: np.eye(3)}
+    for moving, fixed in registration_pairs(sections, reference):
+        T[moving] = T[fixed] @ np.asarray(pairwise[(moving, fixed)], dtype=float)
+    return T
+
+
+def relative_to_reference(transforms: Mapping[str, Any], reference: str) -> dict[str, np.ndarray]:
+    """Re-express maps ``B_s`` into any common frame relative to the reference: ``T_s = B_ref^{-1} B_s``.
+
+    If the reference has no matrix, the maps are taken as already relative to it (``T_ref = I``).
+    """
+    out = {str(s): _check_matrix(M, str(s)) for s, M in transforms.items()}
+    if reference in out:
+        inv = np.linalg.inv(out[reference])
+        out = {s: inv @ M for s, M in out.items()}
+        out[reference] = np.eye(3)
+    else:
+        out[reference] = np.eye(3)
+    return out
+
+
+def classify_transforms(transforms: Mapping[str, np.ndarray], tol: float = 1e-3) -> str:
+    """The narrowest of ``"rigid"``, ``"similarity"`` and ``"affine"`` that describes every matrix."""
+    kind = "rigid"
+    for M in transforms.values():
+        L = np.asarray(M, dtype=float)[:2, :2]
+        sv = np.linalg.svd(L, compute_uv=False)
+        if abs(sv[0] - sv[1]) > tol * sv[0]:
+            return "affine"
+        if abs(sv[0] - 1.0) > tol:
+            kind = "similarity"
+    return kind
+
+
+def _check_matrix(M: Any, section: str) -> np.ndarray:
+    A = np.asarray(M, dtype=float)
+    if A.shape == (2, 3):
+        A = np.vstack([A, [0.0, 0.0, 1.0]])
+    if A.shape != (3, 3):
+        msg = f"Section {section!r}: a transform must be a 3 x 3 (or 2 x 3) homogeneous matrix, got shape {A.shape}."
+        raise ValueError(msg)
+    if not np.all(np.isfinite(A)):
+        msg = f"Section {section!r}: the transform has non-finite entries."
+        raise ValueError(msg)
+    if not np.allclose(A[2], [0.0, 0.0, 1.0]):
+        msg = f"Section {section!r}: the last row of the transform must be [0, 0, 1] (a 2D affine map), got {A[2]}."
+        raise ValueError(msg)
+    if abs(np.linalg.det(A[:2, :2])) < 1e-12:
+        msg = f"Section {section!r}: the transform is singular (determinant 0)."
+        raise ValueError(msg)
+    return A
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# writing the result
+# --------------------------------------------------------------------------------------------------------------------
+def _section_elements(sdata: SpatialData, stack: StackInfo, section: str) -> list[str]:
+    keys = [stack.shapes_key(section)]
+    ikey = stack.image_key(section)
+    if ikey is not None and ikey in sdata.images:
+        keys.append(ikey)
+    return keys
+
+
+def _native_matrix(element, coordinate_system: str) -> np.ndarray:
+    from spatialdata.transformations import get_transformation
+
+    t = get_transformation(element, to_coordinate_system=coordinate_system)
+    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
+
+
+def _shape_centres(shapes) -> np.ndarray:
+    return np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()]).astype(float)
+
+
+def _to_uns(value: Any) -> Any:
+    """Make a value zarr-writable (no None, no tuples)."""
+    if isinstance(value, Mapping):
+        return {str(k): _to_uns(v) for k, v in value.items() if v is not None}
+    if isinstance(value, tuple | list):
+        return [_to_uns(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def set_alignment(
+    sdata: SpatialData,
+    transforms: Mapping[str, Any],
+    *,
+    reference: str,
+    table_key: str = Key.TABLE,
+    key_added: str = Key.ALIGNED,
+    method: str = "transforms",
+    transform: str = "affine",
+    quality: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> None:
+    """Write an alignment given as one matrix per section.
+
+    Parameters
+    ----------
+    sdata
+        A section stack.
+    transforms
+        ``{section: 3 x 3 matrix}`` mapping each section's native pixels into a common frame. If the reference is
+        among them, the maps are re-expressed relative to it (``T_s = B_ref^{-1} B_s``), so the aligned frame is
+        always the reference's native pixel frame; otherwise they are taken as relative to the reference already.
+        Sections without a matrix get no transformation and NaN positions (with a warning).
+    reference
+        The reference section (its native pixels are the aligned frame).
+    table_key
+        Key of the table that annotates the spots of all sections.
+    key_added
+        Name of the coordinate system written.
+    method
+        Recorded in ``uns['asign']['alignment']['method']``.
+    transform
+        Recorded as the transform type (``"rigid"``, ``"similarity"`` or ``"affine"``).
+    quality
+        Per-pair quality figures to record (columns of equal length: ``pair``, ``dice_before``, ...).
+    params
+        Further parameters to record.
+
+    Returns
+    -------
+    Nothing; modifies ``sdata`` in memory (and on disk when it is backed):
+
+    - for every aligned section's image and shapes, a transformation to ``key_added``:
+      ``Sequence([<transformation to the native coordinate system>, Affine(T_s)])`` (``Identity()`` for the
+      reference); other transformations are kept;
+    - ``table.obsm['spatial_aligned']``: spot centres (x, y) in µm in ``key_added`` (NaN for sections not aligned);
+    - ``table.obs['z']``: section z in µm; ``table.obsm['spatial_3d']``: (x, y, z) in µm;
+    - ``table.uns['asign']['alignment']``: ``reference``, ``method``, ``transform``, ``key_added``, ``um_per_px``,
+      ``transforms`` ({section: T_s}), ``quality`` and ``params``.
+    """
+    from spatialdata.transformations import Affine, Identity
+    from spatialdata.transformations import Sequence as TSequence
+
+    from ..io._validate import validate_stack
+
+    stack = validate_stack(sdata, table_key=table_key, check_counts=False)
+    if reference not in stack.sections:
+        msg = f"Unknown reference section {reference!r}; the stack has sections {stack.sections}."
+        raise KeyError(msg)
+    unknown = [s for s in transforms if str(s) not in stack.sections]
+    if unknown:
+        msg = f"Transforms given for unknown sections {unknown}; the stack has sections {stack.sections}."
+        raise KeyError(msg)
+    T = relative_to_reference(transforms, reference)
+    table = get_table(sdata, table_key)
+    missing = [s for s in stack.sections if s not in T]
+    previous = table.uns.get(Key.UNS, {}).get(Key.ALIGNMENT, {})
+    ours_before = isinstance(previous, Mapping) and previous.get("key_added") == key_added
+
+    for s in stack.sections:
+        cs = stack.coordinate_system(s)
+        for name in _section_elements(sdata, stack, s):
+            el = sdata[name]
+            if s not in T:
+                if ours_before:
+                    _remove_transformation(el, key_added)
+                continue
+            native = _native_transformation(el, cs, name)
+            step = Identity() if s == reference else Affine(T[s], input_axes=("x", "y"), output_axes=("x", "y"))
+            _set_transformation(el, TSequence([native, step]), key_added)
+
+    # spot positions in microns, in table order (rows follow the shapes index within each section)
+    um = float(stack.um_per_px[stack.index(reference)])
+    masks = section_masks(table, stack)
+    xy = np.full((table.n_obs, 2), np.nan)
+    z = np.zeros(table.n_obs)
+    for i, s in enumerate(stack.sections):
+        rows = masks[s]
+        z[rows] = float(stack.z_um[i])
+        if s not in T:
+            continue
+        shapes = sdata.shapes[stack.shapes_key(s)]
+        M = T[s] @ _native_matrix(shapes, stack.coordinate_system(s))
+        p = _shape_centres(shapes)
+        xy[rows] = (p @ M[:2, :2].T + M[:2, 2]) * um
+    table.obsm[Key.SPATIAL_ALIGNED] = xy
+    table.obs[Key.Z] = z
+    table.obsm[Key.SPATIAL_3D] = np.column_stack([xy, z])
+    result = {
+        "reference": str(reference),
+        "method": str(method),
+        "transform": str(transform),
+        "key_added": str(key_added),
+        "um_per_px": um,
+        "sections": [s for s in stack.sections if s in T],
+        "transforms": {s: np.asarray(T[s], dtype=float) for s in stack.sections if s in T},
+        "quality": _to_uns(dict(quality or {})),
+        "params": _to_uns(dict(params or {})),
+    }
+    table.uns.setdefault(Key.UNS, {})
+    table.uns[Key.UNS][Key.ALIGNMENT] = result
+    if missing:
+        logger.warning(
+            f"Sections {missing} were not aligned: they have no transformation to {key_added!r} and NaN in "
+            f"`obsm['{Key.SPATIAL_ALIGNED}']`."
+        )
+    logger.info(
+        f"Adding transformations to {key_added!r}, `obsm['{Key.SPATIAL_ALIGNED}']`, `obs['{Key.Z}']`, "
+        f"`obsm['{Key.SPATIAL_3D}']` and `uns['{Key.UNS}']['{Key.ALIGNMENT}']` (reference {reference!r})."
+    )
+    if sdata.path is not None:
+        from ..io._persist import persist
+
+        for s in stack.sections:
+            for name in _section_elements(sdata, stack, s):
+                if _on_disk(sdata, name):
+                    sdata.write_transformations(name)
+        persist(sdata, table_key)
+
+
+def _native_transformation(el, cs: str, name: str):
+    from spatialdata.transformations import get_transformation
+
+    ts = get_transformation(el, get_all=True)
+    if cs not in ts:
+        msg = (
+            f"Element {name!r} has no transformation to its section's native coordinate system {cs!r} "
+            f"(it has {sorted(ts)}); fix the manifest's `native_coordinate_system`."
+        )
+        raise ValueError(msg)
+    return ts[cs]
+
+
+def _set_transformation(el, transformation, cs: str) -> None:
+    from spatialdata.transformations import set_transformation
+
+    set_transformation(el, transformation, to_coordinate_system=cs)
+
+
+def _remove_transformation(el, cs: str) -> None:
+    from spatialdata.transformations import get_transformation, set_transformation
+
+    ts = dict(get_transformation(el, get_all=True))
+    if cs in ts:
+        del ts[cs]
+        set_transformation(el, ts, set_all=True)
+
+
+def _on_disk(sdata: SpatialData, name: str) -> bool:
+    try:
+        return name in sdata.elements_paths_on_disk() or any(
+            p.endswith(f"/{name}") for p in sdata.elements_paths_on_disk()
+        )
+    except (OSError, ValueError):  # pragma: no cover - store unreadable
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the public entry point
+# --------------------------------------------------------------------------------------------------------------------
+@inject_docs()
+def align_layers(
+    sdata: SpatialData,
+    *,
+    reference: str | None = None,
+    transform: Literal["rigid", "similarity", "affine"] = "rigid",
+    method: Literal["ants", "transforms", "landmarks"] = "ants",
+    sections: Sequence[str] | None = None,
+    key_added: str = Key.ALIGNED,
+    transforms: Mapping[str, Any] | None = None,
+    mirror: bool = False,
+    landmarks: Mapping[str, Any] | None = None,
+    target_size: int = 1000,
+    min_dice: float = 0.8,
+    rotation_step: float = 10.0,
+    max_scale_ratio: float = 1.5,
+    table_key: str = Key.TABLE,
+    inplace: bool = True,
+    seed: int = 0,
+    show_progress_bar: bool = True,
+) -> dict[str, Any] | None:
+    """Align serial sections into one coordinate system from their H&E images.
+
+    Consecutive sections are registered pairwise, each onto its neighbour towards the reference, and the pairwise
+    maps are composed towards the reference (so errors do not accumulate from one end of the stack):
+
+    1. both images are read from the pyramid level closest above the working resolution (longer side about
+       ``target_size`` px) and resampled to one physical pixel size, as grey scale with tissue bright; tissue masks
+       come from Otsu's threshold;
+    2. coarse start: the mask centroids are matched and rotations in ``rotation_step`` steps over 360° are tried
+       (and mirror images if ``mirror``), keeping the best mask Dice (user ``landmarks`` replace this search);
+    3. refinement with ANTs (:func:`ants.registration`, ``"Rigid"``, ``"Similarity"`` or ``"Affine"``,
+       single-threaded with a fixed seed); it is kept only if it does not lower the mask Dice of the start;
+    4. the map is converted to full-resolution pixels and composed towards the reference.
+
+    Expression and any published registration are never read.
+
+    Parameters
+    ----------
+    {sdata}
+    reference
+        The reference section; default: the middle one (``floor(S / 2) + 1`` in 1-based cutting order, the later of
+        the two for an even count), among ``sections``.
+    transform
+        ``"rigid"`` (default: serial sections of one block keep their scale), ``"similarity"`` or ``"affine"``.
+    method
+        ``"ants"`` (image registration), ``"transforms"`` (the matrices in ``transforms``) or ``"landmarks"``
+        (pairwise fits of ``landmarks`` only).
+    sections
+        Sections to align, in cutting order (default: all). Spots of the others get NaN positions and a warning.
+    key_added
+        Name of the coordinate system written.
+    transforms
+        For ``method="transforms"``: ``{{section: 3 x 3}}`` maps of native pixels into any common frame; they are
+        re-expressed relative to the reference (``T_s = B_ref^{{-1}} B_s``).
+    mirror
+        Also try mirror images in the coarse search (sections placed upside down on the slide).
+    landmarks
+        ``{{section: (n, 2) array}}`` of corresponding points (x, y in the section's native pixels; row ``k`` of every
+        section is the same anatomical point). For a pair whose two sections both have landmarks, the fitted map
+        replaces the coarse search (``method="ants"``) or is the answer (``method="landmarks"``).
+    target_size
+        Longer side of the working images in pixels.
+    min_dice
+        Warn about every pair whose tissue-mask Dice after alignment is below this.
+    rotation_step
+        Step of the coarse rotation search in degrees.
+    max_scale_ratio
+        With ``transform="rigid"``, raise an error if the tissue of two consecutive sections differs in linear size
+        by more than this factor: the pixel sizes in the manifest are then probably wrong.
+    {table_key}
+    {inplace}
+    {seed}
+    {show_progress_bar}
+
+    Returns
+    -------
+    If ``inplace = False``, the alignment as a dict (the content of ``uns['asign']['alignment']``: ``transforms``
+    ``{{section: 3 x 3 matrix T_s}}`` from native to aligned pixels, ``quality``, ``params``, ...) and ``sdata`` is
+    left untouched. Otherwise `None`, and ``sdata`` gets (see :func:`asign.pp._align.set_alignment`):
+
+    - a transformation to ``key_added`` on every aligned section's image and shapes, composed after the existing
+      one to the section's native coordinate system (existing transformations are kept);
+    - ``table.obsm['spatial_aligned']`` (x, y in µm in ``key_added``), ``table.obs['z']`` (µm) and
+      ``table.obsm['spatial_3d']`` (x, y, z in µm);
+    - ``table.uns['asign']['alignment']`` with ``reference``, ``method``, ``transform``, ``key_added``,
+      ``um_per_px``, ``transforms``, ``quality`` (per consecutive pair: ``pair``, ``moving``, ``fixed``,
+      ``dice_before``, ``dice_after``, ``nmi_before``, ``nmi_after``, ``rotation_deg``, ``scale``, ``passed``) and
+      ``params``.
+
+    When ``sdata`` is backed by a zarr store, the transformations and the table are written back.
+    """
+    from ..io._validate import validate_stack
+
+    stack = validate_stack(sdata, table_key=table_key, check_counts=False)
+    if transform not in TRANSFORM_TYPES:
+        msg = f"Unknown transform {transform!r}; choose one of {list(TRANSFORM_TYPES)}."
+        raise ValueError(msg)
+    if method not in METHODS:
+        msg = f"Unknown method {method!r}; choose one of {list(METHODS)}."
+        raise ValueError(msg)
+    secs = _resolve_sections(stack, sections)
+    if reference is None:
+        reference = default_reference(secs)
+    elif reference not in stack.sections:
+        msg = f"Unknown reference section {reference!r}; the stack has sections {stack.sections}."
+        raise KeyError(msg)
+    elif reference not in secs:
+        msg = f"The reference section {reference!r} is not among the sections to align {secs}."
+        raise ValueError(msg)
+    params: dict[str, Any] = {
+        "sections": list(secs),
+        "mirror": bool(mirror),
+        "target_size": int(target_size),
+        "min_dice": float(min_dice),
+        "rotation_step": float(rotation_step),
+        "seed": int(seed),
+    }
+    t0 = time.perf_counter()
+    quality: dict[str, Any] = {}
+    if method == "transforms":
+        if transforms is None:
+            msg = "method='transforms' needs `transforms={section: 3 x 3 matrix}`."
+            raise ValueError(msg)
+        unknown = [s for s in transforms if str(s) not in stack.sections]
+        if unknown:
+            msg = f"Transforms given for unknown sections {unknown}; the stack has sections {stack.sections}."
+            raise KeyError(msg)
+        lacking = [s for s in secs if s not in transforms and s != reference]
+        if lacking:
+            msg = f"method='transforms': no matrix for sections {lacking}; give one per section or pass `sections=`."
+            raise ValueError(msg)
+        if reference not in transforms:
+            msg = (
+                f"method='transforms': no matrix for the reference {reference!r}; give every section's map into a "
+                "common frame (the reference's included) so they can be re-expressed relative to it."
+            )
+            raise ValueError(msg)
+        T = relative_to_reference({s: transforms[s] for s in secs}, reference)
+    else:
+        from .._registration import register_stack
+
+        if len(secs) < 2:
+            msg = (
+                f"align_layers(method={method!r}) needs at least two sections to register, got {secs}"
+                + (" (the stack has only one section)." if len(stack.sections) < 2 else "; widen `sections=`.")
+            )
+            raise ValueError(msg)
+        res = register_stack(
+            sdata,
+            stack,
+            secs,
+            reference=reference,
+            transform=transform,
+            method=method,
+            mirror=mirror,
+            landmarks=landmarks,
+            target_size=target_size,
+            rotation_step=rotation_step,
+            max_scale_ratio=max_scale_ratio,
+            seed=seed,
+            show_progress_bar=show_progress_bar,
+        )
+        T = compose_to_reference(res.pairwise, secs, reference)
+        quality = res.quality
+        params.update(res.params)
+    if quality.get("pair") is not None and len(quality["pair"]):
+        _warn_quality(quality, min_dice)
+        quality["passed"] = [bool(d >= min_dice) for d in quality["dice_after"]]
+    params["seconds"] = float(time.perf_counter() - t0)
+    if len(secs) < len(stack.sections):
+        skipped = [s for s in stack.sections if s not in secs]
+        logger.warning(f"Sections {skipped} are not aligned (not in `sections=`); their spots get NaN positions.")
+    if not inplace:
+        return {
+            "reference": reference,
+            "method": method,
+            "transform": transform,
+            "key_added": key_added,
+            "um_per_px": float(stack.um_per_px[stack.index(reference)]),
+            "sections": list(secs),
+            "transforms": T,
+            "quality": quality,
+            "params": params,
+        }
+    set_alignment(
+        sdata,
+        T,
+        reference=reference,
+        table_key=table_key,
+        key_added=key_added,
+        method=method,
+        transform=transform if method != "transforms" else classify_transforms(T),
+        quality=quality,
+        params=params,
+    )
+    return None
+
+
+def _resolve_sections(stack: StackInfo, sections: Sequence[str] | None) -> list[str]:
+    if sections is None:
+        return list(stack.sections)
+    if isinstance(sections, str):
+        sections = [sections]
+    unknown = [s for s in sections if s not in stack.sections]
+    if unknown:
+        msg = f"Unknown sections {unknown} in `sections=`; the stack has sections {stack.sections}."
+        raise KeyError(msg)
+    if len(set(sections)) != len(sections):
+        msg = f"`sections=` lists a section twice: {list(sections)}."
+        raise ValueError(msg)
+    # always in cutting order
+    return [s for s in stack.sections if s in set(sections)]
+
+
+def _warn_quality(quality: Mapping[str, Any], min_dice: float) -> None:
+    for pair, d in zip(quality["pair"], quality["dice_after"], strict=True):
+        if np.isfinite(d) and d < min_dice:
+            logger.warning(
+                f"Alignment of pair {pair}: tissue-mask Dice {d:.3f} is below min_dice={min_dice}; the registration "
+                "may have failed. Check it with `asign.pl.alignment`, or give `landmarks=` or `mirror=True`."
+            )

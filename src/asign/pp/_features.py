@@ -1,0 +1,312 @@
+"""Multi-resolution frozen image features of spots, region tiles and global tiles (method.md §2.3, §2.5)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+
+from asign._constants import Key
+from asign._logging import logger
+from asign.pp._tiles import (
+    LEVELS,
+    Tiles,
+    _copy_manifest,
+    _tile_params,
+    compute_tiles,
+    image_level0,
+    index_key,
+    resolve_scales,
+    tile_table_key,
+    write_tiles,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from spatialdata import SpatialData
+
+    from asign._encoders import Encoder
+
+
+class ImageFeatures(NamedTuple):
+    """Result of :func:`extract_features` with ``inplace=False``."""
+
+    features_spot: np.ndarray
+    """``(n_spots, dim)`` float32 features of the spot patches (NaN for sections not processed)."""
+    features_region: np.ndarray
+    """``(n_spots, dim)`` features of each spot's region tile."""
+    features_global: np.ndarray
+    """``(n_spots, dim)`` features of each spot's global tile."""
+    spot_padded: np.ndarray
+    """``(n_spots,)`` whether the spot patch crosses the image border (padded with white)."""
+    tiles: Tiles
+    """Index maps and tile tables (with ``obsm['features']``)."""
+    params: dict[str, Any]
+    """What would be written to ``uns['{key_added}_features']``."""
+
+
+def _spot_corners(xy: np.ndarray, side: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners of ``side`` px patches centred on the spot centres rounded to the nearest pixel."""
+    cx = np.floor(xy[:, 0] + 0.5).astype(np.int64)
+    cy = np.floor(xy[:, 1] + 0.5).astype(np.int64)
+    return cx - side // 2, cy - side // 2
+
+
+def _select_sections(stack, sections: Sequence[str] | None) -> list[str]:
+    no_image = [s for s, k in zip(stack.sections, stack.image_keys, strict=True) if k is None]
+    if sections is None:
+        if no_image:
+            with_image = [s for s in stack.sections if s not in no_image]
+            msg = (
+                f"Sections {no_image} have no image, so their spots cannot get image features. Add their images, "
+                f"or exclude them with `sections={with_image}` (their spots then get NaN features)."
+            )
+            raise ValueError(msg)
+        return list(stack.sections)
+    if isinstance(sections, str):
+        sections = [sections]
+    sections = [str(s) for s in sections]
+    unknown = [s for s in sections if s not in stack.sections]
+    if unknown:
+        msg = f"`sections` {unknown} are not in the stack; it has sections {stack.sections}."
+        raise ValueError(msg)
+    bad = [s for s in sections if s in no_image]
+    if bad:
+        msg = f"Sections {bad} have no image; remove them from `sections=` (their spots then get NaN features)."
+        raise ValueError(msg)
+    if not sections:
+        msg = "`sections` is empty; pass at least one section with an image."
+        raise ValueError(msg)
+    skipped = [s for s in stack.sections if s not in sections]
+    if skipped:
+        logger.warning(f"Sections {skipped} are not processed (`sections=`); their spots and tiles get NaN features.")
+    return [s for s in stack.sections if s in sections]
+
+
+def extract_features(
+    sdata: SpatialData,
+    *,
+    encoder: str | torch.nn.Module | Encoder = "efficientnet_lite0",
+    weights: str | None = None,
+    scales: Mapping[str, int] | None = None,
+    scales_um: Mapping[str, float] | None = None,
+    input_size: int | None = 224,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    mixed_precision: bool | None = None,
+    table_key: str = Key.TABLE,
+    key_added: str = Key.ADDED,
+    sections: Sequence[str] | None = None,
+    show_progress_bar: bool = True,
+    inplace: bool = True,
+) -> ImageFeatures | None:
+    """Frozen-encoder features of every spot at three scales: spot patch, region tile and global tile.
+
+    Spot patches are centred on each spot centre (``obsm['spatial']``, rounded to the nearest pixel); region and
+    global tiles are the non-overlapping grids of :func:`asign.pp.make_tiles` (index maps spot -> region -> global).
+    All patches are read lazily from level 0 of each section's image (only the image chunks a patch overlaps are
+    computed), padded with white (255) where they cross the image border, resized to ``input_size`` with
+    antialiased bilinear interpolation, normalised with the encoder's mean/std (ImageNet by default) and embedded
+    in batches by **one** frozen encoder, identical for every section and every level (no per-section projection,
+    method.md §8 defect 1). Inference runs in eval mode under :func:`torch.inference_mode`, channels-last, with
+    autocast on CUDA (``mixed_precision``) and deterministic algorithms on the CPU.
+
+    Parameters
+    ----------
+    sdata
+        The section stack.
+    encoder
+        Registry name (``"efficientnet_lite0"``, ``"resnet50"``, ``"resnet50_layer3"``, ``"handcrafted"``),
+        ``"timm:<model_name>"``, a :class:`torch.nn.Module` (input: normalised ``(B, 3, H, W)``; output
+        ``(B, dim)`` or a feature map that is average-pooled) or an ``asign._encoders.Encoder``. See
+        ``docs/encoders.md``.
+    weights
+        `None` for the encoder's default pretrained weights (offline), ``"random"`` for a seeded random
+        initialisation, or a local state-dict / checkpoint file.
+    scales
+        Patch/tile sides in native pixels, default ``{"spot": 224, "region": 512, "global": 1024}``; the global side
+        must be an integer multiple of the region side.
+    scales_um
+        Sides in µm instead (converted per section with its ``um_per_px``), so datasets of different resolution
+        are treated alike.
+    input_size
+        Side the patches are resized to before the encoder; `None` feeds them at native size (as the paper).
+    batch_size
+        Patches per batch (reduced for large native-size inputs).
+    device
+        Torch device; `None` picks CUDA when available.
+    num_workers
+        :class:`torch.utils.data.DataLoader` reader processes (0: read in the main process).
+    mixed_precision
+        Autocast (bfloat16/float16) on CUDA; `None` enables it on CUDA. Ignored on the CPU.
+    table_key
+        The spot table.
+    key_added
+        Prefix of the keys written.
+    sections
+        Sections to process (default: all; every one needs an image). Spots and tiles of other sections get NaN
+        features.
+    show_progress_bar
+        Show a progress bar.
+    inplace
+        Write into ``sdata`` (and return `None`) or return an :class:`ImageFeatures` tuple.
+
+    Returns
+    -------
+    If ``inplace = False``, an :class:`ImageFeatures` tuple. Otherwise modifies ``sdata.tables[table_key]`` with
+
+    - ``.obsm['{key_added}_features_spot']``, ``.obsm['{key_added}_features_region']``,
+      ``.obsm['{key_added}_features_global']``: float32 ``(n_spots, dim)`` (region/global: the features of the
+      spot's tile);
+    - ``.obs['{key_added}_region']``, ``.obs['{key_added}_global']``: int64 rows into the tile tables;
+    - ``.obs['{key_added}_spot_padded']``: the spot patch crosses the image border;
+    - ``.uns['{key_added}_features']``: ``encoder``, ``weights``, ``dim``, ``input_size``, ``mean``, ``std``,
+      ``scales_px`` / ``scales_um`` (per level, one entry per section), ``unit``, ``sections`` (processed),
+      ``device``, ``mixed_precision``, ``n_patches``, ``seconds``, table names;
+    - ``.uns['{key_added}_tiles']`` (see :func:`asign.pp.make_tiles`);
+
+    and writes the tile tables ``sdata.tables['{key_added}_regions']`` / ``['{key_added}_globals']`` (see
+    :func:`asign.pp.make_tiles`) with ``obsm['features']``.
+    """
+    import torch
+
+    from asign._device import resolve_device
+    from asign._encoders import ImageSource, PatchJob, embed_patches, get_encoder
+    from asign._stack import section_codes
+    from asign.io import validate_stack
+
+    stack = validate_stack(sdata, table_key=table_key)
+    table = sdata.tables[table_key]
+    todo = _select_sections(stack, sections)
+    if batch_size < 1:
+        msg = f"`batch_size` must be >= 1, got {batch_size}."
+        raise ValueError(msg)
+    if input_size is not None and int(input_size) < 1:
+        msg = f"`input_size` must be a positive number of pixels or None, got {input_size}."
+        raise ValueError(msg)
+    px, um, unit = resolve_scales(stack, scales, scales_um)
+    sizes = []
+    for k in stack.image_keys:
+        img = image_level0(sdata.images[k]) if k is not None else None
+        sizes.append(None if img is None else (int(img.sizes["y"]), int(img.sizes["x"])))
+    tile_px = {lev: px[lev] for lev in ("region", "global")}
+    r_index, g_index, regions, globals_ = compute_tiles(table, stack, tile_px, sizes, key_added)
+
+    enc = get_encoder(encoder, weights=weights, input_size=input_size)
+    dev = resolve_device(device)
+    codes = section_codes(table, stack)
+    xy = np.asarray(table.obsm[Key.SPATIAL], dtype=np.float64)
+    n, nr, ng = table.n_obs, regions.n_obs, globals_.n_obs
+    spot_side = np.asarray(px["spot"], dtype=np.int64)[codes]
+    sx0, sy0 = _spot_corners(xy, spot_side)
+    padded = np.zeros(n, dtype=bool)
+
+    sources: list[ImageSource] = []
+    jobs: list[PatchJob] = []
+    r_codes = np.asarray(regions.obs[Key.SECTION].cat.codes)
+    g_codes = np.asarray(globals_.obs[Key.SECTION].cat.codes)
+    for s in todo:
+        i = stack.index(s)
+        img = image_level0(sdata.images[stack.image_keys[i]])
+        src = ImageSource(img.transpose("c", "y", "x").data)
+        sources.append(src)
+        m = np.flatnonzero(codes == i)
+        S = int(px["spot"][i])
+        padded[m] = (sx0[m] < 0) | (sy0[m] < 0) | (sx0[m] + S > src.width) | (sy0[m] + S > src.height)
+        jobs.append(PatchJob(len(sources) - 1, sx0[m], sy0[m], S, m, f"{s} spot"))
+        for lev, tab, tcodes, offset in (("region", regions, r_codes, n), ("global", globals_, g_codes, n + nr)):
+            t = np.flatnonzero(tcodes == i)
+            side = int(px[lev][i])
+            x0 = tab.obs["tile_col"].to_numpy()[t] * side
+            y0 = tab.obs["tile_row"].to_numpy()[t] * side
+            jobs.append(PatchJob(len(sources) - 1, x0, y0, side, offset + t, f"{s} {lev}"))
+    n_patches = int(sum(len(j.rows) for j in jobs))
+    logger.info(
+        f"Extracting {enc.name} features ({enc.dim}-d, weights {enc.weights}) of {n_patches} patches "
+        f"({n} spots, {nr} regions, {ng} globals) in {len(todo)} section(s) on {dev}."
+    )
+    t0 = time.perf_counter()
+    feats = embed_patches(
+        enc,
+        sources,
+        jobs,
+        n + nr + ng,
+        batch_size=batch_size,
+        device=dev,
+        num_workers=num_workers,
+        mixed_precision=mixed_precision,
+        show_progress_bar=show_progress_bar,
+        desc="extract_features",
+    )
+    seconds = time.perf_counter() - t0
+    f_spot, f_region, f_global = feats[:n], feats[n : n + nr], feats[n + nr :]
+    regions.obsm["features"] = f_region
+    globals_.obsm["features"] = f_global
+    mp = bool(mixed_precision if mixed_precision is not None else dev.type == "cuda") and dev.type == "cuda"
+    tile_params = _tile_params(stack, tile_px, {k: um[k] for k in tile_px}, unit, key_added)
+    _copy_manifest(table, regions, tile_params)
+    _copy_manifest(table, globals_, tile_params)
+    params: dict[str, Any] = {
+        "encoder": enc.name,
+        "weights": enc.weights,
+        "dim": int(enc.dim),
+        "input_size": int(input_size) if input_size is not None else 0,
+        "mean": [float(v) for v in enc.mean],
+        "std": [float(v) for v in enc.std],
+        "scales_px": {k: [int(v) for v in vs] for k, vs in px.items()},
+        "scales_um": {k: [float(v) for v in vs] for k, vs in um.items()},
+        "unit": unit,
+        "sections": list(todo),
+        "levels": list(LEVELS),
+        "device": str(dev),
+        "mixed_precision": mp,
+        "torch_version": str(torch.__version__),
+        "n_patches": n_patches,
+        "seconds": float(seconds),
+        "n_spot_padded": int(padded.sum()),
+        "region_table": tile_table_key(key_added, "region"),
+        "global_table": tile_table_key(key_added, "global"),
+        "region_key": index_key(key_added, "region"),
+        "global_key": index_key(key_added, "global"),
+    }
+    logger.info(f"Embedded {n_patches} patches in {seconds:.1f} s ({n_patches / max(seconds, 1e-9):.1f} patches/s).")
+    tiles = Tiles(r_index, g_index, regions, globals_, tile_px)
+    out = ImageFeatures(f_spot, f_region[r_index], f_global[g_index], padded, tiles, params)
+    if not inplace:
+        return out
+    write_tiles(sdata, table_key, key_added, r_index, g_index, regions, globals_, tile_params)
+    for lev, arr in (("spot", out.features_spot), ("region", out.features_region), ("global", out.features_global)):
+        table.obsm[Key.features(key_added, lev)] = arr
+    table.obs[f"{key_added}_spot_padded"] = padded
+    table.uns[f"{key_added}_features"] = params
+    logger.info(
+        f"Adding `.obsm['{Key.features(key_added, 'spot')}']`, `['{Key.features(key_added, 'region')}']`, "
+        f"`['{Key.features(key_added, 'global')}']`, `.obs['{key_added}_spot_padded']` and "
+        f"`.uns['{key_added}_features']`."
+    )
+    return None
+
+
+def feature_matrix(
+    table,
+    *,
+    key: str = Key.ADDED,
+    levels: Sequence[Literal["spot", "region", "global"]] | str = ("spot",),
+) -> np.ndarray:
+    """Concatenate ``obsm['{key}_features_<level>']`` over ``levels`` (float64); raises if features are missing."""
+    if isinstance(levels, str):
+        levels = [levels]
+    mats = []
+    for lev in levels:
+        if lev not in LEVELS:
+            msg = f"Unknown feature level {lev!r}; choose from {list(LEVELS)}."
+            raise ValueError(msg)
+        k = Key.features(key, lev)
+        if k not in table.obsm:
+            msg = f"`obsm['{k}']` not found; run `asign.pp.extract_features(sdata, key_added={key!r})` first."
+            raise KeyError(msg)
+        mats.append(np.asarray(table.obsm[k], dtype=np.float64))
+    return np.concatenate(mats, axis=1)

@@ -1,0 +1,423 @@
+"""Gene selection (top genes by mean) and normalisation (ST-Net ln-proportion, log1p-CP10k); method.md §2.1-2.2.
+
+The public functions work on a stack; the array-level helpers (:func:`section_gene_means`, :func:`top_genes`,
+:func:`st_net`, :func:`log1p_cp10k`, :func:`normalize_counts`, :func:`counts_block`) are shared with
+:func:`asign.tl.impute` and :func:`asign.tl.cross_validate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from asign._constants import Key
+from asign._logging import logger
+from asign._stack import counts_matrix, section_codes
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from asign._stack import StackInfo
+
+NORMALIZATIONS = ("st-net", "log1p")
+GENE_SECTIONS = ("labelled", "all")
+CP10K = 1e4
+
+
+# --------------------------------------------------------------------------------------------- array-level helpers
+def st_net(counts: np.ndarray) -> np.ndarray:
+    """ST-Net ln-proportion ``ln((c + 1) / sum_selected(c + 1))`` per row (spot), over the given columns only."""
+    c = np.asarray(counts, dtype=np.float64) + 1.0
+    return np.log(c) - np.log(c.sum(axis=1, keepdims=True))
+
+
+def log1p_cp10k(counts: np.ndarray, total_counts: np.ndarray) -> np.ndarray:
+    """``ln(1 + 1e4 c / L)`` with ``L`` the spot's total count over all genes; spots with ``L = 0`` give 0."""
+    c = np.asarray(counts, dtype=np.float64)
+    L = np.asarray(total_counts, dtype=np.float64).reshape(-1, 1)
+    scale = np.divide(CP10K, L, out=np.zeros_like(L), where=L > 0)
+    return np.log1p(c * scale)
+
+
+def normalize_counts(counts: np.ndarray, normalization: str, total_counts: np.ndarray | None = None) -> np.ndarray:
+    """Normalise a ``(spots, selected genes)`` raw count block with ``"st-net"`` or ``"log1p"``."""
+    check_normalization(normalization)
+    if normalization == "st-net":
+        return st_net(counts)
+    if total_counts is None:
+        msg = "normalization='log1p' needs the spots' total counts over all genes (`total_counts`)."
+        raise ValueError(msg)
+    return log1p_cp10k(counts, total_counts)
+
+
+def check_normalization(normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        msg = f"Unknown normalization {normalization!r}; use one of {list(NORMALIZATIONS)}."
+        raise ValueError(msg)
+
+
+def counts_block(table: AnnData, rows: np.ndarray, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw counts of ``rows`` (integer indices) for ``genes`` as dense float64, and those rows' total counts.
+
+    Only the requested rows of the count matrix are read.
+    """
+    X = counts_matrix(table)
+    idx = gene_indices(table, genes)
+    rows = np.asarray(rows, dtype=np.int64)
+    sub = X[rows]
+    if sp.issparse(sub):
+        sub = sp.csr_matrix(sub)
+        total = np.asarray(sub.sum(axis=1), dtype=np.float64).ravel()
+        block = sub[:, idx].toarray().astype(np.float64)
+    else:
+        sub = np.asarray(sub, dtype=np.float64)
+        total = sub.sum(axis=1)
+        block = sub[:, idx]
+    return block, total
+
+
+def gene_indices(table: AnnData, genes: Sequence[str]) -> np.ndarray:
+    """Column indices of ``genes`` in ``table``; a :class:`KeyError` lists the missing ones."""
+    idx = table.var_names.get_indexer(list(genes))
+    if (idx < 0).any():
+        missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
+        msg = (
+            f"{len(missing)} gene(s) not in the table's var_names: {missing[:20]}{' ...' if len(missing) > 20 else ''}."
+        )
+        raise KeyError(msg)
+    return idx
+
+
+def section_gene_means(table: AnnData, rows: np.ndarray, stack: StackInfo | None = None) -> pd.DataFrame:
+    """Mean raw count of every gene in every section, over the given spots only.
+
+    Parameters
+    ----------
+    table
+        The spot table.
+    rows
+        Boolean ``(n_obs,)`` mask of the spots to use (e.g. the known spots); other spots are not read.
+    stack
+        The section manifest (read from ``table`` when `None`).
+
+    Returns
+    -------
+    A DataFrame ``(sections with at least one selected spot) x genes``.
+    """
+    codes = section_codes(table, stack)
+    rows = np.asarray(rows, dtype=bool)
+    sel = np.flatnonzero(rows)
+    X = counts_matrix(table)[sel]
+    codes_sel = codes[sel]
+    present = np.unique(codes_sel)
+    secs = stack.sections if stack is not None else list(table.obs[Key.SECTION].cat.categories)
+    # indicator (sections x selected spots) divided by section size -> per-section means in one product
+    pos = np.searchsorted(present, codes_sel)
+    n = np.bincount(pos, minlength=len(present)).astype(np.float64)
+    ind = sp.csr_matrix((1.0 / n[pos], (pos, np.arange(len(sel)))), shape=(len(present), len(sel)))
+    means = ind @ (X if sp.issparse(X) else np.asarray(X, dtype=np.float64))
+    means = means.toarray() if sp.issparse(means) else np.asarray(means)
+    return pd.DataFrame(means, index=[secs[i] for i in present], columns=table.var_names.astype(str))
+
+
+def top_genes(section_means: Sequence[pd.DataFrame] | pd.DataFrame, n_genes: int) -> tuple[list[str], pd.Series]:
+    """The ``n_genes`` genes with the largest mean of per-section means (each section weighs equally).
+
+    Only genes present in every frame are ranked (samples may measure different genes). Ties are broken by gene name.
+
+    Returns
+    -------
+    The selected genes (largest first) and the score (average of per-section means) of every ranked gene.
+    """
+    frames = [section_means] if isinstance(section_means, pd.DataFrame) else list(section_means)
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        msg = "No labelled section to select genes from."
+        raise ValueError(msg)
+    common = frames[0].columns
+    for f in frames[1:]:
+        common = common.intersection(f.columns, sort=False)
+    if len(common) == 0:
+        msg = "The samples share no gene; gene selection needs common genes."
+        raise ValueError(msg)
+    stacked = np.vstack([f[common].to_numpy(dtype=np.float64) for f in frames])
+    score = stacked.mean(axis=0)
+    names = np.asarray(common.astype(str))
+    order = np.lexsort((names, -score))
+    if n_genes < 1:
+        msg = f"n_genes must be >= 1, got {n_genes}."
+        raise ValueError(msg)
+    if n_genes > len(names):
+        logger.warning(f"n_genes={n_genes} but only {len(names)} genes are available; using all of them.")
+    chosen = [str(g) for g in names[order[:n_genes]]]
+    return chosen, pd.Series(score, index=names, name="mean_counts")
+
+
+# ---------------------------------------------------------------------------------------------- spot selections
+def known_mask(table: AnnData, stack: StackInfo, known: Any) -> np.ndarray:
+    """Resolve ``known`` (a section name, section names, or a boolean mask over the table rows) to a row mask."""
+    n = table.n_obs
+    if isinstance(known, pd.Series) and known.dtype == bool:
+        if not known.index.equals(table.obs_names):
+            if not known.index.isin(table.obs_names).all() or len(known) != n:
+                msg = "`known` is a boolean Series whose index is not the table's obs_names."
+                raise ValueError(msg)
+            known = known.reindex(table.obs_names)
+        return known.to_numpy(dtype=bool)
+    if isinstance(known, str):
+        known = [known]
+    arr = np.asarray(known)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            msg = f"A boolean `known` mask must have one entry per spot ({n}), got shape {arr.shape}."
+            raise ValueError(msg)
+        return arr.copy()
+    names = [str(k) for k in np.atleast_1d(arr)]
+    if not names:
+        msg = f"`known` names no section; pass section names from {stack.sections} or a boolean mask."
+        raise ValueError(msg)
+    bad = [s for s in names if s not in stack.sections]
+    if bad:
+        msg = f"`known` names unknown section(s) {bad}; the stack has sections {stack.sections}."
+        raise ValueError(msg)
+    codes = section_codes(table, stack)
+    return np.isin(codes, [stack.sections.index(s) for s in names])
+
+
+def check_known(table: AnnData, stack: StackInfo, mask: np.ndarray) -> None:
+    """Errors for a ``known`` mask that selects no spot, every spot, or unmeasured spots."""
+    if not mask.any():
+        msg = "`known` selects no spot; name at least one measured section (or pass a mask with True entries)."
+        raise ValueError(msg)
+    if mask.all():
+        msg = "`known` selects every spot, so there is nothing to impute; leave at least one section unknown."
+        raise ValueError(msg)
+    measured = table.obs[Key.MEASURED].to_numpy(dtype=bool)
+    bad = mask & ~measured
+    if bad.any():
+        secs = sorted(set(table.obs[Key.SECTION].astype(str).to_numpy()[bad]))
+        msg = f"`known` includes {int(bad.sum())} spot(s) without measured counts (sections {secs}); known spots must be measured."
+        raise ValueError(msg)
+    _ = stack
+
+
+def _as_sample_list(train: Mapping[str, SpatialData] | Sequence[SpatialData] | None) -> list[tuple[str, SpatialData]]:
+    if train is None:
+        return []
+    if isinstance(train, Mapping):
+        return [(str(k), v) for k, v in train.items()]
+    from spatialdata import SpatialData
+
+    if isinstance(train, SpatialData):
+        return [("train_0", train)]
+    return [(_sample_name(s, f"train_{i}"), s) for i, s in enumerate(train)]
+
+
+def _sample_name(sdata: SpatialData, default: str, table_key: str = Key.TABLE) -> str:
+    try:
+        ds = sdata.tables[table_key].uns[Key.UNS].get("dataset", {})
+        return str(ds.get("patient", default)) if isinstance(ds, Mapping) else default
+    except (KeyError, AttributeError):
+        return default
+
+
+def selection_rows(table: AnnData, stack: StackInfo, known: np.ndarray | None, gene_sections: Any) -> np.ndarray:
+    """Rows whose raw counts rank the genes.
+
+    ``"labelled"`` = the known spots (all measured spots when ``known`` is `None`), ``"all"`` = every measured
+    spot (the paper's dataset-wide list), or a list of section names (their measured spots).
+    """
+    measured = table.obs[Key.MEASURED].to_numpy(dtype=bool)
+    if isinstance(gene_sections, str):
+        if gene_sections == "labelled":
+            return measured.copy() if known is None else (np.asarray(known, dtype=bool) & measured)
+        if gene_sections == "all":
+            return measured.copy()
+        gene_sections = [gene_sections]
+        if gene_sections[0] not in stack.sections:
+            msg = f"Unknown gene_sections {gene_sections[0]!r}; use 'labelled', 'all' or section names from {stack.sections}."
+            raise ValueError(msg)
+    names = [str(s) for s in gene_sections]
+    bad = [s for s in names if s not in stack.sections]
+    if bad:
+        msg = f"gene_sections names unknown section(s) {bad}; the stack has sections {stack.sections}."
+        raise ValueError(msg)
+    codes = section_codes(table, stack)
+    return np.isin(codes, [stack.sections.index(s) for s in names]) & measured
+
+
+def choose_genes(
+    table: AnnData,
+    stack: StackInfo,
+    *,
+    known: np.ndarray | None,
+    n_genes: int,
+    gene_sections: Any = "labelled",
+    train_tables: Sequence[tuple[AnnData, StackInfo]] = (),
+) -> tuple[list[str], pd.Series, list[str]]:
+    """Top ``n_genes`` by mean over this stack's selection sections and every measured training section.
+
+    Returns the genes, their scores and the names of the sections used (``"train<i>:<section>"`` for training
+    sections).
+    """
+    rows = selection_rows(table, stack, known, gene_sections)
+    if not rows.any():
+        msg = f"gene_sections={gene_sections!r} selects no measured spot to rank genes on."
+        raise ValueError(msg)
+    frames = [section_gene_means(table, rows, stack)]
+    used = list(frames[0].index)
+    for i, (t, s) in enumerate(train_tables):
+        f = section_gene_means(t, t.obs[Key.MEASURED].to_numpy(dtype=bool), s)
+        frames.append(f)
+        used += [f"train{i}:{sec}" for sec in f.index]
+    genes, score = top_genes(frames, n_genes)
+    return genes, score, used
+
+
+# ------------------------------------------------------------------------------------------------ public functions
+def select_genes(
+    sdata: SpatialData,
+    *,
+    known: Any = None,
+    n_genes: int = 250,
+    sections: str | Sequence[str] = "labelled",
+    train: Mapping[str, SpatialData] | Sequence[SpatialData] | None = None,
+    table_key: str = Key.TABLE,
+    key_added: str = "asign_selected",
+    inplace: bool = True,
+) -> list[str] | None:
+    """Select the modelled genes: the ``n_genes`` with the largest mean raw count (method.md §2.1).
+
+    In each selection section, every gene's mean raw count is taken over the section's selected spots; these
+    per-section means are averaged with equal section weights; the largest averages win and ties go by gene name.
+    Only genes present in every stack (this one and ``train``) are ranked.
+
+    Parameters
+    ----------
+    sdata
+        A :class:`spatialdata.SpatialData` section stack.
+    known
+        The labelled spots: section name(s) or a boolean mask over the table rows. With
+        ``sections="labelled"`` only these spots are read. `None` means every measured spot.
+    n_genes
+        Number of genes to keep.
+    sections
+        ``"labelled"`` (default; the known spots of this stack plus every measured spot of ``train``: no test
+        labels are used), ``"all"`` (every measured spot, the paper's dataset-wide list, which reads unknown
+        sections) or a list of section names.
+    train
+        Labelled training stacks (other samples) whose measured sections also rank the genes.
+    table_key
+        Key of the table in :attr:`spatialdata.SpatialData.tables` that annotates the spots of all sections.
+    key_added
+        Prefix of the keys written.
+    inplace
+        If `True`, write into the table and return `None`; otherwise return the gene list.
+
+    Returns
+    -------
+    If ``inplace = False``, the selected genes, largest mean first. Otherwise modifies ``sdata.tables[table_key]``
+    with ``.var['{key_added}']`` (bool), ``.var['{key_added}_score']`` (average per-section mean count; NaN for
+    genes absent from a training stack) and ``.uns['{key_added}']`` (``genes`` in rank order, ``n_genes``,
+    ``gene_sections``, ``sections`` used).
+    """
+    from asign.io._validate import validate_stack
+
+    stack = validate_stack(sdata, table_key=table_key)
+    table = sdata.tables[table_key]
+    mask = None
+    if known is not None:
+        mask = known_mask(table, stack, known)
+        if not mask.any():
+            msg = "`known` selects no spot."
+            raise ValueError(msg)
+    train_tables = []
+    for name, s in _as_sample_list(train):
+        train_tables.append((s.tables[table_key], validate_stack(s, table_key=table_key)))
+        _ = name
+    genes, score, used = choose_genes(
+        table, stack, known=mask, n_genes=n_genes, gene_sections=sections, train_tables=train_tables
+    )
+    if not inplace:
+        return genes
+    table.var[key_added] = table.var_names.isin(genes)
+    table.var[f"{key_added}_score"] = score.reindex(table.var_names.astype(str)).to_numpy()
+    table.uns[key_added] = {
+        "genes": list(genes),
+        "n_genes": int(len(genes)),
+        "gene_sections": sections if isinstance(sections, str) else [str(s) for s in sections],
+        "sections": used,
+    }
+    logger.info(
+        f"Adding `.var['{key_added}']`, `.var['{key_added}_score']` and `.uns['{key_added}']` ({len(genes)} genes)."
+    )
+    return None
+
+
+def normalize(
+    sdata: SpatialData,
+    *,
+    genes: Sequence[str] | None = None,
+    normalization: str = "st-net",
+    table_key: str = Key.TABLE,
+    key_added: str = "asign_normalized",
+    inplace: bool = True,
+) -> pd.DataFrame | None:
+    """Normalise the measured spots' raw counts of the modelled genes (method.md §2.2); raw counts are not altered.
+
+    Parameters
+    ----------
+    sdata
+        A :class:`spatialdata.SpatialData` section stack.
+    genes
+        Modelled genes; `None` takes ``uns['asign_selected']['genes']`` written by :func:`asign.pp.select_genes`.
+    normalization
+        ``"st-net"``: ``ln((c + 1) / sum_selected(c + 1))`` per spot, the sum over the modelled genes only (the
+        paper's scale); ``"log1p"``: ``ln(1 + 1e4 c / L)`` with ``L`` the spot's total count over all genes.
+    table_key
+        Key of the table in :attr:`spatialdata.SpatialData.tables` that annotates the spots of all sections.
+    key_added
+        Key of the ``obsm`` entry written.
+    inplace
+        If `True`, write into the table and return `None`; otherwise return the values.
+
+    Returns
+    -------
+    If ``inplace = False``, a DataFrame ``(spots, genes)`` of normalised values, NaN for unmeasured spots.
+    Otherwise modifies ``sdata.tables[table_key]`` with ``.obsm['{key_added}']`` (that DataFrame),
+    ``.obs['total_counts']`` (total raw count over all genes; NaN for unmeasured spots) and
+    ``.uns['{key_added}']`` (``normalization``, ``genes``).
+    """
+    from asign.io._validate import validate_stack
+
+    check_normalization(normalization)
+    validate_stack(sdata, table_key=table_key)
+    table = sdata.tables[table_key]
+    if genes is None:
+        sel = table.uns.get("asign_selected")
+        if not isinstance(sel, Mapping) or "genes" not in sel:
+            msg = "Pass `genes=` or run `asign.pp.select_genes` first (uns['asign_selected'] not found)."
+            raise ValueError(msg)
+        genes = [str(g) for g in sel["genes"]]
+    genes = [str(g) for g in genes]
+    gene_indices(table, genes)
+    measured = table.obs[Key.MEASURED].to_numpy(dtype=bool)
+    rows = np.flatnonzero(measured)
+    block, total = counts_block(table, rows, genes)
+    values = np.full((table.n_obs, len(genes)), np.nan)
+    values[rows] = normalize_counts(block, normalization, total)
+    df = pd.DataFrame(values, index=table.obs_names, columns=genes)
+    if not inplace:
+        return df
+    tc = np.full(table.n_obs, np.nan)
+    tc[rows] = total
+    table.obs[Key.TOTAL_COUNTS] = tc
+    table.obsm[key_added] = df
+    table.uns[key_added] = {"normalization": normalization, "genes": genes}
+    logger.info(f"Adding `.obsm['{key_added}']`, `.obs['{Key.TOTAL_COUNTS}']` and `.uns['{key_added}']`.")
+    return None

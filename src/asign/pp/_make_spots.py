@@ -1,0 +1,452 @@
+"""Virtual spot grids on sections that have an H&E image but no measured spots."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from asign._constants import Key
+from asign._logging import logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+# a pixel is tissue when its optical density exceeds the background's by this many robust standard deviations
+# (capped by Otsu's threshold): pale tissue (fat, loose stroma) counts as tissue, glass does not
+_BG_SIGMAS = 8.0
+_MAX_MASK_SIDE = 2048
+
+
+def _levels(image) -> list[Any]:
+    from xarray import DataTree
+
+    if isinstance(image, DataTree):
+        names = sorted(image.children, key=lambda n: int(n.removeprefix("scale")))
+        return [next(iter(image[n].values())) for n in names]
+    return [image]
+
+
+def tissue_mask(
+    image,
+    *,
+    pixel_um: float,
+    tissue_threshold: float | None = None,
+    min_resolution_um: float | None = None,
+) -> tuple[np.ndarray, float]:
+    """Tissue mask of an H&E image element, computed on a downsampled pyramid level.
+
+    Parameters
+    ----------
+    image
+        Image element (``(c, y, x)`` RGB, multiscale or not).
+    pixel_um
+        Microns per level-0 pixel.
+    tissue_threshold
+        Greyscale intensity in ``[0, 1]``: pixels darker than it are tissue. Default: automatic, from the optical
+        density (Otsu's threshold, lowered to 8 robust standard deviations above the background when the background
+        is cleaner, so pale tissue counts).
+    min_resolution_um
+        The mask's pixels must be at most this size in µm (picks the coarsest pyramid level that satisfies it).
+
+    Returns
+    -------
+    The boolean mask and the factor from mask pixels to level-0 pixels.
+    """
+    from scipy import ndimage as ndi
+    from skimage import morphology
+    from skimage.filters import threshold_otsu
+
+    levels = _levels(image)
+    h0 = levels[0].sizes["y"]
+    chosen = levels[0]
+    for lev in levels:
+        f = h0 / lev.sizes["y"]
+        fine_enough = min_resolution_um is None or f * pixel_um <= min_resolution_um
+        if fine_enough and max(lev.sizes["y"], lev.sizes["x"]) >= 256:
+            chosen = lev
+        if max(lev.sizes["y"], lev.sizes["x"]) <= _MAX_MASK_SIDE and fine_enough:
+            chosen = lev
+            break
+    factor = h0 / chosen.sizes["y"]
+    rgb = np.asarray(chosen.transpose("y", "x", "c").values, dtype=float)[..., :3]
+    if tissue_threshold is not None:
+        grey = rgb @ np.array([0.2125, 0.7154, 0.0721]) / 255.0
+        mask = grey < float(tissue_threshold)
+    else:
+        od = (-np.log((rgb + 1.0) / 256.0)).mean(axis=-1)
+        otsu = threshold_otsu(od)
+        bg = od[od < otsu]
+        med = float(np.median(bg))
+        sigma = 1.4826 * float(np.median(np.abs(bg - med)))
+        thr = min(otsu, med + _BG_SIGMAS * max(sigma, 1e-3))
+        mask = od > thr
+    # clean: close small gaps, drop debris, fill small holes (all scaled to ~100 µm)
+    px_um = factor * pixel_um
+    r = max(1, round(25.0 / px_um))
+    mask = ndi.binary_closing(mask, structure=morphology.disk(r), border_value=0)
+    area = max(4, round((100.0 / px_um) ** 2))
+    mask = _remove_small(morphology.remove_small_objects, mask, area, "min_size")
+    mask = _remove_small(morphology.remove_small_holes, mask, 4 * area, "area_threshold")
+    return mask, float(factor)
+
+
+def _remove_small(func, mask: np.ndarray, size: int, old_name: str) -> np.ndarray:
+    # scikit-image 0.26 renamed min_size / area_threshold to max_size
+    try:
+        return func(mask, max_size=size)
+    except TypeError:  # pragma: no cover - scikit-image < 0.26
+        return func(mask, **{old_name: size})
+
+
+def _grid(mask: np.ndarray, factor: float, pitch_px: float, grid: str, shape0: tuple[int, int]) -> np.ndarray:
+    """Grid points (x, y) in level-0 px, centred on the tissue's bounding box, whose centre is tissue."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return np.zeros((0, 2)), np.zeros((0, 2), dtype=int)
+    x0, x1 = xs.min() * factor, (xs.max() + 1) * factor
+    y0, y1 = ys.min() * factor, (ys.max() + 1) * factor
+    dy = pitch_px * (np.sqrt(3.0) / 2.0 if grid == "hex" else 1.0)
+    nx = int(np.floor((x1 - x0) / pitch_px)) + 1
+    ny = int(np.floor((y1 - y0) / dy)) + 1
+    ox = x0 + ((x1 - x0) - (nx - 1) * pitch_px) / 2.0
+    oy = y0 + ((y1 - y0) - (ny - 1) * dy) / 2.0
+    rows, cols = np.mgrid[0:ny, 0:nx]
+    x = ox + cols * pitch_px + (0.5 * pitch_px * (rows % 2) if grid == "hex" else 0.0)
+    y = oy + rows * dy
+    pts = np.column_stack([x.ravel(), y.ravel()])
+    rc = np.column_stack([rows.ravel(), cols.ravel()])
+    h0, w0 = shape0
+    inside = (pts[:, 0] >= 0) & (pts[:, 0] < w0) & (pts[:, 1] >= 0) & (pts[:, 1] < h0)
+    pts, rc = pts[inside], rc[inside]
+    mi = np.clip((pts[:, 1] / factor).astype(int), 0, mask.shape[0] - 1)
+    mj = np.clip((pts[:, 0] / factor).astype(int), 0, mask.shape[1] - 1)
+    keep = mask[mi, mj]
+    return pts[keep], rc[keep]
+
+
+def _fill_obs(obs: pd.DataFrame, index: pd.Index) -> tuple[pd.DataFrame, list[str]]:
+    """Empty rows with the dtypes of ``obs``: NaN / missing category / False / -1 / ""; returns the reset columns."""
+    out, reset = {}, []
+    for c in obs.columns:
+        dt = obs[c].dtype
+        n = len(index)
+        if isinstance(dt, pd.CategoricalDtype):
+            out[c] = pd.Categorical([None] * n, categories=dt.categories, ordered=dt.ordered)
+        elif pd.api.types.is_bool_dtype(dt):
+            out[c] = np.zeros(n, dtype=bool)
+        elif pd.api.types.is_integer_dtype(dt):
+            out[c] = np.full(n, -1, dtype=dt)
+            reset.append(c)
+        elif pd.api.types.is_float_dtype(dt):
+            out[c] = np.full(n, np.nan, dtype=dt)
+        else:
+            out[c] = np.array([""] * n, dtype=object)
+    return pd.DataFrame(out, index=index), reset
+
+
+def _with_native_cs(image, cs: str):
+    """The image element, with an added Identity to ``cs`` when it has none (a new object; data shared)."""
+    from spatialdata.transformations import Identity, get_transformation, set_transformation
+
+    from asign.io._build import _retarget_image
+
+    existing = dict(get_transformation(image, get_all=True) or {})
+    if cs in existing:
+        return image
+    new = _retarget_image(image, cs)
+    set_transformation(new, {**existing, cs: Identity()}, set_all=True)
+    return new
+
+
+def _rebuild_table(
+    old: AnnData,
+    *,
+    section: str,
+    sections: list[str],
+    xy: np.ndarray,
+    grid_rc: np.ndarray,
+) -> AnnData:
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    n_new = len(xy)
+    sec_str = old.obs[Key.SECTION].astype(str).to_numpy()
+    ids = [f"v{i}" for i in range(n_new)]
+    new_index = pd.Index([f"{section}_{i}" for i in ids])
+    new_obs, reset = _fill_obs(old.obs, new_index)
+    new_obs[Key.MEASURED] = False
+    new_obs[Key.INSTANCE] = np.arange(n_new, dtype=np.int64)
+    new_obs[Key.BARCODE] = ids
+    for col, j in (("array_row", 0), ("array_col", 1)):
+        if col in new_obs.columns:
+            new_obs[col] = grid_rc[:, j].astype(new_obs[col].dtype)
+    reset = [c for c in reset if c not in (Key.INSTANCE, "array_row", "array_col")]
+    if reset:
+        logger.warning(f"Virtual spots of section {section!r} get -1 in integer obs columns {reset}; recompute them.")
+    blocks = []  # (obs, X, obsm, layers) per section in order
+    for s in sections:
+        if s == section:
+            blocks.append(("new", None))
+        else:
+            rows = np.where(sec_str == s)[0]
+            blocks.append(("old", rows))
+    obs_parts, X_parts = [], []
+    obsm_parts: dict[str, list[np.ndarray]] = {k: [] for k in old.obsm}
+    layer_parts: dict[str, list[Any]] = {k: [] for k in old.layers}
+    dropped = []
+    for k in list(obsm_parts):
+        v = old.obsm[k]
+        if not isinstance(v, np.ndarray) or v.ndim != 2:
+            dropped.append(f"obsm[{k!r}]")
+            del obsm_parts[k]
+    for kind, rows in blocks:
+        if kind == "old":
+            obs_parts.append(old.obs.iloc[rows])
+            X_parts.append(sp.csr_matrix(old.X[rows], dtype=np.float32))
+            for k in obsm_parts:
+                obsm_parts[k].append(np.asarray(old.obsm[k][rows], dtype=float))
+            for k in layer_parts:
+                lay = old.layers[k][rows]
+                layer_parts[k].append(sp.csr_matrix(lay) if sp.issparse(lay) else np.asarray(lay, dtype=float))
+        else:
+            obs_parts.append(new_obs)
+            X_parts.append(sp.csr_matrix((n_new, old.n_vars), dtype=np.float32))
+            for k in obsm_parts:
+                fill = xy if k == Key.SPATIAL else np.full((n_new, old.obsm[k].shape[1]), np.nan)
+                obsm_parts[k].append(np.asarray(fill, dtype=float))
+            for k in layer_parts:
+                if sp.issparse(old.layers[k]):
+                    layer_parts[k].append(sp.csr_matrix((n_new, old.n_vars), dtype=old.layers[k].dtype))
+                elif k == Key.COUNTS:
+                    layer_parts[k].append(np.zeros((n_new, old.n_vars)))
+                else:
+                    layer_parts[k].append(np.full((n_new, old.n_vars), np.nan))
+    if Key.SPATIAL not in obsm_parts:
+        msg = f"obsm['{Key.SPATIAL}'] is missing from the table."
+        raise KeyError(msg)
+    obs = pd.concat(obs_parts)
+    obs[Key.SECTION] = pd.Categorical(obs[Key.SECTION].astype(str), categories=sections, ordered=True)
+    obs.loc[new_index, Key.SECTION] = section
+    shapes_keys = [Key.shapes(s) for s in sections]
+    obs[Key.REGION] = pd.Categorical([Key.shapes(s) for s in obs[Key.SECTION].astype(str)], categories=shapes_keys)
+    obs[Key.MEASURED] = obs[Key.MEASURED].astype(bool)
+    obs[Key.INSTANCE] = obs[Key.INSTANCE].astype(np.int64)
+    if len(old.obsp):
+        dropped += [f"obsp[{k!r}]" for k in old.obsp]
+    if dropped:
+        logger.warning(f"Dropped {dropped}: they do not cover the new spots; recompute them.")
+    X = sp.vstack(X_parts, format="csr", dtype=np.float32)
+    layers = {k: (sp.vstack(v, format="csr") if sp.issparse(v[0]) else np.vstack(v)) for k, v in layer_parts.items()}
+    uns = copy.deepcopy(dict(old.uns))
+    uns.pop("spatialdata_attrs", None)
+    adata = ad.AnnData(
+        X=X,
+        obs=obs,
+        var=old.var.copy(),
+        uns=uns,
+        obsm={k: np.vstack(v) for k, v in obsm_parts.items()},
+        layers=layers,
+        varm={k: np.asarray(v).copy() for k, v in old.varm.items()},
+    )
+    return TableModel.parse(adata, region=shapes_keys, region_key=Key.REGION, instance_key=Key.INSTANCE)
+
+
+def make_spots(
+    sdata: SpatialData,
+    *,
+    section: str,
+    spacing_um: float | None = None,
+    diameter_um: float | None = None,
+    grid: Literal["square", "hex"] = "square",
+    tissue_threshold: float | None = None,
+    image_key: str | None = None,
+    um_per_px: float | None = None,
+    z_um: float | None = None,
+    table_key: str = Key.TABLE,
+    inplace: bool = True,
+) -> SpatialData | None:
+    """Lay a virtual spot grid over the tissue of a section that has an H&E image but no measured spots.
+
+    The tissue mask comes from a downsampled pyramid level of the section's image (optical density, Otsu's threshold
+    lowered towards the background so pale tissue counts; closing, debris removal and small holes filled, see
+    :func:`asign.pp._make_spots.tissue_mask`). A square or hexagonal grid, centred on the tissue, keeps the points
+    whose centre lies on tissue. This is how a user asks for expression on an unmeasured section; asign never adds
+    spots unasked.
+
+    Parameters
+    ----------
+    sdata
+        A :class:`spatialdata.SpatialData` section stack (see the data contract page).
+    section
+        The section. Either listed in the manifest with an image and without measured spots (its unmeasured spots,
+        if any, are replaced), or a new section: then ``image_key``, ``um_per_px`` and ``z_um`` describe it and it
+        is inserted into the stack at its z.
+    spacing_um
+        Grid pitch (centre-to-centre) in µm; default twice the spot diameter (ST: 200 µm for 100 µm spots).
+    diameter_um
+        Spot diameter in µm; default the manifest's ``spot_diameter_um``.
+    grid
+        ``"square"`` (ST) or ``"hex"`` (Visium: rows ``pitch * sqrt(3) / 2`` apart, every other row shifted by half
+        a pitch).
+    tissue_threshold
+        Greyscale intensity in ``[0, 1]`` below which a pixel is tissue; default automatic.
+    image_key
+        For a new section: its image element in ``sdata.images`` (default ``he_<section>``). The image gets an
+        ``Identity`` transformation to the coordinate system ``section`` (its native frame) if it has none.
+    um_per_px
+        For a new section: microns per image pixel (required).
+    z_um
+        For a new section: its z position in µm (required; sets its place in the cutting order).
+    table_key
+        Key of the table in :attr:`spatialdata.SpatialData.tables` that annotates the spots of all sections.
+    inplace
+        If `True`, modify ``sdata`` in memory and return `None`; otherwise leave it untouched and return a new
+        :class:`~spatialdata.SpatialData` that shares the unchanged elements.
+
+    Returns
+    -------
+    If ``inplace = False``, a new SpatialData; otherwise `None` and ``sdata`` gets the circles
+    ``shapes['spots_<section>']`` (radius ``diameter_um / 2`` in the section's pixels, Identity to the section's
+    coordinate system) and a rebuilt ``tables[table_key]`` whose new rows (``obs_names`` ``'<section>_v<i>'``) have
+    ``obs['measured'] = False``, zero counts, ``obsm['spatial']`` and, when present, ``obs['array_row']`` /
+    ``obs['array_col']`` (grid indices); other per-spot values of the new rows are NaN (``obsm``, float columns and
+    layers other than ``counts``), missing categories, False, ``""`` or -1, and ``obsp`` graphs are dropped (rerun the
+    steps that wrote them). A new section is added to the manifest ``uns['asign']['stack']``.
+    """
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    from asign._stack import StackInfo
+    from asign.io._validate import StackValidationError, validate_stack
+
+    if grid not in ("square", "hex"):
+        msg = f"grid must be 'square' or 'hex', got {grid!r}."
+        raise ValueError(msg)
+    stack = validate_stack(sdata, table_key=table_key, allow_empty=[section])
+    table = sdata.tables[table_key]
+    sec_str = table.obs[Key.SECTION].astype(str).to_numpy()
+    images = dict(sdata.images)
+    if section in stack.sections:
+        i = stack.index(section)
+        if (sec_str == section).any() and table.obs[Key.MEASURED].to_numpy()[sec_str == section].any():
+            msg = (
+                f"Section {section!r} has measured spots; make_spots never replaces them. Use it on a section "
+                "without measured spots, or add a new section with `image_key`, `um_per_px` and `z_um`."
+            )
+            raise ValueError(msg)
+        ikey = stack.image_keys[i]
+        if ikey is None:
+            msg = f"Section {section!r} has no image; make_spots needs one to find the tissue."
+            raise ValueError(msg)
+        if image_key is not None and image_key != ikey:
+            msg = f"Section {section!r} is in the manifest with image {ikey!r}; do not pass a different `image_key`."
+            raise ValueError(msg)
+        px = float(stack.um_per_px[i])
+        cs = stack.coordinate_systems[i]
+        new_stack = stack
+    else:
+        ikey = image_key or Key.image(section)
+        if ikey not in sdata.images:
+            msg = (
+                f"New section {section!r}: image {ikey!r} not found in sdata.images ({list(sdata.images)}); "
+                "add the image element first or pass `image_key=`."
+            )
+            raise KeyError(msg)
+        if um_per_px is None or z_um is None:
+            msg = f"New section {section!r}: pass `um_per_px` (pixel size) and `z_um` (z position in µm)."
+            raise ValueError(msg)
+        if not (np.isfinite(um_per_px) and um_per_px > 0):
+            msg = f"New section {section!r}: `um_per_px` must be positive, got {um_per_px}."
+            raise ValueError(msg)
+        if np.any(np.isclose(stack.z_um, float(z_um))):
+            msg = f"New section {section!r}: z_um={z_um} is already taken by another section."
+            raise ValueError(msg)
+        if ikey in [k for k in stack.image_keys if k]:
+            msg = f"New section {section!r}: image {ikey!r} already belongs to another section."
+            raise ValueError(msg)
+        from spatialdata import sanitize_name
+
+        if sanitize_name(section) != section:
+            msg = f"Section name {section!r} is not a valid element name; use e.g. {sanitize_name(section)!r}."
+            raise ValueError(msg)
+        px = float(um_per_px)
+        cs = section
+        pos = int(np.searchsorted(stack.z_um, float(z_um)))
+        new_stack = StackInfo(
+            sections=[*stack.sections[:pos], section, *stack.sections[pos:]],
+            shapes_keys=[*stack.shapes_keys[:pos], Key.shapes(section), *stack.shapes_keys[pos:]],
+            image_keys=[*stack.image_keys[:pos], ikey, *stack.image_keys[pos:]],
+            coordinate_systems=[*stack.coordinate_systems[:pos], cs, *stack.coordinate_systems[pos:]],
+            z_um=np.insert(stack.z_um, pos, float(z_um)),
+            um_per_px=np.insert(stack.um_per_px, pos, px),
+            spot_diameter_um=stack.spot_diameter_um,
+        )
+        images[ikey] = _with_native_cs(sdata.images[ikey], cs)
+
+    diameter = float(diameter_um) if diameter_um is not None else stack.spot_diameter_um
+    spacing = float(spacing_um) if spacing_um is not None else 2.0 * diameter
+    if not (diameter > 0 and spacing > 0):
+        msg = f"spacing_um and diameter_um must be positive (got {spacing}, {diameter})."
+        raise ValueError(msg)
+    image = images[ikey]
+    level0 = _levels(image)[0]
+    mask, factor = tissue_mask(image, pixel_um=px, tissue_threshold=tissue_threshold, min_resolution_um=spacing / 4.0)
+    xy, rc = _grid(mask, factor, spacing / px, grid, (int(level0.sizes["y"]), int(level0.sizes["x"])))
+    if len(xy) == 0:
+        msg = (
+            f"Section {section!r}: no tissue found in image {ikey!r} (or the pitch {spacing} µm is larger than the "
+            "tissue); check the image or pass `tissue_threshold=`."
+        )
+        raise ValueError(msg)
+
+    shapes = ShapesModel.parse(
+        xy,
+        geometry=0,
+        radius=np.full(len(xy), 0.5 * diameter / px),
+        index=pd.RangeIndex(len(xy)),
+        transformations={cs: Identity()},
+    )
+    new_table = _rebuild_table(table, section=section, sections=new_stack.sections, xy=xy, grid_rc=rc)
+    new_table.uns.setdefault(Key.UNS, {})
+    new_table.uns[Key.UNS][Key.STACK] = new_stack.to_uns()
+    new_table.uns[Key.UNS].setdefault("make_spots", {})[section] = {
+        "spacing_um": spacing,
+        "diameter_um": diameter,
+        "grid": grid,
+        "n_spots": len(xy),
+        "tissue_threshold": -1.0 if tissue_threshold is None else float(tissue_threshold),
+    }
+    skey = Key.shapes(section)
+    others = [k for k in sdata.tables if k != table_key]
+    if others:
+        logger.warning(f"Tables {others} do not cover the new spots of section {section!r}; recompute them.")
+    logger.info(
+        f"Adding {len(xy)} virtual spots ({grid} grid, pitch {spacing:g} µm) to section {section!r}: "
+        f"`shapes['{skey}']` and rows of `tables['{table_key}']` with obs['measured'] = False."
+    )
+    if inplace:
+        target = sdata
+        if ikey in sdata.images and images[ikey] is not sdata.images[ikey]:
+            sdata.images[ikey] = images[ikey]
+    else:
+        target = SpatialData(
+            images=images,
+            labels=dict(sdata.labels),
+            points=dict(sdata.points),
+            shapes=dict(sdata.shapes),
+            tables={k: v for k, v in sdata.tables.items() if k != table_key},
+        )
+    target.shapes[skey] = shapes
+    target.tables[table_key] = new_table
+    try:
+        validate_stack(target, table_key=table_key)
+    except StackValidationError:  # pragma: no cover - a bug in make_spots, not a user error
+        logger.error("make_spots produced an invalid stack; please report this.")
+        raise
+    return None if inplace else target

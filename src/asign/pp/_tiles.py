@@ -1,0 +1,333 @@
+"""Region and global tiles: explicit integer index maps spot -> region -> global (method.md §2.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from asign._constants import Key
+from asign._logging import logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from asign._stack import StackInfo
+
+LEVELS = ("spot", "region", "global")
+DEFAULT_SCALES_PX = {"spot": 224, "region": 512, "global": 1024}
+TILE_LEVELS = ("region", "global")
+
+
+class Tiles(NamedTuple):
+    """Result of :func:`make_tiles` with ``inplace=False``."""
+
+    region_index: np.ndarray
+    """``(n_spots,)`` int64 row of each spot's region tile in ``regions``."""
+    global_index: np.ndarray
+    """``(n_spots,)`` int64 row of each spot's global tile in ``globals_``."""
+    regions: AnnData
+    """Region tile table."""
+    globals_: AnnData
+    """Global tile table."""
+    scales_px: dict[str, list[int]]
+    """Tile (and spot patch) side in native pixels per level, one entry per section of the manifest."""
+
+
+def tile_table_key(key_added: str, level: str) -> str:
+    """Name of the tile table of ``level`` (``"asign_regions"``, ``"asign_globals"``)."""
+    return f"{key_added}_{level}s"
+
+
+def index_key(key_added: str, level: str) -> str:
+    """Column of the spot table with the spot's tile row (``"asign_region"``, ``"asign_global"``)."""
+    return f"{key_added}_{level}"
+
+
+def resolve_scales(
+    stack: StackInfo,
+    scales: Mapping[str, float] | None,
+    scales_um: Mapping[str, float] | None,
+    *,
+    levels: tuple[str, ...] = LEVELS,
+) -> tuple[dict[str, list[int]], dict[str, list[float]], str]:
+    """Patch/tile sides per level and section in native pixels (and µm).
+
+    ``scales`` (pixels) and ``scales_um`` (µm, converted with each section's ``um_per_px``) are exclusive; missing
+    levels take the defaults (224 / 512 / 1024 px). The global side must be an integer multiple of the region side
+    in every section, so that the global grid nests the region grid.
+    """
+    if scales is not None and scales_um is not None:
+        msg = "Pass either `scales` (native pixels) or `scales_um` (µm), not both."
+        raise ValueError(msg)
+    given = scales if scales is not None else scales_um
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(LEVELS))
+    if unknown:
+        msg = f"Unknown scale level(s) {unknown}; use keys {list(LEVELS)}."
+        raise ValueError(msg)
+    for k, v in given.items():
+        if not (np.isfinite(float(v)) and float(v) > 0):
+            msg = f"Scale {k!r} must be a positive size, got {v!r}."
+            raise ValueError(msg)
+    um = np.asarray(stack.um_per_px, dtype=float)
+    px: dict[str, list[int]] = {}
+    if scales_um is None:
+        for lev in levels:
+            v = float(given.get(lev, DEFAULT_SCALES_PX[lev]))
+            if v != int(v):
+                msg = f"`scales[{lev!r}]` must be a whole number of pixels, got {v}; or pass `scales_um=`."
+                raise ValueError(msg)
+            px[lev] = [int(v)] * stack.n_sections
+        unit = "px"
+    else:
+        for lev in levels:
+            if lev in given:
+                px[lev] = [max(1, int(np.floor(float(given[lev]) / u + 0.5))) for u in um]
+            else:
+                px[lev] = [DEFAULT_SCALES_PX[lev]] * stack.n_sections
+        if "region" in levels and "global" in levels and "region" in given and "global" in given:
+            ratio = float(given["global"]) / float(given["region"])
+            if abs(ratio - round(ratio)) > 1e-9 or round(ratio) < 1:
+                msg = (
+                    f"scales_um: global ({given['global']}) must be an integer multiple of region "
+                    f"({given['region']}) so that the global grid nests the region grid."
+                )
+                raise ValueError(msg)
+            # keep the nesting exact in pixels after rounding
+            px["global"] = [int(round(ratio)) * r for r in px["region"]]
+        unit = "um"
+    if "region" in px and "global" in px:
+        for s, r, g in zip(stack.sections, px["region"], px["global"], strict=True):
+            if g % r != 0:
+                msg = (
+                    f"section {s!r}: global tile side {g} px is not an integer multiple of the region side {r} px; "
+                    "the global grid must nest the region grid (default: global = 2 x region)."
+                )
+                raise ValueError(msg)
+    um_sides = {lev: [float(p * u) for p, u in zip(px[lev], um, strict=True)] for lev in px}
+    return px, um_sides, unit
+
+
+def _image_size(sdata: SpatialData, image_key: str | None) -> tuple[int, int] | None:
+    """(height, width) of level 0 of an image element, from metadata only (nothing is computed)."""
+    if image_key is None or image_key not in sdata.images:
+        return None
+    img = image_level0(sdata.images[image_key])
+    return int(img.sizes["y"]), int(img.sizes["x"])
+
+
+def image_level0(image: Any):
+    """Level 0 (full resolution) :class:`xarray.DataArray` of an image element (multiscale or not)."""
+    from xarray import DataTree
+
+    if isinstance(image, DataTree):
+        node = image["scale0"]
+        if "image" in node.ds:
+            return node.ds["image"]
+        return next(iter(node.ds.data_vars.values()))
+    return image
+
+
+def _tile_table(
+    section_codes: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    counts: np.ndarray,
+    side: np.ndarray,
+    stack: StackInfo,
+    sizes: list[tuple[int, int] | None],
+    level: str,
+) -> AnnData:
+    import pandas as pd
+    from anndata import AnnData
+
+    sections = np.asarray(stack.sections)[section_codes]
+    names = [f"{s}_{level}_{r}_{c}" for s, r, c in zip(sections, rows, cols, strict=True)]
+    centre = np.column_stack([(cols + 0.5) * side, (rows + 0.5) * side]).astype(np.float64)
+    padded = np.zeros(len(rows), dtype=bool)
+    for code, hw in enumerate(sizes):
+        if hw is None:
+            continue
+        m = section_codes == code
+        h, w = hw
+        padded[m] = (cols[m] * side[m] < 0) | (rows[m] * side[m] < 0)
+        padded[m] |= ((cols[m] + 1) * side[m] > w) | ((rows[m] + 1) * side[m] > h)
+    obs = pd.DataFrame(
+        {
+            Key.SECTION: pd.Categorical(sections, categories=stack.sections, ordered=True),
+            "tile_col": cols.astype(np.int64),
+            "tile_row": rows.astype(np.int64),
+            "n_spots": counts.astype(np.int64),
+            "tile_size_px": side.astype(np.int64),
+            "padded": padded,
+        },
+        index=pd.Index(names, dtype=str),
+    )
+    ad = AnnData(obs=obs)
+    ad.obsm[Key.SPATIAL] = centre
+    return ad
+
+
+def _unique_tiles(codes: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique (section, row, col) sorted by section, row, col; returns (unique keys (k, 3), inverse (n,))."""
+    keys = np.column_stack([codes, rows, cols]).astype(np.int64)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    return uniq, np.asarray(inverse).ravel().astype(np.int64)
+
+
+def compute_tiles(
+    table: AnnData,
+    stack: StackInfo,
+    px: dict[str, list[int]],
+    sizes: list[tuple[int, int] | None],
+    key_added: str = Key.ADDED,
+) -> tuple[np.ndarray, np.ndarray, AnnData, AnnData]:
+    """Index maps and tile tables from spot centres ``obsm['spatial']`` (native px of each spot's section)."""
+    from asign._stack import section_codes
+
+    codes = section_codes(table, stack)
+    xy = np.asarray(table.obsm[Key.SPATIAL], dtype=np.float64)
+    r_side = np.asarray(px["region"], dtype=np.int64)[codes]
+    g_side = np.asarray(px["global"], dtype=np.int64)[codes]
+    factor = g_side // r_side
+    # r(i) = (floor(x / R), floor(y / R)); q(r) = (floor(a / k), floor(b / k)) = floor(x / (k R)) exactly
+    rc = np.floor(xy[:, 0] / r_side).astype(np.int64)
+    rr = np.floor(xy[:, 1] / r_side).astype(np.int64)
+    gc = np.floor_divide(rc, factor)
+    gr = np.floor_divide(rr, factor)
+    r_keys, r_index = _unique_tiles(codes, rr, rc)
+    g_keys, g_index = _unique_tiles(codes, gr, gc)
+    r_counts = np.bincount(r_index, minlength=len(r_keys))
+    g_counts = np.bincount(g_index, minlength=len(g_keys))
+    r_sides = np.asarray(px["region"], dtype=np.int64)[r_keys[:, 0]]
+    g_sides = np.asarray(px["global"], dtype=np.int64)[g_keys[:, 0]]
+    regions = _tile_table(r_keys[:, 0], r_keys[:, 1], r_keys[:, 2], r_counts, r_sides, stack, sizes, "region")
+    globals_ = _tile_table(g_keys[:, 0], g_keys[:, 1], g_keys[:, 2], g_counts, g_sides, stack, sizes, "global")
+    # q(r) for every region tile: the global row of any of its member spots (all agree by construction)
+    region_to_global = np.empty(len(r_keys), dtype=np.int64)
+    region_to_global[r_index] = g_index
+    regions.obs[index_key(key_added, "global")] = region_to_global
+    globals_.obs["n_regions"] = np.bincount(region_to_global, minlength=len(g_keys)).astype(np.int64)
+    return r_index, g_index, regions, globals_
+
+
+def _copy_manifest(src: AnnData, dst: AnnData, params: dict[str, Any]) -> None:
+    from asign._stack import copy_stack_uns
+
+    copy_stack_uns(src, dst)
+    dst.uns[Key.UNS]["tiles"] = params
+
+
+def make_tiles(
+    sdata: SpatialData,
+    *,
+    scales: Mapping[str, int] | None = None,
+    scales_um: Mapping[str, float] | None = None,
+    table_key: str = Key.TABLE,
+    key_added: str = Key.ADDED,
+    inplace: bool = True,
+) -> Tiles | None:
+    """Lay the region and global tile grids over every section and index each spot's tiles.
+
+    The grids start at each section image's origin (0, 0) with stride equal to the tile side (method.md §2.3):
+    ``r(i) = (floor(x_i / R), floor(y_i / R))`` and ``q(i) = (floor(x_i / G), floor(y_i / G))`` with
+    ``G = k R`` for an integer ``k`` (default 512 and 1024 px), so ``q(r) = floor(r / k)``. Tiles without spots are
+    dropped; tiles that extend past the right or bottom image border are kept (their images are padded with white
+    when features are extracted) and flagged in ``obs['padded']``. Tiles are defined by spot positions only, so
+    sections without an image get tiles too.
+
+    Parameters
+    ----------
+    sdata
+        The section stack.
+    scales
+        Tile sides in native pixels, ``{"region": 512, "global": 1024}`` by default (a ``"spot"`` entry is
+        accepted and ignored here).
+    scales_um
+        Tile sides in µm instead, converted per section with its ``um_per_px`` (e.g. ``{"region": 353,
+        "global": 706}``); the global side must be an integer multiple of the region side.
+    table_key
+        The spot table.
+    key_added
+        Prefix of the keys written.
+    inplace
+        Write into ``sdata`` (and return `None`) or return the result.
+
+    Returns
+    -------
+    If ``inplace = False``, a :class:`Tiles` tuple. Otherwise writes
+
+    - ``sdata.tables[table_key].obs['{key_added}_region']``, ``.obs['{key_added}_global']``: int64 row indices
+      into the tile tables;
+    - ``sdata.tables['{key_added}_regions']`` and ``sdata.tables['{key_added}_globals']``: one row per non-empty
+      tile, sorted by section, row and column, with ``obs['section']`` (ordered categorical), ``obs['tile_col']``,
+      ``obs['tile_row']``, ``obs['n_spots']``, ``obs['tile_size_px']``, ``obs['padded']``, ``obsm['spatial']``
+      (tile centre, native px); the region table also has ``obs['{key_added}_global']`` (its global tile's row)
+      and the global table ``obs['n_regions']``; both carry the manifest and ``uns['asign']['tiles']``;
+    - ``sdata.tables[table_key].uns['{key_added}_tiles']``: scales in px and µm per section, table names.
+    """
+    from asign.io import validate_stack
+
+    stack = validate_stack(sdata, table_key=table_key)
+    table = sdata.tables[table_key]
+    sc = {k: v for k, v in (scales or {}).items() if k != "spot"} if scales is not None else None
+    sc_um = {k: v for k, v in (scales_um or {}).items() if k != "spot"} if scales_um is not None else None
+    px, um, unit = resolve_scales(stack, sc, sc_um, levels=TILE_LEVELS)
+    sizes = [_image_size(sdata, k) for k in stack.image_keys]
+    r_index, g_index, regions, globals_ = compute_tiles(table, stack, px, sizes, key_added)
+    params = _tile_params(stack, px, um, unit, key_added)
+    _copy_manifest(table, regions, params)
+    _copy_manifest(table, globals_, params)
+    if not inplace:
+        return Tiles(r_index, g_index, regions, globals_, px)
+    write_tiles(sdata, table_key, key_added, r_index, g_index, regions, globals_, params)
+    return None
+
+
+def _tile_params(
+    stack: StackInfo, px: dict[str, list[int]], um: dict[str, list[float]], unit: str, key_added: str
+) -> dict[str, Any]:
+    return {
+        "sections": list(stack.sections),
+        "scales_px": {k: [int(v) for v in vs] for k, vs in px.items()},
+        "scales_um": {k: [float(v) for v in vs] for k, vs in um.items()},
+        "unit": unit,
+        "region_table": tile_table_key(key_added, "region"),
+        "global_table": tile_table_key(key_added, "global"),
+        "region_key": index_key(key_added, "region"),
+        "global_key": index_key(key_added, "global"),
+    }
+
+
+def write_tiles(
+    sdata: SpatialData,
+    table_key: str,
+    key_added: str,
+    r_index: np.ndarray,
+    g_index: np.ndarray,
+    regions: AnnData,
+    globals_: AnnData,
+    params: dict[str, Any],
+) -> None:
+    """Write index maps and tile tables into ``sdata`` (shared by :func:`make_tiles` and ``extract_features``)."""
+    table = sdata.tables[table_key]
+    table.obs[index_key(key_added, "region")] = np.asarray(r_index, dtype=np.int64)
+    table.obs[index_key(key_added, "global")] = np.asarray(g_index, dtype=np.int64)
+    table.uns[f"{key_added}_tiles"] = params
+    rk, gk = tile_table_key(key_added, "region"), tile_table_key(key_added, "global")
+    sdata.tables[rk] = regions
+    sdata.tables[gk] = globals_
+    logger.info(
+        f"Adding `.obs['{index_key(key_added, 'region')}']`, `.obs['{index_key(key_added, 'global')}']` and tables "
+        f"{rk!r} ({regions.n_obs} tiles), {gk!r} ({globals_.n_obs} tiles)."
+    )
+
+
+def tile_members(index: np.ndarray, n_tiles: int) -> list[np.ndarray]:
+    """Spot rows of every tile (inverse of an index map), e.g. to sum member counts."""
+    order = np.argsort(index, kind="stable")
+    bounds = np.searchsorted(index[order], np.arange(n_tiles + 1))
+    return [order[bounds[t] : bounds[t + 1]] for t in range(n_tiles)]

@@ -1,0 +1,326 @@
+"""Patient-level cross-validation (method.md §6.1, §7.1): :func:`asign.tl.cross_validate`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from asign._constants import Key
+from asign._device import spawn_seeds
+from asign._docs import inject_docs
+from asign._logging import logger
+from asign.pp._genes import _sample_name, check_normalization, known_mask, section_gene_means, top_genes
+
+from ._evaluate import COLUMNS, evaluate
+from ._impute import _check_key_added, run_impute, train_contexts
+from ._registry import FitContext, get_fit, get_method
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+HER2ST_FOLDS = (("A", "E"), ("B", "F"), ("C", "G"), ("D", "H"))
+_MEAN_METRICS = ("pcc_gene", "pcc_gene_varying", "mse", "mae")
+_POOLED_METRICS = ("pcc_spot_legacy", "mse_pooled", "mae_pooled")
+CV_COLUMNS = ["level", "fold", "sample", "statistic", *COLUMNS[1:], "method", "normalization"]
+
+
+def _named_samples(
+    samples: Mapping[str, SpatialData] | Sequence[SpatialData], table_key: str
+) -> dict[str, SpatialData]:
+    if isinstance(samples, Mapping):
+        out = {str(k): v for k, v in samples.items()}
+    else:
+        out = {}
+        for i, s in enumerate(samples):
+            name = _sample_name(s, f"sample_{i}", table_key)
+            if name in out:
+                name = f"sample_{i}"
+            out[name] = s
+    if len(out) < 1:
+        msg = "cross_validate needs at least one sample."
+        raise ValueError(msg)
+    return out
+
+
+def default_folds(names: Sequence[str]) -> list[list[str]]:
+    """HER2ST's patient pairs {A,E}, {B,F}, {C,G}, {D,H} for samples A-H; otherwise leave one sample out."""
+    if sorted(names) == sorted("ABCDEFGH"):
+        return [list(f) for f in HER2ST_FOLDS]
+    return [[n] for n in names]
+
+
+def _check_folds(folds: Sequence[Sequence[str]], names: Sequence[str]) -> list[list[str]]:
+    folds = [[f] if isinstance(f, str) else [str(x) for x in f] for f in folds]
+    seen: dict[str, int] = {}
+    for i, f in enumerate(folds):
+        if not f:
+            msg = f"Fold {i} is empty; every fold needs at least one test sample."
+            raise ValueError(msg)
+        for n in f:
+            if n not in names:
+                msg = f"Fold {i} names sample {n!r}, which is not among the samples {list(names)}."
+                raise ValueError(msg)
+            if n in seen:
+                msg = f"Sample {n!r} is a test sample of folds {seen[n]} and {i}; folds must not overlap."
+                raise ValueError(msg)
+            seen[n] = i
+    return folds
+
+
+def _known_spec(known: Any, name: str, sections: list[str]) -> Any:
+    if isinstance(known, Mapping):
+        if name not in known:
+            msg = f"`known` has no entry for test sample {name!r}."
+            raise ValueError(msg)
+        return known[name]
+    if known == "first":
+        return [sections[0]]
+    if known == "middle":
+        return [sections[len(sections) // 2]]
+    msg = f"`known` must be 'first', 'middle' or a mapping sample -> sections/mask, got {known!r}."
+    raise ValueError(msg)
+
+
+def _fold_genes(
+    test: dict[str, tuple[SpatialData, np.ndarray]],
+    train: dict[str, SpatialData],
+    *,
+    n_genes: int,
+    gene_sections: str,
+    table_key: str,
+) -> list[str]:
+    """Top genes of a fold.
+
+    ``"labelled"``: the training samples' measured spots and the test samples' known spots; ``"all"``: every
+    measured spot of every sample (the paper's list).
+    """
+    from asign.io._validate import validate_stack
+
+    frames = []
+    for s, mask in test.values():
+        t = s.tables[table_key]
+        rows = t.obs[Key.MEASURED].to_numpy(dtype=bool)
+        if gene_sections == "labelled":
+            rows = rows & mask
+        frames.append(section_gene_means(t, rows, validate_stack(s, table_key=table_key)))
+    for s in train.values():
+        t = s.tables[table_key]
+        frames.append(
+            section_gene_means(t, t.obs[Key.MEASURED].to_numpy(dtype=bool), validate_stack(s, table_key=table_key))
+        )
+    genes, _ = top_genes(frames, n_genes)
+    return genes
+
+
+def _aggregate(rows: pd.DataFrame, level: str, by: list[str]) -> pd.DataFrame:
+    """Aggregate rows: plain means of the per-section metrics, spot-weighted means of the pooled ones."""
+    out = []
+    for keys, g in rows.groupby(by, sort=False) if by else [((), rows)]:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        w = g["n_spots"].to_numpy(dtype=float)
+        rec: dict[str, Any] = dict(zip(by, keys, strict=True))
+        rec.update({"level": level, "n_spots": int(w.sum()), "n_genes": int(g["n_genes"].iloc[0])})
+        for m in _MEAN_METRICS:
+            rec[m] = float(g[m].mean())
+        for m in _POOLED_METRICS:
+            rec[m] = float(np.sum(g[m].to_numpy() * w) / w.sum())
+        rec["n_constant_truth"] = int(g["n_constant_truth"].sum())
+        rec["n_constant_pred"] = int(g["n_constant_pred"].sum())
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+@inject_docs()
+def cross_validate(
+    samples: Mapping[str, SpatialData] | Sequence[SpatialData],
+    *,
+    folds: Sequence[Sequence[str]] | None = None,
+    known: str | Mapping[str, Any] = "first",
+    method: str = "asign",
+    method_kwargs: dict[str, Any] | None = None,
+    genes: Sequence[str] | None = None,
+    n_genes: int = 250,
+    normalization: str = "st-net",
+    gene_sections: str = "labelled",
+    per: str | Sequence[str] = ("gene", "section", "overall"),
+    table_key: str = Key.TABLE,
+    key_added: str | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    device: Any = None,
+    show_progress_bar: bool = True,
+) -> pd.DataFrame:
+    """Cross-validate a method over samples (patients) with patient-level folds.
+
+    For every fold, the test samples are removed before anything is fitted: the gene list is ranked on the training
+    samples' measured spots and the test samples' known spots only (``gene_sections="labelled"``); a trainable
+    method's ``fit`` runs once on the training samples (fully labelled) with a fold seed spawned from ``seed``; then
+    every test sample is imputed from its known section and scored on its other measured sections. For methods
+    without training, the training samples only rank the genes.
+
+    Parameters
+    ----------
+    samples
+        The samples: a mapping ``name -> SpatialData`` or a sequence (names from ``uns['asign']['dataset']['patient']``
+        when present, else ``sample_<i>``).
+    folds
+        Test samples of each fold, e.g. HER2ST's ``[["A", "E"], ["B", "F"], ["C", "G"], ["D", "H"]]`` (the
+        default for samples named A-H; otherwise leave one sample out). Samples in no fold only ever train.
+    known
+        The known spots of each test sample: ``"first"`` (section 1, the paper's protocol), ``"middle"``, or a
+        mapping ``sample -> section name(s) or boolean mask``.
+    method
+        A registered method (see :func:`asign.tl.impute`).
+    method_kwargs
+        Keyword arguments of the method.
+    genes
+        A fixed gene list for every fold (default: selected per fold).
+    n_genes
+        Number of genes selected per fold.
+    normalization
+        ``"st-net"`` or ``"log1p"``.
+    gene_sections
+        ``"labelled"`` (default; no test labels) or ``"all"`` (every measured section of every sample: the
+        paper's dataset-wide list, which reads test labels; reported as such).
+    per
+        Levels of per-test-sample rows to keep (as in :func:`asign.tl.evaluate`).
+    {table_key}
+    key_added
+        If given, write each test sample's output table into ``samples[name].tables[key_added]``; `None` writes
+        nothing.
+    overwrite
+        Replace earlier asign output tables under ``key_added``.
+    {seed}
+    {device}
+    {show_progress_bar}
+
+    Returns
+    -------
+    A tidy :class:`pandas.DataFrame` with the metric columns of :func:`asign.tl.evaluate` plus ``fold`` (int),
+    ``sample`` and ``statistic``:
+
+    - ``level`` ``"gene"`` / ``"section"``: per test sample, as :func:`asign.tl.evaluate`;
+    - ``"sample"``: a test sample's overall scores (means over its unknown sections; legacy metrics pooled over its
+      spots);
+    - ``"fold"``: the mean over the fold's test samples (legacy metrics pooled over the fold's spots);
+    - ``"summary"``: two rows, ``statistic="mean"`` and ``statistic="sd"`` (sample sd, ``ddof=1``) of the fold
+      scores over folds;
+    - ``"pooled"``: every scored section of every fold weighs equally; legacy per-spot PCC, ``mse_pooled``,
+      ``mae_pooled`` pooled over all scored spots (the paper's way of reporting Table 1).
+    """
+    check_normalization(normalization)
+    if gene_sections not in ("labelled", "all"):
+        msg = f"gene_sections must be 'labelled' or 'all', got {gene_sections!r}."
+        raise ValueError(msg)
+    from asign.io._validate import validate_stack
+
+    get_method(method)
+    fit = get_fit(method)
+    named = _named_samples(samples, table_key)
+    names = list(named)
+    folds = _check_folds(default_folds(names) if folds is None else folds, names)
+    stacks = {n: validate_stack(s, table_key=table_key) for n, s in named.items()}
+    masks: dict[str, np.ndarray] = {}
+    for f in folds:
+        for n in f:
+            t = named[n].tables[table_key]
+            masks[n] = known_mask(t, stacks[n], _known_spec(known, n, stacks[n].sections))
+            if key_added is not None:
+                _check_key_added(named[n], key_added, table_key, overwrite=overwrite)
+    seeds = spawn_seeds(seed, len(folds))
+    params = dict(method_kwargs or {})
+    frames = []
+    from tqdm.auto import tqdm
+
+    for i, test_names in enumerate(tqdm(folds, desc=f"cross_validate[{method}]", disable=not show_progress_bar)):
+        train_names = [n for n in names if n not in test_names]
+        train = {n: named[n] for n in train_names}
+        fold_genes = (
+            [str(g) for g in genes]
+            if genes is not None
+            else _fold_genes(
+                {n: (named[n], masks[n]) for n in test_names},
+                train,
+                n_genes=n_genes,
+                gene_sections=gene_sections,
+                table_key=table_key,
+            )
+        )
+        tctx = train_contexts(
+            list(train.items()),
+            genes=fold_genes,
+            normalization=normalization,
+            table_key=table_key,
+            params=params,
+            seed=seeds[i],
+            device=device,
+            show_progress_bar=show_progress_bar,
+        )
+        fitted = None
+        if fit is not None and tctx:
+            fitted = fit(
+                FitContext(
+                    train=tctx,
+                    genes=fold_genes,
+                    normalization=normalization,
+                    params=params,
+                    seed=seeds[i],
+                    device=device,
+                    show_progress_bar=show_progress_bar,
+                )
+            )
+        logger.info(f"Fold {i}: test {test_names}, train {train_names}, {len(fold_genes)} genes.")
+        for n in test_names:
+            out = run_impute(
+                named[n],
+                known=masks[n],
+                method=method,
+                genes=fold_genes,
+                n_genes=len(fold_genes),
+                normalization=normalization,
+                gene_sections="labelled",
+                train_ctx=tctx,
+                fitted=fitted,
+                method_kwargs=params,
+                table_key=table_key,
+                seed=seeds[i],
+                device=device,
+                show_progress_bar=show_progress_bar,
+                sample=n,
+                extra_uns={"fold": i, "fold_test_samples": list(test_names), "gene_sections": gene_sections},
+            )
+            df = evaluate(out, per=("gene", "section", "overall"))
+            df.loc[df["level"] == "overall", "level"] = "sample"
+            df["fold"] = i
+            df["sample"] = n
+            frames.append(df)
+            if key_added is not None:
+                if key_added in named[n].tables:
+                    del named[n].tables[key_added]
+                named[n].tables[key_added] = out
+    per_sample = pd.concat(frames, ignore_index=True)
+    levels = [per] if isinstance(per, str) else list(per)
+    keep = per_sample[per_sample["level"].isin([lv for lv in levels if lv in ("gene", "section")] + ["sample"])]
+    samp = per_sample[per_sample["level"] == "sample"]
+    fold_rows = _aggregate(samp, "fold", ["fold"])
+    summary = []
+    for stat in ("mean", "sd"):
+        rec: dict[str, Any] = {"level": "summary", "statistic": stat, "n_spots": int(fold_rows["n_spots"].sum())}
+        for m in (*_MEAN_METRICS, *_POOLED_METRICS):
+            v = fold_rows[m].to_numpy(dtype=float)
+            rec[m] = float(v.mean()) if stat == "mean" else (float(v.std(ddof=1)) if v.size > 1 else np.nan)
+        rec["n_genes"] = int(fold_rows["n_genes"].iloc[0])
+        summary.append(rec)
+    secs = per_sample[per_sample["level"] == "section"]
+    pooled = _aggregate(secs, "pooled", [])
+    result = pd.concat([keep, fold_rows, pd.DataFrame(summary), pooled], ignore_index=True)
+    result["method"] = method
+    result["normalization"] = normalization
+    result["gene_sections"] = gene_sections if genes is None else "given"
+    cols = [c for c in CV_COLUMNS if c in result.columns] + ["gene_sections"]
+    result = result[cols]
+    result["fold"] = result["fold"].astype("Int64")
+    return result

@@ -1,0 +1,304 @@
+"""Metrics of an imputation (method.md §7.2): per-gene PCC within section, MSE, MAE and the legacy per-spot PCC."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from asign._constants import Key
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+LEVELS = ("gene", "section", "overall")
+COLUMNS = [
+    "level",
+    "section",
+    "gene",
+    "n_spots",
+    "n_genes",
+    "pcc_gene",
+    "pcc_gene_varying",
+    "mse",
+    "mae",
+    "pcc_spot_legacy",
+    "mse_pooled",
+    "mae_pooled",
+    "n_constant_truth",
+    "n_constant_pred",
+]
+
+
+def is_constant(x: np.ndarray, axis: int) -> np.ndarray:
+    """Whether ``x`` is constant along ``axis`` (range at most ``1e-12`` relative to its magnitude)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape[axis] == 0:
+        return np.ones(np.delete(x.shape, axis), dtype=bool)
+    rng = np.ptp(x, axis=axis)
+    scale = np.maximum(1.0, np.abs(x).max(axis=axis))
+    return rng <= 1e-12 * scale
+
+
+def pearson(a: np.ndarray, b: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pearson correlation of ``a`` and ``b`` along ``axis``; 0 where either is constant.
+
+    Returns
+    -------
+    The correlations, and the masks of constant ``a`` and constant ``b``.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    ca = is_constant(a, axis)
+    cb = is_constant(b, axis)
+    if a.shape[axis] == 0:
+        return np.zeros(ca.shape), ca, cb
+    ac = a - a.mean(axis=axis, keepdims=True)
+    bc = b - b.mean(axis=axis, keepdims=True)
+    num = (ac * bc).sum(axis=axis)
+    den = np.sqrt((ac * ac).sum(axis=axis) * (bc * bc).sum(axis=axis))
+    bad = ca | cb | ~(den > 0)
+    r = np.divide(num, den, out=np.zeros_like(num), where=~bad)
+    return np.clip(r, -1.0, 1.0), ca, cb
+
+
+def score(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    sections: np.ndarray,
+    *,
+    genes: Sequence[str],
+    section_order: Sequence[str] | None = None,
+    per: Sequence[str] = LEVELS,
+) -> pd.DataFrame:
+    """Score predictions of the spots to evaluate (rows) against the truth.
+
+    Parameters
+    ----------
+    y_true, y_pred
+        ``(n_spots, n_genes)`` truth and prediction of the scored spots only.
+    sections
+        Section of every row.
+    genes
+        Gene names (columns).
+    section_order
+        Order of the sections in the output (default: order of first appearance).
+    per
+        Levels to return: ``"gene"``, ``"section"``, ``"overall"``.
+
+    Returns
+    -------
+    A DataFrame with the columns of :func:`asign.tl.evaluate`.
+    """
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    sections = np.asarray(sections).astype(str)
+    if y_true.shape != y_pred.shape or y_true.ndim != 2 or y_true.shape[0] != sections.shape[0]:
+        msg = f"Shapes disagree: truth {y_true.shape}, prediction {y_pred.shape}, sections {sections.shape}."
+        raise ValueError(msg)
+    if not (np.all(np.isfinite(y_true)) and np.all(np.isfinite(y_pred))):
+        msg = "Truth and prediction of the scored spots must be finite."
+        raise ValueError(msg)
+    genes = [str(g) for g in genes]
+    order = list(dict.fromkeys(sections.tolist())) if section_order is None else [str(s) for s in section_order]
+    order = [s for s in order if (sections == s).any()]
+    rows: list[dict[str, Any]] = []
+    sec_rows: list[dict[str, Any]] = []
+    spot_r_all = []
+    for s in order:
+        m = sections == s
+        T, P = y_true[m], y_pred[m]
+        n = int(m.sum())
+        r, ct, cp = pearson(T, P, axis=0)
+        err = P - T
+        mse_g = (err**2).mean(axis=0)
+        mae_g = np.abs(err).mean(axis=0)
+        rs, _, _ = pearson(T, P, axis=1) if len(genes) > 1 else (np.zeros(n), None, None)
+        spot_r_all.append(rs)
+        if "gene" in per:
+            for j, g in enumerate(genes):
+                rows.append(
+                    {
+                        "level": "gene",
+                        "section": s,
+                        "gene": g,
+                        "n_spots": n,
+                        "n_genes": 1,
+                        "pcc_gene": r[j],
+                        "pcc_gene_varying": np.nan if ct[j] else r[j],
+                        "mse": mse_g[j],
+                        "mae": mae_g[j],
+                        "n_constant_truth": int(ct[j]),
+                        "n_constant_pred": int(cp[j]),
+                    }
+                )
+        sec_rows.append(
+            {
+                "level": "section",
+                "section": s,
+                "gene": None,
+                "n_spots": n,
+                "n_genes": len(genes),
+                "pcc_gene": float(r.mean()),
+                "pcc_gene_varying": float(r[~ct].mean()) if (~ct).any() else np.nan,
+                "mse": float((err**2).mean()),
+                "mae": float(np.abs(err).mean()),
+                "pcc_spot_legacy": float(rs.mean()),
+                "mse_pooled": float((err**2).mean()),
+                "mae_pooled": float(np.abs(err).mean()),
+                "n_constant_truth": int(ct.sum()),
+                "n_constant_pred": int(cp.sum()),
+            }
+        )
+    if "section" in per:
+        rows.extend(sec_rows)
+    if "overall" in per and sec_rows:
+        sdf = pd.DataFrame(sec_rows)
+        err = y_pred - y_true
+        keep = np.isin(sections, order)
+        rows.append(
+            {
+                "level": "overall",
+                "section": None,
+                "gene": None,
+                "n_spots": int(keep.sum()),
+                "n_genes": len(genes),
+                "pcc_gene": float(sdf["pcc_gene"].mean()),
+                "pcc_gene_varying": float(sdf["pcc_gene_varying"].mean()),
+                "mse": float(sdf["mse"].mean()),
+                "mae": float(sdf["mae"].mean()),
+                "pcc_spot_legacy": float(np.concatenate(spot_r_all).mean()),
+                "mse_pooled": float((err[keep] ** 2).mean()),
+                "mae_pooled": float(np.abs(err[keep]).mean()),
+                "n_constant_truth": int(sdf["n_constant_truth"].sum()),
+                "n_constant_pred": int(sdf["n_constant_pred"].sum()),
+            }
+        )
+    out = pd.DataFrame(rows, columns=COLUMNS)
+    for c in ("n_spots", "n_genes", "n_constant_truth", "n_constant_pred"):
+        out[c] = out[c].astype("int64")
+    return out
+
+
+def _output_table(sdata: SpatialData | AnnData, key: str) -> AnnData:
+    from anndata import AnnData
+
+    if isinstance(sdata, AnnData):
+        return sdata
+    if key not in sdata.tables:
+        msg = f"Table {key!r} not found in sdata.tables (present: {list(sdata.tables)}); run `asign.tl.impute` first."
+        raise KeyError(msg)
+    return sdata.tables[key]
+
+
+def evaluate(
+    sdata: SpatialData | AnnData,
+    *,
+    key: str = Key.OUTPUT_TABLE,
+    sections: Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    per: str | Sequence[str] = LEVELS,
+) -> pd.DataFrame:
+    """Score an imputation against the measured values of the unknown spots (method.md §7.2).
+
+    Only spots that are measured and not known are scored; known spots never are. The scale is the one the output
+    table was normalised with (``uns['asign']['normalization']``), recorded in every row.
+
+    Parameters
+    ----------
+    sdata
+        A :class:`spatialdata.SpatialData` holding the output table of :func:`asign.tl.impute` (or that table).
+    key
+        Key of the output table.
+    sections
+        Sections to score (default: every section with a scored spot).
+    genes
+        Genes to score (default: every modelled gene).
+    per
+        Levels of rows to return, any of ``"gene"``, ``"section"``, ``"overall"`` (default: all).
+
+    Returns
+    -------
+    A tidy :class:`pandas.DataFrame`, one row per (level, section, gene):
+
+    - ``level="gene"``: one row per scored section and gene. ``pcc_gene`` is the Pearson correlation across the
+      section's scored spots (0 when the truth or the prediction is constant in the section),
+      ``pcc_gene_varying`` the same but NaN for constant truth, ``mse`` / ``mae`` over the section's spots,
+      ``n_constant_truth`` / ``n_constant_pred`` flag constant columns.
+    - ``level="section"``: ``pcc_gene`` = mean per-gene PCC over all genes (constant genes count as 0 and are
+      counted), ``pcc_gene_varying`` = the mean over genes whose truth varies (method.md's definition), ``mse``,
+      ``mae`` over the section's (spot, gene) entries, ``pcc_spot_legacy`` = mean over the section's spots of the
+      per-spot Pearson correlation across genes (*legacy, per-spot across genes, as in ASIGN Table 1*), counts of
+      constant genes.
+    - ``level="overall"``: ``pcc_gene``, ``pcc_gene_varying``, ``mse``, ``mae`` averaged over sections (each
+      section weighs equally); ``pcc_spot_legacy``, ``mse_pooled``, ``mae_pooled`` pooled over all scored spots.
+
+    Further columns: ``n_spots``, ``n_genes``, ``method``, ``normalization``, ``key``.
+    """
+    table = _output_table(sdata, key)
+    for layer in (Key.TARGET, Key.IMPUTED):
+        if layer not in table.layers:
+            msg = f"Table {key!r} has no `layers['{layer}']`; evaluate the output table of `asign.tl.impute`."
+            raise KeyError(msg)
+    for col in (Key.KNOWN, Key.MEASURED, Key.SECTION):
+        if col not in table.obs:
+            msg = f"Table {key!r} has no `obs['{col}']`; evaluate the output table of `asign.tl.impute`."
+            raise KeyError(msg)
+    levels = [per] if isinstance(per, str) else list(per)
+    bad = [p for p in levels if p not in LEVELS]
+    if bad or not levels:
+        msg = f"`per` must name levels from {list(LEVELS)}, got {per!r}."
+        raise ValueError(msg)
+    sec = table.obs[Key.SECTION]
+    order = [str(s) for s in sec.cat.categories] if isinstance(sec.dtype, pd.CategoricalDtype) else None
+    sec = sec.astype(str).to_numpy()
+    if order is None:
+        order = list(dict.fromkeys(sec.tolist()))
+    scored = table.obs[Key.MEASURED].to_numpy(dtype=bool) & ~table.obs[Key.KNOWN].to_numpy(dtype=bool)
+    if sections is not None:
+        sections = [sections] if isinstance(sections, str) else [str(s) for s in sections]
+        unknown = [s for s in sections if s not in order]
+        if unknown:
+            msg = f"Unknown section(s) {unknown}; the table has sections {order}."
+            raise ValueError(msg)
+        empty = [s for s in sections if not (scored & (sec == s)).any()]
+        if empty:
+            msg = f"Section(s) {empty} have no scored spot (they are known or not measured)."
+            raise ValueError(msg)
+        scored &= np.isin(sec, sections)
+        order = [s for s in order if s in sections]
+    if not scored.any():
+        msg = f"Table {key!r} has no spot to score: every measured spot is known."
+        raise ValueError(msg)
+    gnames = table.var_names.astype(str)
+    if genes is not None:
+        genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+        idx = gnames.get_indexer(genes)
+        if (idx < 0).any():
+            missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
+            msg = f"Gene(s) {missing} are not modelled in table {key!r}."
+            raise KeyError(msg)
+    else:
+        idx = np.arange(table.n_vars)
+        genes = list(gnames)
+    rows = np.flatnonzero(scored)
+    y_true = np.asarray(table.layers[Key.TARGET][rows][:, idx], dtype=np.float64)
+    y_pred = np.asarray(table.layers[Key.IMPUTED][rows][:, idx], dtype=np.float64)
+    if not np.all(np.isfinite(y_true)):
+        msg = f"`layers['{Key.TARGET}']` of table {key!r} has non-finite values on measured spots."
+        raise ValueError(msg)
+    df = score(y_true, y_pred, sec[rows], genes=genes, section_order=order, per=levels)
+    info = table.uns.get(Key.UNS, {})
+    df["method"] = str(info.get("method", "")) if isinstance(info, dict) else ""
+    df["normalization"] = str(info.get("normalization", "")) if isinstance(info, dict) else ""
+    df["key"] = key if not _is_anndata(sdata) else ""
+    return df
+
+
+def _is_anndata(x: Any) -> bool:
+    from anndata import AnnData
+
+    return isinstance(x, AnnData)

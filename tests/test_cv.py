@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import asign
+from asign.pp._genes import section_gene_means, top_genes
+from asign.tl import _registry
+from asign.tl._cv import default_folds
+from asign.tl._registry import ImputeResult, register_method
+
+
+def _sample(seed, n_sections=3):
+    s = asign.datasets.synthetic_stack(n_sections=n_sections, n_spots=40, n_genes=15, images=False, seed=seed)
+    t = s.tables["table"]
+    t.obsm["spatial_aligned"] = np.asarray(t.obsm["spatial_world"], dtype=float)
+    return s
+
+
+@pytest.fixture
+def samples():
+    return {"P": _sample(1), "Q": _sample(2, 2), "R": _sample(3), "S": _sample(4)}
+
+
+def test_cross_validate_structure_and_aggregation(samples):
+    folds = [["P", "Q"], ["R", "S"]]
+    df = asign.tl.cross_validate(samples, folds=folds, method="nearest", n_genes=6, show_progress_bar=False)
+    assert set(df.level) == {"gene", "section", "sample", "fold", "summary", "pooled"}
+    samp = df[df.level == "sample"].set_index("sample")
+    assert list(samp.index) == ["P", "Q", "R", "S"] and list(samp.fold) == [0, 0, 1, 1]
+    # each sample's rows equal tl.evaluate on the same imputation
+    # R's fold ranks genes on every section of P and Q and the known sections of R and S
+    frames = [
+        section_gene_means(
+            samples["R"].tables["table"], (samples["R"].tables["table"].obs["section"] == "S1").to_numpy()
+        ),
+        section_gene_means(
+            samples["S"].tables["table"], (samples["S"].tables["table"].obs["section"] == "S1").to_numpy()
+        ),
+    ] + [section_gene_means(samples[n].tables["table"], np.ones(samples[n].tables["table"].n_obs, bool)) for n in "PQ"]
+    genes = top_genes(frames, 6)[0]
+    out = asign.tl.impute(samples["R"], known="S1", method="nearest", genes=genes, inplace=False)
+    ev = asign.tl.evaluate(out, per="overall").iloc[0]
+    for m in ("pcc_gene", "mse", "mae", "pcc_spot_legacy"):
+        assert samp.loc["R", m] == pytest.approx(ev[m], abs=1e-9)
+    # fold = mean over its samples (legacy figures weighted by spots); summary = mean and sd over folds
+    fold = df[df.level == "fold"].set_index("fold")
+    for i, (a, b) in enumerate(folds):
+        assert fold.loc[i, "pcc_gene"] == pytest.approx((samp.loc[a, "pcc_gene"] + samp.loc[b, "pcc_gene"]) / 2)
+        w = samp.loc[[a, b], "n_spots"].to_numpy(float)
+        assert fold.loc[i, "pcc_spot_legacy"] == pytest.approx(
+            np.average(samp.loc[[a, b], "pcc_spot_legacy"], weights=w)
+        )
+    summ = df[df.level == "summary"].set_index("statistic")
+    assert summ.loc["mean", "pcc_gene"] == pytest.approx(fold["pcc_gene"].mean())
+    assert summ.loc["sd", "pcc_gene"] == pytest.approx(fold["pcc_gene"].std(ddof=1))
+    pooled = df[df.level == "pooled"].iloc[0]
+    secs = df[df.level == "section"]
+    assert pooled["pcc_gene"] == pytest.approx(secs["pcc_gene"].mean())
+    assert pooled["n_spots"] == secs["n_spots"].sum()
+    assert (df.method == "nearest").all() and (df.gene_sections == "labelled").all()
+
+
+def test_fold_genes_use_no_test_labels(samples):
+    # poisoning the unknown sections of the test samples changes neither the genes nor the predictions
+    kw = {"folds": [["P", "R"]], "method": "mean", "n_genes": 5, "key_added": "cv", "show_progress_bar": False}
+    asign.tl.cross_validate(samples, **kw)
+    before = {n: samples[n].tables["cv"].copy() for n in ("P", "R")}
+    for n in ("P", "R"):
+        t = samples[n].tables["table"]
+        X = t.X.toarray()
+        X[(t.obs["section"] != "S1").to_numpy(), :3] = 1e6
+        t.X = sp.csr_matrix(X)
+    asign.tl.cross_validate(samples, **kw, overwrite=True)
+    for n in ("P", "R"):
+        after = samples[n].tables["cv"]
+        assert list(after.var_names) == list(before[n].var_names)
+        np.testing.assert_array_equal(after.layers["imputed"], before[n].layers["imputed"])
+        assert after.uns["asign"]["fold"] == 0 and list(after.uns["asign"]["train_samples"]) == ["Q", "S"]
+    assert "cv" not in samples["Q"].tables  # training samples are never written to
+
+
+@pytest.fixture
+def trainable():
+    calls = []
+
+    def _fit(fctx):
+        calls.append({"train": [c.sample for c in fctx.train], "seed": fctx.seed, "genes": fctx.genes})
+        return np.mean([c.Y[c.known].mean(axis=0) for c in fctx.train], axis=0)
+
+    @register_method("_cv_train_mean", fit=_fit)
+    def _predict(ctx):
+        return ImputeResult(imputed=np.tile(ctx.fitted, (ctx.n_obs, 1)))
+
+    yield calls
+    _registry.METHODS.pop("_cv_train_mean", None)
+    _registry.FITTERS.pop("_cv_train_mean", None)
+
+
+def test_trainable_method_fit_once_per_fold(samples, trainable):
+    df = asign.tl.cross_validate(
+        samples, folds=[["P", "Q"], ["R", "S"]], method="_cv_train_mean", n_genes=4, seed=3, show_progress_bar=False
+    )
+    assert [c["train"] for c in trainable] == [["R", "S"], ["P", "Q"]]
+    assert trainable[0]["seed"] != trainable[1]["seed"]
+    assert (df[df.level == "sample"]["pcc_gene"] == 0).all()
+
+
+def test_default_folds_and_errors(samples):
+    assert default_folds(list("ABCDEFGH")) == [["A", "E"], ["B", "F"], ["C", "G"], ["D", "H"]]
+    assert default_folds(["x", "y"]) == [["x"], ["y"]]
+    with pytest.raises(ValueError, match="not among the samples"):
+        asign.tl.cross_validate(samples, folds=[["P", "Z"]], method="mean")
+    with pytest.raises(ValueError, match="must not overlap"):
+        asign.tl.cross_validate(samples, folds=[["P"], ["P", "Q"]], method="mean")
+    with pytest.raises(ValueError, match="no entry"):
+        asign.tl.cross_validate(samples, folds=[["P"]], known={"Q": "S1"}, method="mean")
+    with pytest.raises(ValueError, match="Unknown method"):
+        asign.tl.cross_validate(samples, method="nope")
+    # known="middle" and a sequence of samples (leave one out)
+    df = asign.tl.cross_validate(
+        [samples["P"], samples["R"]], known="middle", method="mean", n_genes=3, show_progress_bar=False
+    )
+    assert list(df[df.level == "sample"]["sample"]) == ["sample_0", "sample_1"]
+    assert set(df[df.level == "section"]["section"]) == {"S1", "S3"}

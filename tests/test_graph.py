@@ -1,0 +1,615 @@
+"""Spot-footprint overlaps (method.md §3.1) and the whole-sample 3D graph (method.md §4)."""
+
+from __future__ import annotations
+
+import logging
+import tracemalloc
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from asign._geometry import (
+    apply_affine,
+    circle_intersection_area,
+    circle_iou,
+    circle_polygon,
+    polygon_iou,
+    similarity_scale,
+)
+from asign._stack import get_stack, section_codes
+from asign.pp._graph import (
+    SpatialNeighbors3D,
+    _cross_edges,
+    _Footprints,
+    _overlap_matrix,
+    _pairs_iou,
+    _within_graph,
+    cross_section_edges,
+    neighbors_3d,
+    spot_overlaps,
+)
+
+RHO = 112.0
+
+
+def _rot(deg: float, scale: float = 1.0, shift=(0.0, 0.0), *, mirror: bool = False) -> np.ndarray:
+    t = np.deg2rad(deg)
+    T = np.eye(3)
+    T[:2, :2] = scale * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    if mirror:
+        T[:2, 0] *= -1
+    T[:2, 2] = shift
+    return T
+
+
+def _about(T: np.ndarray, centre) -> np.ndarray:
+    """``T`` applied about ``centre`` instead of the origin."""
+    C = np.eye(3)
+    C[:2, 2] = centre
+    return C @ T @ np.linalg.inv(C)
+
+
+def method_oracle_iou(delta, rho):
+    """method.md §3.1, written out independently of asign._geometry."""
+    delta = np.asarray(delta, dtype=float)
+    a = np.where(
+        delta < 2 * rho,
+        2 * rho**2 * np.arccos(np.minimum(delta / (2 * rho), 1.0))
+        - delta / 2 * np.sqrt(np.maximum(4 * rho**2 - delta**2, 0.0)),
+        0.0,
+    )
+    return a / (2 * np.pi * rho**2 - a)
+
+
+def write_alignment(sdata, transforms: dict[str, np.ndarray], reference: str) -> None:
+    """Write the alignment contract keys (ALIGNMENT_CONTRACT.md) from known matrices."""
+    t = sdata.tables["table"]
+    st = get_stack(t)
+    codes = section_codes(t, st)
+    xy = np.asarray(t.obsm["spatial"], dtype=float)
+    al = np.full_like(xy, np.nan)
+    for i, s in enumerate(st.sections):
+        if s in transforms:
+            al[codes == i] = apply_affine(transforms[s], xy[codes == i])
+    um = float(st.um_per_px[st.sections.index(reference)])
+    t.obsm["spatial_aligned"] = al * um
+    t.obs["z"] = st.z_um[codes]
+    t.obsm["spatial_3d"] = np.column_stack([al * um, st.z_um[codes]])
+    t.uns["asign"]["alignment"] = {
+        "reference": reference,
+        "method": "transforms",
+        "transform": "rigid",
+        "key_added": "aligned",
+        "um_per_px": um,
+        "transforms": {s: np.asarray(T, dtype=float) for s, T in transforms.items()},
+    }
+
+
+def ground_truth_transforms(sdata) -> tuple[dict[str, np.ndarray], str]:
+    t = sdata.tables["table"]
+    st = get_stack(t)
+    n2w = np.asarray(t.uns["asign"]["synthetic"]["native_to_world"])
+    m = st.n_sections // 2
+    return {s: np.linalg.inv(n2w[m]) @ n2w[i] for i, s in enumerate(st.sections)}, st.sections[m]
+
+
+def grid_stack(n_sections=3, side=9, pitch_px=20.0, um_per_px=2.0, perms=None, jitter=0.0, seed=0):
+    """Square-grid sections (no images); ``perms[s]`` reorders section s's spots (same spot ids)."""
+    from asign.io import Section, stack_sections
+
+    rng = np.random.default_rng(seed)
+    g = np.arange(side) * pitch_px + 50.0
+    gx, gy = np.meshgrid(g, g)
+    grid = np.column_stack([gx.ravel(), gy.ravel()])
+    secs = []
+    for s in range(n_sections):
+        xy = grid + rng.uniform(-jitter, jitter, grid.shape)
+        ids = np.array([str(i) for i in range(len(xy))])
+        order = np.arange(len(xy)) if perms is None else perms[s]
+        secs.append(
+            Section(
+                name=f"G{s + 1}",
+                spots=xy[order],
+                counts=np.ones((len(xy), 2), dtype=np.float32),
+                genes=["a", "b"],
+                um_per_px=um_per_px,
+                spot_ids=list(ids[order]),
+            )
+        )
+    return stack_sections(secs, spot_diameter_um=pitch_px * um_per_px / 2, thickness_um=10.0)
+
+
+@pytest.fixture
+def aligned_stack(small_stack):
+    T, ref = ground_truth_transforms(small_stack)
+    write_alignment(small_stack, T, ref)
+    return small_stack
+
+
+@pytest.fixture
+def asign_log():
+    records: list[logging.LogRecord] = []
+
+    class _H(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    h = _H(level=logging.DEBUG)
+    lg = logging.getLogger("asign")
+    lg.addHandler(h)
+    yield records
+    lg.removeHandler(h)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# geometry
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_circle_iou_equals_method_formula():
+    delta = np.linspace(0, 2.5 * RHO, 301)
+    np.testing.assert_allclose(circle_iou(delta, RHO), method_oracle_iou(delta, RHO), atol=1e-12)
+    assert circle_iou(0.0, RHO) == pytest.approx(1.0)
+    assert circle_iou(2 * RHO, RHO) == 0.0
+    # unequal radii: containment and symmetry
+    assert circle_intersection_area(1.0, 5.0, 2.0) == pytest.approx(np.pi * 4.0)
+    np.testing.assert_allclose(circle_iou(3.0, 2.0, 1.5), circle_iou(3.0, 1.5, 2.0))
+
+
+@pytest.mark.parametrize("angle", [0.0, 37.0, 180.0])
+def test_100gon_iou_matches_closed_form(angle):
+    """method.md §3.1 oracle: the 100-gon agrees with the closed form within 1e-2 for many distances."""
+    delta = np.linspace(0, 2.2 * RHO, 200)
+    u = np.array([np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))])
+    ci = np.zeros((delta.size, 2)) + 500.0
+    cj = ci + delta[:, None] * u
+    iou = polygon_iou(circle_polygon(ci, RHO), circle_polygon(cj, RHO))
+    np.testing.assert_allclose(iou, method_oracle_iou(delta, RHO), atol=1e-2)
+    assert np.abs(iou - method_oracle_iou(delta, RHO)).max() < 2e-3
+
+
+def test_similarity_detection():
+    assert similarity_scale(_rot(33, 1.7, mirror=True)) == pytest.approx(1.7)
+    shear = np.array([[1.0, 0.4, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert similarity_scale(shear) is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# overlap cores
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _random_two_sections(rng, n=400, side=3000.0):
+    coords = rng.uniform(0, side, (2 * n, 2))
+    codes = np.repeat([0, 1], n)
+    return coords, codes
+
+
+def test_exact_and_polygon_paths_agree_for_rigid():
+    rng = np.random.default_rng(1)
+    coords, codes = _random_two_sections(rng)
+    T = np.stack([_rot(0), _about(_rot(71, 1.0, (20.0, -15.0), mirror=True), (1500.0, 1500.0))])
+    fp = _Footprints.from_transforms(T, RHO)
+    assert fp.exact.all()
+    M = _overlap_matrix(coords, codes, T, RHO, adjacent_only=True)
+    coo = sp.triu(M).tocoo()
+    assert coo.nnz > 100
+    from asign.pp._graph import _aligned_centres
+
+    centres = _aligned_centres(coords, codes, T)
+    poly = _pairs_iou(centres, codes, replace(fp, exact=np.array([False, False])), coo.row, coo.col)
+    np.testing.assert_allclose(poly, coo.data, atol=1e-2)
+    # and both equal the closed form on the aligned distances
+    d = np.linalg.norm(centres[coo.row] - centres[coo.col], axis=1)
+    np.testing.assert_allclose(coo.data, method_oracle_iou(d, RHO), atol=1e-10)
+
+
+def test_similarity_with_different_scales_is_exact():
+    coords = np.array([[0.0, 0.0], [150.0, 0.0]])
+    codes = np.array([0, 1])
+    T = np.stack([_rot(0, 1.0), _rot(0, 2.0, (-150.0, 0.0))])  # spot 1 -> (150, 0), radius 2 rho
+    M = _overlap_matrix(coords, codes, T, RHO)
+    want = circle_iou(150.0, RHO, 2 * RHO)
+    assert M[0, 1] == pytest.approx(want)
+
+
+def test_affine_path_common_shear_preserves_native_iou():
+    """IoU is invariant under a common affine map: the polygon path must give the native circle IoU."""
+    rng = np.random.default_rng(2)
+    coords, codes = _random_two_sections(rng, n=300, side=2000.0)
+    A = np.array([[1.3, 0.5, 10.0], [-0.2, 0.8, -30.0], [0.0, 0.0, 1.0]])
+    T = np.stack([A, A])
+    assert not _Footprints.from_transforms(T, RHO).exact.any()
+    M = sp.triu(_overlap_matrix(coords, codes, T, RHO)).tocoo()
+    ref = sp.triu(_overlap_matrix(coords, codes, np.stack([np.eye(3)] * 2), RHO)).tocoo()
+    assert M.nnz > 50
+    # same pair set (up to the inscribed-polygon tolerance at the tangent boundary)
+    mp = {(int(a), int(b)): v for a, b, v in zip(M.row, M.col, M.data, strict=True)}
+    rp = {(int(a), int(b)): v for a, b, v in zip(ref.row, ref.col, ref.data, strict=True)}
+    common = sorted(set(mp) & set(rp))
+    assert len(common) >= 0.98 * len(rp)
+    assert all(rp[p] < 1e-2 for p in set(rp) - set(mp))
+    np.testing.assert_allclose([mp[p] for p in common], [rp[p] for p in common], atol=1e-2)
+
+
+def test_affine_path_against_monte_carlo():
+    """Different non-similarity transforms: ellipse IoU estimated by dense point sampling (independent oracle)."""
+    coords = np.array([[0.0, 0.0], [0.0, 0.0]])
+    codes = np.array([0, 1])
+    A0 = np.array([[2.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0]])  # wide ellipse
+    A1 = np.array([[0.6, 0.3, 150.0], [0.0, 1.8, 40.0], [0.0, 0.0, 1.0]])  # tall sheared ellipse
+    T = np.stack([A0, A1])
+    M = _overlap_matrix(coords, codes, T, RHO)
+    # the centres are 155 px apart, beyond 2 rho sigma_min: the sigma_max candidate radius must still find them
+    assert M.nnz == 2
+    xs = np.linspace(-300, 400, 1400)
+    X, Y = np.meshgrid(xs, xs)
+    P = np.stack([X.ravel(), Y.ravel()], axis=1)
+
+    def inside(Tm):
+        q = (P - Tm[:2, 2]) @ np.linalg.inv(Tm[:2, :2]).T
+        return np.hypot(q[:, 0], q[:, 1]) <= RHO
+
+    a, b = inside(A0), inside(A1)
+    mc = (a & b).sum() / (a | b).sum()
+    assert M[0, 1] == pytest.approx(mc, abs=5e-3)
+    assert M[0, 1] > 0.05
+
+
+def test_overlap_matrix_structure_and_memory():
+    """Symmetric CSR, zero diagonal, cross-section pairs only; 3e4 spots never allocate anything N x N."""
+    rng = np.random.default_rng(3)
+    n_per, S = 10_000, 3
+    side = np.sqrt(n_per) * 290.0
+    coords = rng.uniform(0, side, (n_per * S, 2))
+    codes = np.repeat(np.arange(S), n_per)
+    c0 = (side / 2, side / 2)
+    T = np.stack([_rot(0), _about(_rot(20, 1.0, (30, 10)), c0), _about(_rot(-40, 1.0, (-60, 5)), c0)])
+    tracemalloc.start()
+    M = _overlap_matrix(coords, codes, T, RHO, adjacent_only=True)
+    W = _within_graph(coords, codes, 12)
+    r, c, v = _cross_edges(coords, codes, T, RHO, 12)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 300e6  # a dense 3e4 x 3e4 float matrix would be 7.2 GB
+    assert sp.issparse(M) and M.format == "csr" and W.format == "csr"
+    assert abs(M - M.T).max() == 0
+    assert M.diagonal().max() == 0
+    coo = M.tocoo()
+    assert np.all(codes[coo.row] != codes[coo.col])
+    assert np.all(np.abs(codes[coo.row] - codes[coo.col]) == 1)  # adjacent only
+    assert np.all((coo.data > 0) & (coo.data <= 1))
+    assert np.all(codes[r] != codes[c])
+    assert np.bincount(r, minlength=codes.size).max() <= 12
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# spot_overlaps on the synthetic stack
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_spot_overlaps_match_ground_truth(aligned_stack):
+    """Compare against IoU computed from the synthetic block coordinates (µm), not from any asign transform."""
+    t = aligned_stack.tables["table"]
+    st = get_stack(t)
+    r_um = st.spot_diameter_um  # footprint radius in µm
+    spot_overlaps(aligned_stack, radius_um=r_um)
+    M = t.obsp["asign_overlap"]
+    codes = section_codes(t, st)
+    w = np.asarray(t.obsm["spatial_world"])
+    d = np.linalg.norm(w[:, None, :] - w[None, :, :], axis=-1)
+    want = method_oracle_iou(d, r_um)
+    want[np.abs(codes[:, None] - codes[None, :]) != 1] = 0.0
+    np.testing.assert_allclose(M.toarray(), want, atol=1e-9)
+    params = t.uns["asign_overlap"]["params"]
+    assert params["footprint"] == "circle"
+    np.testing.assert_allclose(params["radius_px"], r_um / st.um_per_px)
+    for i, s in enumerate(st.sections):
+        assert params["fraction_with_partner"][s] == pytest.approx((M[codes == i].getnnz(axis=1) > 0).mean())
+    # all pairs of sections, and the default radius (112 native px)
+    M_all = spot_overlaps(aligned_stack, radius_um=r_um, adjacent_only=False, inplace=False)
+    coo = M_all.tocoo()
+    assert np.any(np.abs(codes[coo.row] - codes[coo.col]) == 2)
+    want_all = method_oracle_iou(d, r_um)
+    want_all[codes[:, None] == codes[None, :]] = 0.0
+    np.testing.assert_allclose(M_all.toarray(), want_all, atol=1e-9)
+    M_def = spot_overlaps(aligned_stack, inplace=False)  # default: 112 native px (8 um/px here)
+    want_def = method_oracle_iou(d, 112.0 * st.um_per_px[0])
+    want_def[np.abs(codes[:, None] - codes[None, :]) != 1] = 0.0
+    np.testing.assert_allclose(M_def.toarray(), want_def, atol=1e-9)
+
+
+def test_spot_overlaps_inplace_false_leaves_table(aligned_stack):
+    t = aligned_stack.tables["table"]
+    M = spot_overlaps(aligned_stack, radius_um=100.0, inplace=False)
+    assert sp.issparse(M)
+    assert "asign_overlap" not in t.obsp and "asign_overlap" not in t.uns
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# neighbors_3d
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_within_section_knn_weights_on_grid():
+    sdata = grid_stack(n_sections=1, side=13, pitch_px=20.0, um_per_px=2.0)
+    t = sdata.tables["table"]
+    neighbors_3d(sdata, n_neighs=12, n_neighs_across=0)
+    W, D = t.obsp["asign_connectivities"], t.obsp["asign_distances"]
+    xy = np.asarray(t.obsm["spatial"])
+    # 4 pitches from the border: no spot picks them from farther than 2 pitches, so the union adds nothing
+    interior = np.flatnonzero(np.all((xy >= 50 + 4 * 20) & (xy <= 50 + 8 * 20), axis=1))
+    assert interior.size == 25
+    for i in interior:
+        w = np.sort(W[i].data)[::-1]
+        # 4 at one pitch (weight 1), 4 diagonals (1/sqrt2), 4 at two pitches (1/2)
+        np.testing.assert_allclose(w, [1] * 4 + [2**-0.5] * 4 + [0.5] * 4, rtol=1e-12)
+        np.testing.assert_allclose(np.sort(D[i].data), np.sort(40.0 / W[i].data))  # µm = pitch 20 px * 2 um/px
+    assert W.diagonal().max() == 0 and abs(W - W.T).max() == 0
+    assert (W != 0).nnz == (D != 0).nnz == W.nnz
+    # every edge of the union weighs median NN distance / its length (median NN = one pitch = 40 um)
+    np.testing.assert_allclose(W.data * D.data, 40.0, rtol=1e-12)
+    assert set(t.uns["asign_neighbors"]) == {"connectivities_key", "distances_key", "params"}
+    binary = neighbors_3d(sdata, n_neighs=4, n_neighs_across=0, weights="binary", inplace=False)
+    assert set(np.unique(binary.connectivities.data)) == {1.0}
+    assert binary.connectivities[interior].getnnz(axis=1).tolist() == [4] * interior.size
+
+
+def test_neighbors_3d_on_synthetic_stack(aligned_stack):
+    t = aligned_stack.tables["table"]
+    st = get_stack(t)
+    codes = section_codes(t, st)
+    r_um = 0.5 * st.spot_diameter_um * 2
+    neighbors_3d(aligned_stack, radius_um=r_um)
+    W, D = t.obsp["asign_connectivities"], t.obsp["asign_distances"]
+    assert W.format == "csr" and D.format == "csr"
+    assert abs(W - W.T).max() == 0 and abs(D - D.T).max() < 1e-9 and W.diagonal().max() == 0
+    assert np.array_equal(W.indptr, D.indptr) and np.array_equal(W.indices, D.indices)
+    cross = cross_section_edges(W, t.obs["section"]).tocoo()
+    xr, xc = cross.row[cross.data], cross.col[cross.data]
+    assert xr.size > 0 and np.all(codes[xr] != codes[xc])
+    # cross-section weights are IoU of the footprints (closed form from the block coordinates)
+    w_world = np.asarray(t.obsm["spatial_world"])
+    d_world = np.linalg.norm(w_world[xr] - w_world[xc], axis=1)
+    np.testing.assert_allclose(W[xr, xc].A1, method_oracle_iou(d_world, r_um), atol=1e-9)
+    # cross-section distances are 3D distances in µm
+    s3 = np.asarray(t.obsm["spatial_3d"])
+    np.testing.assert_allclose(D[xr, xc].A1, np.linalg.norm(s3[xr] - s3[xc], axis=1), rtol=1e-9)
+    # top partner of every spot (highest IoU) is spatially close: median < half the pitch in the block frame
+    pitch = np.sqrt(np.pi * 1500.0 * 1180.0 / 60)
+    Wx = sp.csr_matrix((W[xr, xc].A1, (xr, xc)), shape=W.shape)
+    has = Wx.getnnz(axis=1) > 0
+    top = np.asarray(Wx.argmax(axis=1)).ravel()
+    d_top = np.linalg.norm(w_world[has] - w_world[top[has]], axis=1)
+    assert has.mean() > 0.95
+    assert np.median(d_top) < 0.5 * pitch
+    params = t.uns["asign_neighbors"]["params"]
+    assert params["across"] == "overlap" and params["n_neighs_across"] == 12
+    assert all(v is not None and not isinstance(v, tuple) for v in params.values())
+
+
+def test_wrong_alignment_puts_partners_far_apart(small_stack):
+    """Negative control for the test above: identity transforms (no alignment) give far partners."""
+    st = get_stack(small_stack.tables["table"])
+    write_alignment(small_stack, {s: np.eye(3) for s in st.sections}, st.sections[1])
+    t = small_stack.tables["table"]
+    res = neighbors_3d(small_stack, radius_um=st.spot_diameter_um, n_neighs=4, inplace=False)
+    cross = cross_section_edges(res.connectivities, t.obs["section"])
+    Wx = res.connectivities.multiply(cross).tocsr()
+    has = Wx.getnnz(axis=1) > 0
+    top = np.asarray(Wx.argmax(axis=1)).ravel()
+    w = np.asarray(t.obsm["spatial_world"])
+    pitch = np.sqrt(np.pi * 1500.0 * 1180.0 / 60)
+    assert np.median(np.linalg.norm(w[has] - w[top[has]], axis=1)) > pitch
+
+
+def test_top_partner_is_nearest_adjacent_spot(aligned_stack):
+    """With equal circles IoU decreases with distance: the best partner is the nearest spot of an adjacent section."""
+    t = aligned_stack.tables["table"]
+    st = get_stack(t)
+    codes = section_codes(t, st)
+    res = neighbors_3d(
+        aligned_stack, n_neighs=4, n_neighs_across=1, adjacent_only=True, radius_um=st.spot_diameter_um, inplace=False
+    )
+    w = np.asarray(t.obsm["spatial_world"])
+    d = np.linalg.norm(w[:, None] - w[None], axis=-1)
+    d[np.abs(codes[:, None] - codes[None, :]) != 1] = np.inf
+    nearest = d.argmin(axis=1)
+    W = res.connectivities.tocsr()
+    for i in range(t.n_obs):
+        assert W[i, nearest[i]] > 0
+
+
+def _permuted_grid_graphs(**kw):
+    side, S = 8, 3
+    rng = np.random.default_rng(5)
+    perms = [rng.permutation(side * side) for _ in range(S)]
+    out = []
+    for p in (None, perms):
+        sd = grid_stack(n_sections=S, side=side, pitch_px=20.0, perms=p)
+        st = get_stack(sd.tables["table"])
+        T = {s: _rot(25 * i, 1.0, (7.0 * i, -3.0 * i)) for i, s in enumerate(st.sections)}
+        write_alignment(sd, T, st.sections[1])
+        out.append((sd.tables["table"], neighbors_3d(sd, radius_um=30.0, inplace=False, **kw)))
+    return out
+
+
+@pytest.mark.parametrize("n_neighs", [6, 12])
+def test_permutation_invariance_public(n_neighs):
+    """Rows reordered (same spots, same obs_names) -> the same graph, including ties on the square grid."""
+    (t0, g0), (t1, g1) = _permuted_grid_graphs(n_neighs=n_neighs, n_neighs_across=5)
+    idx = t1.obs_names.get_indexer(t0.obs_names)
+    assert not np.array_equal(idx, np.arange(idx.size))
+    for a, b in zip(g0, g1, strict=True):
+        b = b[idx][:, idx]
+        assert (a != b).nnz == 0
+        assert np.array_equal((a != 0).toarray(), (b != 0).toarray())
+
+
+def test_permutation_invariance_cores_interleaved_sections():
+    """Array cores with rows of all sections shuffled together: permuted input -> permuted graph."""
+    rng = np.random.default_rng(7)
+    n_per, S = 150, 4
+    g = np.arange(13) * 25.0
+    grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)[:n_per]
+    coords = np.concatenate([grid + rng.uniform(-2, 2, grid.shape) * (s % 2) for s in range(S)])
+    codes = np.repeat(np.arange(S), n_per)
+    T = np.stack([_rot(15 * s, 1.0, (3.0 * s, 0.0)) for s in range(S)])
+    feats = rng.random((coords.shape[0], 8))
+    key = rng.permutation(coords.shape[0])  # stable identity of each spot
+    perm = rng.permutation(coords.shape[0])
+
+    def graph(c, k, f, cd):
+        W = _within_graph(c, cd, 7, key=k)
+        r, cc, v = _cross_edges(c, cd, T, 20.0, 5, score="combined", features=f, key=k)
+        X = sp.csr_matrix((v, (r, cc)), shape=W.shape)
+        return W, X.maximum(X.T)
+
+    W0, X0 = graph(coords, key, feats, codes)
+    W1, X1 = graph(coords[perm], key[perm], feats[perm], codes[perm])
+    for a, b in ((W0, W1), (X0, X1)):
+        a = a[perm][:, perm]
+        assert (a != b).nnz == 0 or abs(a - b).max() < 1e-12
+        assert np.array_equal((a != 0).toarray(), (b != 0).toarray())
+
+
+def test_combined_score_matches_brute_force(aligned_stack):
+    t = aligned_stack.tables["table"]
+    st = get_stack(t)
+    codes = section_codes(t, st)
+    rng = np.random.default_rng(0)
+    t.obsm["feat"] = rng.random((t.n_obs, 16)) ** 3  # non-negative features
+    k = 5
+    r_um = st.spot_diameter_um
+    res = neighbors_3d(
+        aligned_stack, n_neighs=3, n_neighs_across=k, similarity_key="feat", radius_um=r_um, inplace=False
+    )
+    # brute force: dense IoU + cosine, other sections only, top-k per row, union keeping the larger
+    w = np.asarray(t.obsm["spatial_world"])
+    iou = method_oracle_iou(np.linalg.norm(w[:, None] - w[None], axis=-1), r_um)
+    F = t.obsm["feat"] / np.linalg.norm(t.obsm["feat"], axis=1, keepdims=True)
+    score = iou + F @ F.T
+    score[codes[:, None] == codes[None, :]] = -np.inf
+    top = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    want = np.zeros_like(score)
+    rows = np.repeat(np.arange(t.n_obs), k)
+    want[rows, top.ravel()] = score[rows, top.ravel()]
+    want = np.maximum(want, want.T)
+    got = res.connectivities.multiply(cross_section_edges(res.connectivities, t.obs["section"])).toarray()
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    # similarity only: every spot has exactly k partners chosen by cosine, weights = cosine
+    res_s = neighbors_3d(aligned_stack, n_neighs=3, across="similarity", similarity_key="feat", inplace=False)
+    got_s = res_s.connectivities.multiply(cross_section_edges(res_s.connectivities, t.obs["section"])).toarray()
+    cos = F @ F.T
+    cos[codes[:, None] == codes[None, :]] = -np.inf
+    top_s = np.argsort(-cos, axis=1, kind="stable")[:, :12]
+    assert all(np.all(got_s[i, top_s[i]] > 0) for i in range(t.n_obs))
+    nz = got_s > 0
+    np.testing.assert_allclose(got_s[nz], (F @ F.T)[nz], atol=1e-12)
+
+
+def test_self_loops_and_inplace_false(aligned_stack):
+    t = aligned_stack.tables["table"]
+    res = neighbors_3d(aligned_stack, self_loops=True, radius_um=100.0, inplace=False)
+    assert isinstance(res, SpatialNeighbors3D)
+    assert "asign_connectivities" not in t.obsp and "asign_neighbors" not in t.uns
+    assert np.all(res.connectivities.diagonal() == 1.0)
+    assert np.array_equal(res.connectivities.indptr, res.distances.indptr)
+    assert np.array_equal(res.connectivities.indices, res.distances.indices)
+    assert np.all(res.distances.diagonal() == 0.0)
+
+
+def test_isolated_spots_warning(small_stack, asign_log):
+    st = get_stack(small_stack.tables["table"])
+    T, ref = ground_truth_transforms(small_stack)
+    T[st.sections[2]] = T[st.sections[2]] @ _rot(0, 1.0, (5000.0, 0.0))  # S3 moved far away from the others
+    write_alignment(small_stack, T, ref)
+    neighbors_3d(small_stack, n_neighs=0, adjacent_only=True, radius_um=st.spot_diameter_um)
+    msgs = [r.getMessage() for r in asign_log if r.levelno == logging.WARNING]
+    codes = section_codes(small_stack.tables["table"], st)
+    n3 = int((codes == 2).sum())
+    assert any(f"{n3} spot(s) have no neighbour" in m and "S3" in m for m in msgs)
+    assert small_stack.tables["table"].uns["asign_neighbors"]["params"]["n_isolated"] == n3
+
+
+def test_polygon_path_in_neighbors_3d(small_stack):
+    """Non-similarity transforms take the polygon path; partners still follow the (sheared) geometry."""
+    T, ref = ground_truth_transforms(small_stack)
+    shear = np.array([[1.1, 0.15, 0.0], [0.0, 0.95, 0.0], [0.0, 0.0, 1.0]])
+    T = {s: shear @ M for s, M in T.items()}
+    write_alignment(small_stack, T, ref)
+    st = get_stack(small_stack.tables["table"])
+    M = spot_overlaps(small_stack, radius_um=st.spot_diameter_um, inplace=False)
+    # a common affine map preserves IoU: equal to the unsheared ground truth within the polygon tolerance
+    t = small_stack.tables["table"]
+    codes = section_codes(t, st)
+    w = np.asarray(t.obsm["spatial_world"])
+    want = method_oracle_iou(np.linalg.norm(w[:, None] - w[None], axis=-1), st.spot_diameter_um)
+    want[np.abs(codes[:, None] - codes[None, :]) != 1] = 0.0
+    np.testing.assert_allclose(M.toarray(), want, atol=1e-2)
+    assert t.uns["asign"]["alignment"]["transforms"] is not None
+    spot_overlaps(small_stack, radius_um=st.spot_diameter_um)
+    assert t.uns["asign_overlap"]["params"]["footprint"] == "polygon"
+
+
+def test_set_alignment_integration(small_stack):
+    """The same graph whether the keys come from asign.pp._align.set_alignment or are written by hand."""
+    align = pytest.importorskip("asign.pp._align")
+    if not hasattr(align, "set_alignment"):
+        pytest.skip("set_alignment not available")
+    import copy
+
+    other = copy.deepcopy(small_stack)
+    t = small_stack.tables["table"]
+    st = get_stack(t)
+    n2w = np.asarray(t.uns["asign"]["synthetic"]["native_to_world"])
+    align.set_alignment(small_stack, {s: n2w[i] for i, s in enumerate(st.sections)}, reference=st.sections[1])
+    T, ref = ground_truth_transforms(other)
+    write_alignment(other, T, ref)
+    a = neighbors_3d(small_stack, radius_um=100.0, inplace=False)
+    b = neighbors_3d(other, radius_um=100.0, inplace=False)
+    for x, y in zip(a, b, strict=True):
+        assert (x != 0).nnz == (y != 0).nnz
+        assert abs(x - y).max() < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs(small_stack):
+    with pytest.raises(KeyError, match="align_layers"):
+        spot_overlaps(small_stack)
+    with pytest.raises(KeyError, match="align_layers"):
+        neighbors_3d(small_stack)
+    # without cross-section edges no alignment is needed
+    assert neighbors_3d(small_stack, n_neighs_across=0, inplace=False).connectivities.nnz > 0
+    T, ref = ground_truth_transforms(small_stack)
+    write_alignment(small_stack, T, ref)
+    del small_stack.tables["table"].obsm["spatial_aligned"]
+    with pytest.raises(KeyError, match="spatial_aligned"):
+        neighbors_3d(small_stack)
+    write_alignment(small_stack, T, ref)
+    aligned_stack = small_stack
+    with pytest.raises(ValueError, match=r"S1 \(60\)"):
+        neighbors_3d(aligned_stack, n_neighs=60)
+    with pytest.raises(KeyError, match="extract_features"):
+        neighbors_3d(aligned_stack, similarity_key="nope")
+    with pytest.raises(ValueError, match="similarity_key"):
+        neighbors_3d(aligned_stack, across="similarity")
+    with pytest.raises(ValueError, match="across='combined'"):
+        aligned_stack.tables["table"].obsm["f"] = np.ones((aligned_stack.tables["table"].n_obs, 3))
+        neighbors_3d(aligned_stack, across="overlap", similarity_key="f")
+    with pytest.raises(ValueError, match="not both"):
+        spot_overlaps(aligned_stack, radius_px=10.0, radius_um=10.0)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        neighbors_3d(aligned_stack, n_neighs=-1)
+    with pytest.raises(ValueError, match="weights"):
+        neighbors_3d(aligned_stack, weights="gaussian")
+    bad = aligned_stack.tables["table"].uns["asign"]["alignment"]["transforms"]
+    bad["S1"] = np.zeros((3, 3))
+    with pytest.raises(ValueError, match="S1"):
+        spot_overlaps(aligned_stack)

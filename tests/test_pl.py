@@ -1,0 +1,429 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from asign._constants import Key
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("agg")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers: a known alignment (ground truth of the synthetic stack) and an output table like `asign.tl.impute` writes
+# ---------------------------------------------------------------------------------------------------------------------
+def align_truth(sdata, *, reference: int = 1) -> dict[str, np.ndarray]:
+    """Write the synthetic stack's true alignment following the alignment contract; return T_s per section."""
+    from spatialdata.transformations import Affine, Identity, Sequence, get_transformation, set_transformation
+
+    table = sdata.tables[Key.TABLE]
+    stack = table.uns[Key.UNS][Key.STACK]
+    n2w = np.asarray(table.uns[Key.UNS]["synthetic"]["native_to_world"])
+    secs = list(stack["section"])
+    transforms = {s: np.linalg.inv(n2w[reference]) @ n2w[i] for i, s in enumerate(secs)}
+    try:  # the pipeline's writer, once it exists
+        from asign.pp._align import set_alignment
+    except ImportError:
+        set_alignment = None
+    if set_alignment is not None:
+        set_alignment(sdata, transforms, reference=secs[reference])
+        return transforms
+    um = float(np.asarray(stack["um_per_px"])[reference])
+    for i, s in enumerate(secs):
+        for key in (stack["shapes_key"][i], stack["image_key"][i]):
+            if not key:
+                continue
+            el = sdata[key]
+            native = get_transformation(el, to_coordinate_system=stack["native_coordinate_system"][i])
+            aff = Identity() if i == reference else Affine(transforms[s], input_axes=("x", "y"), output_axes=("x", "y"))
+            set_transformation(el, Sequence([native, aff]), to_coordinate_system=Key.ALIGNED)
+    sec = table.obs[Key.SECTION].astype(str).to_numpy()
+    xy = np.asarray(table.obsm[Key.SPATIAL], dtype=float)
+    aligned = np.zeros_like(xy)
+    z = np.zeros(len(sec))
+    for i, s in enumerate(secs):
+        m = sec == s
+        T = transforms[s]
+        aligned[m] = (xy[m] @ T[:2, :2].T + T[:2, 2]) * um
+        z[m] = float(np.asarray(stack["z_um"])[i])
+    table.obsm[Key.SPATIAL_ALIGNED] = aligned
+    table.obs[Key.Z] = z
+    table.obsm[Key.SPATIAL_3D] = np.column_stack([aligned, z])
+    table.uns[Key.UNS][Key.ALIGNMENT] = {
+        "reference": secs[reference],
+        "method": "transforms",
+        "transform": "rigid",
+        "key_added": Key.ALIGNED,
+        "um_per_px": um,
+        "transforms": transforms,
+    }
+    return transforms
+
+
+def add_output_table(sdata, *, known=("S1",), noise: float = 0.3, seed: int = 0):
+    """An output table with the layout of `asign.tl.impute`: target (NaN outside known), imputed, known, section."""
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    table = sdata.tables[Key.TABLE]
+    X = np.log1p(table.X.toarray()).astype(np.float32)
+    known_mask = table.obs[Key.SECTION].astype(str).isin(known).to_numpy()
+    target = X.copy()
+    target[~known_mask] = np.nan
+    rng = np.random.default_rng(seed)
+    imputed = (X + rng.normal(0.0, noise, X.shape)).astype(np.float32)
+    obs = table.obs[[Key.SECTION, Key.REGION, Key.INSTANCE]].copy()
+    obs[Key.KNOWN] = known_mask
+    out = ad.AnnData(X=imputed.copy(), obs=obs, var=pd.DataFrame(index=table.var_names))
+    out.layers[Key.TARGET] = target
+    out.layers[Key.IMPUTED] = imputed
+    out.uns[Key.UNS] = {"stack": dict(table.uns[Key.UNS][Key.STACK]), "method": "synthetic-test"}
+    region = list(table.uns[Key.UNS][Key.STACK]["shapes_key"])
+    sdata.tables[Key.OUTPUT_TABLE] = TableModel.parse(
+        out, region=region, region_key=Key.REGION, instance_key=Key.INSTANCE
+    )
+    return sdata.tables[Key.OUTPUT_TABLE]
+
+
+def read_png(path):
+    from matplotlib.image import imread
+
+    img = imread(str(path))
+    assert img.ndim == 3
+    return img[..., :3]
+
+
+def assert_not_blank(path, *, min_std: float = 0.05, min_colours: int = 20):
+    img = read_png(path)
+    assert img.std() > min_std, f"{path} looks blank (pixel std {img.std():.4f})"
+    colours = np.unique((img.reshape(-1, 3) * 255).astype(np.uint8), axis=0)
+    assert len(colours) >= min_colours, f"{path} has only {len(colours)} colours"
+    return img
+
+
+@pytest.fixture
+def aligned_stack(small_stack):
+    align_truth(small_stack)
+    add_output_table(small_stack)
+    return small_stack
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------------------------------
+def test_sections_aligned_renders(aligned_stack, tmp_path):
+    import asign
+
+    path = tmp_path / "sections.png"
+    fig = asign.pl.sections(aligned_stack, gene="gene_003", save=path, show=False)
+    assert path.is_file()
+    img = assert_not_blank(path)
+    # 2 layers x 3 sections + colorbar
+    assert len(fig.axes) == 7
+    axes = fig.axes[:6]
+    # every panel has an image and spot collections; one colour scale for all coloured collections
+    norms = set()
+    for ax in axes:
+        assert len(ax.images) == 1
+        coloured = [c for c in ax.collections if c.get_array() is not None]
+        for c in coloured:
+            norms.add((c.norm.vmin, c.norm.vmax))
+    assert len(norms) == 1
+    vmin, vmax = norms.pop()
+    out = aligned_stack.tables["asign"]
+    j = out.var_names.get_loc("gene_003")
+    allv = np.concatenate([out.layers["imputed"][:, j], out.layers["target"][:, j]])
+    assert vmin == pytest.approx(np.nanmin(allv))
+    assert vmax == pytest.approx(np.nanmax(allv))
+    # the target row shows NaN spots as hollow circles only for the unknown sections S2, S3
+    top = axes[:3]
+    assert sum(c.get_array() is not None for c in top[0].collections) == 1
+    for ax in top[1:]:
+        assert all(c.get_array() is None for c in ax.collections)
+    assert img.shape[0] > 200 and img.shape[1] > 400
+
+
+def test_sections_spots_land_on_aligned_positions(aligned_stack):
+    """The spot circles of every panel sit at obsm['spatial_aligned'] (µm) and have the physical diameter."""
+    import asign
+
+    fig = asign.pl.sections(aligned_stack, gene="gene_001", layers="imputed", image=False, show=False)
+    table = aligned_stack.tables[Key.TABLE]
+    stack = table.uns[Key.UNS][Key.STACK]
+    sec = table.obs[Key.SECTION].astype(str).to_numpy()
+    vals = aligned_stack.tables["asign"][:, "gene_001"].layers["imputed"].ravel()
+    for ax, s in zip(fig.axes[:3], stack["section"], strict=True):
+        (coll,) = ax.collections
+        offsets = np.asarray(coll.get_offsets())
+        expected = table.obsm[Key.SPATIAL_ALIGNED][sec == s]
+        order = np.argsort(vals[sec == s], kind="stable")
+        np.testing.assert_allclose(offsets, expected[order], atol=1e-6)
+        np.testing.assert_allclose(np.asarray(coll.get_array()), vals[sec == s][order], rtol=1e-6)
+        np.testing.assert_allclose(coll._widths * 2, stack["spot_diameter_um"], rtol=1e-6)  # half-widths stored
+    # the shared panels span the whole aligned tissue
+    x0, x1 = fig.axes[0].get_xlim()
+    allx = table.obsm[Key.SPATIAL_ALIGNED][:, 0]
+    assert x0 < allx.min() and x1 > allx.max()
+
+
+def test_sections_native_and_subset(small_stack, tmp_path):
+    """Without an alignment the native frames are used; a subset of sections and vmin/vmax are respected."""
+    import asign
+
+    add_output_table(small_stack)
+    path = tmp_path / "native.pdf"
+    fig = asign.pl.sections(
+        small_stack, gene="gene_000", sections=["S3", "S1"], vmin=0.0, vmax=2.0, save=path, show=False
+    )
+    assert path.is_file() and path.stat().st_size > 1000
+    titles = [ax.get_title() for ax in fig.axes[:2]]
+    assert titles == ["S3", "S1 (known)"]
+    for ax in fig.axes[:4]:
+        for c in ax.collections:
+            if c.get_array() is not None:
+                assert (c.norm.vmin, c.norm.vmax) == (0.0, 2.0)
+    png = tmp_path / "native.png"
+    fig.savefig(png)
+    assert_not_blank(png)
+
+
+def test_sections_errors(aligned_stack):
+    import asign
+
+    with pytest.raises(KeyError, match="not_a_gene"):
+        asign.pl.sections(aligned_stack, gene="not_a_gene", show=False)
+    with pytest.raises(KeyError, match="Unknown section"):
+        asign.pl.sections(aligned_stack, gene="gene_000", sections=["S9"], show=False)
+    with pytest.raises(KeyError, match="layers"):
+        asign.pl.sections(aligned_stack, gene="gene_000", layers=["nope"], show=False)
+
+
+def test_sections_errors_unprocessed(small_stack):
+    import asign
+
+    with pytest.raises(KeyError, match="tl.impute"):
+        asign.pl.sections(small_stack, gene="gene_000", show=False)
+    add_output_table(small_stack)
+    with pytest.raises(ValueError, match="align_layers"):
+        asign.pl.sections(small_stack, gene="gene_000", coordinate_system="aligned", show=False)
+
+
+def test_sections_from_spot_table(aligned_stack, tmp_path):
+    """Raw counts of the spot table can be shown with the same function."""
+    import asign
+
+    path = tmp_path / "counts.png"
+    fig = asign.pl.sections(aligned_stack, gene="gene_002", key="table", layers="X", image=False, save=path, show=False)
+    assert len(fig.axes) == 4
+    assert_not_blank(path, min_colours=10)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scatter_3d
+# ---------------------------------------------------------------------------------------------------------------------
+def test_scatter_3d(aligned_stack, tmp_path):
+    import asign
+
+    path = tmp_path / "scatter3d.png"
+    fig = asign.pl.scatter_3d(aligned_stack, gene="gene_004", save=path, show=False)
+    assert_not_blank(path)
+    ax = fig.axes[0]
+    assert ax.name == "3d"
+    (sc,) = ax.collections
+    n = aligned_stack.tables[Key.TABLE].n_obs
+    assert len(np.asarray(sc.get_array())) == n
+    # default exaggeration: depth drawn at 40% of the lateral extent
+    aspect = ax.get_box_aspect()
+    xyz = aligned_stack.tables[Key.TABLE].obsm[Key.SPATIAL_3D]
+    lateral = max(np.ptp(xyz[:, 0]), np.ptp(xyz[:, 1]))
+    assert aspect[2] / max(aspect[0], aspect[1]) == pytest.approx(0.4 * lateral / lateral, rel=0.05)
+
+    fig2 = asign.pl.scatter_3d(
+        aligned_stack, gene="gene_004", layer="target", z_scale=1.0, sections=["S1", "S2"], show=False
+    )
+    ax2 = fig2.axes[0]
+    # true proportions: z extent 16 µm vs thousands of µm laterally
+    aspect2 = ax2.get_box_aspect()
+    assert aspect2[2] / max(aspect2[0], aspect2[1]) < 0.05
+    # NaN targets (S2) drawn in grey, S1 coloured
+    assert len(ax2.collections) == 2
+
+
+def test_scatter_3d_needs_alignment(small_stack):
+    import asign
+
+    add_output_table(small_stack)
+    with pytest.raises(KeyError, match="align_layers"):
+        asign.pl.scatter_3d(small_stack, gene="gene_000", show=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------------------
+def _metrics_frame(seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for method, shift in (("asign", 0.35), ("knn", 0.2), ("mean", 0.0)):
+        for s in ("S2", "S3"):
+            for g in range(25):
+                rows.append(
+                    {
+                        "method": method,
+                        "section": s,
+                        "gene": f"gene_{g:03d}",
+                        "pcc": shift + rng.normal(0, 0.1),
+                        "rmse": 1 - shift,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_metrics_section(tmp_path):
+    import asign
+
+    df = _metrics_frame()
+    path = tmp_path / "metrics_section.png"
+    fig = asign.pl.metrics(df, kind="section", save=path, show=False)
+    assert_not_blank(path)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["S2", "S3"]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["asign", "knn", "mean"]
+
+
+def test_metrics_gene_and_long_format(tmp_path):
+    import asign
+
+    df = _metrics_frame()
+    path = tmp_path / "metrics_gene.png"
+    fig = asign.pl.metrics(df, kind="gene", n_top=10, save=path, show=False)
+    assert_not_blank(path)
+    left, right = fig.axes[:2]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["asign", "knn", "mean"]
+    # the top genes are sorted by the first method's mean pcc
+    per_gene = df[df.method == "asign"].groupby("gene")["pcc"].mean().sort_values(ascending=False)
+    assert [t.get_text() for t in right.get_xticklabels()] == list(per_gene.index[:10])
+
+    long = df.melt(id_vars=["method", "section", "gene"], var_name="metric", value_name="value")
+    fig2 = asign.pl.metrics(long, kind="section", metric="rmse", show=False)
+    assert fig2.axes[0].get_ylabel() == "rmse"
+    # one value per section and method -> bars (single-method frame, no method column)
+    summary = df[df.method == "asign"].groupby("section", as_index=False)["pcc"].mean()
+    path3 = tmp_path / "metrics_bar.png"
+    fig3 = asign.pl.metrics(summary, save=path3, show=False)
+    assert len(fig3.axes[0].patches) == 2
+    assert_not_blank(path3, min_colours=5)
+    with pytest.raises(KeyError, match="gene"):
+        asign.pl.metrics(summary, kind="gene", show=False)
+    with pytest.raises(KeyError, match="metric"):
+        asign.pl.metrics(df[["method", "section", "gene"]], show=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training curve
+# ---------------------------------------------------------------------------------------------------------------------
+def test_training_curve_from_table(aligned_stack, tmp_path):
+    import asign
+
+    epochs = np.arange(1, 41)
+    history = {
+        "epoch": epochs,
+        "train_loss": 2.0 * np.exp(-epochs / 10) + 0.1,
+        "val_loss": 2.2 * np.exp(-epochs / 12) + 0.15,
+        "val_pcc": 0.4 * (1 - np.exp(-epochs / 8)),
+    }
+    aligned_stack.tables["asign"].uns[Key.UNS]["training"] = history
+    path = tmp_path / "training.png"
+    fig = asign.pl.training_curve(aligned_stack, save=path, show=False)
+    assert_not_blank(path, min_colours=10)
+    loss_ax, val_ax = fig.axes[:2]
+    assert sorted(line.get_label() for line in loss_ax.get_lines()) == ["train_loss", "val_loss"]
+    assert [line.get_label() for line in val_ax.get_lines()] == ["val_pcc"]
+    np.testing.assert_allclose(val_ax.get_lines()[0].get_ydata(), history["val_pcc"])
+
+
+def test_training_curve_folds_and_records(tmp_path):
+    import asign
+
+    records = [{"epoch": e, "loss": 1.0 / e, "pcc": 0.05 * e} for e in range(1, 11)]
+    fig = asign.pl.training_curve({"fold0": records, "fold1": records[:6]}, show=False, save=tmp_path / "folds.png")
+    loss_ax = fig.axes[0]
+    assert len(loss_ax.get_lines()) == 2  # one line per fold
+    assert_not_blank(tmp_path / "folds.png", min_colours=10)
+    with pytest.raises(KeyError, match="training history"):
+        import anndata as ad
+
+        asign.pl.training_curve(ad.AnnData(np.zeros((2, 2))), show=False)
+
+
+def test_finish_show_none_is_silent_on_agg(monkeypatch, aligned_stack):
+    import matplotlib.pyplot as plt
+
+    import asign
+    from asign.pl._utils import is_interactive_backend
+
+    assert not is_interactive_backend()
+    called = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: called.append(1))
+    asign.pl.sections(aligned_stack, gene="gene_000", image=False, show=None)
+    assert called == []
+    asign.pl.sections(aligned_stack, gene="gene_000", image=False, show=True)
+    assert called == [1]
+
+
+def test_training_curve_summary_in_result(aligned_stack, tmp_path):
+    """The model's training summary ({'curve': {...}, 'best_epoch': ...}) nested under uns['asign']['result']."""
+    import asign
+
+    e = np.arange(12, dtype=float)
+    curve = {"epoch": e, "loss_total": 1.0 / (e + 1), "loss_mse": 0.8 / (e + 1), "lr": np.full(12, 1e-4)}
+    curve["val_pcc"] = np.tanh(e / 5)
+    aligned_stack.tables["asign"].uns[Key.UNS]["result"] = {"training": {"curve": curve, "best_epoch": 9}}
+    fig = asign.pl.training_curve(aligned_stack, save=tmp_path / "summary.png", show=False)
+    loss_ax, val_ax = fig.axes[:2]
+    labels = [line.get_label() for line in loss_ax.get_lines()]
+    assert labels == ["loss_total", "loss_mse"]  # lr hidden unless asked for
+    assert any(np.allclose(line.get_xdata(), 9.0) for line in val_ax.get_lines() if line.get_label().startswith("_"))
+    fig2 = asign.pl.training_curve(aligned_stack, series=["lr"], show=False)
+    assert [line.get_label() for line in fig2.axes[0].get_lines() if not line.get_label().startswith("_")] == ["lr"]
+
+
+def test_pipeline_outputs(small_stack, tmp_path):
+    """The real outputs of `asign.tl.impute` and `asign.tl.evaluate` plot without adaptation."""
+    import asign
+
+    try:
+        from asign.tl._evaluate import evaluate
+        from asign.tl._impute import impute
+    except ImportError:  # pragma: no cover - while the pipeline is being written
+        pytest.skip("asign.tl.impute / evaluate not available")
+    align_truth(small_stack)
+    for method in ("mean", "nearest"):
+        impute(small_stack, known="S1", method=method, key_added=f"asign_{method}", n_genes=10, show_progress_bar=False)
+    df = pd.concat([evaluate(small_stack, key=f"asign_{m}") for m in ("mean", "nearest")])
+    gene = small_stack.tables["asign_nearest"].var_names[0]
+    fig = asign.pl.sections(small_stack, gene=gene, key="asign_nearest", save=tmp_path / "s.png", show=False)
+    assert_not_blank(tmp_path / "s.png")
+    # measured layer: every measured spot has a value, so no hollow circles
+    for ax in fig.axes[:6]:
+        assert all(c.get_array() is not None for c in ax.collections)
+    asign.pl.scatter_3d(small_stack, gene=gene, key="asign_nearest", save=tmp_path / "3d.png", show=False)
+    assert_not_blank(tmp_path / "3d.png")
+    fig = asign.pl.metrics(df, kind="section", save=tmp_path / "m.png", show=False)
+    assert_not_blank(tmp_path / "m.png", min_colours=10)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "pcc_gene"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mean", "nearest"]
+    fig = asign.pl.metrics(df, kind="gene", save=tmp_path / "g.png", show=False)
+    assert_not_blank(tmp_path / "g.png", min_colours=10)
+    # only level == 'gene' rows: 10 genes
+    assert len(fig.axes[1].get_xticklabels()) == 10
