@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from asign._model import ASIGNConfig, ValidationSet, make_model, predict_sample, train_model  # noqa: E402
-from asign._model._synthetic import random_sample  # noqa: E402
+from asign._model import ASIGNConfig, ValidationSet, make_model, predict_sample, train_model
+from asign._model._synthetic import random_sample
 
 PAPER = {"seconds_per_epoch": 45.0, "gpu_memory_gb": 24.7, "n_parameters": 59.45e6}
 # HER2ST: patients A-D have 6 sections, E-H 3; 13,620 spots over 36 sections (~378 per section)

@@ -475,6 +475,28 @@ def test_permutation_invariance_cores_interleaved_sections():
         assert np.array_equal((a != 0).toarray(), (b != 0).toarray())
 
 
+@pytest.mark.parametrize("radius", [60.0, 200.0])
+def test_nearest_fast_path_equals_exhaustive_search(radius):
+    """All-section overlap partners from one kNN query equal those of the exhaustive candidate search."""
+    rng = np.random.default_rng(11)
+    S, side = 6, 12
+    g = np.arange(side) * 50.0
+    grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    coords = np.concatenate([grid + (rng.uniform(0, 50, 2) if s % 2 else 0) for s in range(S)])
+    codes = np.repeat(np.arange(S), grid.shape[0])
+    T = np.stack([_about(_rot(30 * s, 1.0, (5.0 * s, 0.0)), (275.0, 275.0)) for s in range(S)])
+    key = rng.permutation(coords.shape[0])
+    active = np.ones(S, dtype=bool)
+    active[4] = False
+    fast = _cross_edges(coords, codes, T, radius, 5, key=key, active=active)
+    slow = _cross_edges(coords, codes, T, radius, 5, key=key, active=active, knn_fast_path=False)
+    n = coords.shape[0]
+    A, B = (sp.csr_matrix((v, (r, c)), shape=(n, n)) for r, c, v in (fast, slow))
+    assert A.nnz == B.nnz > 0 and (A != B).nnz == 0
+    assert not np.isin(codes[fast[0]], [4]).any() and not np.isin(codes[fast[1]], [4]).any()
+    assert np.all(codes[fast[0]] != codes[fast[1]])
+
+
 def test_combined_score_matches_brute_force(aligned_stack):
     t = aligned_stack.tables["table"]
     st = get_stack(t)

@@ -34,9 +34,7 @@ def _drop_section_rows(sdata, section):
     t = _table(sdata)
     keep = t[~_rows(sdata, section)].copy()
     keep.obs["region"] = keep.obs["region"].cat.remove_unused_categories()
-    keep.obs["section"] = keep.obs["section"].cat.set_categories(
-        list(t.obs["section"].cat.categories), ordered=True
-    )
+    keep.obs["section"] = keep.obs["section"].cat.set_categories(list(t.obs["section"].cat.categories), ordered=True)
     del keep.uns["spatialdata_attrs"]
     del sdata.tables["table"]
     sdata.tables["table"] = TableModel.parse(

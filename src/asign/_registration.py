@@ -396,12 +396,23 @@ def _angle_gap(a: float, b: float) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _ants_environment(seed: int):
+    """Single-threaded ITK and a fixed ANTs seed for the duration of a registration.
+
+    antspyx passes ``--random-seed`` to ``antsRegistration`` only from ``ants.config._random_seed`` (its public
+    setter, ``ants.set_ants_deterministic``, also forbids the non-"Repro" transform types), so the seed is set there
+    and restored afterwards; ``ANTS_RANDOM_SEED`` is set as well for ANTs builds that read it.
+    """
+    import ants
+
     keys = {"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "ANTS_RANDOM_SEED": str(int(seed) + 1)}
     old = {k: os.environ.get(k) for k in keys}
+    old_seed = getattr(ants.config, "_random_seed", None)
     os.environ.update(keys)
+    ants.config._random_seed = int(seed) + 1  # ANTs treats 0 as "no seed"
     try:
         yield
     finally:
+        ants.config._random_seed = old_seed
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

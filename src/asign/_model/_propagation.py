@@ -9,18 +9,18 @@ Tensor = torch.Tensor
 
 
 def transition_matrix(edge_index: Tensor, edge_weight: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Row-normalised ``P = D^{-1} W`` as a sparse CSR tensor (row = target node) and the degree-0 mask."""
+    """Row-normalised ``P = D^{-1} W`` as a coalesced sparse COO tensor (row = target node) and the degree-0 mask."""
     src, dst = edge_index
     w = edge_weight.detach().to(torch.float32)
     deg = torch.zeros(n, dtype=w.dtype, device=w.device).index_add_(0, dst, w)
     p = w / deg.clamp_min(1e-12)[dst]
-    mat = torch.sparse_coo_tensor(torch.stack([dst, src]), p, (n, n)).coalesce().to_sparse_csr()
+    mat = torch.sparse_coo_tensor(torch.stack([dst, src]), p, (n, n), check_invariants=True).coalesce()
     return mat, deg <= 0
 
 
 def propagate_step(y: Tensor, mat: Tensor, isolated: Tensor) -> Tensor:
     """One step ``Y <- P Y``; rows of degree 0 keep their value (``P_ii = 1``), so they never become NaN."""
-    return torch.where(isolated.unsqueeze(1), y, mat @ y)
+    return torch.where(isolated.unsqueeze(1), y, torch.sparse.mm(mat, y))
 
 
 def label_propagation(

@@ -94,34 +94,52 @@ def lazy_jpeg_pyramid(
     """A multiscale image element of a JPEG whose every level is decoded lazily and on its own.
 
     Level ``k`` is decoded directly at its size with the JPEG decoder's DCT scaling (1/2, 1/4, 1/8), so reading a
-    thumbnail never decodes the full-resolution image. The pyramid has the layout of
-    :meth:`spatialdata.models.Image2DModel.parse` with ``scale_factors`` and the transformation
+    thumbnail never decodes the full-resolution image. Levels follow ``scale_factors`` (levels under 256 px on the
+    shorter side are dropped, as in :func:`asign.io.stack_sections`); the element has the transformation
     :class:`~spatialdata.transformations.Identity` to ``coordinate_system``.
     """
     import xarray as xr
     from spatialdata.models import Image2DModel
-    from spatialdata.transformations import Identity
+    from spatialdata.transformations import Identity, set_transformation
 
-    level0 = lazy_jpeg(path, chunk=chunk)
-    parsed = Image2DModel.parse(
-        level0,
-        dims=("c", "y", "x"),
-        scale_factors=list(scale_factors) or None,
-        chunks=(3, chunk, chunk),
-        transformations={coordinate_system: Identity()},
-    )
-    if not isinstance(parsed, xr.DataTree):
-        return parsed
+    from asign.io._build import _pyramid_factors
+
+    path = str(path)
+    w, h = _jpeg_size(Path(path))
+    sizes = [(h, w)]
+    for f in _pyramid_factors(min(h, w), scale_factors):
+        sizes.append((sizes[-1][0] // f, sizes[-1][1] // f))
     nodes = {}
-    for name in parsed.children:
-        old = next(iter(parsed[name].values()))
-        if name == "scale0":
-            data = level0
-        else:
-            data = _lazy_level(str(path), int(old.sizes["y"]), int(old.sizes["x"]), chunk)
-        new = xr.DataArray(data, dims=old.dims, coords=old.coords, attrs=dict(old.attrs), name=old.name)
-        nodes[name] = xr.Dataset({old.name: new})
-    return xr.DataTree.from_dict(nodes)
+    for k, (hk, wk) in enumerate(sizes):
+        coords = {"c": np.arange(3), "y": (np.arange(hk) + 0.5) * (h / hk), "x": (np.arange(wk) + 0.5) * (w / wk)}
+        arr = xr.DataArray(_lazy_level(path, hk, wk, chunk), dims=("c", "y", "x"), coords=coords, name="image")
+        nodes[f"scale{k}"] = xr.Dataset({"image": arr})
+    tree = xr.DataTree.from_dict(nodes)
+    set_transformation(tree, {coordinate_system: Identity()}, set_all=True)
+    Image2DModel().validate(tree)
+    return tree
+
+
+def _read_counts(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """Spot ids, gene names and the ``(spots, genes)`` float32 matrix of a HER2ST count table (``.tsv.gz``)."""
+    import gzip
+    import io
+
+    with gzip.open(path, "rb") as fh:
+        header = fh.readline().decode().rstrip("\r\n").split("\t")[1:]
+        body = fh.read()
+    lines = [ln for ln in body.splitlines() if ln.strip()]
+    ids = [ln.split(b"\t", 1)[0].decode().strip('"') for ln in lines]
+    X = np.loadtxt(
+        io.BytesIO(b"\n".join(lines)), delimiter="\t", usecols=range(1, len(header) + 1), dtype=np.float32, ndmin=2
+    )
+    genes = [g.strip('"') for g in header]
+    if len(set(genes)) != len(genes):
+        import anndata as ad
+
+        genes = list(ad.utils.make_index_unique(pd.Index(genes)))
+        logger.warning(f"{path.name}: duplicate gene names were made unique (suffix '-1', '-2', ...).")
+    return ids, genes, X
 
 
 def _fit_rigid(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -140,21 +158,31 @@ def _fit_rigid(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 def _read_transforms(root: Path, sections: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The published rigid registration: one 3 x 3 matrix per section into its patient's reference section.
 
-    Returns the matrices and the reference section of each section.
+    From ``section_transforms.csv`` when present, else fitted on the cluster files of the upstream layout. Returns
+    the matrices and the reference section of each section.
     """
+    if (root / "section_transforms.csv").exists():
+        return _read_transforms_from_csv(root, sections)
+    return _read_transforms_from_clusters(root, sections)
+
+
+def _read_transforms_from_csv(root: Path, sections: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     out: dict[str, np.ndarray] = {}
     refs: dict[str, str] = {}
-    table = root / "section_transforms.csv"
-    if table.exists():
-        df = pd.read_csv(table, index_col="section")
-        for s in sections:
-            if s in df.index:
-                r = df.loc[s]
-                out[s] = np.array([[r.a11, r.a12, r.tx], [r.a21, r.a22, r.ty], [0.0, 0.0, 1.0]], dtype=float)
-                if "reference" in df.columns:
-                    refs[s] = str(r.reference)
-        return out, refs
-    # upstream layout: fit the rigid map from the warped spot coordinates of the cluster files
+    df = pd.read_csv(root / "section_transforms.csv", index_col="section")
+    for s in sections:
+        if s in df.index:
+            r = df.loc[s]
+            out[s] = np.array([[r.a11, r.a12, r.tx], [r.a21, r.a22, r.ty], [0.0, 0.0, 1.0]], dtype=float)
+            if "reference" in df.columns:
+                refs[s] = str(r.reference)
+    return out, refs
+
+
+def _read_transforms_from_clusters(root: Path, sections: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Fit the rigid map of every section from the warped spot coordinates of the upstream cluster files."""
+    out: dict[str, np.ndarray] = {}
+    refs: dict[str, str] = {}
     for s in sections:
         f = root / "res" / "ST-cluster" / "lbl" / f"{s}-cluster-annotation.tsv.gz"
         if f.exists():
@@ -166,10 +194,10 @@ def _read_transforms(root: Path, sections: Sequence[str]) -> tuple[dict[str, np.
             if res > 2.0:
                 logger.warning(f"HER2ST {s}: the published registration is not rigid (max residual {res:.1f} px).")
             out[s] = M
-    identity = [s for s, M in out.items() if np.allclose(M, np.eye(3), atol=1e-6)]
-    for s in out:
-        if len(identity) == 1:
-            refs[s] = identity[0]
+    # the reference section is the one that the registration leaves in place
+    identity = [s for s, M in out.items() if np.allclose(M, np.eye(3), atol=1e-3)]
+    if len(identity) == 1:
+        refs = dict.fromkeys(out, identity[0])
     return out, refs
 
 
@@ -277,10 +305,12 @@ def read_her2st(
     transforms, refs = _read_transforms(root, sections)
     parts = []
     for s in sections:
-        counts = pd.read_csv(cnt_dir / f"{s}.tsv.gz", sep="\t", index_col=0)
-        counts.index = counts.index.astype(str)
+        ids, gene_names, X = _read_counts(cnt_dir / f"{s}.tsv.gz")
+        counts_index = pd.Index(ids)
         if genes is not None:
-            counts = counts.reindex(columns=list(genes), fill_value=0)
+            idx = pd.Index(gene_names).get_indexer(list(genes))
+            X = np.where(idx[None, :] >= 0, X[:, np.maximum(idx, 0)], 0).astype(np.float32)
+            gene_names = [str(g) for g in genes]
         spot_file = root / "data" / "ST-spotfiles" / f"{s}_selection.tsv"
         if not spot_file.exists():
             msg = f"Section {s}: spot file {spot_file} not found; it gives the spots' pixel positions."
@@ -288,7 +318,7 @@ def read_her2st(
         spots = pd.read_csv(spot_file, sep="\t")
         spots.index = spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)
         spots = spots[~spots.index.duplicated()]
-        absent = counts.index.difference(spots.index)
+        absent = counts_index.difference(spots.index)
         if len(absent):
             msg = (
                 f"Section {s}: {len(absent)} spots of the count table have no pixel position in {spot_file.name} "
@@ -296,7 +326,7 @@ def read_her2st(
             )
             raise ValueError(msg)
         um_per_px = _um_per_px(root, s, spots)
-        spots = spots.loc[counts.index]
+        spots = spots.loc[counts_index]
         xy = spots[["pixel_x", "pixel_y"]].to_numpy(float)
         img_path = _find_image(root, patient, s) if images else None
         obs = pd.DataFrame(
@@ -306,7 +336,7 @@ def read_her2st(
                 "has_image": img_path is not None,
             }
         )
-        labels = _pathologist_labels(root, s, counts.index)
+        labels = _pathologist_labels(root, s, counts_index)
         if labels is not None:
             obs["pathologist_label"] = labels.to_numpy()
         obsm = {}
@@ -316,9 +346,7 @@ def read_her2st(
         else:
             logger.warning(f"HER2ST {s}: no published registration found; obsm['{Key.HER2ST_REFERENCE}'] is NaN.")
         image = lazy_jpeg_pyramid(img_path, coordinate_system=s) if img_path is not None else None
-        adata = AnnData(
-            X=sp.csr_matrix(counts.to_numpy(dtype=np.float32)), var=pd.DataFrame(index=counts.columns.astype(str))
-        )
+        adata = AnnData(X=sp.csr_matrix(X), var=pd.DataFrame(index=gene_names))
         parts.append(
             Section(
                 name=s,
@@ -326,12 +354,12 @@ def read_her2st(
                 counts=adata,
                 image=image,
                 um_per_px=um_per_px,
-                spot_ids=list(counts.index),
+                spot_ids=list(counts_index),
                 obs=obs,
                 obsm=obsm,
             )
         )
-        logger.debug(f"HER2ST {s}: {len(counts)} spots, image={'yes' if img_path else 'no'}")
+        logger.debug(f"HER2ST {s}: {len(ids)} spots, image={'yes' if img_path else 'no'}")
     if not transforms:
         for p in parts:
             p.obsm[Key.HER2ST_REFERENCE] = np.full((len(p.spots), 2), np.nan)

@@ -51,7 +51,11 @@ def _read_disk(store: Path, kind: str, name: str) -> Any | None:
         if kind == "tables":
             import anndata as ad
 
-            return ad.read_zarr(path)
+            table = ad.read_zarr(path)
+            attrs = table.uns.get("spatialdata_attrs")
+            if isinstance(attrs, dict) and isinstance(attrs.get("region"), np.ndarray):
+                attrs["region"] = attrs["region"].tolist()  # as spatialdata's reader returns it
+            return table
         from spatialdata import read_zarr
 
         return read_zarr(store, selection=(kind,))[name]
@@ -115,27 +119,43 @@ def _restore(sdata: SpatialData, kind: str, name: str, copy: Any) -> None:
     stale = Path(sdata.path) / kind / name
     if stale.exists():  # an unreadable, half-deleted element
         shutil.rmtree(stale)
+        _reconsolidate(Path(sdata.path))
     sdata.write_element(name)
     _verify(Path(sdata.path), kind, name, getattr(sdata, kind)[name])
     logger.warning(f"Restored {kind}/{name} from the copy left by an interrupted write.")
 
 
-def recover(sdata: SpatialData) -> list[str]:
-    """Repair the store of ``sdata`` after an interrupted :func:`persist`.
+def _reconsolidate(store: Path) -> None:
+    """Rewrite the store's consolidated metadata from what is on disk (public API only needs ``path``)."""
+    from spatialdata import SpatialData
+
+    empty = SpatialData()
+    empty.path = Path(store)
+    empty.write_consolidated_metadata()
+
+
+def recover(sdata: SpatialData | str | Path) -> list[str]:
+    """Repair a store after an interrupted :func:`persist`.
 
     A table or shapes element left under ``<name>_asign_tmp`` (or in the temporary store ``<store>.asign_tmp``)
     whose original is missing or unreadable is restored under its name; leftover copies are removed once the
-    original is intact.
+    original is intact; the consolidated metadata are rewritten from what is on disk.
 
     Parameters
     ----------
     sdata
-        A stack backed by a zarr store (others are left alone).
+        A stack backed by a zarr store (others are left alone), or the path of a store (for a store that
+        :func:`spatialdata.read_zarr` can no longer open because its consolidated metadata are stale).
 
     Returns
     -------
     The names of the restored elements.
     """
+    if not hasattr(sdata, "tables"):
+        from spatialdata import read_zarr
+
+        _reconsolidate(Path(sdata))
+        sdata = read_zarr(sdata)
     if sdata.path is None:
         return []
     store = Path(sdata.path)
@@ -152,6 +172,8 @@ def recover(sdata: SpatialData) -> list[str]:
                 _restore(sdata, kind, name, copy)
                 restored.append(name)
             shutil.rmtree(store / kind / tmp)
+            if tmp in getattr(sdata, kind):  # read back as an element of its own by read_zarr
+                del getattr(sdata, kind)[tmp]
     tstore = _temp_store(store)
     if tstore.exists():
         for kind in _REWRITABLE:
@@ -164,6 +186,7 @@ def recover(sdata: SpatialData) -> list[str]:
                     _restore(sdata, kind, name, copy)
                     restored.append(name)
         shutil.rmtree(tstore)
+    _reconsolidate(store)
     return restored
 
 
@@ -225,7 +248,7 @@ def _rewrite(sdata: SpatialData, kind: str, name: str, *, strategy: str) -> None
     sdata.write_element(name)
     _verify(store, kind, name, element)
     if strategy == "temp_element":
-        shutil.rmtree(store / kind / (name + TMP_SUFFIX))
+        sdata.delete_element_from_disk(name + TMP_SUFFIX)  # also updates the consolidated metadata
     else:
         shutil.rmtree(_temp_store(store))
 

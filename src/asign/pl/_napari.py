@@ -122,6 +122,35 @@ def _colour_layer(napari_layer: Any, values: np.ndarray, ids: np.ndarray, gene: 
     napari_layer.face_color = colours
 
 
+def _zoom_to(viewer: Any, layers: list[Any], margin: float = 0.06) -> None:
+    """After ``reset_view``, centre the camera on ``layers`` (the spots) and zoom so that they fill the view."""
+    if not layers:
+        return
+    boxes = np.array([np.asarray(layer.extent.world, dtype=float)[:, -2:] for layer in layers])
+    lo, hi = boxes[:, 0].min(axis=0), boxes[:, 1].max(axis=0)
+    full = np.asarray(viewer.layers.extent.world, dtype=float)[:, -2:]
+    size = np.maximum(hi - lo, 1e-9)
+    ratio = float(np.min((full[1] - full[0]) / size))
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    if not np.isfinite(ratio) or ratio <= 1.0:
+        return
+    camera.center = tuple((lo + hi) / 2.0)
+    camera.zoom = camera.zoom * ratio / (1.0 + 2.0 * margin)
+
+
+def _grid_order(viewer: Any, grid_model: Any, names: list[str], secs: list[str]) -> str:
+    """Sections by grid row (napari places layers by their position in the layer list)."""
+    try:
+        layers = list(viewer.layers)
+        pos = {s: grid_model.position(layers.index(viewer.layers[n]), layers) for n, s in zip(names, secs, strict=True)}
+    except (AttributeError, ValueError, KeyError):  # pragma: no cover - napari API differences
+        return ", ".join(secs)
+    rows: dict[int, list[tuple[int, str]]] = {}
+    for s, (r, c) in pos.items():
+        rows.setdefault(r, []).append((c, s))
+    return " | ".join(" ".join(s for _, s in sorted(rows[r])) for r in sorted(rows))
+
+
 def _set_text(viewer: Any, text: str) -> None:
     overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
     overlay = getattr(overlays, "text", None) if overlays is not None else None
@@ -146,6 +175,7 @@ def interactive(
     cmap: str = "viridis",
     grid: bool = False,
     window_size: tuple[int, int] | None = None,
+    zoom_to_spots: bool = True,
     stack_table_key: str = Key.TABLE,
     headless: bool = False,
     timeout: float = 120.0,
@@ -181,6 +211,8 @@ def interactive(
         Show the sections side by side (napari's grid mode, one cell per section) instead of on top of each other.
     window_size
         Resize the napari window to ``(width, height)`` pixels (useful for screenshots).
+    zoom_to_spots
+        Centre and zoom the view on the spots instead of the whole images.
     stack_table_key
         Key of the stack's spot table (the section manifest).
     headless
@@ -236,6 +268,11 @@ def interactive(
         if images and ikey is not None and ikey in sdata.images:
             elements.append((s, ikey, False))
         elements.append((s, stack.shapes_key(s), True))
+    if grid and images and any(stack.image_key(s) is None for s in secs):
+        logger.warning(
+            "Grid mode pairs each section's image with its spots; sections without an image "
+            f"{[s for s in secs if stack.image_key(s) is None]} shift the pairing. Pass `sections=` to leave them out."
+        )
     for s, name, is_spots in elements:
         _wait_idle(viewer_app, timeout)
         n_before = len(viewer.layers)
@@ -259,8 +296,15 @@ def interactive(
         grid_model.stride = 2 if images else 1
         grid_model.shape = (1, len(secs)) if len(secs) <= 4 else (-1, -1)
     viewer.reset_view()
+    if zoom_to_spots:
+        _zoom_to(viewer, [viewer.layers[stack.shapes_key(s)] for s in secs])
+    lines = []
     if gene is not None:
-        _set_text(viewer, f"{gene} ({table_key} {layer}): {norm.vmin:.2f} to {norm.vmax:.2f} ({cmap})")
+        lines.append(f"{gene} ({table_key} {layer}): {norm.vmin:.2f} to {norm.vmax:.2f} ({cmap})")
+    if grid:
+        lines.append("sections: " + _grid_order(viewer, grid_model, [stack.shapes_key(s) for s in secs], secs))
+    if lines:
+        _set_text(viewer, "\n".join(lines))
     _process_events()
     logger.info(
         f"Added {len(elements)} elements of sections {secs} in coordinate system {coordinate_system!r} to napari."

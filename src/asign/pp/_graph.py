@@ -372,6 +372,49 @@ def _cosine_topk_candidates(
     return np.concatenate(ii), np.concatenate(jj)
 
 
+def _nearest_other_section(
+    centres: np.ndarray, codes: np.ndarray, r: float, k: int, key: np.ndarray, active: np.ndarray
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(s, i, j)`` with the nearest other-section spots ``j`` of every spot ``i`` of section ``s``.
+
+    Only spots closer than ``2 r`` count; every row gets at least its ``k`` nearest, with every tie (and a 1e-9
+    relative margin) at the k-th distance. The query is widened per row until the farthest point returned lies beyond that distance (or beyond ``2 r``).
+    """
+    pool = np.flatnonzero(active[codes])
+    if pool.size == 0:
+        return
+    tree = cKDTree(centres[pool])
+    pcodes = codes[pool]
+    reach = 2.0 * r
+    for s in np.flatnonzero(active):
+        rows = np.flatnonzero(codes == s)
+        if rows.size == 0:
+            continue
+        todo = np.arange(rows.size)
+        kq = min(pool.size, 2 * k + 2)
+        out_i, out_j = [], []
+        while todo.size:
+            d, jj = tree.query(centres[rows[todo]], k=kq, distance_upper_bound=reach)
+            d, jj = d.reshape(todo.size, kq), jj.reshape(todo.size, kq)
+            found = jj < pool.size
+            valid = found & (pcodes[np.minimum(jj, pool.size - 1)] != s)
+            # k-th valid distance per row (inf when fewer than k valid)
+            dv = np.where(valid, d, np.inf)
+            dk = np.partition(dv, min(k, kq) - 1, axis=1)[:, min(k, kq) - 1] if kq >= k else np.full(todo.size, np.inf)
+            limit = np.minimum(dk * (1.0 + 1e-9), reach)
+            last = np.where(found[:, -1], d[:, -1], np.inf)  # not found: every point within reach was returned
+            done = (last > limit) | (kq >= pool.size)
+            keep = valid & (d <= limit[:, None]) & done[:, None]
+            a, b = np.nonzero(keep)
+            out_i.append(rows[todo[a]])
+            out_j.append(pool[jj[a, b]])
+            todo = todo[~done]
+            kq = min(pool.size, 2 * kq)
+        i, j = np.concatenate(out_i), np.concatenate(out_j)
+        if i.size:
+            yield int(s), i, j
+
+
 def _cross_edges(
     coords: np.ndarray,
     codes: np.ndarray,
@@ -386,6 +429,7 @@ def _cross_edges(
     n_vertices: int = 100,
     key: np.ndarray | None = None,
     active: np.ndarray | None = None,
+    knn_fast_path: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Directed top-``k`` cross-section partners of every spot (array core of :func:`neighbors_3d`).
 
@@ -393,6 +437,11 @@ def _cross_edges(
     IoU + ``similarity_weight`` * cosine. For ``combined`` the exact top-k lies in the union of the IoU > 0 pairs
     and the top-k pairs by cosine (a pair outside both has IoU 0 and k better cosines), so only those are scored.
     Pairs scoring <= 0 are dropped. Returns ``(rows, cols, scores)``, at most ``k`` per row.
+
+    With ``score="overlap"`` over every other section and footprints that are circles of one radius (similarity
+    transforms of one scale, the usual case), the candidates are the nearest other-section centres from one
+    KD-tree query per section (``knn_fast_path``), so the cost does not grow with the number of sections; the
+    result is the same as the exhaustive candidate search.
     """
     n = coords.shape[0]
     key = np.arange(n) if key is None else np.asarray(key)
@@ -422,6 +471,11 @@ def _cross_edges(
             centres, codes, fp, adjacent_only=adjacent_only, both_directions=True, active=active
         )
     if not use_cos:
+        r_al = fp.radius_aligned[active]
+        equal_circles = bool(fp.exact[active].all()) and float(np.ptp(r_al)) <= 1e-9 * float(r_al.max())
+        if equal_circles and not adjacent_only and knn_fast_path:
+            # IoU of equal circles decreases with distance: top-k by IoU = k nearest other-section centres
+            overlap_blocks = _nearest_other_section(centres, codes, float(r_al[0]), k, key, active)
         for _s, i, j in overlap_blocks:
             finish(i, j, _pairs_iou(centres, codes, fp, i, j, n_vertices=n_vertices))
     else:

@@ -331,10 +331,10 @@ def run_impute(
     """
     from asign.io._validate import validate_stack
 
+    stack = validate_stack(sdata, table_key=table_key)
     check_normalization(normalization)
     predict = get_method(method)
     fit = get_fit(method)
-    stack = validate_stack(sdata, table_key=table_key)
     table = sdata.tables[table_key]
     mask = known_mask(table, stack, known)
     check_known(table, stack, mask)

@@ -1,0 +1,276 @@
+"""Image baselines (method.md §7.3): ``"ridge"`` and ``"similarity"`` on frozen image features.
+
+Both read the features written by :func:`asign.pp.extract_features` (``obsm['{features_key}_features_<level>']``)
+and only ``ctx.Y`` for labels (NaN outside the known spots). They run through :func:`asign.tl.impute`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from asign._constants import Key
+from asign._logging import logger
+from asign.pp._features import feature_matrix
+
+from ._registry import FitContext, ImputeContext, ImputeResult, register_method
+
+RIDGE_DEFAULTS: dict[str, Any] = {
+    "features_key": Key.ADDED,
+    "levels": ["spot"],
+    "n_components": 256,
+    "alphas": None,
+    "cv": 5,
+}
+SIMILARITY_DEFAULTS: dict[str, Any] = {
+    "features_key": Key.ADDED,
+    "levels": ["spot"],
+    "k": 20,
+    "standardize": False,
+}
+DEFAULT_ALPHAS = np.logspace(-2, 6, 17)
+_FEATURE_ID_FIELDS = ("encoder", "weights", "dim", "input_size", "scales_px")
+
+
+def _params(params: dict[str, Any], method: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        msg = f"Method {method!r} got unknown parameter(s) {unknown}; it accepts {sorted(defaults)}."
+        raise ValueError(msg)
+    out = {**defaults, **params}
+    if isinstance(out["levels"], str):
+        out["levels"] = [out["levels"]]
+    out["levels"] = [str(v) for v in out["levels"]]
+    return out
+
+
+def _features(table, key: str, levels: Sequence[str]) -> np.ndarray:
+    return feature_matrix(table, key=key, levels=levels)
+
+
+def _feature_id(table, key: str) -> dict[str, Any]:
+    """What identifies a feature space (encoder, weights, input size, scales), to refuse mixing spaces."""
+    info = table.uns.get(f"{key}_features", {})
+    out = {}
+    for f in _FEATURE_ID_FIELDS:
+        v = info.get(f) if isinstance(info, dict) else None
+        if isinstance(v, dict):
+            v = {k: np.asarray(x).tolist() for k, x in v.items()}
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
+        out[f] = v
+    if isinstance(out.get("scales_px"), dict):  # sections differ between samples: compare the distinct sides only
+        out["scales_px"] = {k: sorted(set(np.atleast_1d(v).tolist())) for k, v in out["scales_px"].items()}
+    return out
+
+
+def _usable(X: np.ndarray) -> np.ndarray:
+    return np.all(np.isfinite(X), axis=1)
+
+
+def _fallback(pred: np.ndarray, missing: np.ndarray, mean: np.ndarray, method: str) -> int:
+    n = int(missing.sum())
+    if n:
+        pred[missing] = mean
+        logger.warning(
+            f"{method}: {n} spots have no image features (sections without image or not processed); they get the "
+            "known mean (a constant)."
+        )
+    return n
+
+
+def _spatial_groups(xy: np.ndarray, n_groups: int, seed: int) -> np.ndarray:
+    """Contiguous spatial blocks (k-means on coordinates) for CV within one section."""
+    from sklearn.cluster import KMeans
+
+    n_groups = int(min(n_groups, len(xy)))
+    km = KMeans(n_clusters=n_groups, n_init=4, random_state=seed)
+    return km.fit_predict(np.asarray(xy, dtype=np.float64))
+
+
+def _fit_ridge(
+    X: np.ndarray, Y: np.ndarray, groups: np.ndarray, *, n_components: int, alphas: np.ndarray, cv: int, seed: int
+) -> tuple[Any, dict[str, Any]]:
+    """StandardScaler -> PCA -> Ridge, alpha chosen by grouped CV (R², uniform over genes)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV, GroupKFold, LeaveOneGroupOut
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        msg = "ridge: the training spots form a single CV group; at least two are needed to choose alpha."
+        raise ValueError(msg)
+    splitter = LeaveOneGroupOut() if n_groups <= cv else GroupKFold(n_splits=cv)
+    splits = list(splitter.split(X, Y, groups))
+    min_train = min(len(tr) for tr, _ in splits)
+    nc = int(max(1, min(n_components, X.shape[1], min_train - 1)))
+    pipe = Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("pca", PCA(n_components=nc, svd_solver="full", random_state=seed)),
+            ("ridge", Ridge()),
+        ]
+    )
+    search = GridSearchCV(pipe, {"ridge__alpha": list(map(float, alphas))}, cv=splits, refit=True, n_jobs=None)
+    search.fit(X, Y)
+    best = float(search.best_params_["ridge__alpha"])
+    if best in (float(np.min(alphas)), float(np.max(alphas))):
+        logger.warning(f"ridge: alpha {best:g} is at the edge of the grid [{np.min(alphas):g}, {np.max(alphas):g}].")
+    info = {
+        "alpha": best,
+        "n_components": nc,
+        "cv_r2": float(search.best_score_),
+        "cv_r2_per_alpha": np.asarray(search.cv_results_["mean_test_score"], dtype=float),
+        "alphas": np.asarray(alphas, dtype=float),
+        "n_train": int(len(X)),
+        "n_cv_groups": int(n_groups),
+        "n_cv_folds": len(splits),
+    }
+    return search.best_estimator_, info
+
+
+def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
+    """Train on the labelled training samples (every measured spot), alpha by leave-sample-out CV."""
+    p = _params(fctx.params, "ridge", RIDGE_DEFAULTS)
+    Xs, Ys, groups, ids = [], [], [], []
+    for g, c in enumerate(fctx.train):
+        X = _features(c.table, p["features_key"], p["levels"])
+        rows = c.known & _usable(X) & np.all(np.isfinite(c.Y), axis=1)
+        Xs.append(X[rows])
+        Ys.append(c.Y[rows])
+        groups.append(np.full(int(rows.sum()), g) if len(fctx.train) > 1 else c.section_codes[rows])
+        ids.append(_feature_id(c.table, p["features_key"]))
+    if any(i != ids[0] for i in ids[1:]):
+        msg = f"ridge: training samples have features from different encoders/scales: {ids}; re-extract them alike."
+        raise ValueError(msg)
+    X, Y, grp = np.concatenate(Xs), np.concatenate(Ys), np.concatenate(groups)
+    alphas = np.asarray(p["alphas"] if p["alphas"] is not None else DEFAULT_ALPHAS, dtype=float)
+    model, info = _fit_ridge(X, Y, grp, n_components=p["n_components"], alphas=alphas, cv=p["cv"], seed=fctx.seed)
+    info["trained_on"] = "train_samples"
+    return {"model": model, "info": info, "feature_id": ids[0], "mean": Y.mean(axis=0)}
+
+
+@register_method("ridge", fit=_ridge_fit)
+def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
+    """Frozen features -> StandardScaler -> PCA -> ridge regression (method.md §7.3).
+
+    With training samples (``impute(..., train=...)``) the model is fitted on them (alpha by leave-one-sample-out
+    CV) and the known section is not used; without, it is fitted on the known spots, alpha chosen by CV over
+    known sections (or over spatial blocks when one section is known). Scaler and PCA are fitted on training
+    spots only.
+
+    Parameters (``method_kwargs``): ``features_key`` (``"asign"``), ``levels`` (``["spot"]``; any of ``"spot"``,
+    ``"region"``, ``"global"``, concatenated), ``n_components`` (256), ``alphas`` (``logspace(-2, 6, 17)``),
+    ``cv`` (5 folds at most).
+    """
+    p = _params(ctx.params, "ridge", RIDGE_DEFAULTS)
+    X = _features(ctx.table, p["features_key"], p["levels"])
+    ok = _usable(X)
+    known = ctx.known & ok
+    if ctx.fitted is not None:
+        fid = _feature_id(ctx.table, p["features_key"])
+        if fid != ctx.fitted["feature_id"]:
+            msg = (
+                f"ridge: the features of this sample ({fid}) differ from those the model was trained on "
+                f"({ctx.fitted['feature_id']}); extract them with the same encoder, weights and scales."
+            )
+            raise ValueError(msg)
+        model, info, mean = ctx.fitted["model"], dict(ctx.fitted["info"]), ctx.fitted["mean"]
+    else:
+        if known.sum() < 3:
+            msg = f"ridge: only {int(known.sum())} known spots have image features; need at least 3."
+            raise ValueError(msg)
+        codes = ctx.section_codes[known]
+        if len(np.unique(codes)) > 1:
+            groups, grouping = codes, "section"
+        else:
+            xy = np.asarray(ctx.table.obsm[Key.SPATIAL], dtype=np.float64)[known]
+            groups, grouping = _spatial_groups(xy, p["cv"], ctx.seed), "spatial_blocks"
+        alphas = np.asarray(p["alphas"] if p["alphas"] is not None else DEFAULT_ALPHAS, dtype=float)
+        model, info = _fit_ridge(
+            X[known], ctx.Y[known], groups, n_components=p["n_components"], alphas=alphas, cv=p["cv"], seed=ctx.seed
+        )
+        info["trained_on"] = "known_spots"
+        info["cv_grouping"] = grouping
+        mean = ctx.Y[known].mean(axis=0)
+    pred = np.empty((ctx.n_obs, ctx.n_genes))
+    if ok.any():
+        pred[ok] = model.predict(X[ok])
+    info["n_no_features"] = _fallback(pred, ~ok, mean, "ridge")
+    info["levels"] = list(p["levels"])
+    info["features_key"] = p["features_key"]
+    logger.info(f"ridge: alpha={info['alpha']:g}, {info['n_components']} PCs, inner-CV R² {info['cv_r2']:.3f}.")
+    return ImputeResult(imputed=pred, uns=info)
+
+
+def _l2_normalise(X: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(n > 0, n, 1.0)
+
+
+def top_k_similar(Q: np.ndarray, K: np.ndarray, k: int, *, exclude: np.ndarray | None = None, block: int = 2048):
+    """Indices ``(n_q, k)`` of the ``k`` rows of ``K`` with the highest cosine similarity to each row of ``Q``.
+
+    ``exclude[i]`` (a row of ``K`` or -1) is never chosen for query ``i``. Ties go to the lower index.
+    """
+    Qn, Kn = _l2_normalise(Q), _l2_normalise(K)
+    out = np.empty((len(Q), k), dtype=np.int64)
+    for s in range(0, len(Q), block):
+        sim = Qn[s : s + block] @ Kn.T
+        if exclude is not None:
+            ex = exclude[s : s + block]
+            r = np.flatnonzero(ex >= 0)
+            sim[r, ex[r]] = -np.inf
+        part = (
+            np.argpartition(-sim, kth=k - 1, axis=1)[:, :k]
+            if k < sim.shape[1]
+            else np.tile(np.arange(sim.shape[1]), (len(sim), 1))
+        )
+        vals = np.take_along_axis(sim, part, axis=1)
+        order = np.lexsort((part, -vals), axis=1)
+        out[s : s + block] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+@register_method("similarity")
+def similarity_baseline(ctx: ImputeContext) -> ImputeResult:
+    """Mean of the ``k`` known spots whose frozen image features are most cosine-similar (method.md §7.3).
+
+    Known spots are predicted from the other known spots (leave-one-out), so their value is a genuine estimate.
+
+    Parameters (``method_kwargs``): ``features_key`` (``"asign"``), ``levels`` (``["spot"]``), ``k`` (20),
+    ``standardize`` (`False`; `True` z-scores each feature with the known spots' mean and sd before the cosine).
+    """
+    p = _params(ctx.params, "similarity", SIMILARITY_DEFAULTS)
+    X = _features(ctx.table, p["features_key"], p["levels"])
+    ok = _usable(X)
+    kidx = np.flatnonzero(ctx.known & ok)
+    if kidx.size < 2:
+        msg = f"similarity: only {kidx.size} known spots have image features; need at least 2."
+        raise ValueError(msg)
+    if p["standardize"]:
+        mu, sd = X[kidx].mean(axis=0), X[kidx].std(axis=0)
+        X = np.where(ok[:, None], (X - mu) / np.where(sd > 0, sd, 1.0), X)
+    k_req = int(p["k"])
+    if k_req < 1:
+        msg = f"similarity: k must be >= 1, got {k_req}."
+        raise ValueError(msg)
+    k = min(k_req, kidx.size - 1)
+    if k < k_req:
+        logger.warning(f"similarity: only {kidx.size} known spots with features; using k={k}.")
+    rows = np.flatnonzero(ok)
+    pos = np.full(ctx.n_obs, -1, dtype=np.int64)
+    pos[kidx] = np.arange(kidx.size)
+    nn = top_k_similar(X[rows], X[kidx], k, exclude=pos[rows])
+    Yk = ctx.Y[kidx]
+    pred = np.empty((ctx.n_obs, ctx.n_genes))
+    pred[rows] = Yk[nn].mean(axis=1)
+    n_missing = _fallback(pred, ~ok, Yk.mean(axis=0), "similarity")
+    return ImputeResult(
+        imputed=pred,
+        uns={"k": int(k), "levels": list(p["levels"]), "features_key": p["features_key"], "n_no_features": n_missing},
+    )

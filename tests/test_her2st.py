@@ -1,0 +1,381 @@
+"""The HER2ST reader: a tiny fake folder in the default suite, patient C of the real data set behind markers."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from asign._constants import Key
+from asign._stack import get_stack
+from asign.io import _her2st as her2st_io
+from asign.io import read_her2st, validate_stack
+
+# --- a tiny fake HER2ST folder
+
+GRID_PX = 20.0  # pixels per ST grid step (200 µm) -> 10 µm / px
+IMG_W, IMG_H = 600, 520
+
+
+def _rigid(theta_deg: float, tx: float, ty: float) -> np.ndarray:
+    t = np.deg2rad(theta_deg)
+    return np.array([[np.cos(t), -np.sin(t), tx], [np.sin(t), np.cos(t), ty], [0.0, 0.0, 1.0]])
+
+
+TRUE_TRANSFORMS = {"B1": np.eye(3), "B2": _rigid(12.0, -30.0, 8.5)}
+
+
+def _fake_her2st(root: Path, *, layout: str = "csv", images: tuple[str, ...] = ("B2",)) -> dict[str, pd.DataFrame]:
+    rng = np.random.default_rng(0)
+    (root / "data" / "ST-cnts").mkdir(parents=True)
+    (root / "data" / "ST-spotfiles").mkdir(parents=True)
+    genes = {"B1": ["ERBB2", "GATA3", "KRT8"], "B2": ["ERBB2", "KRT8", "MUC1", "ACTB"]}
+    counts = {}
+    rows = []
+    for s, M in TRUE_TRANSFORMS.items():
+        xs, ys = np.meshgrid(np.arange(3, 12), np.arange(4, 10))
+        xs, ys = xs.ravel(), ys.ravel()
+        ids = [f"{x}x{y}" for x, y in zip(xs, ys, strict=True)]
+        px = np.column_stack([xs * GRID_PX + 7.0, ys * GRID_PX + 11.0]) + rng.normal(0, 0.5, (len(xs), 2))
+        spots = pd.DataFrame(
+            {
+                "x": xs,
+                "y": ys,
+                "new_x": xs + 0.01,
+                "new_y": ys - 0.01,
+                "pixel_x": px[:, 0],
+                "pixel_y": px[:, 1],
+                "selected": 1,
+            }
+        )
+        spots.to_csv(root / "data" / "ST-spotfiles" / f"{s}_selection.tsv", sep="\t", index=False)
+        # the count table holds all but the first spot, in shuffled order
+        order = rng.permutation(np.arange(1, len(ids)))
+        c = pd.DataFrame(rng.poisson(4, (len(order), len(genes[s]))), index=[ids[i] for i in order], columns=genes[s])
+        c.to_csv(root / "data" / "ST-cnts" / f"{s}.tsv.gz", sep="\t", compression="gzip")
+        counts[s] = c
+        warped = px @ M[:2, :2].T + M[:2, 2]
+        for i in order:
+            rows.append((s, ids[i], px[i, 0], px[i, 1], warped[i, 0], warped[i, 1]))
+    # a section of another patient, which must be ignored
+    counts["A1"] = counts["B1"]
+    counts["B1"].to_csv(root / "data" / "ST-cnts" / "A1.tsv.gz", sep="\t", compression="gzip")
+    if layout == "csv":
+        recs = []
+        for s, M in TRUE_TRANSFORMS.items():
+            recs.append({"section": s, "reference": "B1", "a11": M[0, 0], "a12": M[0, 1], "a21": M[1, 0],
+                         "a22": M[1, 1], "tx": M[0, 2], "ty": M[1, 2]})  # fmt: skip
+        pd.DataFrame(recs).to_csv(root / "section_transforms.csv", index=False)
+    elif layout == "cluster":
+        lbl = root / "res" / "ST-cluster" / "lbl"
+        lbl.mkdir(parents=True)
+        df = pd.DataFrame(rows, columns=["ids", "spot", "pixel_x", "pixel_y", "warped_x", "warped_y"])
+        for s, part in df.groupby("ids"):
+            part = part.assign(label=1, patient_id="B").set_index("spot")
+            part.to_csv(lbl / f"{s}-cluster-annotation.tsv.gz", sep="\t", compression="gzip")
+    for s in images:
+        folder = root / "data" / "ST-imgs" / "B" / s
+        folder.mkdir(parents=True)
+        yy, xx = np.mgrid[0:IMG_H, 0:IMG_W]
+        arr = np.stack([(xx * 255 // IMG_W), (yy * 255 // IMG_H), np.full_like(xx, 128)], axis=-1).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"HE_{s}.jpg", quality=95)
+    return counts
+
+
+@pytest.fixture
+def fake_her2st(tmp_path):
+    root = tmp_path / "her2st"
+    counts = _fake_her2st(root)
+    return root, counts
+
+
+def test_fake_her2st_reads_sections_spots_counts(fake_her2st):
+    root, counts = fake_her2st
+    sdata = read_her2st(root, patient="B")
+    stack = validate_stack(sdata)
+    t = sdata.tables["table"]
+    assert stack.sections == ["B1", "B2"]
+    assert stack.image_keys == [None, "he_B2"]
+    assert list(sdata.images) == ["he_B2"]
+    np.testing.assert_array_equal(t.obs["has_image"], t.obs["section"] == "B2")
+    assert t.obs["has_image"].dtype == bool
+    assert sorted(t.var_names) == ["ACTB", "ERBB2", "GATA3", "KRT8", "MUC1"]
+    for s in ("B1", "B2"):
+        m = (t.obs["section"] == s).to_numpy()
+        assert m.sum() == len(counts[s])
+        assert list(t.obs_names[m]) == [f"{s}_{i}" for i in counts[s].index]
+        got = pd.DataFrame(t.X[m].toarray(), index=counts[s].index, columns=t.var_names)
+        pd.testing.assert_frame_equal(got[counts[s].columns], counts[s].astype(np.float32), check_dtype=False)
+        absent = [g for g in t.var_names if g not in counts[s].columns]
+        assert got[absent].to_numpy().sum() == 0
+        # array coordinates parsed from the spot ids
+        rc = np.array([list(map(int, i.split("x"))) for i in counts[s].index])
+        np.testing.assert_array_equal(t.obs.loc[m, "array_col"], rc[:, 0])
+        np.testing.assert_array_equal(t.obs.loc[m, "array_row"], rc[:, 1])
+    # pixel size from the spot grid (20 px per 200 µm), spot diameter 100 µm
+    np.testing.assert_allclose(stack.um_per_px, 10.0, rtol=0.01)
+    assert stack.spot_diameter_um == 100.0
+    np.testing.assert_allclose(stack.z_um, [0.0, 16.0])
+    assert t.uns["asign"]["dataset"] == {"name": "her2st", "patient": "B", "reference_section": "B1"}
+
+
+def _check_reference(sdata):
+    t = sdata.tables["table"]
+    for s, M in TRUE_TRANSFORMS.items():
+        m = (t.obs["section"] == s).to_numpy()
+        xy = t.obsm[Key.SPATIAL][m]
+        np.testing.assert_allclose(t.obsm[Key.HER2ST_REFERENCE][m], xy @ M[:2, :2].T + M[:2, 2], atol=1e-6)
+        np.testing.assert_allclose(t.uns["asign"]["her2st_transforms"][s], M, atol=1e-9)
+
+
+def test_fake_her2st_published_registration_from_csv(fake_her2st):
+    root, _ = fake_her2st
+    _check_reference(read_her2st(root, patient="B"))
+
+
+def test_fake_her2st_upstream_layout_cluster_files(tmp_path):
+    root = tmp_path / "upstream"
+    _fake_her2st(root, layout="cluster", images=())
+    sdata = read_her2st(root, patient="B")
+    _check_reference(sdata)  # rigid fit on warped_x / warped_y
+    assert get_stack(sdata).image_keys == [None, None]
+    assert sdata.tables["table"].uns["asign"]["dataset"]["reference_section"] == "B1"
+
+
+def test_fake_her2st_without_registration(tmp_path):
+    root = tmp_path / "bare"
+    _fake_her2st(root, layout="none", images=())
+    t = read_her2st(root, patient="B").tables["table"]
+    assert np.isnan(t.obsm[Key.HER2ST_REFERENCE]).all()
+    assert t.uns["asign"]["her2st_transforms"] == {}
+
+
+def test_fake_her2st_image_is_a_lazy_pyramid(fake_her2st):
+    root, _ = fake_her2st
+    her2st_io._cache.clear()
+    sdata = read_her2st(root, patient="B")
+    img = sdata.images["he_B2"]
+    assert list(img.children) == ["scale0", "scale1"]  # 520 -> 260 -> (130 < 256: dropped)
+    l0 = img["scale0"]["image"]
+    assert isinstance(l0.data, da.Array) and l0.dtype == np.uint8
+    assert l0.shape == (3, IMG_H, IMG_W)
+    assert her2st_io._cache == {}  # nothing decoded while reading
+    # the low-resolution level is decoded on its own (JPEG DCT scaling), never through the full image
+    l1 = img["scale1"]["image"].values
+    assert l1.shape == (3, IMG_H // 2, IMG_W // 2)
+    assert [k[1:] for k in her2st_io._cache] == [(IMG_H // 2, IMG_W // 2)]
+    full = l0.values
+    assert [k[1:] for k in her2st_io._cache] == [(IMG_H // 2, IMG_W // 2), (IMG_H, IMG_W)]
+    coarse = full.reshape(3, IMG_H // 2, 2, IMG_W // 2, 2).mean(axis=(2, 4))
+    assert np.abs(coarse - l1).mean() < 3.0
+    # the gradient image: red follows x, green follows y
+    assert full[0, :, -5].mean() > 240 and full[0, :, 5].mean() < 15
+    assert full[1, -5, :].mean() > 240 and full[1, 5, :].mean() < 15
+
+
+def test_fake_her2st_options(fake_her2st):
+    root, _ = fake_her2st
+    sdata = read_her2st(root, patient="b", sections=["B2"], images=False, genes=["ERBB2", "GATA3"])
+    t = sdata.tables["table"]
+    assert get_stack(sdata).sections == ["B2"]
+    assert list(sdata.images) == []
+    assert list(t.var_names) == ["ERBB2", "GATA3"]
+    assert t.X[:, 1].sum() == 0  # GATA3 is not measured in B2
+
+
+def test_fake_her2st_errors(fake_her2st, tmp_path):
+    root, _ = fake_her2st
+    with pytest.raises(ValueError, match="Unknown HER2ST patient 'Z'"):
+        read_her2st(root, patient="Z")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_her2st(tmp_path / "nowhere", patient="B")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="data/ST-cnts"):
+        read_her2st(tmp_path / "empty", patient="B")
+    with pytest.raises(ValueError, match=r"Sections \['B7'\] of patient B not found.*available: \['B1', 'B2'\]"):
+        read_her2st(root, patient="B", sections=["B1", "B7"])
+    with pytest.raises(FileNotFoundError, match="No count files of patient C"):
+        read_her2st(root, patient="C")
+    (root / "data" / "ST-spotfiles" / "B2_selection.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match="Section B2: spot file .* not found"):
+        read_her2st(root, patient="B")
+
+
+def test_fit_rigid_recovers_a_rotation():
+    rng = np.random.default_rng(1)
+    src = rng.uniform(0, 1000, (50, 2))
+    M = _rigid(-73.0, 120.0, -4.0)
+    np.testing.assert_allclose(her2st_io._fit_rigid(src, src @ M[:2, :2].T + M[:2, 2]), M, atol=1e-8)
+
+
+# --- asign.datasets.her2st
+
+
+def test_datasets_her2st_local_folder(fake_her2st, monkeypatch):
+    from asign.datasets import her2st
+
+    root, _ = fake_her2st
+    assert get_stack(her2st("B", path=root)).sections == ["B1", "B2"]
+    monkeypatch.setenv("ASIGN_HER2ST", str(root))
+    assert get_stack(her2st("B", sections=["B1"])).sections == ["B1"]
+
+
+def test_datasets_her2st_missing_folder(tmp_path, monkeypatch):
+    from asign.datasets import her2st
+
+    monkeypatch.delenv("ASIGN_HER2ST", raising=False)
+    with pytest.raises(FileNotFoundError, match="No HER2ST folder found"):
+        her2st("C", download=False)
+    with pytest.raises(FileNotFoundError, match="is not a HER2ST folder"):
+        her2st("C", path=tmp_path)
+
+
+def test_download_uses_registry_checksums(tmp_path, monkeypatch):
+    import pooch
+
+    from asign.datasets import download_her2st
+    from asign.datasets._her2st import BASE_URL, registry
+
+    calls = []
+    monkeypatch.setattr(pooch, "retrieve", lambda url, known_hash, path, fname, **kw: calls.append((url, known_hash)))
+    root = download_her2st("C", sections=["C1", "C2"], images=True, cache=tmp_path)
+    assert root == tmp_path
+    urls = dict(calls)
+    reg = registry()
+    expected = {
+        "data/ST-cnts/C1.tsv.gz",
+        "data/ST-spotfiles/C1_selection.tsv",
+        "res/ST-cluster/lbl/C1-cluster-annotation.tsv.gz",
+        "data/ST-pat/lbl/C1_labeled_coordinates.tsv",
+        "data/ST-imgs/C/C1/5714_HE_BT_C1.jpg",
+        "data/ST-cnts/C2.tsv.gz",
+        "data/ST-spotfiles/C2_selection.tsv",
+        "res/ST-cluster/lbl/C2-cluster-annotation.tsv.gz",
+        "data/ST-imgs/C/C2/5714_HE_BT_C2.jpg",
+    }
+    assert set(urls) == {BASE_URL + r for r in expected}
+    for rel in expected:
+        sha = reg[rel]
+        assert urls[BASE_URL + rel] == (None if sha is None else f"sha256:{sha}")
+    assert urls[BASE_URL + "data/ST-cnts/C1.tsv.gz"].startswith("sha256:")
+    assert len([r for r in reg if r.startswith("data/ST-cnts/")]) == 36
+
+
+# --- the real data set (patient C)
+
+PATIENT_C = {"C1": 176, "C2": 187, "C3": 180, "C4": 184, "C5": 181, "C6": 178}
+
+
+@pytest.fixture(scope="module")
+def patient_c(her2st_path):
+    her2st_io._cache.clear()
+    t0 = time.perf_counter()
+    sdata = read_her2st(her2st_path, patient="C")
+    elapsed = time.perf_counter() - t0
+    return sdata, elapsed
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_patient_c_sections_spots_images(patient_c):
+    sdata, _ = patient_c
+    stack = validate_stack(sdata)
+    t = sdata.tables["table"]
+    assert stack.sections == list(PATIENT_C)
+    assert t.n_obs == 1086
+    assert t.obs["section"].value_counts(sort=False).to_dict() == PATIENT_C
+    assert stack.image_keys == [None, "he_C2", "he_C3", "he_C4", "he_C5", "he_C6"]
+    assert sorted(sdata.images) == ["he_C2", "he_C3", "he_C4", "he_C5", "he_C6"]
+    np.testing.assert_allclose(stack.um_per_px, 0.69, atol=0.005)
+    validate_stack(sdata, require_images=["C2", "C3", "C4", "C5", "C6"])
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+@pytest.mark.parametrize("section", ["C1", "C4"])
+def test_patient_c_counts_identical_to_files(patient_c, her2st_path, section):
+    sdata, _ = patient_c
+    t = sdata.tables["table"]
+    ref = pd.read_csv(her2st_path / "data" / "ST-cnts" / f"{section}.tsv.gz", sep="\t", index_col=0)
+    m = (t.obs["section"] == section).to_numpy()
+    assert list(t.obs_names[m]) == [f"{section}_{i}" for i in ref.index]
+    got = pd.DataFrame(t.X[m].toarray(), index=ref.index, columns=t.var_names)
+    np.testing.assert_array_equal(got[ref.columns].to_numpy(), ref.to_numpy())
+    others = t.var_names.difference(ref.columns)
+    assert got[others].to_numpy().sum() == 0
+    # spot centres from the spot file
+    spots = pd.read_csv(her2st_path / "data" / "ST-spotfiles" / f"{section}_selection.tsv", sep="\t")
+    spots.index = spots["x"].astype(str) + "x" + spots["y"].astype(str)
+    np.testing.assert_allclose(t.obsm["spatial"][m], spots.loc[ref.index, ["pixel_x", "pixel_y"]].to_numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_patient_c_is_lazy(patient_c):
+    sdata, elapsed = patient_c
+    print(f"read_her2st(patient='C'): {elapsed:.2f} s")
+    assert elapsed < 10.0
+    assert her2st_io._cache == {}  # no image decoded
+    for key in sdata.images:
+        img = sdata.images[key]
+        assert len(img.children) == 5
+        l0 = img["scale0"]["image"]
+        assert isinstance(l0.data, da.Array)
+        assert l0.shape[1] > 9000 and l0.shape[2] > 9000
+    # a thumbnail is decoded without the full image
+    t0 = time.perf_counter()
+    thumb = sdata.images["he_C3"]["scale4"]["image"].values
+    assert time.perf_counter() - t0 < 5.0
+    assert thumb.shape[1] < 700
+    assert all(k[1] < 1000 for k in her2st_io._cache)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_patient_c_published_registration(patient_c, her2st_path):
+    sdata, _ = patient_c
+    t = sdata.tables["table"]
+    tf = pd.read_csv(her2st_path / "section_transforms.csv", index_col="section")
+    for s in PATIENT_C:
+        r = tf.loc[s]
+        M = np.array([[r.a11, r.a12, r.tx], [r.a21, r.a22, r.ty], [0, 0, 1.0]])
+        m = (t.obs["section"] == s).to_numpy()
+        xy = t.obsm["spatial"][m]
+        np.testing.assert_allclose(t.obsm[Key.HER2ST_REFERENCE][m], xy @ M[:2, :2].T + M[:2, 2])
+        np.testing.assert_allclose(t.uns["asign"]["her2st_transforms"][s], M)
+    assert t.uns["asign"]["dataset"]["reference_section"] == "C1"
+    np.testing.assert_allclose(t.uns["asign"]["her2st_transforms"]["C1"], np.eye(3), atol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_patient_c_cluster_fit_matches_published_transforms(her2st_path, tmp_path):
+    # the upstream layout (no section_transforms.csv): the rigid fit on the cluster files gives the same maps
+    fitted, refs = her2st_io._read_transforms_from_clusters(her2st_path, list(PATIENT_C))
+    tf = pd.read_csv(her2st_path / "section_transforms.csv", index_col="section")
+    for s in PATIENT_C:
+        r = tf.loc[s]
+        M = np.array([[r.a11, r.a12, r.tx], [r.a21, r.a22, r.ty], [0, 0, 1.0]])
+        np.testing.assert_allclose(fitted[s], M, atol=0.05)
+        assert refs[s] == "C1"
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_registry_matches_local_files(her2st_path):
+    from asign.datasets._her2st import registry
+
+    checked = 0
+    for rel, sha in registry().items():
+        f = her2st_path / rel
+        if sha is None or not f.exists() or not rel.split("/")[-1].startswith(("C", "5714")):
+            continue
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == sha, rel
+        checked += 1
+    assert checked >= 20

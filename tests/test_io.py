@@ -1,0 +1,232 @@
+"""The stack builder and the contract's round trip through a zarr store."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+from spatialdata import SpatialData, read_zarr
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Identity, Scale, get_transformation
+
+from asign._stack import get_stack, section_masks
+from asign.io import Section, stack_sections, validate_stack
+
+
+def _level0(image):
+    return next(iter(image["scale0"].values())) if "scale0" in getattr(image, "children", {}) else image
+
+
+def _affine(t):
+    return t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+
+
+# --- round trip
+
+
+def test_contract_round_trips_through_zarr(small_stack, tmp_path):
+    path = tmp_path / "stack.zarr"
+    small_stack.write(path)
+    back = read_zarr(path)
+    validate_stack(back)
+    a, b = small_stack.tables["table"], back.tables["table"]
+    # table: counts, obs, obsm, manifest
+    assert sp.issparse(b.X)
+    assert b.X.dtype == np.float32
+    np.testing.assert_array_equal(a.X.toarray(), b.X.toarray())
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    pd.testing.assert_frame_equal(a.var, b.var)
+    assert b.obs["section"].cat.ordered
+    assert set(a.obsm) == set(b.obsm)
+    for k in a.obsm:
+        np.testing.assert_array_equal(a.obsm[k], b.obsm[k])
+    ma, mb = a.uns["asign"]["stack"], b.uns["asign"]["stack"]
+    assert set(ma) == set(mb)
+    for k in ma:
+        np.testing.assert_array_equal(np.asarray(ma[k]), np.asarray(mb[k]))
+    sa, sb = get_stack(small_stack), get_stack(back)
+    assert sa.sections == sb.sections and sa.image_keys == sb.image_keys and sa.shapes_keys == sb.shapes_keys
+    np.testing.assert_array_equal(sa.z_um, sb.z_um)
+    syn_a, syn_b = a.uns["asign"]["synthetic"], b.uns["asign"]["synthetic"]
+    np.testing.assert_array_equal(syn_a["native_to_world"], syn_b["native_to_world"])
+    # shapes: centres, radius, index, transformations
+    for key in small_stack.shapes:
+        sa_, sb_ = small_stack.shapes[key], back.shapes[key]
+        np.testing.assert_array_equal(sa_.index.to_numpy(), sb_.index.to_numpy())
+        np.testing.assert_allclose(sa_.geometry.x, sb_.geometry.x)
+        np.testing.assert_allclose(sa_.geometry.y, sb_.geometry.y)
+        np.testing.assert_allclose(sa_["radius"], sb_["radius"])
+        ta, tb = get_transformation(sa_, get_all=True), get_transformation(sb_, get_all=True)
+        assert set(ta) == set(tb)
+        for cs in ta:
+            np.testing.assert_allclose(_affine(ta[cs]), _affine(tb[cs]))
+    # images: every pyramid level, pixel for pixel, and transformations
+    for key in small_stack.images:
+        ia, ib = small_stack.images[key], back.images[key]
+        assert list(ia.children) == list(ib.children)
+        for level in ia.children:
+            va = next(iter(ia[level].values()))
+            vb = next(iter(ib[level].values()))
+            assert vb.dtype == np.uint8
+            np.testing.assert_array_equal(va.values, vb.values)
+        ta, tb = get_transformation(ia, get_all=True), get_transformation(ib, get_all=True)
+        assert set(ta) == set(tb) == {key.removeprefix("he_")}
+
+
+# --- in-memory sections
+
+
+def test_sections_with_different_genes_and_no_counts():
+    img = np.full((64, 64, 3), 220, dtype=np.uint8)
+    a = Section(
+        name="A",
+        spots=[[10, 10], [20, 30]],
+        counts=np.array([[1, 2], [3, 4]]),
+        genes=["g1", "g2"],
+        image=img,
+        um_per_px=2.0,
+    )
+    b_counts = AnnData(X=sp.csr_matrix(np.array([[5.0, 6.0]])), var=pd.DataFrame(index=["g2", "g3"]))
+    b = Section(name="B", spots=[[5, 5]], counts=b_counts, image=None, um_per_px=2.0, spot_ids=["x7"])
+    c = Section(name="C", spots=[[1, 1], [2, 2]], counts=None, image=img, um_per_px=2.0)
+    sdata = stack_sections([a, b, c], spot_diameter_um=8.0, z_um=[0.0, 10.0, 30.0])
+    t = sdata.tables["table"]
+    assert list(t.var_names) == ["g1", "g2", "g3"]
+    np.testing.assert_array_equal(t.X.toarray(), [[1, 2, 0], [3, 4, 0], [0, 5, 6], [0, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(t.var["n_sections_measured"], [1, 2, 1])
+    assert list(t.obs_names) == ["A_0", "A_1", "B_x7", "C_0", "C_1"]
+    np.testing.assert_array_equal(t.obs["measured"], [True, True, True, False, False])
+    assert t.obs["measured"].dtype == bool
+    np.testing.assert_array_equal(t.obs["spot_id"], [0, 1, 0, 0, 1])
+    stack = get_stack(sdata)
+    assert stack.image_keys == ["he_A", None, "he_C"]
+    assert t.uns["asign"]["stack"]["image_key"] == ["he_A", "", "he_C"]
+    np.testing.assert_allclose(stack.z_um, [0.0, 10.0, 30.0])
+    assert sdata.shapes["spots_A"]["radius"].iloc[0] == pytest.approx(2.0)  # 8 µm / 2 / 2 µm/px
+    masks = section_masks(t)
+    assert [int(m.sum()) for m in masks.values()] == [2, 1, 2]
+
+
+def test_image_inputs_are_parsed_lazily_and_retargeted(small_stack):
+    arr = da.from_array(np.full((3, 600, 700), 200, dtype=np.uint8), chunks=(3, 256, 256))
+    tree = small_stack.images["he_S1"]  # an already parsed image, to the coordinate system "S1"
+    sdata = stack_sections(
+        [
+            Section(name="X", spots=[[100.0, 100.0]], counts=None, image=arr, um_per_px=1.0),
+            Section(name="Y", spots=[[100.0, 100.0]], counts=None, image=tree, um_per_px=8.0),
+        ],
+        spot_diameter_um=10.0,
+    )
+    x = sdata.images["he_X"]
+    assert list(x.children) == ["scale0", "scale1"]  # 600 -> 300 -> (150 < 256: dropped)
+    assert isinstance(_level0(x).data, da.Array)
+    y = sdata.images["he_Y"]
+    assert set(get_transformation(y, get_all=True)) == {"Y"}
+    assert set(get_transformation(tree, get_all=True)) == {"S1"}  # the input is left untouched
+    np.testing.assert_array_equal(_level0(y).values, _level0(tree).values)
+    validate_stack(sdata, require_images=True)
+
+
+# --- per-section SpatialData objects (spatialdata-io's Visium layout)
+
+
+def _visium_like(seed: int, *, fullres: bool = True) -> tuple[SpatialData, np.ndarray]:
+    """A section shaped like spatialdata-io's Visium reader output: full-res + hires images, circles, table."""
+    rng = np.random.default_rng(seed)
+    n, size, scalef = 12, 400, 0.25
+    xy = rng.uniform(40, size - 40, (n, 2)).round()
+    full = np.full((3, size, size), 235, dtype=np.uint8)
+    for x, y in xy.astype(int):  # a dark dot under every spot
+        full[:, y - 6 : y + 7, x - 6 : x + 7] = 30
+    hires = full.reshape(3, size // 4, 4, size // 4, 4).mean(axis=(2, 4)).astype(np.uint8)
+    name = f"vis{seed}"
+    images = {
+        f"{name}_hires_image": Image2DModel.parse(
+            hires, dims=("c", "y", "x"), transformations={"global": Scale([1 / scalef, 1 / scalef], axes=("y", "x"))}
+        )
+    }
+    if fullres:
+        images[f"{name}_full_image"] = Image2DModel.parse(
+            full, dims=("c", "y", "x"), scale_factors=[2], transformations={"global": Identity()}
+        )
+    barcodes = [f"AAAC{seed}{i:03d}-1" for i in range(n)]
+    shapes = ShapesModel.parse(
+        xy, geometry=0, radius=np.full(n, 10.0), index=pd.RangeIndex(n), transformations={"global": Identity()}
+    )
+    counts = rng.poisson(3, (n, 4)).astype(np.float32)
+    rev = np.arange(n)[::-1]  # table rows in another order than the shapes
+    obs = pd.DataFrame(
+        {
+            "in_tissue": np.ones(n, dtype=int),
+            "array_row": rev,
+            "region": pd.Categorical([name] * n),
+            "spot_id": rev,
+        },
+        index=[barcodes[i] for i in rev],
+    )
+    adata = AnnData(X=sp.csr_matrix(counts[rev]), obs=obs, var=pd.DataFrame(index=list("ABCD")))
+    adata.obsm["spatial"] = xy[::-1]
+    table = TableModel.parse(adata, region=name, region_key="region", instance_key="spot_id")
+    sdata = SpatialData(images=images, shapes={name: shapes}, tables={"table": table})
+    return sdata, counts
+
+
+def test_stack_sections_from_visium_like_spatialdata():
+    (s1, c1), (s2, c2) = _visium_like(1), _visium_like(2)
+    sdata = stack_sections([s1, s2], names=["V1", "V2"], spot_diameter_um=55.0)
+    stack = validate_stack(sdata, require_images=True)
+    assert stack.sections == ["V1", "V2"]
+    t = sdata.tables["table"]
+    # the full-resolution image is chosen; spots land on their dark dots
+    for sec, src in (("V1", s1), ("V2", s2)):
+        m = (t.obs["section"] == sec).to_numpy()
+        xy = t.obsm["spatial"][m]
+        orig = src.shapes[next(iter(src.shapes))]
+        np.testing.assert_allclose(xy, np.column_stack([orig.geometry.x, orig.geometry.y]))
+        img = _level0(sdata.images[f"he_{sec}"]).values
+        assert img.shape == (3, 400, 400)
+        assert (img[:, xy[:, 1].astype(int), xy[:, 0].astype(int)] == 30).all()
+        assert set(get_transformation(sdata.images[f"he_{sec}"], get_all=True)) == {sec}
+    # counts follow the shapes order although the input table rows were reversed
+    np.testing.assert_array_equal(t.X.toarray()[t.obs["section"] == "V1"], c1)
+    np.testing.assert_array_equal(t.X.toarray()[t.obs["section"] == "V2"], c2)
+    assert t.obs_names[0] == "V1_AAAC1000-1"
+    assert "in_tissue" in t.obs and "array_row" in t.obs
+    # pixel size from the circles: 55 µm / 20 px
+    np.testing.assert_allclose(stack.um_per_px, 55.0 / 20.0)
+
+
+def test_stack_sections_from_spatialdata_chosen_image():
+    (s1, _), (s2, _) = _visium_like(1), _visium_like(2, fullres=False)
+    sdata = stack_sections([s1, s2], names=["V1", "V2"], image_key=["vis1_hires_image", None], spot_diameter_um=55.0)
+    t = sdata.tables["table"]
+    stack = get_stack(sdata)
+    for sec, src in (("V1", s1), ("V2", s2)):
+        xy = t.obsm["spatial"][(t.obs["section"] == sec).to_numpy()]
+        orig = src.shapes[next(iter(src.shapes))]
+        np.testing.assert_allclose(xy, 0.25 * np.column_stack([orig.geometry.x, orig.geometry.y]))
+        img = _level0(sdata.images[f"he_{sec}"]).values
+        assert img.shape == (3, 100, 100)
+        # each spot sits on its (downsampled) dark dot
+        assert (img[:, np.floor(xy[:, 1]).astype(int), np.floor(xy[:, 0]).astype(int)] < 100).all()
+    np.testing.assert_allclose(stack.um_per_px, 55.0 / 5.0)  # radius 10 full-res px = 2.5 hires px
+    np.testing.assert_allclose(sdata.shapes["spots_V1"]["radius"], 2.5)
+
+
+def test_stack_sections_from_spatialdata_errors():
+    s1, _ = _visium_like(1)
+    with pytest.raises(KeyError, match="image 'nope' not found"):
+        stack_sections([s1], image_key="nope")
+    with pytest.raises(ValueError, match="Duplicate section names"):
+        stack_sections([s1, _visium_like(2)[0]], names=["V", "V"])
+    with pytest.raises(ValueError, match="`names` has 1 values for 2 sections"):
+        stack_sections([s1, _visium_like(2)[0]], names=["V"])
+    two = SpatialData(shapes={"a": s1.shapes["vis1"], "b": s1.shapes["vis1"]})
+    with pytest.raises(ValueError, match="exactly one circles shapes element"):
+        stack_sections([two])
+    no_table = SpatialData(shapes={"vis1": s1.shapes["vis1"]})
+    with pytest.raises(ValueError, match="Expected one table annotating shapes 'vis1'"):
+        stack_sections([no_table])

@@ -1,0 +1,102 @@
+"""napari-spatialdata entry point.
+
+The viewer test is opt-in (``ASIGN_TEST_NAPARI=1``) and needs the ``napari`` extra and a display: run it as
+``ASIGN_TEST_NAPARI=1 xvfb-run -a -s "-screen 0 1600x1000x24" python -m pytest -m napari tests/test_napari.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asign._constants import Key
+
+HAS_NAPARI = importlib.util.find_spec("napari_spatialdata") is not None
+RUN_NAPARI = os.environ.get("ASIGN_TEST_NAPARI", "") == "1"
+
+
+def _helpers():
+    spec = importlib.util.spec_from_file_location("_asign_test_pl", Path(__file__).with_name("test_pl.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(HAS_NAPARI, reason="napari-spatialdata is installed")
+def test_interactive_without_napari_explains_install(small_stack):
+    import asign
+
+    h = _helpers()
+    h.align_truth(small_stack)
+    h.add_output_table(small_stack)
+    with pytest.raises(ImportError, match=r"asign\[napari\]"):
+        asign.pl.interactive(small_stack, headless=True)
+
+
+def test_interactive_checks_inputs_before_napari(small_stack):
+    import asign
+
+    h = _helpers()
+    h.add_output_table(small_stack)
+    with pytest.raises(ValueError, match="align_layers"):
+        asign.pl.interactive(small_stack, headless=True)
+    with pytest.raises(KeyError, match="not found"):
+        asign.pl.interactive(small_stack, table_key="nope", coordinate_system="S1", headless=True)
+
+
+@pytest.mark.napari
+@pytest.mark.skipif(not RUN_NAPARI, reason="set ASIGN_TEST_NAPARI=1 (needs napari[pyqt6], napari-spatialdata, Xvfb)")
+@pytest.mark.skipif(not HAS_NAPARI, reason="napari-spatialdata is not installed (pip install 'asign[napari]')")
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
+def test_interactive_headless_screenshot(small_stack, tmp_path):
+    os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
+    os.environ.setdefault("QT_API", "pyqt6")
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("no display; run under xvfb-run")
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    import asign
+
+    h = _helpers()
+    h.align_truth(small_stack)
+    out = h.add_output_table(small_stack)
+    app = asign.pl.interactive(small_stack, gene="gene_003", headless=True, grid=True, window_size=(1400, 900))
+    viewer = app._viewer
+    try:
+        names = [layer.name for layer in viewer.layers]
+        assert names == ["he_S1", "spots_S1", "he_S2", "spots_S2", "he_S3", "spots_S3"]
+        for s in ("S1", "S2", "S3"):
+            assert viewer.layers[f"he_{s}"].rgb  # H&E shown in colour
+        # spots coloured on one shared scale, in the order of the layer's shapes index
+        vals = out[:, "gene_003"].layers["imputed"].ravel()
+        norm = Normalize(float(vals.min()), float(vals.max()))
+        sec = out.obs[Key.SECTION].astype(str).to_numpy()
+        for s in ("S1", "S2", "S3"):
+            layer = viewer.layers[f"spots_{s}"]
+            ids = out.obs.loc[sec == s, Key.INSTANCE].to_numpy()
+            order = np.asarray(layer.metadata["indices"])
+            expected = colormaps["viridis"](norm(vals[sec == s][np.argsort(ids)][order]))
+            np.testing.assert_allclose(np.asarray(layer.face_color), expected, atol=1e-6)
+            np.testing.assert_allclose(layer.features["gene_003"].to_numpy(), vals[sec == s][order], rtol=1e-6)
+            # spots sit at the aligned positions (napari: (y, x) data mapped by the layer's affine)
+            world = np.asarray([layer.data_to_world(p) for p in layer.data])[:, ::-1]
+            aligned_px = small_stack.tables[Key.TABLE].obsm[Key.SPATIAL_ALIGNED][sec == s] / 8.0
+            np.testing.assert_allclose(world, aligned_px[order], atol=1e-3)
+        shot = app.screenshot()
+        assert shot.ndim == 3 and shot.shape[2] == 4
+        rgb = shot[..., :3].astype(float)
+        assert rgb.std() > 20
+        assert len(np.unique(shot[..., :3].reshape(-1, 3), axis=0)) > 200
+        from matplotlib.image import imsave
+
+        imsave(tmp_path / "napari.png", shot)
+        target = os.environ.get("ASIGN_NAPARI_SCREENSHOT")
+        if target:
+            imsave(target, shot)
+    finally:
+        viewer.close()

@@ -1,0 +1,244 @@
+"""asign.io.persist: results reach the store, and no interruption loses data."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from spatialdata import SpatialData, read_zarr
+from spatialdata.models import ShapesModel
+from spatialdata.transformations import Affine, Identity, get_transformation, set_transformation
+
+from asign.datasets import synthetic_stack
+from asign.io import persist, recover, validate_stack
+from asign.io._persist import TMP_SUFFIX
+
+
+@pytest.fixture(scope="module")
+def _tiny():
+    return synthetic_stack(n_sections=2, n_spots=30, n_genes=5, image_size=256, um_per_px=16.0, seed=2)
+
+
+@pytest.fixture
+def tiny(_tiny):
+    return copy.deepcopy(_tiny)
+
+
+@pytest.fixture
+def backed(tiny, tmp_path):
+    path = tmp_path / "stack.zarr"
+    tiny.write(path)
+    return read_zarr(path)
+
+
+def _pixels(image):
+    return (image["scale0"]["image"] if "scale0" in getattr(image, "children", {}) else image).values
+
+
+def _tables_on_disk(path):
+    return sorted(p.name for p in (path / "tables").iterdir() if p.is_dir())
+
+
+def _change(sdata):
+    t = sdata.tables["table"]
+    t.obs["asign_test"] = np.arange(t.n_obs, dtype=float)
+    t.obsm["asign_test"] = np.ones((t.n_obs, 2))
+    t.X = t.X * 2
+    return t
+
+
+def _assert_changed(path, expected):
+    t = read_zarr(path).tables["table"]
+    np.testing.assert_array_equal(t.obs["asign_test"], np.arange(t.n_obs))
+    np.testing.assert_array_equal(t.X.toarray(), expected.X.toarray())
+
+
+def test_unbacked_needs_a_path(tiny):
+    with pytest.raises(ValueError, match="not backed by a zarr store: pass `path=`"):
+        persist(tiny)
+
+
+def test_unbacked_object_is_written(tiny, tmp_path):
+    path = tmp_path / "new.zarr"
+    persist(tiny, path=path)
+    assert tiny.path == path
+    back = read_zarr(path)
+    validate_stack(back)
+    np.testing.assert_array_equal(back.tables["table"].X.toarray(), tiny.tables["table"].X.toarray())
+    assert not (tmp_path / "new.zarr.asign_tmp").exists()
+    with pytest.raises(ValueError, match="other than the object's own store"):
+        persist(tiny, path=path, strategy="new_store", overwrite=True)
+    tiny.path = None
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        persist(tiny, path=path)
+
+
+def test_backed_table_rewritten(backed):
+    img_before = _pixels(backed.images["he_S1"])
+    t = _change(backed)
+    persist(backed)
+    _assert_changed(backed.path, t)
+    assert _tables_on_disk(backed.path) == ["table"]
+    back = read_zarr(backed.path)
+    validate_stack(back)
+    np.testing.assert_array_equal(_pixels(back.images["he_S1"]), img_before)
+    np.testing.assert_array_equal(back.tables["table"].obsm["asign_test"], 1.0)
+
+
+@pytest.mark.parametrize("strategy", ["temp_element", "temp_store"])
+def test_interrupted_after_delete_is_restored_by_next_call(backed, monkeypatch, strategy):
+    path = backed.path
+    t = _change(backed)
+    real_write = SpatialData.write_element
+
+    def crash_on_final_write(self, element_name, *args, **kwargs):
+        if element_name == "table":
+            msg = "simulated crash"
+            raise RuntimeError(msg)
+        return real_write(self, element_name, *args, **kwargs)
+
+    monkeypatch.setattr(SpatialData, "write_element", crash_on_final_write)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        persist(backed, "table", strategy=strategy)
+    # the original was deleted, the verified copy is on disk
+    assert "table" not in _tables_on_disk(path)
+    if strategy == "temp_element":
+        assert _tables_on_disk(path) == ["table" + TMP_SUFFIX]
+    else:
+        assert (path.parent / (path.name + ".asign_tmp")).exists()
+    monkeypatch.setattr(SpatialData, "write_element", real_write)
+    # a fresh session finds the copy and restores it: no data lost
+    fresh = read_zarr(path)
+    assert recover(fresh) == ["table"]
+    assert list(fresh.tables) == ["table"]
+    assert _tables_on_disk(path) == ["table"]
+    assert not (path.parent / (path.name + ".asign_tmp")).exists()
+    _assert_changed(path, t)
+    validate_stack(read_zarr(path))
+
+
+def test_interrupted_same_session_next_persist_completes(backed, monkeypatch):
+    path = backed.path
+    t = _change(backed)
+    real_write = SpatialData.write_element
+    calls = []
+
+    def crash_once(self, element_name, *args, **kwargs):
+        calls.append(element_name)
+        if element_name == "table" and calls.count("table") == 1:
+            msg = "simulated crash"
+            raise RuntimeError(msg)
+        return real_write(self, element_name, *args, **kwargs)
+
+    monkeypatch.setattr(SpatialData, "write_element", crash_once)
+    with pytest.raises(RuntimeError):
+        persist(backed)
+    assert "table" not in _tables_on_disk(path)
+    t.obs["asign_test2"] = 1.0  # the session goes on
+    persist(backed)
+    assert _tables_on_disk(path) == ["table"]
+    _assert_changed(path, t)
+    assert "asign_test2" in read_zarr(path).tables["table"].obs
+
+
+def test_interrupted_before_delete_keeps_the_original(backed, monkeypatch):
+    path = backed.path
+    before = read_zarr(path).tables["table"].X.toarray()
+    _change(backed)
+
+    def crash(self, element_name):
+        msg = "simulated crash before delete"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(SpatialData, "delete_element_from_disk", crash)
+    with pytest.raises(RuntimeError, match="before delete"):
+        persist(backed)
+    monkeypatch.undo()
+    assert _tables_on_disk(path) == ["table", "table" + TMP_SUFFIX]
+    fresh = read_zarr(path)
+    assert recover(fresh) == []  # the original is intact: only the copy is removed
+    assert _tables_on_disk(path) == ["table"]
+    np.testing.assert_array_equal(read_zarr(path).tables["table"].X.toarray(), before)
+
+
+def test_unreadable_leftover_copy_is_discarded(backed):
+    path = backed.path
+    junk = path / "tables" / ("table" + TMP_SUFFIX)
+    junk.mkdir()
+    (junk / "zarr.json").write_text("{ not json")
+    assert recover(backed) == []
+    assert _tables_on_disk(path) == ["table"]
+
+
+def test_shapes_new_elements_and_transformations(backed):
+    path = backed.path
+    # a changed shapes element (eager) is rewritten safely
+    old = backed.shapes["spots_S2"]
+    moved = ShapesModel.parse(
+        np.column_stack([old.geometry.x + 1.0, old.geometry.y]),
+        geometry=0,
+        radius=old["radius"].to_numpy(),
+        index=old.index,
+        transformations={"S2": Identity()},
+    )
+    backed.shapes["spots_S2"] = moved
+    # a new element only in memory is written as is
+    backed.shapes["extra"] = ShapesModel.parse(
+        np.array([[1.0, 2.0]]), geometry=0, radius=np.array([1.0]), transformations={"S1": Identity()}
+    )
+    # a new transformation (metadata) reaches the disk
+    A = Affine(np.array([[0.0, -1.0, 5.0], [1.0, 0.0, 2.0], [0.0, 0.0, 1.0]]), ("x", "y"), ("x", "y"))
+    set_transformation(backed.images["he_S1"], A, to_coordinate_system="aligned")
+    persist(backed, "spots_S2")
+    back = read_zarr(path)
+    np.testing.assert_allclose(back.shapes["spots_S2"].geometry.x, old.geometry.x + 1.0)
+    assert "extra" in back.shapes
+    tf = get_transformation(back.images["he_S1"], get_all=True)
+    assert set(tf) == {"S1", "aligned"}
+    np.testing.assert_allclose(tf["aligned"].to_affine_matrix(("x", "y"), ("x", "y")), A.matrix)
+    assert not any(n.endswith(TMP_SUFFIX) for n in _tables_on_disk(path))
+
+
+def test_images_on_disk_are_never_rewritten(backed):
+    with pytest.raises(ValueError, match="persist never rewrites images"):
+        persist(backed, "he_S1")
+    with pytest.raises(KeyError, match="'nope' is not an element"):
+        persist(backed, "nope")
+    with pytest.raises(ValueError, match="Unknown strategy"):
+        persist(backed, strategy="yolo")
+
+
+def test_new_store_swaps_atomically(backed, tmp_path, monkeypatch):
+    target = tmp_path / "copy.zarr"
+    persist(backed, path=target, strategy="new_store")
+    assert backed.path == target
+    validate_stack(read_zarr(target))
+    # never over the object's own store, never over an existing store without overwrite=True
+    with pytest.raises(ValueError, match="other than the object's own store"):
+        persist(backed, path=target, strategy="new_store", overwrite=True)
+    other = tmp_path / "other.zarr"
+    other.mkdir()
+    (other / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        persist(backed, path=other, strategy="new_store")
+    assert (other / "keep.txt").read_text() == "user data"
+    # a failed write leaves the existing store as it was
+    t = _change(backed)
+
+    def crash(self, *args, **kwargs):
+        msg = "disk full"
+        raise OSError(msg)
+
+    monkeypatch.setattr(SpatialData, "write", crash)
+    with pytest.raises(OSError, match="disk full"):
+        persist(backed, path=other, strategy="new_store", overwrite=True)
+    monkeypatch.undo()
+    assert (other / "keep.txt").exists()
+    # a swap interrupted between its two renames is completed by the next call
+    other.rename(tmp_path / "other.zarr.asign_old")
+    persist(backed, path=other, strategy="new_store", overwrite=True)
+    assert not (tmp_path / "other.zarr.asign_old").exists()
+    assert not (tmp_path / "other.zarr.asign_tmp").exists()
+    assert not (other / "keep.txt").exists()
+    _assert_changed(other, t)
