@@ -11,10 +11,13 @@ import pytest
 import scipy.sparse as sp
 
 from asign._geometry import (
+    Footprints,
+    aligned_centres,
     apply_affine,
     circle_intersection_area,
     circle_iou,
     circle_polygon,
+    pairs_iou,
     polygon_iou,
     similarity_scale,
 )
@@ -22,9 +25,7 @@ from asign._stack import get_stack, section_codes
 from asign.pp._graph import (
     SpatialNeighbors3D,
     _cross_edges,
-    _Footprints,
     _overlap_matrix,
-    _pairs_iou,
     _within_graph,
     cross_section_edges,
     neighbors_3d,
@@ -191,15 +192,13 @@ def test_exact_and_polygon_paths_agree_for_rigid():
     rng = np.random.default_rng(1)
     coords, codes = _random_two_sections(rng)
     T = np.stack([_rot(0), _about(_rot(71, 1.0, (20.0, -15.0), mirror=True), (1500.0, 1500.0))])
-    fp = _Footprints.from_transforms(T, RHO)
+    fp = Footprints.from_transforms(T, RHO)
     assert fp.exact.all()
     M = _overlap_matrix(coords, codes, T, RHO, adjacent_only=True)
     coo = sp.triu(M).tocoo()
     assert coo.nnz > 100
-    from asign.pp._graph import _aligned_centres
-
-    centres = _aligned_centres(coords, codes, T)
-    poly = _pairs_iou(centres, codes, replace(fp, exact=np.array([False, False])), coo.row, coo.col)
+    centres = aligned_centres(coords, codes, T)
+    poly = pairs_iou(centres, codes, replace(fp, exact=np.array([False, False])), coo.row, coo.col)
     np.testing.assert_allclose(poly, coo.data, atol=1e-2)
     # and both equal the closed form on the aligned distances
     d = np.linalg.norm(centres[coo.row] - centres[coo.col], axis=1)
@@ -221,7 +220,7 @@ def test_affine_path_common_shear_preserves_native_iou():
     coords, codes = _random_two_sections(rng, n=300, side=2000.0)
     A = np.array([[1.3, 0.5, 10.0], [-0.2, 0.8, -30.0], [0.0, 0.0, 1.0]])
     T = np.stack([A, A])
-    assert not _Footprints.from_transforms(T, RHO).exact.any()
+    assert not Footprints.from_transforms(T, RHO).exact.any()
     M = sp.triu(_overlap_matrix(coords, codes, T, RHO)).tocoo()
     ref = sp.triu(_overlap_matrix(coords, codes, np.stack([np.eye(3)] * 2), RHO)).tocoo()
     assert M.nnz > 50
@@ -530,6 +529,20 @@ def test_combined_score_matches_brute_force(aligned_stack):
     assert all(np.all(got_s[i, top_s[i]] > 0) for i in range(t.n_obs))
     nz = got_s > 0
     np.testing.assert_allclose(got_s[nz], (F @ F.T)[nz], atol=1e-12)
+
+
+def test_outputs_are_zarr_writable(aligned_stack, tmp_path):
+    import anndata as ad
+
+    t = aligned_stack.tables["table"]
+    spot_overlaps(aligned_stack, radius_um=100.0)
+    neighbors_3d(aligned_stack, radius_um=100.0)
+    t.write_zarr(tmp_path / "t.zarr")
+    back = ad.read_zarr(tmp_path / "t.zarr")
+    for k in ("asign_overlap", "asign_connectivities", "asign_distances"):
+        assert (back.obsp[k] != t.obsp[k]).nnz == 0
+    assert back.uns["asign_neighbors"]["connectivities_key"] == "asign_connectivities"
+    assert back.uns["asign_overlap"]["params"]["footprint"] == "circle"
 
 
 def test_self_loops_and_inplace_false(aligned_stack):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import numpy as np
 import pytest
@@ -25,10 +26,17 @@ def tiny(_tiny):
     return copy.deepcopy(_tiny)
 
 
+@pytest.fixture(scope="module")
+def _store(_tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "stack.zarr"
+    copy.deepcopy(_tiny).write(path)
+    return path
+
+
 @pytest.fixture
-def backed(tiny, tmp_path):
+def backed(_store, tmp_path):
     path = tmp_path / "stack.zarr"
-    tiny.write(path)
+    shutil.copytree(_store, path)
     return read_zarr(path)
 
 

@@ -7,10 +7,13 @@ Points are ``(x, y)`` in the last axis. Affine transforms are homogeneous ``3 x 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 #: Default footprint radius in native pixels: half the 224 px spot patch (method.md §2.3 and §3.1).
 PATCH_RADIUS_PX = 112.0
+_POLYGON_CHUNK = 20_000  # pairs per shapely batch (~ 2 x 32 MB of vertices at 100 vertices)
 
 
 def as_affine(T) -> np.ndarray:
@@ -142,4 +145,70 @@ def polygon_iou(P: np.ndarray, Q: np.ndarray, *, chunk_size: int = 50_000) -> np
         union = shapely.area(a) + shapely.area(b) - inter
         with np.errstate(invalid="ignore", divide="ignore"):
             out[sl] = np.where(union > 0, inter / union, 0.0)
+    return out
+
+
+@dataclass(frozen=True)
+class Footprints:
+    """Per-section spot-footprint geometry in the aligned frame (arrays indexed by section code).
+
+    A footprint is a disc of ``radius_px`` native pixels mapped by the section's ``T_s``: a circle where ``T_s`` is a
+    similarity, an ellipse otherwise.
+    """
+
+    radius_px: np.ndarray  # (S,) footprint radius in the section's native pixels
+    linear: np.ndarray  # (S, 2, 2) linear part of T_s
+    exact: np.ndarray  # (S,) bool: T_s is a similarity, so the footprint stays a circle
+    radius_aligned: np.ndarray  # (S,) circle radius in aligned px where exact (nan otherwise)
+    bound: np.ndarray  # (S,) radius of a disc that contains the footprint (rho * sigma_max), aligned px
+
+    @classmethod
+    def from_transforms(cls, transforms: np.ndarray, radius_px: np.ndarray) -> Footprints:
+        transforms = np.asarray(transforms, dtype=float).reshape(-1, 3, 3)
+        radius_px = np.broadcast_to(np.asarray(radius_px, dtype=float), (transforms.shape[0],)).copy()
+        scales = [similarity_scale(T) for T in transforms]
+        exact = np.array([s is not None for s in scales], dtype=bool)
+        scale = np.array([np.nan if s is None else s for s in scales], dtype=float)
+        smax = np.array([np.linalg.svd(T[:2, :2], compute_uv=False)[0] for T in transforms])
+        return cls(
+            radius_px=radius_px,
+            linear=transforms[:, :2, :2].copy(),
+            exact=exact,
+            radius_aligned=radius_px * scale,
+            bound=radius_px * smax,
+        )
+
+
+def aligned_centres(coords: np.ndarray, codes: np.ndarray, transforms: np.ndarray) -> np.ndarray:
+    """Spot centres mapped by their section's ``T_s`` (element-wise, so order-independent to the bit)."""
+    out = np.empty((coords.shape[0], 2), dtype=float)
+    for s in range(transforms.shape[0]):
+        m = codes == s
+        if m.any():
+            out[m] = apply_affine(transforms[s], coords[m])
+    return out
+
+
+def pairs_iou(
+    centres: np.ndarray, codes: np.ndarray, fp: Footprints, i: np.ndarray, j: np.ndarray, *, n_vertices: int = 100
+) -> np.ndarray:
+    """IoU of the footprints of spot pairs ``(i, j)``: closed form where both stay circles, 100-gons otherwise."""
+    si, sj = codes[i], codes[j]
+    out = np.empty(i.shape[0], dtype=float)
+    exact = fp.exact[si] & fp.exact[sj]
+    if exact.any():
+        a, b = i[exact], j[exact]
+        d = np.hypot(centres[a, 0] - centres[b, 0], centres[a, 1] - centres[b, 1])
+        out[exact] = circle_iou(d, fp.radius_aligned[si[exact]], fp.radius_aligned[sj[exact]])
+    poly = np.flatnonzero(~exact)
+    if poly.size:
+        t = 2.0 * np.pi * np.arange(n_vertices) / n_vertices
+        unit = np.stack([np.cos(t), np.sin(t)], axis=-1)  # (V, 2)
+        # per-section vertex templates: rho_s * A_s @ u, in aligned px relative to the centre
+        templ = fp.radius_px[:, None, None] * np.einsum("sij,vj->svi", fp.linear, unit)
+        for start in range(0, poly.size, _POLYGON_CHUNK):
+            sel = poly[start : start + _POLYGON_CHUNK]
+            P = centres[i[sel]][:, None, :] + templ[si[sel]]
+            Q = centres[j[sel]][:, None, :] + templ[sj[sel]]
+            out[sel] = polygon_iou(P, Q, chunk_size=_POLYGON_CHUNK)
     return out

@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 ANTS_TYPES = {"rigid": "Rigid", "similarity": "Similarity", "affine": "Affine"}
 # small copies used by the coarse rotation search (longer side in pixels)
 SEARCH_SIZE = 256
+# ANTs schedule on the working images (about 1000 px): the finest level is half the working resolution, which is
+# well below the accuracy needed (a few working pixels) and keeps a pair at about 2 s of one CPU core
+ANTS_ITERATIONS = (200, 100, 50)
+ANTS_SHRINK = (8, 4, 2)
+ANTS_SMOOTHING = (3, 2, 1)
+ANTS_SAMPLING = 0.1
+# a second coarse start is refined only if its Dice is this close to the best one
+START_MARGIN = 0.05
 # a refinement may lower the coarse start's mask Dice by at most this much and still be kept
 DICE_TOLERANCE = 0.02
 
@@ -402,9 +410,9 @@ def _ants_environment(seed: int):
     setter, ``ants.set_ants_deterministic``, also forbids the non-"Repro" transform types), so the seed is set there
     and restored afterwards; ``ANTS_RANDOM_SEED`` is set as well for ANTs builds that read it.
     """
-    import ants
+    ants = import_ants()
 
-    keys = {"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "ANTS_RANDOM_SEED": str(int(seed) + 1)}
+    keys = {"ANTS_RANDOM_SEED": str(int(seed) + 1)}
     old = {k: os.environ.get(k) for k in keys}
     old_seed = getattr(ants.config, "_random_seed", None)
     os.environ.update(keys)
@@ -420,15 +428,27 @@ def _ants_environment(seed: int):
                 os.environ[k] = v
 
 
-def _to_ants(image: np.ndarray):
+def import_ants():
+    """Import antspyx, making ITK single-threaded unless the user chose otherwise.
+
+    ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when it first creates a multi-threader, so it must be
+    set before ANTs is first used in the process; multi-threaded metric sums make registrations irreproducible.
+    """
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     import ants
+
+    return ants
+
+
+def _to_ants(image: np.ndarray):
+    ants = import_ants()
 
     # ANTs' axis 0 is physical x: hand it (x, y)-ordered arrays
     return ants.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.float32).T))
 
 
 def _write_ants_affine(F: np.ndarray, path: str) -> None:
-    import ants
+    ants = import_ants()
 
     tx = ants.create_ants_transform(
         transform_type="AffineTransform",
@@ -442,7 +462,7 @@ def _write_ants_affine(F: np.ndarray, path: str) -> None:
 
 def _read_ants_affine(path: str) -> np.ndarray:
     """The homogeneous matrix of an ANTs linear transform file, by mapping three points."""
-    import ants
+    ants = import_ants()
 
     tx = ants.read_transform(path)
     pts = np.array([[0.0, 0.0], [1000.0, 0.0], [0.0, 1000.0]])
@@ -463,7 +483,7 @@ def ants_refine(
 
     Single-threaded with a fixed seed. Returns the refined moving -> fixed map in working pixels.
     """
-    import ants
+    ants = import_ants()
 
     if transform not in ANTS_TYPES:
         msg = f"Unknown transform {transform!r}; choose one of {list(ANTS_TYPES)}."
@@ -488,10 +508,10 @@ def ants_refine(
             outprefix=os.path.join(tmp, "reg_"),
             aff_metric="mattes",
             aff_sampling=32,
-            aff_random_sampling_rate=0.25,
-            aff_iterations=(1000, 500, 250, 50),
-            aff_shrink_factors=(8, 4, 2, 1),
-            aff_smoothing_sigmas=(3, 2, 1, 0),
+            aff_random_sampling_rate=ANTS_SAMPLING,
+            aff_iterations=ANTS_ITERATIONS,
+            aff_shrink_factors=ANTS_SHRINK,
+            aff_smoothing_sigmas=ANTS_SMOOTHING,
             verbose=False,
             **kw,
         )
@@ -554,6 +574,7 @@ def register_pair(
     else:
         starts = [(d0, I_work, {"start": "identity"})]
     best = None
+    starts = [st for st in starts if st[0] >= starts[0][0] - START_MARGIN]
     for d_start, A_start, info in starts:
         A, refined = A_start, False
         d_s, n_s = pair_scores(moving, fixed, A_start)

@@ -135,7 +135,7 @@ def _reconsolidate(store: Path) -> None:
 
 
 def recover(sdata: SpatialData | str | Path) -> list[str]:
-    """Repair a store after an interrupted :func:`persist`.
+    """Repair a store after an interrupted :func:`asign.io.persist`.
 
     A table or shapes element left under ``<name>_asign_tmp`` (or in the temporary store ``<store>.asign_tmp``)
     whose original is missing or unreadable is restored under its name; leftover copies are removed once the
@@ -269,10 +269,11 @@ def persist(
         The stack. If it is not backed by a store, ``path`` is required and the whole object is written there
         (as with ``strategy="new_store"``).
     elements
-        Names of tables or shapes elements to (re)write in the object's own store (default: every table and shapes
-        element). Elements that are in memory but not yet on disk are always written (any type). Images, labels and
-        points already on disk are never rewritten (their lazy data may be read from the files). Transformations
-        of all elements are always written (metadata only), then the metadata are consolidated.
+        Names of tables or shapes elements to (re)write in the object's own store (default: every table; name a
+        shapes element that you changed). Elements that are in memory but not yet on disk are always written (any
+        type). Images, labels and points already on disk are never rewritten (their lazy data may be read from the
+        files). Transformations of all elements are always written (metadata only), then the metadata are
+        consolidated.
     path
         Target store for an object that is not backed, or for ``strategy="new_store"``.
     strategy
@@ -313,7 +314,7 @@ def persist(
     store = Path(sdata.path)
     recover(sdata)
     if elements is None:
-        names = [n for kind in _REWRITABLE for n in getattr(sdata, kind)]
+        names = list(sdata.tables)
     else:
         names = [elements] if isinstance(elements, str) else list(elements)
     written = []

@@ -107,7 +107,8 @@ def validate_stack(
 
     Returns
     -------
-    The section manifest as a :class:`~asign._stack.StackInfo`.
+    The section manifest (a ``StackInfo``: sections, shapes and image keys, coordinate systems, z, µm per pixel and
+    spot diameter, in cutting order).
 
     Raises
     ------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._lazy import lazy_namespace
+from asign._lazy import lazy_namespace
 
 _MAPPING = {
     "alignment": "_alignment",

@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 
 from asign._constants import Key
 from asign._docs import inject_docs
-from asign._geometry import PATCH_RADIUS_PX, apply_affine, as_affine, circle_iou, polygon_iou, similarity_scale
+from asign._geometry import PATCH_RADIUS_PX, Footprints, aligned_centres, as_affine, pairs_iou
 from asign._logging import logger
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["SpatialNeighbors3D", "neighbors_3d", "spot_overlaps"]
 
 _ALIGN_HINT = "run `asign.pp.align_layers` first (or `asign.pp._align.set_alignment` with known transforms)"
-_POLYGON_CHUNK = 20_000  # pairs per shapely batch (~ 2 x 32 MB of vertices at 100 vertices)
 _SIM_BLOCK = 1 << 23  # entries of one cosine block (64 MB in float64)
 
 
@@ -52,68 +51,6 @@ class SpatialNeighbors3D(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Footprints:
-    """Per-section footprint geometry in the aligned frame (arrays indexed by section code)."""
-
-    radius_px: np.ndarray  # (S,) footprint radius in the section's native pixels
-    linear: np.ndarray  # (S, 2, 2) linear part of T_s
-    exact: np.ndarray  # (S,) bool: T_s is a similarity, so the footprint stays a circle
-    radius_aligned: np.ndarray  # (S,) circle radius in aligned px where exact (nan otherwise)
-    bound: np.ndarray  # (S,) radius of a disc that contains the footprint (rho * sigma_max), aligned px
-
-    @classmethod
-    def from_transforms(cls, transforms: np.ndarray, radius_px: np.ndarray) -> _Footprints:
-        transforms = np.asarray(transforms, dtype=float).reshape(-1, 3, 3)
-        radius_px = np.broadcast_to(np.asarray(radius_px, dtype=float), (transforms.shape[0],)).copy()
-        scales = [similarity_scale(T) for T in transforms]
-        exact = np.array([s is not None for s in scales], dtype=bool)
-        scale = np.array([np.nan if s is None else s for s in scales], dtype=float)
-        smax = np.array([np.linalg.svd(T[:2, :2], compute_uv=False)[0] for T in transforms])
-        return cls(
-            radius_px=radius_px,
-            linear=transforms[:, :2, :2].copy(),
-            exact=exact,
-            radius_aligned=radius_px * scale,
-            bound=radius_px * smax,
-        )
-
-
-def _aligned_centres(coords: np.ndarray, codes: np.ndarray, transforms: np.ndarray) -> np.ndarray:
-    """Spot centres mapped by their section's ``T_s`` (element-wise, so order-independent to the bit)."""
-    out = np.empty((coords.shape[0], 2), dtype=float)
-    for s in range(transforms.shape[0]):
-        m = codes == s
-        if m.any():
-            out[m] = apply_affine(transforms[s], coords[m])
-    return out
-
-
-def _pairs_iou(
-    centres: np.ndarray, codes: np.ndarray, fp: _Footprints, i: np.ndarray, j: np.ndarray, *, n_vertices: int = 100
-) -> np.ndarray:
-    """IoU of the footprints of spot pairs ``(i, j)``: closed form where both stay circles, 100-gons otherwise."""
-    si, sj = codes[i], codes[j]
-    out = np.empty(i.shape[0], dtype=float)
-    exact = fp.exact[si] & fp.exact[sj]
-    if exact.any():
-        a, b = i[exact], j[exact]
-        d = np.hypot(centres[a, 0] - centres[b, 0], centres[a, 1] - centres[b, 1])
-        out[exact] = circle_iou(d, fp.radius_aligned[si[exact]], fp.radius_aligned[sj[exact]])
-    poly = np.flatnonzero(~exact)
-    if poly.size:
-        t = 2.0 * np.pi * np.arange(n_vertices) / n_vertices
-        unit = np.stack([np.cos(t), np.sin(t)], axis=-1)  # (V, 2)
-        # per-section vertex templates: rho_s * A_s @ u, in aligned px relative to the centre
-        templ = fp.radius_px[:, None, None] * np.einsum("sij,vj->svi", fp.linear, unit)
-        for start in range(0, poly.size, _POLYGON_CHUNK):
-            sel = poly[start : start + _POLYGON_CHUNK]
-            P = centres[i[sel]][:, None, :] + templ[si[sel]]
-            Q = centres[j[sel]][:, None, :] + templ[sj[sel]]
-            out[sel] = polygon_iou(P, Q, chunk_size=_POLYGON_CHUNK)
-    return out
-
-
 def _partner_sections(n_sections: int, s: int, *, adjacent_only: bool, both_directions: bool) -> list[int]:
     if adjacent_only:
         cand = [s + 1, s - 1] if both_directions else [s + 1]
@@ -125,7 +62,7 @@ def _partner_sections(n_sections: int, s: int, *, adjacent_only: bool, both_dire
 def _candidate_pairs(
     centres: np.ndarray,
     codes: np.ndarray,
-    fp: _Footprints,
+    fp: Footprints,
     *,
     adjacent_only: bool,
     both_directions: bool,
@@ -215,13 +152,13 @@ def _overlap_matrix(
     """
     n = coords.shape[0]
     transforms = np.asarray(transforms, dtype=float).reshape(-1, 3, 3)
-    fp = _Footprints.from_transforms(transforms, radius_px)
-    centres = _aligned_centres(coords, codes, transforms)
+    fp = Footprints.from_transforms(transforms, radius_px)
+    centres = aligned_centres(coords, codes, transforms)
     rows, cols, vals = [], [], []
     for _s, i, j in _candidate_pairs(
         centres, codes, fp, adjacent_only=adjacent_only, both_directions=False, active=active
     ):
-        iou = _pairs_iou(centres, codes, fp, i, j, n_vertices=n_vertices)
+        iou = pairs_iou(centres, codes, fp, i, j, n_vertices=n_vertices)
         ok = iou > 0
         rows.append(i[ok])
         cols.append(j[ok])
@@ -319,7 +256,8 @@ def _within_graph(
     if k == 0 or n == 0:
         return sp.csr_matrix((n, n), dtype=float)
     cols, dist = _knn_within(coords, codes, k, key=key)
-    dist = dist * np.broadcast_to(np.asarray(um_per_px, dtype=float), (int(codes.max()) + 1,))[codes][:, None]
+    um = np.asarray(um_per_px, dtype=float)
+    dist = dist * (um[codes][:, None] if um.ndim else um)
     if weights == "binary":
         w = np.ones_like(dist)
     else:
@@ -373,12 +311,13 @@ def _cosine_topk_candidates(
 
 
 def _nearest_other_section(
-    centres: np.ndarray, codes: np.ndarray, r: float, k: int, key: np.ndarray, active: np.ndarray
+    centres: np.ndarray, codes: np.ndarray, r: float, k: int, active: np.ndarray
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(s, i, j)`` with the nearest other-section spots ``j`` of every spot ``i`` of section ``s``.
 
     Only spots closer than ``2 r`` count; every row gets at least its ``k`` nearest, with every tie (and a 1e-9
-    relative margin) at the k-th distance. The query is widened per row until the farthest point returned lies beyond that distance (or beyond ``2 r``).
+    relative margin) at the k-th distance. The query is widened per row until the farthest point returned lies
+    beyond that distance (or beyond ``2 r``).
     """
     pool = np.flatnonzero(active[codes])
     if pool.size == 0:
@@ -400,7 +339,7 @@ def _nearest_other_section(
             valid = found & (pcodes[np.minimum(jj, pool.size - 1)] != s)
             # k-th valid distance per row (inf when fewer than k valid)
             dv = np.where(valid, d, np.inf)
-            dk = np.partition(dv, min(k, kq) - 1, axis=1)[:, min(k, kq) - 1] if kq >= k else np.full(todo.size, np.inf)
+            dk = np.partition(dv, k - 1, axis=1)[:, k - 1] if kq >= k else np.full(todo.size, np.inf)
             limit = np.minimum(dk * (1.0 + 1e-9), reach)
             last = np.where(found[:, -1], d[:, -1], np.inf)  # not found: every point within reach was returned
             done = (last > limit) | (kq >= pool.size)
@@ -465,8 +404,8 @@ def _cross_edges(
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0)
     overlap_blocks: Iterator[tuple[int, np.ndarray, np.ndarray]] = iter(())
     if use_iou:
-        fp = _Footprints.from_transforms(transforms, radius_px)
-        centres = _aligned_centres(coords, codes, transforms)
+        fp = Footprints.from_transforms(transforms, radius_px)
+        centres = aligned_centres(coords, codes, transforms)
         overlap_blocks = _candidate_pairs(
             centres, codes, fp, adjacent_only=adjacent_only, both_directions=True, active=active
         )
@@ -475,9 +414,9 @@ def _cross_edges(
         equal_circles = bool(fp.exact[active].all()) and float(np.ptp(r_al)) <= 1e-9 * float(r_al.max())
         if equal_circles and not adjacent_only and knn_fast_path:
             # IoU of equal circles decreases with distance: top-k by IoU = k nearest other-section centres
-            overlap_blocks = _nearest_other_section(centres, codes, float(r_al[0]), k, key, active)
+            overlap_blocks = _nearest_other_section(centres, codes, float(r_al[0]), k, active)
         for _s, i, j in overlap_blocks:
-            finish(i, j, _pairs_iou(centres, codes, fp, i, j, n_vertices=n_vertices))
+            finish(i, j, pairs_iou(centres, codes, fp, i, j, n_vertices=n_vertices))
     else:
         # the generator yields sections in increasing order, possibly skipping some: walk both together
         pending = next(overlap_blocks, None)
@@ -496,7 +435,7 @@ def _cross_edges(
             if pending is not None and pending[0] == s:
                 _s, oi, oj = pending
                 pending = next(overlap_blocks, None)
-                iou = _pairs_iou(centres, codes, fp, oi, oj, n_vertices=n_vertices)
+                iou = pairs_iou(centres, codes, fp, oi, oj, n_vertices=n_vertices)
                 pos = iou > 0
                 oi, oj, iou = oi[pos], oj[pos], iou[pos]
             okey = oi.astype(np.int64) * n + oj.astype(np.int64)
@@ -789,13 +728,13 @@ def spot_overlaps(
     al = _read_alignment(table, stack, table_key)
     codes = section_codes(table, stack)
     coords = np.asarray(table.obsm[Key.SPATIAL], dtype=float)
-    _check_consistency(table, codes, _aligned_centres(coords, codes, al.transforms), al)
+    _check_consistency(table, codes, aligned_centres(coords, codes, al.transforms), al)
     M = _overlap_matrix(
         coords, codes, al.transforms, radius, adjacent_only=adjacent_only, n_vertices=n_vertices, active=al.active
     )
     has = np.diff(M.indptr) > 0
     frac = {s: float(has[codes == i].mean()) for i, s in enumerate(stack.sections)}
-    fp = _Footprints.from_transforms(al.transforms, radius)
+    fp = Footprints.from_transforms(al.transforms, radius)
     logger.info(
         f"Spot overlaps: {M.nnz // 2} cross-section pairs with IoU > 0; share of spots with a partner per section: "
         + ", ".join(f"{s} {f:.2f}" for s, f in frac.items())
@@ -954,7 +893,7 @@ def neighbors_3d(
     al = None
     if n_neighs_across > 0 and stack.n_sections > 1:
         al = _read_alignment(table, stack, table_key)
-        _check_consistency(table, codes, _aligned_centres(coords, codes, al.transforms), al)
+        _check_consistency(table, codes, aligned_centres(coords, codes, al.transforms), al)
     W, D, n_within, n_cross = _graph_3d(
         coords,
         codes,

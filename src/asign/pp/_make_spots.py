@@ -273,10 +273,9 @@ def make_spots(
     """Lay a virtual spot grid over the tissue of a section that has an H&E image but no measured spots.
 
     The tissue mask comes from a downsampled pyramid level of the section's image (optical density, Otsu's threshold
-    lowered towards the background so pale tissue counts; closing, debris removal and small holes filled, see
-    :func:`asign.pp._make_spots.tissue_mask`). A square or hexagonal grid, centred on the tissue, keeps the points
-    whose centre lies on tissue. This is how a user asks for expression on an unmeasured section; asign never adds
-    spots unasked.
+    lowered towards the background so pale tissue counts; closing, debris removal and small holes filled). A square
+    or hexagonal grid, centred on the tissue, keeps the points whose centre lies on tissue. This is how a user asks
+    for expression on an unmeasured section; asign never adds spots unasked.
 
     Parameters
     ----------

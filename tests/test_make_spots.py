@@ -1,0 +1,207 @@
+"""asign.pp.make_spots: virtual spot grids on the tissue of sections without measured spots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+from spatialdata.models import Image2DModel, TableModel
+from spatialdata.transformations import Identity, get_transformation
+
+from asign._stack import get_stack
+from asign.datasets._synthetic import domain_at
+from asign.io import validate_stack
+from asign.pp import make_spots
+from asign.pp._make_spots import tissue_mask
+
+UM_PER_PX = 8.0
+
+
+def _drop_section(sdata, section):
+    """Remove a section's spots (shapes and table rows); it keeps its image and its manifest entry."""
+    t = sdata.tables["table"]
+    keep = t[(t.obs["section"].astype(str) != section).to_numpy()].copy()
+    keep.obs["region"] = keep.obs["region"].cat.remove_unused_categories()
+    del keep.uns["spatialdata_attrs"]
+    del sdata.tables["table"]
+    del sdata.shapes[f"spots_{section}"]
+    sdata.tables["table"] = TableModel.parse(
+        keep, region=list(keep.obs["region"].cat.categories), region_key="region", instance_key="spot_id"
+    )
+
+
+def _world(t, section, xy):
+    stack = get_stack(t)
+    M = t.uns["asign"]["synthetic"]["native_to_world"][stack.index(section)]
+    return xy @ M[:2, :2].T + M[:2, 2], float(stack.z_um[stack.index(section)])
+
+
+def _tissue_area_um2(t, section, size=512):
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    w, z = _world(t, section, np.column_stack([xx.ravel(), yy.ravel()]))
+    return float((domain_at(w[:, 0], w[:, 1], z) >= 0).sum()) * UM_PER_PX**2
+
+
+def _rows(t, section):
+    return (t.obs["section"].astype(str) == section).to_numpy()
+
+
+@pytest.fixture
+def emptied(small_stack):
+    _drop_section(small_stack, "S2")
+    return small_stack
+
+
+def test_tissue_mask_matches_ground_truth(small_stack):
+    t = small_stack.tables["table"]
+    mask, factor = tissue_mask(small_stack.images["he_S3"], pixel_um=UM_PER_PX)
+    assert factor == 1.0  # 512 px: level 0 is small enough
+    yy, xx = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]] + 0.5
+    w, z = _world(t, "S3", np.column_stack([xx.ravel(), yy.ravel()]) * factor)
+    truth = (domain_at(w[:, 0], w[:, 1], z) >= 0).reshape(mask.shape)
+    assert truth[mask].mean() > 0.95  # precision
+    assert mask[truth].mean() > 0.95  # recall (pale fat counts as tissue)
+    coarse, f2 = tissue_mask(small_stack.images["he_S3"], pixel_um=UM_PER_PX, min_resolution_um=100.0)
+    assert f2 == 1.0 or coarse.shape[0] * f2 == pytest.approx(512)
+
+
+def test_make_spots_square_grid_on_tissue(emptied):
+    stack = get_stack(emptied)
+    make_spots(emptied, section="S2")
+    validate_stack(emptied, require_images=True)
+    t = emptied.tables["table"]
+    m = _rows(t, "S2")
+    n = int(m.sum())
+    assert list(t.obs["section"].cat.categories) == ["S1", "S2", "S3"]
+    assert list(t.obs["section"].astype(str).drop_duplicates()) == ["S1", "S2", "S3"]  # rows in cutting order
+    assert not t.obs.loc[m, "measured"].any() and t.obs.loc[~m, "measured"].all()
+    assert sp.issparse(t.X) and t.X[m].nnz == 0
+    assert list(t.obs_names[m][:2]) == ["S2_v0", "S2_v1"]
+    np.testing.assert_array_equal(t.obs.loc[m, "spot_id"], np.arange(n))
+    # spots lie in tissue (ground truth) and their number is about tissue area / pitch^2
+    xy = t.obsm["spatial"][m]
+    w, z = _world(t, "S2", xy)
+    assert (domain_at(w[:, 0], w[:, 1], z) >= 0).mean() > 0.95
+    pitch = 2.0 * stack.spot_diameter_um
+    expected = _tissue_area_um2(t, "S2") / pitch**2
+    print(f"make_spots: {n} virtual spots, tissue area / pitch^2 = {expected:.1f}")
+    assert abs(n - expected) < 0.2 * expected
+    # a square grid at the pitch; circles with the stack's spot diameter
+    d, _ = cKDTree(xy).query(xy, k=2)
+    np.testing.assert_allclose(d[:, 1], pitch / UM_PER_PX, rtol=1e-6)
+    shapes = emptied.shapes["spots_S2"]
+    np.testing.assert_allclose(shapes["radius"], stack.spot_diameter_um / 2 / UM_PER_PX)
+    np.testing.assert_allclose(np.column_stack([shapes.geometry.x, shapes.geometry.y]), xy)
+    assert set(get_transformation(shapes, get_all=True)) == {"S2"}
+    # other per-spot values of the new rows are missing, not made up
+    assert t.obs.loc[m, "domain"].isna().all()
+    assert np.isnan(t.obsm["spatial_world"][m]).all()
+    assert t.uns["asign"]["make_spots"]["S2"]["n_spots"] == n
+
+
+def test_make_spots_hex_grid_and_spacing(emptied):
+    make_spots(emptied, section="S2", grid="hex", spacing_um=150.0, diameter_um=60.0)
+    validate_stack(emptied)
+    t = emptied.tables["table"]
+    xy = t.obsm["spatial"][_rows(t, "S2")]
+    d, _ = cKDTree(xy).query(xy, k=7)
+    np.testing.assert_allclose(d[:, 1], 150.0 / UM_PER_PX, rtol=1e-6)
+    inner = d[:, 6] < 150.0 / UM_PER_PX * 1.01
+    assert inner.sum() > 0.5 * len(xy)  # interior spots have 6 neighbours at one pitch
+    expected = _tissue_area_um2(t, "S2") / (150.0**2 * np.sqrt(3) / 2)
+    assert abs(len(xy) - expected) < 0.15 * expected
+    np.testing.assert_allclose(emptied.shapes["spots_S2"]["radius"], 30.0 / UM_PER_PX)
+    w, z = _world(t, "S2", xy)
+    assert (domain_at(w[:, 0], w[:, 1], z) >= 0).mean() > 0.95
+
+
+def test_make_spots_replaces_virtual_spots_and_keeps_measured(emptied):
+    make_spots(emptied, section="S2")
+    n1 = int(_rows(emptied.tables["table"], "S2").sum())
+    make_spots(emptied, section="S2", spacing_um=0.5 * 2 * get_stack(emptied).spot_diameter_um)
+    t = emptied.tables["table"]
+    assert int(_rows(t, "S2").sum()) > 3 * n1
+    validate_stack(emptied)
+    with pytest.raises(ValueError, match="Section 'S1' has measured spots; make_spots never replaces them"):
+        make_spots(emptied, section="S1")
+
+
+def test_make_spots_not_inplace(emptied):
+    before = emptied.tables["table"].n_obs
+    out = make_spots(emptied, section="S2", inplace=False)
+    assert emptied.tables["table"].n_obs == before
+    assert "spots_S2" not in emptied.shapes
+    assert out.tables["table"].n_obs > before
+    validate_stack(out)
+    assert out.images["he_S1"] is emptied.images["he_S1"]  # unchanged elements are shared
+
+
+def test_make_spots_new_section(small_stack):
+    img = small_stack.images["he_S2"]["scale0"]["image"].values
+    small_stack.images["he_new"] = Image2DModel.parse(
+        img, dims=("c", "y", "x"), scale_factors=[2], transformations={"global": Identity()}
+    )
+    with pytest.raises(ValueError, match="pass `um_per_px`"):
+        make_spots(small_stack, section="N", image_key="he_new")
+    with pytest.raises(ValueError, match="z_um=16.0 is already taken"):
+        make_spots(small_stack, section="N", image_key="he_new", um_per_px=UM_PER_PX, z_um=16.0)
+    with pytest.raises(KeyError, match="image 'he_N' not found"):
+        make_spots(small_stack, section="N", um_per_px=UM_PER_PX, z_um=24.0)
+    with pytest.raises(ValueError, match="already belongs to another section"):
+        make_spots(small_stack, section="N", image_key="he_S2", um_per_px=UM_PER_PX, z_um=24.0)
+    make_spots(small_stack, section="N", image_key="he_new", um_per_px=UM_PER_PX, z_um=24.0)
+    stack = validate_stack(small_stack, require_images=True)
+    assert stack.sections == ["S1", "S2", "N", "S3"]
+    assert stack.image_keys == ["he_S1", "he_S2", "he_new", "he_S3"]
+    np.testing.assert_allclose(stack.z_um, [0.0, 16.0, 24.0, 32.0])
+    assert set(get_transformation(small_stack.images["he_new"], get_all=True)) == {"global", "N"}
+    t = small_stack.tables["table"]
+    assert list(t.obs["section"].astype(str).drop_duplicates()) == ["S1", "S2", "N", "S3"]
+    # same image as S2, so the same tissue: spots in S2's ground-truth tissue
+    xy = t.obsm["spatial"][_rows(t, "N")]
+    w, z = _world(t, "S2", xy)
+    assert (domain_at(w[:, 0], w[:, 1], z) >= 0).mean() > 0.95
+    # measured counts of the other sections are untouched
+    assert t.obs.loc[~_rows(t, "N"), "measured"].all()
+
+
+def test_make_spots_errors(emptied):
+    with pytest.raises(ValueError, match="grid must be 'square' or 'hex'"):
+        make_spots(emptied, section="S2", grid="triangle")
+    with pytest.raises(ValueError, match="no tissue found"):
+        make_spots(emptied, section="S2", tissue_threshold=0.0)
+    del emptied.images["he_S2"]
+    emptied.tables["table"].uns["asign"]["stack"]["image_key"] = ["he_S1", "", "he_S3"]
+    with pytest.raises(ValueError, match="Section 'S2' has no image"):
+        make_spots(emptied, section="S2")
+
+
+def test_make_spots_drops_stale_graphs(emptied):
+    t = emptied.tables["table"]
+    t.obsp["asign_connectivities"] = sp.identity(t.n_obs, format="csr")
+    make_spots(emptied, section="S2", tissue_threshold=0.95)
+    t = emptied.tables["table"]
+    assert "asign_connectivities" not in t.obsp
+    assert _rows(t, "S2").sum() > 10
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_make_spots_her2st_c2(her2st_path):
+    from asign.io import read_her2st
+
+    sdata = read_her2st(her2st_path, patient="C", sections=["C1", "C2", "C3"])
+    t = sdata.tables["table"]
+    measured = t.obsm["spatial"][_rows(t, "C2")]
+    _drop_section(sdata, "C2")
+    make_spots(sdata, section="C2")
+    t = sdata.tables["table"]
+    virtual = t.obsm["spatial"][_rows(t, "C2")]
+    pitch_px = 200.0 / get_stack(sdata).um_per_px[1]
+    print(f"HER2ST C2: {len(virtual)} virtual spots for {len(measured)} measured")
+    assert abs(len(virtual) - len(measured)) < 0.1 * len(measured)
+    # every measured spot has a virtual spot within one pitch, and vice versa
+    assert (cKDTree(virtual).query(measured)[0] < pitch_px).mean() > 0.95
+    assert (cKDTree(measured).query(virtual)[0] < pitch_px).mean() > 0.95
+    validate_stack(sdata)

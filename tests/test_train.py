@@ -1,0 +1,179 @@
+"""The ASIGN training loop (method.md §6): masking, label hygiene, determinism, fresh init, early stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch_geometric")
+
+from asign._model import (  # noqa: E402
+    ASIGNConfig,
+    ValidationSet,
+    make_model,
+    per_gene_pcc,
+    predict_sample,
+    train_model,
+)
+from asign._model._synthetic import random_sample  # noqa: E402
+from asign._model._train import _draw_mask  # noqa: E402
+
+CFG = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "lr": 3e-3, "patience": 0}
+
+
+@pytest.fixture(scope="module")
+def data():
+    s, y = random_sample(n_sections=3, spots_per_section=30, n_genes=8, feature_dim=8, known_sections=[0], seed=2)
+    full, _ = random_sample(n_sections=3, spots_per_section=30, n_genes=8, feature_dim=8, seed=3)
+    return s, y, full
+
+
+def _dims(s):
+    return {"spot": s.x_spot.shape[1], "region": s.x_region.shape[1], "global": s.x_global.shape[1]}
+
+
+def test_per_gene_pcc():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(20, 3))
+    g = np.repeat([0, 1], 10)
+    assert per_gene_pcc(t, t, g) == pytest.approx(1.0)
+    assert per_gene_pcc(-t, t, g) == pytest.approx(-1.0)
+    assert per_gene_pcc(np.zeros_like(t), t, g) == 0.0  # constant prediction counts as 0
+    manual = np.mean([np.mean([np.corrcoef(t[g == k, j] + rng.normal(size=10) * 0, t[g == k, j])[0, 1] for j in range(3)]) for k in (0, 1)])
+    assert manual == pytest.approx(1.0)
+
+
+def test_masks(data):
+    s, _, full = data
+    gen = torch.Generator().manual_seed(0)
+    cfg = ASIGNConfig(**CFG)  # mask="section"
+    seen = set()
+    for _ in range(20):
+        vis, loss = _draw_mask(full, cfg, gen)
+        secs = torch.unique(full.section[vis]).tolist()
+        assert len(secs) == 1  # one visible section, all others hidden
+        seen.add(secs[0])
+        assert not bool((vis & loss).any()) and bool((vis | loss).all())
+    assert seen == {0, 1, 2}  # known_policy="random"
+    vis, _ = _draw_mask(full, ASIGNConfig(**CFG, known_policy="first"), gen)
+    assert torch.unique(full.section[vis]).tolist() == [0]
+    # a single labelled section falls back to spot masking with probability p
+    cfg = ASIGNConfig(**CFG, visible_fraction=0.3)
+    fr = []
+    for _ in range(30):
+        vis, loss = _draw_mask(s, cfg, gen)
+        assert not bool((vis & ~s.labelled).any()) and not bool((loss & ~s.labelled).any())
+        assert bool(vis.any()) and bool(loss.any())
+        fr.append(float(vis.sum()) / float(s.labelled.sum()))
+    assert 0.2 < np.mean(fr) < 0.4
+
+
+def test_hidden_labels_never_reach_the_model(data, monkeypatch):
+    s, _, full = data
+    model = make_model(full.n_genes, _dims(full), ASIGNConfig(**CFG, max_epochs=2))
+    seen = []
+    orig = model.forward
+
+    def spy(sample, y_visible=None, **kw):
+        seen.append(y_visible.detach().clone())
+        return orig(sample, y_visible, **kw)
+
+    monkeypatch.setattr(model, "forward", spy)
+    train_model(model, [full], show_progress_bar=False)
+    assert len(seen) == 2
+    for y_in in seen:
+        vis = torch.isfinite(y_in).all(1)
+        # exactly one section visible; every other row is NaN in the only label tensor the model gets
+        assert len(torch.unique(full.section[vis])) == 1
+        assert torch.isnan(y_in[~vis]).all()
+
+
+def test_training_learns_and_beats_propagation(data):
+    s, y, _ = data
+    cfg = ASIGNConfig(**CFG, mask="spot", visible_fraction=0.3, max_epochs=25, steps_per_epoch=4, dropout=0.0)
+    model = make_model(s.n_genes, _dims(s), cfg)
+    res = train_model(model, [s], show_progress_bar=False)
+    assert res.epochs_run == 25 and res.n_steps == 100
+    assert res.curve[-1]["loss_total"] < res.curve[0]["loss_total"]
+    out = predict_sample(model, s)
+    sec = s.section.numpy()
+    unk = sec > 0
+    assert all(np.isfinite(v).all() for v in out.values())
+    pcc = per_gene_pcc(out["pred"][unk], y[unk], sec[unk])
+    assert pcc > 0.3
+    uns = res.to_uns()
+    assert set(uns["curve"]) >= {"epoch", "loss_total", "loss_spot", "lr"}
+    assert uns["curve"]["loss_total"].shape == (25,)
+
+
+def test_same_seed_same_prediction_on_cpu(data):
+    s, _, full = data
+    preds = []
+    for _ in range(2):
+        cfg = ASIGNConfig(**CFG, max_epochs=3, steps_per_epoch=2, seed=7)
+        model = make_model(s.n_genes, _dims(s), cfg)
+        train_model(model, [full, s], show_progress_bar=False)
+        preds.append(predict_sample(model, s)["pred"])
+    np.testing.assert_array_equal(preds[0], preds[1])
+    cfg = ASIGNConfig(**CFG, max_epochs=3, steps_per_epoch=2, seed=8)
+    model = make_model(s.n_genes, _dims(s), cfg)
+    train_model(model, [full, s], show_progress_bar=False)
+    assert not np.array_equal(predict_sample(model, s)["pred"], preds[0])
+
+
+def test_fresh_initialisation_per_fold(data):
+    s, _, full = data
+    from asign._device import spawn_seeds
+
+    seeds = spawn_seeds(0, 2)
+    dims = _dims(s)
+    first = make_model(s.n_genes, dims, ASIGNConfig(**CFG, max_epochs=2, seed=seeds[0]))
+    init0 = {k: v.clone() for k, v in first.state_dict().items()}
+    train_model(first, [full], show_progress_bar=False)  # fold 0 trains
+    # fold 1 starts from a fresh init with its own seed, identical to an independent fresh model with that seed
+    fold1 = make_model(s.n_genes, dims, ASIGNConfig(**CFG, seed=seeds[1]))
+    ref1 = make_model(s.n_genes, dims, ASIGNConfig(**CFG, seed=seeds[1]))
+    for k, v in fold1.state_dict().items():
+        torch.testing.assert_close(v, ref1.state_dict()[k], rtol=0, atol=0)
+    # ... and shares nothing with the trained fold-0 weights, nor with fold 0's init
+    trained = first.state_dict()
+    assert any(not torch.equal(trained[k], init0[k]) for k in init0)
+    w = "head.spot.linear.weight"
+    assert not torch.equal(fold1.state_dict()[w], trained[w])
+    assert not torch.equal(fold1.state_dict()[w], init0[w])
+    # make_model leaves the global RNG untouched
+    torch.manual_seed(5)
+    a = torch.rand(1)
+    torch.manual_seed(5)
+    make_model(s.n_genes, dims, ASIGNConfig(**CFG))
+    assert torch.equal(torch.rand(1), a)
+
+
+def test_early_stopping_restores_best(data):
+    s, y, full = data
+    known = (s.section == 0).unsqueeze(1)
+    val = ValidationSet(sample=s, y_eval=torch.as_tensor(y), eval_rows=(s.section > 0))
+    cfg = ASIGNConfig(**{**CFG, "patience": 2, "lr": 0.05}, max_epochs=30, min_epochs=1)
+    model = make_model(s.n_genes, _dims(s), cfg)
+    res = train_model(model, [full], validation=[val], show_progress_bar=False)
+    assert res.epochs_run < 30  # stopped early
+    assert res.best_epoch == int(np.argmax([r["val_pcc"] for r in res.curve]))
+    out = predict_sample(model, s)["pred"]
+    sec = s.section.numpy()
+    score = per_gene_pcc(out[sec > 0], y[sec > 0], sec[sec > 0])
+    assert score == pytest.approx(res.best_score, abs=1e-6)  # the best epoch's weights were restored
+    assert known.any()
+
+
+def test_sgd_poly_and_errors(data):
+    s, _, full = data
+    cfg = ASIGNConfig.from_preset("paper_code", hidden_dim=16, attn_heads=4, gat_heads=4, max_epochs=2, lp_iterations=3)
+    model = make_model(s.n_genes, _dims(s), cfg)
+    res = train_model(model, [full], show_progress_bar=False)
+    assert res.curve[-1]["lr"] < 1e-3 and res.n_steps == 2
+    empty = full.with_labels(torch.full_like(full.y, float("nan")))
+    with pytest.raises(ValueError, match="fewer than 2 labelled"):
+        train_model(model, [empty], show_progress_bar=False)
+    with pytest.raises(ValueError, match="at least one training sample"):
+        train_model(model, [], show_progress_bar=False)
