@@ -132,7 +132,7 @@ def worker(n_spots: int, n_sections: int, mode: str, *, adjacent_only: bool) -> 
         out["overlap_nnz"] = int(M.nnz)
         out["fraction_with_partner"] = float((np.diff(M.indptr) > 0).mean())
         del M
-        al_px = g._aligned_centres(coords, codes, T)
+        al_px = g.aligned_centres(coords, codes, T)
         z = codes * 16.0
         alignment = g._Alignment(
             transforms=T,
@@ -191,7 +191,7 @@ def worker(n_spots: int, n_sections: int, mode: str, *, adjacent_only: bool) -> 
             out["alignment_writer"] = "set_alignment"
         except ImportError:  # pragma: no cover - the contract written by hand
             table = sdata.tables["table"]
-            al_px = g._aligned_centres(coords, codes, T)
+            al_px = g.aligned_centres(coords, codes, T)
             table.obsm["spatial_aligned"] = al_px * UM_PER_PX
             table.obs["z"] = codes * 16.0
             table.uns["asign"]["alignment"] = {"transforms": dict(zip(names, T, strict=True)), "um_per_px": UM_PER_PX}

@@ -68,14 +68,19 @@ class StackInfo:
 
     @classmethod
     def from_uns(cls, stack: dict[str, Any]) -> StackInfo:
+        """Read the manifest as stored in ``uns`` (lists or arrays, also after a zarr round trip)."""
+
+        def strings(key: str) -> list[str]:
+            return [str(s) for s in np.atleast_1d(np.asarray(stack[key], dtype=object))]
+
         return cls(
-            sections=[str(s) for s in stack["section"]],
-            shapes_keys=[str(s) for s in stack["shapes_key"]],
-            image_keys=[str(s) if str(s) else None for s in stack["image_key"]],
-            coordinate_systems=[str(s) for s in stack["native_coordinate_system"]],
-            z_um=np.asarray(stack["z_um"], dtype=float),
-            um_per_px=np.asarray(stack["um_per_px"], dtype=float),
-            spot_diameter_um=float(np.asarray(stack["spot_diameter_um"]).item()),
+            sections=strings("section"),
+            shapes_keys=strings("shapes_key"),
+            image_keys=[s or None for s in strings("image_key")],
+            coordinate_systems=strings("native_coordinate_system"),
+            z_um=np.atleast_1d(np.asarray(stack["z_um"], dtype=float)),
+            um_per_px=np.atleast_1d(np.asarray(stack["um_per_px"], dtype=float)),
+            spot_diameter_um=float(np.asarray(stack["spot_diameter_um"], dtype=float).reshape(-1)[0]),
         )
 
 

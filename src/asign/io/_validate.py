@@ -63,7 +63,7 @@ def _check_manifest(raw: Any, table_key: str) -> StackInfo:
         raise StackValidationError([f"{where} fields have unequal lengths {lengths}; give one entry per section."])
     try:
         stack = StackInfo.from_uns(raw)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, IndexError) as e:
         raise StackValidationError([f"{where} cannot be read: {e}."]) from None
     if stack.n_sections == 0:
         raise StackValidationError([f"{where} lists no section."])

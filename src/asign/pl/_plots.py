@@ -300,7 +300,7 @@ def sections(
         Opacity of the spots.
     {figsize}
     title
-        Figure title; by default the gene name.
+        Figure title; by default the gene and the coordinate system.
     {save}
     {show}
 

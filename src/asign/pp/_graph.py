@@ -792,7 +792,7 @@ def neighbors_3d(
       ``similarity_weight`` x cosine (the method's default score once features exist). Edge weight
       ``cross_weight`` x score.
     - Both parts are made symmetric by union keeping the larger weight. Whether an edge is a cross-section edge
-      follows from ``obs['section']`` of its two ends (:func:`asign.pp._graph.cross_section_edges`).
+      follows from ``obs['section']`` of its two ends (``asign.pp._graph.cross_section_edges``).
 
     Parameters
     ----------
@@ -816,8 +816,9 @@ def neighbors_3d(
         Factor applied to the cross-section score to give the edge weight (beta_x, 1 in the method).
     adjacent_only
         Restrict cross-section partners to the adjacent sections. The method's default (`False`) considers every
-        other section; its cost grows with the number of sections (about ``N x S`` candidate pairs), while
-        ``adjacent_only=True`` keeps it linear in ``N``.
+        other section. With the overlap score and circular footprints of one radius (rigid or one-scale alignment)
+        the candidates come from one KD-tree nearest-neighbour query per section, so the cost stays near-linear in
+        the number of spots; otherwise (affine alignment, similarity scores) it grows with ``N x S``.
     {radius}
     key_added
         Prefix of the keys written.
@@ -827,7 +828,7 @@ def neighbors_3d(
 
     Returns
     -------
-    If ``inplace = False``, a :class:`SpatialNeighbors3D` ``(connectivities, distances)``. Otherwise modifies
+    If ``inplace = False``, a ``SpatialNeighbors3D(connectivities, distances)`` named tuple. Otherwise modifies
     ``sdata.tables[table_key]`` with ``.obsp['{{key_added}}_connectivities']`` (symmetric CSR weights),
     ``.obsp['{{key_added}}_distances']`` (µm on the same pattern: physical distance within a section, 3D distance
     from ``obsm['spatial_aligned']`` and ``obs['z']`` across sections) and ``.uns['{{key_added}}_neighbors']`` =

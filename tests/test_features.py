@@ -1,0 +1,311 @@
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+
+import asign
+from asign._encoders import IMAGENET_MEAN, IMAGENET_STD
+
+SMALL = {"spot": 32, "region": 128, "global": 256}
+WHITE = (1.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+
+
+# ---------------------------------------------------------------------------------------------- tiny test encoders
+class CentrePixel(torch.nn.Module):
+    def forward(self, x):
+        return x[:, :, x.shape[2] // 2, x.shape[3] // 2]
+
+
+class Corner(torch.nn.Module):
+    def forward(self, x):
+        return x[:, :, 0, 0]
+
+
+class MeanColour(torch.nn.Module):
+    def forward(self, x):
+        return x  # (B, 3, h, w): average-pooled by the engine
+
+
+class MarkerPosition(torch.nn.Module):
+    """(row, col) of the reddest pixel."""
+
+    def forward(self, x):
+        score = (x[:, 0] - x[:, 1]).flatten(1)
+        idx = score.argmax(dim=1)
+        return torch.stack([idx // x.shape[3], idx % x.shape[3]], dim=1).float()
+
+
+class InputSize(torch.nn.Module):
+    def forward(self, x):
+        return torch.tensor([[x.shape[2], x.shape[3]]], dtype=torch.float32).repeat(x.shape[0], 1)
+
+
+def set_image(sd, section, arr, *, chunks=None):
+    """Replace a section's image by ``arr`` (3, y, x) uint8 (numpy or dask), single scale."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    stack = sd.tables["table"].uns["asign"]["stack"]
+    i = list(stack["section"]).index(section)
+    cs, key = stack["native_coordinate_system"][i], stack["image_key"][i]
+    kw = {"chunks": chunks} if chunks is not None else {}
+    sd.images[key] = Image2DModel.parse(arr, dims=("c", "y", "x"), transformations={cs: Identity()}, **kw)
+
+
+def image_array(sd, section):
+    from asign.pp._tiles import image_level0
+
+    return np.asarray(image_level0(sd.images[f"he_{section}"]).transpose("c", "y", "x").values)
+
+
+def move_spots(sd, rows, xy):
+    import geopandas as gpd
+
+    t = sd.tables["table"]
+    new = np.asarray(t.obsm["spatial"], dtype=float).copy()
+    new[rows] = xy
+    t.obsm["spatial"] = new
+    for key in t.obs["region"].astype(str).unique():
+        m = (t.obs["region"].astype(str) == key).to_numpy()
+        sd.shapes[key].geometry = gpd.points_from_xy(new[m, 0], new[m, 1])
+
+
+def rows_of(sd, section):
+    return np.flatnonzero((sd.tables["table"].obs["section"].astype(str) == section).to_numpy())
+
+
+# ------------------------------------------------------------------------------------------------------- tests
+def test_keys_shapes_and_uns(small_stack, tmp_path):
+    sd = small_stack
+    asign.pp.extract_features(sd, encoder=MeanColour(), scales=SMALL, input_size=None, show_progress_bar=False)
+    t = sd.tables["table"]
+    reg, gl = sd.tables["asign_regions"], sd.tables["asign_globals"]
+    for lev in ("spot", "region", "global"):
+        f = t.obsm[f"asign_features_{lev}"]
+        assert f.shape == (t.n_obs, 3) and f.dtype == np.float32
+        assert np.isfinite(f).all()
+    np.testing.assert_array_equal(t.obsm["asign_features_region"], reg.obsm["features"][t.obs["asign_region"]])
+    np.testing.assert_array_equal(t.obsm["asign_features_global"], gl.obsm["features"][t.obs["asign_global"]])
+    assert t.obs["asign_spot_padded"].dtype == bool
+    info = t.uns["asign_features"]
+    assert info["encoder"] == "MeanColour" and info["dim"] == 3
+    assert info["scales_px"] == {"spot": [32] * 3, "region": [128] * 3, "global": [256] * 3}
+    assert info["scales_um"]["spot"] == [256.0] * 3
+    assert info["sections"] == ["S1", "S2", "S3"]
+    assert info["n_patches"] == t.n_obs + reg.n_obs + gl.n_obs
+    # region features are the mean colour of the (white-padded) 128 px tile, read from the image at native size
+    img = image_array(sd, "S1")
+    r0 = 0
+    c, r = int(reg.obs["tile_col"].iloc[r0]), int(reg.obs["tile_row"].iloc[r0])
+    tile = np.full((3, 128, 128), 255, np.uint8)
+    part = img[:, r * 128 : (r + 1) * 128, c * 128 : (c + 1) * 128]
+    tile[:, : part.shape[1], : part.shape[2]] = part
+    expect = (tile.reshape(3, -1).mean(1) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    np.testing.assert_allclose(reg.obsm["features"][r0], expect, atol=1e-5)
+    # everything written is zarr-writable
+    t.write_zarr(tmp_path / "t.zarr")
+    reg.write_zarr(tmp_path / "r.zarr")
+
+
+def test_patch_is_centred_on_the_rounded_spot(small_stack):
+    sd = small_stack
+    rows = rows_of(sd, "S2")
+    img = image_array(sd, "S2").copy()
+    xy = np.asarray(sd.tables["table"].obsm["spatial"])[rows]
+    # paint a pure red pixel at each of three spots' rounded centres
+    sel = rows[[0, 5, 10]]
+    for x, y in xy[[0, 5, 10]]:
+        img[:, int(np.floor(y + 0.5)), int(np.floor(x + 0.5))] = [255, 0, 0]
+    set_image(sd, "S2", img)
+    res = asign.pp.extract_features(
+        sd, encoder=MarkerPosition(), sections=["S2"], scales=SMALL, input_size=32, show_progress_bar=False, inplace=False
+    )
+    # the marker lies at pixel (16, 16) of the 32 px patch: [c - 16, c + 16)
+    np.testing.assert_array_equal(res.features_spot[sel], np.full((3, 2), 16.0))
+
+
+def test_border_patches_are_padded_white_and_flagged(small_stack):
+    sd = small_stack
+    rows = rows_of(sd, "S1")
+    move_spots(sd, rows[:2], [[2.0, 3.0], [509.6, 300.0]])
+    asign.pp.extract_features(sd, encoder=Corner(), scales=SMALL, input_size=32, show_progress_bar=False)
+    t = sd.tables["table"]
+    padded = t.obs["asign_spot_padded"].to_numpy()
+    assert padded[rows[0]] and padded[rows[1]]
+    # flag = patch [c - 16, c + 16) leaves the 512 px image
+    xy = np.floor(np.asarray(t.obsm["spatial"]) + 0.5)
+    expect = ((xy - 16) < 0).any(axis=1) | ((xy + 16) > 512).any(axis=1)
+    np.testing.assert_array_equal(padded, expect)
+    # the top-left pixel of the first spot's patch lies outside the image: white
+    np.testing.assert_allclose(t.obsm["asign_features_spot"][rows[0]], WHITE, atol=1e-5)
+    assert t.uns["asign_features"]["n_spot_padded"] == int(expect.sum())
+
+
+class CountingSlide:
+    """A huge virtual RGB slide: records every region read and refuses reads larger than a few chunks."""
+
+    def __init__(self, size: int, max_pixels: int):
+        self.shape = (3, size, size)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+        self.max_pixels = max_pixels
+        self.pixels_read = 0
+
+    def __getitem__(self, key):
+        ys, xs = key[1], key[2]
+        h, w = ys.stop - ys.start, xs.stop - xs.start
+        if h * w > self.max_pixels:
+            msg = f"read of {h} x {w} px: the slide is being loaded whole"
+            raise MemoryError(msg)
+        self.pixels_read += h * w
+        yy, xx = np.mgrid[ys, xs]
+        v = ((xx // 7 + yy // 5) % 200).astype(np.uint8)
+        return np.stack([v, 255 - v, np.full_like(v, 128)])[key[0]]
+
+
+def test_lazy_reading_of_a_100k_slide():
+    from asign.io import Section, stack_sections
+
+    slide = CountingSlide(100_000, max_pixels=1024 * 1024)
+    arr = da.from_array(slide, chunks=(3, 1024, 1024), asarray=False, fancy=False)
+    rng = np.random.default_rng(0)
+    spots = rng.uniform(10_000, 90_000, (12, 2))
+    counts = rng.poisson(3.0, (12, 4)).astype(np.float32)
+    sec = Section(name="big", spots=spots, counts=counts, genes=list("abcd"), image=arr, um_per_px=0.5)
+    sd = stack_sections([sec], spot_diameter_um=55.0, z_um=[0.0])
+    asign.pp.extract_features(sd, encoder=MeanColour(), input_size=32, show_progress_bar=False)
+    f = sd.tables["table"].obsm["asign_features_global"]
+    assert np.isfinite(f).all()
+    # 12 spots x (224 + 512 + 1024 px patches) touch at most 12 x (4 + 4 + 9) chunks of 1 Mpx
+    assert slide.pixels_read <= 12 * 17 * 1024 * 1024
+    assert slide.pixels_read < 1e-3 * 100_000**2
+
+
+def test_deterministic_and_same_patch_same_feature_in_any_section(small_stack):
+    """method.md §8 defect 1: one frozen encoder for every section (no per-section random projection)."""
+    sd = small_stack
+    set_image(sd, "S2", image_array(sd, "S1"))
+    r1, r2 = rows_of(sd, "S1"), rows_of(sd, "S2")
+    xy1 = np.asarray(sd.tables["table"].obsm["spatial"])[r1[:3]]
+    move_spots(sd, r2[:3], xy1)
+    kw = {"scales": SMALL, "input_size": 32, "sections": ["S1", "S2"], "show_progress_bar": False, "inplace": False}
+    a = asign.pp.extract_features(sd, **kw)
+    b = asign.pp.extract_features(sd, **kw)
+    np.testing.assert_array_equal(a.features_spot, b.features_spot)
+    np.testing.assert_array_equal(a.tiles.regions.obsm["features"], b.tiles.regions.obsm["features"])
+    assert a.params["encoder"] == "efficientnet_lite0" and a.params["dim"] == 1280
+    np.testing.assert_allclose(a.features_spot[r2[:3]], a.features_spot[r1[:3]], rtol=1e-5, atol=1e-5)
+    # tiles at the same grid position of the two (identical) images have the same features
+    reg = a.tiles.regions
+    key = reg.obs["tile_col"].astype(str) + "_" + reg.obs["tile_row"].astype(str)
+    s1 = dict(zip(key[reg.obs["section"] == "S1"], np.flatnonzero(reg.obs["section"] == "S1"), strict=True))
+    pairs = [(s1[k], j) for k, j in zip(key, range(reg.n_obs), strict=True) if reg.obs["section"].iloc[j] == "S2" and k in s1]
+    assert len(pairs) >= 3
+    i, j = np.asarray(pairs).T
+    np.testing.assert_allclose(reg.obsm["features"][j], reg.obsm["features"][i], rtol=1e-5, atol=1e-5)
+    # a different patch gives a different feature
+    assert not np.allclose(a.features_spot[r1[0]], a.features_spot[r1[1]])
+    # S3 was not processed
+    assert np.isnan(a.features_spot[rows_of(sd, "S3")]).all()
+
+
+def test_section_without_image(small_stack):
+    sd = small_stack
+    stack = sd.tables["table"].uns["asign"]["stack"]
+    keys = list(stack["image_key"])
+    del sd.images[keys[2]]
+    keys[2] = ""
+    stack["image_key"] = keys
+    with pytest.raises(ValueError, match=r"\['S3'\] have no image.*sections=\['S1', 'S2'\]"):
+        asign.pp.extract_features(sd, encoder=MeanColour(), scales=SMALL, input_size=32, show_progress_bar=False)
+    with pytest.raises(ValueError, match="no image"):
+        asign.pp.extract_features(sd, encoder=MeanColour(), sections=["S3"], scales=SMALL, show_progress_bar=False)
+    with pytest.raises(ValueError, match="not in the stack"):
+        asign.pp.extract_features(sd, encoder=MeanColour(), sections=["S9"], scales=SMALL, show_progress_bar=False)
+    asign.pp.extract_features(
+        sd, encoder=MeanColour(), sections=["S1", "S2"], scales=SMALL, input_size=32, show_progress_bar=False
+    )
+    t = sd.tables["table"]
+    f = t.obsm["asign_features_spot"]
+    assert np.isnan(f[rows_of(sd, "S3")]).all()
+    assert np.isfinite(f[rows_of(sd, "S1")]).all()
+    # tiles exist for every section (they need spots, not images); S3 tiles have NaN features
+    reg = sd.tables["asign_regions"]
+    assert np.isnan(reg.obsm["features"][(reg.obs["section"] == "S3").to_numpy()]).all()
+    assert (t.obs["asign_region"] >= 0).all()
+
+
+@pytest.mark.parametrize(("kind", "pattern"), [("alpha", "3 channels"), ("uint16", "uint8")])
+def test_bad_images_are_rejected(small_stack, kind, pattern):
+    sd = small_stack
+    img = image_array(sd, "S1")
+    if kind == "alpha":
+        bad = np.concatenate([img, np.full_like(img[:1], 255)])
+    else:
+        bad = img.astype(np.uint16) * 257
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    sd.images["he_S1"] = Image2DModel.parse(bad, dims=("c", "y", "x"), transformations={"S1": Identity()})
+    with pytest.raises(ValueError, match=pattern):
+        asign.pp.extract_features(sd, encoder=MeanColour(), scales=SMALL, show_progress_bar=False)
+
+
+def test_spot_outside_image_is_rejected(small_stack):
+    sd = small_stack
+    move_spots(sd, [0], [[600.0, 10.0]])
+    with pytest.raises(ValueError, match="outside image"):
+        asign.pp.extract_features(sd, encoder=MeanColour(), scales=SMALL, show_progress_bar=False)
+
+
+def test_scales_um_native_size_and_inplace_false(small_stack):
+    sd = small_stack
+    before = set(sd.tables["table"].obsm)
+    res = asign.pp.extract_features(
+        sd,
+        encoder=InputSize(),
+        scales_um={"spot": 256.0, "region": 1024.0, "global": 2048.0},
+        input_size=None,
+        show_progress_bar=False,
+        inplace=False,
+    )
+    assert set(sd.tables["table"].obsm) == before
+    assert "asign_regions" not in sd.tables
+    # 8 µm/px: patches of 32 / 128 / 256 px reach the encoder at native size
+    assert (res.features_spot == 32).all()
+    assert (res.features_region == 128).all()
+    assert (res.features_global == 256).all()
+    assert res.params["unit"] == "um" and res.params["input_size"] == 0
+    # resized to input_size otherwise
+    res = asign.pp.extract_features(
+        sd, encoder=InputSize(), scales=SMALL, input_size=48, show_progress_bar=False, inplace=False
+    )
+    assert (res.features_global == 48).all()
+
+
+def test_workers_give_the_same_features(small_stack):
+    sd = small_stack
+    kw = {"encoder": CentrePixel(), "scales": SMALL, "input_size": 32, "show_progress_bar": False, "inplace": False}
+    a = asign.pp.extract_features(sd, num_workers=0, batch_size=16, **kw)
+    b = asign.pp.extract_features(sd, num_workers=2, batch_size=7, **kw)
+    np.testing.assert_array_equal(a.features_spot, b.features_spot)
+    np.testing.assert_array_equal(a.features_global, b.features_global)
+
+
+def test_handcrafted_encoder_runs(small_stack):
+    sd = small_stack
+    res = asign.pp.extract_features(
+        sd, encoder="handcrafted", sections=["S1"], scales=SMALL, input_size=32, show_progress_bar=False, inplace=False
+    )
+    f = res.features_spot[rows_of(sd, "S1")]
+    assert f.shape[1] == res.params["dim"] == 73
+    assert np.isfinite(f).all() and f.std(axis=0).max() > 0
+
+
+def test_bad_arguments(small_stack):
+    with pytest.raises(ValueError, match="Unknown encoder"):
+        asign.pp.extract_features(small_stack, encoder="vgg", show_progress_bar=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        asign.pp.extract_features(small_stack, encoder=MeanColour(), batch_size=0, show_progress_bar=False)

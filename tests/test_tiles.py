@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import asign
+from asign._stack import section_codes
+from asign.pp._tiles import tile_members
+
+
+def move_spots(sd, rows, xy):
+    """Move spots (table rows) to new pixel centres, in obsm['spatial'] and in their shapes."""
+    import geopandas as gpd
+
+    t = sd.tables["table"]
+    new = np.asarray(t.obsm["spatial"], dtype=float).copy()
+    new[rows] = xy
+    t.obsm["spatial"] = new
+    for key in t.obs["region"].astype(str).unique():
+        m = (t.obs["region"].astype(str) == key).to_numpy()
+        shp = sd.shapes[key]
+        shp.geometry = gpd.points_from_xy(new[m, 0], new[m, 1])
+
+
+def _floor_maps(table, side):
+    xy = np.asarray(table.obsm["spatial"], dtype=float)
+    return np.floor(xy[:, 0] / side).astype(int), np.floor(xy[:, 1] / side).astype(int)
+
+
+@pytest.mark.parametrize(("region", "glob"), [(128, 256), (100, 300), (512, 1024)])
+def test_index_maps_follow_floor_formula_and_nest(small_stack, region, glob):
+    sd = small_stack
+    asign.pp.make_tiles(sd, scales={"region": region, "global": glob})
+    t = sd.tables["table"]
+    reg, gl = sd.tables["asign_regions"], sd.tables["asign_globals"]
+    r, q = t.obs["asign_region"].to_numpy(), t.obs["asign_global"].to_numpy()
+    assert r.dtype == np.int64 and q.dtype == np.int64
+    rc, rr = _floor_maps(t, region)
+    gc, gr = _floor_maps(t, glob)
+    np.testing.assert_array_equal(reg.obs["tile_col"].to_numpy()[r], rc)
+    np.testing.assert_array_equal(reg.obs["tile_row"].to_numpy()[r], rr)
+    np.testing.assert_array_equal(gl.obs["tile_col"].to_numpy()[q], gc)
+    np.testing.assert_array_equal(gl.obs["tile_row"].to_numpy()[q], gr)
+    # tiles belong to the spot's own section
+    assert (reg.obs["section"].to_numpy()[r] == t.obs["section"].to_numpy()).all()
+    assert (gl.obs["section"].to_numpy()[q] == t.obs["section"].to_numpy()).all()
+    # q(r): the region table's global index agrees with every member spot and with floor(r / k)
+    k = glob // region
+    q_of_r = reg.obs["asign_global"].to_numpy()
+    np.testing.assert_array_equal(q_of_r[r], q)
+    np.testing.assert_array_equal(gl.obs["tile_col"].to_numpy()[q_of_r], reg.obs["tile_col"].to_numpy() // k)
+    np.testing.assert_array_equal(gl.obs["tile_row"].to_numpy()[q_of_r], reg.obs["tile_row"].to_numpy() // k)
+    # no empty tile, counts add up, members recover the index
+    assert (reg.obs["n_spots"] > 0).all() and (gl.obs["n_spots"] > 0).all()
+    assert reg.obs["n_spots"].sum() == t.n_obs == gl.obs["n_spots"].sum()
+    np.testing.assert_array_equal(np.bincount(r, minlength=reg.n_obs), reg.obs["n_spots"].to_numpy())
+    assert gl.obs["n_regions"].sum() == reg.n_obs
+    members = tile_members(r, reg.n_obs)
+    assert all((r[m] == i).all() for i, m in enumerate(members))
+    # every tile is distinct and sorted by section, row, col
+    codes = reg.obs["section"].cat.codes.to_numpy()
+    key = np.column_stack([codes, reg.obs["tile_row"], reg.obs["tile_col"]])
+    assert len(np.unique(key, axis=0)) == len(key)
+    assert (np.lexsort(key[:, ::-1].T) == np.arange(len(key))).all()
+    # tile centres
+    np.testing.assert_allclose(reg.obsm["spatial"][:, 0], (reg.obs["tile_col"] + 0.5) * region)
+    np.testing.assert_allclose(gl.obsm["spatial"][:, 1], (gl.obs["tile_row"] + 0.5) * glob)
+
+
+def test_tile_tables_contract(small_stack):
+    sd = small_stack
+    asign.pp.make_tiles(sd, scales={"region": 128, "global": 256})
+    t = sd.tables["table"]
+    for key in ("asign_regions", "asign_globals"):
+        tab = sd.tables[key]
+        assert isinstance(tab.obs["section"].dtype, pd.CategoricalDtype)
+        assert tab.obs["section"].cat.ordered
+        assert list(tab.obs["section"].cat.categories) == list(t.obs["section"].cat.categories)
+        for col in ("tile_col", "tile_row", "n_spots", "tile_size_px", "padded"):
+            assert col in tab.obs
+        assert tab.n_vars == 0
+        assert tab.obs_names.is_unique
+        assert tab.uns["asign"]["stack"]["section"] == ["S1", "S2", "S3"]
+    info = t.uns["asign_tiles"]
+    assert info["scales_px"] == {"region": [128] * 3, "global": [256] * 3}
+    assert info["region_table"] == "asign_regions"
+
+
+def test_boundary_and_partial_strips_kept(small_stack):
+    sd = small_stack
+    t = sd.tables["table"]
+    # a spot exactly on a tile boundary goes to the tile on its right/below; one in the last, partial strip is kept
+    move_spots(sd, [0, 1], [[200.0, 400.0], [511.0, 511.0]])
+    asign.pp.make_tiles(sd, scales={"region": 200, "global": 400})
+    reg = sd.tables["asign_regions"]
+    r = t.obs["asign_region"].to_numpy()
+    assert (reg.obs["tile_col"].iloc[r[0]], reg.obs["tile_row"].iloc[r[0]]) == (1, 2)
+    assert (reg.obs["tile_col"].iloc[r[1]], reg.obs["tile_row"].iloc[r[1]]) == (2, 2)
+    # 512 px image: tiles in column/row 2 span 400-600 and are padded
+    assert bool(reg.obs["padded"].iloc[r[1]])
+    padded = reg.obs["padded"].to_numpy()
+    ext = (reg.obs["tile_col"].to_numpy() + 1) * 200 > 512
+    ext |= (reg.obs["tile_row"].to_numpy() + 1) * 200 > 512
+    np.testing.assert_array_equal(padded, ext)
+    assert (r >= 0).all()
+
+
+def test_scales_um_are_converted_per_section(small_stack):
+    sd = small_stack
+    # 8 µm/px: 1024 µm = 128 px, 2048 µm = 256 px
+    asign.pp.make_tiles(sd, scales_um={"region": 1024.0, "global": 2048.0})
+    info = sd.tables["table"].uns["asign_tiles"]
+    assert info["scales_px"]["region"] == [128, 128, 128]
+    assert info["scales_px"]["global"] == [256, 256, 256]
+    assert info["unit"] == "um"
+    rc, _ = _floor_maps(sd.tables["table"], 128)
+    reg = sd.tables["asign_regions"]
+    np.testing.assert_array_equal(reg.obs["tile_col"].to_numpy()[sd.tables["table"].obs["asign_region"]], rc)
+
+
+def test_bad_scales(small_stack):
+    with pytest.raises(ValueError, match="integer multiple"):
+        asign.pp.make_tiles(small_stack, scales={"region": 128, "global": 200})
+    with pytest.raises(ValueError, match="either"):
+        asign.pp.make_tiles(small_stack, scales={"region": 128}, scales_um={"region": 100.0})
+    with pytest.raises(ValueError, match="Unknown scale"):
+        asign.pp.make_tiles(small_stack, scales={"tile": 128})
+    with pytest.raises(ValueError, match="positive"):
+        asign.pp.make_tiles(small_stack, scales={"region": 0})
+    with pytest.raises(ValueError, match="integer multiple"):
+        asign.pp.make_tiles(small_stack, scales_um={"region": 100.0, "global": 250.0})
+
+
+def test_inplace_false_leaves_sdata_untouched(small_stack):
+    sd = small_stack
+    before = set(sd.tables)
+    res = asign.pp.make_tiles(sd, scales={"region": 128, "global": 256}, inplace=False)
+    assert set(sd.tables) == before
+    assert "asign_region" not in sd.tables["table"].obs
+    assert res.region_index.shape == (sd.tables["table"].n_obs,)
+    assert res.regions.n_obs == res.region_index.max() + 1
+    codes = section_codes(sd.tables["table"])
+    assert (res.globals_.obs["section"].cat.codes.to_numpy()[res.global_index] == codes).all()
+
+
+def test_key_added(small_stack):
+    sd = small_stack
+    asign.pp.make_tiles(sd, scales={"region": 128, "global": 256}, key_added="hr")
+    assert "hr_regions" in sd.tables and "hr_globals" in sd.tables
+    assert "hr_region" in sd.tables["table"].obs and "hr_global" in sd.tables["hr_regions"].obs
