@@ -285,7 +285,7 @@ def write_doc(payload: dict) -> None:
             )
         slope = payload.get(f"loglog_slope_{'adjacent' if adj else 'all'}")
         if slope is not None:
-            lines.append(f"Log-log slope of (overlap + graph) time against spots: **{slope:.2f}** (1 = linear).")
+            lines += ["", f"Log-log slope of (overlap + graph) time against spots: **{slope:.2f}** (1 = linear)."]
         lines.append("")
     pub = [r for r in rows if r.get("mode") == "public"]
     if pub:

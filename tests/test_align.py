@@ -176,3 +176,99 @@ def test_transforms_bad_input(small_stack):
         asign.pp.align_layers(small_stack, method="transforms", transforms={**gt, "S1": np.eye(4)})
     with pytest.raises(KeyError, match="reference"):
         asign.pp.align_layers(small_stack, method="transforms", transforms=gt, reference="nope")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registration internals: geometry conventions
+# ---------------------------------------------------------------------------------------------------------------
+def _blob_image(size=400, seed=0):
+    """A textured, asymmetric 'tissue' grey image (tissue bright) and its mask."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(float)
+    c = size / 2
+    body = ((xx - c) / (0.33 * size)) ** 2 + ((yy - c) / (0.22 * size)) ** 2 <= 1
+    arm = (np.abs(yy - c + 0.05 * size) < 0.05 * size) & (xx > c) & (xx < c + 0.45 * size)
+    mask = body | arm
+    tex = ndi.gaussian_filter(rng.standard_normal((size, size)), 3)
+    grey = np.where(mask, 0.6 + 0.3 * tex / tex.std(), 0.0).clip(0, 1).astype(np.float32)
+    return grey, mask
+
+
+def test_ants_refine_recovers_known_transform():
+    """ANTs direction, parameters and axes: register an image onto a copy moved by a known map."""
+    from asign import _registration as R
+
+    grey, mask = _blob_image()
+    moving = R.WorkImage("m", grey, mask, np.eye(3), 1.0)
+    A_true = R.translation(215, 190) @ R.rotation(23.0) @ R.translation(-200, -205)
+    fixed = R.WorkImage(
+        "f", R.warp(grey, A_true, grey.shape), R.warp(mask.astype(np.float32), A_true, grey.shape) > 0.5, np.eye(3), 1.0
+    )
+    start = R.translation(6, -5) @ A_true @ R.rotation(-4.0)
+    A = R.ants_refine(moving, fixed, start, transform="rigid", seed=0)
+    pts = np.array([[100.0, 120.0], [300.0, 250.0], [200.0, 200.0]])
+    got = pts @ A[:2, :2].T + A[:2, 2]
+    want = pts @ A_true[:2, :2].T + A_true[:2, 2]
+    assert np.abs(got - want).max() < 0.5  # px
+    # the whole pair pipeline (coarse search from nothing) finds it too, also through a 160 degree turn
+    A_big = R.translation(200, 200) @ R.rotation(160.0) @ R.translation(-205, -195)
+    fixed2 = R.WorkImage(
+        "f", R.warp(grey, A_big, grey.shape), R.warp(mask.astype(np.float32), A_big, grey.shape) > 0.5, np.eye(3), 1.0
+    )
+    res = R.register_pair(moving, fixed2, transform="rigid", seed=0)
+    got = pts @ res.A_full[:2, :2].T + res.A_full[:2, 2]
+    want = pts @ A_big[:2, :2].T + A_big[:2, 2]
+    assert np.abs(got - want).max() < 1.0
+    assert res.dice_after > 0.97 and res.dice_after > res.dice_before
+
+
+def test_working_image_geometry():
+    """Pyramid level choice and resampling: a bright dot lands where `to_full` says, for several pixel sizes."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    from asign import _registration as R
+
+    img = np.full((3, 1200, 1000), 245, np.uint8)
+    x0, y0 = 613.0, 377.0
+    yy, xx = np.mgrid[0:1200, 0:1000]
+    blob = (xx - x0) ** 2 + (yy - y0) ** 2 <= 40**2
+    img[:, blob] = 60
+    el = Image2DModel.parse(img, dims=("c", "y", "x"), scale_factors=[2, 2], transformations={"s": Identity()})
+    for px_um in (0.5, 1.3, 2.0, 3.7):
+        w = R.load_work_image(el, section="s", um_per_px=0.5, px_um=px_um)
+        ys, xs = np.nonzero(w.grey > 0.5)
+        c = np.array([xs.mean(), ys.mean(), 1.0])
+        full = w.to_full @ c
+        k = px_um / 0.5
+        assert abs(full[0] - x0) < 0.6 * k + 1 and abs(full[1] - y0) < 0.6 * k + 1
+        assert w.mask[int(round(c[1])), int(round(c[0]))]
+    assert R.load_work_image(el, section="s", um_per_px=0.5, px_um=2.0).level == 2
+    assert R.load_work_image(el, section="s", um_per_px=0.5, px_um=1.9).level == 1
+
+
+def test_full_resolution_conversion_between_pixel_sizes():
+    from asign import _registration as R
+
+    g = np.zeros((10, 10), np.float32)
+    m = R.WorkImage("m", g, g > 0, np.array([[2.0, 0, 0.5], [0, 2.0, 0.5], [0, 0, 1]]), 1.0)
+    f = R.WorkImage("f", g, g > 0, np.array([[3.0, 0, 1.0], [0, 3.0, 1.0], [0, 0, 1]]), 1.0)
+    A_full = R.translation(10, -4) @ R.rotation(30, scale=1.5)
+    np.testing.assert_allclose(R.to_full_resolution(R.to_working(A_full, m, f), m, f), A_full, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rigid", "similarity", "affine"])
+def test_fit_transform(kind):
+    from asign import _registration as R
+
+    rng = np.random.default_rng(1)
+    src = rng.uniform(0, 100, (6, 2))
+    M = R.translation(5, 7) @ R.rotation(40, scale=1.0 if kind == "rigid" else 1.3)
+    if kind == "affine":
+        M = M @ np.array([[1.0, 0.2, 0], [0, 0.8, 0], [0, 0, 1]])
+    dst = src @ M[:2, :2].T + M[:2, 2]
+    np.testing.assert_allclose(R.fit_transform(src, dst, kind=kind), M, atol=1e-9)
+    with pytest.raises(ValueError, match="differ in number"):
+        R.fit_transform(src, dst[:3], kind=kind)

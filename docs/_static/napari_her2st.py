@@ -3,7 +3,7 @@
 Needs the ``napari`` extra and a display (or Xvfb)::
 
     xvfb-run -a -s "-screen 0 1920x1080x24" env QT_QPA_PLATFORM=xcb QT_API=pyqt6 \
-        python docs/_static/napari_her2st.py --her2st /path/to/her2st --method nearest
+        python docs/_static/napari_her2st.py --her2st /path/to/her2st --method propagation
 
 The stack is aligned with the published HER2ST registration (``method="transforms"``), the first section C1 is the
 known section, and the others are imputed with the chosen method.
@@ -19,7 +19,7 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--her2st", default=os.environ.get("ASIGN_HER2ST", "../shared/data/her2st"))
-    parser.add_argument("--method", default="nearest")
+    parser.add_argument("--method", default="propagation")
     parser.add_argument("--gene", default="ERBB2")
     parser.add_argument("--out", default=str(Path(__file__).with_name("napari_her2st.png")))
     parser.add_argument("--size", default="1800,1000")
@@ -30,6 +30,7 @@ def main() -> None:
     sdata = asign.io.read_her2st(args.her2st, patient="C")
     table = sdata.tables["table"]
     asign.pp.align_layers(sdata, method="transforms", transforms=table.uns["asign"]["her2st_transforms"])
+    asign.pp.neighbors_3d(sdata)  # the 3D graph (used by "propagation" and "asign")
     if args.gene not in table.var_names:
         msg = f"Gene {args.gene!r} is not measured in HER2ST patient C."
         raise SystemExit(msg)

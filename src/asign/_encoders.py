@@ -262,10 +262,9 @@ def _build_efficientnet_lite0(weights: str | None, input_size: int | None) -> En
         msg = "encoder 'efficientnet_lite0' needs the package `efficientnet-lite-pytorch`: pip install efficientnet-lite-pytorch"
         raise ImportError(msg) from e
     # static TF-style 'same' padding for a fixed input size, dynamic padding for native-size inputs
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
+    with _seeded(0):
+        net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
     if weights == "random":
-        with _seeded(0):
-            net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
         desc = "random"
     else:
         if weights is None or weights == "imagenet":
@@ -320,13 +319,12 @@ def _build_resnet50(weights: str | None, input_size: int | None, *, layer3: bool
     import torchvision
 
     name = "resnet50_layer3" if layer3 else "resnet50"
+    path, desc = (None, "random") if weights == "random" else _resnet50_weights_file(weights)
+    sd = _torch_load(path) if path is not None else None
     with _seeded(0):
         net = torchvision.models.resnet50(weights=None)
-    if weights == "random":
-        desc = "random"
-    else:
-        path, desc = _resnet50_weights_file(weights)
-        load_weights(net, _torch_load(path), name=name, source=str(path))
+    if sd is not None:
+        load_weights(net, sd, name=name, source=str(path))
     net.fc = torch.nn.Identity()
     if layer3:
         net.layer4 = torch.nn.Identity()
@@ -859,6 +857,15 @@ def embed_patches(
             bar = tqdm(total=ds.n_patches(), desc=desc, unit="patch")
         except ImportError:  # pragma: no cover
             bar = None
+    # on an accelerator, features stay on the device and are copied back every few batches (no sync per batch)
+    pending: list[tuple[np.ndarray, torch.Tensor]] = []
+    flush_every = 1 if device.type == "cpu" else 32
+
+    def flush() -> None:
+        for r, f in pending:
+            out[r] = f.cpu().numpy()
+        pending.clear()
+
     with torch.inference_mode(), deterministic_cpu(enabled=device.type == "cpu"):
         for rows, patches in loader:
             x = patches.to(device, non_blocking=True)
@@ -866,9 +873,12 @@ def embed_patches(
             if feats.shape != (len(rows), encoder.dim):
                 msg = f"Encoder {encoder.name!r} returned shape {tuple(feats.shape)}, expected ({len(rows)}, {encoder.dim})."
                 raise ValueError(msg)
-            out[rows.numpy()] = feats.float().cpu().numpy()
+            pending.append((rows.numpy(), feats.float()))
+            if len(pending) >= flush_every:
+                flush()
             if bar is not None:
                 bar.update(len(rows))
+        flush()
     if bar is not None:
         bar.close()
     return out

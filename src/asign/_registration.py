@@ -33,12 +33,13 @@ if TYPE_CHECKING:
 ANTS_TYPES = {"rigid": "Rigid", "similarity": "Similarity", "affine": "Affine"}
 # small copies used by the coarse rotation search (longer side in pixels)
 SEARCH_SIZE = 256
-# ANTs schedule on the working images (about 1000 px): the finest level is half the working resolution, which is
-# well below the accuracy needed (a few working pixels) and keeps a pair at about 2 s of one CPU core
+# ANTs schedule: three levels whose longer sides are about 125, 250 and ANTS_FINEST px (for 1000 px working images
+# the shrink factors are 8, 4, 2: the finest level is half the working resolution, fine enough for the accuracy
+# needed and about 1-2 s of one CPU core per pair)
 ANTS_ITERATIONS = (200, 100, 50)
-ANTS_SHRINK = (8, 4, 2)
 ANTS_SMOOTHING = (3, 2, 1)
-ANTS_SAMPLING = 0.1
+ANTS_SAMPLING = 0.25
+ANTS_FINEST = 500
 # a second coarse start is refined only if its Dice is this close to the best one
 START_MARGIN = 0.05
 # a refinement may lower the coarse start's mask Dice by at most this much and still be kept
@@ -428,6 +429,12 @@ def _ants_environment(seed: int):
                 os.environ[k] = v
 
 
+def shrink_factors(long_side: int) -> tuple[int, int, int]:
+    """ANTs shrink factors of the three levels for working images whose longer side is ``long_side`` px."""
+    f = max(1, round(long_side / ANTS_FINEST))
+    return (4 * f, 2 * f, f)
+
+
 def import_ants():
     """Import antspyx, making ITK single-threaded unless the user chose otherwise.
 
@@ -510,7 +517,7 @@ def ants_refine(
             aff_sampling=32,
             aff_random_sampling_rate=ANTS_SAMPLING,
             aff_iterations=ANTS_ITERATIONS,
-            aff_shrink_factors=ANTS_SHRINK,
+            aff_shrink_factors=shrink_factors(max(*fixed.shape, *moving.shape)),
             aff_smoothing_sigmas=ANTS_SMOOTHING,
             verbose=False,
             **kw,

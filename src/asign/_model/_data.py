@@ -232,11 +232,13 @@ def tile_targets(
     *,
     scale: str = "st-net",
     library: np.ndarray | None = None,
+    min_fraction: float = 1.0,
 ) -> np.ndarray:
     """Tile targets: member raw counts summed, then normalised.
 
-    A tile gets NaN unless **every** member spot is labelled (so a tile target never mixes in unlabelled spots, and
-    unknown sections' tiles stay NaN).
+    A tile's target is the normalised sum over its *labelled* member spots; it is NaN unless at least
+    ``min_fraction`` of its members are labelled (default 1: every member), so unknown sections' tiles stay NaN.
+    ``min_fraction < 1`` serves internal hold-out splits: held-out spots are then simply not counted.
 
     ``counts`` has rows only for ``labelled`` spots (``counts.shape[0] == labelled.sum()``), so unlabelled counts are
     never read.
@@ -256,7 +258,7 @@ def tile_targets(
         np.add.at(lib, spot_tile[labelled], np.asarray(library, dtype=np.float64))
     n_all = np.bincount(spot_tile, minlength=n_tiles)
     n_lab = np.bincount(spot_tile[labelled], minlength=n_tiles)
-    complete = (n_all == n_lab) & (n_all > 0)
+    complete = (n_lab >= min_fraction * n_all - 1e-9) & (n_lab > 0)
     out = np.full((n_tiles, g), np.nan)
     if complete.any():
         out[complete] = normalise_sums(sums[complete], None if lib is None else lib[complete], scale=scale)

@@ -1,0 +1,412 @@
+"""``method="asign"``: the ASIGN model behind :func:`asign.tl.impute` (method.md §5–6).
+
+This module turns SpatialData / AnnData into the plain tensors of :mod:`asign._model` (features, index maps, graphs,
+visible labels, tile targets) and back. The torch core never sees a SpatialData object.
+
+Modes
+-----
+- **inductive** (``impute(..., train=[...])``, :func:`asign.tl.cross_validate`, :func:`asign.tl.fit` on several
+  samples): the model is trained on other, fully labelled samples (``mask="section"``: one visible section per step),
+  early-stopped on a validation sample, then applied to the test sample with its known section(s) as the visible set.
+- **transductive** (``impute(sdata, known=[...], method="asign")`` without training samples): the model is trained
+  on the known spots of the sample itself with spot masking (each step a random fraction ``visible_fraction`` of the
+  known spots is visible and the others form the loss set); the unknown sections take part in the graph without
+  labels. A fraction ``holdout_fraction`` of the known spots is held out for early stopping. Results are labelled
+  ``mode="transductive"`` in ``uns``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from asign._constants import Key
+from asign._logging import logger
+
+from ._registry import FitContext, ImputeContext, ImputeResult, register_method
+
+if TYPE_CHECKING:
+    import torch
+
+    from asign._model import ASIGNConfig, SampleTensors
+
+    from ._fit import ASIGNFit
+
+# options of the method that are not ASIGNConfig fields
+OPTIONS = {
+    "preset": "default",
+    "feature_key": Key.ADDED,
+    "graph_key": Key.ADDED,
+    "validation": "auto",
+    "tile_radius": 2.1,
+    "tile_max_neighbors": 12,
+}
+# transductive defaults (one small labelled section): several masked steps per epoch, a faster learning rate,
+# a narrower network; every value can be overridden through method_kwargs
+TRANSDUCTIVE_DEFAULTS: dict[str, Any] = {
+    "mask": "spot",
+    "visible_fraction": 0.2,
+    "steps_per_epoch": 4,
+    "lr": 1e-3,
+    "hidden_dim": 64,
+    "max_epochs": 60,
+    "patience": 10,
+}
+
+
+# ----------------------------------------------------------------------------------------------- options
+def split_params(params: dict[str, Any], *, seed: int, transductive: bool) -> tuple[ASIGNConfig, dict[str, Any]]:
+    """Split ``method_kwargs`` into an :class:`~asign._model.ASIGNConfig` and the data options of :data:`OPTIONS`."""
+    from asign._model import ASIGNConfig
+
+    fields = {f.name for f in dataclasses.fields(ASIGNConfig)}
+    params = dict(params)
+    unknown = sorted(set(params) - fields - set(OPTIONS))
+    if unknown:
+        msg = (
+            f"Unknown option(s) {unknown} for method 'asign'. Model options: {sorted(fields)}; "
+            f"data options: {sorted(OPTIONS)}."
+        )
+        raise ValueError(msg)
+    opts = {k: params.pop(k, v) for k, v in OPTIONS.items()}
+    if opts["validation"] not in ("auto", "holdout", "none"):
+        msg = f"validation={opts['validation']!r} must be 'auto', 'holdout' or 'none'."
+        raise ValueError(msg)
+    overrides = dict(TRANSDUCTIVE_DEFAULTS) if transductive and opts["preset"] == "default" else {}
+    overrides.update(params)
+    overrides.setdefault("seed", int(seed))
+    return ASIGNConfig.from_preset(opts["preset"], **overrides), opts
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+def _obsm(table, key: str, hint: str) -> np.ndarray:
+    if key not in table.obsm:
+        msg = f"`.obsm['{key}']` not found in the spot table; {hint}"
+        raise KeyError(msg)
+    return np.asarray(table.obsm[key], dtype=np.float32)
+
+
+def _tile_codes(tiles, stack) -> np.ndarray:
+    import pandas as pd
+
+    cat = pd.Categorical(tiles.obs[Key.SECTION].astype(str), categories=stack.sections)
+    return np.asarray(cat.codes, dtype=np.int64)
+
+
+def sample_tensors(
+    ctx: ImputeContext,
+    *,
+    levels: str,
+    feature_key: str = Key.ADDED,
+    graph_key: str = Key.ADDED,
+    tile_targets: bool = True,
+    labelled: np.ndarray | None = None,
+    min_tile_fraction: float = 1.0,
+    tile_radius: float = 2.1,
+    tile_max_neighbors: int = 12,
+) -> SampleTensors:
+    """The plain tensors of one stack.
+
+    Parameters
+    ----------
+    ctx
+        The stack's context; its ``Y`` (NaN outside ``known``) is the only source of spot labels.
+    levels
+        ``"spot_region_global"`` (needs :func:`asign.pp.extract_features`' tile tables) or ``"spot"``.
+    feature_key
+        Prefix of ``obsm['{feature_key}_features_<level>']``, ``obs['{feature_key}_region']`` and the tile tables.
+    graph_key
+        Prefix of ``obsp['{graph_key}_connectivities']`` (:func:`asign.pp.neighbors_3d`).
+    tile_targets
+        Compute region/global targets (training only): raw counts of the labelled rows (never any other row) of
+        the stack's count matrix for the modelled genes, summed per tile, then normalised (method.md §2.4).
+    labelled
+        Rows whose labels the tensors may carry (default ``ctx.known``); must be a subset of ``ctx.known``.
+    min_tile_fraction
+        A tile target needs at least this fraction of labelled members (see :func:`asign._model.tile_targets`).
+    tile_radius, tile_max_neighbors
+        Within-section tile graph (method.md §4.3).
+    """
+    import torch
+
+    from asign._model import SampleTensors, edges_from_sparse, tile_graph
+    from asign._model import tile_targets as _tile_targets
+    from asign.pp._genes import counts_block
+
+    table = ctx.table
+    labelled = ctx.known if labelled is None else np.asarray(labelled, dtype=bool)
+    if (labelled & ~ctx.known).any():
+        msg = "sample_tensors: `labelled` must be a subset of the known spots."
+        raise ValueError(msg)
+    hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` first."
+    x_spot = _obsm(table, Key.features(feature_key, "spot"), hint_f)
+    ckey = Key.connectivities(graph_key)
+    if ckey not in table.obsp:
+        msg = f"`.obsp['{ckey}']` not found in the spot table; run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` first."
+        raise KeyError(msg)
+    codes = np.asarray(ctx.section_codes, dtype=np.int64)
+    edge_index, edge_weight, edge_cross = edges_from_sparse(table.obsp[ckey], codes)
+    y = np.where(labelled[:, None], ctx.Y, np.nan).astype(np.float32)
+    kw: dict[str, Any] = {}
+    if levels == "spot_region_global":
+        rkey, gkey = f"{feature_key}_regions", f"{feature_key}_globals"
+        ri_key, gi_key = f"{feature_key}_region", f"{feature_key}_global"
+        if rkey not in ctx.sdata.tables or gkey not in ctx.sdata.tables or ri_key not in table.obs:
+            msg = (
+                f"Tile tables {rkey!r}/{gkey!r} or `.obs['{ri_key}']` not found; {hint_f} "
+                "Or pass method_kwargs={'levels': 'spot'} for the spot-only model."
+            )
+            raise KeyError(msg)
+        regions, globals_ = ctx.sdata.tables[rkey], ctx.sdata.tables[gkey]
+        for t, name in ((regions, rkey), (globals_, gkey)):
+            if "features" not in t.obsm:
+                msg = f"`sdata.tables['{name}'].obsm['features']` not found; {hint_f}"
+                raise KeyError(msg)
+        spot_region = table.obs[ri_key].to_numpy(dtype=np.int64)
+        spot_global = table.obs[gi_key].to_numpy(dtype=np.int64)
+        region_global = regions.obs[gi_key].to_numpy(dtype=np.int64)
+        r_codes, g_codes = _tile_codes(regions, ctx.stack), _tile_codes(globals_, ctx.stack)
+        rei, rew = tile_graph(
+            regions.obs["tile_col"].to_numpy(),
+            regions.obs["tile_row"].to_numpy(),
+            r_codes,
+            radius=tile_radius,
+            max_neighbors=tile_max_neighbors,
+        )
+        gei, gew = tile_graph(
+            globals_.obs["tile_col"].to_numpy(),
+            globals_.obs["tile_row"].to_numpy(),
+            g_codes,
+            radius=tile_radius,
+            max_neighbors=tile_max_neighbors,
+        )
+        n_r, n_g, g = regions.n_obs, globals_.n_obs, len(ctx.genes)
+        y_r, y_g = np.full((n_r, g), np.nan), np.full((n_g, g), np.nan)
+        if tile_targets and labelled.any():
+            rows = np.flatnonzero(labelled)
+            # the only read of raw counts: the labelled rows, modelled genes (method.md §2.4)
+            block, total = counts_block(ctx.sdata.tables[ctx.table_key], rows, ctx.genes)
+            lib = total if ctx.normalization == "log1p" else None
+            y_r = _tile_targets(
+                block, labelled, spot_region, n_r, scale=ctx.normalization, library=lib, min_fraction=min_tile_fraction
+            )
+            y_g = _tile_targets(
+                block, labelled, spot_global, n_g, scale=ctx.normalization, library=lib, min_fraction=min_tile_fraction
+            )
+        kw = {
+            "x_region": torch.as_tensor(np.asarray(regions.obsm["features"], dtype=np.float32)),
+            "x_global": torch.as_tensor(np.asarray(globals_.obsm["features"], dtype=np.float32)),
+            "spot_region": torch.as_tensor(spot_region),
+            "spot_global": torch.as_tensor(spot_global),
+            "region_global": torch.as_tensor(region_global),
+            "region_edge_index": rei,
+            "region_edge_weight": rew,
+            "global_edge_index": gei,
+            "global_edge_weight": gew,
+            "y_region": torch.as_tensor(y_r, dtype=torch.float32),
+            "y_global": torch.as_tensor(y_g, dtype=torch.float32),
+        }
+    return SampleTensors(
+        x_spot=torch.as_tensor(x_spot),
+        edge_index=edge_index,
+        edge_weight=edge_weight,
+        edge_cross=edge_cross,
+        section=torch.as_tensor(codes),
+        y=torch.as_tensor(y),
+        name=ctx.sample or "sample",
+        **kw,
+    )
+
+
+def feature_dims(sample: SampleTensors) -> dict[str, int]:
+    """Input width per level."""
+    dims = {"spot": int(sample.x_spot.shape[1])}
+    if sample.has_tiles:
+        dims["region"] = int(sample.x_region.shape[1])
+        dims["global"] = int(sample.x_global.shape[1])
+    return dims
+
+
+def _feature_stats(samples: list[SampleTensors], level: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    attr = {"spot": "x_spot", "region": "x_region", "global": "x_global"}[level]
+    x = torch.cat([getattr(s, attr) for s in samples], dim=0)
+    return x.mean(dim=0), x.std(dim=0, unbiased=False)
+
+
+# ---------------------------------------------------------------------------------------------------- fit
+def _holdout(labelled: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    idx = np.flatnonzero(labelled)
+    n = int(round(fraction * idx.size))
+    out = np.zeros(labelled.size, dtype=bool)
+    if n >= 2 and idx.size - n >= 2:
+        out[rng.choice(idx, size=n, replace=False)] = True
+    return out
+
+
+def fit_contexts(
+    contexts: list[ImputeContext],
+    *,
+    params: dict[str, Any],
+    seed: int,
+    device: Any,
+    show_progress_bar: bool,
+    transductive: bool,
+) -> ASIGNFit:
+    """Train a fresh model (seeded by ``seed``) on labelled contexts; return the fitted model object."""
+    import torch
+
+    from asign._device import resolve_device
+    from asign._model import ValidationSet, make_model, train_model
+
+    from ._fit import ASIGNFit
+
+    cfg, opts = split_params(params, seed=seed, transductive=transductive)
+    dev = resolve_device(device)
+    genes = list(contexts[0].genes)
+    for c in contexts[1:]:
+        if list(c.genes) != genes or c.normalization != contexts[0].normalization:
+            msg = "All training samples must share the modelled genes and the normalisation."
+            raise ValueError(msg)
+    tkw = {
+        "levels": cfg.levels,
+        "feature_key": opts["feature_key"],
+        "graph_key": opts["graph_key"],
+        "tile_radius": opts["tile_radius"],
+        "tile_max_neighbors": opts["tile_max_neighbors"],
+    }
+    rng = np.random.default_rng(cfg.seed)
+    validation: list[ValidationSet] = []
+    train: list[SampleTensors] = []
+    mode_val = opts["validation"]
+    if mode_val == "auto":
+        mode_val = "sample" if len(contexts) >= 2 else "holdout"
+    t0 = time.perf_counter()
+    if mode_val == "sample":
+        # the last training sample validates: its first labelled section visible, the others scored
+        val_ctx = contexts[-1]
+        codes = np.asarray(val_ctx.section_codes)
+        first = codes[val_ctx.known].min()
+        vis = val_ctx.known & (codes == first)
+        vs = sample_tensors(val_ctx, labelled=vis, tile_targets=False, **tkw)
+        validation.append(
+            ValidationSet(
+                sample=vs,
+                y_eval=torch.as_tensor(np.nan_to_num(val_ctx.Y).astype(np.float32)),
+                eval_rows=torch.as_tensor(val_ctx.known & ~vis),
+            )
+        )
+        train = [sample_tensors(c, **tkw) for c in contexts[:-1]]
+    else:
+        for c in contexts:
+            ho = _holdout(c.known, cfg.holdout_fraction, rng) if mode_val == "holdout" else np.zeros_like(c.known)
+            s = sample_tensors(c, labelled=c.known & ~ho, min_tile_fraction=0.5 if ho.any() else 1.0, **tkw)
+            train.append(s)
+            if ho.any():
+                validation.append(
+                    ValidationSet(
+                        sample=s,
+                        y_eval=torch.as_tensor(np.nan_to_num(c.Y).astype(np.float32)),
+                        eval_rows=torch.as_tensor(ho),
+                    )
+                )
+    dims = feature_dims(train[0])
+    model = make_model(len(genes), dims, cfg)
+    for lvl in dims:
+        model.set_feature_stats(lvl, *_feature_stats(train + [v.sample for v in validation], lvl))
+    if cfg.net_baseline == "none":
+        model.init_head_bias(torch.nanmean(torch.cat([s.y for s in train]), dim=0))
+    logger.info(
+        f"Training ASIGN ({'transductive' if transductive else 'inductive'}; {model.n_parameters():,} parameters, "
+        f"d={cfg.hidden_dim}, levels={cfg.levels!r}) on {len(train)} sample(s), "
+        f"{int(sum(int(s.labelled.sum()) for s in train))} labelled spots, validation={mode_val!r}, device={dev}."
+    )
+    res = train_model(model, train, validation=validation or None, device=dev, show_progress_bar=show_progress_bar)
+    model.to("cpu")
+    training = res.to_uns()
+    training["seconds_setup"] = float(time.perf_counter() - t0 - res.seconds)
+    training["validation"] = mode_val
+    return ASIGNFit(
+        model=model,
+        config=cfg,
+        genes=genes,
+        normalization=contexts[0].normalization,
+        options={k: v for k, v in opts.items() if k != "validation"} | {"validation": opts["validation"]},
+        training=training,
+        mode="transductive" if transductive else "inductive",
+        train_samples=[c.sample or f"sample_{i}" for i, c in enumerate(contexts)],
+    )
+
+
+def _fit(fctx: FitContext) -> ASIGNFit:
+    return fit_contexts(
+        fctx.train,
+        params=fctx.params,
+        seed=fctx.seed,
+        device=fctx.device,
+        show_progress_bar=fctx.show_progress_bar,
+        transductive=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ predict
+def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None) -> dict[str, np.ndarray]:
+    """Deterministic inference on one stack: the known spots are the visible set; no counts are read."""
+    from asign._device import resolve_device
+    from asign._model import predict_sample
+
+    if list(ctx.genes) != list(fitted.genes):
+        msg = (
+            f"The model was trained on {len(fitted.genes)} genes that differ from the {len(ctx.genes)} requested; "
+            "predict with genes=model.genes."
+        )
+        raise ValueError(msg)
+    if ctx.normalization != fitted.normalization:
+        msg = f"The model was trained on normalization={fitted.normalization!r}, not {ctx.normalization!r}."
+        raise ValueError(msg)
+    s = sample_tensors(
+        ctx,
+        levels=fitted.config.levels,
+        feature_key=fitted.options["feature_key"],
+        graph_key=fitted.options["graph_key"],
+        tile_targets=False,
+        tile_radius=fitted.options["tile_radius"],
+        tile_max_neighbors=fitted.options["tile_max_neighbors"],
+    )
+    dims = feature_dims(s)
+    if dims != fitted.model.feature_dims:
+        msg = f"Feature widths {dims} differ from the model's {fitted.model.feature_dims}; use the same encoder."
+        raise ValueError(msg)
+    return predict_sample(fitted.model, s, device=resolve_device(device), amp=fitted.config.amp)
+
+
+@register_method("asign", fit=_fit)
+def impute_asign(ctx: ImputeContext) -> ImputeResult:
+    """ASIGN: network prediction mixed per gene with cross-layer label propagation (see the module docstring)."""
+    from ._fit import ASIGNFit
+
+    t0 = time.perf_counter()
+    fitted = ctx.fitted
+    if fitted is None:
+        fitted = fit_contexts(
+            [ctx],
+            params=ctx.params,
+            seed=ctx.seed,
+            device=ctx.device,
+            show_progress_bar=ctx.show_progress_bar,
+            transductive=True,
+        )
+    elif not isinstance(fitted, ASIGNFit):
+        msg = f"ctx.fitted must be an ASIGNFit, got {type(fitted).__name__}."
+        raise TypeError(msg)
+    out = predict_context(fitted, ctx, device=ctx.device)
+    extra = {Key.NETWORK: out["net"]}
+    if "lp" in out:
+        extra["propagation"] = out["lp"]
+    uns = fitted.summary()
+    uns["seconds_total"] = float(time.perf_counter() - t0)
+    return ImputeResult(imputed=out["pred"], extra_layers=extra, uns=uns)

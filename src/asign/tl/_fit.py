@@ -1,0 +1,359 @@
+"""Train ASIGN on labelled samples and apply it to new ones: :func:`asign.tl.fit` and :func:`asign.tl.predict`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from asign._constants import Key
+from asign._docs import inject_docs
+from asign._logging import logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from asign._model import ASIGNConfig, ASIGNModel
+
+FORMAT = "asign-model"
+FORMAT_VERSION = 1
+
+
+def _plain(value: Any) -> Any:
+    """Python scalars, lists and dicts only (what ``torch.load(weights_only=True)`` accepts besides tensors)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+@dataclass
+class ASIGNFit:
+    """A trained ASIGN model with everything needed to apply it: genes, normalisation, options, training record.
+
+    Use :func:`asign.tl.predict` to apply it, :meth:`save` / :meth:`load` to store it (weights never go into zarr).
+
+    Attributes
+    ----------
+    model
+        The :class:`torch.nn.Module` (on the CPU).
+    config
+        Its :class:`~asign._model.ASIGNConfig`.
+    genes
+        Modelled genes, in the model's output order.
+    normalization
+        ``"st-net"`` or ``"log1p"``.
+    options
+        Data options (feature and graph keys, tile-graph settings, validation mode).
+    training
+        Training record: curve (per-epoch losses, learning rate, validation per-gene PCC), best epoch, timings.
+    mode
+        ``"inductive"`` (trained on other samples) or ``"transductive"`` (trained on the known spots of the
+        sample it imputes).
+    train_samples
+        Names of the training samples.
+    """
+
+    model: ASIGNModel
+    config: ASIGNConfig
+    genes: list[str]
+    normalization: str
+    options: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    mode: str = "inductive"
+    train_samples: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Zarr-writable record for ``uns`` (config, options, training curve, parameter count, mixing weights)."""
+        return {
+            "mode": self.mode,
+            "transductive": self.mode == "transductive",
+            "config": self.config.to_dict(),
+            "options": {k: v for k, v in self.options.items()},
+            "training": self.training,
+            "model": self.model.describe(),
+            "train_samples": list(self.train_samples),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the weights and the plain configuration with :func:`torch.save` (one file)."""
+        import torch
+
+        payload = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "config": _plain(self.config.to_dict()),
+            "n_genes": int(self.model.n_genes),
+            "feature_dims": _plain(self.model.feature_dims),
+            "genes": [str(g) for g in self.genes],
+            "normalization": str(self.normalization),
+            "options": _plain(self.options),
+            "training": _plain(self.training),
+            "mode": str(self.mode),
+            "train_samples": [str(s) for s in self.train_samples],
+        }
+        torch.save(payload, Path(path))
+        logger.info(f"Saved the ASIGN model ({self.model.n_parameters():,} parameters) to {str(path)!r}.")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ASIGNFit:
+        """Read a model written by :meth:`save` (``torch.load(weights_only=True)``: no code is unpickled)."""
+        import torch
+
+        from asign._model import ASIGNConfig, ASIGNModel
+
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            msg = f"{str(path)!r} is not an asign model file (written by ASIGNFit.save)."
+            raise ValueError(msg)
+        if int(payload.get("format_version", 0)) > FORMAT_VERSION:
+            msg = f"{str(path)!r} was written by a newer asign (format {payload['format_version']}); upgrade asign."
+            raise ValueError(msg)
+        config = ASIGNConfig.from_dict(payload["config"])
+        model = ASIGNModel(int(payload["n_genes"]), dict(payload["feature_dims"]), config)
+        model.load_state_dict(payload["state_dict"])
+        model.eval()
+        return cls(
+            model=model,
+            config=config,
+            genes=list(payload["genes"]),
+            normalization=str(payload["normalization"]),
+            options=dict(payload["options"]),
+            training=dict(payload["training"]),
+            mode=str(payload["mode"]),
+            train_samples=list(payload["train_samples"]),
+        )
+
+
+def load(path: str | Path) -> ASIGNFit:
+    """Read a model written by :meth:`ASIGNFit.save`."""
+    return ASIGNFit.load(path)
+
+
+def _named(samples: Any, table_key: str) -> list[tuple[str, SpatialData]]:
+    from spatialdata import SpatialData
+
+    from asign.pp._genes import _as_sample_list
+
+    if isinstance(samples, SpatialData):
+        from asign.pp._genes import _sample_name
+
+        return [(_sample_name(samples, "sample_0", table_key), samples)]
+    out = _as_sample_list(samples)
+    if not out:
+        msg = "`samples` is empty; pass at least one SpatialData stack."
+        raise ValueError(msg)
+    return out
+
+
+@inject_docs()
+def fit(
+    samples: Mapping[str, SpatialData] | Sequence[SpatialData] | SpatialData,
+    *,
+    known: Any = None,
+    genes: Sequence[str] | None = None,
+    n_genes: int = 250,
+    normalization: str = "st-net",
+    preset: str = "default",
+    config: Mapping[str, Any] | None = None,
+    validation: str = "auto",
+    feature_key: str = Key.ADDED,
+    graph_key: str = Key.ADDED,
+    table_key: str = Key.TABLE,
+    seed: int = 0,
+    device: Any = None,
+    show_progress_bar: bool = True,
+) -> ASIGNFit:
+    """Train an ASIGN model on labelled section stacks.
+
+    Every sample needs image features (:func:`asign.pp.extract_features`) and the whole-sample 3D graph
+    (:func:`asign.pp.neighbors_3d`). A fresh model is initialised from ``seed``. Each training step processes one
+    sample's whole graph with a visible set drawn by the mask (``mask="section"``: one labelled section visible, the
+    others hidden; ``mask="spot"``: a random fraction of the labelled spots); hidden labels are NaN in the only
+    label tensor the model sees and the loss is computed on them alone.
+
+    Parameters
+    ----------
+    samples
+        Training stacks (a mapping ``name -> SpatialData``, a sequence, or one stack).
+    known
+        Which measured spots of each sample are labelled: `None` (every measured spot), section name(s) applied to
+        every sample, or a mapping ``sample name -> section name(s) or boolean mask``. Labels of the other spots
+        are never read. With one sample and ``known`` set, the model is trained transductively (spot masking) and
+        recorded as such.
+    genes
+        Modelled genes; `None` ranks the top ``n_genes`` by mean raw count on the labelled spots of ``samples``.
+    n_genes
+        Number of genes when ``genes`` is `None`.
+    normalization
+        ``"st-net"`` or ``"log1p"``.
+    preset
+        ``"default"`` or ``"paper_code"`` (the released code's hyper-parameters; see
+        :meth:`asign._model.ASIGNConfig.from_preset`).
+    config
+        Model / training options overriding the preset (fields of :class:`asign._model.ASIGNConfig`, e.g.
+        ``{{"hidden_dim": 128, "max_epochs": 50}}``).
+    validation
+        Early stopping: ``"auto"`` (the last sample validates when there are several, otherwise a held-out fraction
+        of the labelled spots), ``"holdout"`` or ``"none"``.
+    feature_key
+        Prefix of the features and tile tables of :func:`asign.pp.extract_features`.
+    graph_key
+        Prefix of the graph of :func:`asign.pp.neighbors_3d`.
+    {table_key}
+    {seed}
+    {device}
+    {show_progress_bar}
+
+    Returns
+    -------
+    An :class:`ASIGNFit` (``.save(path)``, ``ASIGNFit.load(path)``), applied with :func:`asign.tl.predict`.
+    """
+    from asign.io._validate import validate_stack
+    from asign.pp._genes import check_known, check_normalization, known_mask, section_gene_means, top_genes
+
+    from ._asign import fit_contexts
+    from ._impute import build_context
+
+    check_normalization(normalization)
+    named = _named(samples, table_key)
+    masks = []
+    for name, s in named:
+        stack = validate_stack(s, table_key=table_key)
+        t = s.tables[table_key]
+        measured = t.obs[Key.MEASURED].to_numpy(dtype=bool)
+        if known is None:
+            m = measured
+        else:
+            spec = known.get(name) if isinstance(known, Mapping) else known
+            if spec is None:
+                msg = f"`known` has no entry for sample {name!r}."
+                raise ValueError(msg)
+            m = known_mask(t, stack, spec)
+            if isinstance(known, Mapping) or len(named) == 1:
+                check_known(t, stack, m)
+        if not (m & measured).any():
+            msg = f"Sample {name!r} has no labelled (measured and known) spot."
+            raise ValueError(msg)
+        masks.append((m & measured, stack))
+    if genes is None:
+        frames = [section_gene_means(s.tables[table_key], m, st) for (_, s), (m, st) in zip(named, masks, strict=True)]
+        genes, _ = top_genes(frames, n_genes)
+    genes = [str(g) for g in genes]
+    params = dict(config or {})
+    params["preset"] = preset
+    params["validation"] = validation
+    params["feature_key"] = feature_key
+    params["graph_key"] = graph_key
+    contexts = [
+        build_context(
+            s,
+            stack=st,
+            known=m,
+            genes=genes,
+            normalization=normalization,
+            table_key=table_key,
+            params=params,
+            seed=seed,
+            device=device,
+            show_progress_bar=show_progress_bar,
+            sample=name,
+        )
+        for (name, s), (m, st) in zip(named, masks, strict=True)
+    ]
+    transductive = known is not None and len(contexts) == 1
+    return fit_contexts(
+        contexts,
+        params=params,
+        seed=seed,
+        device=device,
+        show_progress_bar=show_progress_bar,
+        transductive=transductive,
+    )
+
+
+@inject_docs()
+def predict(
+    sdata: SpatialData,
+    model: ASIGNFit | str | Path,
+    *,
+    known: Any,
+    table_key: str = Key.TABLE,
+    key_added: str = Key.OUTPUT_TABLE,
+    overwrite: bool = False,
+    inplace: bool = True,
+    device: Any = None,
+    show_progress_bar: bool = True,
+) -> AnnData | None:
+    """Apply a trained ASIGN model to a stack whose ``known`` section(s) are measured.
+
+    Inference is deterministic (``model.eval()``, the whole-sample graph, no random edges); the known spots are the
+    visible set of the propagation and the level of the network; labels of every other spot are never read.
+
+    Parameters
+    ----------
+    {sdata}
+    model
+        An :class:`ASIGNFit` from :func:`asign.tl.fit`, or the path of one saved with :meth:`ASIGNFit.save`.
+    known
+        Section name(s) or a boolean row mask of the measured spots the model may use.
+    {table_key}
+    key_added
+        Key of the output table.
+    overwrite
+        Replace an output table that an earlier asign call wrote under ``key_added``.
+    {inplace}
+    {device}
+    {show_progress_bar}
+
+    Returns
+    -------
+    If ``inplace = False``, the output :class:`~anndata.AnnData`; otherwise adds ``sdata.tables['{{key_added}}']``
+    exactly like :func:`asign.tl.impute` with ``method="asign"``: ``.layers['target']``, ``.layers['imputed']``,
+    ``.layers['network']`` (network prediction before mixing), ``.layers['propagation']``, ``.obs['known']``, and
+    ``.uns['asign']`` (with ``result`` = the model's configuration, training record and mode).
+    """
+    from asign.pp._genes import _sample_name
+
+    from ._impute import _check_key_added, run_impute
+
+    fitted = model if isinstance(model, ASIGNFit) else ASIGNFit.load(model)
+    if inplace:
+        _check_key_added(sdata, key_added, table_key, overwrite=overwrite)
+    out = run_impute(
+        sdata,
+        known=known,
+        method="asign",
+        genes=fitted.genes,
+        n_genes=len(fitted.genes),
+        normalization=fitted.normalization,
+        gene_sections="labelled",
+        train=(),
+        train_ctx=[],
+        fitted=fitted,
+        method_kwargs={},
+        table_key=table_key,
+        seed=int(fitted.config.seed),
+        device=device,
+        show_progress_bar=show_progress_bar,
+        sample=_sample_name(sdata, "", table_key),
+    )
+    if not inplace:
+        return out
+    if key_added in sdata.tables:
+        del sdata.tables[key_added]
+    sdata.tables[key_added] = out
+    logger.info(f"Adding `sdata.tables['{key_added}']` ({out.n_obs} spots x {out.n_vars} genes).")
+    return None

