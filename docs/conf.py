@@ -163,7 +163,10 @@ nitpick_ignore_regex = [
     (r"py:.*", rf"({'|'.join(_EXTERNAL)})(\..*)?"),
     # result containers defined in private modules (named tuples, dataclasses) are documented with their function
     (r"py:.*", r"asign\.(\w+\.)*_\w+(\.\w+)*"),
-    (r"py:class", r"(Tiles|SpatialNeighbors3D|ImageFeatures|Encoder|StackInfo|ImputeContext|ImputeResult)"),
+    (
+        r"py:.*",
+        r"(Tiles|SpatialNeighbors3D|ImageFeatures|Encoder|StackInfo|ImputeContext|ImputeResult|ASIGNFit)(\.\w+)?",
+    ),
     # builtins and typing names as sphinx-autodoc-typehints renders them
     (r"py:.*", r"(Any|Literal|Callable|Sequence|Mapping|Iterable|PathLike|NDArray|ArrayLike|DataFrame|AnnData)"),
     (r"py:.*", r"(SpatialData|Figure|Axes|Colormap|Normalize|StackInfo|Path)"),

@@ -272,3 +272,243 @@ def test_fit_transform(kind):
     np.testing.assert_allclose(R.fit_transform(src, dst, kind=kind), M, atol=1e-9)
     with pytest.raises(ValueError, match="differ in number"):
         R.fit_transform(src, dst[:3], kind=kind)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# image registration on synthetic stacks with ground truth
+# ---------------------------------------------------------------------------------------------------------------
+# The synthetic block's anatomy drifts with depth by design (the tumour centre moves 4 µm per µm of z, the outline's
+# wobble turns by ~0.5° per µm): at the default 16 µm spacing consecutive sections differ by ~50 µm of anatomy, which
+# no image-based aligner can tell from a rigid offset. The accuracy tests therefore cut the block 1 µm apart, where
+# the drift is a few µm and the error measures the registration itself (see docs/benchmarks/alignment.md).
+THIN = {"n_spots": 60, "n_genes": 5, "image_size": 512, "um_per_px": 8.0, "thickness_um": 1.0}
+
+
+@pytest.fixture(scope="module")
+def _rotated_stack():
+    from asign.datasets import synthetic_stack
+
+    # seed 5: consecutive sections turned by 15°, 112° and 178° against each other on their slides
+    return synthetic_stack(n_sections=4, seed=5, **THIN)
+
+
+@pytest.fixture
+def rotated_stack(_rotated_stack):
+    import copy
+
+    return copy.deepcopy(_rotated_stack)
+
+
+def _sections_from(sdata, *, flip=(), blank=(), noise=(), downscale=(), drop_image=()):
+    """Rebuild a synthetic stack as :class:`asign.io.Section` parts, optionally altering some sections."""
+    from asign.io import Section, stack_sections
+
+    table = sdata.tables["table"]
+    secs = list(table.uns["asign"]["stack"]["section"])
+    n2w = dict(zip(secs, table.uns["asign"]["synthetic"]["native_to_world"], strict=True))
+    rng = np.random.default_rng(0)
+    parts, truth = [], {}
+    for s in secs:
+        rows = (table.obs["section"] == s).to_numpy()
+        img = next(iter(sdata.images[f"he_{s}"]["scale0"].values())).values.transpose(1, 2, 0).copy()
+        xy = np.asarray(table.obsm["spatial"][rows], dtype=float).copy()
+        M = n2w[s].copy()
+        um = float(table.uns["asign"]["stack"]["um_per_px"][secs.index(s)])
+        h, w = img.shape[:2]
+        if s in flip:
+            img = img[:, ::-1].copy()
+            xy[:, 0] = (w - 1) - xy[:, 0]
+            M = M @ np.array([[-1.0, 0, w - 1], [0, 1, 0], [0, 0, 1]])
+        if s in downscale:  # half the pixels, but the manifest keeps the old pixel size
+            img = img.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
+            xy = (xy + 0.5) / 2 - 0.5
+            M = M @ np.array([[2.0, 0, 0.5], [0, 2.0, 0.5], [0, 0, 1]])
+        if s in blank:
+            img[:] = 240
+        if s in noise:
+            img = rng.integers(0, 256, img.shape, dtype=np.uint8)
+        parts.append(
+            Section(
+                name=s,
+                spots=xy,
+                counts=table.X[rows],
+                genes=list(table.var_names),
+                image=None if s in drop_image else img,
+                um_per_px=um,
+                obsm={"spatial_world": np.asarray(table.obsm["spatial_world"][rows])},
+            )
+        )
+        truth[s] = M
+    out = stack_sections(parts, spot_diameter_um=float(table.uns["asign"]["stack"]["spot_diameter_um"]), z_um=None)
+    out.tables["table"].uns["asign"]["synthetic"] = {"native_to_world": np.stack([truth[s] for s in secs])}
+    return out
+
+
+def test_synthetic_rotations_up_to_180(rotated_stack):
+    sdata = rotated_stack
+    asign.pp.align_layers(sdata, seed=0, show_progress_bar=False)
+    table = sdata.tables["table"]
+    al = table.uns["asign"]["alignment"]
+    assert al["reference"] == "S3" and al["method"] == "ants" and al["transform"] == "rigid"
+    err = _world_error_um(sdata)
+    diam = float(table.uns["asign"]["stack"]["spot_diameter_um"])
+    assert max(err.values()) < 0.1 * diam, (err, diam)
+    q = al["quality"]
+    assert list(q["pair"]) == ["S2->S3", "S1->S2", "S4->S3"]
+    assert np.all(np.asarray(q["dice_after"]) > 0.95)
+    assert np.all(np.asarray(q["dice_after"]) > np.asarray(q["dice_before"]))
+    assert np.all(np.asarray(q["nmi_after"]) > np.asarray(q["nmi_before"]))
+    assert np.all(q["passed"])
+    # rigid: every T_s keeps lengths
+    for T in al["transforms"].values():
+        np.testing.assert_allclose(np.linalg.svd(T[:2, :2], compute_uv=False), 1.0, atol=1e-6)
+    # reproducible with the same seed (single-threaded ANTs, fixed seed): the 178° pair again, on its own
+    again = asign.pp.align_layers(sdata, sections=["S3", "S4"], reference="S3", inplace=False, show_progress_bar=False)
+    np.testing.assert_allclose(again["transforms"]["S4"], al["transforms"]["S4"], atol=1e-9)
+
+
+def test_similarity_and_other_reference(rotated_stack):
+    out = asign.pp.align_layers(
+        rotated_stack, transform="similarity", reference="S1", sections=["S1", "S2"], inplace=False,
+        show_progress_bar=False,
+    )
+    assert out["reference"] == "S1" and set(out["transforms"]) == {"S1", "S2"}
+    sv = np.linalg.svd(out["transforms"]["S2"][:2, :2], compute_uv=False)
+    assert abs(sv[0] - sv[1]) < 1e-6 and abs(sv[0] - 1.0) < 0.05  # a similarity, close to rigid here
+    gt = _ground_truth(rotated_stack)
+    T_true = np.linalg.inv(gt["S1"]) @ gt["S2"]
+    p = np.asarray(rotated_stack.tables["table"].obsm["spatial"])[:20]
+    d = np.linalg.norm(p @ out["transforms"]["S2"][:2, :2].T + out["transforms"]["S2"][:2, 2]
+                       - (p @ T_true[:2, :2].T + T_true[:2, 2]), axis=1)
+    assert np.median(d) * 8.0 < 20.0
+
+
+def test_mirrored_section_needs_mirror(rotated_stack, asign_log):
+    sdata = _sections_from(rotated_stack, flip=("S2",))
+    sub = ["S2", "S3"]
+    asign.pp.align_layers(sdata, sections=sub, mirror=True, show_progress_bar=False)
+    al = sdata.tables["table"].uns["asign"]["alignment"]
+    assert np.linalg.det(al["transforms"]["S2"][:2, :2]) < 0  # a reflection was found
+    assert bool(al["quality"]["mirrored"][0])
+    err = _world_error_um(sdata)
+    diam = float(sdata.tables["table"].uns["asign"]["stack"]["spot_diameter_um"])
+    assert err["S2"] < 0.1 * diam
+    # without mirror=True the pair cannot be matched well: the quality figure says so, naming the pair
+    asign_log.records.clear()
+    out = asign.pp.align_layers(sdata, sections=sub, mirror=False, min_dice=0.97, inplace=False,
+                                show_progress_bar=False)
+    assert np.linalg.det(out["transforms"]["S2"][:2, :2]) > 0
+    assert out["quality"]["dice_after"][0] < al["quality"]["dice_after"][0]
+
+
+def test_landmarks_as_answer_and_as_start(rotated_stack):
+    gt = _ground_truth(rotated_stack)
+    world = np.array([[-800.0, -300.0], [900.0, 100.0], [0.0, 700.0], [300.0, -600.0]])
+    lm = {}
+    for s, M in gt.items():
+        inv = np.linalg.inv(M)
+        lm[s] = world @ inv[:2, :2].T + inv[:2, 2]
+    out = asign.pp.align_layers(rotated_stack, method="landmarks", landmarks=lm, inplace=False,
+                                show_progress_bar=False)
+    for s in gt:
+        np.testing.assert_allclose(out["transforms"][s], np.linalg.inv(gt["S3"]) @ gt[s], atol=1e-6)
+    assert np.all(np.asarray(out["quality"]["dice_after"]) > 0.9)
+    # landmarks as the start of the image registration (here for a mirrored section without the mirror search)
+    flipped = _sections_from(rotated_stack, flip=("S2",))
+    gtf = _ground_truth(flipped)
+    lmf = {s: world @ np.linalg.inv(gtf[s])[:2, :2].T + np.linalg.inv(gtf[s])[:2, 2] for s in ("S2", "S3")}
+    asign.pp.align_layers(flipped, sections=["S2", "S3"], landmarks=lmf, mirror=True, show_progress_bar=False)
+    q = flipped.tables["table"].uns["asign"]["alignment"]["quality"]
+    assert list(q["start"]) == ["landmarks"]
+    diam = float(flipped.tables["table"].uns["asign"]["stack"]["spot_diameter_um"])
+    assert _world_error_um(flipped)["S2"] < 0.1 * diam
+    with pytest.raises(ValueError, match="S1"):
+        asign.pp.align_layers(rotated_stack, method="landmarks", landmarks={s: lm[s] for s in ("S2", "S3", "S4")})
+    with pytest.raises(ValueError, match="differ in number"):
+        asign.pp.align_layers(rotated_stack, method="landmarks", landmarks={**lm, "S2": lm["S2"][:3]})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------------------
+def test_section_without_image(rotated_stack, asign_log):
+    sdata = _sections_from(rotated_stack, drop_image=("S1",))
+    with pytest.raises(ValueError, match=r"\['S1'\].*no image"):
+        asign.pp.align_layers(sdata, show_progress_bar=False)
+    asign.pp.align_layers(sdata, sections=["S2", "S3", "S4"], show_progress_bar=False)
+    table = sdata.tables["table"]
+    rows = (table.obs["section"] == "S1").to_numpy()
+    assert np.isnan(table.obsm["spatial_aligned"][rows]).all()
+    assert np.isfinite(table.obsm["spatial_aligned"][~rows]).all()
+    assert "S1" in asign_log.warnings
+    assert table.uns["asign"]["alignment"]["reference"] == "S3"
+
+
+def test_single_section_and_unknown_reference(rotated_stack):
+    from asign.datasets import synthetic_stack
+
+    one = synthetic_stack(n_sections=1, n_spots=20, n_genes=3, image_size=256, um_per_px=16.0)
+    with pytest.raises(ValueError, match="only one section"):
+        asign.pp.align_layers(one, show_progress_bar=False)
+    with pytest.raises(ValueError, match="at least two"):
+        asign.pp.align_layers(rotated_stack, sections=["S2"], show_progress_bar=False)
+    with pytest.raises(KeyError, match="S9"):
+        asign.pp.align_layers(rotated_stack, reference="S9", show_progress_bar=False)
+    with pytest.raises(ValueError, match="not among"):
+        asign.pp.align_layers(rotated_stack, reference="S1", sections=["S2", "S3"], show_progress_bar=False)
+    with pytest.raises(ValueError, match="transform"):
+        asign.pp.align_layers(rotated_stack, transform="bspline", show_progress_bar=False)
+
+
+def test_wildly_different_pixel_sizes(rotated_stack, asign_log):
+    # S2's image is stored at half the resolution, but the manifest still says 8 µm/px (as if defaulted)
+    sdata = _sections_from(rotated_stack, downscale=("S2",))
+    with pytest.raises(ValueError, match=r"'S2'.*'S3'.*um_per_px"):
+        asign.pp.align_layers(sdata, sections=["S2", "S3"], show_progress_bar=False)
+    # a similarity transform estimates the scale instead (with a warning naming the sections)
+    asign.pp.align_layers(sdata, sections=["S2", "S3"], transform="similarity", show_progress_bar=False)
+    assert "'S2'" in asign_log.warnings and "um_per_px" in asign_log.warnings
+    T = sdata.tables["table"].uns["asign"]["alignment"]["transforms"]["S2"]
+    assert abs(np.sqrt(abs(np.linalg.det(T[:2, :2]))) - 2.0) < 0.1
+    diam = float(sdata.tables["table"].uns["asign"]["stack"]["spot_diameter_um"])
+    assert _world_error_um(sdata)["S2"] < 0.1 * diam
+
+
+@pytest.mark.parametrize("kind", ["blank", "noise"])
+def test_failed_pair_is_flagged(rotated_stack, asign_log, kind):
+    sdata = _sections_from(rotated_stack, **{kind: ("S4",)})
+    asign.pp.align_layers(sdata, sections=["S3", "S4"], show_progress_bar=False)
+    q = sdata.tables["table"].uns["asign"]["alignment"]["quality"]
+    assert list(q["pair"]) == ["S3->S4"]  # the reference of two sections is the later one
+    assert q["dice_after"][0] < 0.8 and not q["passed"][0]
+    assert "S3->S4" in asign_log.warnings and "min_dice" in asign_log.warnings
+
+
+def test_existing_transformations_are_kept(rotated_stack):
+    from spatialdata.transformations import Affine, Scale, get_transformation, set_transformation
+
+    sdata = rotated_stack
+    scale = Scale([8.0, 8.0], axes=("x", "y"))
+    for s in ("S1", "S2", "S3", "S4"):
+        set_transformation(sdata[f"he_{s}"], scale, to_coordinate_system="microns")
+        set_transformation(sdata[f"spots_{s}"], scale, to_coordinate_system="microns")
+    # a user's own "aligned" system on one section is replaced by ours, but the section's others stay
+    before = {n: dict(get_transformation(sdata[n], get_all=True)) for n in ("he_S1", "spots_S2")}
+    out = asign.pp.align_layers(sdata, sections=["S1", "S2"], inplace=False, show_progress_bar=False)
+    assert "aligned" not in sdata.coordinate_systems
+    asign.pp.align_layers(sdata, method="transforms", transforms=out["transforms"], sections=["S1", "S2"])
+    for n, old in before.items():
+        now = get_transformation(sdata[n], get_all=True)
+        assert set(old) <= set(now) and "aligned" in now
+        for cs, t in old.items():
+            assert repr(now[cs]) == repr(t)
+    seq = get_transformation(sdata["spots_S1"], "aligned")
+    assert isinstance(seq.transformations[-1], Affine)
+    np.testing.assert_allclose(
+        seq.to_affine_matrix(("x", "y"), ("x", "y")), out["transforms"]["S1"], atol=1e-9
+    )
+    # a second run with another key keeps the first
+    asign.pp.align_layers(
+        sdata, method="transforms", transforms=out["transforms"], sections=["S1", "S2"], key_added="aligned2"
+    )
+    assert {"aligned", "aligned2", "microns", "S1"} <= set(get_transformation(sdata["he_S1"], get_all=True))

@@ -202,12 +202,19 @@ def test_patch_dataset_mixes_jobs_into_full_batches():
     ]
     ds = PatchDataset(srcs, jobs, batch_size=4, input_size=8)
     assert [sum(len(s[1]) for s in b) for b in ds.batches] == [4, 4, 4, 4, 1]
-    rows, x = ds[2]
-    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
-    assert rows.tolist() == sorted(rows.tolist()) or len(set(rows.tolist())) == 4
+    b, x = ds[2]
+    assert b == 2 and x.shape == (4, 3, 8, 8) and x.dtype == torch.uint8
+    # batch 2 mixes the end of job 0 (rows 8, 9) and the start of job 1
+    assert sorted(ds.rows(2).tolist())[:2] == [8, 9] and (ds.rows(2) >= 10).sum() == 2
     native = PatchDataset(srcs, jobs, batch_size=4, input_size=None)
     assert {b[0][4] for b in native.batches} == {16, 64}
     assert all(len(b) == 1 for b in native.batches)
+    # with a ring, items are written into the shared slot and only (b, n) is returned
+    ring = native.make_ring(3)
+    assert ring.is_shared()
+    b, n = native[4]
+    assert (b, n) == (4, native.batch_len(4))
+    np.testing.assert_array_equal(native.slot_view(4).numpy()[:, 0, 0, 0], 1)  # image 1 holds ones
 
     class Mean(torch.nn.Module):
         def forward(self, x):

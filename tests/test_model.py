@@ -177,7 +177,7 @@ def test_model_permutation_equivariant(sample, levels):
 def test_model_spot_features_matter_and_get_gradient(sample):
     s, _ = sample
     model = make_model(s.n_genes, _dims(s), ASIGNConfig(**CFG)).eval()
-    x = s.x_spot.clone().requires_grad_(True)
+    x = s.x_spot.clone().requires_grad_(requires_grad=True)
     s2 = SampleTensors(**{**s.__dict__, "x_spot": x})
     out = model(s2, s.y)
     i = 40  # an unknown-section spot
@@ -195,9 +195,18 @@ def test_model_isolated_node_finite(sample):
     s, _ = sample
     keep = (s.edge_index != 0).all(0)  # isolate spot 0
     s2 = SampleTensors(
-        **{**s.__dict__, "edge_index": s.edge_index[:, keep], "edge_weight": s.edge_weight[keep], "edge_cross": s.edge_cross[keep]}
+        **{
+            **s.__dict__,
+            "edge_index": s.edge_index[:, keep],
+            "edge_weight": s.edge_weight[keep],
+            "edge_cross": s.edge_cross[keep],
+        }
     )
-    for cfg in (ASIGNConfig(**CFG), ASIGNConfig(**CFG, lp_init="network", lp_linear=True), ASIGNConfig(**CFG, levels="spot")):
+    for cfg in (
+        ASIGNConfig(**CFG),
+        ASIGNConfig(**CFG, lp_init="network", lp_linear=True),
+        ASIGNConfig(**CFG, levels="spot"),
+    ):
         model = make_model(s.n_genes, _dims(s), cfg).eval()
         with torch.no_grad():
             out = model(s2, s2.y)
@@ -222,7 +231,12 @@ def test_model_variants(sample):
     with pytest.raises(ValueError, match="feature_dims"):
         ASIGNModel(3, {"spot": 4}, ASIGNConfig(**CFG))
     s_notiles = SampleTensors(
-        x_spot=s.x_spot, edge_index=s.edge_index, edge_weight=s.edge_weight, edge_cross=s.edge_cross, section=s.section, y=s.y
+        x_spot=s.x_spot,
+        edge_index=s.edge_index,
+        edge_weight=s.edge_weight,
+        edge_cross=s.edge_cross,
+        section=s.section,
+        y=s.y,
     )
     with pytest.raises(ValueError, match="no region/global tiles"):
         m2(s_notiles, s.y)
@@ -245,7 +259,9 @@ def test_pcc_axes():
     spot = np.mean([np.corrcoef(p[i], t[i])[0, 1] for i in range(10)])
     assert float(mean_pcc(pt, tt, axis="spot")) == pytest.approx(spot, abs=1e-6)
     groups = torch.as_tensor([0] * 5 + [1] * 5)
-    gene = np.mean([np.corrcoef(p[g * 5 : g * 5 + 5, j], t[g * 5 : g * 5 + 5, j])[0, 1] for g in (0, 1) for j in range(4)])
+    gene = np.mean(
+        [np.corrcoef(p[g * 5 : g * 5 + 5, j], t[g * 5 : g * 5 + 5, j])[0, 1] for g in (0, 1) for j in range(4)]
+    )
     assert float(mean_pcc(pt, tt, axis="gene", groups=groups)) == pytest.approx(gene, abs=1e-6)
     with pytest.raises(ValueError, match="pcc axis"):
         mean_pcc(pt, tt, axis="bad")
@@ -319,7 +335,14 @@ def test_edges_from_sparse_and_sample_checks(sample):
     assert dict(zip(map(tuple, ei.T.tolist()), ec.tolist(), strict=True))[(2, 1)] == 1.0
     s, _ = sample
     with pytest.raises(ValueError, match="self-edges"):
-        SampleTensors(**{**s.__dict__, "edge_index": torch.tensor([[0], [0]]), "edge_weight": torch.ones(1), "edge_cross": torch.zeros(1)})
+        SampleTensors(
+            **{
+                **s.__dict__,
+                "edge_index": torch.tensor([[0], [0]]),
+                "edge_weight": torch.ones(1),
+                "edge_cross": torch.zeros(1),
+            }
+        )
     bad = s.region_global.clone()
     bad[s.region_global == 0] = 1 if int(s.region_global.max()) > 0 else 0
     if not torch.equal(bad, s.region_global):

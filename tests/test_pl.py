@@ -393,6 +393,11 @@ def test_training_curve_summary_in_result(aligned_stack, tmp_path):
     labels = [line.get_label() for line in loss_ax.get_lines()]
     assert labels == ["loss_total", "loss_mse"]  # lr hidden unless asked for
     assert any(np.allclose(line.get_xdata(), 9.0) for line in val_ax.get_lines() if line.get_label().startswith("_"))
+    # a fitted model object carries the same record in `.training`
+    from types import SimpleNamespace
+
+    fig_fit = asign.pl.training_curve(SimpleNamespace(training={"curve": curve, "best_epoch": 9}), show=False)
+    assert [line.get_label() for line in fig_fit.axes[0].get_lines()] == ["loss_total", "loss_mse"]
     fig2 = asign.pl.training_curve(aligned_stack, series=["lr"], show=False)
     assert [line.get_label() for line in fig2.axes[0].get_lines() if not line.get_label().startswith("_")] == ["lr"]
 

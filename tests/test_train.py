@@ -40,7 +40,12 @@ def test_per_gene_pcc():
     assert per_gene_pcc(t, t, g) == pytest.approx(1.0)
     assert per_gene_pcc(-t, t, g) == pytest.approx(-1.0)
     assert per_gene_pcc(np.zeros_like(t), t, g) == 0.0  # constant prediction counts as 0
-    manual = np.mean([np.mean([np.corrcoef(t[g == k, j] + rng.normal(size=10) * 0, t[g == k, j])[0, 1] for j in range(3)]) for k in (0, 1)])
+    manual = np.mean(
+        [
+            np.mean([np.corrcoef(t[g == k, j] + rng.normal(size=10) * 0, t[g == k, j])[0, 1] for j in range(3)])
+            for k in (0, 1)
+        ]
+    )
     assert manual == pytest.approx(1.0)
 
 

@@ -78,6 +78,7 @@ class Encoder:
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int | None = 224
     _device: Any = field(default=None, repr=False)
+    _norm: dict = field(default_factory=dict, repr=False)
 
     @property
     def is_torch(self) -> bool:
@@ -107,9 +108,14 @@ class Encoder:
         if self.module is None:
             arr = batch.permute(0, 2, 3, 1).cpu().numpy()
             return torch.from_numpy(np.asarray(self.fn(arr), dtype=np.float32))
-        x = batch.float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        x = batch.float()
+        key = str(x.device)
+        if key not in self._norm:
+            # created once per device (a per-batch host-to-device copy would synchronise the stream)
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+            self._norm[key] = (mean.to(x.device), std.to(x.device))
+        mean, std = self._norm[key]
         x = (x - mean) / std
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -627,13 +633,20 @@ class ImageSource:
                 self._cached_bytes -= old.nbytes
         return out
 
-    def read(self, x0: Sequence[int], y0: Sequence[int], size: int) -> np.ndarray:
-        """Patches ``[y0, y0 + size) x [x0, x0 + size)``: uint8 ``(B, 3, size, size)``, white outside the image."""
+    def read(self, x0: Sequence[int], y0: Sequence[int], size: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Patches ``[y0, y0 + size) x [x0, x0 + size)``: uint8 ``(B, 3, size, size)``, white outside the image.
+
+        ``out`` (optional) is a preallocated uint8 array of that shape to fill.
+        """
         x0 = np.asarray(x0, dtype=np.int64)
         y0 = np.asarray(y0, dtype=np.int64)
-        out = np.full((len(x0), 3, size, size), PAD_VALUE, dtype=np.uint8)
+        if out is None:
+            out = np.empty((len(x0), 3, size, size), dtype=np.uint8)
         xa, xb = np.clip(x0, 0, self.width), np.clip(x0 + size, 0, self.width)
         ya, yb = np.clip(y0, 0, self.height), np.clip(y0 + size, 0, self.height)
+        # white only where a patch leaves the image
+        partial = (xa > x0) | (ya > y0) | (xb < x0 + size) | (yb < y0 + size)
+        out[partial] = PAD_VALUE
         inside = np.flatnonzero((xb > xa) & (yb > ya))
         if not self.lazy:
             for b in inside:
@@ -693,20 +706,31 @@ class PatchJob:
 
 
 class PatchDataset:
-    """A map-style torch dataset whose items are whole batches: ``(rows, uint8 patches (B, 3, s, s))``.
+    """A map-style torch dataset whose items are whole batches of uint8 patches ``(B, 3, s, s)``.
 
     Patches of each job are ordered spatially (Z-order of image chunks) so that a batch touches few chunks. With a
     fixed ``input_size`` a batch may mix jobs (sections, levels), so every batch but the last is full; with native
     sizes (``input_size=None``) batches stay within one job and shrink for large patches. Patches are read lazily
     from :class:`ImageSource` objects and resized to ``input_size`` with antialiased bilinear interpolation (on
-    uint8, as torchvision does), at most about 64 MiB of raw pixels at a time.
+    uint8, as torchvision does), a few MiB of raw pixels at a time.
+
+    Item ``b`` is ``(b, patches)``. When a shared-memory ``ring`` (``(n_slots, slot_bytes)`` uint8, see
+    :meth:`make_ring`) is attached, DataLoader workers write batch ``b`` into slot ``b % n_slots`` and return only
+    ``(b, n)``: nothing large is pickled, and the main process reads (or DMAs) the slot directly.
     """
 
     def __init__(
-        self, sources: list[ImageSource], jobs: list[PatchJob], *, batch_size: int, input_size: int | None
+        self,
+        sources: list[ImageSource],
+        jobs: list[PatchJob],
+        *,
+        batch_size: int,
+        input_size: int | None,
     ) -> None:
         self.sources = sources
         self.input_size = input_size
+        self.ring = None
+        self._scratch: dict[int, np.ndarray] = {}
         # a batch is a list of segments (image, rows, x0, y0, size)
         self.batches: list[list[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]]] = []
         ordered = []
@@ -723,53 +747,85 @@ class PatchDataset:
                 for s in range(0, len(order), bs):
                     o = order[s : s + bs]
                     self.batches.append([(job.image, job.rows[o], job.x0[o], job.y0[o], job.size)])
-            return
-        current: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]] = []
-        filled = 0
-        for job, order in ordered:
-            s = 0
-            while s < len(order):
-                take = min(batch_size - filled, len(order) - s)
-                o = order[s : s + take]
-                current.append((job.image, job.rows[o], job.x0[o], job.y0[o], job.size))
-                filled += take
-                s += take
-                if filled == batch_size:
-                    self.batches.append(current)
-                    current, filled = [], 0
-        if current:
-            self.batches.append(current)
+        else:
+            current: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]] = []
+            filled = 0
+            for job, order in ordered:
+                s = 0
+                while s < len(order):
+                    take = min(batch_size - filled, len(order) - s)
+                    o = order[s : s + take]
+                    current.append((job.image, job.rows[o], job.x0[o], job.y0[o], job.size))
+                    filled += take
+                    s += take
+                    if filled == batch_size:
+                        self.batches.append(current)
+                        current, filled = [], 0
+            if current:
+                self.batches.append(current)
+        self.max_batch = max((self.batch_len(b) for b in range(len(self.batches))), default=0)
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def n_patches(self) -> int:
-        return int(sum(len(seg[1]) for b in self.batches for seg in b))
+    def batch_len(self, b: int) -> int:
+        return int(sum(len(seg[1]) for seg in self.batches[b]))
 
-    def _read_resized(self, image: int, x0: np.ndarray, y0: np.ndarray, size: int):
+    def batch_side(self, b: int) -> int:
+        return int(self.input_size if self.input_size is not None else self.batches[b][0][4])
+
+    def rows(self, b: int) -> np.ndarray:
+        """Output rows of batch ``b``."""
+        return np.concatenate([seg[1] for seg in self.batches[b]]).astype(np.int64)
+
+    def n_patches(self) -> int:
+        return int(sum(self.batch_len(b) for b in range(len(self.batches))))
+
+    def make_ring(self, n_slots: int):
+        """Allocate (and attach) a shared-memory ring of ``n_slots`` batch buffers; returns it."""
+        import torch
+
+        slot = max((self.batch_len(b) * 3 * self.batch_side(b) ** 2 for b in range(len(self.batches))), default=1)
+        self.ring = torch.empty((int(n_slots), int(slot)), dtype=torch.uint8).share_memory_()
+        return self.ring
+
+    def slot_view(self, b: int):
+        """The ring slot of batch ``b`` as a ``(n, 3, s, s)`` uint8 tensor."""
+        n, side = self.batch_len(b), self.batch_side(b)
+        return self.ring[b % self.ring.shape[0], : n * 3 * side * side].view(n, 3, side, side)
+
+    def _read_into(self, out, image: int, x0: np.ndarray, y0: np.ndarray, size: int) -> None:
         import torch
         import torch.nn.functional as F
 
+        src = self.sources[image]
         target = self.input_size
         if target is None or size == target:
-            return torch.from_numpy(self.sources[image].read(x0, y0, size))
-        step = max(1, (64 * 2**20) // (3 * size * size))
-        parts = []
+            src.read(x0, y0, size, out=out.numpy())
+            return
+        # read and resize a few patches at a time into a reused scratch buffer (no large fresh allocations)
+        step = max(1, min(len(x0), (8 * 2**20) // (3 * size * size)))
+        scratch = self._scratch.get(size)
+        if scratch is None or scratch.shape[0] < step:
+            scratch = self._scratch[size] = np.empty((step, 3, size, size), dtype=np.uint8)
         for i in range(0, len(x0), step):
-            raw = torch.from_numpy(self.sources[image].read(x0[i : i + step], y0[i : i + step], size))
-            raw = raw.contiguous(memory_format=torch.channels_last)
-            small = F.interpolate(raw, size=(target, target), mode="bilinear", antialias=True, align_corners=False)
-            parts.append(small.contiguous())
-        return torch.cat(parts)
+            j = min(i + step, len(x0))
+            raw = src.read(x0[i:j], y0[i:j], size, out=scratch[: j - i])
+            small = F.interpolate(
+                torch.from_numpy(raw), size=(target, target), mode="bilinear", antialias=True, align_corners=False
+            )
+            out[i:j].copy_(small)
 
     def __getitem__(self, b: int):
         import torch
 
-        segs = self.batches[b]
-        rows = np.concatenate([seg[1] for seg in segs]).astype(np.int64)
-        patches = [self._read_resized(img, x0, y0, size) for img, _, x0, y0, size in segs]
-        x = patches[0] if len(patches) == 1 else torch.cat(patches)
-        return torch.from_numpy(rows), x
+        n, side = self.batch_len(b), self.batch_side(b)
+        out = self.slot_view(b) if self.ring is not None else torch.empty((n, 3, side, side), dtype=torch.uint8)
+        k = 0
+        for img, r, x0, y0, size in self.batches[b]:
+            self._read_into(out[k : k + len(r)], img, x0, y0, size)
+            k += len(r)
+        return (b, n) if self.ring is not None else (b, out)
 
 
 def _as_torch_dataset(ds: PatchDataset):
@@ -806,6 +862,24 @@ def deterministic_cpu(*, enabled: bool = True):
         mk.deterministic = prev
 
 
+def _host_register(t) -> bool:
+    """Page-lock a CPU tensor's memory in place (``cudaHostRegister``), so the GPU can DMA from it directly."""
+    import torch
+
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    except (RuntimeError, AttributeError):  # pragma: no cover - no CUDA runtime bindings
+        return False
+    return int(getattr(err, "value", err)) == 0
+
+
+def _host_unregister(t) -> None:
+    import torch
+
+    with contextlib.suppress(RuntimeError, AttributeError):
+        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
 def embed_patches(
     encoder: Encoder,
     sources: list[ImageSource],
@@ -822,10 +896,12 @@ def embed_patches(
 ) -> np.ndarray:
     """Embed every patch of ``jobs`` with ``encoder``; returns float32 ``(n_rows, dim)`` (NaN for rows not covered).
 
-    Batches are produced by a :class:`torch.utils.data.DataLoader` (``num_workers`` reader processes, pinned memory
-    on CUDA), moved to the device as uint8, normalised there and embedded under :func:`torch.inference_mode`;
-    on CUDA with ``mixed_precision`` (default on CUDA) under autocast, always channels-last. On the CPU,
-    deterministic algorithms are enforced.
+    Batches are produced by a :class:`torch.utils.data.DataLoader` over a :class:`PatchDataset`. With
+    ``num_workers > 0`` the reader processes write each batch into a shared-memory ring of batch buffers (page-locked
+    on CUDA), so the main process neither unpickles nor copies pixels: it DMAs the slot to the device on a side
+    stream. Batches are uint8 until the device, where they are normalised and embedded under
+    :func:`torch.inference_mode`, channels-last, with autocast on CUDA (``mixed_precision``, default on CUDA), and
+    with deterministic oneDNN kernels on the CPU. Features stay on the device and are copied back every few batches.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -833,21 +909,31 @@ def embed_patches(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    cuda = device.type == "cuda"
     if mixed_precision is None:
-        mixed_precision = device.type == "cuda"
+        mixed_precision = cuda
     encoder.to(device, channels_last=channels_last)
     ds = PatchDataset(sources, jobs, batch_size=batch_size, input_size=encoder.input_size)
     out = np.full((n_rows, encoder.dim), np.nan, dtype=np.float32)
     if len(ds) == 0:
         return out
+    prefetch = 2
+    ring = None
+    registered = False
+    if num_workers > 0:
+        # batch b goes to slot b % n_slots; the DataLoader keeps at most prefetch * num_workers batches in flight,
+        # and the main loop waits for the copy of batch b - 1 before asking for batch b + 1, so a slot is never
+        # rewritten while it is read (3 spare slots)
+        ring = ds.make_ring(prefetch * num_workers + 3)
+        registered = cuda and _host_register(ring)
     loader = DataLoader(
         _as_torch_dataset(ds),
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=False,
         persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=prefetch if num_workers > 0 else None,
     )
     bar = None
     if show_progress_bar:
@@ -857,28 +943,64 @@ def embed_patches(
             bar = tqdm(total=ds.n_patches(), desc=desc, unit="patch")
         except ImportError:  # pragma: no cover
             bar = None
-    # on an accelerator, features stay on the device and are copied back every few batches (no sync per batch)
     pending: list[tuple[np.ndarray, torch.Tensor]] = []
-    flush_every = 1 if device.type == "cpu" else 32
+    flush_every = 32 if cuda else 1
 
     def flush() -> None:
         for r, f in pending:
             out[r] = f.cpu().numpy()
         pending.clear()
 
-    with torch.inference_mode(), deterministic_cpu(enabled=device.type == "cpu"):
-        for rows, patches in loader:
-            x = patches.to(device, non_blocking=True)
-            feats = encoder(x, mixed_precision=mixed_precision, channels_last=channels_last)
-            if feats.shape != (len(rows), encoder.dim):
-                msg = f"Encoder {encoder.name!r} returned shape {tuple(feats.shape)}, expected ({len(rows)}, {encoder.dim})."
-                raise ValueError(msg)
-            pending.append((rows.numpy(), feats.float()))
-            if len(pending) >= flush_every:
-                flush()
-            if bar is not None:
-                bar.update(len(rows))
-        flush()
-    if bar is not None:
-        bar.close()
+    copy_stream = torch.cuda.Stream(device=device) if cuda else None
+    staging: list = []
+    prev_event = None
+    try:
+        with torch.inference_mode(), deterministic_cpu(enabled=not cuda):
+            for i, (b, payload) in enumerate(loader):
+                b = int(b)
+                rows = ds.rows(b)
+                host = ds.slot_view(b) if ring is not None else payload
+                if cuda:
+                    if ring is not None and not registered:
+                        # no page-locking available: go through a pinned staging buffer
+                        if not staging:
+                            staging = [torch.empty(ring.shape[1], dtype=torch.uint8).pin_memory() for _ in range(2)]
+                        st = staging[i % 2][: host.numel()].view(host.shape)
+                        st.copy_(host)
+                        host = st
+                    elif ring is None:
+                        host = host.pin_memory()
+                    with torch.cuda.stream(copy_stream):
+                        x = host.to(device, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(copy_stream)
+                    torch.cuda.current_stream(device).wait_stream(copy_stream)
+                    x.record_stream(torch.cuda.current_stream(device))
+                    if prev_event is not None:
+                        prev_event.synchronize()  # slot (and staging buffer) of batch i - 1 may be reused now
+                    prev_event = event
+                else:
+                    x = host
+                feats = encoder(x, mixed_precision=mixed_precision, channels_last=channels_last)
+                if feats.shape != (len(rows), encoder.dim):
+                    msg = (
+                        f"Encoder {encoder.name!r} returned shape {tuple(feats.shape)}, "
+                        f"expected ({len(rows)}, {encoder.dim})."
+                    )
+                    raise ValueError(msg)
+                pending.append((rows, feats.float()))
+                if len(pending) >= flush_every:
+                    flush()
+                if bar is not None:
+                    bar.update(len(rows))
+            flush()
+            if prev_event is not None:
+                prev_event.synchronize()
+    finally:
+        if registered:
+            torch.cuda.synchronize(device)
+            _host_unregister(ring)
+        ds.ring = None
+        if bar is not None:
+            bar.close()
     return out

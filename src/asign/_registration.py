@@ -33,15 +33,17 @@ if TYPE_CHECKING:
 ANTS_TYPES = {"rigid": "Rigid", "similarity": "Similarity", "affine": "Affine"}
 # small copies used by the coarse rotation search (longer side in pixels)
 SEARCH_SIZE = 256
-# ANTs schedule: three levels whose longer sides are about 125, 250 and ANTS_FINEST px (for 1000 px working images
-# the shrink factors are 8, 4, 2: the finest level is half the working resolution, fine enough for the accuracy
-# needed and about 1-2 s of one CPU core per pair)
+# ANTs schedule: three levels shrunk 4f, 2f and f times, f = longer side // 400 (8, 4, 2 for 1000 px working images:
+# the coarsest level keeps at least 100 px, and the finest, at half the working resolution, is fine enough for the
+# accuracy needed, a working pixel or two, at about 1 s of one CPU core per pair)
 ANTS_ITERATIONS = (200, 100, 50)
 ANTS_SMOOTHING = (3, 2, 1)
 ANTS_SAMPLING = 0.25
-ANTS_FINEST = 500
-# a second coarse start is refined only if its Dice is this close to the best one
-START_MARGIN = 0.05
+# ANTs' metric region: the tissue masks dilated by this fraction of the working image's longer side, so that the
+# tissue outline still counts and far-away slide marks do not
+MASK_MARGIN = 0.05
+# a further coarse start is refined only if its Dice is this close to the best refined Dice so far
+START_MARGIN = 0.02
 # a refinement may lower the coarse start's mask Dice by at most this much and still be kept
 DICE_TOLERANCE = 0.02
 
@@ -197,8 +199,10 @@ def tissue_grey(rgb: np.ndarray) -> np.ndarray:
     b = max(1, int(0.04 * min(h, w)))
     border = np.concatenate([t[:b].ravel(), t[-b:].ravel(), t[:, :b].ravel(), t[:, -b:].ravel()])
     bg = float(np.median(border))
-    hi = float(np.percentile(t, 99.5))
-    if hi - bg <= 1e-6:
+    # the bright end: a high percentile of the pixels that stand out from the background (however little tissue)
+    fg = t[t > bg + 0.05]
+    hi = float(np.percentile(fg, 99.0)) if fg.size >= 16 else float(t.max())
+    if hi - bg <= 0.02:
         return np.zeros_like(t, dtype=np.float32)
     return np.clip((t - bg) / (hi - bg), 0.0, 1.0).astype(np.float32)
 
@@ -431,7 +435,7 @@ def _ants_environment(seed: int):
 
 def shrink_factors(long_side: int) -> tuple[int, int, int]:
     """ANTs shrink factors of the three levels for working images whose longer side is ``long_side`` px."""
-    f = max(1, round(long_side / ANTS_FINEST))
+    f = max(1, int(long_side) // 400)  # the coarsest level keeps at least 100 px
     return (4 * f, 2 * f, f)
 
 
@@ -500,8 +504,9 @@ def ants_refine(
     kw: dict[str, Any] = {}
     if masked and fixed.mask.any() and moving.mask.any():
         # the metric region: the tissue of either image with a margin (background texture and slide marks ignored)
-        fm = ndi.binary_dilation(fixed.mask, iterations=8)
-        mm = ndi.binary_dilation(moving.mask, iterations=8)
+        r = max(8, int(MASK_MARGIN * max(*fixed.shape, *moving.shape)))
+        fm = ndi.distance_transform_edt(~fixed.mask) <= r
+        mm = ndi.distance_transform_edt(~moving.mask) <= r
         kw = {"mask": _to_ants(fm.astype(np.float32)), "moving_mask": _to_ants(mm.astype(np.float32))}
     with tempfile.TemporaryDirectory(prefix="asign_ants_") as tmp, _ants_environment(seed):
         init = os.path.join(tmp, "init.mat")
@@ -559,7 +564,7 @@ def register_pair(
     landmark_start: np.ndarray | None = None,
     refine: bool = True,
     rotation_step: float = 10.0,
-    n_starts: int = 2,
+    n_starts: int = 3,
     seed: int = 0,
 ) -> PairResult:
     """Register ``moving`` onto ``fixed``: coarse start (or landmarks), ANTs refinement, robustness check."""
@@ -581,8 +586,9 @@ def register_pair(
     else:
         starts = [(d0, I_work, {"start": "identity"})]
     best = None
-    starts = [st for st in starts if st[0] >= starts[0][0] - START_MARGIN]
     for d_start, A_start, info in starts:
+        if best is not None and d_start < best[0] - START_MARGIN:
+            continue
         A, refined = A_start, False
         d_s, n_s = pair_scores(moving, fixed, A_start)
         if refine:

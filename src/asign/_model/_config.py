@@ -36,8 +36,10 @@ class ASIGNConfig:
         attends over the spot token and its graph-neighbour mean, so it still sees two tokens).
     net_baseline
         ``"visible_mean"``: every head predicts a deviation from the mean of the visible labels of the sample (so each
-        sample's known layer sets the level and the network learns the spatial pattern); ``"none"``: heads predict
-        absolute values (bias initialised to the training mean). *asign decision*.
+        sample's known layer sets the level and the network learns the spatial pattern); ``"propagation"``: the spot
+        head predicts a correction of the (detached) propagated labels, so the network is a residual on top of the
+        cross-layer imputation; ``"none"``: heads predict absolute values (bias initialised to the training mean).
+        *asign decision*.
     use_propagation
         Cross-layer label propagation and the per-gene mixing (``False`` gives the image-only "ASIGN 2D" variant).
     lp_iterations
@@ -50,6 +52,9 @@ class ASIGNConfig:
         Initial per-gene mixing logit ``alpha`` (``sigmoid(0.5) ~ 0.62`` on the propagation).
     loss_weights
         ``(w_mse, w_pcc, lambda_1, lambda_2)``: spot MSE, spot ``1 - PCC``, region/global and consistency weights.
+    net_loss_weight
+        Weight of an extra spot loss (same MSE + PCC form) on the network's own prediction, so that the network is
+        also a stand-alone image/graph predictor (0 = the paper's loss on the mixed output only). *asign decision*.
     pcc_axis
         ``"spot"`` correlates across genes within each spot (the released code); ``"gene"`` correlates each gene across
         the loss-set spots of each section (closer to the primary metric).
@@ -94,13 +99,14 @@ class ASIGNConfig:
     dropout: float = 0.1
     input_dropout: float = 0.1
     levels: Literal["spot_region_global", "spot"] = "spot_region_global"
-    net_baseline: Literal["visible_mean", "none"] = "visible_mean"
+    net_baseline: Literal["visible_mean", "propagation", "none"] = "visible_mean"
     use_propagation: bool = True
     lp_iterations: int = 10
     lp_init: Literal["mean", "network"] = "mean"
     lp_linear: bool = False
     alpha_init: float = 0.5
     loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.25, 0.25])
+    net_loss_weight: float = 0.0
     pcc_axis: Literal["spot", "gene"] = "gene"
     mask: Literal["section", "spot"] = "section"
     visible_fraction: float = 0.2
@@ -128,7 +134,7 @@ class ASIGNConfig:
         """Raise a :class:`ValueError` naming the first inconsistent option."""
         choices = {
             "levels": ("spot_region_global", "spot"),
-            "net_baseline": ("visible_mean", "none"),
+            "net_baseline": ("visible_mean", "propagation", "none"),
             "lp_init": ("mean", "network"),
             "pcc_axis": ("spot", "gene"),
             "mask": ("section", "spot"),
@@ -156,6 +162,9 @@ class ASIGNConfig:
             raise ValueError(msg)
         if not 0.0 <= self.holdout_fraction < 1.0:
             msg = f"ASIGNConfig.holdout_fraction={self.holdout_fraction} must lie in [0, 1)."
+            raise ValueError(msg)
+        if self.net_baseline == "propagation" and (self.lp_init == "network" or not self.use_propagation):
+            msg = "net_baseline='propagation' needs use_propagation=True and lp_init='mean'."
             raise ValueError(msg)
         if self.lp_iterations < 0 or self.max_epochs < 1 or self.steps_per_epoch < 1:
             msg = "ASIGNConfig.lp_iterations must be >= 0, max_epochs and steps_per_epoch >= 1."

@@ -65,6 +65,7 @@ def asign_loss(
     y_global: Tensor | None = None,
     spot_region: Tensor | None = None,
     spot_global: Tensor | None = None,
+    net_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """The total loss ``gamma_1 L_spot + lambda_1 L_res + lambda_2 L_cons`` and its parts.
 
@@ -87,6 +88,8 @@ def asign_loss(
         (``pcc_axis``; a tile's section is that of its member spots).
     spot_region, spot_global
         Index maps (tile sections and the consistency term).
+    net_weight
+        Weight of the same spot loss on the network's own prediction ``out["net"]``.
     """
     w_mse, w_pcc, lam1, lam2 = weights
     rows = torch.nonzero(loss_rows, as_tuple=False).squeeze(1)
@@ -96,6 +99,10 @@ def asign_loss(
     l_spot = spot_loss(pred[rows], tgt, w_mse=w_mse, w_pcc=w_pcc, axis=pcc_axis, groups=groups)
     total = l_spot
     parts = {"spot": float(l_spot.detach())}
+    if net_weight > 0 and "net" in out:
+        l_net = spot_loss(out["net"].float()[rows], tgt, w_mse=w_mse, w_pcc=w_pcc, axis=pcc_axis, groups=groups)
+        total = total + net_weight * l_net
+        parts["net"] = float(l_net.detach())
     if "region" in out and y_region is not None and y_global is not None:
         l_res = pred.new_zeros(())
         for key, yt, idx in (("region", y_region, spot_region), ("global", y_global, spot_global)):

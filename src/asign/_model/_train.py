@@ -216,6 +216,7 @@ def train_model(
                     y_global=s.y_global,
                     spot_region=s.spot_region,
                     spot_global=s.spot_global,
+                    net_weight=cfg.net_loss_weight,
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

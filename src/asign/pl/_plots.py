@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
+    from asign.tl._fit import ASIGNFit
+
 _NATIVE = "native"
 _LAYER_LABELS = {Key.TARGET: "measured", Key.IMPUTED: "imputed"}
 _MISSING_EDGE = "0.55"
@@ -250,7 +252,7 @@ def sections(
     coordinate_system: str | None = None,
     image: bool = True,
     image_max_px: int | None = 1000,
-    image_alpha: float = 1.0,
+    image_alpha: float = 0.7,
     cmap: str | Colormap = "viridis",
     vmin: float | None = None,
     vmax: float | None = None,
@@ -289,7 +291,7 @@ def sections(
     image_max_px
         Use the coarsest pyramid level whose longer side has at least this many pixels; `None` for full resolution.
     image_alpha
-        Opacity of the image.
+        Opacity of the image (below 1 so that the spots stand out).
     cmap
         Colormap.
     vmin, vmax
@@ -333,20 +335,23 @@ def sections(
     known = _known_sections(out, spot_table, secs)
 
     nrow, ncol = len(layers), len(secs)
-    if figsize is None:
-        figsize = (2.6 * ncol + 1.2, 2.6 * nrow + 0.5)
     shared = cs != _NATIVE
-    fig, axes = plt.subplots(
-        nrow, ncol, figsize=figsize, squeeze=False, sharex=shared, sharey=shared, layout="constrained"
-    )
     if shared:
         allxy = np.vstack([geoms[s]["xy"] for s in secs])
         allr = np.concatenate([geoms[s]["radius"] for s in secs])
-        lims = _limits(allxy, allr)
+        limits = dict.fromkeys(secs, _limits(allxy, allr))
+    else:
+        limits = {s: _limits(geoms[s]["xy"], geoms[s]["radius"]) for s in secs}
+    if figsize is None:
+        # panels 2.6 in wide, as tall as the data's aspect ratio asks (within reason)
+        aspect = float(np.median([(b[3] - b[2]) / max(b[1] - b[0], 1e-9) for b in limits.values()]))
+        figsize = (2.6 * ncol + 1.2, 2.6 * float(np.clip(aspect, 0.4, 2.0)) * nrow + 0.7)
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=figsize, squeeze=False, sharex=shared, sharey=shared, layout="constrained"
+    )
     for j, s in enumerate(secs):
         g = geoms[s]
-        if not shared:
-            lims = _limits(g["xy"], g["radius"])
+        lims = limits[s]
         for i, layer in enumerate(layers):
             ax = axes[i, j]
             if image:
@@ -737,7 +742,7 @@ def _top_genes(ax: Axes, per_gene: pd.DataFrame, metric: str, colors: dict[str, 
 # --------------------------------------------------------------------------------------------------------------------
 @inject_docs(**_plot_params)
 def training_curve(
-    data: SpatialData | AnnData | Mapping[str, Any] | pd.DataFrame,
+    data: SpatialData | AnnData | ASIGNFit | Mapping[str, Any] | pd.DataFrame,
     *,
     key: str = Key.OUTPUT_TABLE,
     series: Sequence[str] | None = None,
@@ -761,7 +766,8 @@ def training_curve(
     Parameters
     ----------
     data
-        A :class:`spatialdata.SpatialData` with the output table ``key``, that table itself, or the history.
+        A :class:`spatialdata.SpatialData` with the output table ``key``, that table itself, a model returned by
+        :func:`asign.tl.fit` (its ``training`` record), or the history.
     {key}
     series
         Names of the series to draw; `None` draws all numeric series but the x axis (``epoch``, ``step``, ...).

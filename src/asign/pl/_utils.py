@@ -222,6 +222,8 @@ def find_history(data: Any, key: str) -> Any:
         uns = data.uns
     elif isinstance(data, Mapping | pd.DataFrame | list):
         return data
+    elif isinstance(getattr(data, "training", None), Mapping):  # a fitted model (asign.tl.fit)
+        return data.training
     else:  # SpatialData
         uns = output_table(data, key).uns
     found = search_history(uns.get(Key.UNS, {}))

@@ -80,7 +80,7 @@ class ASIGNFit:
             "mode": self.mode,
             "transductive": self.mode == "transductive",
             "config": self.config.to_dict(),
-            "options": {k: v for k, v in self.options.items()},
+            "options": dict(self.options),
             "training": self.training,
             "model": self.model.describe(),
             "train_samples": list(self.train_samples),

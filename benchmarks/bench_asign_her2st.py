@@ -1,0 +1,258 @@
+"""ASIGN against the baselines: the synthetic stack and HER2ST patient C (issue 6).
+
+Two parts, each run end to end through the public API:
+
+- ``synthetic``: :func:`asign.datasets.synthetic_stack` (5 sections), the ground-truth rigid alignment
+  (``align_layers(method="transforms")``), frozen features (``--encoder``, default ``handcrafted``), the method's 3D
+  graph (``neighbors_3d`` with IoU + cosine), section 1 known; every baseline and ASIGN (transductive), per-gene PCC
+  on the unknown sections.
+- ``her2st``: HER2ST patient C, sections C2-C6 (C1 has no image), asign's own alignment (``align_layers``, ANTs
+  rigid), EfficientNet-Lite0 features, the 3D graph with IoU + cosine; known = C2, predict C3-C6; every baseline
+  (mean, nearest k=1 / 5-IDW / 8-IDW, propagation, ridge, similarity) and ASIGN (transductive, several seeds),
+  per-gene PCC (primary) and the legacy per-spot PCC.
+
+Writes ``benchmarks/results/asign_<part>.json``. The prepared HER2ST stack (tables and shapes, no images) is cached
+under ``--cache`` so that reruns skip alignment and feature extraction.
+
+Usage::
+
+    python benchmarks/bench_asign_her2st.py [synthetic|her2st|all] [--seeds 0 1 2] [--cache DIR] [--her2st PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BASELINES = [
+    ("mean", "mean", {}),
+    ("nearest k=1", "nearest", {"k": 1, "weights": "uniform"}),
+    ("nearest 5-IDW", "nearest", {"k": 5, "weights": "idw"}),
+    ("nearest 8-IDW", "nearest", {"k": 8, "weights": "idw"}),
+    ("propagation", "propagation", {"n_iter": 10}),
+    ("ridge", "ridge", {}),
+    ("similarity", "similarity", {}),
+]
+METRICS = ("pcc_gene", "pcc_gene_varying", "mse", "mae", "pcc_spot_legacy", "mse_pooled", "mae_pooled")
+
+
+def _her2st_path(arg: str | None) -> Path:
+    for p in [arg, os.environ.get("ASIGN_HER2ST"), str(ROOT.parent / "shared" / "data" / "her2st")]:
+        if p and (Path(p) / "data" / "ST-cnts").is_dir():
+            return Path(p)
+    msg = "HER2ST folder not found; pass --her2st or set ASIGN_HER2ST."
+    raise SystemExit(msg)
+
+
+def _light(sdata):
+    """The stack without images (tables and shapes): all that imputation reads once features exist."""
+    from spatialdata import SpatialData
+
+    return SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))
+
+
+def prepare_her2st(path: Path, cache: Path | None, timings: dict) -> object:
+    import spatialdata as sd
+
+    import asign
+
+    target = cache / "her2st_C2-C6_prepared.zarr" if cache else None
+    if target is not None and target.exists():
+        t = time.perf_counter()
+        out = sd.read_zarr(target)
+        timings["read_cache"] = time.perf_counter() - t
+        timings["cached"] = True
+        return out
+    t0 = time.perf_counter()
+    sdata = asign.io.read_her2st(path, patient="C", sections=["C2", "C3", "C4", "C5", "C6"])
+    timings["read"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    asign.pp.align_layers(sdata, show_progress_bar=False)
+    timings["align_layers"] = time.perf_counter() - t
+    t = time.perf_counter()
+    asign.pp.extract_features(sdata, encoder="efficientnet_lite0", show_progress_bar=False)
+    timings["extract_features"] = time.perf_counter() - t
+    t = time.perf_counter()
+    asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot")
+    timings["neighbors_3d"] = time.perf_counter() - t
+    timings["cached"] = False
+    light = _light(sdata)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        light.write(target, overwrite=True)
+    return light
+
+
+def prepare_synthetic(encoder: str, timings: dict) -> object:
+    import asign
+
+    t0 = time.perf_counter()
+    sdata = asign.datasets.synthetic_stack(n_sections=5, seed=0)
+    t = sdata.tables["table"]
+    n2w = np.asarray(t.uns["asign"]["synthetic"]["native_to_world"])
+    st = asign.io.validate_stack(sdata)
+    m = st.n_sections // 2
+    transforms = {s: np.linalg.inv(n2w[m]) @ n2w[i] for i, s in enumerate(st.sections)}
+    asign.pp.align_layers(sdata, method="transforms", transforms=transforms, show_progress_bar=False)
+    timings["build_align"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    asign.pp.extract_features(sdata, encoder=encoder, show_progress_bar=False)
+    timings["extract_features"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot")
+    timings["neighbors_3d"] = time.perf_counter() - t1
+    return _light(sdata)
+
+
+def run_methods(sdata, known: str, seeds: list[int], asign_kwargs: dict) -> tuple[list[dict], list[dict]]:
+    import asign
+
+    rows, sections = [], []
+    jobs = [(label, m, kw, 0) for label, m, kw in BASELINES]
+    jobs += [(f"asign (seed {s})", "asign", asign_kwargs, s) for s in seeds]
+    genes = None
+    for label, method, kw, seed in jobs:
+        t = time.perf_counter()
+        try:
+            out = asign.tl.impute(
+                sdata,
+                known=known,
+                method=method,
+                method_kwargs=kw,
+                genes=genes,
+                n_genes=250,
+                inplace=False,
+                seed=seed,
+                show_progress_bar=False,
+            )
+        except Exception as e:  # noqa: BLE001 - a missing optional baseline must not stop the benchmark
+            print(f"{label}: failed ({type(e).__name__}: {e})", flush=True)
+            continue
+        secs = time.perf_counter() - t
+        genes = list(out.var_names)
+        ev = asign.tl.evaluate(out, per="overall").iloc[0]
+        rec = {"method": label, "name": method, "seed": seed, "seconds": secs, "n_spots": int(ev["n_spots"])}
+        rec.update({m: float(ev[m]) for m in METRICS})
+        if method == "asign":
+            res = out.uns["asign"]["result"]
+            rec["epochs_run"] = int(res["training"]["epochs_run"])
+            rec["best_epoch"] = int(res["training"]["best_epoch"])
+            rec["n_parameters"] = int(res["model"]["n_parameters"])
+            rec["sigmoid_alpha_mean"] = float(res["model"].get("sigmoid_alpha_mean", float("nan")))
+            for layer in ("network", "propagation"):
+                if layer in out.layers:
+                    o2 = out.copy()
+                    o2.layers["imputed"] = out.layers[layer]
+                    rec[f"pcc_gene_{layer}_only"] = float(asign.tl.evaluate(o2, per="overall").iloc[0]["pcc_gene"])
+        rows.append(rec)
+        per_sec = asign.tl.evaluate(out, per="section")
+        for _, r in per_sec.iterrows():
+            sections.append({"method": label, "section": r["section"], "pcc_gene": float(r["pcc_gene"])})
+        print(
+            f"{label:22s} per-gene PCC {rec['pcc_gene']:.4f}  legacy per-spot {rec['pcc_spot_legacy']:.4f}  "
+            f"MSE {rec['mse']:.4f}  ({secs:.1f} s)",
+            flush=True,
+        )
+    return rows, sections
+
+
+def summarise(rows: list[dict]) -> dict:
+    base = [r for r in rows if r["name"] != "asign"]
+    ours = [r for r in rows if r["name"] == "asign"]
+    out: dict = {}
+    if ours:
+        for m in ("pcc_gene", "pcc_spot_legacy", "mse", "seconds"):
+            v = np.array([r[m] for r in ours])
+            out[f"asign_{m}_mean"] = float(v.mean())
+            out[f"asign_{m}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    if base and ours:
+        best = max(base, key=lambda r: r["pcc_gene"])
+        out["best_baseline"] = best["method"]
+        out["best_baseline_pcc_gene"] = best["pcc_gene"]
+        out["margin_pcc_gene"] = out["asign_pcc_gene_mean"] - best["pcc_gene"]
+        best_l = max(base, key=lambda r: r["pcc_spot_legacy"])
+        out["best_baseline_legacy"] = best_l["method"]
+        out["margin_pcc_spot_legacy"] = out["asign_pcc_spot_legacy_mean"] - best_l["pcc_spot_legacy"]
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", nargs="?", default="all", choices=["synthetic", "her2st", "all"])
+    ap.add_argument("--her2st", default=None)
+    ap.add_argument("--cache", default=None, help="folder for the prepared HER2ST stack (no images)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--encoder", default="handcrafted", help="encoder of the synthetic part")
+    ap.add_argument("--asign", default="{}", help="JSON method_kwargs for asign")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    kw = json.loads(args.asign)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    parts = ["synthetic", "her2st"] if args.part == "all" else [args.part]
+    for part in parts:
+        timings: dict = {}
+        t0 = time.perf_counter()
+        if part == "her2st":
+            sdata = prepare_her2st(_her2st_path(args.her2st), Path(args.cache) if args.cache else None, timings)
+            known = "C2"
+        else:
+            sdata = prepare_synthetic(args.encoder, timings)
+            known = "S1"
+        timings["prepare_total"] = time.perf_counter() - t0
+        print(f"[{part}] prepared in {timings['prepare_total']:.1f} s: {timings}", flush=True)
+        rows, sections = run_methods(sdata, known, args.seeds, kw)
+        summary = summarise(rows)
+        result = {
+            "part": part,
+            "known": known,
+            "asign_method_kwargs": kw,
+            "timings": timings,
+            "rows": rows,
+            "per_section": sections,
+            "summary": summary,
+            "machine": machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+        if part == "her2st":
+            tab = sdata.tables["table"]
+            result["alignment_quality"] = {
+                k: (np.asarray(v).tolist() if not isinstance(v, str) else v)
+                for k, v in tab.uns["asign"]["alignment"].get("quality", {}).items()
+            }
+        (RESULTS / f"asign_{part}.json").write_text(json.dumps(result, indent=2, default=float))
+        print(json.dumps(summary, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()

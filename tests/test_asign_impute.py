@@ -1,0 +1,176 @@
+"""``impute(method="asign")``, ``tl.fit`` / ``tl.predict``: the model on section stacks (method.md §5–8)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+pytest.importorskip("torch_geometric")
+
+import asign
+
+TINY = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 3, "steps_per_epoch": 2}
+SCALES = {"spot": 32, "region": 128, "global": 256}
+
+
+def _prepare(sd):
+    from asign.pp._align import set_alignment
+
+    t = sd.tables["table"]
+    n2w = np.asarray(t.uns["asign"]["synthetic"]["native_to_world"])
+    st = asign.io.validate_stack(sd)
+    m = st.n_sections // 2
+    set_alignment(sd, {s: np.linalg.inv(n2w[m]) @ n2w[i] for i, s in enumerate(st.sections)}, reference=st.sections[m])
+    asign.pp.extract_features(sd, encoder="handcrafted", scales=SCALES, input_size=None, show_progress_bar=False)
+    asign.pp.neighbors_3d(sd, similarity_key="asign_features_spot")
+    return sd
+
+
+@pytest.fixture(scope="module")
+def _prepared():
+    a = asign.datasets.synthetic_stack(n_sections=3, n_spots=60, n_genes=20, image_size=512, um_per_px=8.0, seed=0)
+    b = asign.datasets.synthetic_stack(n_sections=3, n_spots=60, n_genes=20, image_size=512, um_per_px=8.0, seed=1)
+    return _prepare(a), _prepare(b)
+
+
+@pytest.fixture
+def stacks(_prepared):
+    return copy.deepcopy(_prepared)
+
+
+def _impute(sd, **kw):
+    args = {"known": "S1", "method": "asign", "n_genes": 12, "inplace": False, "show_progress_bar": False}
+    args.update(kw)
+    args["method_kwargs"] = {**TINY, **kw.get("method_kwargs", {})}
+    return asign.tl.impute(sd, **args)
+
+
+def test_transductive_impute_outputs(stacks):
+    sd, _ = stacks
+    out = _impute(sd)
+    assert {"target", "imputed", "network", "propagation"} <= set(out.layers)
+    assert np.isfinite(out.layers["imputed"]).all() and np.isfinite(out.layers["network"]).all()
+    res = out.uns["asign"]["result"]
+    assert res["mode"] == "transductive" and res["transductive"] is True
+    assert res["training"]["validation"] == "holdout"
+    assert len(res["training"]["curve"]["loss_total"]) == res["training"]["epochs_run"]
+    assert res["config"]["hidden_dim"] == 16 and res["config"]["mask"] == "spot"  # transductive default
+    assert res["model"]["n_parameters"] > 0
+    # known spots get the model's own estimate, never a copy of their label
+    known = out.obs["known"].to_numpy()
+    assert not np.allclose(out.layers["imputed"][known], out.layers["target"][known])
+    # in place
+    asign.tl.impute(sd, known="S1", method="asign", n_genes=12, method_kwargs=TINY, show_progress_bar=False)
+    assert "asign" in sd.tables
+
+
+def test_same_seed_same_prediction_and_poisoned_unknown_counts(stacks):
+    sd, _ = stacks
+    a = _impute(sd, seed=3)
+    t = sd.tables["table"]
+    unknown = (t.obs["section"] != "S1").to_numpy()
+    X = t.X.toarray()
+    X[unknown] = 1e7  # poison every unknown spot's raw counts
+    t.X = sp.csr_matrix(X)
+    b = _impute(sd, seed=3, genes=list(a.var_names))
+    np.testing.assert_array_equal(a.layers["imputed"], b.layers["imputed"])
+    np.testing.assert_array_equal(a.layers["network"], b.layers["network"])
+    assert not np.allclose(a.layers["target"][unknown], b.layers["target"][unknown])
+    c = _impute(sd, seed=4, genes=list(a.var_names))
+    assert not np.array_equal(a.layers["imputed"], c.layers["imputed"])
+
+
+def test_nan_poisoned_counts_never_reach_the_tensors(stacks):
+    """NaN counts in unknown rows (the validator rejects them, so the tensors are built directly)."""
+    from asign.tl._asign import sample_tensors
+    from asign.tl._impute import build_context
+
+    sd, _ = stacks
+    st = asign.io.validate_stack(sd)
+    t = sd.tables["table"]
+    known = (t.obs["section"] == "S1").to_numpy()
+    genes = list(t.var_names[:8])
+    ctx = build_context(sd, stack=st, known=known, genes=genes, normalization="st-net")
+    a = sample_tensors(ctx, levels="spot_region_global")
+    X = t.X.toarray()
+    X[~known] = np.nan
+    t.X = sp.csr_matrix(X)
+    b = sample_tensors(ctx, levels="spot_region_global")
+    for name in ("y", "y_region", "y_global", "x_spot", "x_region", "edge_weight"):
+        va, vb = getattr(a, name), getattr(b, name)
+        assert np.array_equal(va.numpy(), vb.numpy(), equal_nan=True), name
+    assert np.isnan(a.y[~known].numpy()).all()
+    # tiles of unknown sections have no target; tiles of the known section do
+    codes = asign._stack.section_codes(t, st)
+    r_known = np.unique(t.obs["asign_region"].to_numpy()[codes == 0])
+    assert np.isfinite(a.y_region[r_known].numpy()).all()
+    assert np.isnan(np.delete(a.y_region.numpy(), r_known, axis=0)).all()
+
+
+def test_fit_predict_save_load(stacks, tmp_path):
+    a, b = stacks
+    fitted = asign.tl.fit({"A": a, "B": b}, n_genes=10, config=TINY, seed=1, show_progress_bar=False)
+    assert fitted.mode == "inductive" and fitted.train_samples == ["A", "B"]
+    assert fitted.training["validation"] == "sample"  # B validates (its first section visible)
+    out = asign.tl.predict(a, fitted, known="S1", inplace=False, show_progress_bar=False)
+    assert list(out.var_names) == fitted.genes
+    assert out.uns["asign"]["result"]["mode"] == "inductive"
+    path = tmp_path / "model.pt"
+    fitted.save(path)
+    loaded = asign.tl._fit.ASIGNFit.load(path)
+    assert loaded.config == fitted.config and loaded.genes == fitted.genes
+    out2 = asign.tl.predict(a, str(path), known="S1", inplace=False, show_progress_bar=False)
+    np.testing.assert_array_equal(out.layers["imputed"], out2.layers["imputed"])
+    # the file holds tensors and plain data only: weights_only loading works
+    import torch
+
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == "asign-model" and isinstance(payload["config"], dict)
+    asign.tl.predict(a, loaded, known="S1", key_added="pred", show_progress_bar=False)
+    assert "pred" in a.tables
+    with pytest.raises(ValueError, match="already holds"):
+        asign.tl.predict(a, loaded, known="S1", key_added="pred")
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="not an asign model"):
+        asign.tl._fit.ASIGNFit.load(bad)
+
+
+def test_fit_transductive_and_impute_with_train(stacks):
+    a, b = stacks
+    f = asign.tl.fit(a, known="S1", n_genes=10, config=TINY, show_progress_bar=False)
+    assert f.mode == "transductive" and f.training["validation"] == "holdout"
+    out = _impute(a, train={"B": b}, method_kwargs={"validation": "none"})
+    res = out.uns["asign"]["result"]
+    assert res["mode"] == "inductive" and res["training"]["validation"] == "none"
+    assert out.uns["asign"]["train_samples"] == ["B"]
+
+
+def test_spot_only_levels_and_presets(stacks):
+    a, _ = stacks
+    for name in ("asign_regions", "asign_globals"):
+        del a.tables[name]
+    with pytest.raises(KeyError, match="Tile tables"):
+        _impute(a)
+    out = _impute(a, method_kwargs={"levels": "spot", "net_baseline": "propagation", "net_loss_weight": 1.0})
+    assert np.isfinite(out.layers["imputed"]).all()
+    out = _impute(a, method_kwargs={"levels": "spot", "preset": "paper_code", "max_epochs": 2})
+    cfg = out.uns["asign"]["result"]["config"]
+    assert cfg["optimizer"] == "sgd" and cfg["lp_iterations"] == 20 and cfg["hidden_dim"] == 16
+
+
+def test_errors(stacks):
+    a, _ = stacks
+    with pytest.raises(ValueError, match="Unknown option"):
+        _impute(a, method_kwargs={"bogus": 1})
+    with pytest.raises(ValueError, match="validation"):
+        _impute(a, method_kwargs={"validation": "sometimes"})
+    del a.tables["table"].obsp["asign_connectivities"]
+    with pytest.raises(KeyError, match="neighbors_3d"):
+        _impute(a)
+    del a.tables["table"].obsm["asign_features_spot"]
+    with pytest.raises(KeyError, match="extract_features"):
+        _impute(a)
