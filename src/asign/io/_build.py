@@ -129,6 +129,7 @@ def _parse_image(image: Any, name: str, coordinate_system: str, scale_factors: S
         arr,
         dims=("c", "y", "x"),
         scale_factors=keep or None,
+        c_coords=["r", "g", "b"],
         chunks=(3, 1024, 1024),
         transformations={coordinate_system: Identity()},
     )

@@ -111,7 +111,7 @@ def lazy_jpeg_pyramid(
         sizes.append((sizes[-1][0] // f, sizes[-1][1] // f))
     nodes = {}
     for k, (hk, wk) in enumerate(sizes):
-        coords = {"c": np.arange(3), "y": (np.arange(hk) + 0.5) * (h / hk), "x": (np.arange(wk) + 0.5) * (w / wk)}
+        coords = {"c": ["r", "g", "b"], "y": (np.arange(hk) + 0.5) * (h / hk), "x": (np.arange(wk) + 0.5) * (w / wk)}
         arr = xr.DataArray(_lazy_level(path, hk, wk, chunk), dims=("c", "y", "x"), coords=coords, name="image")
         nodes[f"scale{k}"] = xr.Dataset({"image": arr})
     tree = xr.DataTree.from_dict(nodes)
