@@ -80,7 +80,7 @@ def test_wrong_weights_file_is_a_clear_error(tmp_path):
 def test_resnet50_local_weights_and_layer3(tmp_path, monkeypatch):
     import torchvision
 
-    from asign._encoders import load_weights
+    from asign._encoders import _resnet50_weights_file, load_weights
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match=r"not in the torch hub cache.*weights='<path>'"):
@@ -92,13 +92,12 @@ def test_resnet50_local_weights_and_layer3(tmp_path, monkeypatch):
     torch.save(net.state_dict(), ckpt / "resnet50-0676ba61.pth")
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     # found in the torch hub cache
-    enc = get_encoder("resnet50").to("cpu")
-    assert enc.dim == 2048 and enc.weights.startswith("IMAGENET1K_V1")
-    torch.testing.assert_close(enc.module.net.conv1.weight, net.conv1.weight)
-    with torch.inference_mode():
-        assert enc(x).shape == (2, 2048)
-    # an explicit file, pooled after layer 3 (1024-d) as the paper
-    enc3 = get_encoder("resnet50_layer3", weights=ckpt / "resnet50-0676ba61.pth").to("cpu")
+    path, desc = _resnet50_weights_file(None)
+    assert path == ckpt / "resnet50-0676ba61.pth" and desc.startswith("IMAGENET1K_V1")
+    # pooled after layer 3 (1024-d) as the paper; the weights are those of the file
+    enc3 = get_encoder("resnet50_layer3").to("cpu")
+    assert enc3.dim == 1024 and enc3.weights.startswith("IMAGENET1K_V1")
+    torch.testing.assert_close(enc3.module.net.conv1.weight, net.conv1.weight)
     with torch.inference_mode():
         f3 = enc3(x)
         t = (x.float() / 255 - torch.tensor(enc3.mean).view(1, 3, 1, 1)) / torch.tensor(enc3.std).view(1, 3, 1, 1)
@@ -106,6 +105,11 @@ def test_resnet50_local_weights_and_layer3(tmp_path, monkeypatch):
         ref = net.layer3(net.layer2(net.layer1(h))).mean(dim=(2, 3))
     assert f3.shape == (2, 1024)
     torch.testing.assert_close(f3, ref, rtol=1e-4, atol=1e-4)
+    # the 2048-d variant pools after layer 4
+    enc = get_encoder("resnet50", weights="random").to("cpu")
+    assert enc.dim == 2048 and enc.weights == "random"
+    with torch.inference_mode():
+        assert enc(x).shape == (2, 2048)
     # an efficientnet state dict is not a resnet
     eff = get_encoder("efficientnet_lite0", weights="random").module.net.state_dict()
     with pytest.raises(ValueError, match="do not match encoder 'resnet50'"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -893,6 +894,7 @@ def embed_patches(
     channels_last: bool = True,
     show_progress_bar: bool = True,
     desc: str = "features",
+    stats: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Embed every patch of ``jobs`` with ``encoder``; returns float32 ``(n_rows, dim)`` (NaN for rows not covered).
 
@@ -954,10 +956,15 @@ def embed_patches(
     copy_stream = torch.cuda.Stream(device=device) if cuda else None
     staging: list = []
     prev_event = None
+    t_start = time.perf_counter()
+    t_first = None
+    n_first = 0
     try:
         with torch.inference_mode(), deterministic_cpu(enabled=not cuda):
             for i, (b, payload) in enumerate(loader):
                 b = int(b)
+                if t_first is None:
+                    t_first, n_first = time.perf_counter(), ds.batch_len(b)
                 rows = ds.rows(b)
                 host = ds.slot_view(b) if ring is not None else payload
                 if cuda:
@@ -996,6 +1003,12 @@ def embed_patches(
             flush()
             if prev_event is not None:
                 prev_event.synchronize()
+        if stats is not None and t_first is not None:
+            t_end = time.perf_counter()
+            stats["setup_s"] = t_first - t_start  # ring, workers, first batch
+            stats["loop_s"] = t_end - t_first
+            stats["total_s"] = t_end - t_start
+            stats["steady_patches_per_s"] = (ds.n_patches() - n_first) / max(t_end - t_first, 1e-9)
     finally:
         if registered:
             torch.cuda.synchronize(device)

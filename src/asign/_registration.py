@@ -369,7 +369,7 @@ def coarse_search(
     fb = fs > 0.5
     cm, cf = _centroid(moving.mask), _centroid(fixed.mask)
 
-    def start(theta: float, mir: bool) -> np.ndarray:
+    def start(theta: float, mir: bool) -> np.ndarray:  # noqa: FBT001
         return translation(*cf) @ rotation(theta, mirror=mir, scale=scale) @ translation(*(-cm))
 
     def score(A: np.ndarray) -> float:
@@ -659,6 +659,92 @@ def check_pixel_sizes(
         logger.warning(msg + "; the scale is estimated from the images.")
 
 
+QUALITY_COLUMNS = (
+    "pair",
+    "moving",
+    "fixed",
+    "start",
+    "dice_before",
+    "dice_after",
+    "nmi_before",
+    "nmi_after",
+    "dice_start",
+    "refined",
+    "rotation_deg",
+    "scale",
+    "anisotropy",
+    "mirrored",
+)
+
+
+def quality_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-pair rows as zarr-writable columns (lists of str, bool and float arrays)."""
+    quality: dict[str, Any] = {}
+    for c in QUALITY_COLUMNS:
+        vals = [r[c] for r in rows]
+        if c in ("pair", "moving", "fixed", "start"):
+            quality[c] = [str(v) for v in vals]
+        elif c in ("refined", "mirrored"):
+            quality[c] = np.asarray(vals, dtype=bool)
+        else:
+            quality[c] = np.asarray(vals, dtype=float)
+    return quality
+
+
+def load_work_images(
+    sdata: SpatialData, stack: StackInfo, sections: Sequence[str], *, target_size: int
+) -> tuple[dict[str, WorkImage], float]:
+    """Working images (one shared pixel size) of the sections that have an image."""
+    with_image = [s for s in sections if stack.image_key(s) is not None and stack.image_key(s) in sdata.images]
+    work: dict[str, WorkImage] = {}
+    if not with_image:
+        return work, float("nan")
+    um = {s: float(stack.um_per_px[stack.index(s)]) for s in with_image}
+    sizes = [full_size(sdata.images[stack.image_key(s)]) for s in with_image]
+    px_um = working_pixel_size(sizes, [um[s] for s in with_image], target_size)
+    for s in with_image:
+        work[s] = load_work_image(sdata.images[stack.image_key(s)], section=s, um_per_px=um[s], px_um=px_um)
+        if not work[s].mask.any():
+            logger.warning(f"Section {s!r}: no tissue found in image {stack.image_key(s)!r} (blank image?).")
+    return work, px_um
+
+
+def _given_pair_row(work: Mapping[str, WorkImage], m: str, f: str, A_full: np.ndarray, *, start: str) -> dict:
+    row: dict[str, Any] = {"pair": f"{m}->{f}", "moving": m, "fixed": f, "start": start}
+    if m in work and f in work:
+        d0, n0 = pair_scores(work[m], work[f], to_working(np.eye(3), work[m], work[f]))
+        d1, n1 = pair_scores(work[m], work[f], to_working(A_full, work[m], work[f]))
+    else:
+        d0 = n0 = d1 = n1 = float("nan")
+    row.update(dice_before=d0, dice_after=d1, nmi_before=n0, nmi_after=n1, dice_start=d1, refined=False)
+    row.update(decompose(A_full))
+    return row
+
+
+def evaluate_transforms(
+    sdata: SpatialData,
+    stack: StackInfo,
+    sections: Sequence[str],
+    transforms: Mapping[str, np.ndarray],
+    *,
+    reference: str,
+    target_size: int = 1000,
+    start: str = "given",
+) -> dict[str, Any]:
+    """Quality columns of given maps ``T_s`` (native -> reference px) for the consecutive pairs towards the reference.
+
+    The pair map is ``A = T_fixed^{-1} T_moving``; pairs with a section without image get NaN figures.
+    """
+    from .pp._align import registration_pairs
+
+    work, _ = load_work_images(sdata, stack, sections, target_size=target_size)
+    rows = []
+    for m, f in registration_pairs(sections, reference):
+        A = np.linalg.inv(transforms[f]) @ transforms[m]
+        rows.append(_given_pair_row(work, m, f, A, start=start))
+    return quality_columns(rows)
+
+
 def register_stack(
     sdata: SpatialData,
     stack: StackInfo,
@@ -699,18 +785,9 @@ def register_stack(
         )
         raise ValueError(msg)
     um = {s: float(stack.um_per_px[stack.index(s)]) for s in sections}
-    with_image = [s for s in sections if s not in no_image]
-    work: dict[str, WorkImage] = {}
-    px_um = float("nan")
-    if with_image:
-        sizes = [full_size(sdata.images[stack.image_key(s)]) for s in with_image]
-        px_um = working_pixel_size(sizes, [um[s] for s in with_image], target_size)
-        for s in with_image:
-            work[s] = load_work_image(sdata.images[stack.image_key(s)], section=s, um_per_px=um[s], px_um=px_um)
-            if not work[s].mask.any():
-                logger.warning(f"Section {s!r}: no tissue found in image {stack.image_key(s)!r} (blank image?).")
-        if method == "ants":
-            check_pixel_sizes(work, pairs, um, transform=transform, max_scale_ratio=max_scale_ratio)
+    work, px_um = load_work_images(sdata, stack, sections, target_size=target_size)
+    if method == "ants":
+        check_pixel_sizes(work, pairs, um, transform=transform, max_scale_ratio=max_scale_ratio)
 
     pairwise: dict[tuple[str, str], np.ndarray] = {}
     rows: list[dict[str, Any]] = []
@@ -721,15 +798,7 @@ def register_stack(
             lm = fit_transform(landmarks[m], landmarks[f], kind=transform, allow_mirror=mirror)
         if method == "landmarks":
             A_full = lm
-            row: dict[str, Any] = {"pair": f"{m}->{f}", "moving": m, "fixed": f, "start": "landmarks"}
-            if m in work and f in work:
-                I_work = to_working(np.eye(3), work[m], work[f])
-                d0, n0 = pair_scores(work[m], work[f], I_work)
-                d1, n1 = pair_scores(work[m], work[f], to_working(A_full, work[m], work[f]))
-            else:
-                d0 = n0 = d1 = n1 = float("nan")
-            row.update(dice_before=d0, dice_after=d1, nmi_before=n0, nmi_after=n1, dice_start=d1, refined=False)
-            row.update(decompose(A_full))
+            row = _given_pair_row(work, m, f, A_full, start="landmarks")
         else:
             res = register_pair(
                 work[m],
@@ -757,31 +826,7 @@ def register_stack(
         pairwise[(m, f)] = A_full
         rows.append(row)
         logger.debug(f"{row['pair']}: Dice {row['dice_before']:.3f} -> {row['dice_after']:.3f}")
-    cols = [
-        "pair",
-        "moving",
-        "fixed",
-        "start",
-        "dice_before",
-        "dice_after",
-        "nmi_before",
-        "nmi_after",
-        "dice_start",
-        "refined",
-        "rotation_deg",
-        "scale",
-        "anisotropy",
-        "mirrored",
-    ]
-    quality: dict[str, Any] = {}
-    for c in cols:
-        vals = [r[c] for r in rows]
-        if c in ("pair", "moving", "fixed", "start"):
-            quality[c] = [str(v) for v in vals]
-        elif c in ("refined", "mirrored"):
-            quality[c] = np.asarray(vals, dtype=bool)
-        else:
-            quality[c] = np.asarray(vals, dtype=float)
+    quality = quality_columns(rows)
     params = {
         "working_um_per_px": float(px_um) if np.isfinite(px_um) else -1.0,
         "working_levels": {s: int(w.level) for s, w in work.items()},

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._constants import Key
-from .._docs import inject_docs
-from .._stack import StackInfo, get_table
+from asign._constants import Key
+from asign._docs import inject_docs
+from asign._stack import StackInfo, get_table
+
 from ._utils import finish, image_level
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class _Layer:
     """One section ready to draw: a small grey image, maps into the panel frame, spot centres and radii."""
 
     def __init__(self, sdata: SpatialData, stack: StackInfo, section: str, *, max_px: int):
-        from .._registration import tissue_grey
+        from asign._registration import tissue_grey
 
         self.section = section
         self.cs = stack.coordinate_system(section)
@@ -99,7 +100,7 @@ def _window(la: _Layer, lb: _Layer, frame: str | None) -> tuple[np.ndarray, np.n
 
 def _render(layer: _Layer, frame: str | None, D: np.ndarray, shape: tuple[int, int]) -> np.ndarray | None:
     """The grey image of ``layer`` resampled onto the display grid (display px -> frame units is ``D``)."""
-    from .._registration import warp
+    from asign._registration import warp
 
     if layer.grey is None:
         return None
@@ -195,7 +196,7 @@ def alignment(
     import matplotlib.pyplot as plt
     from matplotlib.collections import EllipseCollection
 
-    from ..io._validate import validate_stack
+    from asign.io._validate import validate_stack
 
     stack = validate_stack(sdata, table_key=table_key, check_counts=False)
     table = get_table(sdata, table_key)

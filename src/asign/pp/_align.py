@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._constants import Key
-from .._docs import inject_docs
-from .._logging import logger
-from .._stack import StackInfo, get_table, section_masks
+from asign._constants import Key
+from asign._docs import inject_docs
+from asign._logging import logger
+from asign._stack import StackInfo, get_table, section_masks
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -188,7 +188,7 @@ def set_alignment(
     from spatialdata.transformations import Affine, Identity
     from spatialdata.transformations import Sequence as TSequence
 
-    from ..io._validate import validate_stack
+    from asign.io._validate import validate_stack
 
     stack = validate_stack(sdata, table_key=table_key, check_counts=False)
     if reference not in stack.sections:
@@ -204,17 +204,23 @@ def set_alignment(
     previous = table.uns.get(Key.UNS, {}).get(Key.ALIGNMENT, {})
     ours_before = isinstance(previous, Mapping) and previous.get("key_added") == key_added
 
+    # build every new transformation first, so that a problem leaves the object untouched
+    updates, stale = [], []
     for s in stack.sections:
         cs = stack.coordinate_system(s)
         for name in _section_elements(sdata, stack, s):
             el = sdata[name]
             if s not in T:
                 if ours_before:
-                    _remove_transformation(el, key_added)
+                    stale.append(el)
                 continue
             native = _native_transformation(el, cs, name)
             step = Identity() if s == reference else Affine(T[s], input_axes=("x", "y"), output_axes=("x", "y"))
-            _set_transformation(el, TSequence([native, step]), key_added)
+            updates.append((el, TSequence([native, step])))
+    for el, t in updates:
+        _set_transformation(el, t, key_added)
+    for el in stale:  # our own map of an earlier run for a section not aligned now
+        _remove_transformation(el, key_added)
 
     # spot positions in microns, in table order (rows follow the shapes index within each section)
     um = float(stack.um_per_px[stack.index(reference)])
@@ -256,7 +262,7 @@ def set_alignment(
         f"`obsm['{Key.SPATIAL_3D}']` and `uns['{Key.UNS}']['{Key.ALIGNMENT}']` (reference {reference!r})."
     )
     if sdata.path is not None:
-        from ..io._persist import persist
+        from asign.io._persist import persist
 
         for s in stack.sections:
             for name in _section_elements(sdata, stack, s):
@@ -384,7 +390,7 @@ def align_layers(
     -------
     If ``inplace = False``, the alignment as a dict (the content of ``uns['asign']['alignment']``: ``transforms``
     ``{{section: 3 x 3 matrix T_s}}`` from native to aligned pixels, ``quality``, ``params``, ...) and ``sdata`` is
-    left untouched. Otherwise `None`, and ``sdata`` gets (see :func:`asign.pp._align.set_alignment`):
+    left untouched. Otherwise `None`, and ``sdata`` gets:
 
     - a transformation to ``key_added`` on every aligned section's image and shapes, composed after the existing
       one to the section's native coordinate system (existing transformations are kept);
@@ -397,7 +403,7 @@ def align_layers(
 
     When ``sdata`` is backed by a zarr store, the transformations and the table are written back.
     """
-    from ..io._validate import validate_stack
+    from asign.io._validate import validate_stack
 
     stack = validate_stack(sdata, table_key=table_key, check_counts=False)
     if transform not in TRANSFORM_TYPES:
@@ -444,13 +450,16 @@ def align_layers(
             )
             raise ValueError(msg)
         T = relative_to_reference({s: transforms[s] for s in secs}, reference)
+        if len(secs) > 1:
+            from asign._registration import evaluate_transforms
+
+            quality = evaluate_transforms(sdata, stack, secs, T, reference=reference, target_size=target_size)
     else:
-        from .._registration import register_stack
+        from asign._registration import register_stack
 
         if len(secs) < 2:
-            msg = (
-                f"align_layers(method={method!r}) needs at least two sections to register, got {secs}"
-                + (" (the stack has only one section)." if len(stack.sections) < 2 else "; widen `sections=`.")
+            msg = f"align_layers(method={method!r}) needs at least two sections to register, got {secs}" + (
+                " (the stack has only one section)." if len(stack.sections) < 2 else "; widen `sections=`."
             )
             raise ValueError(msg)
         res = register_stack(
