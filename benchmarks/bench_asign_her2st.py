@@ -53,10 +53,18 @@ def _her2st_path(arg: str | None) -> Path:
 
 
 def _light(sdata):
-    """The stack without images (tables and shapes): all that imputation reads once features exist."""
+    """The stack without images (tables and shapes): all that imputation reads once features exist.
+
+    The manifest then lists no image (``image_key`` = ``""``), as the data contract requires.
+    """
     from spatialdata import SpatialData
 
-    return SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))
+    out = SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))
+    for t in out.tables.values():
+        stack = t.uns.get("asign", {}).get("stack") if isinstance(t.uns.get("asign"), dict) else None
+        if stack is not None:
+            stack["image_key"] = [""] * len(stack["section"])
+    return out
 
 
 def prepare_her2st(path: Path, cache: Path | None, timings: dict) -> object:
@@ -67,7 +75,7 @@ def prepare_her2st(path: Path, cache: Path | None, timings: dict) -> object:
     target = cache / "her2st_C2-C6_prepared.zarr" if cache else None
     if target is not None and target.exists():
         t = time.perf_counter()
-        out = sd.read_zarr(target)
+        out = _light(sd.read_zarr(target))
         timings["read_cache"] = time.perf_counter() - t
         timings["cached"] = True
         return out

@@ -174,3 +174,12 @@ def test_errors(stacks):
     del a.tables["table"].obsm["asign_features_spot"]
     with pytest.raises(KeyError, match="extract_features"):
         _impute(a)
+
+
+def test_cross_validate_with_asign(stacks):
+    a, b = stacks
+    df = asign.tl.cross_validate(
+        {"A": a, "B": b}, method="asign", method_kwargs=TINY, n_genes=8, per="overall", show_progress_bar=False
+    )
+    folds = df[df.level == "fold"]
+    assert len(folds) == 2 and np.isfinite(folds["pcc_gene"]).all()

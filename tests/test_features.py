@@ -317,3 +317,25 @@ def test_bad_arguments(small_stack):
         asign.pp.extract_features(small_stack, encoder="vgg", show_progress_bar=False)
     with pytest.raises(ValueError, match="batch_size"):
         asign.pp.extract_features(small_stack, encoder=MeanColour(), batch_size=0, show_progress_bar=False)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_her2st_patches_match_the_decoded_jpeg(her2st_path):
+    from PIL import Image
+
+    from asign.io._her2st import _find_image
+
+    sd = asign.io.read_her2st(her2st_path, patient="C", sections=["C2", "C3"])
+    res = asign.pp.extract_features(sd, encoder=CentrePixel(), input_size=None, show_progress_bar=False, inplace=False)
+    t = sd.tables["table"]
+    assert np.isfinite(res.features_spot).all() and np.isfinite(res.features_global).all()
+    assert res.tiles.regions.obs["n_spots"].sum() == t.n_obs
+    # the centre pixel of each spot patch is the JPEG's pixel at the rounded spot centre
+    rows = rows_of(sd, "C3")
+    Image.MAX_IMAGE_PIXELS = None
+    img = np.asarray(Image.open(_find_image(her2st_path, "C", "C3")).convert("RGB"))
+    xy = np.floor(np.asarray(t.obsm["spatial"])[rows] + 0.5).astype(int)
+    px = img[xy[:, 1], xy[:, 0]] / 255.0
+    expect = (px - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+    np.testing.assert_allclose(res.features_spot[rows], expect, atol=1e-5)

@@ -334,15 +334,15 @@ def _centroid(mask: np.ndarray) -> np.ndarray:
     return np.array([xs.mean(), ys.mean()])
 
 
-def _shrink(mask: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    f = max(1.0, max(mask.shape) / float(size))
+def _shrink(mask: np.ndarray, f: float) -> np.ndarray:
+    """A mask shrunk ``f`` times (anti-aliased, values in [0, 1]): small = (x + 1/2) / f - 1/2."""
     if f == 1.0:
-        return mask.astype(np.float32), 1.0
+        return mask.astype(np.float32)
     S = np.diag([1.0 / f, 1.0 / f, 1.0])
     S[:2, 2] = (1.0 / f - 1.0) / 2.0
     shape = (max(1, int(np.ceil(mask.shape[0] / f))), max(1, int(np.ceil(mask.shape[1] / f))))
     small = ndi.gaussian_filter(mask.astype(np.float32), max(0.0, (f - 1) / 2))
-    return warp(small, S, shape, order=1), f
+    return warp(small, S, shape, order=1)
 
 
 def coarse_search(
@@ -359,13 +359,12 @@ def coarse_search(
     Each of the best angles is refined to 1° by a local search. Returns up to ``n_best`` starts ``(Dice, A_work,
     info)`` sorted by decreasing Dice, at least ``2 * step_deg`` apart.
     """
-    ms, f = _shrink(moving.mask, SEARCH_SIZE)
-    fs, g = _shrink(fixed.mask, SEARCH_SIZE * max(fixed.shape) / max(moving.shape))
-    # work in the small grids: small = (full - (f - 1) / 2) / f
-    Sm = np.diag([f, f, 1.0])
-    Sm[:2, 2] = (f - 1.0) / 2.0
-    Sf = np.diag([g, g, 1.0])
-    Sf[:2, 2] = (g - 1.0) / 2.0
+    # both masks shrunk by one factor so that the larger has SEARCH_SIZE px; S maps small px to working px
+    f = max(1.0, max(*moving.shape, *fixed.shape) / float(SEARCH_SIZE))
+    ms, fs = _shrink(moving.mask, f), _shrink(fixed.mask, f)
+    S = np.diag([f, f, 1.0])
+    S[:2, 2] = (f - 1.0) / 2.0
+    S_inv = np.linalg.inv(S)
     fb = fs > 0.5
     cm, cf = _centroid(moving.mask), _centroid(fixed.mask)
 
@@ -373,7 +372,7 @@ def coarse_search(
         return translation(*cf) @ rotation(theta, mirror=mir, scale=scale) @ translation(*(-cm))
 
     def score(A: np.ndarray) -> float:
-        A_small = np.linalg.inv(Sf) @ A @ Sm
+        A_small = S_inv @ A @ S
         return dice(warp(ms, A_small, fs.shape, order=1) > 0.5, fb)
 
     flips = (False, True) if mirror else (False,)

@@ -397,9 +397,14 @@ def align_layers(
     - ``table.obsm['spatial_aligned']`` (x, y in µm in ``key_added``), ``table.obs['z']`` (µm) and
       ``table.obsm['spatial_3d']`` (x, y, z in µm);
     - ``table.uns['asign']['alignment']`` with ``reference``, ``method``, ``transform``, ``key_added``,
-      ``um_per_px``, ``transforms``, ``quality`` (per consecutive pair: ``pair``, ``moving``, ``fixed``,
-      ``dice_before``, ``dice_after``, ``nmi_before``, ``nmi_after``, ``rotation_deg``, ``scale``, ``passed``) and
-      ``params``.
+      ``um_per_px``, ``sections``, ``transforms``, ``quality`` and ``params``. ``quality`` holds one entry per
+      registered pair (moving section -> its neighbour towards the reference) in columns ``pair``, ``moving``,
+      ``fixed``, ``start``, ``dice_before`` / ``dice_after`` (tissue-mask Dice with the sections as placed on their
+      slides / after alignment), ``nmi_before`` / ``nmi_after`` (normalised mutual information of the grey images),
+      ``dice_start`` (of the coarse start), ``refined`` (whether the ANTs result was kept), ``rotation_deg``,
+      ``scale``, ``anisotropy``, ``mirrored`` and ``passed`` (``dice_after >= min_dice``); for given transforms and
+      landmarks the figures are computed from the images too (NaN where a section has none). ``params`` holds the
+      options, the working pixel size and the run time.
 
     When ``sdata`` is backed by a zarr store, the transformations and the table are written back.
     """
