@@ -460,7 +460,7 @@ NOTES = [
     "i.e. 0.012 and 0.022 spot diameters; holding the anatomy but not the staining ramp fixed gave 1.1 µm "
     "(seed 0): the domains' drift, not the staining, is what the images follow.",
     "- **HER2ST C3.** C3 is the one section over 50 µm. Both pairs that involve it (C3→C4, C2→C3) are rotated "
-    "about 2.5° more by our maps than by the published ones, in opposite senses, so C2 ends up close again. Under "
+    "2.4° and 3.4° further by our maps than by the published ones, in opposite senses, so C2 ends up closer again. Under "
     "our maps both pairs have a higher tissue-mask Dice and NMI than under the published maps, and the expression "
     "referee (which neither registration reads) agrees; the figure's C3/C4 'after' panel shows the outlines on top "
     "of each other. Before settling the defaults, other ANTs settings were tried on these pairs while looking at the "

@@ -564,7 +564,7 @@ def test_her2st_patient_c_against_published(her2st_path):
         s: float(np.median(np.linalg.norm(apply(G @ T[s], xy[sec == s]) - apply(P[s], xy[sec == s]), axis=1))) * um
         for s in secs
     }
-    # four of five sections agree within 50 µm (a quarter of the 200 µm pitch); C3 is 53 µm off, where the published
+    # four of five sections agree within 50 µm (a quarter of the 200 µm pitch); C3 is about 54 µm off, where the published
     # map fits the images worse than ours (checked below)
     assert sum(v < 50.0 for v in dis.values()) >= 4, dis
     assert max(dis.values()) < 75.0, dis

@@ -139,10 +139,18 @@ def test_fit_predict_save_load(stacks, tmp_path):
         asign.tl._fit.ASIGNFit.load(bad)
 
 
-def test_fit_transductive_and_impute_with_train(stacks):
+def test_fit_transductive_ensemble_and_impute_with_train(stacks, tmp_path):
     a, b = stacks
-    f = asign.tl.fit(a, known="S1", n_genes=10, config=TINY, show_progress_bar=False)
+    f = asign.tl.fit(a, known="S1", n_genes=10, config=TINY, n_models=2, show_progress_bar=False)
     assert f.mode == "transductive" and f.training["validation"] == "holdout"
+    assert len(f.models) == 2 and len(set(f.training["members"]["seed"])) == 2
+    p1 = asign.tl.predict(a, f, known="S1", inplace=False, show_progress_bar=False)
+    single = asign.tl._fit.ASIGNFit(**{**f.__dict__, "models": f.models[:1]})
+    p0 = asign.tl.predict(a, single, known="S1", inplace=False, show_progress_bar=False)
+    assert not np.allclose(p0.layers["imputed"], p1.layers["imputed"])  # members averaged
+    f.save(tmp_path / "ens.pt")
+    p2 = asign.tl.predict(a, tmp_path / "ens.pt", known="S1", inplace=False, show_progress_bar=False)
+    np.testing.assert_array_equal(p1.layers["imputed"], p2.layers["imputed"])
     out = _impute(a, train={"B": b}, method_kwargs={"validation": "none"})
     res = out.uns["asign"]["result"]
     assert res["mode"] == "inductive" and res["training"]["validation"] == "none"

@@ -43,6 +43,7 @@ OPTIONS = {
     "validation": "auto",
     "tile_radius": 2.1,
     "tile_max_neighbors": 12,
+    "n_models": 1,
 }
 # transductive defaults (one small labelled section, ~150-200 spots): a narrow, strongly regularised network that is
 # also trained as a stand-alone predictor, several masked steps per epoch, a faster learning rate and a longer
@@ -254,44 +255,17 @@ def _holdout(labelled: np.ndarray, fraction: float, rng: np.random.Generator) ->
     return out
 
 
-def fit_contexts(
-    contexts: list[ImputeContext],
-    *,
-    params: dict[str, Any],
-    seed: int,
-    device: Any,
-    show_progress_bar: bool,
-    transductive: bool,
-) -> ASIGNFit:
-    """Train a fresh model (seeded by ``seed``) on labelled contexts; return the fitted model object."""
+def _member_data(
+    contexts: list[ImputeContext], cfg: ASIGNConfig, tkw: dict[str, Any], mode_val: str
+) -> tuple[list[SampleTensors], list[Any]]:
+    """Training samples and validation sets of one ensemble member (its hold-out split is drawn from its seed)."""
     import torch
 
-    from asign._device import resolve_device
-    from asign._model import ValidationSet, make_model, train_model
+    from asign._model import ValidationSet
 
-    from ._fit import ASIGNFit
-
-    cfg, opts = split_params(params, seed=seed, transductive=transductive)
-    dev = resolve_device(device)
-    genes = list(contexts[0].genes)
-    for c in contexts[1:]:
-        if list(c.genes) != genes or c.normalization != contexts[0].normalization:
-            msg = "All training samples must share the modelled genes and the normalisation."
-            raise ValueError(msg)
-    tkw = {
-        "levels": cfg.levels,
-        "feature_key": opts["feature_key"],
-        "graph_key": opts["graph_key"],
-        "tile_radius": opts["tile_radius"],
-        "tile_max_neighbors": opts["tile_max_neighbors"],
-    }
     rng = np.random.default_rng(cfg.seed)
     validation: list[ValidationSet] = []
     train: list[SampleTensors] = []
-    mode_val = opts["validation"]
-    if mode_val == "auto":
-        mode_val = "sample" if len(contexts) >= 2 else "holdout"
-    t0 = time.perf_counter()
     if mode_val == "sample":
         # the last training sample validates: its first labelled section visible, the others scored
         val_ctx = contexts[-1]
@@ -307,41 +281,106 @@ def fit_contexts(
             )
         )
         train = [sample_tensors(c, **tkw) for c in contexts[:-1]]
-    else:
-        for c in contexts:
-            ho = _holdout(c.known, cfg.holdout_fraction, rng) if mode_val == "holdout" else np.zeros_like(c.known)
-            s = sample_tensors(c, labelled=c.known & ~ho, min_tile_fraction=0.5 if ho.any() else 1.0, **tkw)
-            train.append(s)
-            if ho.any():
-                validation.append(
-                    ValidationSet(
-                        sample=s,
-                        y_eval=torch.as_tensor(np.nan_to_num(c.Y).astype(np.float32)),
-                        eval_rows=torch.as_tensor(ho),
-                    )
+        return train, validation
+    for c in contexts:
+        ho = _holdout(c.known, cfg.holdout_fraction, rng) if mode_val == "holdout" else np.zeros_like(c.known)
+        s = sample_tensors(c, labelled=c.known & ~ho, min_tile_fraction=0.5 if ho.any() else 1.0, **tkw)
+        train.append(s)
+        if ho.any():
+            validation.append(
+                ValidationSet(
+                    sample=s,
+                    y_eval=torch.as_tensor(np.nan_to_num(c.Y).astype(np.float32)),
+                    eval_rows=torch.as_tensor(ho),
                 )
-    dims = feature_dims(train[0])
-    model = make_model(len(genes), dims, cfg)
-    for lvl in dims:
-        model.set_feature_stats(lvl, *_feature_stats(train + [v.sample for v in validation], lvl))
-    if cfg.net_baseline == "none":
-        model.init_head_bias(torch.nanmean(torch.cat([s.y for s in train]), dim=0))
-    logger.info(
-        f"Training ASIGN ({'transductive' if transductive else 'inductive'}; {model.n_parameters():,} parameters, "
-        f"d={cfg.hidden_dim}, levels={cfg.levels!r}) on {len(train)} sample(s), "
-        f"{int(sum(int(s.labelled.sum()) for s in train))} labelled spots, validation={mode_val!r}, device={dev}."
-    )
-    res = train_model(model, train, validation=validation or None, device=dev, show_progress_bar=show_progress_bar)
-    model.to("cpu")
-    training = res.to_uns()
-    training["seconds_setup"] = float(time.perf_counter() - t0 - res.seconds)
+            )
+    return train, validation
+
+
+def fit_contexts(
+    contexts: list[ImputeContext],
+    *,
+    params: dict[str, Any],
+    seed: int,
+    device: Any,
+    show_progress_bar: bool,
+    transductive: bool,
+) -> ASIGNFit:
+    """Train fresh model(s) (seeded by ``seed``) on labelled contexts; return the fitted model object.
+
+    With ``n_models = K > 1`` an ensemble of K independently initialised members is trained, each with its own seed
+    (spawned from ``seed``) and, for hold-out validation, its own hold-out split; predictions are averaged.
+    """
+    import torch
+
+    from asign._device import resolve_device, spawn_seeds
+    from asign._model import make_model, train_model
+
+    from ._fit import ASIGNFit
+
+    cfg, opts = split_params(params, seed=seed, transductive=transductive)
+    n_models = int(opts["n_models"])
+    if n_models < 1:
+        msg = f"n_models={n_models} must be at least 1."
+        raise ValueError(msg)
+    dev = resolve_device(device)
+    genes = list(contexts[0].genes)
+    for c in contexts[1:]:
+        if list(c.genes) != genes or c.normalization != contexts[0].normalization:
+            msg = "All training samples must share the modelled genes and the normalisation."
+            raise ValueError(msg)
+    tkw = {
+        "levels": cfg.levels,
+        "feature_key": opts["feature_key"],
+        "graph_key": opts["graph_key"],
+        "tile_radius": opts["tile_radius"],
+        "tile_max_neighbors": opts["tile_max_neighbors"],
+    }
+    mode_val = opts["validation"]
+    if mode_val == "auto":
+        mode_val = "sample" if len(contexts) >= 2 else "holdout"
+    seeds = [int(cfg.seed)] if n_models == 1 else spawn_seeds(int(cfg.seed), n_models)
+    models, members = [], []
+    t_all = time.perf_counter()
+    for k, member_seed in enumerate(seeds):
+        t0 = time.perf_counter()
+        mcfg = cfg.replace(seed=member_seed)
+        train, validation = _member_data(contexts, mcfg, tkw, mode_val)
+        dims = feature_dims(train[0])
+        model = make_model(len(genes), dims, mcfg)
+        for lvl in dims:
+            model.set_feature_stats(lvl, *_feature_stats(train + [v.sample for v in validation], lvl))
+        if cfg.net_baseline == "none":
+            model.init_head_bias(torch.nanmean(torch.cat([s.y for s in train]), dim=0))
+        if k == 0:
+            logger.info(
+                f"Training ASIGN ({'transductive' if transductive else 'inductive'}; {model.n_parameters():,} "
+                f"parameters, d={cfg.hidden_dim}, levels={cfg.levels!r}"
+                + (f", ensemble of {n_models}" if n_models > 1 else "")
+                + f") on {len(train)} sample(s), {int(sum(int(s.labelled.sum()) for s in train))} labelled spots, "
+                f"validation={mode_val!r}, device={dev}."
+            )
+        res = train_model(model, train, validation=validation or None, device=dev, show_progress_bar=show_progress_bar)
+        model.to("cpu")
+        rec = res.to_uns()
+        rec["seed"] = int(member_seed)
+        rec["seconds_setup"] = float(time.perf_counter() - t0 - res.seconds)
+        models.append(model)
+        members.append(rec)
+    training = dict(members[0])
     training["validation"] = mode_val
+    training["n_models"] = n_models
+    training["seconds_all_members"] = float(time.perf_counter() - t_all)
+    if n_models > 1:
+        training["members"] = {
+            k: [m[k] for m in members] for k in ("seed", "best_epoch", "best_score", "epochs_run", "seconds")
+        }
     return ASIGNFit(
-        model=model,
+        models=models,
         config=cfg,
         genes=genes,
         normalization=contexts[0].normalization,
-        options={k: v for k, v in opts.items() if k != "validation"} | {"validation": opts["validation"]},
+        options=dict(opts),
         training=training,
         mode="transductive" if transductive else "inductive",
         train_samples=[c.sample or f"sample_{i}" for i, c in enumerate(contexts)],
@@ -361,7 +400,10 @@ def _fit(fctx: FitContext) -> ASIGNFit:
 
 # ------------------------------------------------------------------------------------------------ predict
 def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None) -> dict[str, np.ndarray]:
-    """Deterministic inference on one stack: the known spots are the visible set; no counts are read."""
+    """Deterministic inference on one stack: the known spots are the visible set; no counts are read.
+
+    An ensemble's outputs are averaged over its members.
+    """
     from asign._device import resolve_device
     from asign._model import predict_sample
 
@@ -387,7 +429,9 @@ def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None)
     if dims != fitted.model.feature_dims:
         msg = f"Feature widths {dims} differ from the model's {fitted.model.feature_dims}; use the same encoder."
         raise ValueError(msg)
-    return predict_sample(fitted.model, s, device=resolve_device(device), amp=fitted.config.amp)
+    dev = resolve_device(device)
+    outs = [predict_sample(m, s, device=dev, amp=fitted.config.amp) for m in fitted.models]
+    return {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
 
 
 @register_method("asign", fit=_fit)

@@ -46,8 +46,9 @@ class ASIGNFit:
 
     Attributes
     ----------
-    model
-        The :class:`torch.nn.Module` (on the CPU).
+    models
+        The trained :class:`torch.nn.Module` (on the CPU), one per ensemble member (``n_models``; usually one).
+        Predictions are averaged over the members.
     config
         Its :class:`~asign._model.ASIGNConfig`.
     genes
@@ -65,7 +66,7 @@ class ASIGNFit:
         Names of the training samples.
     """
 
-    model: ASIGNModel
+    models: list[ASIGNModel]
     config: ASIGNConfig
     genes: list[str]
     normalization: str
@@ -73,6 +74,11 @@ class ASIGNFit:
     training: dict[str, Any] = field(default_factory=dict)
     mode: str = "inductive"
     train_samples: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> ASIGNModel:
+        """The first (usually only) member."""
+        return self.models[0]
 
     def summary(self) -> dict[str, Any]:
         """Zarr-writable record for ``uns`` (config, options, training curve, parameter count, mixing weights)."""
@@ -83,6 +89,7 @@ class ASIGNFit:
             "options": dict(self.options),
             "training": self.training,
             "model": self.model.describe(),
+            "n_models": len(self.models),
             "train_samples": list(self.train_samples),
         }
 
@@ -93,7 +100,7 @@ class ASIGNFit:
         payload = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "state_dicts": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.models],
             "config": _plain(self.config.to_dict()),
             "n_genes": int(self.model.n_genes),
             "feature_dims": _plain(self.model.feature_dims),
@@ -105,7 +112,9 @@ class ASIGNFit:
             "train_samples": [str(s) for s in self.train_samples],
         }
         torch.save(payload, Path(path))
-        logger.info(f"Saved the ASIGN model ({self.model.n_parameters():,} parameters) to {str(path)!r}.")
+        logger.info(
+            f"Saved the ASIGN model ({len(self.models)} x {self.model.n_parameters():,} parameters) to {str(path)!r}."
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> ASIGNFit:
@@ -122,11 +131,13 @@ class ASIGNFit:
             msg = f"{str(path)!r} was written by a newer asign (format {payload['format_version']}); upgrade asign."
             raise ValueError(msg)
         config = ASIGNConfig.from_dict(payload["config"])
-        model = ASIGNModel(int(payload["n_genes"]), dict(payload["feature_dims"]), config)
-        model.load_state_dict(payload["state_dict"])
-        model.eval()
+        models = []
+        for state in payload["state_dicts"]:
+            model = ASIGNModel(int(payload["n_genes"]), dict(payload["feature_dims"]), config)
+            model.load_state_dict(state)
+            models.append(model.eval())
         return cls(
-            model=model,
+            models=models,
             config=config,
             genes=list(payload["genes"]),
             normalization=str(payload["normalization"]),
@@ -169,6 +180,7 @@ def fit(
     preset: str = "default",
     config: Mapping[str, Any] | None = None,
     validation: str = "auto",
+    n_models: int = 1,
     feature_key: str = Key.ADDED,
     graph_key: str = Key.ADDED,
     table_key: str = Key.TABLE,
@@ -208,6 +220,9 @@ def fit(
     validation
         Early stopping: ``"auto"`` (the last sample validates when there are several, otherwise a held-out fraction
         of the labelled spots), ``"holdout"`` or ``"none"``.
+    n_models
+        Ensemble size: independently initialised members (seeds spawned from ``seed``; each with its own hold-out
+        split), predictions averaged.
     feature_key
         Prefix of the features and tile tables of :func:`asign.pp.extract_features`.
     graph_key
@@ -255,6 +270,7 @@ def fit(
     params = dict(config or {})
     params["preset"] = preset
     params["validation"] = validation
+    params["n_models"] = int(n_models)
     params["feature_key"] = feature_key
     params["graph_key"] = graph_key
     contexts = [
