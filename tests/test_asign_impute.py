@@ -12,7 +12,7 @@ pytest.importorskip("torch_geometric")
 
 import asign
 
-TINY = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 3, "steps_per_epoch": 2}
+TINY = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 3, "steps_per_epoch": 2, "n_models": 1}
 SCALES = {"spot": 32, "region": 128, "global": 256}
 
 

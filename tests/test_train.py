@@ -94,12 +94,12 @@ def test_hidden_labels_never_reach_the_model(data, monkeypatch):
         assert torch.isnan(y_in[~vis]).all()
 
 
-def test_training_learns_and_beats_propagation(data):
+def test_training_learns(data):
     s, y, _ = data
-    cfg = ASIGNConfig(**CFG, mask="spot", visible_fraction=0.3, max_epochs=25, steps_per_epoch=4, dropout=0.0)
+    cfg = ASIGNConfig(**CFG, mask="spot", visible_fraction=0.3, max_epochs=15, steps_per_epoch=4, dropout=0.0)
     model = make_model(s.n_genes, _dims(s), cfg)
     res = train_model(model, [s], show_progress_bar=False)
-    assert res.epochs_run == 25 and res.n_steps == 100
+    assert res.epochs_run == 15 and res.n_steps == 60
     assert res.curve[-1]["loss_total"] < res.curve[0]["loss_total"]
     out = predict_sample(model, s)
     sec = s.section.numpy()
@@ -109,7 +109,7 @@ def test_training_learns_and_beats_propagation(data):
     assert pcc > 0.3
     uns = res.to_uns()
     assert set(uns["curve"]) >= {"epoch", "loss_total", "loss_spot", "lr"}
-    assert uns["curve"]["loss_total"].shape == (25,)
+    assert uns["curve"]["loss_total"].shape == (15,)
 
 
 def test_same_seed_same_prediction_on_cpu(data):
