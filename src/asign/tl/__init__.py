@@ -10,6 +10,7 @@ _MAPPING = {
     "cross_validate": "_cv",
     "fit": "_fit",
     "predict": "_fit",
+    "ASIGNFit": "_fit",
 }
 __all__ = sorted(_MAPPING)
 __getattr__, __dir__ = lazy_namespace(__name__, _MAPPING)
