@@ -1,12 +1,25 @@
 """Make ``docs/_static/napari_her2st.png``: imputed expression over the aligned HER2ST sections of patient C in napari.
 
-Needs the ``napari`` extra and a display (or Xvfb)::
+The stack is the one of the HER2ST tutorial and benchmark: sections C2-C6 (C1 has no image), asign's own alignment
+(``align_layers``, ANTs rigid), EfficientNet-Lite0 features, the 3D graph with image similarity, C2 known and C3-C6
+imputed with ``--method`` (default ``asign``, default options, seed 0).
 
+Two stages, so that the model and the viewer may live in different environments:
+
+- ``predict`` (needs torch, i.e. asign's own dependencies): prepares the stack, imputes, and writes the stack without
+  its images (shapes and tables, alignment included) to ``--work``;
+- ``view`` (needs the ``napari`` extra and a display, or Xvfb): reads the HER2ST images again, restores the
+  alignment and the output table from ``--work``, and saves the screenshot.
+
+``all`` runs both in one process. Example with two environments::
+
+    python docs/_static/napari_her2st.py predict --her2st /path/to/her2st --work /tmp/her2st_napari
     xvfb-run -a -s "-screen 0 1920x1080x24" env QT_QPA_PLATFORM=xcb QT_API=pyqt6 \
-        python docs/_static/napari_her2st.py --her2st /path/to/her2st --method propagation
+        /path/to/napari-venv/bin/python docs/_static/napari_her2st.py view --her2st /path/to/her2st \
+        --work /tmp/her2st_napari
 
-The stack is aligned with the published HER2ST registration (``method="transforms"``), the first section C1 is the
-known section, and the others are imputed with the chosen method.
+``--prepared`` reuses a stack that is already aligned, with features and the graph, without images (for example
+the cache written by ``benchmarks/bench_asign_her2st.py --cache``): ``predict`` then only imputes.
 """
 
 from __future__ import annotations
@@ -15,37 +28,70 @@ import argparse
 import os
 from pathlib import Path
 
+SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+KNOWN = "C2"
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--her2st", default=os.environ.get("ASIGN_HER2ST", "../shared/data/her2st"))
-    parser.add_argument("--method", default="propagation")
-    parser.add_argument("--gene", default="ERBB2")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("napari_her2st.png")))
-    parser.add_argument("--size", default="1800,1000")
-    args = parser.parse_args()
+
+def _light(sdata):
+    """The stack without images (shapes and tables); the manifest then lists no image, as the contract requires."""
+    from spatialdata import SpatialData
+
+    out = SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))
+    stack = out.tables["table"].uns["asign"]["stack"]
+    stack["image_key"] = [""] * len(stack["section"])
+    return out
+
+
+def predict(args: argparse.Namespace) -> Path:
+    import spatialdata as sd
+    import torch
 
     import asign
 
-    sdata = asign.io.read_her2st(args.her2st, patient="C")
-    table = sdata.tables["table"]
-    asign.pp.align_layers(sdata, method="transforms", transforms=table.uns["asign"]["her2st_transforms"])
-    asign.pp.neighbors_3d(sdata)  # the 3D graph (used by "propagation" and "asign")
-    if args.gene not in table.var_names:
-        msg = f"Gene {args.gene!r} is not measured in HER2ST patient C."
-        raise SystemExit(msg)
-    asign.tl.impute(sdata, known="C1", method=args.method, n_genes=250, show_progress_bar=False)
-    out = sdata.tables["asign"]
+    torch.set_num_threads(args.threads)
+    if args.prepared and Path(args.prepared).exists():
+        sdata = _light(sd.read_zarr(args.prepared))
+        print(f"prepared stack read from {args.prepared}")
+    else:
+        sdata = asign.io.read_her2st(args.her2st, patient="C", sections=SECTIONS)
+        asign.pp.align_layers(sdata, show_progress_bar=False)
+        asign.pp.extract_features(sdata, encoder="efficientnet_lite0", show_progress_bar=False)
+        asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot")
+        sdata = _light(sdata)
+    asign.tl.impute(sdata, known=KNOWN, method=args.method, n_genes=250, seed=0, show_progress_bar=False)
+    ev = asign.tl.evaluate(sdata, key="asign", per="overall").iloc[0]
+    print(f"{args.method}: per-gene PCC on {', '.join(SECTIONS[1:])} = {ev['pcc_gene']:.3f}")
+    target = Path(args.work) / f"her2st_C_{args.method}.zarr"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sdata.write(target, overwrite=True)
+    return target
+
+
+def view(args: argparse.Namespace) -> None:
+    import numpy as np
+    import spatialdata as sd
+
+    import asign
+
+    light = sd.read_zarr(Path(args.work) / f"her2st_C_{args.method}.zarr")
+    alignment = light.tables["table"].uns["asign"]["alignment"]
+    sdata = asign.io.read_her2st(args.her2st, patient="C", sections=SECTIONS)
+    # the alignment computed in `predict`, re-applied to the images (no new registration)
+    asign.pp.align_layers(
+        sdata,
+        method="transforms",
+        transforms={s: np.asarray(m) for s, m in alignment["transforms"].items()},
+        reference=str(alignment["reference"]),
+        show_progress_bar=False,
+    )
+    out = light.tables["asign"]
+    sdata.tables["asign"] = out
     gene = args.gene
     if gene not in out.var_names:
         msg = f"Gene {gene!r} is not among the 250 modelled genes; pick one of {list(out.var_names[:10])}, ..."
         raise SystemExit(msg)
-    stack = asign._stack.get_stack(sdata)
-    with_images = [s for s in stack.sections if stack.image_key(s) is not None]
     width, height = (int(v) for v in args.size.split(","))
-    app = asign.pl.interactive(
-        sdata, gene=gene, sections=with_images, grid=True, headless=True, window_size=(width, height)
-    )
+    app = asign.pl.interactive(sdata, gene=gene, grid=True, headless=True, window_size=(width, height))
     shot = app.screenshot()
     from PIL import Image
 
@@ -56,6 +102,24 @@ def main() -> None:
         f"wrote {args.out} ({shot.shape[1]} x {shot.shape[0]} px, {size_kb:.0f} kB), gene {gene}, method {args.method}"
     )
     app._viewer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", nargs="?", default="all", choices=["all", "predict", "view"])
+    parser.add_argument("--her2st", default=os.environ.get("ASIGN_HER2ST", "../shared/data/her2st"))
+    parser.add_argument("--method", default="asign")
+    parser.add_argument("--gene", default="ERBB2")
+    parser.add_argument("--work", default="her2st_napari", help="folder for the stack without images")
+    parser.add_argument("--prepared", default=None, help="aligned stack with features and graph, no images")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).with_name("napari_her2st.png")))
+    parser.add_argument("--size", default="1800,1000")
+    args = parser.parse_args()
+    if args.stage in ("all", "predict"):
+        predict(args)
+    if args.stage in ("all", "view"):
+        view(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import pytest
+
+from asign._cli import main
+
+
+def test_cli_requires_a_command(capsys):
+    with pytest.raises(SystemExit):
+        main([])
+    assert "demo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_the_pipeline(tmp_path, capsys):
+    import spatialdata as sd
+
+    out = tmp_path / "demo.zarr"
+    assert main(["demo", "--out", str(out), "--n-sections", "3"]) == 0
+    text = capsys.readouterr().out
+    for method in ("mean", "nearest", "propagation", "ridge", "asign"):
+        assert method in text
+    back = sd.read_zarr(out)
+    assert {"table", "asign", "asign_propagation"} <= set(back.tables)
+    assert back.tables["asign"].layers["imputed"].shape[0] == back.tables["table"].n_obs
