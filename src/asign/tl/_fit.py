@@ -343,7 +343,7 @@ def predict(
     """
     from asign.pp._genes import _sample_name
 
-    from ._impute import _check_key_added, run_impute
+    from ._impute import _check_key_added, run_impute, write_output_table
 
     fitted = model if isinstance(model, ASIGNFit) else ASIGNFit.load(model)
     if inplace:
@@ -368,8 +368,5 @@ def predict(
     )
     if not inplace:
         return out
-    if key_added in sdata.tables:
-        del sdata.tables[key_added]
-    sdata.tables[key_added] = out
-    logger.info(f"Adding `sdata.tables['{key_added}']` ({out.n_obs} spots x {out.n_vars} genes).")
+    write_output_table(sdata, key_added, out)
     return None

@@ -206,6 +206,15 @@ def _check_key_added(sdata: SpatialData, key_added: str, table_key: str, *, over
         raise ValueError(msg)
 
 
+def write_output_table(sdata: SpatialData, key_added: str, out: AnnData) -> None:
+    """Put the output table under ``key_added`` (the caller has checked that replacing it is allowed)."""
+    if key_added in sdata.tables:
+        del sdata.tables[key_added]
+    sdata.tables[key_added] = out
+    layers = ", ".join(f"'{k}'" for k in out.layers)
+    logger.info(f"Adding `sdata.tables['{key_added}']` ({out.n_obs} spots x {out.n_vars} genes; layers {layers}).")
+
+
 def _resolve_genes(
     table: AnnData,
     stack: StackInfo,
@@ -541,10 +550,5 @@ def impute(
     )
     if not inplace:
         return out
-    if key_added in sdata.tables:
-        del sdata.tables[key_added]
-    sdata.tables[key_added] = out
-    logger.info(
-        f"Adding `sdata.tables['{key_added}']` ({out.n_obs} spots x {out.n_vars} genes; layers 'target', 'imputed')."
-    )
+    write_output_table(sdata, key_added, out)
     return None
