@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
@@ -63,7 +64,9 @@ def predict(args: argparse.Namespace) -> Path:
     print(f"{args.method}: per-gene PCC on {', '.join(SECTIONS[1:])} = {ev['pcc_gene']:.3f}")
     target = Path(args.work) / f"her2st_C_{args.method}.zarr"
     target.parent.mkdir(parents=True, exist_ok=True)
-    sdata.write(target, overwrite=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="zarr v3 autosharding")  # zarr's notice of a future default
+        sdata.write(target, overwrite=True)
     return target
 
 
