@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -113,7 +114,11 @@ def main() -> None:
     parser.add_argument("--her2st", default=os.environ.get("ASIGN_HER2ST", "../shared/data/her2st"))
     parser.add_argument("--method", default="asign")
     parser.add_argument("--gene", default="ERBB2")
-    parser.add_argument("--work", default="her2st_napari", help="folder for the stack without images")
+    parser.add_argument(
+        "--work",
+        default=str(Path(tempfile.gettempdir()) / "asign_her2st_napari"),
+        help="folder for the stack without images",
+    )
     parser.add_argument("--prepared", default=None, help="aligned stack with features and graph, no images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).with_name("napari_her2st.png")))

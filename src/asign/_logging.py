@@ -20,7 +20,8 @@ def _configure() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False
-    logger.setLevel(os.environ.get("ASIGN_LOGLEVEL", "INFO").upper())
+    if logger.level == logging.NOTSET:  # keep a level the user set before asign configured its logger
+        logger.setLevel(os.environ.get("ASIGN_LOGLEVEL", "INFO").upper())
 
 
 _configure()
