@@ -405,12 +405,8 @@ def test_training_curve_summary_in_result(aligned_stack, tmp_path):
 def test_pipeline_outputs(small_stack, tmp_path):
     """The real outputs of `asign.tl.impute` and `asign.tl.evaluate` plot without adaptation."""
     import asign
-
-    try:
-        from asign.tl._evaluate import evaluate
-        from asign.tl._impute import impute
-    except ImportError:  # pragma: no cover - while the pipeline is being written
-        pytest.skip("asign.tl.impute / evaluate not available")
+    from asign.tl._evaluate import evaluate
+    from asign.tl._impute import impute
     align_truth(small_stack)
     for method in ("mean", "nearest"):
         impute(small_stack, known="S1", method=method, key_added=f"asign_{method}", n_genes=10, show_progress_bar=False)
