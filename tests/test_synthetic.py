@@ -129,3 +129,57 @@ def test_counts_depend_on_domain(medium):
     assert np.corrcoef(diff, true)[0, 1] > 0.8
     g = int(np.argmax(np.abs(true)))
     assert np.sign(diff[g]) == np.sign(true[g])
+
+
+def _label_maps(z_values, **kw):
+    """Domain labels on a 20 µm world grid over the block at several depths."""
+    g = np.arange(-2000.0, 2000.0, 20.0)
+    x, y = np.meshgrid(g, g)
+    return x, y, [domain_at(x, y, z, **kw) for z in z_values]
+
+
+def _centroid(x, y, m):
+    return np.array([x[m].mean(), y[m].mean()])
+
+
+def test_default_anatomy_changes_without_moving():
+    """Neighbouring sections differ (boundaries, sizes), but nothing travels with depth; drift=1 still does."""
+    z = np.arange(5) * 16.0
+    x, y, labs = _label_maps(z)
+    tissue = [lab >= 0 for lab in labs]
+    for a, b in zip(tissue[:-1], tissue[1:], strict=True):
+        d = 2 * (a & b).sum() / (a.sum() + b.sum())
+        assert 0.95 < d < 0.998  # different sections, at about the level of real neighbours (Dice ~0.98)
+    # no coherent motion: the tissue's and the tumour's centroids stay within a few µm over 64 µm of depth
+    near_tumour = (x + 380.0) ** 2 + (y - 180.0) ** 2 < 700.0**2
+    for sel in (lambda lab: lab >= 0, lambda lab: (lab == 1) & near_tumour):
+        cs = np.array([_centroid(x, y, sel(lab)) for lab in labs])
+        assert np.abs(cs - cs.mean(axis=0)).max() < 6.0, cs
+    # and no turn: the principal axis of the tissue keeps its direction to within a degree
+    angles = []
+    for m in tissue:
+        d = np.column_stack([x[m], y[m]]) - _centroid(x, y, m)
+        w, v = np.linalg.eigh(d.T @ d)
+        angles.append(np.degrees(np.arctan2(v[1, 1], v[0, 1])) % 180.0)
+    turn = (np.asarray(angles) - angles[0] + 90.0) % 180.0 - 90.0
+    assert np.ptp(turn) < 1.0, turn
+    # the old block as a stress test: the tumour travels 4 µm per µm of depth
+    # (the tumour's edges on the line y = 180 µm lie at x = -1000 and 240 µm at z = 0 and move by +64 µm at z = 16)
+    xs, ys = np.array([-990.0, 290.0]), np.array([180.0, 180.0])
+    np.testing.assert_array_equal(domain_at(xs, ys, 0.0, drift=1.0, variation=0.0), [1, 3])
+    np.testing.assert_array_equal(domain_at(xs, ys, 16.0, drift=1.0, variation=0.0), [3, 1])
+    np.testing.assert_array_equal(domain_at(xs, ys, 16.0), [1, 3])
+    # no drift, no variation: every depth is the same block
+    _, _, same = _label_maps([0.0, 48.0], drift=0.0, variation=0.0)
+    np.testing.assert_array_equal(same[0], same[1])
+
+
+def test_staining_and_options_recorded(_small_stack):
+    syn = _small_stack.tables["table"].uns["asign"]["synthetic"]
+    assert syn["drift"] == 0.0 and syn["variation"] == 1.0
+    stain = np.asarray(syn["stain"])
+    assert stain.shape == (3, 3) and np.all(np.abs(stain - 1.0) < 0.5) and np.ptp(stain) > 0.01
+    flat = synthetic_stack(**SMALL, seed=0, variation=0.0)
+    np.testing.assert_array_equal(flat.tables["table"].uns["asign"]["synthetic"]["stain"], np.ones((3, 3)))
+    with pytest.raises(ValueError, match="drift >= 0"):
+        synthetic_stack(**SMALL, drift=-1.0)

@@ -535,6 +535,143 @@ def ants_refine(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# pose graph: section poses that agree best with all pairwise maps
+# --------------------------------------------------------------------------------------------------------------------
+PAIR_MODES = ("adjacent", "second")
+# a pair's weight in the pose graph is 1 / max(1 - Dice, DICE_FLOOR): tissue masks that disagree pin a pair down less
+DICE_FLOOR = 0.005
+# tissue points per section used by the pose graph (a regular subsample of the working mask)
+POSE_POINTS = 400
+
+
+def stack_pairs(sections: Sequence[str], reference: str, pairs: str = "adjacent") -> list[tuple[str, str]]:
+    """``(moving, fixed)`` pairs to register.
+
+    The consecutive pairs towards the reference, then (``pairs="second"``) every second neighbour ``(i, i + 2)``,
+    the section farther from the reference moving (the later one on a tie).
+    """
+    from .pp._align import registration_pairs
+
+    if pairs not in PAIR_MODES:
+        msg = f"Unknown pairs={pairs!r}; choose one of {list(PAIR_MODES)}."
+        raise ValueError(msg)
+    out = registration_pairs(sections, reference)
+    if pairs == "second":
+        r = list(sections).index(reference)
+        for i in range(len(sections) - 2):
+            a, b = sections[i], sections[i + 2]
+            out.append((a, b) if abs(i - r) > abs(i + 2 - r) else (b, a))
+    return out
+
+
+def pair_weight(dice_after: float) -> float:
+    """Weight of a registered pair in the pose graph: ``1 / max(1 - Dice, DICE_FLOOR)`` (1 without images)."""
+    if not np.isfinite(dice_after):
+        return 1.0
+    return float(1.0 / max(1.0 - float(dice_after), DICE_FLOOR))
+
+
+def tissue_points(work: WorkImage, n: int = POSE_POINTS) -> np.ndarray:
+    """About ``n`` points (x, y) on a regular grid over the tissue mask, in full-resolution (native) pixels."""
+    ys, xs = np.nonzero(work.mask)
+    if len(xs) == 0:
+        h, w = work.shape
+        ys, xs = np.mgrid[0:h, 0:w].reshape(2, -1)
+    step = max(1, int(np.sqrt(len(xs) / float(n))))
+    keep = (xs % step == 0) & (ys % step == 0)
+    p = np.column_stack([xs[keep], ys[keep], np.ones(int(keep.sum()))]).astype(float)
+    return (p @ work.to_full.T)[:, :2]
+
+
+def _pose_update(q: np.ndarray, centre: np.ndarray, transform: str) -> np.ndarray:
+    """A small map about ``centre``: rotation ``q[0]`` (rad), shift ``q[1:3]``, then log-scale or linear terms."""
+    c, s = np.cos(q[0]), np.sin(q[0])
+    L = np.array([[c, -s], [s, c]])
+    if transform == "similarity":
+        L = L * np.exp(q[3])
+    elif transform == "affine":
+        L = L @ (np.eye(2) + np.array([[q[3], q[4]], [q[4], q[5]]]))
+    D = np.eye(3)
+    D[:2, :2] = L
+    D[:2, 2] = centre + q[1:3] - L @ centre
+    return D
+
+
+def solve_pose_graph(
+    pairwise: Mapping[tuple[str, str], np.ndarray],
+    points: Mapping[str, np.ndarray],
+    weights: Mapping[tuple[str, str], float],
+    sections: Sequence[str],
+    reference: str,
+    *,
+    transform: str = "rigid",
+    init: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Section maps ``T_s`` (native px -> reference px, ``T_ref = I``) that agree best with all pairwise maps.
+
+    Minimises ``sum_(m, f) w_mf mean_p |T_m p - T_f A_mf p|^2`` over the moving section's tissue points ``p``, where
+    ``A_mf`` maps ``m``'s native pixels into ``f``'s: weighted least squares on point displacements, so a pair that
+    disagrees with the others is outvoted in proportion to its weight. Every ``T_s`` is the start ``init[s]``
+    (default: the consecutive maps composed towards the reference) followed by a rigid, similarity or affine
+    correction about the section's tissue centre; rigid corrections keep each map's scale (the ratio of pixel sizes).
+    """
+    from scipy.optimize import least_squares
+
+    from .pp._align import compose_to_reference
+
+    if init is None:
+        init = compose_to_reference(pairwise, sections, reference)
+    free = [s for s in sections if s != reference]
+    npar = {"rigid": 3, "similarity": 4, "affine": 6}[transform]
+    centre = {s: np.asarray(points[s], dtype=float).mean(axis=0) for s in sections}
+    terms = []
+    for (m, f), A in pairwise.items():
+        P = np.asarray(points[m], dtype=float)
+        AP = P @ A[:2, :2].T + A[:2, 2]
+        terms.append((m, f, P, AP, np.sqrt(float(weights[(m, f)]) / len(P))))
+
+    def poses(x: np.ndarray) -> dict[str, np.ndarray]:
+        T = {reference: np.asarray(init[reference], dtype=float)}
+        for i, s in enumerate(free):
+            T[s] = init[s] @ _pose_update(x[i * npar : (i + 1) * npar], centre[s], transform)
+        return T
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        T = poses(x)
+        out = []
+        for m, f, P, AP, w in terms:
+            a = P @ T[m][:2, :2].T + T[m][:2, 2]
+            b = AP @ T[f][:2, :2].T + T[f][:2, 2]
+            out.append((w * (a - b)).ravel())
+        return np.concatenate(out)
+
+    x0 = np.zeros(npar * len(free))
+    if free:
+        sol = least_squares(residuals, x0, method="lm" if len(residuals(x0)) >= len(x0) else "trf", xtol=1e-12)
+        x0 = sol.x
+    T = poses(x0)
+    ref_inv = np.linalg.inv(T[reference])
+    return {s: ref_inv @ M for s, M in T.items()}
+
+
+def pair_residuals_um(
+    pairwise: Mapping[tuple[str, str], np.ndarray],
+    points: Mapping[str, np.ndarray],
+    transforms: Mapping[str, np.ndarray],
+    um_per_px: float,
+) -> dict[tuple[str, str], float]:
+    """Median displacement (µm) between each pair's map and the stack's maps: ``|T_m p - T_f A_mf p|``."""
+    out = {}
+    for (m, f), A in pairwise.items():
+        P = np.asarray(points[m], dtype=float)
+        a = P @ transforms[m][:2, :2].T + transforms[m][:2, 2]
+        AP = P @ A[:2, :2].T + A[:2, 2]
+        b = AP @ transforms[f][:2, :2].T + transforms[f][:2, 2]
+        out[(m, f)] = float(np.median(np.linalg.norm(a - b, axis=1))) * float(um_per_px)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # one pair, one stack
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -628,6 +765,7 @@ class StackRegistration:
     pairwise: dict[tuple[str, str], np.ndarray]
     quality: dict[str, Any]
     params: dict[str, Any]
+    transforms: dict[str, np.ndarray] = field(default_factory=dict)  # T_s: native px -> reference px
 
 
 def check_pixel_sizes(
@@ -757,22 +895,28 @@ def register_stack(
     target_size: int = 1000,
     rotation_step: float = 10.0,
     max_scale_ratio: float = 1.5,
+    pairs: str = "adjacent",
     seed: int = 0,
     show_progress_bar: bool = True,
 ) -> StackRegistration:
-    """Register consecutive ``sections`` pairwise towards ``reference`` (see :func:`asign.pp.align_layers`)."""
+    """Register ``sections`` pairwise and place them in the reference's frame (see :func:`asign.pp.align_layers`).
+
+    With ``pairs="adjacent"`` the consecutive maps are composed towards the reference; with ``pairs="second"`` the
+    second neighbours are registered too and the poses come from :func:`solve_pose_graph`.
+    """
     from tqdm.auto import tqdm
 
-    from .pp._align import registration_pairs
+    from .pp._align import compose_to_reference, registration_pairs
 
-    pairs = registration_pairs(sections, reference)
+    adjacent = registration_pairs(sections, reference)
+    all_pairs = stack_pairs(sections, reference, pairs)
     landmarks = {str(k): np.asarray(v, dtype=float) for k, v in (landmarks or {}).items()}
     unknown = [s for s in landmarks if s not in stack.sections]
     if unknown:
         msg = f"Landmarks given for unknown sections {unknown}; the stack has sections {stack.sections}."
         raise KeyError(msg)
     if method == "landmarks":
-        lacking = sorted({s for p in pairs for s in p if s not in landmarks})
+        lacking = sorted({s for p in adjacent for s in p if s not in landmarks})
         if lacking:
             msg = f"method='landmarks' needs landmarks for every section to align; missing for {lacking}."
             raise ValueError(msg)
@@ -786,11 +930,11 @@ def register_stack(
     um = {s: float(stack.um_per_px[stack.index(s)]) for s in sections}
     work, px_um = load_work_images(sdata, stack, sections, target_size=target_size)
     if method == "ants":
-        check_pixel_sizes(work, pairs, um, transform=transform, max_scale_ratio=max_scale_ratio)
+        check_pixel_sizes(work, adjacent, um, transform=transform, max_scale_ratio=max_scale_ratio)
 
     pairwise: dict[tuple[str, str], np.ndarray] = {}
     rows: list[dict[str, Any]] = []
-    it = tqdm(pairs, desc="Registering sections", disable=not show_progress_bar)
+    it = tqdm(all_pairs, desc="Registering sections", disable=not show_progress_bar)
     for m, f in it:
         lm = None
         if m in landmarks and f in landmarks:
@@ -825,12 +969,66 @@ def register_stack(
         pairwise[(m, f)] = A_full
         rows.append(row)
         logger.debug(f"{row['pair']}: Dice {row['dice_before']:.3f} -> {row['dice_after']:.3f}")
-    quality = quality_columns(rows)
     params = {
         "working_um_per_px": float(px_um) if np.isfinite(px_um) else -1.0,
         "working_levels": {s: int(w.level) for s, w in work.items()},
         "ants_type": ANTS_TYPES[transform],
         "dice_tolerance": DICE_TOLERANCE,
         "landmarks": sorted(landmarks),
+        "pairs": str(pairs),
     }
-    return StackRegistration(pairwise=pairwise, quality=quality, params=params)
+    if pairs == "adjacent":
+        T = compose_to_reference(pairwise, sections, reference)
+        return StackRegistration(pairwise=pairwise, quality=quality_columns(rows), params=params, transforms=T)
+
+    # pose graph: every pair votes for the poses, weighted by how well its tissue masks agree
+    points = {s: tissue_points(work[s]) if s in work else _spot_points(sdata, stack, s) for s in sections}
+    weights = {(r["moving"], r["fixed"]): pair_weight(r["dice_after"]) for r in rows}
+    T = solve_pose_graph(pairwise, points, weights, sections, reference, transform=transform)
+    um_ref = um[reference]
+    resid = pair_residuals_um(pairwise, points, T, um_ref)
+    final = {}
+    for r in rows:
+        m, f = r["moving"], r["fixed"]
+        A = np.linalg.inv(T[f]) @ T[m]
+        if m in work and f in work:
+            final[(m, f)] = pair_scores(work[m], work[f], to_working(A, work[m], work[f]))
+        else:
+            final[(m, f)] = (float("nan"), float("nan"))
+    params["pose_graph"] = {
+        "pair": [r["pair"] for r in rows],
+        "kind": ["adjacent" if (r["moving"], r["fixed"]) in adjacent else "second" for r in rows],
+        "weight": np.asarray([weights[(r["moving"], r["fixed"])] for r in rows], dtype=float),
+        "dice_pair": np.asarray([r["dice_after"] for r in rows], dtype=float),
+        "nmi_pair": np.asarray([r["nmi_after"] for r in rows], dtype=float),
+        "dice_final": np.asarray([final[(r["moving"], r["fixed"])][0] for r in rows], dtype=float),
+        "nmi_final": np.asarray([final[(r["moving"], r["fixed"])][1] for r in rows], dtype=float),
+        "residual_um": np.asarray([resid[(r["moving"], r["fixed"])] for r in rows], dtype=float),
+        "dice_floor": DICE_FLOOR,
+    }
+    # the consecutive pairs' figures describe the maps returned (the pose graph's), the pair's own ones are kept
+    adj_rows = []
+    for r in rows:
+        m, f = r["moving"], r["fixed"]
+        if (m, f) not in adjacent:
+            continue
+        A = np.linalg.inv(T[f]) @ T[m]
+        adj_rows.append(
+            {
+                **r,
+                "dice_after": final[(m, f)][0],
+                "nmi_after": final[(m, f)][1],
+                **decompose(A),
+            }
+        )
+    quality = quality_columns(adj_rows)
+    quality["dice_pair"] = np.asarray([r["dice_after"] for r in rows if (r["moving"], r["fixed"]) in adjacent])
+    quality["nmi_pair"] = np.asarray([r["nmi_after"] for r in rows if (r["moving"], r["fixed"]) in adjacent])
+    quality["residual_um"] = np.asarray([resid[(r["moving"], r["fixed"])] for r in adj_rows])
+    return StackRegistration(pairwise=pairwise, quality=quality, params=params, transforms=T)
+
+
+def _spot_points(sdata: SpatialData, stack: StackInfo, section: str) -> np.ndarray:
+    """Spot centres (x, y) of a section in its native pixels (for sections without an image)."""
+    shapes = sdata.shapes[stack.shapes_key(section)]
+    return np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()]).astype(float)

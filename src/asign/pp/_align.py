@@ -327,6 +327,7 @@ def align_layers(
     min_dice: float = 0.8,
     rotation_step: float = 10.0,
     max_scale_ratio: float = 1.5,
+    pairs: Literal["adjacent", "second"] = "adjacent",
     table_key: str = Key.TABLE,
     inplace: bool = True,
     seed: int = 0,
@@ -335,7 +336,9 @@ def align_layers(
     """Align serial sections into one coordinate system from their H&E images.
 
     Consecutive sections are registered pairwise, each onto its neighbour towards the reference, and the pairwise
-    maps are composed towards the reference (so errors do not accumulate from one end of the stack):
+    maps are composed towards the reference (so errors do not accumulate from one end of the stack); with
+    ``pairs="second"`` every section is also registered onto its second neighbour and the maps come from a pose graph
+    that reconciles all pairs:
 
     1. both images are read from the pyramid level closest above the working resolution (longer side about
        ``target_size`` px) and resampled to one physical pixel size, as grey scale with tissue bright; tissue masks
@@ -344,7 +347,10 @@ def align_layers(
        (and mirror images if ``mirror``), keeping the best mask Dice (user ``landmarks`` replace this search);
     3. refinement with ANTs (:func:`ants.registration`, ``"Rigid"``, ``"Similarity"`` or ``"Affine"``,
        single-threaded with a fixed seed); it is kept only if it does not lower the mask Dice of the start;
-    4. the map is converted to full-resolution pixels and composed towards the reference.
+    4. the map is converted to full-resolution pixels and composed towards the reference; or, with
+       ``pairs="second"``, the section maps ``T_s`` minimise ``sum w_mf mean_p |T_m p - T_f A_mf p|^2`` over all
+       registered pairs ``A_mf`` and the moving section's tissue points ``p`` (weights ``w = 1 / max(1 - Dice,
+       0.005)`` from each pair's tissue-mask Dice), so a pair that disagrees with the others is outvoted.
 
     Expression and any published registration are never read.
 
@@ -381,6 +387,9 @@ def align_layers(
     max_scale_ratio
         With ``transform="rigid"``, raise an error if the tissue of two consecutive sections differs in linear size
         by more than this factor: the pixel sizes in the manifest are then probably wrong.
+    pairs
+        ``"adjacent"``: register consecutive sections and compose the maps; ``"second"``: register every section also
+        onto its second neighbour and solve the pose graph (about twice the time).
     {table_key}
     {inplace}
     {seed}
@@ -403,8 +412,12 @@ def align_layers(
       slides / after alignment), ``nmi_before`` / ``nmi_after`` (normalised mutual information of the grey images),
       ``dice_start`` (of the coarse start), ``refined`` (whether the ANTs result was kept), ``rotation_deg``,
       ``scale``, ``anisotropy``, ``mirrored`` and ``passed`` (``dice_after >= min_dice``); for given transforms and
-      landmarks the figures are computed from the images too (NaN where a section has none). ``params`` holds the
-      options, the working pixel size and the run time.
+      landmarks the figures are computed from the images too (NaN where a section has none). With
+      ``pairs="second"`` the consecutive pairs' ``dice_after``, ``nmi_after``, ``rotation_deg``, ... describe the
+      maps returned (``T_fixed^{{-1}} T_moving``), ``dice_pair`` / ``nmi_pair`` the pair's own registration and
+      ``residual_um`` the median distance between the two (µm); ``params['pose_graph']`` has the same figures for
+      every registered pair (columns ``pair``, ``kind``, ``weight``, ``dice_pair``, ``nmi_pair``, ``dice_final``,
+      ``nmi_final``, ``residual_um``). ``params`` holds the options, the working pixel size and the run time.
 
     When ``sdata`` is backed by a zarr store, the transformations and the table are written back.
     """
@@ -416,6 +429,9 @@ def align_layers(
         raise ValueError(msg)
     if method not in METHODS:
         msg = f"Unknown method {method!r}; choose one of {list(METHODS)}."
+        raise ValueError(msg)
+    if pairs not in ("adjacent", "second"):
+        msg = f"Unknown pairs={pairs!r}; choose 'adjacent' (consecutive sections) or 'second' (also (i, i + 2))."
         raise ValueError(msg)
     secs = _resolve_sections(stack, sections)
     if reference is None:
@@ -432,6 +448,7 @@ def align_layers(
         "target_size": int(target_size),
         "min_dice": float(min_dice),
         "rotation_step": float(rotation_step),
+        "pairs": str(pairs),
         "seed": int(seed),
     }
     t0 = time.perf_counter()
@@ -479,10 +496,11 @@ def align_layers(
             target_size=target_size,
             rotation_step=rotation_step,
             max_scale_ratio=max_scale_ratio,
+            pairs=pairs,
             seed=seed,
             show_progress_bar=show_progress_bar,
         )
-        T = compose_to_reference(res.pairwise, secs, reference)
+        T = res.transforms
         quality = res.quality
         params.update(res.params)
     if quality.get("pair") is not None and len(quality["pair"]):
