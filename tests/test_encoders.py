@@ -227,3 +227,114 @@ def test_patch_dataset_mixes_jobs_into_full_batches():
     out = embed_patches(get_encoder(Mean(), input_size=8), srcs, jobs, 20, batch_size=4, show_progress_bar=False)
     assert np.isfinite(out[:17]).all() and np.isnan(out[17:]).all()
     assert np.allclose(out[:10], out[0]) and not np.allclose(out[10], out[0])
+
+
+def test_pick_level_and_level_window():
+    from asign._encoders import level_window, pick_level
+
+    sc = [1.0, 2.0, 4.0, 8.0]
+    # coarsest level that still gives >= 224 px across the patch
+    assert pick_level(1024, 224, sc) == 2  # 256 px at 4x; 8x would give 128
+    assert pick_level(512, 224, sc) == 1
+    assert pick_level(448, 224, sc) == 1  # exactly 224 px at 2x
+    assert pick_level(440, 224, sc) == 0  # 220 px at 2x: too few
+    assert pick_level(224, 224, sc) == 0  # spot patches stay at native resolution
+    assert pick_level(224, 112, sc) == 1  # ... unless the input is smaller
+    assert pick_level(1024, None, sc) == 0  # native-size input
+    assert pick_level(1024, 224, [1.0, 2.0, None, 8.0]) == 1  # unusable level skipped
+    # HER2ST-like scales (odd sides): 1024 / 4.0012 = 255.9 px still counts as 256
+    assert pick_level(1024, 256, [1.0, 2.0002, 4.0012, 8.006]) == 2
+    x, y, s = level_window(np.array([0, 512, 1536]), np.array([1024, 0, 512]), 512, 2.0, 2.0)
+    assert s == 256 and x.tolist() == [0, 256, 768] and y.tolist() == [512, 0, 256]
+    x, y, s = level_window(np.array([8192]), np.array([8192]), 1024, 4.0012, 4.0009)
+    assert s == 256 and abs(x[0] - 8192 / 4.0009) < 1 and abs(y[0] - 8192 / 4.0012) < 1
+    x, y, s = level_window(np.array([-5]), np.array([7]), 100, 1.0, 1.0)
+    assert (x[0], y[0], s) == (-5, 7, 100)
+
+
+def test_resize_batch_matches_torchvision_and_pil():
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    from asign._encoders import resize_batch
+
+    rng = np.random.default_rng(0)
+    # smooth image plus noise (a realistic mix of low and high frequencies)
+    yy, xx = np.mgrid[:256, :256]
+    base = 127 + 80 * np.sin(xx / 9.0) * np.cos(yy / 13.0)
+    img = np.clip(base[None] + rng.normal(0, 30, (3, 256, 256)), 0, 255).astype(np.uint8)
+    x = torch.from_numpy(img)[None]
+    ours = resize_batch(x.float(), 224)
+    assert ours.shape == (1, 3, 224, 224) and ours.dtype == torch.float32
+    tv = TF.resize(x.float(), [224, 224], antialias=True)
+    torch.testing.assert_close(ours, tv, rtol=0, atol=1e-3)
+    tv8 = TF.resize(x, [224, 224], antialias=True).float()  # uint8 path: fixed-point weights, rounded
+    assert (ours - tv8).abs().max() <= 1.5
+    pil = np.stack([np.asarray(Image.fromarray(c).resize((224, 224), Image.Resampling.BILINEAR)) for c in img])
+    assert np.abs(ours[0].numpy() - pil).max() <= 1.5
+    # a same-size batch is returned as is; deterministic
+    assert resize_batch(ours, 224) is ours
+    torch.testing.assert_close(resize_batch(x.float(), 224), ours, rtol=0, atol=0)
+
+
+class _Pool(torch.nn.Module):
+    """A small fixed convolution + pooling: sensitive to texture, not only to the mean colour."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=2)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+def test_device_resize_equals_reader_resize():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (3, 400, 400), dtype=np.uint8)
+    srcs = [ImageSource(img)]
+    jobs = [
+        PatchJob(0, rng.integers(-20, 380, 9), rng.integers(-20, 380, 9), 24, np.arange(9)),
+        PatchJob(0, rng.integers(0, 300, 6), rng.integers(0, 300, 6), 64, 9 + np.arange(6)),
+        PatchJob(0, rng.integers(0, 300, 5), rng.integers(0, 300, 5), 64, 15 + np.arange(5)),
+    ]
+    # readers only read: batches keep the read side and group consecutive jobs of one side
+    ds = PatchDataset(srcs, jobs, batch_size=4, input_size=32, resize=False)
+    assert [ds.batch_side(b) for b in range(len(ds))] == [24, 24, 24, 64, 64, 64]
+    assert [ds.batch_len(b) for b in range(len(ds))] == [4, 4, 1, 4, 4, 3]
+    _, x = ds[3]
+    assert x.shape == (4, 3, 64, 64)
+    # patches larger than twice the input side come in proportionally smaller batches (bounded batch memory)
+    big = PatchDataset(
+        srcs,
+        [PatchJob(0, np.zeros(5, int), np.zeros(5, int), 128, np.arange(5))],
+        batch_size=8,
+        input_size=32,
+        resize=False,
+    )
+    assert [big.batch_len(b) for b in range(len(big))] == [2, 2, 1]
+    enc = get_encoder(_Pool(), input_size=32)
+    kw = {"batch_size": 4, "device": "cpu", "show_progress_bar": False}
+    dev = embed_patches(enc, srcs, jobs, 20, resize="device", **kw)
+    rd = embed_patches(enc, srcs, jobs, 20, resize="reader", **kw)
+    # the device path resizes in float32, the reader path on uint8 (rounded): nearly equal
+    np.testing.assert_allclose(dev, rd, rtol=0, atol=2e-2 * np.abs(rd).max())
+    cos = (dev * rd).sum(1) / np.linalg.norm(dev, axis=1) / np.linalg.norm(rd, axis=1)
+    assert cos.min() > 0.999
+    # and equal to a reference: read at native size, resize with torchvision, encode
+    from torchvision.transforms.v2 import functional as TF
+
+    raw = torch.from_numpy(srcs[0].read(jobs[1].x0, jobs[1].y0, 64))
+    with torch.inference_mode():
+        ref = enc(TF.resize(raw, [32, 32], antialias=True)).numpy()  # uint8 resize, as the readers
+        ref_f = enc(TF.resize(raw.float(), [32, 32], antialias=True)).numpy()
+    np.testing.assert_allclose(dev[9:15], ref_f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rd[9:15], ref, rtol=1e-4, atol=1e-4)
+    # deterministic on the CPU
+    np.testing.assert_array_equal(dev, embed_patches(enc, srcs, jobs, 20, resize="device", **kw))
+    # a non-torch encoder gets a uint8 batch resized on the CPU
+    hc = get_encoder("handcrafted", input_size=32)
+    f = embed_patches(hc, srcs, jobs[:1], 9, resize="device", **kw)
+    assert f.shape == (9, HANDCRAFTED_DIM) and np.isfinite(f).all()
+    with pytest.raises(ValueError, match="resize"):
+        embed_patches(enc, srcs, jobs, 20, resize="gpu", **kw)

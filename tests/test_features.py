@@ -339,3 +339,107 @@ def test_her2st_patches_match_the_decoded_jpeg(her2st_path):
     px = img[xy[:, 1], xy[:, 0]] / 255.0
     expect = (px - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
     np.testing.assert_allclose(res.features_spot[rows], expect, atol=1e-5)
+
+
+def set_pyramid(sd, section, levels):
+    """Replace a section's image by a multiscale element whose levels are the given (3, y, x) uint8 arrays, each
+    its own dask array (a stored pyramid, as read from zarr)."""
+    import xarray as xr
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity, set_transformation
+
+    h0, w0 = levels[0].shape[1:]
+    nodes = {}
+    for k, a in enumerate(levels):
+        h, w = a.shape[1:]
+        coords = {"c": ["r", "g", "b"], "y": (np.arange(h) + 0.5) * h0 / h, "x": (np.arange(w) + 0.5) * w0 / w}
+        arr = xr.DataArray(da.from_array(a, chunks=(3, 128, 128)), dims=("c", "y", "x"), coords=coords, name="image")
+        nodes[f"scale{k}"] = xr.Dataset({"image": arr})
+    tree = xr.DataTree.from_dict(nodes)
+    set_transformation(tree, {section: Identity()}, set_all=True)
+    Image2DModel().validate(tree)
+    sd.images[f"he_{section}"] = tree
+
+
+def box_pyramid(img, n_levels):
+    levels = [img]
+    for _ in range(n_levels - 1):
+        a = levels[-1].astype(np.float32)
+        levels.append(np.round(a.reshape(3, a.shape[1] // 2, 2, a.shape[2] // 2, 2).mean((2, 4))).astype(np.uint8))
+    return levels
+
+
+def normalised(v):
+    return (v / 255.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+
+
+def test_tiles_are_read_from_the_coarsest_sufficient_level(small_stack):
+    sd = small_stack
+    img = image_array(sd, "S1")
+    # 4 stored levels (1, 2, 4, 8x); levels 1-3 are constant colours 50, 100, 150 so features reveal the level read
+    levels = [img] + [np.full((3, 512 >> k, 512 >> k), 50 * k, np.uint8) for k in (1, 2, 3)]
+    set_pyramid(sd, "S1", levels)
+    kw = {"encoder": MeanColour(), "sections": ["S1"], "scales": SMALL, "input_size": 32, "show_progress_bar": False}
+    res = asign.pp.extract_features(sd, inplace=False, **kw)
+    rows = rows_of(sd, "S1")
+    # spot 32 px -> 32 px input: full resolution; region 128 px: 4x level (32 px); global 256 px: 8x level (32 px)
+    assert res.params["pyramid_level"] == {"spot": [0, -1, -1], "region": [2, -1, -1], "global": [3, -1, -1]}
+    assert res.params["read_px"] == {"spot": [32, 0, 0], "region": [32, 0, 0], "global": [32, 0, 0]}
+    assert res.params["pyramid"] == "auto" and res.params["resize"] == "device"
+    np.testing.assert_allclose(res.features_region[rows], np.tile(normalised(100.0), (len(rows), 1)), atol=1e-5)
+    np.testing.assert_allclose(res.features_global[rows], np.tile(normalised(150.0), (len(rows), 1)), atol=1e-5)
+    assert not np.allclose(res.features_spot[rows], normalised(0.0), atol=0.1)  # the real image at level 0
+    # a larger input needs a finer level: 64 px from the 2x level (64 px read) for regions, 4x for globals
+    res = asign.pp.extract_features(sd, inplace=False, **{**kw, "input_size": 64})
+    assert res.params["pyramid_level"]["region"][0] == 1 and res.params["pyramid_level"]["global"][0] == 2
+    np.testing.assert_allclose(res.features_region[rows], np.tile(normalised(50.0), (len(rows), 1)), atol=1e-5)
+    # pyramid='never' and native-size input read full resolution
+    for extra in ({"pyramid": "never"}, {"input_size": None}):
+        res = asign.pp.extract_features(sd, inplace=False, **{**kw, **extra})
+        assert res.params["pyramid_level"]["global"][0] == 0
+        assert not np.allclose(res.features_global[rows], normalised(150.0), atol=0.05)
+
+
+def test_pyramid_features_are_close_to_the_full_resolution_path(small_stack):
+    sd = small_stack
+    img = image_array(sd, "S1")
+    set_pyramid(sd, "S1", box_pyramid(img, 4))
+    kw = {"sections": ["S1"], "scales": SMALL, "input_size": 32, "show_progress_bar": False, "inplace": False}
+    rows = rows_of(sd, "S1")
+    a = asign.pp.extract_features(sd, encoder=MeanColour(), **kw)
+    b = asign.pp.extract_features(sd, encoder=MeanColour(), pyramid="never", **kw)
+    assert a.params["pyramid_level"]["global"][0] == 3 and b.params["pyramid_level"]["global"][0] == 0
+    # mean colour: the box pyramid keeps it (up to uint8 rounding)
+    np.testing.assert_allclose(a.features_global[rows], b.features_global[rows], atol=0.02)
+    np.testing.assert_array_equal(a.features_spot, b.features_spot)
+    # a real encoder at a 64 px input: regions from the 2x, globals from the 4x box level (64 px read, no resize) vs
+    # the full-resolution tiles resized to 64 px (antialiased bilinear)
+    kw["input_size"] = 64
+    a = asign.pp.extract_features(sd, encoder="efficientnet_lite0", **kw)
+    b = asign.pp.extract_features(sd, encoder="efficientnet_lite0", pyramid="never", **kw)
+    assert a.params["pyramid_level"]["region"][0] == 1 and a.params["pyramid_level"]["global"][0] == 2
+    for tab in ("regions", "globals_"):
+        fa, fb = getattr(a.tiles, tab).obsm["features"], getattr(b.tiles, tab).obsm["features"]
+        keep = np.isfinite(fa).all(axis=1)
+        fa, fb = fa[keep], fb[keep]
+        cos = (fa[:, None] * fb[None]).sum(-1) / np.linalg.norm(fa, axis=1)[:, None] / np.linalg.norm(fb, axis=1)
+        same, other = np.diag(cos), cos[~np.eye(len(cos), dtype=bool)]
+        assert same.mean() > 0.96 and same.min() > 0.93
+        # each tile is closer to itself at full resolution than to any other tile
+        assert (np.argmax(cos, axis=1) == np.arange(len(cos))).all() and other.mean() < 0.7
+
+
+def test_in_memory_pyramid_levels_are_used_only_when_asked(small_stack):
+    sd = small_stack
+    # small_stack's images are parsed in memory: scale1 is computed from scale0 by dask on the fly
+    kw = {"encoder": MeanColour(), "scales": SMALL, "input_size": 32, "show_progress_bar": False, "inplace": False}
+    auto = asign.pp.extract_features(sd, **kw)
+    always = asign.pp.extract_features(sd, pyramid="always", **kw)
+    assert auto.params["pyramid_level"]["region"] == [0, 0, 0]
+    assert always.params["pyramid_level"]["region"] == [1, 1, 1]
+    assert always.params["read_px"]["global"] == [128] * 3
+    np.testing.assert_allclose(always.features_region, auto.features_region, atol=0.02)
+    with pytest.raises(ValueError, match="pyramid"):
+        asign.pp.extract_features(sd, pyramid="yes", **kw)
+    with pytest.raises(ValueError, match="resize"):
+        asign.pp.extract_features(sd, resize="gpu", **kw)

@@ -149,3 +149,35 @@ def test_key_added(small_stack):
     asign.pp.make_tiles(sd, scales={"region": 128, "global": 256}, key_added="hr")
     assert "hr_regions" in sd.tables and "hr_globals" in sd.tables
     assert "hr_region" in sd.tables["table"].obs and "hr_global" in sd.tables["hr_regions"].obs
+
+
+def test_image_levels_scales_and_stored_flag(small_stack, tmp_path):
+    import dask.array as da
+    import xarray as xr
+
+    from asign.pp._tiles import image_levels
+
+    sd = small_stack
+    lv = image_levels(sd.images["he_S1"])
+    assert [x.name for x in lv] == ["scale0", "scale1"]
+    assert [(x.scale_y, x.scale_x) for x in lv] == [(1.0, 1.0), (2.0, 2.0)]
+    assert lv[0].data.shape == (3, 512, 512) and lv[1].data.shape == (3, 256, 256)
+    # parsed in memory: scale1 is computed from scale0 by dask, so it does not count as stored
+    assert lv[0].stored and not lv[1].stored
+    # written and read back: every level is its own zarr array
+    import spatialdata as sdt
+
+    sdt.SpatialData(images={"he": sd.images["he_S1"]}).write(tmp_path / "x.zarr")
+    back = sdt.read_zarr(tmp_path / "x.zarr")
+    assert [x.stored for x in image_levels(back.images["he"])] == [True, True]
+    # odd sides give non-integer scales (ratios of sizes per axis); a single-scale image is one stored level
+    odd = xr.DataTree.from_dict(
+        {
+            "scale0": xr.Dataset({"image": (("c", "y", "x"), da.zeros((3, 1001, 999), dtype=np.uint8))}),
+            "scale1": xr.Dataset({"image": (("c", "y", "x"), da.zeros((3, 500, 499), dtype=np.uint8))}),
+        }
+    )
+    lv = image_levels(odd)
+    assert lv[1].scale_y == 1001 / 500 and lv[1].scale_x == 999 / 499 and lv[1].stored
+    single = image_levels(odd["scale0"].ds["image"])
+    assert len(single) == 1 and single[0].stored and single[0].scale_x == 1.0

@@ -101,15 +101,24 @@ class Encoder:
         return self
 
     def __call__(
-        self, batch: torch.Tensor, *, mixed_precision: bool = False, channels_last: bool = True
+        self, batch: torch.Tensor, *, mixed_precision: bool = False, channels_last: bool = True, resize: bool = False
     ) -> torch.Tensor:
-        """Embed a uint8 batch ``(B, 3, H, W)`` (already on the encoder's device); returns float32 ``(B, dim)``."""
+        """Embed a uint8 batch ``(B, 3, H, W)`` (already on the encoder's device); returns float32 ``(B, dim)``.
+
+        With ``resize=True`` a batch whose side differs from ``input_size`` is first resized on its device with
+        :func:`resize_batch` (float32, antialiased bilinear; rounded back to uint8 for non-torch encoders).
+        """
         import torch
 
+        resize = resize and self.input_size is not None and tuple(batch.shape[2:]) != (self.input_size, self.input_size)
         if self.module is None:
+            if resize:
+                batch = resize_batch(batch.cpu().float(), self.input_size).round_().clamp_(0, 255).to(torch.uint8)
             arr = batch.permute(0, 2, 3, 1).cpu().numpy()
             return torch.from_numpy(np.asarray(self.fn(arr), dtype=np.float32))
         x = batch.float()
+        if resize:
+            x = resize_batch(x, self.input_size)
         key = str(x.device)
         if key not in self._norm:
             # created once per device (a per-batch host-to-device copy would synchronise the stream)
@@ -127,6 +136,20 @@ class Encoder:
         else:
             out = self.module(x)
         return _pool_output(out, self.name).float()
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a float batch ``(B, C, h, w)`` to ``(size, size)`` on its device: antialiased bilinear interpolation.
+
+    The same filter as :func:`torchvision.transforms.v2.functional.resize` with ``antialias=True`` (and PIL's
+    bilinear): a triangle kernel widened by the down-scaling factor, half-pixel centres (``align_corners=False``).
+    Deterministic on the CPU and on CUDA (forward pass only).
+    """
+    import torch.nn.functional as F
+
+    if tuple(x.shape[2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(int(size), int(size)), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _pool_output(out: Any, name: str) -> torch.Tensor:
@@ -597,6 +620,11 @@ class ImageSource:
         state["_cache"], state["_cached_bytes"] = OrderedDict(), 0
         return state
 
+    def clear_cache(self) -> None:
+        """Drop the cached chunks (they may be views that keep a whole decoded image alive)."""
+        self._cache.clear()
+        self._cached_bytes = 0
+
     def chunk_index(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Chunk (row, col) containing pixels ``(x, y)`` (clipped to the image)."""
         if not self.lazy:
@@ -675,6 +703,44 @@ class ImageSource:
         return out
 
 
+def pick_level(side: int, target: int | None, scales: Sequence[float | None]) -> int:
+    """Index of the coarsest pyramid level from which a ``side`` px (level-0) patch still has ``target`` px.
+
+    ``scales[k]`` is level ``k``'s pixel size in level-0 pixels (``scales[0] == 1``; `None` marks a level that
+    must not be used). The patch covers ``round(side / scales[k])`` pixels of level ``k``; the coarsest level where
+    that is at least ``target`` wins, so the encoder input is never upsampled from a coarser level than needed
+    (e.g. a 1024 px tile for a 224 px input is read from a 4x coarser level as 256 px). ``target=None`` (native
+    size input) always gives level 0.
+    """
+    if target is None:
+        return 0
+    best, best_scale = 0, 1.0
+    for k, sc in enumerate(scales):
+        if sc is None or k == 0:
+            continue
+        if round(side / float(sc)) >= int(target) and float(sc) > best_scale:
+            best, best_scale = k, float(sc)
+    return best
+
+
+def level_window(
+    x0: np.ndarray, y0: np.ndarray, side: int, scale_y: float, scale_x: float
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The window of a pyramid level covering level-0 patches ``[x0, x0 + side) x [y0, y0 + side)``.
+
+    Level pixel ``j`` covers level-0 ``[j s, (j + 1) s)``; corners are rounded to the nearest level pixel and the
+    (square) side to ``round(side / s)`` with ``s`` the mean of the two axis scales, so the window is off by less
+    than one level pixel. Returns ``(x0_level, y0_level, side_level)``.
+    """
+    x0 = np.asarray(x0, dtype=np.float64)
+    y0 = np.asarray(y0, dtype=np.float64)
+    if scale_x == 1.0 and scale_y == 1.0:
+        return x0.astype(np.int64), y0.astype(np.int64), int(side)
+    xk = np.floor(x0 / scale_x + 0.5).astype(np.int64)
+    yk = np.floor(y0 / scale_y + 0.5).astype(np.int64)
+    return xk, yk, max(1, int(round(side / (0.5 * (scale_x + scale_y)))))
+
+
 def _in_dataloader_worker() -> bool:
     try:
         from torch.utils.data import get_worker_info
@@ -709,15 +775,20 @@ class PatchJob:
 class PatchDataset:
     """A map-style torch dataset whose items are whole batches of uint8 patches ``(B, 3, s, s)``.
 
-    Patches of each job are ordered spatially (Z-order of image chunks) so that a batch touches few chunks. With a
-    fixed ``input_size`` a batch may mix jobs (sections, levels), so every batch but the last is full; with native
-    sizes (``input_size=None``) batches stay within one job and shrink for large patches. Patches are read lazily
-    from :class:`ImageSource` objects and resized to ``input_size`` with antialiased bilinear interpolation (on
-    uint8, as torchvision does), a few MiB of raw pixels at a time.
+    Patches of each job are ordered spatially (Z-order of image chunks) so that a batch touches few chunks.
+    Consecutive jobs whose patches come out at the same side share batches (so every batch but the last of such a
+    run is full). Patches are read lazily from :class:`ImageSource` objects, a few MiB of raw pixels at a time.
+
+    With ``resize=True`` (and a fixed ``input_size``) the reader resizes every patch to ``input_size`` with
+    antialiased bilinear interpolation on uint8 (as torchvision does), so all jobs share batches of side
+    ``input_size``. With ``resize=False`` the reader only reads: batches hold the patches at their read side and the
+    resize is left to the consumer (:class:`Encoder` resizes on its device); batches of patches larger than twice
+    ``input_size`` (or than 224 px for native-size input) shrink in proportion to their area.
 
     Item ``b`` is ``(b, patches)``. When a shared-memory ``ring`` (``(n_slots, slot_bytes)`` uint8, see
     :meth:`make_ring`) is attached, DataLoader workers write batch ``b`` into slot ``b % n_slots`` and return only
-    ``(b, n)``: nothing large is pickled, and the main process reads (or DMAs) the slot directly.
+    ``(b, n)``: nothing large is pickled, and the main process reads (or DMAs) the slot directly. The chunk cache of
+    a source is dropped once the last batch that reads from it has been read.
     """
 
     def __init__(
@@ -727,9 +798,11 @@ class PatchDataset:
         *,
         batch_size: int,
         input_size: int | None,
+        resize: bool = True,
     ) -> None:
         self.sources = sources
         self.input_size = input_size
+        self.resize = bool(resize) and input_size is not None
         self.ring = None
         self._scratch: dict[int, np.ndarray] = {}
         # a batch is a list of segments (image, rows, x0, y0, size)
@@ -742,29 +815,33 @@ class PatchDataset:
             ci, cj = src.chunk_index(job.x0 + job.size // 2, job.y0 + job.size // 2)
             order = np.lexsort((job.x0, job.y0, _morton(np.maximum(ci, 0), np.maximum(cj, 0))))
             ordered.append((job, order))
-        if input_size is None:
-            for job, order in ordered:
-                bs = max(1, int(batch_size * min(1.0, (224.0 / job.size) ** 2)))
-                for s in range(0, len(order), bs):
-                    o = order[s : s + bs]
-                    self.batches.append([(job.image, job.rows[o], job.x0[o], job.y0[o], job.size)])
-        else:
-            current: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]] = []
-            filled = 0
-            for job, order in ordered:
-                s = 0
-                while s < len(order):
-                    take = min(batch_size - filled, len(order) - s)
-                    o = order[s : s + take]
-                    current.append((job.image, job.rows[o], job.x0[o], job.y0[o], job.size))
-                    filled += take
-                    s += take
-                    if filled == batch_size:
-                        self.batches.append(current)
-                        current, filled = [], 0
-            if current:
+        current: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, int]] = []
+        filled, current_side = 0, None
+        for job, order in ordered:
+            side = self.input_size if self.resize else job.size
+            if side != current_side and current:
                 self.batches.append(current)
+                current, filled = [], 0
+            current_side = side
+            ref = 224 if input_size is None else 2 * int(input_size)
+            cap = batch_size if self.resize else max(1, int(batch_size * min(1.0, (ref / side) ** 2)))
+            s = 0
+            while s < len(order):
+                take = min(cap - filled, len(order) - s)
+                o = order[s : s + take]
+                current.append((job.image, job.rows[o], job.x0[o], job.y0[o], job.size))
+                filled += take
+                s += take
+                if filled == cap:
+                    self.batches.append(current)
+                    current, filled = [], 0
+        if current:
+            self.batches.append(current)
         self.max_batch = max((self.batch_len(b) for b in range(len(self.batches))), default=0)
+        self._last_batch: dict[int, int] = {}
+        for b, segs in enumerate(self.batches):
+            for seg in segs:
+                self._last_batch[seg[0]] = b
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -773,7 +850,7 @@ class PatchDataset:
         return int(sum(len(seg[1]) for seg in self.batches[b]))
 
     def batch_side(self, b: int) -> int:
-        return int(self.input_size if self.input_size is not None else self.batches[b][0][4])
+        return int(self.input_size if self.resize else self.batches[b][0][4])
 
     def rows(self, b: int) -> np.ndarray:
         """Output rows of batch ``b``."""
@@ -801,7 +878,7 @@ class PatchDataset:
 
         src = self.sources[image]
         target = self.input_size
-        if target is None or size == target:
+        if not self.resize or size == target:
             src.read(x0, y0, size, out=out.numpy())
             return
         # read and resize a few patches at a time into a reused scratch buffer (no large fresh allocations)
@@ -826,6 +903,9 @@ class PatchDataset:
         for img, r, x0, y0, size in self.batches[b]:
             self._read_into(out[k : k + len(r)], img, x0, y0, size)
             k += len(r)
+        for img in {seg[0] for seg in self.batches[b]}:
+            if self._last_batch.get(img, -1) <= b:
+                self.sources[img].clear_cache()
         return (b, n) if self.ring is not None else (b, out)
 
 
@@ -892,6 +972,7 @@ def embed_patches(
     num_workers: int = 0,
     mixed_precision: bool | None = None,
     channels_last: bool = True,
+    resize: str = "device",
     show_progress_bar: bool = True,
     desc: str = "features",
     stats: dict[str, float] | None = None,
@@ -899,6 +980,9 @@ def embed_patches(
     """Embed every patch of ``jobs`` with ``encoder``; returns float32 ``(n_rows, dim)`` (NaN for rows not covered).
 
     Batches are produced by a :class:`torch.utils.data.DataLoader` over a :class:`PatchDataset`. With
+    ``resize="device"`` the readers only read uint8 patches at their read side and the resize to the encoder's
+    ``input_size`` runs batched on ``device`` (:func:`resize_batch`, float32), so on a GPU the CPU never resizes;
+    ``resize="reader"`` resizes on uint8 in the readers instead (the behaviour before device resizing). With
     ``num_workers > 0`` the reader processes write each batch into a shared-memory ring of batch buffers (page-locked
     on CUDA), so the main process neither unpickles nor copies pixels: it DMAs the slot to the device on a side
     stream. Batches are uint8 until the device, where they are normalised and embedded under
@@ -914,8 +998,11 @@ def embed_patches(
     cuda = device.type == "cuda"
     if mixed_precision is None:
         mixed_precision = cuda
+    if resize not in ("device", "reader"):
+        msg = f"`resize` must be 'device' or 'reader', got {resize!r}."
+        raise ValueError(msg)
     encoder.to(device, channels_last=channels_last)
-    ds = PatchDataset(sources, jobs, batch_size=batch_size, input_size=encoder.input_size)
+    ds = PatchDataset(sources, jobs, batch_size=batch_size, input_size=encoder.input_size, resize=resize == "reader")
     out = np.full((n_rows, encoder.dim), np.nan, dtype=np.float32)
     if len(ds) == 0:
         return out
@@ -988,7 +1075,7 @@ def embed_patches(
                     prev_event = event
                 else:
                     x = host
-                feats = encoder(x, mixed_precision=mixed_precision, channels_last=channels_last)
+                feats = encoder(x, mixed_precision=mixed_precision, channels_last=channels_last, resize=True)
                 if feats.shape != (len(rows), encoder.dim):
                     msg = (
                         f"Encoder {encoder.name!r} returned shape {tuple(feats.shape)}, "

@@ -17,6 +17,7 @@ from asign.pp._tiles import (
     _tile_params,
     compute_tiles,
     image_level0,
+    image_levels,
     index_key,
     resolve_scales,
     tile_table_key,
@@ -93,10 +94,12 @@ def extract_features(
     scales: Mapping[str, int] | None = None,
     scales_um: Mapping[str, float] | None = None,
     input_size: int | None = 224,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     num_workers: int = 0,
     mixed_precision: bool | None = None,
+    pyramid: Literal["auto", "always", "never"] = "auto",
+    resize: Literal["device", "reader"] = "device",
     table_key: str = Key.TABLE,
     key_added: str = Key.ADDED,
     sections: Sequence[str] | None = None,
@@ -107,12 +110,16 @@ def extract_features(
 
     Spot patches are centred on each spot centre (``obsm['spatial']``, rounded to the nearest pixel); region and
     global tiles are the non-overlapping grids of :func:`asign.pp.make_tiles` (index maps spot -> region -> global).
-    All patches are read lazily from level 0 of each section's image (only the image chunks a patch overlaps are
-    computed), padded with white (255) where they cross the image border, resized to ``input_size`` with
-    antialiased bilinear interpolation, normalised with the encoder's mean/std (ImageNet by default) and embedded
-    in batches by **one** frozen encoder, identical for every section and every level (no per-section projection,
-    method.md §8 defect 1). Inference runs in eval mode under :func:`torch.inference_mode`, channels-last, with
-    autocast on CUDA (``mixed_precision``) and deterministic algorithms on the CPU.
+    Each patch is read lazily (only the image chunks it overlaps are computed) from the coarsest pyramid level of
+    its section's image that still gives at least ``input_size`` pixels across it (``pyramid``): with the default
+    scales and a 224 px input, spot patches come from full resolution, 512 px region tiles from the 2x level
+    (256 px) and 1024 px global tiles from the 4x level (256 px). Patches are padded with white (255) where they
+    cross the image border, resized to ``input_size`` with antialiased bilinear interpolation — batched on
+    ``device`` by default, so the readers only read (``resize``) — normalised with the encoder's mean/std
+    (ImageNet by default) and embedded in batches by **one** frozen encoder, identical for every section and every
+    level (no per-section projection, method.md §8 defect 1). Inference runs in eval mode under
+    :func:`torch.inference_mode`, channels-last, with autocast on CUDA (``mixed_precision``) and deterministic
+    algorithms on the CPU.
 
     Parameters
     ----------
@@ -135,13 +142,25 @@ def extract_features(
     input_size
         Side the patches are resized to before the encoder; `None` feeds them at native size (as the paper).
     batch_size
-        Patches per batch (reduced for large native-size inputs).
+        Patches per batch (reduced for large native-size inputs); `None`: 64, or 16 on a CPU running one torch
+        thread (there small batches stay in the caches and run about a quarter faster; with more threads larger
+        batches amortise the synchronisation between them).
     device
         Torch device; `None` picks CUDA when available.
     num_workers
         :class:`torch.utils.data.DataLoader` reader processes (0: read in the main process).
     mixed_precision
         Autocast (bfloat16/float16) on CUDA; `None` enables it on CUDA. Ignored on the CPU.
+    pyramid
+        Which levels of a multiscale image patches may be read from: ``"auto"`` the stored levels (full resolution,
+        levels read from their own zarr arrays or JPEG decodes), not levels that dask computes from full resolution
+        on the fly (in-memory pyramids of :class:`spatialdata.models.Image2DModel`, whose coarse chunks cost more
+        to compute than the full-resolution pixels they replace); ``"always"`` any level; ``"never"`` full
+        resolution only. A level is used only if the patch still spans at least ``input_size`` of its pixels, and
+        never with ``input_size=None``.
+    resize
+        Where patches are resized to ``input_size``: ``"device"`` (batched on ``device``, float32) or
+        ``"reader"`` (on uint8 in the reader processes, as before device resizing).
     table_key
         The spot table.
     key_added
@@ -165,7 +184,9 @@ def extract_features(
     - ``.obs['{key_added}_spot_padded']``: the spot patch crosses the image border;
     - ``.uns['{key_added}_features']``: ``encoder``, ``weights``, ``dim``, ``input_size``, ``mean``, ``std``,
       ``scales_px`` / ``scales_um`` (per level, one entry per section), ``unit``, ``sections`` (processed),
-      ``device``, ``mixed_precision``, ``n_patches``, ``seconds``, table names;
+      ``device``, ``mixed_precision``, ``pyramid``, ``resize``, ``pyramid_level`` / ``read_px`` (per level, one
+      entry per section: the pyramid level ``scale<k>`` read and the patch side in its pixels; -1 / 0 for sections
+      not processed), ``batch_size``, ``n_patches``, ``seconds``, table names;
     - ``.uns['{key_added}_tiles']`` (see :func:`asign.pp.make_tiles`);
 
     and writes the tile tables ``sdata.tables['{key_added}_regions']`` / ``['{key_added}_globals']`` (see
@@ -174,18 +195,24 @@ def extract_features(
     import torch
 
     from asign._device import resolve_device
-    from asign._encoders import ImageSource, PatchJob, embed_patches, get_encoder
+    from asign._encoders import ImageSource, PatchJob, embed_patches, get_encoder, level_window, pick_level
     from asign._stack import section_codes
     from asign.io import validate_stack
 
     stack = validate_stack(sdata, table_key=table_key)
     table = sdata.tables[table_key]
     todo = _select_sections(stack, sections)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         msg = f"`batch_size` must be >= 1, got {batch_size}."
         raise ValueError(msg)
     if input_size is not None and int(input_size) < 1:
         msg = f"`input_size` must be a positive number of pixels or None, got {input_size}."
+        raise ValueError(msg)
+    if pyramid not in ("auto", "always", "never"):
+        msg = f"`pyramid` must be 'auto', 'always' or 'never', got {pyramid!r}."
+        raise ValueError(msg)
+    if resize not in ("device", "reader"):
+        msg = f"`resize` must be 'device' or 'reader', got {resize!r}."
         raise ValueError(msg)
     px, um, unit = resolve_scales(stack, scales, scales_um)
     sizes = []
@@ -197,6 +224,8 @@ def extract_features(
 
     enc = get_encoder(encoder, weights=weights, input_size=input_size)
     dev = resolve_device(device)
+    if batch_size is None:
+        batch_size = 16 if dev.type == "cpu" and torch.get_num_threads() == 1 else 64
     codes = section_codes(table, stack)
     xy = np.asarray(table.obsm[Key.SPATIAL], dtype=np.float64)
     n, nr, ng = table.n_obs, regions.n_obs, globals_.n_obs
@@ -206,23 +235,36 @@ def extract_features(
 
     sources: list[ImageSource] = []
     jobs: list[PatchJob] = []
+    used_level = {lev: [-1] * stack.n_sections for lev in LEVELS}
+    read_px = {lev: [0] * stack.n_sections for lev in LEVELS}
     r_codes = np.asarray(regions.obs[Key.SECTION].cat.codes)
     g_codes = np.asarray(globals_.obs[Key.SECTION].cat.codes)
     for s in todo:
         i = stack.index(s)
-        img = image_level0(sdata.images[stack.image_keys[i]])
-        src = ImageSource(img.transpose("c", "y", "x").data)
-        sources.append(src)
+        levels = image_levels(sdata.images[stack.image_keys[i]])
+        usable = [k == 0 or pyramid == "always" or (pyramid == "auto" and lv.stored) for k, lv in enumerate(levels)]
+        scales_k = [0.5 * (lv.scale_y + lv.scale_x) if ok else None for lv, ok in zip(levels, usable, strict=True)]
+        level_source: dict[int, int] = {}
         m = np.flatnonzero(codes == i)
         S = int(px["spot"][i])
-        padded[m] = (sx0[m] < 0) | (sy0[m] < 0) | (sx0[m] + S > src.width) | (sy0[m] + S > src.height)
-        jobs.append(PatchJob(len(sources) - 1, sx0[m], sy0[m], S, m, f"{s} spot"))
+        h0, w0 = sizes[i]
+        padded[m] = (sx0[m] < 0) | (sy0[m] < 0) | (sx0[m] + S > w0) | (sy0[m] + S > h0)
+        patches = [("spot", sx0[m], sy0[m], S, m)]
         for lev, tab, tcodes, offset in (("region", regions, r_codes, n), ("global", globals_, g_codes, n + nr)):
             t = np.flatnonzero(tcodes == i)
             side = int(px[lev][i])
             x0 = tab.obs["tile_col"].to_numpy()[t] * side
             y0 = tab.obs["tile_row"].to_numpy()[t] * side
-            jobs.append(PatchJob(len(sources) - 1, x0, y0, side, offset + t, f"{s} {lev}"))
+            patches.append((lev, x0, y0, side, offset + t))
+        for lev, x0, y0, side, rows in patches:
+            k = pick_level(side, enc.input_size, scales_k)
+            lv = levels[k]
+            if k not in level_source:
+                sources.append(ImageSource(lv.data))
+                level_source[k] = len(sources) - 1
+            xk, yk, side_k = level_window(x0, y0, side, lv.scale_y, lv.scale_x)
+            jobs.append(PatchJob(level_source[k], xk, yk, side_k, rows, f"{s} {lev}"))
+            used_level[lev][i], read_px[lev][i] = int(k), int(side_k)
     n_patches = int(sum(len(j.rows) for j in jobs))
     logger.info(
         f"Extracting {enc.name} features ({enc.dim}-d, weights {enc.weights}) of {n_patches} patches "
@@ -238,6 +280,7 @@ def extract_features(
         device=dev,
         num_workers=num_workers,
         mixed_precision=mixed_precision,
+        resize=resize,
         show_progress_bar=show_progress_bar,
         desc="extract_features",
     )
@@ -263,6 +306,11 @@ def extract_features(
         "levels": list(LEVELS),
         "device": str(dev),
         "mixed_precision": mp,
+        "pyramid": str(pyramid),
+        "resize": str(resize),
+        "pyramid_level": used_level,
+        "read_px": read_px,
+        "batch_size": int(batch_size),
         "torch_version": str(torch.__version__),
         "n_patches": n_patches,
         "seconds": float(seconds),

@@ -131,6 +131,57 @@ def image_level0(image: Any):
     return image
 
 
+class ImageLevel(NamedTuple):
+    """One level of an image pyramid, see :func:`image_levels`."""
+
+    name: str
+    """Node name (``"scale0"``, ``"scale1"``, ...)."""
+    data: Any
+    """``(3, y, x)`` array (numpy or dask) of the level."""
+    scale_y: float
+    """Pixel height in level-0 pixels (level-0 height / level height)."""
+    scale_x: float
+    """Pixel width in level-0 pixels."""
+    stored: bool
+    """Whether reading the level leaves level 0 alone: level 0 itself, a numpy level, or a dask level whose graph
+    shares no layer with level 0's (read from its own zarr array or JPEG decode). `False` for levels that dask
+    computes from level 0 on the fly (pyramids built in memory by :class:`spatialdata.models.Image2DModel`)."""
+
+
+def _graph_layers(arr: Any) -> set[str] | None:
+    graph = getattr(arr, "dask", None)
+    layers = getattr(graph, "layers", None)
+    return set(layers) if layers is not None else None
+
+
+def image_levels(image: Any) -> list[ImageLevel]:
+    """The levels of an image element, finest first, with their pixel sizes in level-0 pixels.
+
+    Scales are the ratios of level-0 to level sizes per axis (for spatialdata pyramids these equal the ``Scale`` of
+    each level's transformation; for the HER2ST JPEG pyramid, 2.0002 rather than 2 where a side is odd). A single
+    scale image gives one level.
+    """
+    from xarray import DataTree
+
+    def arr(node) -> Any:
+        ds = node.ds
+        da = ds["image"] if "image" in ds else next(iter(ds.data_vars.values()))
+        return da.transpose("c", "y", "x").data
+
+    if not isinstance(image, DataTree):
+        return [ImageLevel("scale0", image.transpose("c", "y", "x").data, 1.0, 1.0, stored=True)]
+    names = sorted(image.children, key=lambda n: int(str(n).removeprefix("scale")))
+    data = [arr(image[n]) for n in names]
+    h0, w0 = int(data[0].shape[1]), int(data[0].shape[2])
+    base = _graph_layers(data[0])
+    out = []
+    for k, (n, a) in enumerate(zip(names, data, strict=True)):
+        layers = _graph_layers(a)
+        stored = k == 0 or layers is None or base is None or not (layers & base)
+        out.append(ImageLevel(str(n), a, h0 / int(a.shape[1]), w0 / int(a.shape[2]), bool(stored)))
+    return out
+
+
 def _tile_table(
     section_codes: np.ndarray,
     rows: np.ndarray,
