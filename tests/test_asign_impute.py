@@ -191,3 +191,24 @@ def test_cross_validate_with_asign(stacks):
     )
     folds = df[df.level == "fold"]
     assert len(folds) == 2 and np.isfinite(folds["pcc_gene"]).all()
+
+
+def test_ensemble_in_worker_processes_equals_sequential(stacks):
+    """``n_jobs=2`` trains the members in two processes and gives the sequential prediction."""
+    import torch
+
+    a, _ = stacks
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same thread count in the main process and the workers
+    try:
+        seq = _impute(a, method_kwargs={"n_models": 2, "n_jobs": 1})
+        par = _impute(a, method_kwargs={"n_models": 2, "n_jobs": 2})
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(par.layers["imputed"], seq.layers["imputed"], rtol=0, atol=1e-6)
+    assert (
+        par.uns["asign"]["result"]["training"]["members"]["seed"]
+        == seq.uns["asign"]["result"]["training"]["members"]["seed"]
+    )
+    with pytest.raises(ValueError, match="n_jobs"):
+        _impute(a, method_kwargs={"n_models": 2, "n_jobs": 0})

@@ -407,6 +407,7 @@ def test_pipeline_outputs(small_stack, tmp_path):
     import asign
     from asign.tl._evaluate import evaluate
     from asign.tl._impute import impute
+
     align_truth(small_stack)
     for method in ("mean", "nearest"):
         impute(small_stack, known="S1", method=method, key_added=f"asign_{method}", n_genes=10, show_progress_bar=False)

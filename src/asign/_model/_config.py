@@ -90,6 +90,50 @@ class ASIGNConfig:
         Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.
     seed
         Seed of the initialisation, masks and sample order.
+    label_input
+        Feed the spot branch, besides its image features, with inputs computed inside the forward pass from the
+        *visible* labels of the step only: the leave-one-out cross-layer propagation of the visible labels
+        (standardised with the visible mean and sd) and the damped propagated visible mass ("reach", about
+        ``0.5 ** hops`` to the nearest visible spot).
+        Off by default. ``method_kwargs={"feature_key": None}`` of ``impute(method="asign")`` turns it on and runs
+        the model without image features (spot level only). *asign decision*.
+    subgraph
+        Training graph scope (:mod:`asign._model._sampling`): ``"auto"`` trains on the whole-sample graph when the
+        estimated training memory (:func:`~asign._model._sampling.estimate_training_bytes`) fits ``memory_limit_gb``
+        and on neighbour-sampled subgraphs otherwise; ``"never"`` always uses the whole graph; ``"always"`` always
+        uses subgraphs. Decided per training sample.
+    batch_size
+        Seed spots (loss rows) per subgraph step; the step's graph is their ``L``-hop neighbourhood.
+    fanout
+        Per-hop cap of the neighbourhood expansion: each node brings in at most its ``fanout`` heaviest in-edges'
+        sources (0: every neighbour, so seed outputs equal the whole-graph ones).
+    seed_order
+        How a masked step's seed spots are split into batches: ``"local"`` cuts the graph's reverse Cuthill-McKee
+        order (from a random offset, batches in random order), so a batch is a compact 3D block whose neighbourhoods
+        overlap and the subgraph stays small; ``"random"`` draws seeds uniformly (their neighbourhoods barely
+        overlap, so each subgraph is much larger).
+    memory_limit_gb
+        Memory budget of ``subgraph="auto"`` and of automatic batched inference, in GiB; 0: half the GPU's memory
+        on CUDA, a quarter of the physical memory on the CPU.
+    inference_batch_size
+        Seed spots per batch of exact batched inference (full ``L``-hop neighbourhoods); 0: the whole graph,
+        unless ``subgraph="auto"`` finds that it does not fit (then ``4 * batch_size``).
+    finetune_encoder
+        Compute the spot features inside training with a trainable copy of the image encoder from the spot patches
+        (:mod:`asign._model._finetune`); region/global levels keep their frozen features. GPU recommended.
+    encoder_lr
+        Learning rate of the encoder's parameters (the rest of the model uses ``lr``).
+    encoder_freeze
+        Fraction of the encoder's parameter tensors, from the input side, kept frozen (0: all trainable). The
+        default 0.75 leaves about the backbone's last stage and its head trainable, as ``method.md`` §5 specifies.
+    encoder_augment
+        Random flips and 90-degree rotations of the patches during fine-tuning.
+    encoder_chunk
+        Patches per encoder call (bounds the transient memory of the encoder).
+    encoder_checkpoint
+        Activation checkpointing of the encoder per chunk: only the features of the patches that carry gradients are
+        kept, and each chunk's activations are recomputed in the backward pass (about one more encoder forward pass),
+        so the encoder's memory is that of one chunk instead of ``batch_size`` patches.
     """
 
     hidden_dim: int = 256
@@ -125,6 +169,22 @@ class ASIGNConfig:
     grad_clip: float = 1.0
     amp: bool = True
     seed: int = 0
+    # --- label input / non-image mode (issue 6; defaults keep the image model unchanged) ---------------------------
+    label_input: bool = False
+    # --- subgraph training and encoder fine-tuning (issue 6; _sampling.py / _finetune.py; defaults keep the
+    # whole-graph, frozen-feature behaviour for samples that fit) --------------------------------------------------
+    subgraph: Literal["auto", "never", "always"] = "auto"
+    batch_size: int = 512
+    fanout: int = 0
+    seed_order: Literal["local", "random"] = "local"
+    memory_limit_gb: float = 0.0
+    inference_batch_size: int = 0
+    finetune_encoder: bool = False
+    encoder_lr: float = 1e-5
+    encoder_freeze: float = 0.75
+    encoder_augment: bool = True
+    encoder_chunk: int = 64
+    encoder_checkpoint: bool = True
 
     def __post_init__(self) -> None:
         self.loss_weights = [float(w) for w in self.loss_weights]
@@ -168,6 +228,17 @@ class ASIGNConfig:
             raise ValueError(msg)
         if self.lp_iterations < 0 or self.max_epochs < 1 or self.steps_per_epoch < 1:
             msg = "ASIGNConfig.lp_iterations must be >= 0, max_epochs and steps_per_epoch >= 1."
+            raise ValueError(msg)
+        # subgraph training / encoder fine-tuning
+        for name, allowed in (("subgraph", ("auto", "never", "always")), ("seed_order", ("local", "random"))):
+            if getattr(self, name) not in allowed:
+                msg = f"ASIGNConfig.{name}={getattr(self, name)!r} is not one of {list(allowed)}."
+                raise ValueError(msg)
+        if self.batch_size < 1 or self.fanout < 0 or self.inference_batch_size < 0 or self.encoder_chunk < 1:
+            msg = "ASIGNConfig.batch_size and encoder_chunk must be >= 1, fanout and inference_batch_size >= 0."
+            raise ValueError(msg)
+        if self.memory_limit_gb < 0 or self.encoder_lr < 0 or not 0.0 <= self.encoder_freeze <= 1.0:
+            msg = "ASIGNConfig.memory_limit_gb and encoder_lr must be >= 0 and encoder_freeze must lie in [0, 1]."
             raise ValueError(msg)
 
     @classmethod

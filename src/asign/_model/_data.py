@@ -44,6 +44,16 @@ class SampleTensors:
         ``(R, G)``, ``(Q, G)`` tile targets (sums of member raw counts, then normalised); NaN for tiles without labels.
     name
         Sample name (for logs).
+    visible_mean
+        ``(1, G)`` mean of the visible labels of the *whole* sample, set on subgraphs
+        (:mod:`asign._model._sampling`) so that the heads' level equals the whole-sample one; `None`: the model
+        takes the mean of the visible rows it is given.
+    label_inputs
+        ``(N, C)`` precomputed label input of the spot branch (``ASIGNConfig.label_input``), set on subgraphs from
+        the whole-sample graph; `None`: the model computes it from the graph it is given.
+    patches
+        ``(N, 3, S, S)`` uint8 spot patches at the encoder's input size, for end-to-end encoder fine-tuning
+        (``ASIGNConfig.finetune_encoder``); kept on the CPU by :meth:`to` and moved to the device per step.
     """
 
     x_spot: Tensor
@@ -64,6 +74,9 @@ class SampleTensors:
     y_region: Tensor | None = None
     y_global: Tensor | None = None
     name: str = "sample"
+    visible_mean: Tensor | None = None
+    label_inputs: Tensor | None = None
+    patches: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -121,21 +134,35 @@ class SampleTensors:
             if not torch.equal(self.region_global[self.spot_region], self.spot_global):
                 msg = f"Sample {self.name!r}: the index maps are inconsistent (q(r(i)) != q(i))."
                 raise ValueError(msg)
+        for name in ("label_inputs", "patches"):
+            v = getattr(self, name)
+            if v is not None and v.shape[0] != n:
+                msg = f"Sample {self.name!r}: {name} must have {n} rows, got {v.shape[0]}."
+                raise ValueError(msg)
+        if self.patches is not None and (self.patches.ndim != 4 or self.patches.dtype != torch.uint8):
+            msg = f"Sample {self.name!r}: patches must be a uint8 (N, 3, S, S) tensor."
+            raise ValueError(msg)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> SampleTensors:
         """A copy on ``device`` (floating tensors cast to ``dtype``)."""
         kw: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
+            if f.name == "patches":
+                pass  # uint8 patches stay on the CPU (moved per step)
+            elif isinstance(v, torch.Tensor):
                 v = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device=device)
             kw[f.name] = v
         return SampleTensors(**kw)
 
     def with_labels(self, y: Tensor) -> SampleTensors:
         """A shallow copy whose labels are ``y``."""
+        return self.replace(y=y)
+
+    def replace(self, **changes: Any) -> SampleTensors:
+        """A shallow copy with ``changes`` applied (checked again)."""
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        kw["y"] = y
+        kw.update(changes)
         return SampleTensors(**kw)
 
     def permute(self, perm: np.ndarray | Tensor) -> SampleTensors:
@@ -144,7 +171,7 @@ class SampleTensors:
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel())
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("x_spot", "section", "y", "spot_region", "spot_global"):
+        for name in ("x_spot", "section", "y", "spot_region", "spot_global", "label_inputs", "patches"):
             if kw[name] is not None:
                 kw[name] = kw[name][perm]
         kw["edge_index"] = inv[self.edge_index]

@@ -10,10 +10,12 @@ from torch import nn
 from ._config import ASIGNConfig
 from ._data import SampleTensors
 from ._modules import GNNT, MLP, CrossAttention, Head, edge_attributes, neighbour_mean
-from ._propagation import IdentityLinear, label_propagation
+from ._propagation import IdentityLinear, label_propagation, propagate_step, transition_matrix
 
 Tensor = torch.Tensor
 LEVELS = ("spot", "region", "global")
+# label input (config.label_input): G standardised propagated labels + reach
+N_LABEL_DESCRIPTORS = 1
 
 
 class ASIGNModel(nn.Module):
@@ -53,11 +55,11 @@ class ASIGNModel(nn.Module):
             "attn_heads": cfg.attn_heads,
             "dropout": cfg.dropout,
         }
+        in_dims = dict(self.feature_dims)
+        if cfg.label_input:
+            in_dims["spot"] = in_dims["spot"] + self.n_label_inputs
         self.mlp = nn.ModuleDict(
-            {
-                lvl: MLP(self.feature_dims[lvl], d, dropout=cfg.dropout, input_dropout=cfg.input_dropout)
-                for lvl in levels
-            }
+            {lvl: MLP(in_dims[lvl], d, dropout=cfg.dropout, input_dropout=cfg.input_dropout) for lvl in levels}
         )
         self.gnnt = nn.ModuleDict({lvl: GNNT(d, **kw) for lvl in levels})
         self.head = nn.ModuleDict({lvl: Head(d, self.n_genes) for lvl in levels})
@@ -93,6 +95,51 @@ class ASIGNModel(nn.Module):
     def _features(self, level: str, x: Tensor) -> Tensor:
         return (x - getattr(self, f"feat_mean_{level}")) / getattr(self, f"feat_std_{level}")
 
+    @property
+    def n_label_inputs(self) -> int:
+        """Width of the label input (``config.label_input``): ``G`` propagated labels and the reach."""
+        return self.n_genes + N_LABEL_DESCRIPTORS
+
+    @torch.no_grad()
+    def label_features(self, sample: SampleTensors, y_visible: Tensor | None) -> Tensor:
+        """The spot branch's label input, computed from the visible labels ``y_visible`` only (NaN rows are hidden).
+
+        Columns: the leave-one-out label propagation of the visible labels (``config.lp_iterations`` steps on the
+        whole-sample graph; a visible spot gets one more step from its neighbours, never its own label), minus the
+        visible mean and divided by the visible sd per gene; the propagated visible mass ("reach": 1 on visible
+        spots, about ``0.5 ** hops`` away from them, 0 where no visible label arrives; a visible spot's own value is
+        one step from its neighbours). Hidden rows of ``y_visible`` are never read, and ``sample.y`` is not read at all.
+        (No section-distance or degree descriptors: in transductive training the section distance is constant, so
+        its weights stay untrained and shift the unknown sections' predictions; log-degree inputs destabilised early
+        training on the synthetic stack.)
+        """
+        n, g = sample.n_spots, self.n_genes
+        dev = sample.x_spot.device
+        if y_visible is None:
+            y_visible = torch.full((n, g), float("nan"), device=dev)
+        with torch.autocast(device_type=dev.type, enabled=False):
+            y = y_visible.to(torch.float32)
+            visible = torch.isfinite(y).all(dim=1)
+            ei, ew = sample.edge_index, sample.edge_weight.to(torch.float32)
+            t = self.config.lp_iterations
+            if bool(visible.any()):
+                yv = y[visible]
+                mu = yv.mean(dim=0, keepdim=True)
+                sd = yv.std(dim=0, unbiased=False, keepdim=True).clamp_min(1e-2) if yv.shape[0] > 1 else None
+                lp = label_propagation(y, ei, ew, n_iter=t, leave_one_out=True) - mu
+                lp = lp / sd if sd is not None else lp
+                # damped propagation of the visible indicator: about 0.5 ** (hops to the nearest visible spot)
+                mat, isolated = transition_matrix(ei, ew, n)
+                ind = visible.to(torch.float32).unsqueeze(1)
+                reach = torch.zeros((n, 1), device=dev)
+                for _ in range(max(t, 1)):
+                    reach = torch.maximum(ind, 0.5 * propagate_step(reach, mat, isolated))
+                reach = torch.where(visible.unsqueeze(1), 0.5 * propagate_step(reach, mat, isolated), reach)
+            else:
+                lp = torch.zeros((n, g), device=dev)
+                reach = torch.zeros((n, 1), device=dev)
+            return torch.cat([lp, reach], dim=1)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self, sample: SampleTensors, y_visible: Tensor | None = None, *, keep_attention: bool = False
@@ -119,13 +166,19 @@ class ASIGNModel(nn.Module):
         if y_visible is None:
             y_visible = torch.full((n, g), float("nan"), device=dev)
         visible = torch.isfinite(y_visible).all(dim=1)
-        if cfg.net_baseline == "visible_mean" and bool(visible.any()):
+        if cfg.net_baseline == "visible_mean" and sample.visible_mean is not None:
+            base = sample.visible_mean.float().view(1, g)  # a subgraph: its whole sample's mean (_sampling.py)
+        elif cfg.net_baseline == "visible_mean" and bool(visible.any()):
             base = y_visible[visible].float().mean(dim=0, keepdim=True)
         else:
             base = torch.zeros((1, g), device=dev)
         e_spot = edge_attributes(sample.edge_weight, sample.edge_cross)
         out: dict[str, Tensor] = {}
-        h = self.mlp["spot"](self._features("spot", sample.x_spot))
+        x_in = self._features("spot", sample.x_spot)
+        if cfg.label_input:
+            lab = sample.label_inputs if sample.label_inputs is not None else self.label_features(sample, y_visible)
+            x_in = torch.cat([x_in, lab.to(x_in.dtype)], dim=1)
+        h = self.mlp["spot"](x_in)
         if self.three_levels:
             if not sample.has_tiles:
                 msg = f"Sample {sample.name!r} has no region/global tiles; the three-level model needs them (levels='spot' does not)."

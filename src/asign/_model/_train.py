@@ -1,4 +1,8 @@
-"""Training and inference loops (``method.md`` §6): masking, optimiser, early stopping, seeded, full-graph."""
+"""Training and inference loops (``method.md`` §6): masking, optimiser, early stopping, seeded.
+
+Whole-graph steps, or neighbour-sampled subgraph steps when a sample does not fit (:mod:`._sampling`); optional
+encoder fine-tuning (:mod:`._finetune`).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,17 @@ from asign._logging import logger
 
 from ._config import ASIGNConfig
 from ._data import SampleTensors
+from ._finetune import encode_step, encoder_bytes_per_patch, spot_encoder, warn_if_cpu, with_encoded_features
 from ._losses import asign_loss
 from ._model import ASIGNModel
+from ._sampling import (
+    NeighbourSampler,
+    expected_batches,
+    inference_batch_size,
+    plan_training,
+    predict_batched,
+    receptive_hops,
+)
 
 Tensor = torch.Tensor
 
@@ -46,6 +59,9 @@ class TrainResult:
     seconds: float = 0.0
     seconds_per_epoch: float = 0.0
     peak_memory_bytes: int = 0
+    subgraph: list[bool] = field(default_factory=list)
+    memory_estimate_bytes: list[int] = field(default_factory=list)
+    memory_limit_bytes: int = 0
 
     def to_uns(self) -> dict[str, Any]:
         """Zarr-writable summary (curve as arrays)."""
@@ -60,6 +76,9 @@ class TrainResult:
             "seconds": float(self.seconds),
             "seconds_per_epoch": float(self.seconds_per_epoch),
             "peak_memory_bytes": int(self.peak_memory_bytes),
+            "subgraph": [bool(v) for v in self.subgraph],
+            "memory_estimate_bytes": [int(v) for v in self.memory_estimate_bytes],
+            "memory_limit_bytes": int(self.memory_limit_bytes),
         }
 
 
@@ -128,14 +147,26 @@ def _autocast(device: torch.device, *, enabled: bool):
 
 @torch.no_grad()
 def predict_sample(
-    model: ASIGNModel, sample: SampleTensors, *, device: torch.device | str = "cpu", amp: bool = True
+    model: ASIGNModel,
+    sample: SampleTensors,
+    *,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Deterministic inference: ``model.eval()``, the whole-sample graph, ``sample.y`` as the visible set."""
+    """Deterministic inference: ``model.eval()``, the whole-sample graph, ``sample.y`` as the visible set.
+
+    With a fine-tuned spot encoder the spot features are computed from ``sample.patches``. ``batch_size`` (default:
+    :func:`~asign._model._sampling.inference_batch_size`, 0 for samples that fit) switches to exact batched
+    inference on full ``L``-hop subgraphs (:func:`~asign._model._sampling.predict_batched`).
+    """
     device = torch.device(device)
     model.eval()
     s = sample.to(device)
+    bs = inference_batch_size(model, s, device=device) if batch_size is None else int(batch_size)
     with _autocast(device, enabled=amp):
-        out = model(s, s.y)
+        s = with_encoded_features(model, s)
+        out = predict_batched(model, s, s.y, batch_size=bs) if 0 < bs < s.n_spots else model(s, s.y)
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
@@ -146,6 +177,25 @@ def evaluate(model: ASIGNModel, val: ValidationSet, *, device: torch.device, amp
     return per_gene_pcc(pred[rows], val.y_eval.cpu().numpy()[rows], val.sample.section.cpu().numpy()[rows])
 
 
+def _optimizer(model: ASIGNModel, cfg: ASIGNConfig) -> tuple[torch.optim.Optimizer, list[Tensor]]:
+    """AdamW / SGD over the trainable parameters; a fine-tuned encoder gets its own group with ``encoder_lr``."""
+    enc = spot_encoder(model)
+    enc_ids = {id(p) for p in enc.parameters()} if enc is not None else set()
+    main = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids]
+    groups: list[dict[str, Any]] = [{"params": main}]
+    enc_params = [p for p in enc.parameters() if p.requires_grad] if enc is not None else []
+    if enc_params:
+        groups.append({"params": enc_params, "lr": cfg.encoder_lr})
+    params = main + enc_params
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return opt, params
+
+
 def train_model(
     model: ASIGNModel,
     train: list[SampleTensors],
@@ -154,12 +204,20 @@ def train_model(
     device: torch.device | str = "cpu",
     show_progress_bar: bool = True,
 ) -> TrainResult:
-    """Train ``model`` in place on whole-sample graphs.
+    """Train ``model`` in place on whole-sample graphs, or on neighbour-sampled subgraphs when a sample does not fit.
 
     Each step processes one training sample with a visible set drawn by the mask (``config.mask``); hidden labels are
     NaN in the tensor the model and the propagation receive, and the loss reads a separate target tensor on the
     hidden labelled rows only. Early stopping (``config.patience``) uses the validation per-gene PCC; the best
     epoch's weights are restored. Without validation sets the last epoch's weights are kept.
+
+    ``config.subgraph`` decides per sample (``"auto"``: :func:`~asign._model._sampling.plan_training`, whole graph
+    when the memory estimate fits ``memory_limit_gb``). On subgraphs a masked step is split into batches of
+    ``batch_size`` seed spots (the loss rows, shuffled), each an optimiser step on the induced subgraph of the seeds'
+    ``L``-hop neighbourhood (:class:`~asign._model._sampling.NeighbourSampler`); the loss reads the seed rows only.
+
+    With a fine-tuned spot encoder (``model.spot_encoder``, :mod:`asign._model._finetune`) the spot features of each
+    step are computed from ``sample.patches``; the loss rows carry gradients into the encoder.
     """
     from tqdm.auto import tqdm
 
@@ -172,21 +230,55 @@ def train_model(
         if int(s.labelled.sum()) < 2:
             msg = f"Training sample {s.name!r} has fewer than 2 labelled spots."
             raise ValueError(msg)
+    enc = spot_encoder(model)
+    if enc is not None:
+        missing = [s.name for s in train if s.patches is None]
+        if missing:
+            msg = f"The model fine-tunes its spot encoder but training sample(s) {missing} have no patches."
+            raise ValueError(msg)
+        warn_if_cpu(device)
     model.to(device)
+    if enc is not None and device.type == "cuda":
+        enc.net.to(memory_format=torch.channels_last)
     train_dev = [s.to(device) for s in train]
     gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
     rng = np.random.default_rng(int(cfg.seed) + 2)
     torch.manual_seed(int(cfg.seed) + 3)  # dropout
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    total = cfg.max_epochs * cfg.steps_per_epoch * len(train)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+    aug_gen = torch.Generator().manual_seed(int(cfg.seed) + 4) if enc is not None and cfg.encoder_augment else None
     res = TrainResult()
+    # whole graph or subgraphs, per sample (with a fine-tuned encoder the estimate counts its activations too)
+    enc_bytes = encoder_bytes_per_patch(enc, device=device) if enc is not None else 0.0
+    samplers: list[NeighbourSampler | None] = []
+    for s in train_dev:
+        n_lab = int(s.labelled.sum())
+        plan = plan_training(
+            model,
+            s,
+            device=device,
+            encoder_bytes_per_patch=enc_bytes,
+            n_encoder_patches=min(n_lab, cfg.encoder_chunk) if cfg.encoder_checkpoint else n_lab,
+        )
+        res.subgraph.append(plan["subgraph"])
+        res.memory_estimate_bytes.append(plan["estimate_bytes"])
+        res.memory_limit_bytes = plan["limit_bytes"]
+        samplers.append(
+            NeighbourSampler(s, hops=receptive_hops(cfg), tile_hops=cfg.gnn_layers, fanout=cfg.fanout)
+            if plan["subgraph"]
+            else None
+        )
+        if plan["subgraph"]:
+            logger.info(
+                f"Sample {s.name!r}: training on subgraphs of {cfg.batch_size} seed spots ({receptive_hops(cfg)} hops"
+                + (f", fan-out {cfg.fanout}" if cfg.fanout else "")
+                + f"); whole-graph estimate {plan['estimate_bytes'] / 2**30:.2f} GiB, budget "
+                f"{plan['limit_bytes'] / 2**30:.2f} GiB."
+            )
+    opt, params = _optimizer(model, cfg)
+    steps_per_epoch = sum(
+        cfg.steps_per_epoch * (1 if sm is None else expected_batches(s, cfg))
+        for s, sm in zip(train_dev, samplers, strict=True)
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, cfg.max_epochs * steps_per_epoch))
     best_state: dict[str, Tensor] | None = None
     bad = 0
     if device.type == "cuda":
@@ -197,35 +289,49 @@ def train_model(
         model.train()
         losses: list[dict[str, float]] = []
         for i in rng.permutation(len(train_dev)):
-            s = train_dev[int(i)]
+            s, sampler = train_dev[int(i)], samplers[int(i)]
             for _ in range(cfg.steps_per_epoch):
                 visible, loss_rows = _draw_mask(s, cfg, gen)
                 if not bool(loss_rows.any()):
                     continue
                 y_in = torch.where(visible.unsqueeze(1), s.y, torch.full_like(s.y, float("nan")))
-                with _autocast(device, enabled=cfg.amp):
-                    out = model(s, y_in)
-                loss, parts = asign_loss(
-                    out,
-                    s.y,
-                    loss_rows,
-                    weights=cfg.loss_weights,
-                    pcc_axis=cfg.pcc_axis,
-                    section=s.section,
-                    y_region=s.y_region,
-                    y_global=s.y_global,
-                    spot_region=s.spot_region,
-                    spot_global=s.spot_global,
-                    net_weight=cfg.net_loss_weight,
-                )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                res.n_steps += 1
-                losses.append(parts)
+                if sampler is None:
+                    steps = iter([(s, y_in, loss_rows)])
+                else:
+                    steps = sampler.steps(
+                        model,
+                        y_in,
+                        loss_rows,
+                        batch_size=cfg.batch_size,
+                        generator=gen,
+                        local=cfg.seed_order == "local",
+                    )
+                for s_step, y_step, rows_step in steps:
+                    with _autocast(device, enabled=cfg.amp):
+                        if enc is not None:
+                            s_step = encode_step(model, s_step, rows_step, generator=aug_gen)
+                        out = model(s_step, y_step)
+                    loss, parts = asign_loss(
+                        out,
+                        s_step.y,
+                        rows_step,
+                        weights=cfg.loss_weights,
+                        pcc_axis=cfg.pcc_axis,
+                        section=s_step.section,
+                        y_region=s_step.y_region,
+                        y_global=s_step.y_global,
+                        spot_region=s_step.spot_region,
+                        spot_global=s_step.spot_global,
+                        net_weight=cfg.net_loss_weight,
+                    )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    sched.step()
+                    res.n_steps += 1
+                    losses.append(parts)
         row: dict[str, float] = {"epoch": float(epoch)}
         for k in sorted({k for p in losses for k in p}):
             row[f"loss_{k}"] = float(np.mean([p[k] for p in losses if k in p]))

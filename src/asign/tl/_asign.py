@@ -44,6 +44,12 @@ OPTIONS = {
     "tile_radius": 2.1,
     "tile_max_neighbors": 12,
     "n_models": 1,
+    "n_jobs": "auto",
+    # encoder fine-tuning (ASIGNConfig.finetune_encoder): "" = the encoder and input size of extract_features;
+    # `encoder` may also be a registry name or a torch.nn.Module
+    "encoder": "",
+    "encoder_weights": "",
+    "encoder_input_size": 0,
 }
 # transductive defaults (one small labelled section, ~150-200 spots): a narrow, strongly regularised network that is
 # also trained as a stand-alone predictor, several masked steps per epoch, a faster learning rate and a longer
@@ -64,6 +70,11 @@ TRANSDUCTIVE_DEFAULTS: dict[str, Any] = {
 }
 # ... and an ensemble of three members (averaging removes much of the variance of a network trained on ~150 spots)
 TRANSDUCTIVE_OPTIONS: dict[str, Any] = {"n_models": 3}
+# non-image mode (method_kwargs feature_key=None, issue 6): no image features; the spot branch reads the label input
+# (ASIGNConfig.label_input: propagated VISIBLE labels and reach), spot level only. Further defaults of this mode
+# (applied before the user's method_kwargs) were chosen on the synthetic stack and on HER2ST patients A, E, F only
+# (docs/benchmarks/asign.md, "HER2ST, all 8 patients, without images")
+NOIMAGE_DEFAULTS: dict[str, Any] = {"levels": "spot", "label_input": True, "input_dropout": 0.1}
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -86,6 +97,15 @@ def split_params(params: dict[str, Any], *, seed: int, transductive: bool) -> tu
         msg = f"validation={opts['validation']!r} must be 'auto', 'holdout' or 'none'."
         raise ValueError(msg)
     overrides = dict(TRANSDUCTIVE_DEFAULTS) if transductive and opts["preset"] == "default" else {}
+    if opts["feature_key"] is None:
+        for name, forced in (("levels", "spot"), ("label_input", True)):
+            if name in params and params[name] != forced:
+                msg = (
+                    f"method 'asign' without image features (feature_key=None) needs {name}={forced!r}, got "
+                    f"{params[name]!r}; pass a feature_key to use the image model."
+                )
+                raise ValueError(msg)
+        overrides.update(NOIMAGE_DEFAULTS)
     overrides.update(params)
     overrides.setdefault("seed", int(seed))
     return ASIGNConfig.from_preset(opts["preset"], **overrides), opts
@@ -110,7 +130,7 @@ def sample_tensors(
     ctx: ImputeContext,
     *,
     levels: str,
-    feature_key: str = Key.ADDED,
+    feature_key: str | None = Key.ADDED,
     graph_key: str = Key.ADDED,
     tile_targets: bool = True,
     labelled: np.ndarray | None = None,
@@ -127,7 +147,8 @@ def sample_tensors(
     levels
         ``"spot_region_global"`` (needs :func:`asign.pp.extract_features`' tile tables) or ``"spot"``.
     feature_key
-        Prefix of ``obsm['{feature_key}_features_<level>']``, ``obs['{feature_key}_region']`` and the tile tables.
+        Prefix of ``obsm['{feature_key}_features_<level>']``, ``obs['{feature_key}_region']`` and the tile tables;
+        `None`: no image features (the spot feature tensor has width 0; ``levels`` must be ``"spot"``).
     graph_key
         Prefix of ``obsp['{graph_key}_connectivities']`` (:func:`asign.pp.neighbors_3d`).
     tile_targets
@@ -152,7 +173,13 @@ def sample_tensors(
         msg = "sample_tensors: `labelled` must be a subset of the known spots."
         raise ValueError(msg)
     hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` first."
-    x_spot = _obsm(table, Key.features(feature_key, "spot"), hint_f)
+    if feature_key is None:
+        if levels != "spot":
+            msg = "Without image features (feature_key=None) the model runs at the spot level only (levels='spot')."
+            raise ValueError(msg)
+        x_spot = np.zeros((table.n_obs, 0), dtype=np.float32)
+    else:
+        x_spot = _obsm(table, Key.features(feature_key, "spot"), hint_f)
     ckey = Key.connectivities(graph_key)
     if ckey not in table.obsp:
         msg = f"`.obsp['{ckey}']` not found in the spot table; run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` first."
@@ -245,6 +272,8 @@ def _feature_stats(samples: list[SampleTensors], level: str) -> tuple[torch.Tens
 
     attr = {"spot": "x_spot", "region": "x_region", "global": "x_global"}[level]
     x = torch.cat([getattr(s, attr) for s in samples], dim=0)
+    if x.shape[1] == 0:  # no image features (feature_key=None)
+        return x.new_zeros(0), x.new_ones(0)
     return x.mean(dim=0), x.std(dim=0, unbiased=False)
 
 
@@ -300,6 +329,152 @@ def _member_data(
     return train, validation
 
 
+def _resolve_n_jobs(n_jobs: Any, *, n_models: int, device: Any) -> int:
+    """Worker processes for the ensemble members: ``"auto"`` = one per member up to the usable CPU cores (CPU only)."""
+    import os
+
+    if n_models == 1 or getattr(device, "type", str(device)) != "cpu":
+        return 1
+    if n_jobs == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(n_models, cores))
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int | np.integer) or n_jobs < 1:
+        msg = f"n_jobs={n_jobs!r} must be 'auto' or a positive integer."
+        raise ValueError(msg)
+    return min(int(n_jobs), n_models)
+
+
+# ------------------------------------------------------------------------------- encoder fine-tuning (issue 6)
+def _context_patches(ctx: ImputeContext, feature_key: str, input_size: int) -> torch.Tensor:
+    """The uint8 spot patches ``(N, 3, s, s)`` of one stack, cut like :func:`asign.pp.extract_features` cut them."""
+    from asign._model._finetune import read_spot_patches
+    from asign.pp._tiles import image_level0
+
+    uns = _features_uns(ctx.table, feature_key)
+    images = [
+        None if k is None else image_level0(ctx.sdata.images[k]).transpose("c", "y", "x").data
+        for k in ctx.stack.image_keys
+    ]
+    xy = np.asarray(ctx.table.obsm[Key.SPATIAL], dtype=np.float64)
+    sides = [int(v) for v in uns["scales_px"]["spot"]]
+    return read_spot_patches(images, np.asarray(ctx.section_codes), xy, sides, input_size=int(input_size))
+
+
+def _features_uns(table, feature_key: str | None) -> dict[str, Any]:
+    key = f"{feature_key}_features"
+    if feature_key is None or key not in table.uns:
+        msg = (
+            f"finetune_encoder=True needs the spot patch sizes of `asign.pp.extract_features` (`.uns['{key}']`); "
+            "run it first (and keep feature_key)."
+        )
+        raise KeyError(msg)
+    return table.uns[key]
+
+
+def _finetune_setup(contexts: list[ImputeContext], cfg: ASIGNConfig, opts: dict[str, Any]) -> dict[str, Any] | None:
+    """Encoder source, weights, input size and every context's spot patches (read once), or `None`."""
+    if not cfg.finetune_encoder:
+        return None
+    from asign._encoders import ENCODERS
+
+    uns = _features_uns(contexts[0].table, opts["feature_key"])
+    encoder = opts["encoder"] if not isinstance(opts["encoder"], str) or opts["encoder"] else str(uns["encoder"])
+    if isinstance(encoder, str) and encoder not in ENCODERS and not encoder.startswith("timm:"):
+        msg = (
+            f"finetune_encoder=True: the features were extracted with {encoder!r}, which is not a registry encoder; "
+            "pass method_kwargs / config {'encoder': <registry name or torch.nn.Module>}."
+        )
+        raise ValueError(msg)
+    weights = opts["encoder_weights"] or ("random" if str(uns.get("weights", "")) == "random" else None)
+    size = int(opts["encoder_input_size"]) or int(uns.get("input_size", 0))
+    if size <= 0:
+        sides = {int(v) for v in uns["scales_px"]["spot"]}
+        if len(sides) != 1:
+            msg = f"Spot patches have different native sizes {sorted(sides)}; pass encoder_input_size=<pixels>."
+            raise ValueError(msg)
+        size = sides.pop()
+    logger.info(f"Reading the spot patches of {len(contexts)} sample(s) at {size} px for encoder fine-tuning.")
+    patches = [_context_patches(c, opts["feature_key"], size) for c in contexts]
+    return {"encoder": encoder, "weights": weights, "input_size": size, "patches": patches}
+
+
+def _finetune_member(
+    contexts: list[ImputeContext],
+    train: list[SampleTensors],
+    validation: list[Any],
+    mode_val: str,
+    cfg: ASIGNConfig,
+    ft: dict[str, Any],
+    device: str,
+) -> tuple[list[SampleTensors], list[Any], Any]:
+    """A fresh trainable encoder; patches and its initial spot features put into the member's samples."""
+    import copy
+
+    from asign._model._finetune import build_spot_encoder, embed_all, freeze_early
+
+    src = ft["encoder"] if isinstance(ft["encoder"], str) else copy.deepcopy(ft["encoder"])
+    enc = build_spot_encoder(src, weights=ft["weights"], input_size=ft["input_size"])
+    freeze_early(enc, cfg.encoder_freeze)
+    pairs = [(s, i) for i, s in enumerate(train)]  # train[i] is contexts[i] in every validation mode
+    if mode_val == "sample":
+        pairs.append((validation[0].sample, len(contexts) - 1))
+    new = {}
+    for s, i in pairs:
+        x = embed_all(enc, ft["patches"][i], device=device, chunk=cfg.encoder_chunk).cpu()
+        new[id(s)] = s.replace(patches=ft["patches"][i], x_spot=x)
+    train = [new[id(s)] for s in train]
+    validation = [dataclasses.replace(v, sample=new[id(v.sample)]) for v in validation]
+    return train, validation, enc
+
+
+def _train_member(
+    contexts: list[ImputeContext],
+    cfg: ASIGNConfig,
+    tkw: dict[str, Any],
+    mode_val: str,
+    n_genes: int,
+    device: str,
+    *,
+    show_progress_bar: bool,
+    n_threads: int | None = None,
+    finetune: dict[str, Any] | None = None,
+) -> tuple[dict[str, int], dict[str, Any], dict[str, Any]]:
+    """Train one ensemble member; top-level so that a worker process can run it.
+
+    Returns the feature widths, the trained weights (CPU state dict) and the training record. The result depends
+    only on the inputs and ``cfg.seed`` (and on the thread count only through floating-point summation order).
+    """
+    import torch
+
+    from asign._model import make_model, train_model
+
+    if n_threads is not None:
+        torch.set_num_threads(int(n_threads))
+    t0 = time.perf_counter()
+    train, validation = _member_data(contexts, cfg, tkw, mode_val)
+    enc = None
+    if finetune is not None:
+        train, validation, enc = _finetune_member(contexts, train, validation, mode_val, cfg, finetune, device)
+    dims = feature_dims(train[0])
+    model = make_model(n_genes, dims, cfg)
+    if enc is not None:
+        from asign._model._finetune import attach_encoder
+
+        attach_encoder(model, enc)
+    for lvl in dims:
+        model.set_feature_stats(lvl, *_feature_stats(train + [v.sample for v in validation], lvl))
+    if cfg.net_baseline == "none":
+        model.init_head_bias(torch.nanmean(torch.cat([s.y for s in train]), dim=0))
+    res = train_model(model, train, validation=validation or None, device=device, show_progress_bar=show_progress_bar)
+    model.to("cpu")
+    rec = res.to_uns()
+    rec["seed"] = int(cfg.seed)
+    rec["seconds_setup"] = float(time.perf_counter() - t0 - res.seconds)
+    if enc is not None:
+        rec["spot_encoder"] = enc.spec()
+    return dims, {k: v.detach().cpu() for k, v in model.state_dict().items()}, rec
+
+
 def fit_contexts(
     contexts: list[ImputeContext],
     *,
@@ -317,7 +492,7 @@ def fit_contexts(
     import torch
 
     from asign._device import resolve_device, spawn_seeds
-    from asign._model import make_model, train_model
+    from asign._model import make_model
 
     from ._fit import ASIGNFit
 
@@ -343,33 +518,42 @@ def fit_contexts(
     if mode_val == "auto":
         mode_val = "sample" if len(contexts) >= 2 else "holdout"
     seeds = [int(cfg.seed)] if n_models == 1 else spawn_seeds(int(cfg.seed), n_models)
-    models, members = [], []
+    n_jobs = _resolve_n_jobs(opts["n_jobs"], n_models=n_models, device=dev)
+    logger.info(
+        f"Training ASIGN ({'transductive' if transductive else 'inductive'}; d={cfg.hidden_dim}, "
+        f"levels={cfg.levels!r}" + (f", ensemble of {n_models}" if n_models > 1 else "") + f") on {len(contexts)} "
+        f"sample(s), {int(sum(int(np.sum(c.known)) for c in contexts))} labelled spots, validation={mode_val!r}, "
+        f"device={dev}" + (f", {n_jobs} worker processes" if n_jobs > 1 else "") + "."
+    )
     t_all = time.perf_counter()
-    for k, member_seed in enumerate(seeds):
-        t0 = time.perf_counter()
-        mcfg = cfg.replace(seed=member_seed)
-        train, validation = _member_data(contexts, mcfg, tkw, mode_val)
-        dims = feature_dims(train[0])
+    ft = _finetune_setup(contexts, cfg, opts)
+    enc_src = ft["encoder"] if ft is not None else opts["encoder"]
+    opts["encoder"] = enc_src if isinstance(enc_src, str) else type(enc_src).__name__  # plain, for uns
+    jobs = [(contexts, cfg.replace(seed=s), tkw, mode_val, len(genes), str(dev)) for s in seeds]
+    if n_jobs > 1:
+        from joblib import Parallel, delayed
+
+        threads = max(1, torch.get_num_threads() // n_jobs)
+        results = Parallel(n_jobs=n_jobs, backend="loky")(
+            delayed(_train_member)(*job, show_progress_bar=False, n_threads=threads, finetune=ft) for job in jobs
+        )
+    else:
+        results = [_train_member(*job, show_progress_bar=show_progress_bar, finetune=ft) for job in jobs]
+    models, members = [], []
+    for (_, mcfg, *_rest), (dims, state, rec) in zip(jobs, results, strict=True):
         model = make_model(len(genes), dims, mcfg)
-        for lvl in dims:
-            model.set_feature_stats(lvl, *_feature_stats(train + [v.sample for v in validation], lvl))
-        if cfg.net_baseline == "none":
-            model.init_head_bias(torch.nanmean(torch.cat([s.y for s in train]), dim=0))
-        if k == 0:
-            logger.info(
-                f"Training ASIGN ({'transductive' if transductive else 'inductive'}; {model.n_parameters():,} "
-                f"parameters, d={cfg.hidden_dim}, levels={cfg.levels!r}"
-                + (f", ensemble of {n_models}" if n_models > 1 else "")
-                + f") on {len(train)} sample(s), {int(sum(int(s.labelled.sum()) for s in train))} labelled spots, "
-                f"validation={mode_val!r}, device={dev}."
-            )
-        res = train_model(model, train, validation=validation or None, device=dev, show_progress_bar=show_progress_bar)
-        model.to("cpu")
-        rec = res.to_uns()
-        rec["seed"] = int(member_seed)
-        rec["seconds_setup"] = float(time.perf_counter() - t0 - res.seconds)
+        if "spot_encoder" in rec:  # fine-tuned encoder: rebuild its architecture, then load its weights
+            import copy
+
+            from asign._model._finetune import attach_encoder, spot_encoder_from_spec
+
+            module = None if isinstance(ft["encoder"], str) else copy.deepcopy(ft["encoder"])
+            attach_encoder(model, spot_encoder_from_spec(rec["spot_encoder"], module=module))
+        model.load_state_dict(state)
+        model.eval()
         models.append(model)
         members.append(rec)
+    logger.info(f"ASIGN has {models[0].n_parameters():,} parameters per member.")
     training = dict(members[0])
     training["validation"] = mode_val
     training["n_models"] = n_models
@@ -428,6 +612,14 @@ def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None)
         tile_radius=fitted.options["tile_radius"],
         tile_max_neighbors=fitted.options["tile_max_neighbors"],
     )
+    from asign._model._finetune import spot_encoder
+
+    enc = spot_encoder(fitted.model)
+    if enc is not None:  # fine-tuned encoder: spot features from the patches (computed in predict_sample)
+        import torch
+
+        patches = _context_patches(ctx, fitted.options["feature_key"], enc.input_size)
+        s = s.replace(patches=patches, x_spot=torch.zeros((s.n_spots, enc.dim)))
     dims = feature_dims(s)
     if dims != fitted.model.feature_dims:
         msg = f"Feature widths {dims} differ from the model's {fitted.model.feature_dims}; use the same encoder."

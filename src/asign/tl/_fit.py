@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from asign._model import ASIGNConfig, ASIGNModel
 
 FORMAT = "asign-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional fine-tuned spot encoder ("spot_encoder"); files without one are written as 1
 
 
 def _plain(value: Any) -> Any:
@@ -97,9 +97,12 @@ class ASIGNFit:
         """Write the weights and the plain configuration with :func:`torch.save` (one file)."""
         import torch
 
+        from asign._model._finetune import spot_encoder
+
+        enc = spot_encoder(self.model)
         payload = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if enc is not None else 1,
             "state_dicts": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.models],
             "config": _plain(self.config.to_dict()),
             "n_genes": int(self.model.n_genes),
@@ -111,14 +114,22 @@ class ASIGNFit:
             "mode": str(self.mode),
             "train_samples": [str(s) for s in self.train_samples],
         }
+        if enc is not None:  # its weights are in the state dicts (model.spot_encoder.*); this rebuilds the architecture
+            payload["spot_encoder"] = _plain(enc.spec())
         torch.save(payload, Path(path))
         logger.info(
             f"Saved the ASIGN model ({len(self.models)} x {self.model.n_parameters():,} parameters) to {str(path)!r}."
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> ASIGNFit:
-        """Read a model written by :meth:`save` (``torch.load(weights_only=True)``: no code is unpickled)."""
+    def load(cls, path: str | Path, *, encoder: Any = None) -> ASIGNFit:
+        """Read a model written by :meth:`save` (``torch.load(weights_only=True)``: no code is unpickled).
+
+        ``encoder``: for a model whose spot encoder was fine-tuned from a user :class:`torch.nn.Module`, a module of
+        the same architecture (its weights are replaced by the saved ones); registry encoders are rebuilt by name.
+        """
+        import copy
+
         import torch
 
         from asign._model import ASIGNConfig, ASIGNModel
@@ -134,6 +145,11 @@ class ASIGNFit:
         models = []
         for state in payload["state_dicts"]:
             model = ASIGNModel(int(payload["n_genes"]), dict(payload["feature_dims"]), config)
+            if "spot_encoder" in payload:
+                from asign._model._finetune import attach_encoder, spot_encoder_from_spec
+
+                module = None if encoder is None else copy.deepcopy(encoder)
+                attach_encoder(model, spot_encoder_from_spec(dict(payload["spot_encoder"]), module=module))
             model.load_state_dict(state)
             models.append(model.eval())
         return cls(
@@ -148,9 +164,9 @@ class ASIGNFit:
         )
 
 
-def load(path: str | Path) -> ASIGNFit:
-    """Read a model written by :meth:`ASIGNFit.save`."""
-    return ASIGNFit.load(path)
+def load(path: str | Path, *, encoder: Any = None) -> ASIGNFit:
+    """Read a model written by :meth:`ASIGNFit.save` (``encoder``: see :meth:`ASIGNFit.load`)."""
+    return ASIGNFit.load(path, encoder=encoder)
 
 
 def _named(samples: Any, table_key: str) -> list[tuple[str, SpatialData]]:
@@ -181,6 +197,7 @@ def fit(
     config: Mapping[str, Any] | None = None,
     validation: str = "auto",
     n_models: int = 1,
+    n_jobs: int | str = "auto",
     feature_key: str = Key.ADDED,
     graph_key: str = Key.ADDED,
     table_key: str = Key.TABLE,
@@ -192,9 +209,11 @@ def fit(
 
     Every sample needs image features (:func:`asign.pp.extract_features`) and the whole-sample 3D graph
     (:func:`asign.pp.neighbors_3d`). A fresh model is initialised from ``seed``. Each training step processes one
-    sample's whole graph with a visible set drawn by the mask (``mask="section"``: one labelled section visible, the
-    others hidden; ``mask="spot"``: a random fraction of the labelled spots); hidden labels are NaN in the only
-    label tensor the model sees and the loss is computed on them alone.
+    sample's whole graph (or, when it does not fit the memory budget, neighbour-sampled subgraphs around batches of
+    loss spots: ``config={{"subgraph": ..., "batch_size": ..., "fanout": ...}}``) with a visible set drawn by the
+    mask (``mask="section"``: one labelled section visible, the others hidden; ``mask="spot"``: a random fraction of
+    the labelled spots); hidden labels are NaN in the only label tensor the model sees and the loss is computed on
+    them alone.
 
     Parameters
     ----------
@@ -216,13 +235,20 @@ def fit(
         :meth:`asign._model.ASIGNConfig.from_preset`).
     config
         Model / training options overriding the preset (fields of :class:`asign._model.ASIGNConfig`, e.g.
-        ``{{"hidden_dim": 128, "max_epochs": 50}}``).
+        ``{{"hidden_dim": 128, "max_epochs": 50}}``). ``{{"finetune_encoder": True}}`` fine-tunes the spot encoder
+        end to end on the spot patches (GPU recommended); ``"encoder"`` (a registry name or a
+        :class:`torch.nn.Module`; default: the encoder of :func:`asign.pp.extract_features`), ``"encoder_weights"``
+        and ``"encoder_input_size"`` choose it.
     validation
         Early stopping: ``"auto"`` (the last sample validates when there are several, otherwise a held-out fraction
         of the labelled spots), ``"holdout"`` or ``"none"``.
     n_models
         Ensemble size: independently initialised members (seeds spawned from ``seed``; each with its own hold-out
         split), predictions averaged.
+    n_jobs
+        Worker processes that train ensemble members in parallel on the CPU: ``"auto"`` (one per member, up to the
+        usable cores; torch threads are divided among them) or a number. On a GPU members train one after another.
+        The result does not depend on it beyond floating-point summation order.
     feature_key
         Prefix of the features and tile tables of :func:`asign.pp.extract_features`.
     graph_key
@@ -271,6 +297,7 @@ def fit(
     params["preset"] = preset
     params["validation"] = validation
     params["n_models"] = int(n_models)
+    params["n_jobs"] = n_jobs
     params["feature_key"] = feature_key
     params["graph_key"] = graph_key
     contexts = [
