@@ -56,7 +56,13 @@ def build_samples(layout: list[int], spots: int, genes: int, fdim: int, seed: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_asign.json"))
+    ap.add_argument(
+        "--out",
+        default=os.path.join(
+            os.environ.get("OUT") or str(Path(__file__).resolve().parent / "results"), "gpu_asign.json"
+        ),
+        help="JSON path (default: $OUT/gpu_asign.json, else benchmarks/results/gpu_asign.json)",
+    )
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--feature-dim", type=int, default=None)
     ap.add_argument("--hidden-dim", type=int, default=None)
