@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
+from _machine import cpu_name, her2st_path  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,14 +43,6 @@ BASELINES = [
     ("similarity", "similarity", {}),
 ]
 METRICS = ("pcc_gene", "pcc_gene_varying", "mse", "mae", "pcc_spot_legacy", "mse_pooled", "mae_pooled")
-
-
-def _her2st_path(arg: str | None) -> Path:
-    for p in [arg, os.environ.get("ASIGN_HER2ST"), str(ROOT.parent / "shared" / "data" / "her2st")]:
-        if p and (Path(p) / "data" / "ST-cnts").is_dir():
-            return Path(p)
-    msg = "HER2ST folder not found; pass --her2st or set ASIGN_HER2ST."
-    raise SystemExit(msg)
 
 
 def _light(sdata):
@@ -226,7 +218,7 @@ def main() -> None:
         timings: dict = {}
         t0 = time.perf_counter()
         if part == "her2st":
-            sdata = prepare_her2st(_her2st_path(args.her2st), Path(args.cache) if args.cache else None, timings)
+            sdata = prepare_her2st(her2st_path(args.her2st), Path(args.cache) if args.cache else None, timings)
             known = "C2"
         else:
             sdata = prepare_synthetic(args.encoder, timings)
