@@ -39,3 +39,34 @@ def her2st_path() -> Path:
     if root is None:
         pytest.skip(f"HER2ST folder not found; set {HER2ST_ENV}")
     return root
+
+
+ASIGN_SCALES = {"spot": 32, "region": 128, "global": 256}
+
+
+def _prepare_for_asign(sd, *, features: bool = True):
+    """The synthetic stack's ground-truth rigid alignment (reference: the middle section), handcrafted image features
+    at small scales (``features=True``) and the 3D graph: what ``method="asign"`` reads. Modifies ``sd``."""
+    import numpy as np
+
+    import asign
+    from asign.pp._align import set_alignment
+
+    n2w = np.asarray(sd.tables["table"].uns["asign"]["synthetic"]["native_to_world"])
+    st = asign.io.validate_stack(sd)
+    m = st.n_sections // 2
+    set_alignment(sd, {s: np.linalg.inv(n2w[m]) @ n2w[i] for i, s in enumerate(st.sections)}, reference=st.sections[m])
+    if features:
+        asign.pp.extract_features(
+            sd, encoder="handcrafted", scales=ASIGN_SCALES, input_size=None, show_progress_bar=False
+        )
+        asign.pp.neighbors_3d(sd, similarity_key="asign_features_spot")
+    else:
+        asign.pp.neighbors_3d(sd)
+    return sd
+
+
+@pytest.fixture(scope="session")
+def prepare_for_asign():
+    """``prepare_for_asign(sdata, *, features=True)``: align (ground truth), extract features, build the graph."""
+    return _prepare_for_asign

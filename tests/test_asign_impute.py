@@ -13,27 +13,13 @@ pytest.importorskip("torch_geometric")
 import asign
 
 TINY = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 3, "steps_per_epoch": 2, "n_models": 1}
-SCALES = {"spot": 32, "region": 128, "global": 256}
-
-
-def _prepare(sd):
-    from asign.pp._align import set_alignment
-
-    t = sd.tables["table"]
-    n2w = np.asarray(t.uns["asign"]["synthetic"]["native_to_world"])
-    st = asign.io.validate_stack(sd)
-    m = st.n_sections // 2
-    set_alignment(sd, {s: np.linalg.inv(n2w[m]) @ n2w[i] for i, s in enumerate(st.sections)}, reference=st.sections[m])
-    asign.pp.extract_features(sd, encoder="handcrafted", scales=SCALES, input_size=None, show_progress_bar=False)
-    asign.pp.neighbors_3d(sd, similarity_key="asign_features_spot")
-    return sd
 
 
 @pytest.fixture(scope="module")
-def _prepared():
+def _prepared(prepare_for_asign):
     a = asign.datasets.synthetic_stack(n_sections=3, n_spots=60, n_genes=20, image_size=512, um_per_px=8.0, seed=0)
     b = asign.datasets.synthetic_stack(n_sections=3, n_spots=60, n_genes=20, image_size=512, um_per_px=8.0, seed=1)
-    return _prepare(a), _prepare(b)
+    return prepare_for_asign(a), prepare_for_asign(b)
 
 
 @pytest.fixture

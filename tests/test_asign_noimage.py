@@ -16,19 +16,6 @@ from asign._model._train import _draw_mask
 TINY = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 3, "steps_per_epoch": 2, "n_models": 1}
 
 
-def _aligned(sd):
-    """Known rigid alignment (ground truth of the synthetic stack) and the 3D graph, without image features."""
-    from asign.pp._align import set_alignment
-
-    t = sd.tables["table"]
-    n2w = np.asarray(t.uns["asign"]["synthetic"]["native_to_world"])
-    st = asign.io.validate_stack(sd)
-    m = st.n_sections // 2
-    set_alignment(sd, {s: np.linalg.inv(n2w[m]) @ n2w[i] for i, s in enumerate(st.sections)}, reference=st.sections[m])
-    asign.pp.neighbors_3d(sd)
-    return sd
-
-
 def _impute(sd, **kw):
     mk = {"feature_key": None, **TINY, **kw.pop("method_kwargs", {})}
     args = {"known": "S1", "method": "asign", "n_genes": 12, "show_progress_bar": False, "method_kwargs": mk}
@@ -36,8 +23,8 @@ def _impute(sd, **kw):
     return asign.tl.impute(sd, **args)
 
 
-def test_noimage_runs_and_writes_layer(small_stack):
-    sd = _aligned(small_stack)
+def test_noimage_runs_and_writes_layer(small_stack, prepare_for_asign):
+    sd = prepare_for_asign(small_stack, features=False)
     assert not any(k.startswith("asign_features") for k in sd.tables["table"].obsm)  # no image features anywhere
     _impute(sd, seed=0)
     out = sd.tables["asign"]
@@ -55,16 +42,16 @@ def test_noimage_runs_and_writes_layer(small_stack):
     assert np.isfinite(ev["pcc_gene"]) and ev["n_spots"] == int((sec != "S1").sum())
 
 
-def test_noimage_option_errors(small_stack):
-    sd = _aligned(small_stack)
+def test_noimage_option_errors(small_stack, prepare_for_asign):
+    sd = prepare_for_asign(small_stack, features=False)
     with pytest.raises(ValueError, match="levels"):
         _impute(sd, inplace=False, method_kwargs={"levels": "spot_region_global"})
     with pytest.raises(ValueError, match="label_input"):
         _impute(sd, inplace=False, method_kwargs={"label_input": False})
 
 
-def test_noimage_same_seed_same_prediction(small_stack):
-    sd = _aligned(small_stack)
+def test_noimage_same_seed_same_prediction(small_stack, prepare_for_asign):
+    sd = prepare_for_asign(small_stack, features=False)
     a = _impute(sd, seed=5, inplace=False)
     b = _impute(sd, seed=5, inplace=False, genes=list(a.var_names))
     c = _impute(sd, seed=6, inplace=False, genes=list(a.var_names))
@@ -73,10 +60,10 @@ def test_noimage_same_seed_same_prediction(small_stack):
     assert not np.array_equal(a.layers["network"], c.layers["network"])
 
 
-def test_noimage_poisoned_unknown_counts_change_nothing(small_stack):
+def test_noimage_poisoned_unknown_counts_change_nothing(small_stack, prepare_for_asign):
     import scipy.sparse as sp
 
-    sd = _aligned(small_stack)
+    sd = prepare_for_asign(small_stack, features=False)
     a = _impute(sd, seed=1, inplace=False)
     t = sd.tables["table"]
     unknown = (t.obs["section"] != "S1").to_numpy()
@@ -158,12 +145,13 @@ def test_label_input_on_the_image_model():
     assert torch.isfinite(out["pred"]).all() and out["region"].shape[1] == 10
 
 
-def test_noimage_inductive_cross_validate(small_stack):
+def test_noimage_inductive_cross_validate(small_stack, prepare_for_asign):
     """Patient-level folds: train on another stack without images, predict the held-out one from its section 1."""
-    other = _aligned(
-        asign.datasets.synthetic_stack(n_sections=3, n_spots=60, n_genes=20, image_size=512, um_per_px=8.0, seed=1)
+    other = prepare_for_asign(
+        asign.datasets.synthetic_stack(n_sections=3, n_spots=60, n_genes=20, image_size=512, um_per_px=8.0, seed=1),
+        features=False,
     )
-    samples = {"P0": _aligned(small_stack), "P1": other}
+    samples = {"P0": prepare_for_asign(small_stack, features=False), "P1": other}
     kw = {"feature_key": None, **TINY}
     df = asign.tl.cross_validate(
         samples, folds=[["P0"]], method="asign", method_kwargs=kw, n_genes=12, per="section", key_added="cv",

@@ -25,7 +25,6 @@ from asign._model._finetune import (  # noqa: E402
 from asign._model._synthetic import random_sample  # noqa: E402
 
 TINY = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 3, "steps_per_epoch": 2}
-SCALES = {"spot": 32, "region": 128, "global": 256}
 
 
 class TinyCNN(nn.Module):
@@ -48,18 +47,8 @@ def _tiny() -> TinyCNN:
 
 
 @pytest.fixture(scope="module")
-def _prepared(_small_stack):
-    from asign.pp._align import set_alignment
-
-    sd = copy.deepcopy(_small_stack)
-    t = sd.tables["table"]
-    n2w = np.asarray(t.uns["asign"]["synthetic"]["native_to_world"])
-    st = asign.io.validate_stack(sd)
-    m = st.n_sections // 2
-    set_alignment(sd, {s: np.linalg.inv(n2w[m]) @ n2w[i] for i, s in enumerate(st.sections)}, reference=st.sections[m])
-    asign.pp.extract_features(sd, encoder="handcrafted", scales=SCALES, input_size=None, show_progress_bar=False)
-    asign.pp.neighbors_3d(sd, similarity_key="asign_features_spot")
-    return sd
+def _prepared(_small_stack, prepare_for_asign):
+    return prepare_for_asign(copy.deepcopy(_small_stack))
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -103,7 +105,11 @@ class GNNT(nn.Module):
         self, dim: int, *, n_layers: int = 3, gat_heads: int = 4, attn_heads: int = 8, dropout: float = 0.1
     ) -> None:
         super().__init__()
-        from torch_geometric.nn import GATv2Conv
+        with warnings.catch_warnings():
+            # torch-geometric's own import-time notice about torch.jit.script: nothing a user can act on, and in
+            # the ensemble's worker processes it would reach the notebook once per worker
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            from torch_geometric.nn import GATv2Conv
 
         self.n_layers = n_layers
         self.gats = nn.ModuleList(

@@ -116,7 +116,8 @@ def _obsm(table, key: str, hint: str) -> np.ndarray:
     if key not in table.obsm:
         msg = f"`.obsm['{key}']` not found in the spot table; {hint}"
         raise KeyError(msg)
-    return np.asarray(table.obsm[key], dtype=np.float32)
+    # a copy: the array may be read-only (zarr-backed, or memory-mapped by joblib in a worker process)
+    return np.array(table.obsm[key], dtype=np.float32)
 
 
 def _tile_codes(tiles, stack) -> np.ndarray:
@@ -234,8 +235,9 @@ def sample_tensors(
                 block, labelled, spot_global, n_g, scale=ctx.normalization, library=lib, min_fraction=min_tile_fraction
             )
         kw = {
-            "x_region": torch.as_tensor(np.asarray(regions.obsm["features"], dtype=np.float32)),
-            "x_global": torch.as_tensor(np.asarray(globals_.obsm["features"], dtype=np.float32)),
+            # copies: the tile tables' arrays may be read-only (zarr-backed or memory-mapped in a worker process)
+            "x_region": torch.from_numpy(np.array(regions.obsm["features"], dtype=np.float32)),
+            "x_global": torch.from_numpy(np.array(globals_.obsm["features"], dtype=np.float32)),
             "spot_region": torch.as_tensor(spot_region),
             "spot_global": torch.as_tensor(spot_global),
             "region_global": torch.as_tensor(region_global),
@@ -448,7 +450,7 @@ def _train_member(
 
     from asign._model import make_model, train_model
 
-    if n_threads is not None:
+    if n_threads is not None:  # in a worker process
         torch.set_num_threads(int(n_threads))
     t0 = time.perf_counter()
     train, validation = _member_data(contexts, cfg, tkw, mode_val)
