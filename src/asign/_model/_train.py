@@ -6,6 +6,7 @@ encoder fine-tuning (:mod:`._finetune`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -196,6 +197,30 @@ def _optimizer(model: ASIGNModel, cfg: ASIGNConfig) -> tuple[torch.optim.Optimiz
     return opt, params
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(device: torch.device | str):
+    """On the CPU, torch's deterministic algorithms for the duration of the block (the previous mode is restored).
+
+    With several CPU threads some scatter/index-add reductions of the graph layers' backward pass otherwise change in
+    the last bits from run to run, and training amplifies that (same seed, predictions differing by ~1e-6). The first
+    use in a process costs about a second (torch imports its compiler package) and training runs ~10 % slower, so it
+    is only switched on with more than one CPU thread (one thread is deterministic as it is). GPUs are left as they
+    are.
+    """
+    if torch.device(device).type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    prev, prev_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(mode=True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(mode=prev, warn_only=prev_warn)
+
+
 def train_model(
     model: ASIGNModel,
     train: list[SampleTensors],
@@ -218,7 +243,22 @@ def train_model(
 
     With a fine-tuned spot encoder (``model.spot_encoder``, :mod:`asign._model._finetune`) the spot features of each
     step are computed from ``sample.patches``; the loss rows carry gradients into the encoder.
+
+    On the CPU the run uses torch's deterministic algorithms (:func:`deterministic_algorithms`), so the same seed gives
+    the same weights whatever the thread count's effect on summation order within one configuration.
     """
+    with deterministic_algorithms(device):
+        return _train(model, train, validation=validation, device=device, show_progress_bar=show_progress_bar)
+
+
+def _train(
+    model: ASIGNModel,
+    train: list[SampleTensors],
+    *,
+    validation: list[ValidationSet] | None,
+    device: torch.device | str,
+    show_progress_bar: bool,
+) -> TrainResult:
     from tqdm.auto import tqdm
 
     cfg = model.config
