@@ -200,19 +200,24 @@ class ASIGNModel(nn.Module):
         z = self.gnnt["spot"](x, sample.edge_index, e_spot)
         net = self.head["spot"](z).float() + base
         out["net"] = net
-        if cfg.use_propagation:
-            init = net.detach() if cfg.lp_init == "network" else None
-            lp = label_propagation(
-                y_visible, sample.edge_index, sample.edge_weight, n_iter=cfg.lp_iterations, init=init
-            )
-            if self.lp_linear is not None:
-                lp = self.lp_linear(lp)
-            out["lp"] = lp
-            a = torch.sigmoid(self.alpha).unsqueeze(0)
-            out["pred"] = a * lp + (1.0 - a) * net
-        else:
-            out["pred"] = net
+        out.update(self.mix(net, y_visible, sample))
         return out
+
+    def mix(self, net: Tensor, y_visible: Tensor, sample: SampleTensors) -> dict[str, Tensor]:
+        """Per-gene mixing of the network output with the cross-layer label propagation of the visible labels.
+
+        Returns ``{"lp", "pred"}`` with ``pred = sigmoid(alpha) * LP + (1 - sigmoid(alpha)) * net`` on the whole
+        graph of ``sample``, or ``{"pred": net}`` without propagation (``config.use_propagation``).
+        """
+        cfg = self.config
+        if not cfg.use_propagation:
+            return {"pred": net}
+        init = net.detach() if cfg.lp_init == "network" else None
+        lp = label_propagation(y_visible, sample.edge_index, sample.edge_weight, n_iter=cfg.lp_iterations, init=init)
+        if self.lp_linear is not None:
+            lp = self.lp_linear(lp)
+        a = torch.sigmoid(self.alpha).unsqueeze(0)
+        return {"lp": lp, "pred": a * lp + (1.0 - a) * net}
 
     def describe(self) -> dict[str, Any]:
         """Plain summary: parameter count, levels, width, mixing weights."""

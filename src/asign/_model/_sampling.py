@@ -313,8 +313,6 @@ def predict_batched(
     Every seed batch's network output (and its seeds' region/global outputs) equals the whole-graph forward pass
     up to floating-point summation order. Returns the same keys as :meth:`ASIGNModel.forward`.
     """
-    from ._propagation import label_propagation
-
     cfg = model.config
     n, g = sample.n_spots, model.n_genes
     dev = sample.x_spot.device
@@ -332,18 +330,7 @@ def predict_batched(
                     n_t = int((sample.x_region if key == "region" else sample.x_global).shape[0])
                     tiles[key] = torch.full((n_t, g), float("nan"), device=dev)
                 tiles[key][orig[local]] = out[key][local].float()
-    res: dict[str, Tensor] = {"net": net, **tiles}
-    if cfg.use_propagation:
-        init = net if cfg.lp_init == "network" else None
-        lp = label_propagation(y_visible, sample.edge_index, sample.edge_weight, n_iter=cfg.lp_iterations, init=init)
-        if model.lp_linear is not None:
-            lp = model.lp_linear(lp)
-        res["lp"] = lp
-        a = torch.sigmoid(model.alpha).unsqueeze(0)
-        res["pred"] = a * lp + (1.0 - a) * net
-    else:
-        res["pred"] = net
-    return res
+    return {"net": net, **tiles, **model.mix(net, y_visible, sample)}
 
 
 # ------------------------------------------------------------------------------------------------ memory estimate
