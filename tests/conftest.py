@@ -70,3 +70,23 @@ def _prepare_for_asign(sd, *, features: bool = True):
 def prepare_for_asign():
     """``prepare_for_asign(sdata, *, features=True)``: align (ground truth), extract features, build the graph."""
     return _prepare_for_asign
+
+
+def _move_spots(sd, rows, xy):
+    """Move spots (table rows) to new pixel centres, in ``obsm['spatial']`` and in their shapes."""
+    import geopandas as gpd
+    import numpy as np
+
+    t = sd.tables["table"]
+    new = np.asarray(t.obsm["spatial"], dtype=float).copy()
+    new[rows] = xy
+    t.obsm["spatial"] = new
+    for key in t.obs["region"].astype(str).unique():
+        m = (t.obs["region"].astype(str) == key).to_numpy()
+        sd.shapes[key].geometry = gpd.points_from_xy(new[m, 0], new[m, 1])
+
+
+@pytest.fixture(scope="session")
+def move_spots():
+    """``move_spots(sdata, rows, xy)``: move spots to new pixel centres in the table and in their shapes."""
+    return _move_spots

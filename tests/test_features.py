@@ -60,18 +60,6 @@ def image_array(sd, section):
     return np.asarray(image_level0(sd.images[f"he_{section}"]).transpose("c", "y", "x").values)
 
 
-def move_spots(sd, rows, xy):
-    import geopandas as gpd
-
-    t = sd.tables["table"]
-    new = np.asarray(t.obsm["spatial"], dtype=float).copy()
-    new[rows] = xy
-    t.obsm["spatial"] = new
-    for key in t.obs["region"].astype(str).unique():
-        m = (t.obs["region"].astype(str) == key).to_numpy()
-        sd.shapes[key].geometry = gpd.points_from_xy(new[m, 0], new[m, 1])
-
-
 def rows_of(sd, section):
     return np.flatnonzero((sd.tables["table"].obs["section"].astype(str) == section).to_numpy())
 
@@ -132,7 +120,7 @@ def test_patch_is_centred_on_the_rounded_spot(small_stack):
     np.testing.assert_array_equal(res.features_spot[sel], np.full((3, 2), 16.0))
 
 
-def test_border_patches_are_padded_white_and_flagged(small_stack):
+def test_border_patches_are_padded_white_and_flagged(small_stack, move_spots):
     sd = small_stack
     rows = rows_of(sd, "S1")
     move_spots(sd, rows[:2], [[2.0, 3.0], [509.6, 300.0]])
@@ -189,7 +177,7 @@ def test_lazy_reading_of_a_100k_slide():
     assert slide.pixels_read < 1e-2 * 100_000**2
 
 
-def test_deterministic_and_same_patch_same_feature_in_any_section(small_stack):
+def test_deterministic_and_same_patch_same_feature_in_any_section(small_stack, move_spots):
     """method.md §8 defect 1: one frozen encoder for every section (no per-section random projection)."""
     sd = small_stack
     set_image(sd, "S2", image_array(sd, "S1"))
@@ -261,7 +249,7 @@ def test_bad_images_are_rejected(small_stack, kind, pattern):
         asign.pp.extract_features(sd, encoder=MeanColour(), scales=SMALL, show_progress_bar=False)
 
 
-def test_spot_outside_image_is_rejected(small_stack):
+def test_spot_outside_image_is_rejected(small_stack, move_spots):
     sd = small_stack
     move_spots(sd, [0], [[600.0, 10.0]])
     with pytest.raises(ValueError, match="outside image"):

@@ -9,20 +9,6 @@ from asign._stack import section_codes
 from asign.pp._tiles import tile_members
 
 
-def move_spots(sd, rows, xy):
-    """Move spots (table rows) to new pixel centres, in obsm['spatial'] and in their shapes."""
-    import geopandas as gpd
-
-    t = sd.tables["table"]
-    new = np.asarray(t.obsm["spatial"], dtype=float).copy()
-    new[rows] = xy
-    t.obsm["spatial"] = new
-    for key in t.obs["region"].astype(str).unique():
-        m = (t.obs["region"].astype(str) == key).to_numpy()
-        shp = sd.shapes[key]
-        shp.geometry = gpd.points_from_xy(new[m, 0], new[m, 1])
-
-
 def _floor_maps(table, side):
     xy = np.asarray(table.obsm["spatial"], dtype=float)
     return np.floor(xy[:, 0] / side).astype(int), np.floor(xy[:, 1] / side).astype(int)
@@ -87,7 +73,7 @@ def test_tile_tables_contract(small_stack):
     assert info["region_table"] == "asign_regions"
 
 
-def test_boundary_and_partial_strips_kept(small_stack):
+def test_boundary_and_partial_strips_kept(small_stack, move_spots):
     sd = small_stack
     t = sd.tables["table"]
     # a spot exactly on a tile boundary goes to the tile on its right/below; one in the last, partial strip is kept
