@@ -19,12 +19,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def her2st_path(arg: str | None = None) -> Path:
-    """The HER2ST folder: ``arg``, else ``$ASIGN_HER2ST``, else ``../shared/data/her2st`` beside the repository."""
+def find_her2st(arg: str | Path | None = None) -> Path | None:
+    """The HER2ST folder: ``arg``, else ``$ASIGN_HER2ST``, else ``../shared/data/her2st`` beside the repository;
+    `None` when none of them holds the data."""
     import os
 
-    for p in [arg, os.environ.get("ASIGN_HER2ST"), str(ROOT.parent / "shared" / "data" / "her2st")]:
+    for p in [arg, os.environ.get("ASIGN_HER2ST"), ROOT.parent / "shared" / "data" / "her2st"]:
         if p and (Path(p) / "data" / "ST-cnts").is_dir():
             return Path(p)
-    msg = "HER2ST folder not found; pass --her2st or set ASIGN_HER2ST."
-    raise SystemExit(msg)
+    return None
+
+
+def her2st_path(arg: str | Path | None = None) -> Path:
+    """:func:`find_her2st`, exiting with a message when the data are not found."""
+    path = find_her2st(arg)
+    if path is None:
+        msg = "HER2ST folder not found; pass --her2st or set ASIGN_HER2ST."
+        raise SystemExit(msg)
+    return path

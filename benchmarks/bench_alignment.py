@@ -59,19 +59,13 @@ os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "agg")
 
 import numpy as np
+from _machine import find_her2st  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "alignment.json"
 DOC = ROOT / "docs" / "benchmarks" / "alignment.md"
 FIGURE = ROOT / "docs" / "_static" / "alignment_her2st_C.png"
 HER2ST_SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
-
-
-def _her2st_root() -> Path | None:
-    for p in (os.environ.get("ASIGN_HER2ST"), ROOT.parent / "shared" / "data" / "her2st"):
-        if p and (Path(p) / "data" / "ST-cnts").is_dir():
-            return Path(p)
-    return None
 
 
 def _apply(M: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -612,7 +606,7 @@ def main() -> None:
     if args.figure_only:
         import asign
 
-        save_figure(asign.io.read_her2st(_her2st_root(), patient="C"), args.figure)
+        save_figure(asign.io.read_her2st(find_her2st(), patient="C"), args.figure)
         print(f"wrote {args.figure}")
         return
     res: dict = {
@@ -635,7 +629,7 @@ def main() -> None:
                 f"{r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU"
             )
     res["synthetic"] = syn
-    root = _her2st_root()
+    root = find_her2st()
     if root is not None and not args.skip_her2st:
         refs: list[tuple[str | None, str]] = [(None, "adjacent"), (None, "second")]
         if not args.quick:

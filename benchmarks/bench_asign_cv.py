@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from bench_her2st_baselines import _default_her2st, load_patient, machine_info
+from _machine import find_her2st
+from bench_her2st_baselines import load_patient, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = [
@@ -175,7 +176,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--her2st", type=Path, default=_default_her2st())
+    parser.add_argument("--her2st", type=Path, default=find_her2st())
     parser.add_argument("--patients", default="ABCDEFGH")
     parser.add_argument("--n-models", type=int, default=1)
     parser.add_argument("--seeds", default="0")

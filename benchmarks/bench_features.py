@@ -32,7 +32,7 @@ import platform
 import time
 from pathlib import Path
 
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
+from _machine import cpu_name, find_her2st  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
@@ -44,14 +44,6 @@ METHODS = [
     ("ridge (spot)", "ridge", {}),
     ("ridge (spot+region+global)", "ridge", {"levels": ["spot", "region", "global"]}),
 ]
-
-
-def _default_her2st() -> Path | None:
-    env = os.environ.get("ASIGN_HER2ST")
-    for p in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data" / "her2st"]:
-        if (p / "data" / "ST-cnts").is_dir():
-            return p
-    return None
 
 
 def throughput(sdata, *, n_patches: int, batch_size: int, repeats: int, threads: int) -> list[dict]:
@@ -521,7 +513,7 @@ def write_markdown(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--her2st", type=Path, default=_default_her2st())
+    ap.add_argument("--her2st", type=Path, default=find_her2st())
     ap.add_argument("--threads", default="1,2", help="thread counts of the throughput runs (comma-separated)")
     ap.add_argument("--extract-threads", default="1,2", help="thread counts of the extraction runs")
     ap.add_argument("--repeats", type=int, default=3)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
+from _machine import cpu_name, find_her2st  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [
@@ -50,14 +50,6 @@ PAPER_TABLE1_HER2 = [
     {"model": "Similarity (3D)", "mse": 0.449, "mae": 0.517, "pcc_spot": 0.649},
     {"model": "ASIGN 3D", "mse": 0.363, "mae": 0.473, "pcc_spot": 0.693},
 ]
-
-
-def _default_her2st() -> Path | None:
-    env = os.environ.get("ASIGN_HER2ST")
-    for p in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data" / "her2st"]:
-        if (p / "data" / "ST-cnts").is_dir():
-            return p
-    return None
 
 
 def load_patient(path: Path, patient: str):
@@ -349,7 +341,7 @@ def notes(res: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--her2st", type=Path, default=_default_her2st())
+    parser.add_argument("--her2st", type=Path, default=find_her2st())
     parser.add_argument("--patients", default="ABCDEFGH")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "her2st_baselines.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks" / "baselines.md")
