@@ -101,22 +101,43 @@ class Encoder:
         return self
 
     def __call__(
-        self, batch: torch.Tensor, *, mixed_precision: bool = False, channels_last: bool = True, resize: bool = False
+        self,
+        batch: torch.Tensor,
+        *,
+        mixed_precision: bool = False,
+        channels_last: bool = True,
+        resize: bool = False,
+        od_map: torch.Tensor | None = None,
+        tta: str = "none",
     ) -> torch.Tensor:
         """Embed a uint8 batch ``(B, 3, H, W)`` (already on the encoder's device); returns float32 ``(B, dim)``.
 
         With ``resize=True`` a batch whose side differs from ``input_size`` is first resized on its device with
         :func:`resize_batch` (float32, antialiased bilinear; rounded back to uint8 for non-torch encoders).
+        ``od_map`` (``(B, 3, 3)``, optional) stain-normalises each patch before the resize, as the linear map
+        ``OD' = OD @ od_map[b]`` in optical-density space (:func:`asign.pp._stain.apply_od_map_torch`). ``tta``
+        (``"none"``, ``"flips"``, ``"dihedral"``) averages the features over flips / 90° rotations of each patch.
         """
         import torch
 
+        from asign.pp._stain import apply_od_map_torch, tta_views_numpy, tta_views_torch
+
         resize = resize and self.input_size is not None and tuple(batch.shape[2:]) != (self.input_size, self.input_size)
         if self.module is None:
-            if resize:
+            if od_map is not None:
+                x = apply_od_map_torch(batch.cpu().float(), od_map.cpu())
+                if resize:
+                    x = resize_batch(x, self.input_size)
+                batch = x.round_().clamp_(0, 255).to(torch.uint8)
+            elif resize:
                 batch = resize_batch(batch.cpu().float(), self.input_size).round_().clamp_(0, 255).to(torch.uint8)
             arr = batch.permute(0, 2, 3, 1).cpu().numpy()
-            return torch.from_numpy(np.asarray(self.fn(arr), dtype=np.float32))
+            views = tta_views_numpy(arr, tta)
+            out = np.mean([np.asarray(self.fn(np.ascontiguousarray(v)), dtype=np.float64) for v in views], axis=0)
+            return torch.from_numpy(out.astype(np.float32))
         x = batch.float()
+        if od_map is not None:
+            x = apply_od_map_torch(x, od_map)
         if resize:
             x = resize_batch(x, self.input_size)
         key = str(x.device)
@@ -127,15 +148,20 @@ class Encoder:
             self._norm[key] = (mean.to(x.device), std.to(x.device))
         mean, std = self._norm[key]
         x = (x - mean) / std
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if mixed_precision and x.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
-                out = self.module(x)
-        else:
-            out = self.module(x)
-        return _pool_output(out, self.name).float()
+        total = None
+        views = tta_views_torch(x, tta)
+        for v in views:
+            if channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+            if mixed_precision and v.device.type == "cuda":
+                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+                with torch.autocast("cuda", dtype=dtype):
+                    out = self.module(v)
+            else:
+                out = self.module(v)
+            f = _pool_output(out, self.name).float()
+            total = f if total is None else total + f
+        return total if len(views) == 1 else total / len(views)
 
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -856,6 +882,10 @@ class PatchDataset:
         """Output rows of batch ``b``."""
         return np.concatenate([seg[1] for seg in self.batches[b]]).astype(np.int64)
 
+    def images(self, b: int) -> np.ndarray:
+        """Source (``PatchJob.image``) index of every patch of batch ``b``."""
+        return np.concatenate([np.full(len(seg[1]), seg[0], dtype=np.int64) for seg in self.batches[b]])
+
     def n_patches(self) -> int:
         return int(sum(self.batch_len(b) for b in range(len(self.batches))))
 
@@ -976,6 +1006,8 @@ def embed_patches(
     show_progress_bar: bool = True,
     desc: str = "features",
     stats: dict[str, float] | None = None,
+    od_maps: np.ndarray | None = None,
+    tta: str = "none",
 ) -> np.ndarray:
     """Embed every patch of ``jobs`` with ``encoder``; returns float32 ``(n_rows, dim)`` (NaN for rows not covered).
 
@@ -988,6 +1020,10 @@ def embed_patches(
     stream. Batches are uint8 until the device, where they are normalised and embedded under
     :func:`torch.inference_mode`, channels-last, with autocast on CUDA (``mixed_precision``, default on CUDA), and
     with deterministic oneDNN kernels on the CPU. Features stay on the device and are copied back every few batches.
+
+    ``od_maps`` (``(len(sources), 3, 3)``, optional) stain-normalises every patch on the device with the matrix of
+    its source (:mod:`asign.pp._stain`); ``tta`` (``"none"``, ``"flips"``, ``"dihedral"``) averages each patch's
+    features over its flipped / rotated views (:meth:`Encoder.__call__`).
     """
     import torch
     from torch.utils.data import DataLoader
@@ -1001,6 +1037,16 @@ def embed_patches(
     if resize not in ("device", "reader"):
         msg = f"`resize` must be 'device' or 'reader', got {resize!r}."
         raise ValueError(msg)
+    from asign.pp._stain import check_tta
+
+    tta = check_tta(tta)
+    maps_dev = None
+    if od_maps is not None:
+        od_maps = np.asarray(od_maps, dtype=np.float32)
+        if od_maps.shape != (len(sources), 3, 3):
+            msg = f"`od_maps` must have shape ({len(sources)}, 3, 3) (one matrix per source), got {od_maps.shape}."
+            raise ValueError(msg)
+        maps_dev = torch.from_numpy(od_maps).to(device)
     encoder.to(device, channels_last=channels_last)
     ds = PatchDataset(sources, jobs, batch_size=batch_size, input_size=encoder.input_size, resize=resize == "reader")
     out = np.full((n_rows, encoder.dim), np.nan, dtype=np.float32)
@@ -1075,7 +1121,17 @@ def embed_patches(
                     prev_event = event
                 else:
                     x = host
-                feats = encoder(x, mixed_precision=mixed_precision, channels_last=channels_last, resize=True)
+                od_map = None
+                if maps_dev is not None:
+                    od_map = maps_dev[torch.from_numpy(ds.images(b)).to(device, non_blocking=True)]
+                feats = encoder(
+                    x,
+                    mixed_precision=mixed_precision,
+                    channels_last=channels_last,
+                    resize=True,
+                    od_map=od_map,
+                    tta=tta,
+                )
                 if feats.shape != (len(rows), encoder.dim):
                     msg = (
                         f"Encoder {encoder.name!r} returned shape {tuple(feats.shape)}, "

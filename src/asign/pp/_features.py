@@ -10,6 +10,7 @@ import numpy as np
 
 from asign._constants import Key
 from asign._logging import logger
+from asign.pp._stain import TTA_VIEWS
 from asign.pp._tiles import (
     LEVELS,
     Tiles,
@@ -100,6 +101,9 @@ def extract_features(
     mixed_precision: bool | None = None,
     pyramid: Literal["auto", "always", "never"] = "auto",
     resize: Literal["device", "reader"] = "device",
+    stain_norm: Literal["none", "macenko", "od_scale"] | None = "none",
+    stain_target: str | Mapping[str, Any] = "auto",
+    tta: Literal["none", "flips", "dihedral"] | None = "none",
     table_key: str = Key.TABLE,
     key_added: str = Key.ADDED,
     sections: Sequence[str] | None = None,
@@ -161,6 +165,23 @@ def extract_features(
     resize
         Where patches are resized to ``input_size``: ``"device"`` (batched on ``device``, float32) or
         ``"reader"`` (on uint8 in the reader processes, as before device resizing).
+    stain_norm
+        Stain normalisation (:mod:`asign.pp._stain`, ``docs/encoders.md``): ``"none"`` (or `None`), ``"macenko"``
+        (Macenko's H&E stain vectors and maximal concentrations mapped onto the target's) or ``"od_scale"``
+        (per-channel optical-density scaling matching the mean tissue OD). Each section's stain is estimated from its
+        own image only (tissue pixels of a pyramid level about 1000 px across); each patch is then normalised on
+        ``device`` by its section's fixed linear map in OD space (``OD' = OD @ M``; white stays white). A section
+        whose stain cannot be estimated (too little tissue) keeps its colours (identity) with a warning naming it.
+    stain_target
+        What sections are normalised to: ``"auto"`` (``"reference"`` for ``"macenko"``, ``"median"`` for
+        ``"od_scale"``), ``"reference"`` (the fixed standard of Macenko's reference implementation, the same for
+        every stack), ``"median"`` (the median estimate of the processed sections), a section name, or the
+        ``uns['{key_added}_features']['stain_target_params']`` mapping of another stack (to normalise new data to
+        the target a model was trained with).
+    tta
+        Test-time augmentation: ``"none"`` (or `None`), ``"flips"`` (mean features over the patch and its
+        horizontal, vertical and double flips: 4 encoder passes) or ``"dihedral"`` (the 8 flips and 90° rotations),
+        at every scale, on ``device``.
     table_key
         The spot table.
     key_added
@@ -186,7 +207,13 @@ def extract_features(
       ``scales_px`` / ``scales_um`` (per level, one entry per section), ``unit``, ``sections`` (processed),
       ``device``, ``mixed_precision``, ``pyramid``, ``resize``, ``pyramid_level`` / ``read_px`` (per level, one
       entry per section: the pyramid level ``scale<k>`` read and the patch side in its pixels; -1 / 0 for sections
-      not processed), ``batch_size``, ``n_patches``, ``seconds``, table names;
+      not processed), ``batch_size``, ``n_patches``, ``seconds``, table names; ``stain_norm``, ``tta``,
+      ``tta_views``; with a stain normalisation also ``stain_target`` (the target's source), ``stain_target_params``
+      (``source``, ``stain_vectors`` ``(3, 2)``, ``max_conc`` ``(2,)``, ``od_mean`` ``(3,)`` where defined),
+      ``stain_matrix`` ``(n_sections, 3, 3)`` (identity for sections not processed or not estimated),
+      ``stain_vectors`` ``(n_sections, 3, 2)``, ``stain_max_conc`` ``(n_sections, 2)``, ``stain_od_mean``
+      ``(n_sections, 3)`` (NaN where not estimated), ``stain_estimated``, ``stain_level``, ``stain_n_pixels``
+      (per section), ``stain_beta``, ``stain_alpha``, ``stain_od`` (the OD convention), ``stain_seconds``;
     - ``.uns['{key_added}_tiles']`` (see :func:`asign.pp.make_tiles`);
 
     and writes the tile tables ``sdata.tables['{key_added}_regions']`` / ``['{key_added}_globals']`` (see
@@ -198,8 +225,14 @@ def extract_features(
     from asign._encoders import ImageSource, PatchJob, embed_patches, get_encoder, level_window, pick_level
     from asign._stack import section_codes
     from asign.io import validate_stack
+    from asign.pp._stain import check_stain_norm, check_tta, stain_maps, stain_uns
 
     stack = validate_stack(sdata, table_key=table_key)
+    stain_norm = check_stain_norm(stain_norm)
+    tta = check_tta(tta)
+    if not isinstance(stain_target, str | Mapping):
+        msg = f"`stain_target` must be a string or a mapping, got {type(stain_target).__name__}."
+        raise TypeError(msg)
     table = sdata.tables[table_key]
     todo = _select_sections(stack, sections)
     if batch_size is not None and batch_size < 1:
@@ -234,6 +267,7 @@ def extract_features(
     padded = np.zeros(n, dtype=bool)
 
     sources: list[ImageSource] = []
+    source_section: list[str] = []
     jobs: list[PatchJob] = []
     used_level = {lev: [-1] * stack.n_sections for lev in LEVELS}
     read_px = {lev: [0] * stack.n_sections for lev in LEVELS}
@@ -261,14 +295,28 @@ def extract_features(
             lv = levels[k]
             if k not in level_source:
                 sources.append(ImageSource(lv.data))
+                source_section.append(s)
                 level_source[k] = len(sources) - 1
             xk, yk, side_k = level_window(x0, y0, side, lv.scale_y, lv.scale_x)
             jobs.append(PatchJob(level_source[k], xk, yk, side_k, rows, f"{s} {lev}"))
             used_level[lev][i], read_px[lev][i] = int(k), int(side_k)
     n_patches = int(sum(len(j.rows) for j in jobs))
+    stain_params: dict[str, Any] = {}
+    od_maps = None
+    t_stain = time.perf_counter()
+    if stain_norm != "none":
+        mats, estimates, target = stain_maps(
+            {s: sdata.images[stack.image_keys[stack.index(s)]] for s in todo},
+            stain_norm=stain_norm,
+            stain_target=stain_target,
+        )
+        od_maps = np.stack([mats[s] for s in source_section]) if sources else None
+        stain_params = stain_uns(stack.sections, stain_norm, stain_target, mats, estimates, target)
+        stain_params["stain_seconds"] = float(time.perf_counter() - t_stain)
     logger.info(
         f"Extracting {enc.name} features ({enc.dim}-d, weights {enc.weights}) of {n_patches} patches "
-        f"({n} spots, {nr} regions, {ng} globals) in {len(todo)} section(s) on {dev}."
+        f"({n} spots, {nr} regions, {ng} globals) in {len(todo)} section(s) on {dev} (stain_norm={stain_norm!r}, "
+        f"tta={tta!r})."
     )
     t0 = time.perf_counter()
     feats = embed_patches(
@@ -283,6 +331,8 @@ def extract_features(
         resize=resize,
         show_progress_bar=show_progress_bar,
         desc="extract_features",
+        od_maps=od_maps,
+        tta=tta,
     )
     seconds = time.perf_counter() - t0
     f_spot, f_region, f_global = feats[:n], feats[n : n + nr], feats[n + nr :]
@@ -319,6 +369,10 @@ def extract_features(
         "global_table": tile_table_key(key_added, "global"),
         "region_key": index_key(key_added, "region"),
         "global_key": index_key(key_added, "global"),
+        "stain_norm": stain_norm,
+        "tta": tta,
+        "tta_views": int(TTA_VIEWS[tta]),
+        **stain_params,
     }
     logger.info(f"Embedded {n_patches} patches in {seconds:.1f} s ({n_patches / max(seconds, 1e-9):.1f} patches/s).")
     tiles = Tiles(r_index, g_index, regions, globals_, tile_px)
@@ -358,3 +412,34 @@ def feature_matrix(
             raise KeyError(msg)
         mats.append(np.asarray(table.obsm[k], dtype=np.float64))
     return np.concatenate(mats, axis=1)
+
+
+_FEATURE_SPACE_FIELDS = ("encoder", "weights", "dim", "input_size", "scales_px", "stain_norm", "tta")
+
+
+def feature_space_id(table, key: str = Key.ADDED) -> dict[str, Any]:
+    """What identifies the feature space of ``uns['{key}_features']``, so that models refuse features of another.
+
+    The fields are the encoder, weights, input size, scales, stain normalisation and test-time augmentation. Fields absent from the record are left out (zarr-writable result), except ``stain_norm`` and ``tta``, which
+    default to ``"none"`` for features extracted before these options existed.
+    """
+    info = table.uns.get(f"{key}_features", {})
+    out: dict[str, Any] = {}
+    for f in _FEATURE_SPACE_FIELDS:
+        v = info.get(f) if isinstance(info, Mapping) else None
+        if isinstance(v, Mapping):
+            v = {k: np.asarray(x).tolist() for k, x in v.items()}
+        elif isinstance(v, np.ndarray | np.generic):
+            v = v.tolist()
+        if v is None and f in ("stain_norm", "tta"):
+            v = "none"
+        if v is not None:
+            out[f] = v
+    if isinstance(out.get("scales_px"), dict):  # sections differ between samples: compare the distinct sides only
+        out["scales_px"] = {k: sorted(set(np.atleast_1d(v).tolist())) for k, v in out["scales_px"].items()}
+    return out
+
+
+def feature_space_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Fields in which two :func:`feature_space_id` records differ, as ``"field: a != b"`` strings."""
+    return [f"{f}: {a.get(f)!r} != {b.get(f)!r}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]

@@ -13,7 +13,7 @@ import numpy as np
 
 from asign._constants import Key
 from asign._logging import logger
-from asign.pp._features import feature_matrix
+from asign.pp._features import feature_matrix, feature_space_id
 
 from ._registry import FitContext, ImputeContext, ImputeResult, register_method
 
@@ -31,7 +31,6 @@ SIMILARITY_DEFAULTS: dict[str, Any] = {
     "standardize": False,
 }
 DEFAULT_ALPHAS = np.logspace(-2, 6, 17)
-_FEATURE_ID_FIELDS = ("encoder", "weights", "dim", "input_size", "scales_px")
 
 
 def _params(params: dict[str, Any], method: str, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -48,22 +47,6 @@ def _params(params: dict[str, Any], method: str, defaults: dict[str, Any]) -> di
 
 def _features(table, key: str, levels: Sequence[str]) -> np.ndarray:
     return feature_matrix(table, key=key, levels=levels)
-
-
-def _feature_id(table, key: str) -> dict[str, Any]:
-    """What identifies a feature space (encoder, weights, input size, scales), to refuse mixing spaces."""
-    info = table.uns.get(f"{key}_features", {})
-    out = {}
-    for f in _FEATURE_ID_FIELDS:
-        v = info.get(f) if isinstance(info, dict) else None
-        if isinstance(v, dict):
-            v = {k: np.asarray(x).tolist() for k, x in v.items()}
-        elif isinstance(v, np.ndarray):
-            v = v.tolist()
-        out[f] = v
-    if isinstance(out.get("scales_px"), dict):  # sections differ between samples: compare the distinct sides only
-        out["scales_px"] = {k: sorted(set(np.atleast_1d(v).tolist())) for k, v in out["scales_px"].items()}
-    return out
 
 
 def _usable(X: np.ndarray) -> np.ndarray:
@@ -161,7 +144,7 @@ def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
         Xs.append(X[rows])
         Ys.append(c.Y[rows])
         groups.append(np.full(int(rows.sum()), g) if len(fctx.train) > 1 else c.section_codes[rows])
-        ids.append(_feature_id(c.table, p["features_key"]))
+        ids.append(feature_space_id(c.table, p["features_key"]))
     if any(i != ids[0] for i in ids[1:]):
         msg = f"ridge: training samples have features from different encoders/scales: {ids}; re-extract them alike."
         raise ValueError(msg)
@@ -190,7 +173,7 @@ def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
     ok = _usable(X)
     known = ctx.known & ok
     if ctx.fitted is not None:
-        fid = _feature_id(ctx.table, p["features_key"])
+        fid = feature_space_id(ctx.table, p["features_key"])
         if fid != ctx.fitted["feature_id"]:
             msg = (
                 f"ridge: the features of this sample ({fid}) differ from those the model was trained on "
