@@ -123,6 +123,14 @@ def test_fit_predict_save_load(stacks, tmp_path):
     torch.save({"x": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="not an asign model"):
         asign.tl._fit.ASIGNFit.load(bad)
+    # the feature space is recorded (and survives saving); features of another space are refused by name
+    assert loaded.options["feature_space"] == fitted.options["feature_space"]
+    assert fitted.options["feature_space"]["encoder"] == a.tables["table"].uns["asign_features"]["encoder"]
+    a.tables["table"].uns["asign_features"]["tta"] = "dihedral"
+    with pytest.raises(ValueError, match="tta: 'none' != 'dihedral'"):
+        asign.tl.predict(a, loaded, known="S1", inplace=False, show_progress_bar=False)
+    with pytest.raises(ValueError, match="Training sample 'A' has features from another space than 'B'"):
+        asign.tl.fit({"B": b, "A": a}, n_genes=10, config=TINY, seed=1, show_progress_bar=False)
 
 
 def test_fit_transductive_ensemble_and_impute_with_train(stacks, tmp_path):

@@ -516,6 +516,18 @@ def fit_contexts(
         "tile_radius": opts["tile_radius"],
         "tile_max_neighbors": opts["tile_max_neighbors"],
     }
+    if opts["feature_key"] is not None:
+        from asign.pp._features import feature_space_difference, feature_space_id
+
+        spaces = [feature_space_id(c.table, opts["feature_key"]) for c in contexts]
+        for c, sp in zip(contexts[1:], spaces[1:], strict=True):
+            if diff := feature_space_difference(spaces[0], sp):
+                msg = (
+                    f"Training sample {c.sample!r} has features from another space than {contexts[0].sample!r} "
+                    f"({'; '.join(diff)}); extract every sample's features with the same options."
+                )
+                raise ValueError(msg)
+        opts["feature_space"] = spaces[0]
     mode_val = opts["validation"]
     if mode_val == "auto":
         mode_val = "sample" if len(contexts) >= 2 else "holdout"
@@ -605,6 +617,16 @@ def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None)
     if ctx.normalization != fitted.normalization:
         msg = f"The model was trained on normalization={fitted.normalization!r}, not {ctx.normalization!r}."
         raise ValueError(msg)
+    if fitted.options.get("feature_space") and fitted.options["feature_key"] is not None:
+        from asign.pp._features import feature_space_difference, feature_space_id
+
+        space = feature_space_id(ctx.table, fitted.options["feature_key"])
+        if diff := feature_space_difference(dict(fitted.options["feature_space"]), space):
+            msg = (
+                f"The features of sample {ctx.sample!r} differ from those the model was trained on "
+                f"({'; '.join(diff)}); extract them with the model's options (ASIGNFit.options['feature_space'])."
+            )
+            raise ValueError(msg)
     s = sample_tensors(
         ctx,
         levels=fitted.config.levels,
