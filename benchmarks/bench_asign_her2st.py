@@ -60,12 +60,14 @@ def _light(sdata):
     return out
 
 
-def prepare_her2st(path: Path, cache: Path | None, timings: dict) -> object:
+def prepare_her2st(
+    path: Path, cache: Path | None, timings: dict, features: dict | None = None, tag: str = ""
+) -> object:
     import spatialdata as sd
 
     import asign
 
-    target = cache / "her2st_C2-C6_prepared.zarr" if cache else None
+    target = cache / f"her2st_C2-C6_prepared{tag}.zarr" if cache else None
     if target is not None and target.exists():
         t = time.perf_counter()
         out = _light(sd.read_zarr(target))
@@ -79,7 +81,7 @@ def prepare_her2st(path: Path, cache: Path | None, timings: dict) -> object:
     asign.pp.align_layers(sdata, show_progress_bar=False)
     timings["align_layers"] = time.perf_counter() - t
     t = time.perf_counter()
-    asign.pp.extract_features(sdata, encoder="efficientnet_lite0", show_progress_bar=False)
+    asign.pp.extract_features(sdata, **{"encoder": "efficientnet_lite0", **(features or {})}, show_progress_bar=False)
     timings["extract_features"] = time.perf_counter() - t
     t = time.perf_counter()
     asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot")
@@ -207,6 +209,12 @@ def main() -> None:
     ap.add_argument("--encoder", default="handcrafted", help="encoder of the synthetic part")
     ap.add_argument("--asign", default="{}", help="JSON method_kwargs for asign")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--features",
+        default="{}",
+        help='JSON options of extract_features for the HER2ST part (e.g. \'{"tta": "dihedral"}\')',
+    )
+    ap.add_argument("--tag", default="", help="suffix of the result file and the cache (for non-default --features)")
     args = ap.parse_args()
     import torch
 
@@ -218,7 +226,10 @@ def main() -> None:
         timings: dict = {}
         t0 = time.perf_counter()
         if part == "her2st":
-            sdata = prepare_her2st(her2st_path(args.her2st), Path(args.cache) if args.cache else None, timings)
+            feats = json.loads(args.features)
+            sdata = prepare_her2st(
+                her2st_path(args.her2st), Path(args.cache) if args.cache else None, timings, feats, args.tag
+            )
             known = "C2"
         else:
             sdata = prepare_synthetic(args.encoder, timings)
@@ -231,6 +242,7 @@ def main() -> None:
             "part": part,
             "known": known,
             "asign_method_kwargs": kw,
+            "feature_options": json.loads(args.features) if part == "her2st" else {},
             "timings": timings,
             "rows": rows,
             "per_section": sections,
@@ -244,7 +256,7 @@ def main() -> None:
                 k: (np.asarray(v).tolist() if not isinstance(v, str) else v)
                 for k, v in tab.uns["asign"]["alignment"].get("quality", {}).items()
             }
-        (RESULTS / f"asign_{part}.json").write_text(json.dumps(result, indent=2, default=float))
+        (RESULTS / f"asign_{part}{args.tag}.json").write_text(json.dumps(result, indent=2, default=float))
         print(json.dumps(summary, indent=2), flush=True)
 
 
