@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from _machine import cpu_name, her2st_path  # benchmarks/ is on sys.path when a script runs
-from bench_stain_tta import FIXED_ALPHAS, expression, load, ridge_pcc, top_genes
+from bench_stain_tta import FIXED_ALPHAS, expression, load, ridge_headline, ridge_pcc, top_genes
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "encoder_depth.json"
@@ -172,25 +172,10 @@ def table(res: dict) -> str:
 
 
 def headline(path: Path) -> dict:
-    """HER2ST C, known C2 -> C3-C6, ridge through the public API, plain and multi-depth (run once; no choice).
-
-    Alignment: the published rigid registration (``align_layers(method="transforms")``); the ridge reads only the
-    spot features, so the alignment does not change its predictions.
-    """
-    import asign
-
+    """HER2ST C, known C2 -> C3-C6, ridge through the public API, plain and multi-depth (run once; no choice)."""
     out = {}
     for enc in (PLAIN, MULTI):
-        sdata = asign.io.read_her2st(path, patient="C", sections=["C2", "C3", "C4", "C5", "C6"])
-        transforms = sdata.tables["table"].uns["asign"]["her2st_transforms"]
-        asign.pp.align_layers(sdata, method="transforms", transforms=transforms, show_progress_bar=False)
-        t, c = time.perf_counter(), time.process_time()
-        asign.pp.extract_features(sdata, encoder=enc, show_progress_bar=False)
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
-        asign.tl.impute(sdata, known="C2", method="ridge", n_genes=250, key_added="ridge", show_progress_bar=False)
-        scores = asign.tl.evaluate(sdata, key="ridge")
-        overall = scores[scores["level"] == "overall"].iloc[0]
-        out[enc] = {"pcc_gene": float(overall["pcc_gene"]), "features_wall_s": wall, "features_cpu_s": cpu}
+        out[enc] = ridge_headline(path, encoder=enc)
         print("headline", enc, out[enc], flush=True)
     return out
 
