@@ -16,7 +16,9 @@ recorded because a shared machine slows every step.
 
 Usage::
 
-    ASIGN_HER2ST=/path/to/her2st python benchmarks/bench_pipeline_her2st.py [--threads 1] [--repeat 1]
+    ASIGN_HER2ST=/path/to/her2st python benchmarks/bench_pipeline_her2st.py [--threads 1] [--repeat 1] [--encoder NAME]
+
+With ``--encoder`` the run is written to ``pipeline_her2st_<encoder>.json`` and reported in its own section.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 
 
-def run_once(path: Path) -> dict:
-    """One end-to-end run; wall-clock and CPU seconds per step."""
+def run_once(path: Path, encoder: str | None = None) -> dict:
+    """One end-to-end run (``encoder``: an ``extract_features`` encoder instead of the default); wall-clock and CPU
+    seconds per step.
+    """
     import asign
 
     steps: dict[str, dict[str, float]] = {}
@@ -49,7 +53,8 @@ def run_once(path: Path) -> dict:
     t_all = time.perf_counter()
     sdata = timed("read", lambda: asign.datasets.her2st("C", path=path, sections=SECTIONS))
     timed("align_layers", lambda: asign.pp.align_layers(sdata, show_progress_bar=False))
-    timed("extract_features", lambda: asign.pp.extract_features(sdata, show_progress_bar=False))
+    fkw = {} if encoder is None else {"encoder": encoder}
+    timed("extract_features", lambda: asign.pp.extract_features(sdata, **fkw, show_progress_bar=False))
     timed("neighbors_3d", lambda: asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot"))
     timed(
         "impute_asign",
@@ -69,8 +74,21 @@ def run_once(path: Path) -> dict:
     }
 
 
-def report(res: dict) -> str:
-    """Markdown report."""
+def _table(res: dict) -> list[str]:
+    lines = [
+        "| run | " + " | ".join(res["runs"][0]["steps"]) + " | **total** | per-gene PCC | per-spot PCC (legacy) |",
+        "|---" * (len(res["runs"][0]["steps"]) + 4) + "|",
+    ]
+    for i, r in enumerate(res["runs"]):
+        cells = " | ".join(f"{v['wall_s']:.1f}" for v in r["steps"].values())
+        lines.append(
+            f"| {i + 1} | {cells} | **{r['total_wall_s']:.1f}** | {r['pcc_gene']:.3f} | {r['pcc_spot_legacy']:.3f} |"
+        )
+    return lines
+
+
+def report(res: dict, options: list[dict] | None = None) -> str:
+    """Markdown report of the default run ``res`` and of runs with other encoders (``options``)."""
     lines = [
         "# The whole HER2ST patient C job, end to end",
         "",
@@ -82,14 +100,8 @@ def report(res: dict) -> str:
         f"  {res['threads']}; load average before the run: {res['load_before']}. Date: {res['date']}.",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in res['versions'].items())}.",
         "",
-        "| run | " + " | ".join(res["runs"][0]["steps"]) + " | **total** | per-gene PCC | per-spot PCC (legacy) |",
-        "|---" * (len(res["runs"][0]["steps"]) + 4) + "|",
+        *_table(res),
     ]
-    for i, r in enumerate(res["runs"]):
-        cells = " | ".join(f"{v['wall_s']:.1f}" for v in r["steps"].values())
-        lines.append(
-            f"| {i + 1} | {cells} | **{r['total_wall_s']:.1f}** | {r['pcc_gene']:.3f} | {r['pcc_spot_legacy']:.3f} |"
-        )
     best = min(r["total_wall_s"] for r in res["runs"])
     lines += [
         "",
@@ -100,6 +112,17 @@ def report(res: dict) -> str:
         "on 2 cores two members train at once. The scores are those of one seed (0); `bench_asign_her2st.py` reports",
         "several seeds beside the baselines.",
     ]
+    for o in options or []:
+        lines += [
+            "",
+            f"## The same job with `extract_features(encoder={o['encoder']!r})`",
+            "",
+            f"`python benchmarks/bench_pipeline_her2st.py --encoder {o['encoder']}` (raw numbers:",
+            f"`benchmarks/results/pipeline_her2st_{o['encoder']}.json`); everything else as above. Load average before",
+            f"the run: {o['load_before']}; torch threads {o['threads']}; date {o['date']}.",
+            "",
+            *_table(o),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -109,6 +132,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks/pipeline.md")
+    ap.add_argument("--encoder", default=None, help="an extract_features encoder instead of the default")
     args = ap.parse_args()
     import importlib.metadata as md
 
@@ -118,6 +142,7 @@ def main() -> None:
     os.environ.setdefault("ASIGN_LOGLEVEL", "WARNING")
     path = her2st_path(args.her2st)
     res = {
+        "encoder": args.encoder or "default",
         "date": time.strftime("%Y-%m-%d"),
         "threads": args.threads,
         "load_before": [round(x, 2) for x in os.getloadavg()],
@@ -126,16 +151,19 @@ def main() -> None:
         "runs": [],
     }
     for _ in range(args.repeat):
-        r = run_once(path)
+        r = run_once(path, args.encoder)
         print(
             json.dumps({k: v for k, v in r.items() if k != "steps"}),
             {k: round(v["wall_s"], 1) for k, v in r["steps"].items()},
         )
         res["runs"].append(r)
-    out = ROOT / "benchmarks" / "results" / "pipeline_her2st.json"
-    out.write_text(json.dumps(res, indent=1))
+    results = ROOT / "benchmarks" / "results"
+    suffix = "" if args.encoder is None else f"_{args.encoder}"
+    (results / f"pipeline_her2st{suffix}.json").write_text(json.dumps(res, indent=1))
     if not args.no_report:
-        (ROOT / "docs" / "benchmarks" / "pipeline.md").write_text(report(res))
+        default = json.loads((results / "pipeline_her2st.json").read_text())
+        options = [json.loads(f.read_text()) for f in sorted(results.glob("pipeline_her2st_*.json"))]
+        (ROOT / "docs" / "benchmarks" / "pipeline.md").write_text(report(default, options))
 
 
 if __name__ == "__main__":
