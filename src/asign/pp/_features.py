@@ -225,16 +225,14 @@ def extract_features(
     from asign._encoders import ImageSource, PatchJob, embed_patches, get_encoder, level_window, pick_level
     from asign._stack import section_codes
     from asign.io import validate_stack
-    from asign.pp._stain import check_stain_norm, check_tta, stain_maps, stain_uns
+    from asign.pp._stain import check_stain_norm, check_stain_target, check_tta, stain_maps, stain_uns
 
     stack = validate_stack(sdata, table_key=table_key)
     stain_norm = check_stain_norm(stain_norm)
     tta = check_tta(tta)
-    if not isinstance(stain_target, str | Mapping):
-        msg = f"`stain_target` must be a string or a mapping, got {type(stain_target).__name__}."
-        raise TypeError(msg)
     table = sdata.tables[table_key]
     todo = _select_sections(stack, sections)
+    check_stain_target(stain_norm, stain_target, todo)
     if batch_size is not None and batch_size < 1:
         msg = f"`batch_size` must be >= 1, got {batch_size}."
         raise ValueError(msg)
@@ -311,7 +309,7 @@ def extract_features(
             stain_target=stain_target,
         )
         od_maps = np.stack([mats[s] for s in source_section]) if sources else None
-        stain_params = stain_uns(stack.sections, stain_norm, stain_target, mats, estimates, target)
+        stain_params = stain_uns(stack.sections, stain_norm, mats, estimates, target)
         stain_params["stain_seconds"] = float(time.perf_counter() - t_stain)
     logger.info(
         f"Extracting {enc.name} features ({enc.dim}-d, weights {enc.weights}) of {n_patches} patches "
@@ -420,7 +418,8 @@ _FEATURE_SPACE_FIELDS = ("encoder", "weights", "dim", "input_size", "scales_px",
 def feature_space_id(table, key: str = Key.ADDED) -> dict[str, Any]:
     """What identifies the feature space of ``uns['{key}_features']``, so that models refuse features of another.
 
-    The fields are the encoder, weights, input size, scales, stain normalisation and test-time augmentation. Fields absent from the record are left out (zarr-writable result), except ``stain_norm`` and ``tta``, which
+    The fields are the encoder, weights, input size, scales, stain normalisation and test-time augmentation.
+    Fields absent from the record are left out (zarr-writable result), except ``stain_norm`` and ``tta``, which
     default to ``"none"`` for features extracted before these options existed.
     """
     info = table.uns.get(f"{key}_features", {})

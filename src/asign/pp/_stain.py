@@ -79,22 +79,70 @@ class StainEstimationError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------- option checks
+def _check_choice(value: str | None, choices: Sequence[str] | Mapping[str, Any], name: str) -> str:
+    """``value`` (`None` -> ``"none"``) if it is one of ``choices``; a ValueError listing them otherwise."""
+    out = "none" if value is None else value
+    if not isinstance(out, str) or out not in choices:
+        msg = f"Unknown `{name}` {value!r}; choose one of {list(choices)} (or None)."
+        raise ValueError(msg)
+    return out
+
+
 def check_stain_norm(stain_norm: str | None) -> str:
     """Normalise and validate ``stain_norm`` (`None` -> ``"none"``)."""
-    name = "none" if stain_norm is None else stain_norm
-    if not isinstance(name, str) or name not in STAIN_NORMS:
-        msg = f"Unknown `stain_norm` {stain_norm!r}; choose one of {list(STAIN_NORMS)} (or None)."
-        raise ValueError(msg)
-    return name
+    return _check_choice(stain_norm, STAIN_NORMS, "stain_norm")
 
 
 def check_tta(tta: str | None) -> str:
     """Normalise and validate ``tta`` (`None` -> ``"none"``)."""
-    name = "none" if tta is None else tta
-    if not isinstance(name, str) or name not in TTA_VIEWS:
-        msg = f"Unknown `tta` {tta!r}; choose one of {list(TTA_VIEWS)} (or None)."
+    return _check_choice(tta, TTA_VIEWS, "tta")
+
+
+_TARGET_SHAPES = {"stain_vectors": (3, 2), "max_conc": (2,), "od_mean": (3,)}
+
+
+def check_stain_target(stain_norm: str, stain_target: Any, sections: Sequence[str]) -> None:
+    """Everything about ``stain_target`` that can be checked before any image is read.
+
+    Its type; ``"reference"`` only with ``"macenko"`` (``"od_scale"`` has no fixed standard); a section name among
+    the processed ``sections``; a mapping with the entries (and shapes) that ``stain_norm`` needs. Whether the named
+    section's stain can be estimated is known only later (:func:`resolve_target`).
+    """
+    if isinstance(stain_target, Mapping):
+        if stain_norm == "none":
+            return
+        need = ("stain_vectors", "max_conc") if stain_norm == "macenko" else ("od_mean",)
+        missing = [k for k in need if k not in stain_target]
+        if missing:
+            msg = (
+                f"`stain_target` mapping lacks {missing} needed by stain_norm={stain_norm!r}; pass the "
+                "`uns['<key_added>_features']['stain_target_params']` of a stack normalised with the same method."
+            )
+            raise ValueError(msg)
+        for k, shp in _TARGET_SHAPES.items():
+            if k in stain_target and np.asarray(stain_target[k]).shape != shp:
+                msg = f"`stain_target['{k}']` must have shape {shp}, got {np.asarray(stain_target[k]).shape}."
+                raise ValueError(msg)
+        return
+    if not isinstance(stain_target, str):
+        msg = f"`stain_target` must be a string or a mapping, got {type(stain_target).__name__}."
+        raise TypeError(msg)
+    if stain_norm == "none" or stain_target in ("auto", "median"):
+        return
+    if stain_target == "reference":
+        if stain_norm != "macenko":
+            msg = (
+                f"stain_norm={stain_norm!r} has no fixed reference; use stain_target='median', a section name or a "
+                "recorded target mapping (or stain_norm='macenko')."
+            )
+            raise ValueError(msg)
+        return
+    if stain_target not in sections:
+        msg = (
+            f"Unknown `stain_target` {stain_target!r}; use 'auto', 'reference', 'median', a processed section "
+            f"({list(sections)}) or a recorded target mapping."
+        )
         raise ValueError(msg)
-    return name
 
 
 # ---------------------------------------------------------------------------------------------- OD conversions
@@ -266,36 +314,20 @@ def _target_from(est: SectionStain, source: str) -> dict[str, Any]:
 def resolve_target(
     stain_norm: str, stain_target: str | Mapping[str, Any], estimates: Mapping[str, SectionStain]
 ) -> dict[str, Any]:
-    """The target mapping (``source``, ``stain_vectors``, ``max_conc``, and ``od_mean`` where defined)."""
+    """The target mapping (``source``, ``stain_vectors``, ``max_conc``, and ``od_mean`` where defined).
+
+    ``stain_target`` must have passed :func:`check_stain_target` (with the sections of ``estimates``).
+    """
     ok = {s: e for s, e in estimates.items() if e.ok}
     if isinstance(stain_target, Mapping):
-        need = ("stain_vectors", "max_conc") if stain_norm == "macenko" else ("od_mean",)
-        missing = [k for k in need if k not in stain_target]
-        if missing:
-            msg = (
-                f"`stain_target` mapping lacks {missing} needed by stain_norm={stain_norm!r}; pass the "
-                "`uns['<key_added>_features']['stain_target_params']` of a stack normalised with the same method."
-            )
-            raise ValueError(msg)
         out = {"source": str(stain_target.get("source", "given"))}
-        for k in ("stain_vectors", "max_conc", "od_mean"):
+        for k in _TARGET_SHAPES:
             if k in stain_target:
                 out[k] = np.asarray(stain_target[k], dtype=np.float64).tolist()
-        shapes = {"stain_vectors": (3, 2), "max_conc": (2,), "od_mean": (3,)}
-        for k, shp in shapes.items():
-            if k in out and np.asarray(out[k]).shape != shp:
-                msg = f"`stain_target['{k}']` must have shape {shp}, got {np.asarray(out[k]).shape}."
-                raise ValueError(msg)
         return out
     if stain_target == "auto":
         stain_target = "reference" if stain_norm == "macenko" else "median"
     if stain_target == "reference":
-        if stain_norm != "macenko":
-            msg = (
-                f"stain_norm={stain_norm!r} has no fixed reference; use stain_target='median', a section name or a "
-                "recorded target mapping (or stain_norm='macenko')."
-            )
-            raise ValueError(msg)
         return reference_target()
     if stain_target == "median":
         if not ok:
@@ -308,20 +340,11 @@ def resolve_target(
             "max_conc": np.median(np.stack([e.max_conc for e in ok.values()]), axis=0).tolist(),
             "od_mean": np.median(np.stack([e.od_mean for e in ok.values()]), axis=0).tolist(),
         }
-    if isinstance(stain_target, str):
-        if stain_target not in estimates:
-            msg = (
-                f"Unknown `stain_target` {stain_target!r}; use 'auto', 'reference', 'median', a processed section "
-                f"({list(estimates)}) or a recorded target mapping."
-            )
-            raise ValueError(msg)
-        est = estimates[stain_target]
-        if not est.ok:
-            msg = f"stain_target={stain_target!r}: that section's stain could not be estimated ({est.error})."
-            raise ValueError(msg)
-        return _target_from(est, stain_target)
-    msg = f"`stain_target` must be a string or a mapping, got {type(stain_target).__name__}."
-    raise TypeError(msg)
+    est = estimates[stain_target]
+    if not est.ok:
+        msg = f"stain_target={stain_target!r}: that section's stain could not be estimated ({est.error})."
+        raise ValueError(msg)
+    return _target_from(est, stain_target)
 
 
 def section_matrix(stain_norm: str, est: SectionStain, target: Mapping[str, Any]) -> np.ndarray:
@@ -349,8 +372,7 @@ def stain_maps(
     target mapping.
     """
     stain_norm = check_stain_norm(stain_norm)
-    if isinstance(stain_target, str) and stain_target == "reference" and stain_norm == "od_scale":
-        resolve_target(stain_norm, stain_target, {})  # raises before reading any image
+    check_stain_target(stain_norm, stain_target, list(images))  # before any image is read
     estimates = {s: estimate_stain(img, section=s) for s, img in images.items()}
     for s, e in estimates.items():
         if not e.ok:
@@ -408,7 +430,6 @@ def tta_views_numpy(x: np.ndarray, tta: str) -> list[np.ndarray]:
 def stain_uns(
     sections: Sequence[str],
     stain_norm: str,
-    stain_target: str | Mapping[str, Any],
     matrices: Mapping[str, np.ndarray],
     estimates: Mapping[str, SectionStain],
     target: Mapping[str, Any],
