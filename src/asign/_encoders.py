@@ -125,13 +125,13 @@ class Encoder:
 
         resize = resize and self.input_size is not None and tuple(batch.shape[2:]) != (self.input_size, self.input_size)
         if self.module is None:
-            if od_map is not None:
-                x = apply_od_map_torch(batch.cpu().float(), od_map.cpu())
+            if od_map is not None or resize:
+                x = batch.cpu().float()
+                if od_map is not None:
+                    x = apply_od_map_torch(x, od_map.cpu())
                 if resize:
                     x = resize_batch(x, self.input_size)
                 batch = x.round_().clamp_(0, 255).to(torch.uint8)
-            elif resize:
-                batch = resize_batch(batch.cpu().float(), self.input_size).round_().clamp_(0, 255).to(torch.uint8)
             arr = batch.permute(0, 2, 3, 1).cpu().numpy()
             views = tta_views_numpy(arr, tta)
             out = np.mean([np.asarray(self.fn(np.ascontiguousarray(v)), dtype=np.float64) for v in views], axis=0)
@@ -360,24 +360,23 @@ EFFICIENTNET_LITE0_TAP_DIMS = (40, 112, 320, 1280)
 
 
 def _efficientnet_lite0_multidepth_forward(net: Any, x: torch.Tensor) -> torch.Tensor:
-    """One forward pass of ``net.extract_features`` that also average-pools the outputs of the tapped blocks.
+    """``net.extract_features`` with the outputs of the tapped blocks average-pooled on the way (forward hooks).
 
-    Returns ``cat([pool(block 4), pool(block 10), pool(block 15), pool(head)], dim=1)``: ``(B, 1752)``. The loop is
-    the package's ``extract_features`` (stem, blocks with their scaled drop-connect rate, head) line for line.
+    Returns ``cat([pool(block 4), pool(block 10), pool(block 15), pool(head)], dim=1)``: ``(B, 1752)``.
     """
     import torch
 
-    x = net._swish(net._bn0(net._conv_stem(x)))
-    pooled = []
-    n = len(net._blocks)
-    rate = net._global_params.drop_connect_rate
-    for idx, block in enumerate(net._blocks):
-        x = block(x, drop_connect_rate=rate * float(idx) / n if rate else rate)
-        if idx in EFFICIENTNET_LITE0_TAPS:
-            pooled.append(x.mean(dim=(2, 3)))
-    x = net._swish(net._bn1(net._conv_head(x)))
-    pooled.append(x.mean(dim=(2, 3)))
-    return torch.cat(pooled, dim=1)
+    pooled: list[torch.Tensor] = []
+    hooks = [
+        net._blocks[i].register_forward_hook(lambda _m, _inp, out: pooled.append(out.mean(dim=(2, 3))))
+        for i in EFFICIENTNET_LITE0_TAPS
+    ]
+    try:
+        head = net.extract_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat([*pooled, head.mean(dim=(2, 3))], dim=1)
 
 
 @register_encoder(
