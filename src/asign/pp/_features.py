@@ -442,3 +442,29 @@ def feature_space_id(table, key: str = Key.ADDED) -> dict[str, Any]:
 def feature_space_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """Fields in which two :func:`feature_space_id` records differ, as ``"field: a != b"`` strings."""
     return [f"{f}: {a.get(f)!r} != {b.get(f)!r}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+
+
+def common_feature_space(contexts: Sequence[Any], key: str, *, method: str) -> dict[str, Any]:
+    """The feature space shared by training samples (objects with ``.table`` and ``.sample``).
+
+    Raises a ValueError naming the first sample whose features come from another space, and the fields that differ.
+    """
+    spaces = [feature_space_id(c.table, key) for c in contexts]
+    for c, sp in zip(contexts[1:], spaces[1:], strict=True):
+        if diff := feature_space_difference(spaces[0], sp):
+            msg = (
+                f"{method}: Training sample {c.sample!r} has features from another space than {contexts[0].sample!r} "
+                f"({'; '.join(diff)}); extract every sample's features with the same options."
+            )
+            raise ValueError(msg)
+    return spaces[0]
+
+
+def check_feature_space(expected: Mapping[str, Any], table, key: str, *, method: str, sample: str) -> None:
+    """Raise a ValueError naming the differing fields if ``table``'s features are not from the ``expected`` space."""
+    if diff := feature_space_difference(dict(expected), feature_space_id(table, key)):
+        msg = (
+            f"{method}: the features of sample {sample!r} differ from those the model was trained on "
+            f"({'; '.join(diff)}); extract them with the model's options."
+        )
+        raise ValueError(msg)

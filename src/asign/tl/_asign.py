@@ -517,17 +517,9 @@ def fit_contexts(
         "tile_max_neighbors": opts["tile_max_neighbors"],
     }
     if opts["feature_key"] is not None:
-        from asign.pp._features import feature_space_difference, feature_space_id
+        from asign.pp._features import common_feature_space
 
-        spaces = [feature_space_id(c.table, opts["feature_key"]) for c in contexts]
-        for c, sp in zip(contexts[1:], spaces[1:], strict=True):
-            if diff := feature_space_difference(spaces[0], sp):
-                msg = (
-                    f"Training sample {c.sample!r} has features from another space than {contexts[0].sample!r} "
-                    f"({'; '.join(diff)}); extract every sample's features with the same options."
-                )
-                raise ValueError(msg)
-        opts["feature_space"] = spaces[0]
+        opts["feature_space"] = common_feature_space(contexts, opts["feature_key"], method="asign")
     mode_val = opts["validation"]
     if mode_val == "auto":
         mode_val = "sample" if len(contexts) >= 2 else "holdout"
@@ -618,15 +610,11 @@ def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None)
         msg = f"The model was trained on normalization={fitted.normalization!r}, not {ctx.normalization!r}."
         raise ValueError(msg)
     if fitted.options.get("feature_space") and fitted.options["feature_key"] is not None:
-        from asign.pp._features import feature_space_difference, feature_space_id
+        from asign.pp._features import check_feature_space
 
-        space = feature_space_id(ctx.table, fitted.options["feature_key"])
-        if diff := feature_space_difference(dict(fitted.options["feature_space"]), space):
-            msg = (
-                f"The features of sample {ctx.sample!r} differ from those the model was trained on "
-                f"({'; '.join(diff)}); extract them with the model's options (ASIGNFit.options['feature_space'])."
-            )
-            raise ValueError(msg)
+        check_feature_space(
+            fitted.options["feature_space"], ctx.table, fitted.options["feature_key"], method="asign", sample=ctx.sample
+        )
     s = sample_tensors(
         ctx,
         levels=fitted.config.levels,

@@ -13,7 +13,7 @@ import numpy as np
 
 from asign._constants import Key
 from asign._logging import logger
-from asign.pp._features import feature_matrix, feature_space_id
+from asign.pp._features import check_feature_space, common_feature_space, feature_matrix
 
 from ._registry import FitContext, ImputeContext, ImputeResult, register_method
 
@@ -137,22 +137,19 @@ def _fit_ridge(
 def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
     """Train on the labelled training samples (every measured spot), alpha by leave-sample-out CV."""
     p = _params(fctx.params, "ridge", RIDGE_DEFAULTS)
-    Xs, Ys, groups, ids = [], [], [], []
+    space = common_feature_space(fctx.train, p["features_key"], method="ridge")
+    Xs, Ys, groups = [], [], []
     for g, c in enumerate(fctx.train):
         X = _features(c.table, p["features_key"], p["levels"])
         rows = c.known & _usable(X) & np.all(np.isfinite(c.Y), axis=1)
         Xs.append(X[rows])
         Ys.append(c.Y[rows])
         groups.append(np.full(int(rows.sum()), g) if len(fctx.train) > 1 else c.section_codes[rows])
-        ids.append(feature_space_id(c.table, p["features_key"]))
-    if any(i != ids[0] for i in ids[1:]):
-        msg = f"ridge: training samples have features from different encoders/scales: {ids}; re-extract them alike."
-        raise ValueError(msg)
     X, Y, grp = np.concatenate(Xs), np.concatenate(Ys), np.concatenate(groups)
     alphas = np.asarray(p["alphas"] if p["alphas"] is not None else DEFAULT_ALPHAS, dtype=float)
     model, info = _fit_ridge(X, Y, grp, n_components=p["n_components"], alphas=alphas, cv=p["cv"], seed=fctx.seed)
     info["trained_on"] = "train_samples"
-    return {"model": model, "info": info, "feature_id": ids[0], "mean": Y.mean(axis=0)}
+    return {"model": model, "info": info, "feature_id": space, "mean": Y.mean(axis=0)}
 
 
 @register_method("ridge", fit=_ridge_fit)
@@ -173,13 +170,7 @@ def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
     ok = _usable(X)
     known = ctx.known & ok
     if ctx.fitted is not None:
-        fid = feature_space_id(ctx.table, p["features_key"])
-        if fid != ctx.fitted["feature_id"]:
-            msg = (
-                f"ridge: the features of this sample ({fid}) differ from those the model was trained on "
-                f"({ctx.fitted['feature_id']}); extract them with the same encoder, weights and scales."
-            )
-            raise ValueError(msg)
+        check_feature_space(ctx.fitted["feature_id"], ctx.table, p["features_key"], method="ridge", sample=ctx.sample)
         model, info, mean = ctx.fitted["model"], dict(ctx.fitted["info"]), ctx.fitted["mean"]
     else:
         if known.sum() < 3:
