@@ -1101,6 +1101,10 @@ def embed_patches(
     out = np.full((n_rows, encoder.dim), np.nan, dtype=np.float32)
     if len(ds) == 0:
         return out
+    # per-batch stain maps, moved to the device once before the loop (not a host-to-device copy per batch)
+    batch_maps = (
+        None if maps_dev is None else [maps_dev[torch.from_numpy(ds.images(b)).to(device)] for b in range(len(ds))]
+    )
     prefetch = 2
     ring = None
     registered = False
@@ -1170,15 +1174,12 @@ def embed_patches(
                     prev_event = event
                 else:
                     x = host
-                od_map = None
-                if maps_dev is not None:
-                    od_map = maps_dev[torch.from_numpy(ds.images(b)).to(device, non_blocking=True)]
                 feats = encoder(
                     x,
                     mixed_precision=mixed_precision,
                     channels_last=channels_last,
                     resize=True,
-                    od_map=od_map,
+                    od_map=None if batch_maps is None else batch_maps[b],
                     tta=tta,
                 )
                 if feats.shape != (len(rows), encoder.dim):
