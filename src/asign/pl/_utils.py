@@ -89,12 +89,9 @@ def image_level(image: Any, *, max_px: int | None) -> tuple[np.ndarray, float, f
     ``(rgb, sx, sy)``: ``rgb`` is a ``(y, x, 3)`` uint8 array (or float in [0, 1]); ``sx``, ``sy`` are the sizes of
     one of its pixels in full-resolution pixels.
     """
-    from xarray import DataTree
+    from asign._registration import image_levels
 
-    if isinstance(image, DataTree):
-        levels = [next(iter(image[k].values())) for k in sorted(image.children, key=lambda k: int(k.lstrip("scale")))]
-    else:
-        levels = [image]
+    levels = image_levels(image)
     full = levels[0]
     h0, w0 = int(full.sizes["y"]), int(full.sizes["x"])
     chosen = levels[0]
