@@ -1,7 +1,11 @@
-"""Shared by the benchmark scripts: a readable name of this machine's processor, and where the HER2ST data lie."""
+"""Shared by the benchmark scripts: a readable name of this machine's processor, where the HER2ST data lie, and the
+command-line start of the development-data feature benchmarks."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import platform
 from pathlib import Path
 
@@ -37,3 +41,22 @@ def her2st_path(arg: str | Path | None = None) -> Path:
         msg = "HER2ST folder not found; pass --her2st or set ASIGN_HER2ST."
         raise SystemExit(msg)
     return path
+
+
+def dev_parser(description: str) -> argparse.ArgumentParser:
+    """The options shared by the feature benchmarks on development data: --her2st, --threads, --cache, --table."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--her2st", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default=None, help="folder caching the extracted features (pickles)")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the stored results and exit")
+    return ap
+
+
+def dev_start(args: argparse.Namespace, out: Path) -> dict:
+    """Torch threads from ``--threads``, quiet asign logging, and the results stored in ``out`` so far."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("ASIGN_LOGLEVEL", "WARNING")
+    return json.loads(out.read_text()) if out.exists() else {}

@@ -30,7 +30,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name, her2st_path  # benchmarks/ is on sys.path when a script runs
+from _machine import cpu_name, dev_parser, dev_start, her2st_path  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "stain_tta.json"
@@ -297,20 +296,12 @@ def headline(path: Path, cfgs) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--her2st", default=None)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = dev_parser(__doc__.splitlines()[0])
     ap.add_argument("--only", default=None, help="comma-separated config labels (stain/target/tta)")
     ap.add_argument("--cost", action="store_true", help="only time the stain options on C2 (1 section)")
-    ap.add_argument("--table", action="store_true", help="print the markdown table of the stored results and exit")
-    ap.add_argument("--cache", default=None, help="folder caching the extracted features (pickles)")
     ap.add_argument("--headline", default=None, help="chosen config stain/target/tta: run the C2 -> C3-C6 ridge once")
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("ASIGN_LOGLEVEL", "WARNING")
-    res = json.loads(OUT.read_text()) if OUT.exists() else {}
+    res = dev_start(args, OUT)
     if args.table:
         print(table(res))
         return
