@@ -199,9 +199,9 @@ PY
 step gpu_asign_bf16 70 "$PY" benchmarks/gpu_asign.py --out "$OUT_DIR/gpu_asign_bf16.json"
 step gpu_asign_fp32 60 "$PY" benchmarks/gpu_asign.py --no-amp --epochs 2 --out "$OUT_DIR/gpu_asign_fp32.json"
 
-# 4. feature pipeline throughput (half the default patches, 2 repeats: about a minute on an H100)
+# 4. feature pipeline throughput (36864 patches per run as in the session-1 measurement, so the two compare; 2 repeats)
 if [ "$CUDA" = 1 ]; then
-    step gpu_features 180 "$PY" benchmarks/gpu_features.py --repeats 2 --n-patches 18432 --out "$OUT_DIR"
+    step gpu_features 180 "$PY" benchmarks/gpu_features.py --repeats 2 --n-patches 36864 --out "$OUT_DIR"
 else
     step gpu_features 180 "$PY" benchmarks/gpu_features.py --device cpu --slide 2048 --n-patches 48 \
         --batch-size 16 --workers 2 --repeats 1 --out "$OUT_DIR"
