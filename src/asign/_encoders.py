@@ -14,6 +14,9 @@ name                                dim    weights
 ``resnet50``                        2048   torchvision ImageNet (torch hub cache or a local file); pooled after layer 4
 ``resnet50_layer3``                 1024   the same network, pooled after layer 3 (the paper's 1024-d features)
 ``handcrafted``                     73     none: colour, texture and nucleus-density statistics (scikit-image), CPU only
+``uni``, ``uni2-h``                  1024,  histopathology foundation models (:mod:`asign._foundation`; timm extra):
+``virchow``, ``virchow2``           1536,  a local checkpoint via ``weights=``, or the gated Hugging Face hub
+``h-optimus-0``                     2560
 ``timm:<model_name>``               any    timm (optional extra): hub weights, or a local checkpoint via ``weights=``
 a ``torch.nn.Module``               any    the module as given (its output is pooled to ``(batch, dim)``)
 ==================================  =====  =============================================================================
@@ -22,6 +25,7 @@ a ``torch.nn.Module``               any    the module as given (its output is po
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections import OrderedDict
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ._foundation import FOUNDATION_MODELS, build_foundation
 
 if TYPE_CHECKING:
     import torch
@@ -236,7 +242,12 @@ def _torch_load(path: str | Path) -> dict[str, Any]:
         msg = f"Weights file {str(path)!r} not found."
         raise FileNotFoundError(msg)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         msg = f"Could not read weights file {str(path)!r} as a torch state dict ({type(e).__name__}: {e})."
         raise ValueError(msg) from e
@@ -489,8 +500,7 @@ def _build_timm(model_name: str, weights: str | None, input_size: int | None) ->
     except ImportError as e:
         msg = (
             f"encoder 'timm:{model_name}' needs timm, an optional extra: pip install 'asign[timm]' (or pip install "
-            "timm). Foundation models (UNI, CONCH, H-optimus, Virchow) also need access granted on the Hugging Face "
-            "hub, or a local checkpoint passed as weights='<path>'."
+            f"timm). Histopathology foundation models have registry names of their own: {sorted(FOUNDATION_MODELS)}."
         )
         raise ImportError(msg) from e
     kwargs: dict[str, Any] = {"num_classes": 0}
@@ -526,6 +536,15 @@ def _build_timm(model_name: str, weights: str | None, input_size: int | None) ->
     dim = int(getattr(net, "num_features", 0)) or _infer_dim(net, input_size or 224)
     return Encoder(
         name=f"timm:{model_name}", dim=dim, weights=desc, module=net, mean=mean, std=std, input_size=input_size
+    )
+
+
+for _name, _model in FOUNDATION_MODELS.items():
+    ENCODERS[_name] = EncoderSpec(
+        name=_name,
+        dim=_model.dim,
+        description=_model.description + " (timm extra; weights: a local checkpoint, or the gated Hugging Face hub)",
+        build=functools.partial(build_foundation, _name),
     )
 
 

@@ -130,13 +130,15 @@ def extract_features(
     sdata
         The section stack.
     encoder
-        Registry name (``"efficientnet_lite0"``, ``"resnet50"``, ``"resnet50_layer3"``, ``"handcrafted"``),
-        ``"timm:<model_name>"``, a :class:`torch.nn.Module` (input: normalised ``(B, 3, H, W)``; output
-        ``(B, dim)`` or a feature map that is average-pooled) or an ``asign._encoders.Encoder``. See
-        ``docs/encoders.md``.
+        Registry name (``"efficientnet_lite0"``, ``"efficientnet_lite0_multidepth"``, ``"resnet50"``,
+        ``"resnet50_layer3"``, ``"handcrafted"``, or a histopathology foundation model: ``"uni"``, ``"uni2-h"``,
+        ``"virchow"``, ``"virchow2"``, ``"h-optimus-0"``), ``"timm:<model_name>"``, a :class:`torch.nn.Module`
+        (input: normalised ``(B, 3, H, W)``; output ``(B, dim)`` or a feature map that is average-pooled) or an
+        ``asign._encoders.Encoder``. See ``docs/encoders.md``.
     weights
-        `None` for the encoder's default pretrained weights (offline), ``"random"`` for a seeded random
-        initialisation, or a local state-dict / checkpoint file.
+        `None` for the encoder's default pretrained weights (offline for the built-in CNNs; the gated Hugging Face
+        hub for the foundation models), ``"random"`` for a seeded random initialisation, or a local state-dict /
+        checkpoint file (``.safetensors`` too).
     scales
         Patch/tile sides in native pixels, default ``{"spot": 224, "region": 512, "global": 1024}``; the global side
         must be an integer multiple of the region side.
