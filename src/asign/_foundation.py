@@ -67,6 +67,9 @@ class FoundationModel:
         return out
 
 
+# Virchow's ViT-H/14 (Virchow2 adds 4 register tokens)
+_VIRCHOW = {"patch_size": 14, "embed_dim": 1280, "depth": 32, "num_heads": 16, "mlp_ratio": 5.3375, "init_values": 1e-5}
+
 FOUNDATION_MODELS: dict[str, FoundationModel] = {
     m.name: m
     for m in (
@@ -101,14 +104,7 @@ FOUNDATION_MODELS: dict[str, FoundationModel] = {
             hub_id="paige-ai/Virchow",
             dim=2560,
             n_parameters_published=(631.0, 1.0),
-            vit_args={
-                "patch_size": 14,
-                "embed_dim": 1280,
-                "depth": 32,
-                "num_heads": 16,
-                "mlp_ratio": 5.3375,
-                "init_values": 1e-5,
-            },
+            vit_args=_VIRCHOW,
             extra_args=_swiglu,
             pool="cls+mean",
             description="Virchow (Vorontsov et al., Nat. Med. 2024): ViT-H/14, class token + mean of the patch tokens",
@@ -118,15 +114,7 @@ FOUNDATION_MODELS: dict[str, FoundationModel] = {
             hub_id="paige-ai/Virchow2",
             dim=2560,
             n_parameters_published=(631.0, 1.0),
-            vit_args={
-                "patch_size": 14,
-                "embed_dim": 1280,
-                "depth": 32,
-                "num_heads": 16,
-                "mlp_ratio": 5.3375,
-                "init_values": 1e-5,
-                "reg_tokens": 4,
-            },
+            vit_args={**_VIRCHOW, "reg_tokens": 4},
             extra_args=_swiglu,
             pool="cls+mean",
             description="Virchow2 (Zimmermann et al. 2024): ViT-H/14 with 4 register tokens, class token + mean of "
