@@ -150,3 +150,31 @@ def test_generic_timm_error_names_the_registry_models(monkeypatch):
         get_encoder("timm:vit_small_patch16_224")
     with pytest.raises(ImportError, match=r"encoder 'uni' needs timm"):
         get_encoder("uni", weights="random")
+
+
+def test_extract_features_with_a_foundation_encoder(tiny, small_stack, tmp_path, monkeypatch):
+    """Through the public API: a registered foundation encoder with a local checkpoint, recorded in uns."""
+    import asign
+    from asign._encoders import EncoderSpec
+
+    monkeypatch.setitem(
+        ENCODERS,
+        tiny,
+        EncoderSpec(name=tiny, dim=TINY.dim, description="", build=lambda w, s: build_foundation(tiny, w, s)),
+    )
+    path = tmp_path / "tiny.pth"
+    torch.save(build_foundation(tiny, "random", None).module.net.state_dict(), path)
+    res = asign.pp.extract_features(
+        small_stack,
+        encoder=tiny,
+        weights=str(path),
+        sections=["S1"],
+        scales={"spot": 32, "region": 128, "global": 256},
+        input_size=32,
+        show_progress_bar=False,
+        inplace=False,
+    )
+    assert res.params["dim"] == 64 and res.params["encoder"] == tiny and res.params["weights"] == str(path)
+    rows = small_stack.tables["table"].obs["section"].astype(str).to_numpy() == "S1"
+    f = res.features_spot[rows]
+    assert f.shape == (int(rows.sum()), 64) and np.isfinite(f).all() and f.std(axis=0).max() > 0
