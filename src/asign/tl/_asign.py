@@ -260,25 +260,6 @@ def sample_tensors(
     )
 
 
-def feature_dims(sample: SampleTensors) -> dict[str, int]:
-    """Input width per level."""
-    dims = {"spot": int(sample.x_spot.shape[1])}
-    if sample.has_tiles:
-        dims["region"] = int(sample.x_region.shape[1])
-        dims["global"] = int(sample.x_global.shape[1])
-    return dims
-
-
-def _feature_stats(samples: list[SampleTensors], level: str) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    attr = {"spot": "x_spot", "region": "x_region", "global": "x_global"}[level]
-    x = torch.cat([getattr(s, attr) for s in samples], dim=0)
-    if x.shape[1] == 0:  # no image features (feature_key=None)
-        return x.new_zeros(0), x.new_ones(0)
-    return x.mean(dim=0), x.std(dim=0, unbiased=False)
-
-
 # ---------------------------------------------------------------------------------------------------- fit
 def _holdout(labelled: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     idx = np.flatnonzero(labelled)
@@ -400,33 +381,21 @@ def _finetune_setup(contexts: list[ImputeContext], cfg: ASIGNConfig, opts: dict[
     return {"encoder": encoder, "weights": weights, "input_size": size, "patches": patches}
 
 
-def _finetune_member(
+def _attach_patches(
     contexts: list[ImputeContext],
     train: list[SampleTensors],
     validation: list[Any],
     mode_val: str,
-    cfg: ASIGNConfig,
     ft: dict[str, Any],
-    device: str,
-) -> tuple[list[SampleTensors], list[Any], Any]:
-    """A fresh trainable encoder; patches and its initial spot features put into the member's samples."""
-    import copy
-
-    from asign._model._finetune import build_spot_encoder, embed_all, freeze_early
-
-    src = ft["encoder"] if isinstance(ft["encoder"], str) else copy.deepcopy(ft["encoder"])
-    enc = build_spot_encoder(src, weights=ft["weights"], input_size=ft["input_size"])
-    freeze_early(enc, cfg.encoder_freeze)
+) -> tuple[list[SampleTensors], list[Any]]:
+    """The member's samples with their contexts' spot patches (read once in :func:`_finetune_setup`)."""
     pairs = [(s, i) for i, s in enumerate(train)]  # train[i] is contexts[i] in every validation mode
     if mode_val == "sample":
         pairs.append((validation[0].sample, len(contexts) - 1))
-    new = {}
-    for s, i in pairs:
-        x = embed_all(enc, ft["patches"][i], device=device, chunk=cfg.encoder_chunk).cpu()
-        new[id(s)] = s.replace(patches=ft["patches"][i], x_spot=x)
+    new = {id(s): s.replace(patches=ft["patches"][i]) for s, i in pairs}
     train = [new[id(s)] for s in train]
     validation = [dataclasses.replace(v, sample=new[id(v.sample)]) for v in validation]
-    return train, validation, enc
+    return train, validation
 
 
 def _train_member(
@@ -443,38 +412,29 @@ def _train_member(
 ) -> tuple[dict[str, int], dict[str, Any], dict[str, Any]]:
     """Train one ensemble member; top-level so that a worker process can run it.
 
-    Returns the feature widths, the trained weights (CPU state dict) and the training record. The result depends
-    only on the inputs and ``cfg.seed`` (and on the thread count only through floating-point summation order).
+    Prepares the member's samples (its hold-out split drawn from ``cfg.seed``) and trains them with
+    :func:`asign._model._member.train_member`. Returns the feature widths, the trained weights (CPU state dict) and
+    the training record. The result depends only on the inputs and ``cfg.seed`` (and on the thread count only through
+    floating-point summation order).
     """
     import torch
 
-    from asign._model import make_model, train_model
+    from asign._model._member import train_member
 
     if n_threads is not None:  # in a worker process
         torch.set_num_threads(int(n_threads))
     t0 = time.perf_counter()
     train, validation = _member_data(contexts, cfg, tkw, mode_val)
-    enc = None
+    spec = None
     if finetune is not None:
-        train, validation, enc = _finetune_member(contexts, train, validation, mode_val, cfg, finetune, device)
-    dims = feature_dims(train[0])
-    model = make_model(n_genes, dims, cfg)
-    if enc is not None:
-        from asign._model._finetune import attach_encoder
-
-        attach_encoder(model, enc)
-    for lvl in dims:
-        model.set_feature_stats(lvl, *_feature_stats(train + [v.sample for v in validation], lvl))
-    if cfg.net_baseline == "none":
-        model.init_head_bias(torch.nanmean(torch.cat([s.y for s in train]), dim=0))
-    res = train_model(model, train, validation=validation or None, device=device, show_progress_bar=show_progress_bar)
-    model.to("cpu")
-    rec = res.to_uns()
-    rec["seed"] = int(cfg.seed)
-    rec["seconds_setup"] = float(time.perf_counter() - t0 - res.seconds)
-    if enc is not None:
-        rec["spot_encoder"] = enc.spec()
-    return dims, {k: v.detach().cpu() for k, v in model.state_dict().items()}, rec
+        train, validation = _attach_patches(contexts, train, validation, mode_val, finetune)
+        spec = {k: finetune[k] for k in ("encoder", "weights", "input_size")}
+    t_data = time.perf_counter() - t0
+    dims, state, rec = train_member(
+        train, validation, cfg, n_genes, device, finetune=spec, show_progress_bar=show_progress_bar
+    )
+    rec["seconds_setup"] = float(rec["seconds_setup"] + t_data)
+    return dims, state, rec
 
 
 def fit_contexts(
@@ -625,6 +585,7 @@ def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None)
         tile_max_neighbors=fitted.options["tile_max_neighbors"],
     )
     from asign._model._finetune import spot_encoder
+    from asign._model._member import feature_dims
 
     enc = spot_encoder(fitted.model)
     if enc is not None:  # fine-tuned encoder: spot features from the patches (computed in predict_sample)
