@@ -58,7 +58,7 @@ def pack(args: argparse.Namespace) -> None:
 
     import asign
     from asign._device import spawn_seeds
-    from asign.tl._asign import _context_patches, _member_data, sample_tensors, split_params
+    from asign.tl._asign import _context_patches, _member_data, sample_tensors, split_params, tensor_options
     from asign.tl._registry import ImputeResult, register_method
 
     t0 = time.perf_counter()
@@ -78,14 +78,8 @@ def pack(args: argparse.Namespace) -> None:
     )
     ctx = captured["ctx"]
     cfg, opts = split_params({}, seed=args.seed, transductive=True)
-    tkw = {
-        "levels": cfg.levels,
-        "feature_key": opts["feature_key"],
-        "graph_key": opts["graph_key"],
-        "tile_radius": opts["tile_radius"],
-        "tile_max_neighbors": opts["tile_max_neighbors"],
-    }
-    pred = sample_tensors(ctx, levels=cfg.levels, tile_targets=False, **{k: v for k, v in tkw.items() if k != "levels"})
+    tkw = tensor_options(cfg, opts)
+    pred = sample_tensors(ctx, tile_targets=False, **tkw)
     members = []
     for seed in spawn_seeds(int(cfg.seed), int(opts["n_models"])):
         mcfg = cfg.replace(seed=seed)

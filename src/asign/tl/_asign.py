@@ -261,6 +261,17 @@ def sample_tensors(
 
 
 # ---------------------------------------------------------------------------------------------------- fit
+def tensor_options(cfg: ASIGNConfig, opts: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`sample_tensors` that the configuration and data options fix."""
+    return {
+        "levels": cfg.levels,
+        "feature_key": opts["feature_key"],
+        "graph_key": opts["graph_key"],
+        "tile_radius": opts["tile_radius"],
+        "tile_max_neighbors": opts["tile_max_neighbors"],
+    }
+
+
 def _holdout(labelled: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     idx = np.flatnonzero(labelled)
     n = int(round(fraction * idx.size))
@@ -469,13 +480,7 @@ def fit_contexts(
         if list(c.genes) != genes or c.normalization != contexts[0].normalization:
             msg = "All training samples must share the modelled genes and the normalisation."
             raise ValueError(msg)
-    tkw = {
-        "levels": cfg.levels,
-        "feature_key": opts["feature_key"],
-        "graph_key": opts["graph_key"],
-        "tile_radius": opts["tile_radius"],
-        "tile_max_neighbors": opts["tile_max_neighbors"],
-    }
+    tkw = tensor_options(cfg, opts)
     if opts["feature_key"] is not None:
         from asign.pp._features import common_feature_space
 
@@ -575,15 +580,7 @@ def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None)
         check_feature_space(
             fitted.options["feature_space"], ctx.table, fitted.options["feature_key"], method="asign", sample=ctx.sample
         )
-    s = sample_tensors(
-        ctx,
-        levels=fitted.config.levels,
-        feature_key=fitted.options["feature_key"],
-        graph_key=fitted.options["graph_key"],
-        tile_targets=False,
-        tile_radius=fitted.options["tile_radius"],
-        tile_max_neighbors=fitted.options["tile_max_neighbors"],
-    )
+    s = sample_tensors(ctx, tile_targets=False, **tensor_options(fitted.config, fitted.options))
     from asign._model._finetune import spot_encoder
     from asign._model._member import feature_dims
 
