@@ -132,13 +132,10 @@ def _decode(jpeg: list[bytes]):
 
 
 def run(args: argparse.Namespace) -> None:
-    import dataclasses
-
     import torch
 
-    from asign._model import ValidationSet, make_model, predict_sample
-    from asign._model._finetune import attach_encoder, spot_encoder_from_spec
-    from asign._model._member import train_member
+    from asign._model import ValidationSet, predict_sample
+    from asign._model._member import rebuild_member, replace_samples, train_member
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -167,17 +164,13 @@ def run(args: argparse.Namespace) -> None:
             validation = [ValidationSet(sample=train[0], y_eval=data["y_eval"], eval_rows=m["eval_rows"])]
             spec = None
             if variant == "finetune":
-                new = {id(s): s.replace(patches=patches) for s in [*train, *(v.sample for v in validation)]}
-                train = [new[id(s)] for s in train]
-                validation = [dataclasses.replace(v, sample=new[id(v.sample)]) for v in validation]
+                train, validation = replace_samples(train, validation, lambda s: s.replace(patches=patches))
                 spec = data["encoder"]
             dims, state, rec = train_member(train, validation, cfg, data["n_genes"], device, finetune=spec)
-            model = make_model(data["n_genes"], dims, cfg)
+            model = rebuild_member(data["n_genes"], dims, cfg, state, rec)
             s = data["predict"]
             if "spot_encoder" in rec:
-                attach_encoder(model, spot_encoder_from_spec(rec["spot_encoder"]))
                 s = s.replace(patches=patches, x_spot=torch.zeros((s.n_spots, rec["spot_encoder"]["dim"])))
-            model.load_state_dict(state)
             outs.append(predict_sample(model, s, device=device, amp=cfg.amp))
             recs.append({k: rec.get(k) for k in ("seed", "epochs_run", "best_epoch", "best_score", "seconds")})
             print(variant, json.dumps(recs[-1]), flush=True)

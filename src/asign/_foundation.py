@@ -146,7 +146,6 @@ FOUNDATION_MODELS: dict[str, FoundationModel] = {
 
 def foundation_vit(model: FoundationModel, *, device: torch.device | str | None = None) -> torch.nn.Module:
     """The model's :class:`timm.models.VisionTransformer` with a seeded random initialisation."""
-    import timm  # noqa: F401 - imported for the error below before anything else
     import torch
     from timm.models import VisionTransformer
 
@@ -202,9 +201,12 @@ def build_foundation(name: str, weights: str | None, input_size: int | None) -> 
     if weights == "random":
         desc = "random"
     else:
-        source = _hub_checkpoint(model) if weights in (None, "pretrained") else str(weights)
+        if weights in (None, "pretrained"):
+            source = _hub_checkpoint(model)
+            desc = f"hf-hub:{model.hub_id} ({source})"
+        else:
+            source = desc = str(weights)
         load_weights(net, _torch_load(source), name=name, source=source)
-        desc = f"hf-hub:{model.hub_id} ({source})" if weights in (None, "pretrained") else source
 
     def forward(vit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return embed_tokens(vit, x, model.pool)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
     from ._config import ASIGNConfig
     from ._data import SampleTensors
+    from ._model import ASIGNModel
     from ._train import ValidationSet
 
 
@@ -39,6 +41,45 @@ def feature_stats(samples: list[SampleTensors], level: str) -> tuple[torch.Tenso
     return x.mean(dim=0), x.std(dim=0, unbiased=False)
 
 
+def replace_samples(
+    train: list[SampleTensors], validation: list[ValidationSet], fn: Callable[[SampleTensors], SampleTensors]
+) -> tuple[list[SampleTensors], list[ValidationSet]]:
+    """``fn`` applied once to every distinct sample of ``train`` and of the validation sets.
+
+    A sample that is both a training sample and a validation set's sample (hold-out validation) stays one object.
+    """
+    new: dict[int, SampleTensors] = {}
+    for s in [*train, *(v.sample for v in validation)]:
+        if id(s) not in new:
+            new[id(s)] = fn(s)
+    return [new[id(s)] for s in train], [dataclasses.replace(v, sample=new[id(v.sample)]) for v in validation]
+
+
+def rebuild_member(
+    n_genes: int,
+    dims: dict[str, int],
+    cfg: ASIGNConfig,
+    state: dict[str, Any],
+    rec: dict[str, Any],
+    *,
+    module: Any = None,
+) -> ASIGNModel:
+    """The trained model of a :func:`train_member` result, in eval mode.
+
+    A fine-tuned encoder's architecture is rebuilt from ``rec["spot_encoder"]`` (with ``module`` for a user module)
+    before the weights are loaded.
+    """
+    from ._finetune import attach_encoder, spot_encoder_from_spec
+    from ._train import make_model
+
+    model = make_model(n_genes, dims, cfg)
+    if "spot_encoder" in rec:
+        attach_encoder(model, spot_encoder_from_spec(rec["spot_encoder"], module=module))
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
 def with_trainable_encoder(
     train: list[SampleTensors], validation: list[ValidationSet], cfg: ASIGNConfig, finetune: dict[str, Any], device: str
 ) -> tuple[list[SampleTensors], list[ValidationSet], Any]:
@@ -55,16 +96,14 @@ def with_trainable_encoder(
     src = finetune["encoder"] if isinstance(finetune["encoder"], str) else copy.deepcopy(finetune["encoder"])
     enc = build_spot_encoder(src, weights=finetune["weights"], input_size=finetune["input_size"])
     freeze_early(enc, cfg.encoder_freeze)
-    new: dict[int, SampleTensors] = {}
-    for s in [*train, *(v.sample for v in validation)]:
-        if id(s) in new:
-            continue
+
+    def embedded(s: SampleTensors) -> SampleTensors:
         if s.patches is None:
             msg = "finetune_encoder=True needs every training and validation sample to carry its spot patches."
             raise ValueError(msg)
-        new[id(s)] = s.replace(x_spot=embed_all(enc, s.patches, device=device, chunk=cfg.encoder_chunk).cpu())
-    train = [new[id(s)] for s in train]
-    validation = [dataclasses.replace(v, sample=new[id(v.sample)]) for v in validation]
+        return s.replace(x_spot=embed_all(enc, s.patches, device=device, chunk=cfg.encoder_chunk).cpu())
+
+    train, validation = replace_samples(train, validation, embedded)
     return train, validation, enc
 
 

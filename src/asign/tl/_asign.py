@@ -400,13 +400,12 @@ def _attach_patches(
     ft: dict[str, Any],
 ) -> tuple[list[SampleTensors], list[Any]]:
     """The member's samples with their contexts' spot patches (read once in :func:`_finetune_setup`)."""
-    pairs = [(s, i) for i, s in enumerate(train)]  # train[i] is contexts[i] in every validation mode
+    from asign._model._member import replace_samples
+
+    index = {id(s): i for i, s in enumerate(train)}  # train[i] is contexts[i] in every validation mode
     if mode_val == "sample":
-        pairs.append((validation[0].sample, len(contexts) - 1))
-    new = {id(s): s.replace(patches=ft["patches"][i]) for s, i in pairs}
-    train = [new[id(s)] for s in train]
-    validation = [dataclasses.replace(v, sample=new[id(v.sample)]) for v in validation]
-    return train, validation
+        index[id(validation[0].sample)] = len(contexts) - 1
+    return replace_samples(train, validation, lambda s: s.replace(patches=ft["patches"][index[id(s)]]))
 
 
 def _train_member(
@@ -462,10 +461,12 @@ def fit_contexts(
     With ``n_models = K > 1`` an ensemble of K independently initialised members is trained, each with its own seed
     (spawned from ``seed``) and, for hold-out validation, its own hold-out split; predictions are averaged.
     """
+    import copy
+
     import torch
 
     from asign._device import resolve_device, spawn_seeds
-    from asign._model import make_model
+    from asign._model._member import rebuild_member
 
     from ._fit import ASIGNFit
 
@@ -512,17 +513,9 @@ def fit_contexts(
         results = [_train_member(*job, show_progress_bar=show_progress_bar, finetune=ft) for job in jobs]
     models, members = [], []
     for (_, mcfg, *_rest), (dims, state, rec) in zip(jobs, results, strict=True):
-        model = make_model(len(genes), dims, mcfg)
-        if "spot_encoder" in rec:  # fine-tuned encoder: rebuild its architecture, then load its weights
-            import copy
-
-            from asign._model._finetune import attach_encoder, spot_encoder_from_spec
-
-            module = None if isinstance(ft["encoder"], str) else copy.deepcopy(ft["encoder"])
-            attach_encoder(model, spot_encoder_from_spec(rec["spot_encoder"], module=module))
-        model.load_state_dict(state)
-        model.eval()
-        models.append(model)
+        # a fine-tuned user module: each member gets its own copy of the architecture
+        module = None if ft is None or isinstance(ft["encoder"], str) else copy.deepcopy(ft["encoder"])
+        models.append(rebuild_member(len(genes), dims, mcfg, state, rec, module=module))
         members.append(rec)
     logger.info(f"ASIGN has {models[0].n_parameters():,} parameters per member.")
     training = dict(members[0])
