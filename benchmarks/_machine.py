@@ -60,3 +60,10 @@ def dev_start(args: argparse.Namespace, out: Path) -> dict:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("ASIGN_LOGLEVEL", "WARNING")
     return json.loads(out.read_text()) if out.exists() else {}
+
+
+def spatial_blocks(xy, n_blocks: int = 4):
+    """Spatial blocks of spots for blocked cross-validation: k-means labels of the positions ``xy`` (seeded)."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=n_blocks, n_init=4, random_state=0).fit_predict(xy)

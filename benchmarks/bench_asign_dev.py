@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name, her2st_path  # benchmarks/ is on sys.path when a script runs
+from _machine import cpu_name, her2st_path, spatial_blocks  # benchmarks/ is on sys.path when a script runs
 from bench_asign_her2st import prepare_her2st
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +53,11 @@ CONFIGS = {
 
 def blocks_of(table, section: str = "C2") -> np.ndarray:
     """Block index (0..N_BLOCKS-1) of each spot of ``section`` (k-means on the spot positions), -1 elsewhere."""
-    from sklearn.cluster import KMeans
-
     sec = table.obs["section"].astype(str).to_numpy()
     rows = np.flatnonzero(sec == section)
     xy = np.asarray(table.obsm["spatial"], dtype=np.float64)[rows]
     out = np.full(table.n_obs, -1)
-    out[rows] = KMeans(n_clusters=N_BLOCKS, n_init=4, random_state=0).fit_predict(xy)
+    out[rows] = spatial_blocks(xy, N_BLOCKS)
     return out
 
 

@@ -35,8 +35,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name, dev_parser, dev_start, her2st_path  # benchmarks/ is on sys.path when a script runs
-from bench_stain_tta import FIXED_ALPHAS, expression, load, ridge_headline, ridge_pcc, top_genes
+from _machine import (  # benchmarks/ is on sys.path when a script runs
+    cpu_name,
+    dev_parser,
+    dev_start,
+    her2st_path,
+    spatial_blocks,
+)
+from bench_stain_tta import FIXED_ALPHAS, cross_patient_splits, expression, load, ridge_headline, ridge_pcc, top_genes
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "encoder_depth.json"
@@ -87,12 +93,7 @@ def variants(feats: dict) -> dict[str, dict[str, np.ndarray]]:
 
 def dev_a(data, X: dict[str, np.ndarray]) -> dict:
     out = {}
-    for tr, te in (("B4", "C2"), ("C2", "B4")):
-        ttr, tte = data[tr].tables["table"], data[te].tables["table"]
-        common = [g for g in ttr.var_names if g in set(tte.var_names)]
-        genes = top_genes(ttr, np.arange(ttr.n_obs), common)
-        Ytr, Yte = expression(ttr, genes), expression(tte, genes)
-        xy = np.asarray(ttr.obsm["spatial"], dtype=np.float64)
+    for tr, te, Ytr, Yte, xy in cross_patient_splits(data):
         Xtr, Xte = np.asarray(X[tr], np.float64), np.asarray(X[te], np.float64)
         r = ridge_pcc(Xtr, Ytr, xy, Xte, Yte)
         out[f"{tr}->{te}"] = float(np.mean(r))
@@ -103,11 +104,9 @@ def dev_a(data, X: dict[str, np.ndarray]) -> dict:
 
 def dev_b(data, X: dict[str, np.ndarray], n_blocks: int = 4) -> dict:
     """Within C2, the blocks of ``bench_stain_tta.dev_b``; keeps the per-gene PCC of each block."""
-    from sklearn.cluster import KMeans
-
     t = data["C2"].tables["table"]
     xy = np.asarray(t.obsm["spatial"], dtype=np.float64)
-    blocks = KMeans(n_clusters=n_blocks, n_init=4, random_state=0).fit_predict(xy)
+    blocks = spatial_blocks(xy, n_blocks)
     Xc = np.asarray(X["C2"], np.float64)
     per_block = []
     for b in range(n_blocks):

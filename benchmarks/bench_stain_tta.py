@@ -37,7 +37,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name, dev_parser, dev_start, her2st_path  # benchmarks/ is on sys.path when a script runs
+from _machine import (  # benchmarks/ is on sys.path when a script runs
+    cpu_name,
+    dev_parser,
+    dev_start,
+    her2st_path,
+    spatial_blocks,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "stain_tta.json"
@@ -136,15 +142,21 @@ def features(f, levels):
     return np.concatenate([np.asarray(f[lv], dtype=np.float64) for lv in LEVELS[levels]], axis=1)
 
 
-def dev_a(data, feats) -> dict:
-    """Cross-patient: B4 -> C2 and C2 -> B4."""
-    out = {}
+def cross_patient_splits(data):
+    """Dev A's two directions, B4 -> C2 and C2 -> B4: ``(train, test, Y_train, Y_test, xy_train)`` each, with the
+    top genes of the training section among the genes both sections measured."""
     for tr, te in (("B4", "C2"), ("C2", "B4")):
         ttr, tte = data[tr].tables["table"], data[te].tables["table"]
         common = [g for g in ttr.var_names if g in set(tte.var_names)]
         genes = top_genes(ttr, np.arange(ttr.n_obs), common)
-        Ytr, Yte = expression(ttr, genes), expression(tte, genes)
         xy = np.asarray(ttr.obsm["spatial"], dtype=np.float64)
+        yield tr, te, expression(ttr, genes), expression(tte, genes), xy
+
+
+def dev_a(data, feats) -> dict:
+    """Cross-patient: B4 -> C2 and C2 -> B4."""
+    out = {}
+    for tr, te, Ytr, Yte, xy in cross_patient_splits(data):
         for lv in LEVELS:
             Xtr = features(feats[(tr, "self")], lv)
             Xte = features(feats[(te, f"from_{tr}")], lv)
@@ -159,11 +171,9 @@ def dev_a(data, feats) -> dict:
 
 def dev_b(data, feats, n_blocks=4) -> dict:
     """Within C2: spatially blocked CV (k-means blocks on spot positions)."""
-    from sklearn.cluster import KMeans
-
     t = data["C2"].tables["table"]
     xy = np.asarray(t.obsm["spatial"], dtype=np.float64)
-    blocks = KMeans(n_clusters=n_blocks, n_init=4, random_state=0).fit_predict(xy)
+    blocks = spatial_blocks(xy, n_blocks)
     out = {}
     for lv in LEVELS:
         X = features(feats[("C2", "self")], lv)
