@@ -61,3 +61,7 @@ class Key:
     @staticmethod
     def features(key: str, level: str) -> str:
         return f"{key}_features_{level}"
+
+    # per-view features of ``extract_features(keep_views=True)``: spot table obsm / tile tables' obsm
+    VIEWS_SUFFIX = "_views"
+    TILE_FEATURES = "features"

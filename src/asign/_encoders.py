@@ -116,6 +116,7 @@ class Encoder:
         resize: bool = False,
         od_map: torch.Tensor | None = None,
         tta: str = "none",
+        keep_views: bool = False,
     ) -> torch.Tensor:
         """Embed a uint8 batch ``(B, 3, H, W)`` (already on the encoder's device); returns float32 ``(B, dim)``.
 
@@ -123,7 +124,9 @@ class Encoder:
         :func:`resize_batch` (float32, antialiased bilinear; rounded back to uint8 for non-torch encoders).
         ``od_map`` (``(B, 3, 3)``, optional) stain-normalises each patch before the resize, as the linear map
         ``OD' = OD @ od_map[b]`` in optical-density space (:func:`asign.pp._stain.apply_od_map_torch`). ``tta``
-        (``"none"``, ``"flips"``, ``"dihedral"``) averages the features over flips / 90° rotations of each patch.
+        (``"none"``, ``"flips"``, ``"dihedral"``) averages the features over flips / 90° rotations of each patch;
+        with ``keep_views=True`` the per-view features are returned instead, ``(B, n_views, dim)`` in the order of
+        :func:`asign.pp._stain.tta_views_torch`.
         """
         import torch
 
@@ -139,8 +142,10 @@ class Encoder:
                     x = resize_batch(x, self.input_size)
                 batch = x.round_().clamp_(0, 255).to(torch.uint8)
             arr = batch.permute(0, 2, 3, 1).cpu().numpy()
-            views = tta_views_numpy(arr, tta)
-            out = np.mean([np.asarray(self.fn(np.ascontiguousarray(v)), dtype=np.float64) for v in views], axis=0)
+            per_view = [
+                np.asarray(self.fn(np.ascontiguousarray(v)), dtype=np.float64) for v in tta_views_numpy(arr, tta)
+            ]
+            out = np.stack(per_view, axis=1) if keep_views else np.mean(per_view, axis=0)
             return torch.from_numpy(out.astype(np.float32))
         x = batch.float()
         if od_map is not None:
@@ -156,6 +161,7 @@ class Encoder:
         mean, std = self._norm[key]
         x = (x - mean) / std
         total = None
+        kept: list[torch.Tensor] = []
         views = tta_views_torch(x, tta)
         for v in views:
             if channels_last:
@@ -167,7 +173,12 @@ class Encoder:
             else:
                 out = self.module(v)
             f = _pool_output(out, self.name).float()
-            total = f if total is None else total + f
+            if keep_views:
+                kept.append(f)
+            else:
+                total = f if total is None else total + f
+        if keep_views:
+            return torch.stack(kept, dim=1)
         return total if len(views) == 1 else total / len(views)
 
 
@@ -1076,6 +1087,7 @@ def embed_patches(
     stats: dict[str, float] | None = None,
     od_maps: np.ndarray | None = None,
     tta: str = "none",
+    keep_views: bool = False,
 ) -> np.ndarray:
     """Embed every patch of ``jobs`` with ``encoder``; returns float32 ``(n_rows, dim)`` (NaN for rows not covered).
 
@@ -1091,7 +1103,8 @@ def embed_patches(
 
     ``od_maps`` (``(len(sources), 3, 3)``, optional) stain-normalises every patch on the device with the matrix of
     its source (:mod:`asign.pp._stain`); ``tta`` (``"none"``, ``"flips"``, ``"dihedral"``) averages each patch's
-    features over its flipped / rotated views (:meth:`Encoder.__call__`).
+    features over its flipped / rotated views (:meth:`Encoder.__call__`); with ``keep_views=True`` the result is the
+    per-view features, ``(n_rows, n_views, dim)``, instead of their mean.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -1105,9 +1118,10 @@ def embed_patches(
     if resize not in ("device", "reader"):
         msg = f"`resize` must be 'device' or 'reader', got {resize!r}."
         raise ValueError(msg)
-    from asign.pp._stain import check_tta
+    from asign.pp._stain import TTA_VIEWS, check_tta
 
     tta = check_tta(tta)
+    shape = (encoder.dim,) if not keep_views else (TTA_VIEWS[tta], encoder.dim)
     maps_dev = None
     if od_maps is not None:
         od_maps = np.asarray(od_maps, dtype=np.float32)
@@ -1117,7 +1131,7 @@ def embed_patches(
         maps_dev = torch.from_numpy(od_maps).to(device)
     encoder.to(device, channels_last=channels_last)
     ds = PatchDataset(sources, jobs, batch_size=batch_size, input_size=encoder.input_size, resize=resize == "reader")
-    out = np.full((n_rows, encoder.dim), np.nan, dtype=np.float32)
+    out = np.full((n_rows, *shape), np.nan, dtype=np.float32)
     if len(ds) == 0:
         return out
     # per-batch stain maps, moved to the device once before the loop (not a host-to-device copy per batch)
@@ -1200,11 +1214,11 @@ def embed_patches(
                     resize=True,
                     od_map=None if batch_maps is None else batch_maps[b],
                     tta=tta,
+                    keep_views=keep_views,
                 )
-                if feats.shape != (len(rows), encoder.dim):
+                if tuple(feats.shape) != (len(rows), *shape):
                     msg = (
-                        f"Encoder {encoder.name!r} returned shape {tuple(feats.shape)}, "
-                        f"expected ({len(rows)}, {encoder.dim})."
+                        f"Encoder {encoder.name!r} returned shape {tuple(feats.shape)}, expected {(len(rows), *shape)}."
                     )
                     raise ValueError(msg)
                 pending.append((rows, feats.float()))

@@ -134,6 +134,11 @@ class ASIGNConfig:
         Activation checkpointing of the encoder per chunk: only the features of the patches that carry gradients are
         kept, and each chunk's activations are recomputed in the backward pass (about one more encoder forward pass),
         so the encoder's memory is that of one chunk instead of ``batch_size`` patches.
+    view_augment
+        When the samples carry per-view features (``pp.extract_features(tta=..., keep_views=True)``), each training
+        step feeds every spot and tile the features of one randomly drawn view instead of the views' mean;
+        validation and prediction read the mean (test-time augmentation). No effect without stored views.
+        *asign decision*.
     """
 
     hidden_dim: int = 256
@@ -185,6 +190,8 @@ class ASIGNConfig:
     encoder_augment: bool = True
     encoder_chunk: int = 64
     encoder_checkpoint: bool = True
+    # --- train-time view augmentation from stored test-time-augmentation views (off without stored views) ---------
+    view_augment: bool = True
 
     def __post_init__(self) -> None:
         self.loss_weights = [float(w) for w in self.loss_weights]

@@ -54,6 +54,10 @@ class SampleTensors:
     patches
         ``(N, 3, S, S)`` uint8 spot patches at the encoder's input size, for end-to-end encoder fine-tuning
         (``ASIGNConfig.finetune_encoder``); kept on the CPU by :meth:`to` and moved to the device per step.
+    x_spot_views, x_region_views, x_global_views
+        ``(N, V, F)``, ``(R, V, F)``, ``(Q, V, F)`` features of each test-time-augmentation view
+        (``pp.extract_features(keep_views=True)``; ``x_spot`` etc. are their means), drawn from per training step
+        (``ASIGNConfig.view_augment``, :func:`draw_views`); kept on the CPU by :meth:`to`.
     """
 
     x_spot: Tensor
@@ -77,6 +81,9 @@ class SampleTensors:
     visible_mean: Tensor | None = None
     label_inputs: Tensor | None = None
     patches: Tensor | None = None
+    x_spot_views: Tensor | None = None
+    x_region_views: Tensor | None = None
+    x_global_views: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -142,14 +149,22 @@ class SampleTensors:
         if self.patches is not None and (self.patches.ndim != 4 or self.patches.dtype != torch.uint8):
             msg = f"Sample {self.name!r}: patches must be a uint8 (N, 3, S, S) tensor."
             raise ValueError(msg)
+        for name, base in VIEW_FIELDS.items():
+            v, x = getattr(self, name), getattr(self, base)
+            if v is None:
+                continue
+            if x is None or v.ndim != 3 or v.shape[0] != x.shape[0] or v.shape[2] != x.shape[1]:
+                want = "no views (no tile features)" if x is None else f"({x.shape[0]}, n_views, {x.shape[1]})"
+                msg = f"Sample {self.name!r}: {name} must have shape {want}, got {tuple(v.shape)}."
+                raise ValueError(msg)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> SampleTensors:
         """A copy on ``device`` (floating tensors cast to ``dtype``)."""
         kw: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "patches":
-                pass  # uint8 patches stay on the CPU (moved per step)
+            if f.name == "patches" or f.name in VIEW_FIELDS:
+                pass  # uint8 patches and per-view features stay on the CPU (drawn / moved per step)
             elif isinstance(v, torch.Tensor):
                 v = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device=device)
             kw[f.name] = v
@@ -171,11 +186,36 @@ class SampleTensors:
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel())
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("x_spot", "section", "y", "spot_region", "spot_global", "label_inputs", "patches"):
+        for name in ("x_spot", "section", "y", "spot_region", "spot_global", "label_inputs", "patches", "x_spot_views"):
             if kw[name] is not None:
                 kw[name] = kw[name][perm]
         kw["edge_index"] = inv[self.edge_index]
         return SampleTensors(**kw)
+
+
+VIEW_FIELDS = {"x_spot_views": "x_spot", "x_region_views": "x_region", "x_global_views": "x_global"}
+"""Per-view feature fields of :class:`SampleTensors` and the mean-feature field each one stands for."""
+
+
+def has_views(sample: SampleTensors) -> bool:
+    """Whether ``sample`` carries per-view features (at any level)."""
+    return any(getattr(sample, name) is not None for name in VIEW_FIELDS)
+
+
+def draw_views(sample: SampleTensors, generator: torch.Generator) -> SampleTensors:
+    """``sample`` with the features of one uniformly drawn view per spot and per tile (train-time augmentation).
+
+    The views (on the CPU) are indexed on the CPU with ``generator`` and the drawn rows moved to the device and
+    dtype of the mean features they replace; the per-view fields are dropped from the result.
+    """
+    changes: dict[str, Any] = dict.fromkeys(VIEW_FIELDS)
+    for name, base in VIEW_FIELDS.items():
+        views, x = getattr(sample, name), getattr(sample, base)
+        if views is None:
+            continue
+        k = torch.randint(0, views.shape[1], (views.shape[0],), generator=generator)
+        changes[base] = views[torch.arange(views.shape[0]), k].to(device=x.device, dtype=x.dtype)
+    return sample.replace(**changes)
 
 
 def edges_from_sparse(w: sp.spmatrix, section: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:

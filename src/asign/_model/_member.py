@@ -101,7 +101,9 @@ def with_trainable_encoder(
         if s.patches is None:
             msg = "finetune_encoder=True needs every training and validation sample to carry its spot patches."
             raise ValueError(msg)
-        return s.replace(x_spot=embed_all(enc, s.patches, device=device, chunk=cfg.encoder_chunk).cpu())
+        # the stored spot views belong to the frozen encoder's feature space: dropped (tile views stay)
+        x = embed_all(enc, s.patches, device=device, chunk=cfg.encoder_chunk).cpu()
+        return s.replace(x_spot=x, x_spot_views=None)
 
     train, validation = replace_samples(train, validation, embedded)
     return train, validation, enc

@@ -232,7 +232,8 @@ class NeighbourSampler:
             name=f"{s.name}[{nodes.numel()} of {self.n} spots]",
             visible_mean=visible_mean,
             label_inputs=None if label_inputs is None else label_inputs[nodes],
-            patches=None if s.patches is None else s.patches[nodes.to(s.patches.device)],
+            patches=_rows(s.patches, nodes),
+            x_spot_views=_rows(s.x_spot_views, nodes),
         )
         out = Subgraph(sample=None, nodes=nodes, seeds=torch.searchsorted(nodes, seeds))  # type: ignore[arg-type]
         if s.has_tiles:
@@ -258,6 +259,8 @@ class NeighbourSampler:
             kw.update(
                 x_region=s.x_region[regions],
                 x_global=s.x_global[globals_],
+                x_region_views=_rows(s.x_region_views, regions),
+                x_global_views=_rows(s.x_global_views, globals_),
                 spot_region=r_loc[s.spot_region[nodes]],
                 spot_global=g_loc[s.spot_global[nodes]],
                 region_global=g_loc[s.region_global[regions]],
@@ -291,6 +294,11 @@ class NeighbourSampler:
         for seeds in self.batches(loss_rows, batch_size, generator=generator, local=local):
             sub = self.subgraph(seeds, visible_mean=visible_mean, label_inputs=label_inputs)
             yield sub.sample, y_visible[sub.nodes], sub.seed_mask
+
+
+def _rows(t: Tensor | None, idx: Tensor) -> Tensor | None:
+    """Rows ``idx`` of an optional tensor kept on its own device (CPU-held patches and per-view features)."""
+    return None if t is None else t[idx.to(t.device)]
 
 
 def whole_sample_context(

@@ -19,7 +19,7 @@ import torch
 from asign._logging import logger
 
 from ._config import ASIGNConfig
-from ._data import SampleTensors
+from ._data import SampleTensors, draw_views, has_views
 from ._finetune import encode_step, encoder_bytes_per_patch, spot_encoder, warn_if_cpu, with_encoded_features
 from ._losses import asign_loss
 from ._model import ASIGNModel
@@ -285,6 +285,10 @@ def _train(
     rng = np.random.default_rng(int(cfg.seed) + 2)
     torch.manual_seed(int(cfg.seed) + 3)  # dropout
     aug_gen = torch.Generator().manual_seed(int(cfg.seed) + 4) if enc is not None and cfg.encoder_augment else None
+    views = cfg.view_augment and all(has_views(s) for s in train_dev)
+    view_gen = torch.Generator().manual_seed(int(cfg.seed) + 5) if views else None
+    if cfg.view_augment and not views and any(has_views(s) for s in train_dev):
+        logger.warning("Some training samples carry per-view features and some do not; training on the mean features.")
     res = TrainResult()
     # whole graph or subgraphs, per sample (with a fine-tuned encoder the estimate counts its activations too)
     enc_bytes = encoder_bytes_per_patch(enc, device=device) if enc is not None else 0.0
@@ -347,6 +351,8 @@ def _train(
                         local=cfg.seed_order == "local",
                     )
                 for s_step, y_step, rows_step in steps:
+                    if view_gen is not None:
+                        s_step = draw_views(s_step, view_gen)
                     with _autocast(device, enabled=cfg.amp):
                         if enc is not None:
                             s_step = encode_step(model, s_step, rows_step, generator=aug_gen)

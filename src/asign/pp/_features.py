@@ -47,6 +47,9 @@ class ImageFeatures(NamedTuple):
     """Index maps and tile tables (with ``obsm['features']``)."""
     params: dict[str, Any]
     """What would be written to ``uns['{key_added}_features']``."""
+    spot_views: np.ndarray | None = None
+    """With ``keep_views=True``: ``(n_spots, n_views, dim)`` features of every test-time-augmentation view of the
+    spot patches (the tiles' views are in the tile tables' ``obsm['features_views']``)."""
 
 
 def _spot_corners(xy: np.ndarray, side: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +107,7 @@ def extract_features(
     stain_norm: Literal["none", "macenko", "od_scale"] | None = "none",
     stain_target: str | Mapping[str, Any] = "auto",
     tta: Literal["none", "flips", "dihedral"] | None = "none",
+    keep_views: bool = False,
     table_key: str = Key.TABLE,
     key_added: str = Key.ADDED,
     sections: Sequence[str] | None = None,
@@ -184,6 +188,11 @@ def extract_features(
         Test-time augmentation: ``"none"`` (or `None`), ``"flips"`` (mean features over the patch and its
         horizontal, vertical and double flips: 4 encoder passes) or ``"dihedral"`` (the 8 flips and 90° rotations),
         at every scale, on ``device``.
+    keep_views
+        With ``tta`` other than ``"none"``: also keep each view's features, so that :func:`asign.tl.impute`
+        (``method="asign"``) can train on a randomly drawn view per spot and tile at every step (train-time
+        augmentation with the same views whose mean it predicts from; ``ASIGNConfig.view_augment``). Costs
+        ``n_views`` times the feature memory.
     table_key
         The spot table.
     key_added
@@ -210,16 +219,18 @@ def extract_features(
       ``device``, ``mixed_precision``, ``pyramid``, ``resize``, ``pyramid_level`` / ``read_px`` (per level, one
       entry per section: the pyramid level ``scale<k>`` read and the patch side in its pixels; -1 / 0 for sections
       not processed), ``batch_size``, ``n_patches``, ``seconds``, table names; ``stain_norm``, ``tta``,
-      ``tta_views``; with a stain normalisation also ``stain_target`` (the target's source), ``stain_target_params``
+      ``tta_views``, ``keep_views``; with a stain normalisation also ``stain_target`` (the target's source), ``stain_target_params``
       (``source``, ``stain_vectors`` ``(3, 2)``, ``max_conc`` ``(2,)``, ``od_mean`` ``(3,)`` where defined),
       ``stain_matrix`` ``(n_sections, 3, 3)`` (identity for sections not processed or not estimated),
       ``stain_vectors`` ``(n_sections, 3, 2)``, ``stain_max_conc`` ``(n_sections, 2)``, ``stain_od_mean``
       ``(n_sections, 3)`` (NaN where not estimated), ``stain_estimated``, ``stain_level``, ``stain_n_pixels``
       (per section), ``stain_beta``, ``stain_alpha``, ``stain_od`` (the OD convention), ``stain_seconds``;
     - ``.uns['{key_added}_tiles']`` (see :func:`asign.pp.make_tiles`);
+    - with ``keep_views=True``, ``.obsm['{key_added}_features_spot_views']``: float32 ``(n_spots, n_views, dim)``;
 
     and writes the tile tables ``sdata.tables['{key_added}_regions']`` / ``['{key_added}_globals']`` (see
-    :func:`asign.pp.make_tiles`) with ``obsm['features']``.
+    :func:`asign.pp.make_tiles`) with ``obsm['features']`` (and, with ``keep_views=True``,
+    ``obsm['features_views']``, ``(n_tiles, n_views, dim)``).
     """
     import torch
 
@@ -232,6 +243,11 @@ def extract_features(
     stack = validate_stack(sdata, table_key=table_key)
     stain_norm = check_stain_norm(stain_norm)
     tta = check_tta(tta)
+    if keep_views and tta == "none":
+        msg = (
+            "`keep_views=True` keeps the features of each test-time-augmentation view; pass tta='flips' or 'dihedral'."
+        )
+        raise ValueError(msg)
     table = sdata.tables[table_key]
     todo = _select_sections(stack, sections)
     check_stain_target(stain_norm, stain_target, todo)
@@ -333,11 +349,17 @@ def extract_features(
         desc="extract_features",
         od_maps=od_maps,
         tta=tta,
+        keep_views=bool(keep_views),
     )
     seconds = time.perf_counter() - t0
+    views = None
+    if keep_views:
+        views, feats = feats, feats.mean(axis=1, dtype=np.float64).astype(np.float32)
+        regions.obsm[Key.TILE_FEATURES + Key.VIEWS_SUFFIX] = views[n : n + nr]
+        globals_.obsm[Key.TILE_FEATURES + Key.VIEWS_SUFFIX] = views[n + nr :]
     f_spot, f_region, f_global = feats[:n], feats[n : n + nr], feats[n + nr :]
-    regions.obsm["features"] = f_region
-    globals_.obsm["features"] = f_global
+    regions.obsm[Key.TILE_FEATURES] = f_region
+    globals_.obsm[Key.TILE_FEATURES] = f_global
     mp = bool(mixed_precision if mixed_precision is not None else dev.type == "cuda") and dev.type == "cuda"
     tile_params = _tile_params(stack, tile_px, {k: um[k] for k in tile_px}, unit, key_added)
     _copy_manifest(table, regions, tile_params)
@@ -372,16 +394,24 @@ def extract_features(
         "stain_norm": stain_norm,
         "tta": tta,
         "tta_views": int(TTA_VIEWS[tta]),
+        "keep_views": bool(keep_views),
         **stain_params,
     }
     logger.info(f"Embedded {n_patches} patches in {seconds:.1f} s ({n_patches / max(seconds, 1e-9):.1f} patches/s).")
     tiles = Tiles(r_index, g_index, regions, globals_, tile_px)
-    out = ImageFeatures(f_spot, f_region[r_index], f_global[g_index], padded, tiles, params)
+    out = ImageFeatures(
+        f_spot, f_region[r_index], f_global[g_index], padded, tiles, params, None if views is None else views[:n]
+    )
     if not inplace:
         return out
     write_tiles(sdata, table_key, key_added, r_index, g_index, regions, globals_, tile_params)
     for lev, arr in (("spot", out.features_spot), ("region", out.features_region), ("global", out.features_global)):
         table.obsm[Key.features(key_added, lev)] = arr
+    views_key = Key.features(key_added, "spot") + Key.VIEWS_SUFFIX
+    if out.spot_views is not None:
+        table.obsm[views_key] = out.spot_views
+    elif views_key in table.obsm:
+        del table.obsm[views_key]  # views of an earlier run would not match the new features
     table.obs[f"{key_added}_spot_padded"] = padded
     table.uns[f"{key_added}_features"] = params
     logger.info(

@@ -138,6 +138,7 @@ def sample_tensors(
     min_tile_fraction: float = 1.0,
     tile_radius: float = 2.1,
     tile_max_neighbors: int = 12,
+    views: bool = False,
 ) -> SampleTensors:
     """The plain tensors of one stack.
 
@@ -161,6 +162,10 @@ def sample_tensors(
         A tile target needs at least this fraction of labelled members (see :func:`asign._model.tile_targets`).
     tile_radius, tile_max_neighbors
         Within-section tile graph (method.md §4.3).
+    views
+        Also load the per-view features of ``pp.extract_features(keep_views=True)`` where they are stored
+        (``obsm['{feature_key}_features_spot_views']``, the tile tables' ``obsm['features_views']``), for train-time
+        view augmentation (``ASIGNConfig.view_augment``).
     """
     import torch
 
@@ -181,6 +186,10 @@ def sample_tensors(
         x_spot = np.zeros((table.n_obs, 0), dtype=np.float32)
     else:
         x_spot = _obsm(table, Key.features(feature_key, "spot"), hint_f)
+    view_kw: dict[str, Any] = {}
+    vkey = None if feature_key is None else Key.features(feature_key, "spot") + Key.VIEWS_SUFFIX
+    if views and vkey is not None and vkey in table.obsm:
+        view_kw["x_spot_views"] = torch.from_numpy(np.array(table.obsm[vkey], dtype=np.float32))
     ckey = Key.connectivities(graph_key)
     if ckey not in table.obsp:
         msg = f"`.obsp['{ckey}']` not found in the spot table; run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` first."
@@ -248,6 +257,10 @@ def sample_tensors(
             "y_region": torch.as_tensor(y_r, dtype=torch.float32),
             "y_global": torch.as_tensor(y_g, dtype=torch.float32),
         }
+        tv = Key.TILE_FEATURES + Key.VIEWS_SUFFIX
+        if view_kw and tv in regions.obsm and tv in globals_.obsm:
+            view_kw["x_region_views"] = torch.from_numpy(np.array(regions.obsm[tv], dtype=np.float32))
+            view_kw["x_global_views"] = torch.from_numpy(np.array(globals_.obsm[tv], dtype=np.float32))
     return SampleTensors(
         x_spot=torch.as_tensor(x_spot),
         edge_index=edge_index,
@@ -257,6 +270,7 @@ def sample_tensors(
         y=torch.as_tensor(y),
         name=ctx.sample or "sample",
         **kw,
+        **view_kw,
     )
 
 
@@ -306,11 +320,13 @@ def _member_data(
                 eval_rows=torch.as_tensor(val_ctx.known & ~vis),
             )
         )
-        train = [sample_tensors(c, **tkw) for c in contexts[:-1]]
+        train = [sample_tensors(c, views=cfg.view_augment, **tkw) for c in contexts[:-1]]
         return train, validation
     for c in contexts:
         ho = _holdout(c.known, cfg.holdout_fraction, rng) if mode_val == "holdout" else np.zeros_like(c.known)
-        s = sample_tensors(c, labelled=c.known & ~ho, min_tile_fraction=0.5 if ho.any() else 1.0, **tkw)
+        s = sample_tensors(
+            c, labelled=c.known & ~ho, min_tile_fraction=0.5 if ho.any() else 1.0, views=cfg.view_augment, **tkw
+        )
         train.append(s)
         if ho.any():
             validation.append(
