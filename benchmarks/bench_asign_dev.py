@@ -14,9 +14,13 @@ carry none), which is what imputing C4-C6 from C2 asks of the model; it is a pro
 
 Usage::
 
-    python benchmarks/bench_asign_dev.py [--configs default,members1,...] [--cache DIR] [--table]
+    python benchmarks/bench_asign_dev.py [--configs default,members1,...] [--seeds 0 1] [--cache DIR] [--table]
+    python benchmarks/bench_asign_dev.py --features '{"tta": "dihedral", "keep_views": true}' --tag _tta_dihedral_views \
+        --configs default,views_off --seeds 0 1     # train-time view augmentation on and off
 
-Writes ``benchmarks/results/asign_dev_blocks.json`` (updated after every configuration).
+Writes ``benchmarks/results/asign_dev_blocks{tag}.json`` (updated after every configuration); ``--features`` are
+``pp.extract_features`` options of the prepared stack (cached under the same tag). Rows of seeds other than 0 are
+labelled ``<config>@seed<k>`` and compared with ``default@seed<k>``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ CONFIGS = {
     "dropout0.2": {"input_dropout": 0.2},
     "lp20": {"lp_iterations": 20},
     "members5": {"n_models": 5},
+    "views_off": {"view_augment": False},  # with stored per-view features (--features keep_views)
 }
 
 
@@ -97,9 +102,12 @@ def run(sdata, name: str, method: str, kw: dict, blocks: np.ndarray, seed: int =
     }
 
 
+def _label(name: str, seed: int) -> str:
+    return name if seed == 0 else f"{name}@seed{seed}"
+
+
 def table(res: dict) -> str:
     rows = res.get("results", {})
-    base = rows.get("default", {}).get("per_block")
     lines = [
         "| setting | per-gene PCC on the held-out C2 block (mean of 4) | Δ vs ASIGN defaults (paired, ± s.e.) | s per fit |",
         "|---|---:|---:|---:|",
@@ -107,12 +115,16 @@ def table(res: dict) -> str:
     for name, r in rows.items():
         v = np.array([b["pcc_gene"] for b in r["per_block"]])
         delta = "—"
-        if base is not None and name != "default":
+        seed = name.split("@")[1] if "@" in name else ""
+        base = rows.get("default" + (f"@{seed}" if seed else ""), {}).get("per_block")
+        if base is not None and name.split("@")[0] != "default":
             d = v - np.array([b["pcc_gene"] for b in base])
             delta = f"{d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(len(d)):.4f}"
         secs = np.mean([b["seconds"] for b in r["per_block"]])
         kw = ", ".join(f"{k}={v!r}" for k, v in r["method_kwargs"].items())
         label = name if r["method"] != "asign" else f"ASIGN ({kw})" if kw else "ASIGN (defaults)"
+        if seed and r["method"] == "asign":
+            label += f", {seed.replace('seed', 'seed ')}"
         lines.append(f"| {label} | {r['pcc_gene_mean']:.3f} | {delta} | {secs:.0f} |")
     return "\n".join(lines)
 
@@ -125,9 +137,13 @@ def main() -> None:
     )
     ap.add_argument("--configs", default=",".join(["baselines", *CONFIGS]))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the ASIGN configurations")
+    ap.add_argument("--features", default="{}", help="JSON options of pp.extract_features for the prepared stack")
+    ap.add_argument("--tag", default="", help="suffix of the result file and the cache (for non-default --features)")
     ap.add_argument("--table", action="store_true", help="print the markdown table of the stored results and exit")
     args = ap.parse_args()
-    res = json.loads(OUT.read_text()) if OUT.exists() else {}
+    out_path = OUT.with_name(f"asign_dev_blocks{args.tag}.json")
+    res = json.loads(out_path.read_text()) if out_path.exists() else {}
     if args.table:
         print(table(res))
         return
@@ -136,7 +152,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("ASIGN_LOGLEVEL", "WARNING")
     timings: dict = {}
-    sdata = prepare_her2st(her2st_path(args.her2st), Path(args.cache) if args.cache else None, timings)
+    features = json.loads(args.features)
+    sdata = prepare_her2st(
+        her2st_path(args.her2st), Path(args.cache) if args.cache else None, timings, features, args.tag
+    )
     blocks = blocks_of(sdata.tables["table"])
     res.update(
         {
@@ -145,14 +164,18 @@ def main() -> None:
             "protocol": f"HER2ST C2-C6 prepared as bench_asign_her2st.py; C2 cut into {N_BLOCKS} k-means blocks; "
             "known = C2 minus one block; per-gene PCC over that block's spots; C3-C6 counts never read",
             "block_sizes": [int(np.sum(blocks == b)) for b in range(N_BLOCKS)],
+            "features": {"encoder": "efficientnet_lite0", **features},
         }
     )
     res.setdefault("results", {})
     for name in args.configs.split(","):
-        jobs = BASELINES.items() if name == "baselines" else [(name, ("asign", CONFIGS[name]))]
-        for label, (method, kw) in jobs:
-            res["results"][label] = run(sdata, label, method, kw, blocks)
-            OUT.write_text(json.dumps(res, indent=1))
+        if name == "baselines":
+            jobs = [(label, method, kw, 0) for label, (method, kw) in BASELINES.items()]
+        else:
+            jobs = [(_label(name, seed), "asign", CONFIGS[name], seed) for seed in args.seeds]
+        for label, method, kw, seed in jobs:
+            res["results"][label] = run(sdata, label, method, kw, blocks, seed)
+            out_path.write_text(json.dumps(res, indent=1))
     print(table(res))
 
 
