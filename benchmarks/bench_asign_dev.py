@@ -53,6 +53,7 @@ CONFIGS = {
     "lp20": {"lp_iterations": 20},
     "members5": {"n_models": 5},
     "views_off": {"view_augment": False},  # with stored per-view features (--features keep_views)
+    "dropout0.3": {"input_dropout": 0.3},
 }
 
 
