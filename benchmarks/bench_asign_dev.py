@@ -54,6 +54,7 @@ CONFIGS = {
     "members5": {"n_models": 5},
     "views_off": {"view_augment": False},  # with stored per-view features (--features keep_views)
     "dropout0.3": {"input_dropout": 0.3},
+    "viewcons1": {"view_consistency": 1.0},  # with stored per-view features
 }
 
 

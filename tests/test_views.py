@@ -130,6 +130,33 @@ def test_train_model_view_augmentation_seeded():
     # subgraph training draws views on every subgraph
     sub = run(s, subgraph="always", batch_size=16)
     assert torch.isfinite(sub).all()
+    # the view-consistency term: seeded, recorded, and it changes the training
+    c1, c2 = run(s, view_consistency=1.0), run(s, view_consistency=1.0)
+    assert torch.equal(c1, c2) and not torch.equal(c1, a)
+    with pytest.raises(ValueError, match="view_consistency"):
+        ASIGNConfig(view_consistency=-1.0)
+
+
+def test_view_consistency_reads_no_label():
+    """The consistency term is computed on rows whose labels the step hides; changing those labels changes nothing."""
+    from asign._model._train import _add_view_consistency
+
+    s = _viewed_sample()
+    cfg = ASIGNConfig(**{k: v for k, v in TINY.items() if k != "n_models"}, view_consistency=1.0)
+    model = make_model(s.n_genes, {"spot": 8, "region": 8, "global": 8}, cfg)
+    model.eval()  # no dropout: the two draws alone differ
+    visible = torch.zeros(s.n_spots, dtype=torch.bool)
+    visible[:10] = True
+    y_step = torch.where(visible.unsqueeze(1), s.y, torch.full_like(s.y, float("nan")))
+    terms = []
+    for poison in (False, True):
+        sample = s.replace(y=torch.where(visible.unsqueeze(1), s.y, torch.full_like(s.y, 99.0))) if poison else s
+        g = torch.Generator().manual_seed(0)
+        step = draw_views(sample, g)
+        out = model(step, y_step)
+        loss, parts = _add_view_consistency(model, sample, step, y_step, out, torch.zeros(()), {"total": 0.0}, g)
+        terms.append(parts["view_consistency"])
+    assert terms[0] == terms[1] and terms[0] > 0
 
 
 def test_impute_with_views(small_stack, prepare_for_asign):

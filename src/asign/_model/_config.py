@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -139,6 +140,11 @@ class ASIGNConfig:
         step feeds every spot and tile the features of one randomly drawn view instead of the views' mean;
         validation and prediction read the mean (test-time augmentation). No effect without stored views.
         *asign decision*.
+    view_consistency
+        With view augmentation: weight of a consistency term (Pi-model style, label-free) that runs the step twice
+        with two independent view draws and penalises the mean squared difference of the two network outputs on
+        the spots whose labels the step does not show (the unknown sections and the hidden known spots). 0 (default)
+        runs each step once. Doubles the cost of a step. *asign decision*.
     """
 
     hidden_dim: int = 256
@@ -192,6 +198,7 @@ class ASIGNConfig:
     encoder_checkpoint: bool = True
     # --- train-time view augmentation from stored test-time-augmentation views (off without stored views) ---------
     view_augment: bool = True
+    view_consistency: float = 0.0
 
     def __post_init__(self) -> None:
         self.loss_weights = [float(w) for w in self.loss_weights]
@@ -235,6 +242,9 @@ class ASIGNConfig:
             raise ValueError(msg)
         if self.lp_iterations < 0 or self.max_epochs < 1 or self.steps_per_epoch < 1:
             msg = "ASIGNConfig.lp_iterations must be >= 0, max_epochs and steps_per_epoch >= 1."
+            raise ValueError(msg)
+        if not (self.view_consistency >= 0.0 and math.isfinite(self.view_consistency)):
+            msg = f"ASIGNConfig.view_consistency={self.view_consistency} must be a finite number >= 0."
             raise ValueError(msg)
         # subgraph training / encoder fine-tuning
         for name, allowed in (("subgraph", ("auto", "never", "always")), ("seed_order", ("local", "random"))):

@@ -251,6 +251,39 @@ def train_model(
         return _train(model, train, validation=validation, device=device, show_progress_bar=show_progress_bar)
 
 
+def _add_view_consistency(
+    model: ASIGNModel,
+    s_views: SampleTensors,
+    s_step: SampleTensors,
+    y_step: Tensor,
+    out: dict[str, Tensor],
+    loss: Tensor,
+    parts: dict[str, float],
+    generator: torch.Generator,
+) -> tuple[Tensor, dict[str, float]]:
+    """``loss`` plus ``view_consistency`` x the mean squared difference of the network outputs of a second view draw.
+
+    Read on the rows whose labels the step does not show (NaN in ``y_step``); no label enters the term. With a
+    fine-tuned encoder the spot features of ``s_step`` are kept and only the tile views are drawn again.
+    """
+    cfg = model.config
+    second = draw_views(s_views, generator)
+    if spot_encoder(model) is not None:
+        second = second.replace(x_spot=s_step.x_spot)
+    with _autocast(s_step.x_spot.device, enabled=cfg.amp):
+        out2 = model(second, y_step)
+    rows = ~torch.isfinite(y_step).all(dim=1)
+    if not bool(rows.any()):
+        return loss, parts
+    term = (out["net"][rows].float() - out2["net"][rows].float()).pow(2).mean()
+    parts = {
+        **parts,
+        "view_consistency": float(term.detach()),
+        "total": parts["total"] + cfg.view_consistency * float(term.detach()),
+    }
+    return loss + cfg.view_consistency * term, parts
+
+
 def _train(
     model: ASIGNModel,
     train: list[SampleTensors],
@@ -351,8 +384,9 @@ def _train(
                         local=cfg.seed_order == "local",
                     )
                 for s_step, y_step, rows_step in steps:
+                    s_views = s_step
                     if view_gen is not None:
-                        s_step = draw_views(s_step, view_gen)
+                        s_step = draw_views(s_views, view_gen)
                     with _autocast(device, enabled=cfg.amp):
                         if enc is not None:
                             s_step = encode_step(model, s_step, rows_step, generator=aug_gen)
@@ -370,6 +404,8 @@ def _train(
                         spot_global=s_step.spot_global,
                         net_weight=cfg.net_loss_weight,
                     )
+                    if view_gen is not None and cfg.view_consistency > 0:
+                        loss, parts = _add_view_consistency(model, s_views, s_step, y_step, out, loss, parts, view_gen)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip > 0:
