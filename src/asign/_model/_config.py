@@ -144,7 +144,8 @@ class ASIGNConfig:
         With view augmentation: weight of a consistency term (Pi-model style, label-free) that runs the step twice
         with two independent view draws and penalises the mean squared difference of the two network outputs on
         the spots whose labels the step does not show (the unknown sections and the hidden known spots). 0 (default)
-        runs each step once. Doubles the cost of a step. *asign decision*.
+        runs each step once. Doubles the cost of a step; no gain measured on the HER2ST C2-block development
+        protocol (``docs/benchmarks/asign.md``). *asign decision*.
     """
 
     hidden_dim: int = 256
