@@ -172,6 +172,8 @@ def test_impute_with_views(small_stack, prepare_for_asign):
     assert np.isfinite(aug.layers["imputed"]).all()
     assert not np.allclose(aug.layers["imputed"], off.layers["imputed"])
     assert aug.uns["asign"]["result"]["config"]["view_augment"] is True
+    assert aug.uns["asign"]["result"]["training"]["view_augmented"] is True
+    assert off.uns["asign"]["result"]["training"]["view_augmented"] is False
     # without stored views the option changes nothing
     stripped = copy.deepcopy(sd)
     del stripped.tables["table"].obsm[VIEWS_KEY]

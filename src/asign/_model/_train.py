@@ -19,7 +19,7 @@ import torch
 from asign._logging import logger
 
 from ._config import ASIGNConfig
-from ._data import SampleTensors, draw_views, has_views
+from ._data import VIEW_FIELDS, SampleTensors, draw_views, has_views
 from ._finetune import encode_step, encoder_bytes_per_patch, spot_encoder, warn_if_cpu, with_encoded_features
 from ._losses import asign_loss
 from ._model import ASIGNModel
@@ -63,6 +63,7 @@ class TrainResult:
     subgraph: list[bool] = field(default_factory=list)
     memory_estimate_bytes: list[int] = field(default_factory=list)
     memory_limit_bytes: int = 0
+    view_augmented: bool = False
 
     def to_uns(self) -> dict[str, Any]:
         """Zarr-writable summary (curve as arrays)."""
@@ -80,6 +81,7 @@ class TrainResult:
             "subgraph": [bool(v) for v in self.subgraph],
             "memory_estimate_bytes": [int(v) for v in self.memory_estimate_bytes],
             "memory_limit_bytes": int(self.memory_limit_bytes),
+            "view_augmented": bool(self.view_augmented),
         }
 
 
@@ -322,7 +324,10 @@ def _train(
     view_gen = torch.Generator().manual_seed(int(cfg.seed) + 5) if views else None
     if cfg.view_augment and not views and any(has_views(s) for s in train_dev):
         logger.warning("Some training samples carry per-view features and some do not; training on the mean features.")
-    res = TrainResult()
+    res = TrainResult(view_augmented=views)
+    if views:
+        n_views = {int(getattr(s, f).shape[1]) for s in train_dev for f in VIEW_FIELDS if getattr(s, f) is not None}
+        logger.info(f"Training on randomly drawn feature views ({'/'.join(map(str, sorted(n_views)))} per input).")
     # whole graph or subgraphs, per sample (with a fine-tuned encoder the estimate counts its activations too)
     enc_bytes = encoder_bytes_per_patch(enc, device=device) if enc is not None else 0.0
     samplers: list[NeighbourSampler | None] = []
