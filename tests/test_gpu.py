@@ -1,6 +1,7 @@
 """GPU checks (``pytest -m gpu`` on a CUDA machine; skipped elsewhere).
 
-They run the ASIGN core (torch + torch-geometric only) on CUDA with mixed precision and compare with the CPU, and
+They run the ASIGN core (torch + torch-geometric only) on CUDA with mixed precision and compare with the CPU, train
+with per-view feature augmentation, and
 fine-tune a spot encoder on neighbour-sampled subgraphs under bf16 autocast. ``benchmarks/gpu_session.sh`` runs them.
 """
 
@@ -126,3 +127,23 @@ def test_device_none_picks_cuda():
     from asign._device import resolve_device
 
     assert resolve_device(None).type == "cuda"
+
+
+def test_view_augmentation_and_consistency_on_cuda_bf16():
+    """Per-view features stay on the CPU; drawn rows move to the GPU each step, also on subgraphs."""
+    from asign._model import ASIGNConfig, make_model, train_model
+
+    train, _ = _fold()
+    g = torch.Generator().manual_seed(0)
+    viewed = []
+    for s in train:
+        kw = {}
+        for name, base in (("x_spot_views", s.x_spot), ("x_region_views", s.x_region), ("x_global_views", s.x_global)):
+            kw[name] = base.unsqueeze(1) + torch.randn(base.shape[0], 8, base.shape[1], generator=g)
+        viewed.append(s.replace(**kw))
+    for extra in ({}, {"view_consistency": 1.0, "subgraph": "always", "batch_size": 32}):
+        cfg = ASIGNConfig(hidden_dim=32, max_epochs=2, patience=0, amp=True, seed=0, **extra)
+        model = make_model(20, {"spot": 32, "region": 32, "global": 32}, cfg)
+        res = train_model(model, viewed, device=torch.device("cuda"), show_progress_bar=False)
+        assert res.view_augmented and all(np.isfinite(c["loss_total"]) for c in res.curve)
+        assert viewed[0].x_spot_views.device.type == "cpu"
