@@ -1,8 +1,7 @@
 """GPU checks (``pytest -m gpu`` on a CUDA machine; skipped elsewhere).
 
 They run the ASIGN core (torch + torch-geometric only) on CUDA with mixed precision and compare with the CPU, train
-with per-view feature augmentation, and
-fine-tune a spot encoder on neighbour-sampled subgraphs under bf16 autocast. ``benchmarks/gpu_session.sh`` runs them.
+with per-view feature augmentation, and fine-tune a spot encoder on neighbour-sampled subgraphs under bf16 autocast. ``benchmarks/gpu_session.sh`` runs them.
 """
 
 from __future__ import annotations
