@@ -182,3 +182,16 @@ def test_impute_with_views(small_stack, prepare_for_asign):
     np.testing.assert_array_equal(
         asign.tl.impute(stripped, method_kwargs=TINY, **kw).layers["imputed"], off.layers["imputed"]
     )
+
+
+def test_mixed_samples_train_on_means_with_a_warning(caplog):
+    import logging
+
+    s = _viewed_sample()
+    plain, _ = random_sample(n_sections=2, spots_per_section=30, n_genes=5, feature_dim=8, seed=1)
+    cfg = ASIGNConfig(**{k: v for k, v in TINY.items() if k != "n_models"}, patience=0)
+    model = make_model(s.n_genes, {"spot": 8, "region": 8, "global": 8}, cfg)
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        res = train_model(model, [s, plain], show_progress_bar=False)
+    assert not res.view_augmented
+    assert "carry per-view features and some do not" in caplog.text
