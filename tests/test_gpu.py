@@ -131,15 +131,10 @@ def test_device_none_picks_cuda():
 def test_view_augmentation_and_consistency_on_cuda_bf16():
     """Per-view features stay on the CPU; drawn rows move to the GPU each step, also on subgraphs."""
     from asign._model import ASIGNConfig, make_model, train_model
+    from asign._model._synthetic import with_random_views
 
     train, _ = _fold()
-    g = torch.Generator().manual_seed(0)
-    viewed = []
-    for s in train:
-        kw = {}
-        for name, base in (("x_spot_views", s.x_spot), ("x_region_views", s.x_region), ("x_global_views", s.x_global)):
-            kw[name] = base.unsqueeze(1) + torch.randn(base.shape[0], 8, base.shape[1], generator=g)
-        viewed.append(s.replace(**kw))
+    viewed = [with_random_views(s, seed=i) for i, s in enumerate(train)]
     for extra in ({}, {"view_consistency": 1.0, "subgraph": "always", "batch_size": 32}):
         cfg = ASIGNConfig(hidden_dim=32, max_epochs=2, patience=0, amp=True, seed=0, **extra)
         model = make_model(20, {"spot": 32, "region": 32, "global": 32}, cfg)

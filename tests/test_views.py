@@ -15,7 +15,7 @@ from asign._encoders import get_encoder  # noqa: E402
 from asign._model import ASIGNConfig, make_model, train_model  # noqa: E402
 from asign._model._data import draw_views, has_views  # noqa: E402
 from asign._model._sampling import NeighbourSampler  # noqa: E402
-from asign._model._synthetic import random_sample  # noqa: E402
+from asign._model._synthetic import random_sample, with_random_views  # noqa: E402
 
 SCALES = {"spot": 32, "region": 128, "global": 256}
 TINY = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 3, "steps_per_epoch": 2, "n_models": 1}
@@ -79,11 +79,7 @@ def test_extract_features_keep_views(small_stack):
 
 def _viewed_sample(n_views=4, seed=0):
     s, _ = random_sample(n_sections=2, spots_per_section=30, n_genes=5, feature_dim=8, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    kw = {}
-    for name, base in (("x_spot_views", s.x_spot), ("x_region_views", s.x_region), ("x_global_views", s.x_global)):
-        kw[name] = base.unsqueeze(1) + torch.randn(base.shape[0], n_views, base.shape[1], generator=g)
-    return s.replace(**kw)
+    return with_random_views(s, n_views=n_views, seed=seed)
 
 
 def test_sample_views_checked_drawn_and_sliced():

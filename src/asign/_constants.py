@@ -62,6 +62,10 @@ class Key:
     def features(key: str, level: str) -> str:
         return f"{key}_features_{level}"
 
-    # per-view features of ``extract_features(keep_views=True)``: spot table obsm / tile tables' obsm
-    VIEWS_SUFFIX = "_views"
     TILE_FEATURES = "features"
+    """``obsm`` key of the features in the tile tables of ``extract_features``."""
+
+    @staticmethod
+    def views(key: str) -> str:
+        """``obsm`` key of the per-view features stored beside ``key`` (``extract_features(keep_views=True)``)."""
+        return f"{key}_views"

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 from scipy.spatial import cKDTree
 
-from ._data import SampleTensors, edges_from_sparse, normalise_sums, tile_graph, tile_targets
+from ._data import VIEW_FIELDS, SampleTensors, edges_from_sparse, normalise_sums, tile_graph, tile_targets
 
 
 def _field(xy: np.ndarray, z: float, n_genes: int, rng_proj: np.random.Generator) -> np.ndarray:
@@ -163,3 +163,14 @@ def random_sample(
         **kw,
     )
     return sample, y_full.astype(np.float32)
+
+
+def with_random_views(sample: SampleTensors, *, n_views: int = 8, seed: int = 0) -> SampleTensors:
+    """``sample`` with stand-in per-view features: each level's features plus unit Gaussian noise per view."""
+    g = torch.Generator().manual_seed(seed)
+    kw = {}
+    for name, base in VIEW_FIELDS.items():
+        x = getattr(sample, base)
+        if x is not None:
+            kw[name] = x.unsqueeze(1) + torch.randn(x.shape[0], n_views, x.shape[1], generator=g)
+    return sample.replace(**kw)

@@ -355,8 +355,8 @@ def extract_features(
     views = None
     if keep_views:
         views, feats = feats, feats.mean(axis=1, dtype=np.float64).astype(np.float32)
-        regions.obsm[Key.TILE_FEATURES + Key.VIEWS_SUFFIX] = views[n : n + nr]
-        globals_.obsm[Key.TILE_FEATURES + Key.VIEWS_SUFFIX] = views[n + nr :]
+        regions.obsm[Key.views(Key.TILE_FEATURES)] = views[n : n + nr]
+        globals_.obsm[Key.views(Key.TILE_FEATURES)] = views[n + nr :]
     f_spot, f_region, f_global = feats[:n], feats[n : n + nr], feats[n + nr :]
     regions.obsm[Key.TILE_FEATURES] = f_region
     globals_.obsm[Key.TILE_FEATURES] = f_global
@@ -407,7 +407,7 @@ def extract_features(
     write_tiles(sdata, table_key, key_added, r_index, g_index, regions, globals_, tile_params)
     for lev, arr in (("spot", out.features_spot), ("region", out.features_region), ("global", out.features_global)):
         table.obsm[Key.features(key_added, lev)] = arr
-    views_key = Key.features(key_added, "spot") + Key.VIEWS_SUFFIX
+    views_key = Key.views(Key.features(key_added, "spot"))
     if out.spot_views is not None:
         table.obsm[views_key] = out.spot_views
     elif views_key in table.obsm:

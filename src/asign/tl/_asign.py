@@ -187,7 +187,7 @@ def sample_tensors(
     else:
         x_spot = _obsm(table, Key.features(feature_key, "spot"), hint_f)
     view_kw: dict[str, Any] = {}
-    vkey = None if feature_key is None else Key.features(feature_key, "spot") + Key.VIEWS_SUFFIX
+    vkey = None if feature_key is None else Key.views(Key.features(feature_key, "spot"))
     if views and vkey is not None and vkey in table.obsm:
         view_kw["x_spot_views"] = torch.from_numpy(np.array(table.obsm[vkey], dtype=np.float32))
     ckey = Key.connectivities(graph_key)
@@ -209,8 +209,8 @@ def sample_tensors(
             raise KeyError(msg)
         regions, globals_ = ctx.sdata.tables[rkey], ctx.sdata.tables[gkey]
         for t, name in ((regions, rkey), (globals_, gkey)):
-            if "features" not in t.obsm:
-                msg = f"`sdata.tables['{name}'].obsm['features']` not found; {hint_f}"
+            if Key.TILE_FEATURES not in t.obsm:
+                msg = f"`sdata.tables['{name}'].obsm['{Key.TILE_FEATURES}']` not found; {hint_f}"
                 raise KeyError(msg)
         spot_region = table.obs[ri_key].to_numpy(dtype=np.int64)
         spot_global = table.obs[gi_key].to_numpy(dtype=np.int64)
@@ -245,8 +245,8 @@ def sample_tensors(
             )
         kw = {
             # copies: the tile tables' arrays may be read-only (zarr-backed or memory-mapped in a worker process)
-            "x_region": torch.from_numpy(np.array(regions.obsm["features"], dtype=np.float32)),
-            "x_global": torch.from_numpy(np.array(globals_.obsm["features"], dtype=np.float32)),
+            "x_region": torch.from_numpy(np.array(regions.obsm[Key.TILE_FEATURES], dtype=np.float32)),
+            "x_global": torch.from_numpy(np.array(globals_.obsm[Key.TILE_FEATURES], dtype=np.float32)),
             "spot_region": torch.as_tensor(spot_region),
             "spot_global": torch.as_tensor(spot_global),
             "region_global": torch.as_tensor(region_global),
@@ -257,7 +257,7 @@ def sample_tensors(
             "y_region": torch.as_tensor(y_r, dtype=torch.float32),
             "y_global": torch.as_tensor(y_g, dtype=torch.float32),
         }
-        tv = Key.TILE_FEATURES + Key.VIEWS_SUFFIX
+        tv = Key.views(Key.TILE_FEATURES)
         if view_kw and tv in regions.obsm and tv in globals_.obsm:
             view_kw["x_region_views"] = torch.from_numpy(np.array(regions.obsm[tv], dtype=np.float32))
             view_kw["x_global_views"] = torch.from_numpy(np.array(globals_.obsm[tv], dtype=np.float32))
