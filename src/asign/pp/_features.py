@@ -134,7 +134,8 @@ def extract_features(
     sdata
         The section stack.
     encoder
-        Registry name (``"efficientnet_lite0"``, ``"efficientnet_lite0_multidepth"``, ``"resnet50"``,
+        Registry name (``"efficientnet_lite0"``, ``"efficientnet_lite0_multidepth"``, the larger
+        ``"efficientnet_lite1"`` / ``"efficientnet_lite2"`` and their ``_multidepth`` forms, ``"resnet50"``,
         ``"resnet50_layer3"``, ``"handcrafted"``, or a histopathology foundation model: ``"uni"``, ``"uni2-h"``,
         ``"virchow"``, ``"virchow2"``, ``"h-optimus-0"``), ``"timm:<model_name>"``, a :class:`torch.nn.Module`
         (input: normalised ``(B, 3, H, W)``; output ``(B, dim)`` or a feature map that is average-pooled) or an
