@@ -55,6 +55,7 @@ CONFIGS = {
     "views_off": {"view_augment": False},  # with stored per-view features (--features keep_views)
     "dropout0.3": {"input_dropout": 0.3},
     "viewcons1": {"view_consistency": 1.0},  # with stored per-view features
+    "predict_views": {"predict_views": True},  # with stored per-view features
 }
 
 

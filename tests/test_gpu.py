@@ -129,7 +129,8 @@ def test_device_none_picks_cuda():
 
 
 def test_view_augmentation_and_consistency_on_cuda_bf16():
-    """Per-view features stay on the CPU; drawn rows move to the GPU each step, also on subgraphs."""
+    """Per-view features stay on the CPU; drawn rows move to the GPU each step, also on subgraphs; view-averaged
+    prediction."""
     from asign._model import ASIGNConfig, make_model, train_model
     from asign._model._synthetic import with_random_views
 
@@ -141,3 +142,8 @@ def test_view_augmentation_and_consistency_on_cuda_bf16():
         res = train_model(model, viewed, device=torch.device("cuda"), show_progress_bar=False)
         assert res.view_augmented and all(np.isfinite(c["loss_total"]) for c in res.curve)
         assert viewed[0].x_spot_views.device.type == "cpu"
+    # prediction averaged over the views (each view moved to the GPU in turn)
+    from asign._model import predict_sample
+
+    pred = predict_sample(model, viewed[0], device="cuda", amp=True, views=True)["pred"]
+    assert pred.shape == (viewed[0].n_spots, 20) and np.isfinite(pred).all()

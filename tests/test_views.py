@@ -12,8 +12,8 @@ pytest.importorskip("torch_geometric")
 
 import asign  # noqa: E402
 from asign._encoders import get_encoder  # noqa: E402
-from asign._model import ASIGNConfig, make_model, train_model  # noqa: E402
-from asign._model._data import draw_views, has_views  # noqa: E402
+from asign._model import ASIGNConfig, make_model, predict_sample, train_model  # noqa: E402
+from asign._model._data import draw_views, has_views, n_views, select_view  # noqa: E402
 from asign._model._sampling import NeighbourSampler  # noqa: E402
 from asign._model._synthetic import random_sample, with_random_views  # noqa: E402
 
@@ -133,6 +133,33 @@ def test_train_model_view_augmentation_seeded():
         ASIGNConfig(view_consistency=-1.0)
 
 
+def test_predict_sample_averages_outputs_over_views():
+    s = _viewed_sample()
+    s = s.replace(x_global_views=s.x_global_views[:, :2])  # a level with fewer views wraps around
+    v = n_views(s)
+    assert v == s.x_spot_views.shape[1] > 2
+    one = select_view(s, 3)
+    assert not has_views(one)
+    assert torch.equal(one.x_spot, s.x_spot_views[:, 3]) and torch.equal(one.x_region, s.x_region_views[:, 3])
+    assert torch.equal(one.x_global, s.x_global_views[:, 1])
+    cfg = ASIGNConfig(**{k: v for k, v in TINY.items() if k != "n_models"}, patience=0)
+    model = make_model(s.n_genes, {"spot": 8, "region": 8, "global": 8}, cfg)
+    train_model(model, [s], show_progress_bar=False)
+    mean = predict_sample(model, s, amp=False)
+    avg = predict_sample(model, s, amp=False, views=True)
+    model.eval()
+    with torch.no_grad():
+        ref = torch.stack([model(select_view(s, k), s.y)["pred"] for k in range(v)]).mean(dim=0)
+        plain = model(s, s.y)["pred"]
+    np.testing.assert_allclose(avg["pred"], ref.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean["pred"], plain.numpy(), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(avg["pred"], mean["pred"])
+    assert set(avg) == set(mean)
+    # without views the option is the plain prediction
+    bare = s.replace(x_spot_views=None, x_region_views=None, x_global_views=None)
+    np.testing.assert_array_equal(predict_sample(model, bare, amp=False, views=True)["pred"], mean["pred"])
+
+
 def test_view_consistency_reads_no_label():
     """The consistency term is computed on rows whose labels the step hides; changing those labels changes nothing."""
     from asign._model._train import _add_view_consistency
@@ -170,6 +197,15 @@ def test_impute_with_views(small_stack, prepare_for_asign):
     assert aug.uns["asign"]["result"]["config"]["view_augment"] is True
     assert aug.uns["asign"]["result"]["training"]["view_augmented"] is True
     assert off.uns["asign"]["result"]["training"]["view_augmented"] is False
+    # prediction averaged over the views: the same training, another prediction
+    pv = asign.tl.impute(sd, method_kwargs={**TINY, "predict_views": True}, **kw)
+    assert pv.uns["asign"]["result"]["config"]["predict_views"] is True
+    curve_pv, curve_aug = (o.uns["asign"]["result"]["training"]["curve"] for o in (pv, aug))
+    assert set(curve_pv) == set(curve_aug) and "loss_total" in curve_pv
+    for name in curve_aug:  # the training curve is unchanged
+        np.testing.assert_array_equal(curve_pv[name], curve_aug[name])
+    assert np.isfinite(pv.layers["imputed"]).all()
+    assert not np.allclose(pv.layers["imputed"], aug.layers["imputed"])
     # without stored views the option changes nothing
     stripped = copy.deepcopy(sd)
     del stripped.tables["table"].obsm[VIEWS_KEY]
@@ -177,6 +213,10 @@ def test_impute_with_views(small_stack, prepare_for_asign):
         del stripped.tables[name].obsm["features_views"]
     np.testing.assert_array_equal(
         asign.tl.impute(stripped, method_kwargs=TINY, **kw).layers["imputed"], off.layers["imputed"]
+    )
+    np.testing.assert_array_equal(
+        asign.tl.impute(stripped, method_kwargs={**TINY, "predict_views": True}, **kw).layers["imputed"],
+        off.layers["imputed"],
     )
 
 

@@ -146,6 +146,11 @@ class ASIGNConfig:
         the spots whose labels the step does not show (the unknown sections and the hidden known spots). 0 (default)
         runs each step once. Doubles the cost of a step; no gain measured on the HER2ST C2-block development
         protocol (``docs/benchmarks/asign.md``). *asign decision*.
+    predict_views
+        With stored per-view features: the final prediction averages the model's outputs over the views (view ``v``
+        of every spot and tile together, for each ``v``) instead of running once on the views' mean features, so
+        that prediction sees inputs of the kind training saw. Costs one inference per view; validation during
+        training still reads the mean. No effect without stored views. *asign decision*.
     """
 
     hidden_dim: int = 256
@@ -200,6 +205,7 @@ class ASIGNConfig:
     # --- train-time view augmentation from stored test-time-augmentation views (off without stored views) ---------
     view_augment: bool = True
     view_consistency: float = 0.0
+    predict_views: bool = False
 
     def __post_init__(self) -> None:
         self.loss_weights = [float(w) for w in self.loss_weights]

@@ -202,20 +202,37 @@ def has_views(sample: SampleTensors) -> bool:
     return any(getattr(sample, name) is not None for name in VIEW_FIELDS)
 
 
+def _with_view_rows(sample: SampleTensors, pick) -> SampleTensors:
+    """``sample`` with each mean-feature field replaced by ``views[arange(n), pick(views)]`` (views on the CPU)."""
+    changes: dict[str, Any] = dict.fromkeys(VIEW_FIELDS)
+    for name, base in VIEW_FIELDS.items():
+        views, x = getattr(sample, name), getattr(sample, base)
+        if views is None:
+            continue
+        k = pick(views)
+        changes[base] = views[torch.arange(views.shape[0]), k].to(device=x.device, dtype=x.dtype)
+    return sample.replace(**changes)
+
+
 def draw_views(sample: SampleTensors, generator: torch.Generator) -> SampleTensors:
     """``sample`` with the features of one uniformly drawn view per spot and per tile (train-time augmentation).
 
     The views (on the CPU) are indexed on the CPU with ``generator`` and the drawn rows moved to the device and
     dtype of the mean features they replace; the per-view fields are dropped from the result.
     """
-    changes: dict[str, Any] = dict.fromkeys(VIEW_FIELDS)
-    for name, base in VIEW_FIELDS.items():
-        views, x = getattr(sample, name), getattr(sample, base)
-        if views is None:
-            continue
-        k = torch.randint(0, views.shape[1], (views.shape[0],), generator=generator)
-        changes[base] = views[torch.arange(views.shape[0]), k].to(device=x.device, dtype=x.dtype)
-    return sample.replace(**changes)
+    return _with_view_rows(sample, lambda v: torch.randint(0, v.shape[1], (v.shape[0],), generator=generator))
+
+
+def n_views(sample: SampleTensors) -> int:
+    """The largest number of stored views of any level of ``sample`` (0 without views)."""
+    return max(
+        (int(getattr(sample, name).shape[1]) for name in VIEW_FIELDS if getattr(sample, name) is not None), default=0
+    )
+
+
+def select_view(sample: SampleTensors, view: int) -> SampleTensors:
+    """``sample`` with view ``view`` of every spot and tile (modulo each level's number of views); views dropped."""
+    return _with_view_rows(sample, lambda v: torch.full((v.shape[0],), view % v.shape[1], dtype=torch.long))
 
 
 def edges_from_sparse(w: sp.spmatrix, section: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:

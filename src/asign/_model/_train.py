@@ -19,7 +19,7 @@ import torch
 from asign._logging import logger
 
 from ._config import ASIGNConfig
-from ._data import VIEW_FIELDS, SampleTensors, draw_views, has_views
+from ._data import VIEW_FIELDS, SampleTensors, draw_views, has_views, n_views, select_view
 from ._finetune import encode_step, encoder_bytes_per_patch, spot_encoder, warn_if_cpu, with_encoded_features
 from ._losses import asign_loss
 from ._model import ASIGNModel
@@ -156,21 +156,28 @@ def predict_sample(
     device: torch.device | str = "cpu",
     amp: bool = True,
     batch_size: int | None = None,
+    views: bool = False,
 ) -> dict[str, np.ndarray]:
     """Deterministic inference: ``model.eval()``, the whole-sample graph, ``sample.y`` as the visible set.
 
     With a fine-tuned spot encoder the spot features are computed from ``sample.patches``. ``batch_size`` (default:
     :func:`~asign._model._sampling.inference_batch_size`, 0 for samples that fit) switches to exact batched
-    inference on full ``L``-hop subgraphs (:func:`~asign._model._sampling.predict_batched`).
+    inference on full ``L``-hop subgraphs (:func:`~asign._model._sampling.predict_batched`). With ``views`` and
+    per-view features in ``sample``, the outputs are averaged over the views (:func:`~asign._model._data.select_view`
+    for each view index) instead of computed once from the mean features.
     """
     device = torch.device(device)
     model.eval()
     s = sample.to(device)
     bs = inference_batch_size(model, s, device=device) if batch_size is None else int(batch_size)
+    variants = [select_view(s, v) for v in range(n_views(s))] if views and has_views(s) else [s]
+    outs = []
     with _autocast(device, enabled=amp):
-        s = with_encoded_features(model, s)
-        out = predict_batched(model, s, s.y, batch_size=bs) if 0 < bs < s.n_spots else model(s, s.y)
-    return {k: v.float().cpu().numpy() for k, v in out.items()}
+        for sv in variants:
+            sv = with_encoded_features(model, sv)
+            out = predict_batched(model, sv, sv.y, batch_size=bs) if 0 < bs < sv.n_spots else model(sv, sv.y)
+            outs.append({k: v.float().cpu().numpy() for k, v in out.items()})
+    return {k: np.mean([o[k] for o in outs], axis=0, dtype=np.float64).astype(np.float32) for k in outs[0]}
 
 
 def evaluate(model: ASIGNModel, val: ValidationSet, *, device: torch.device, amp: bool) -> float:

@@ -589,7 +589,8 @@ def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None)
         check_feature_space(
             fitted.options["feature_space"], ctx.table, fitted.options["feature_key"], method="asign", sample=ctx.sample
         )
-    s = sample_tensors(ctx, tile_targets=False, **tensor_options(fitted.config, fitted.options))
+    views = fitted.config.predict_views
+    s = sample_tensors(ctx, tile_targets=False, views=views, **tensor_options(fitted.config, fitted.options))
     from asign._model._finetune import spot_encoder
     from asign._model._member import feature_dims
 
@@ -598,13 +599,13 @@ def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None)
         import torch
 
         patches = _context_patches(ctx, fitted.options["feature_key"], enc.input_size)
-        s = s.replace(patches=patches, x_spot=torch.zeros((s.n_spots, enc.dim)))
+        s = s.replace(patches=patches, x_spot=torch.zeros((s.n_spots, enc.dim)), x_spot_views=None)
     dims = feature_dims(s)
     if dims != fitted.model.feature_dims:
         msg = f"Feature widths {dims} differ from the model's {fitted.model.feature_dims}; use the same encoder."
         raise ValueError(msg)
     dev = resolve_device(device)
-    outs = [predict_sample(m, s, device=dev, amp=fitted.config.amp) for m in fitted.models]
+    outs = [predict_sample(m, s, device=dev, amp=fitted.config.amp, views=views) for m in fitted.models]
     return {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
 
 
