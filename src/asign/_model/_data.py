@@ -57,7 +57,8 @@ class SampleTensors:
     x_spot_views, x_region_views, x_global_views
         ``(N, V, F)``, ``(R, V, F)``, ``(Q, V, F)`` features of each test-time-augmentation view
         (``pp.extract_features(keep_views=True)``; ``x_spot`` etc. are their means), drawn from per training step
-        (``ASIGNConfig.view_augment``, :func:`draw_views`); kept on the CPU by :meth:`to`.
+        (``ASIGNConfig.view_augment``, :func:`draw_views`) and taken in turn for view-averaged prediction
+        (``ASIGNConfig.predict_views``, :func:`select_view`); kept on the CPU by :meth:`to`.
     """
 
     x_spot: Tensor

@@ -192,8 +192,8 @@ def extract_features(
     keep_views
         With ``tta`` other than ``"none"``: also keep each view's features, so that :func:`asign.tl.impute`
         (``method="asign"``) can train on a randomly drawn view per spot and tile at every step (train-time
-        augmentation with the same views whose mean it predicts from; ``ASIGNConfig.view_augment``). Costs
-        ``n_views`` times the feature memory.
+        augmentation, ``ASIGNConfig.view_augment``) and average its prediction over the views
+        (``ASIGNConfig.predict_views``). Costs ``n_views`` times the feature memory.
     table_key
         The spot table.
     key_added

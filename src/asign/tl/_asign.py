@@ -165,7 +165,7 @@ def sample_tensors(
     views
         Also load the per-view features of ``pp.extract_features(keep_views=True)`` where they are stored
         (``obsm['{feature_key}_features_spot_views']``, the tile tables' ``obsm['features_views']``), for train-time
-        view augmentation (``ASIGNConfig.view_augment``).
+        view augmentation (``ASIGNConfig.view_augment``) and view-averaged prediction (``ASIGNConfig.predict_views``).
     """
     import torch
 
