@@ -23,6 +23,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine() -> dict:
+    """Processor name, core count and platform: the ``machine`` entry of every result file."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
+
+
 def find_her2st(arg: str | Path | None = None) -> Path | None:
     """The HER2ST folder: ``arg``, else ``$ASIGN_HER2ST``, else ``../shared/data/her2st`` beside the repository;
     `None` when none of them holds the data."""

@@ -29,17 +29,15 @@ Usage::
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 from _machine import (  # benchmarks/ is on sys.path when a script runs
-    cpu_name,
     dev_parser,
     dev_start,
     her2st_path,
+    machine,
     spatial_blocks,
 )
 from bench_stain_tta import FIXED_ALPHAS, cross_patient_splits, expression, load, ridge_headline, ridge_pcc, top_genes
@@ -78,6 +76,30 @@ def extract(sdata, encoder: str, cache: Path | None = None) -> dict:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_bytes(pickle.dumps(res))
     return res
+
+
+def extract_all(data: dict, encoders, cache: Path | None) -> tuple[dict, dict]:
+    """Features of every section of ``data`` with each encoder (``{(encoder, section): ...}``) and their timings."""
+    feats, timing = {}, {}
+    for enc in encoders:
+        for s in data:
+            r = extract(data[s], enc, cache=None if cache is None else cache / f"{enc}_{s}.pkl")
+            feats[(enc, s)] = r
+            timing.setdefault(enc, {})[s] = {k: r[k] for k in ("wall_s", "cpu_s", "n_patches")}
+            print(enc, s, timing[enc][s], flush=True)
+    return feats, timing
+
+
+def score_all(data: dict, feature_sets: dict[str, dict[str, np.ndarray]], res: dict, out: Path) -> None:
+    """Dev A and Dev B of every feature set into ``res["dev"]``, written to ``out`` after each."""
+    for name, X in feature_sets.items():
+        r = {"dim": int(X["B4"].shape[1])}
+        r.update(dev_a(data, X))
+        r.update(dev_b(data, X))
+        r["dev_a_mean"] = float(np.mean([r["B4->C2"], r["C2->B4"]]))
+        res["dev"][name] = r
+        print(name, {k: v for k, v in r.items() if "per " not in k}, flush=True)
+        out.write_text(json.dumps(res, indent=1))
 
 
 def variants(feats: dict) -> dict[str, dict[str, np.ndarray]]:
@@ -126,6 +148,12 @@ def paired(a, b) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
+def deltas(r: dict, base: dict) -> list[str]:
+    """Paired per-gene differences of ``r`` to ``base`` (± s.e.): B4->C2, C2->B4, C2 blocks."""
+    keys = ("B4->C2 per gene", "C2->B4 per gene", "C2 blocks per gene")
+    return ["{:+.4f} ± {:.4f}".format(*paired(r[k], base[k])) for k in keys]
+
+
 def forward_cost(repeat: int = 5, batch: int = 32) -> dict:
     """Seconds per forward pass of a (batch, 3, 224, 224) float batch (CPU, current threads; median of ``repeat``)."""
     import torch
@@ -154,13 +182,7 @@ def table(res: dict) -> str:
     ]
     base = res["dev"][PLAIN]
     for name, r in res["dev"].items():
-        if name == PLAIN:
-            d = ["—", "—", "—"]
-        else:
-            d = [
-                "{:+.4f} ± {:.4f}".format(*paired(r[k], base[k]))
-                for k in ("B4->C2 per gene", "C2->B4 per gene", "C2 blocks per gene")
-            ]
+        d = ["—", "—", "—"] if name == PLAIN else deltas(r, base)
         fixed = float(np.mean([r["B4->C2 fixed alphas"], r["C2->B4 fixed alphas"]]))
         lines.append(
             f"| {name} | {r['dim']} | {r['B4->C2']:.3f} | {r['C2->B4']:.3f} | **{r['dev_a_mean']:.3f}** | {d[0]} | "
@@ -199,16 +221,11 @@ def main() -> None:
         return
     cache = Path(args.cache) if args.cache else None
     data = {"B4": load(path, "B", "B4"), "C2": load(path, "C", "C2")}
-    feats, timing = {}, {}
-    for enc in (PLAIN, MULTI):
-        for s in ("B4", "C2"):
-            r = extract(data[s], enc, cache=None if cache is None else cache / f"{enc}_{s}.pkl")
-            feats[(enc, s)] = r
-            timing.setdefault(enc, {})[s] = {k: r[k] for k in ("wall_s", "cpu_s", "n_patches")}
+    feats, timing = extract_all(data, (PLAIN, MULTI), cache)
     diff = {s: float(np.abs(feats[(MULTI, s)]["spot"][:, -HEAD:] - feats[(PLAIN, s)]["spot"]).max()) for s in data}
     res = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "threads": args.threads,
         "protocol": "bench_stain_tta Dev A (B4->C2, C2->B4) and Dev B (C2, 4 spatial blocks); spot features, "
         "ridge = StandardScaler + PCA 256 + alpha by spatial CV; 250 genes; no C3-C6 label used",
@@ -219,14 +236,7 @@ def main() -> None:
         "dev": {},
         **({"headline": res["headline"]} if "headline" in res else {}),
     }
-    for name, X in variants(feats).items():
-        r = {"dim": int(X["B4"].shape[1])}
-        r.update(dev_a(data, X))
-        r.update(dev_b(data, X))
-        r["dev_a_mean"] = float(np.mean([r["B4->C2"], r["C2->B4"]]))
-        res["dev"][name] = r
-        print(name, {k: v for k, v in r.items() if "per " not in k}, flush=True)
-        OUT.write_text(json.dumps(res, indent=1))
+    score_all(data, variants(feats), res, OUT)
     print(table(res))
 
 

@@ -22,15 +22,12 @@ Usage::
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name, dev_parser, dev_start, her2st_path  # benchmarks/ is on sys.path when a script runs
-from bench_encoder_depth import HEAD, dev_a, dev_b, extract, paired
+from _machine import dev_parser, dev_start, her2st_path, machine  # benchmarks/ is on sys.path when a script runs
+from bench_encoder_depth import HEAD, deltas, extract_all, score_all
 from bench_stain_tta import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,13 +52,7 @@ def table(res: dict) -> str:
     ]
     base = res["dev"][REF]
     for name, r in res["dev"].items():
-        if name == REF:
-            d = ["—", "—", "—"]
-        else:
-            d = [
-                "{:+.4f} ± {:.4f}".format(*paired(r[k], base[k]))
-                for k in ("B4->C2 per gene", "C2->B4 per gene", "C2 blocks per gene")
-            ]
+        d = ["—", "—", "—"] if name == REF else deltas(r, base)
         t = res["feature_timing"].get(name)
         secs = f"{sum(v['wall_s'] for v in t.values()):.0f}" if t else "—"
         lines.append(
@@ -81,30 +72,17 @@ def main() -> None:
     path = her2st_path(args.her2st)
     cache = Path(args.cache) if args.cache else None
     data = {"B4": load(path, "B", "B4"), "C2": load(path, "C", "C2")}
-    feats, timing = {}, {}
-    for enc in ENCODERS:
-        for s in SECTIONS:
-            r = extract(data[s], enc, cache=None if cache is None else cache / f"{enc}_{s}.pkl")
-            feats[(enc, s)] = r
-            timing.setdefault(enc, {})[s] = {k: r[k] for k in ("wall_s", "cpu_s", "n_patches")}
-            print(enc, s, timing[enc][s], flush=True)
+    feats, timing = extract_all(data, ENCODERS, cache)
     res = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "threads": args.threads,
         "protocol": "bench_stain_tta Dev A (B4->C2, C2->B4) and Dev B (C2, 4 spatial blocks); spot features, "
         "ridge = StandardScaler + PCA 256 + alpha by spatial CV; 250 genes; no C3-C6 label used; input_size 224",
         "feature_timing": timing,
         "dev": {},
     }
-    for name, X in variants(feats).items():
-        r = {"dim": int(X["B4"].shape[1])}
-        r.update(dev_a(data, X))
-        r.update(dev_b(data, X))
-        r["dev_a_mean"] = float(np.mean([r["B4->C2"], r["C2->B4"]]))
-        res["dev"][name] = r
-        print(name, {k: v for k, v in r.items() if "per " not in k}, flush=True)
-        OUT.write_text(json.dumps(res, indent=1))
+    score_all(data, variants(feats), res, OUT)
     print(table(res))
 
 

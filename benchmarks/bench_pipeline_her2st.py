@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-from _machine import cpu_name, her2st_path  # benchmarks/ is on sys.path when a script runs
+from _machine import her2st_path, machine  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
@@ -146,7 +145,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "threads": args.threads,
         "load_before": [round(x, 2) for x in os.getloadavg()],
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "versions": {p: md.version(p) for p in ("asign", "torch", "torch-geometric", "antspyx", "spatialdata")},
         "runs": [],
     }

@@ -31,17 +31,15 @@ Usage::
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 from _machine import (  # benchmarks/ is on sys.path when a script runs
-    cpu_name,
     dev_parser,
     dev_start,
     her2st_path,
+    machine,
     spatial_blocks,
 )
 
@@ -319,7 +317,7 @@ def main() -> None:
     res.update(
         {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+            "machine": machine(),
             "encoder": "efficientnet_lite0 (ImageNet), spot 224 / region 512 / global 1024 px, input 224",
         }
     )
