@@ -361,7 +361,7 @@ def test_efficientnet_lite_multidepth_is_one_pass_concatenation_of_pooled_stages
         assert taps == EFFICIENTNET_LITE0_TAPS and dims == EFFICIENTNET_LITE0_TAP_DIMS and enc.dim == 1752
     else:  # deeper networks: 21 blocks, the stages end later
         assert len(net._blocks) == 21 and taps == (6, 14, 20)
-    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(variant))
     with torch.inference_mode():
         a, b, p = enc(x), enc(x), plain(x)
         # reference: run the blocks one by one and pool the tapped outputs separately
@@ -376,9 +376,10 @@ def test_efficientnet_lite_multidepth_is_one_pass_concatenation_of_pooled_stages
     assert [r.shape[1] for r in ref] == list(dims)
     assert a.shape == (3, sum(dims)) and a.dtype == torch.float32
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # deterministic on the CPU
-    torch.testing.assert_close(a, torch.cat(ref, dim=1), rtol=1e-5, atol=1e-5)
+    # the reference runs the blocks on a contiguous input (other CPU kernels): equal up to float rounding
+    torch.testing.assert_close(a, torch.cat(ref, dim=1), rtol=1e-4, atol=1e-4)
     # same seeded weights as the plain encoder: its 1280 head columns are the plain features
-    torch.testing.assert_close(a[:, -1280:], p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a[:, -1280:], p, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a[:, : dims[0]], a[:, dims[0] : 2 * dims[0]])
 
 
@@ -425,10 +426,11 @@ def test_efficientnet_lite0_multidepth_imagenet_and_finetune_spec_round_trip():
     again.load_state_dict(spot.state_dict())
     spot.eval()
     again.eval()
-    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(spot(x), again(x), rtol=0, atol=0)
-        torch.testing.assert_close(spot(x), enc.to("cpu")(x), rtol=1e-5, atol=1e-5)
+        # the frozen encoder runs channels-last (other CPU kernels): equal up to float rounding
+        torch.testing.assert_close(spot(x), enc.to("cpu")(x), rtol=1e-4, atol=1e-4)
 
 
 def test_efficientnet_lite0_multidepth_through_extract_features(small_stack):
