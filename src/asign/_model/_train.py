@@ -170,11 +170,12 @@ def predict_sample(
     model.eval()
     s = sample.to(device)
     bs = inference_batch_size(model, s, device=device) if batch_size is None else int(batch_size)
-    variants = [select_view(s, v) for v in range(n_views(s))] if views and has_views(s) else [s]
+    n = n_views(s) if views else 0
     outs = []
     with _autocast(device, enabled=amp):
-        for sv in variants:
-            sv = with_encoded_features(model, sv)
+        s = with_encoded_features(model, s)  # once: a fine-tuned encoder's spot features do not depend on the view
+        for view in range(max(n, 1)):
+            sv = select_view(s, view) if n else s  # one view's features on the device at a time
             out = predict_batched(model, sv, sv.y, batch_size=bs) if 0 < bs < sv.n_spots else model(sv, sv.y)
             outs.append({k: v.float().cpu().numpy() for k, v in out.items()})
     return {k: np.mean([o[k] for o in outs], axis=0, dtype=np.float64).astype(np.float32) for k in outs[0]}
