@@ -200,6 +200,8 @@ def test_impute_with_views(small_stack, prepare_for_asign):
     # prediction averaged over the views: the same training, another prediction
     pv = asign.tl.impute(sd, method_kwargs=TINY, **kw)  # predict_views is on by default
     assert pv.uns["asign"]["result"]["config"]["predict_views"] is True
+    assert pv.uns["asign"]["result"]["predicted_over_views"] == 4  # flips: 4 views
+    assert aug.uns["asign"]["result"]["predicted_over_views"] == 0
     curve_pv, curve_aug = (o.uns["asign"]["result"]["training"]["curve"] for o in (pv, aug))
     assert set(curve_pv) == set(curve_aug) and "loss_total" in curve_pv
     for name in curve_aug:  # the training curve is unchanged
@@ -211,9 +213,9 @@ def test_impute_with_views(small_stack, prepare_for_asign):
     del stripped.tables["table"].obsm[VIEWS_KEY]
     for name in ("asign_regions", "asign_globals"):
         del stripped.tables[name].obsm["features_views"]
-    np.testing.assert_array_equal(
-        asign.tl.impute(stripped, method_kwargs=TINY, **kw).layers["imputed"], off.layers["imputed"]
-    )
+    plain = asign.tl.impute(stripped, method_kwargs=TINY, **kw)
+    np.testing.assert_array_equal(plain.layers["imputed"], off.layers["imputed"])
+    assert plain.uns["asign"]["result"]["predicted_over_views"] == 0
     np.testing.assert_array_equal(
         asign.tl.impute(stripped, method_kwargs={**TINY, "predict_views": False}, **kw).layers["imputed"],
         off.layers["imputed"],

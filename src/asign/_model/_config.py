@@ -150,9 +150,10 @@ class ASIGNConfig:
         With stored per-view features: the final prediction averages the model's outputs over the views (view ``v``
         of every spot and tile together, for each ``v``) instead of running once on the views' mean features, so
         that prediction sees inputs of the kind training saw. Costs one inference per view; validation during
-        training still reads the mean. No effect without stored views. On by default: +0.0030 ± 0.0009 (7 of 8
-        seed x block pairs up) on the HER2ST C2-block development protocol (``docs/benchmarks/asign.md``).
-        *asign decision*.
+        training still reads the mean. No effect without stored views. ``impute`` records the number of views
+        averaged in ``uns['asign']['result']['predicted_over_views']`` (0: one pass on the mean). On by default:
+        +0.0030 ± 0.0009 (7 of 8 seed x block pairs up) on the HER2ST C2-block development protocol
+        (``docs/benchmarks/asign.md``). *asign decision*.
     """
 
     hidden_dim: int = 256

@@ -566,13 +566,15 @@ def _fit(fctx: FitContext) -> ASIGNFit:
 
 
 # ------------------------------------------------------------------------------------------------ predict
-def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None) -> dict[str, np.ndarray]:
+def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None) -> tuple[dict[str, np.ndarray], int]:
     """Deterministic inference on one stack: the known spots are the visible set; no counts are read.
 
-    An ensemble's outputs are averaged over its members.
+    An ensemble's outputs are averaged over its members. Returns the outputs and the number of feature views they
+    were averaged over (0: one pass on the mean features).
     """
     from asign._device import resolve_device
     from asign._model import predict_sample
+    from asign._model._data import n_views
 
     if list(ctx.genes) != list(fitted.genes):
         msg = (
@@ -606,7 +608,7 @@ def predict_context(fitted: ASIGNFit, ctx: ImputeContext, *, device: Any = None)
         raise ValueError(msg)
     dev = resolve_device(device)
     outs = [predict_sample(m, s, device=dev, amp=fitted.config.amp, views=views) for m in fitted.models]
-    return {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
+    return {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}, (n_views(s) if views else 0)
 
 
 @register_method("asign", fit=_fit)
@@ -628,10 +630,11 @@ def impute_asign(ctx: ImputeContext) -> ImputeResult:
     elif not isinstance(fitted, ASIGNFit):
         msg = f"ctx.fitted must be an ASIGNFit, got {type(fitted).__name__}."
         raise TypeError(msg)
-    out = predict_context(fitted, ctx, device=ctx.device)
+    out, n_views_predicted = predict_context(fitted, ctx, device=ctx.device)
     extra = {Key.NETWORK: out["net"]}
     if "lp" in out:
         extra["propagation"] = out["lp"]
     uns = fitted.summary()
+    uns["predicted_over_views"] = int(n_views_predicted)
     uns["seconds_total"] = float(time.perf_counter() - t0)
     return ImputeResult(imputed=out["pred"], extra_layers=extra, uns=uns)
