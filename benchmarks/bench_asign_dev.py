@@ -52,6 +52,7 @@ CONFIGS = {
     "dropout0.2": {"input_dropout": 0.2},
     "lp20": {"lp_iterations": 20},
     "members5": {"n_models": 5},
+    "members10": {"n_models": 10},
     "views_off": {"view_augment": False},  # with stored per-view features (--features keep_views)
     "dropout0.3": {"input_dropout": 0.3},
     "viewcons1": {"view_consistency": 1.0},  # with stored per-view features
