@@ -19,7 +19,7 @@ import torch
 from asign._logging import logger
 
 from ._config import ASIGNConfig
-from ._data import VIEW_FIELDS, SampleTensors, draw_views, has_views, n_views, select_view
+from ._data import SampleTensors, draw_views, has_views, n_views, select_view
 from ._finetune import encode_step, encoder_bytes_per_patch, spot_encoder, warn_if_cpu, with_encoded_features
 from ._losses import asign_loss
 from ._model import ASIGNModel
@@ -334,8 +334,8 @@ def _train(
         logger.warning("Some training samples carry per-view features and some do not; training on the mean features.")
     res = TrainResult(view_augmented=views)
     if views:
-        n_views = {int(getattr(s, f).shape[1]) for s in train_dev for f in VIEW_FIELDS if getattr(s, f) is not None}
-        logger.info(f"Training on randomly drawn feature views ({'/'.join(map(str, sorted(n_views)))} per input).")
+        counts = sorted({n_views(s) for s in train_dev})
+        logger.info(f"Training on randomly drawn feature views ({'/'.join(map(str, counts))} per input).")
     # whole graph or subgraphs, per sample (with a fine-tuned encoder the estimate counts its activations too)
     enc_bytes = encoder_bytes_per_patch(enc, device=device) if enc is not None else 0.0
     samplers: list[NeighbourSampler | None] = []
