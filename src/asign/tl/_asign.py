@@ -26,6 +26,7 @@ import numpy as np
 from asign._constants import Key
 from asign._logging import logger
 
+from ._gene_rank import check_gene_rank, project_result
 from ._registry import FitContext, ImputeContext, ImputeResult, register_method
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ OPTIONS = {
     "tile_max_neighbors": 12,
     "n_models": 1,
     "n_jobs": "auto",
+    # project the prediction on the first gene_rank principal axes of the labelled spots' expression (_gene_rank)
+    "gene_rank": None,
     # encoder fine-tuning (ASIGNConfig.finetune_encoder): "" = the encoder and input size of extract_features;
     # `encoder` may also be a registry name or a torch.nn.Module
     "encoder": "",
@@ -68,8 +71,10 @@ TRANSDUCTIVE_DEFAULTS: dict[str, Any] = {
     "max_epochs": 50,
     "patience": 10,
 }
-# ... and an ensemble of three members (averaging removes much of the variance of a network trained on ~150 spots)
-TRANSDUCTIVE_OPTIONS: dict[str, Any] = {"n_models": 3}
+# ... and an ensemble of three members (averaging removes much of the variance of a network trained on ~150 spots),
+# whose averaged prediction is projected on the first 10 principal gene axes of the known spots (chosen on the
+# label-clean C2-block protocol, docs/benchmarks/asign.md "Low-rank gene projection")
+TRANSDUCTIVE_OPTIONS: dict[str, Any] = {"n_models": 3, "gene_rank": 10}
 # non-image mode (method_kwargs feature_key=None, issue 6): no image features; the spot branch reads the label input
 # (ASIGNConfig.label_input: propagated VISIBLE labels and reach), spot level only. Further defaults of this mode
 # (applied before the user's method_kwargs) were chosen on the synthetic stack and on HER2ST patients A, E, F only
@@ -93,6 +98,7 @@ def split_params(params: dict[str, Any], *, seed: int, transductive: bool) -> tu
         raise ValueError(msg)
     defaults = {**OPTIONS, **TRANSDUCTIVE_OPTIONS} if transductive else OPTIONS
     opts = {k: params.pop(k, v) for k, v in defaults.items()}
+    opts["gene_rank"] = check_gene_rank(opts["gene_rank"])
     if opts["validation"] not in ("auto", "holdout", "none"):
         msg = f"validation={opts['validation']!r} must be 'auto', 'holdout' or 'none'."
         raise ValueError(msg)
@@ -636,5 +642,8 @@ def impute_asign(ctx: ImputeContext) -> ImputeResult:
         extra["propagation"] = out["lp"]
     uns = fitted.summary()
     uns["predicted_over_views"] = int(n_views_predicted)
-    uns["seconds_total"] = float(time.perf_counter() - t0)
-    return ImputeResult(imputed=out["pred"], extra_layers=extra, uns=uns)
+    res = project_result(
+        ctx, ImputeResult(imputed=out["pred"], extra_layers=extra, uns=uns), fitted.options.get("gene_rank")
+    )
+    res.uns["seconds_total"] = float(time.perf_counter() - t0)
+    return res

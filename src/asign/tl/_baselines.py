@@ -2,6 +2,10 @@
 
 Each is registered with :func:`asign.tl._registry.register_method` and runs through :func:`asign.tl.impute`.
 They read only ``ctx.Y`` (labels of the known spots) and the table's coordinates / graph.
+
+Every baseline (and the image baselines) also takes ``method_kwargs={"gene_rank": k}``: the prediction is projected
+on the first ``k`` principal axes of the known spots' normalised expression, the unprojected prediction kept in
+``layers['full_rank']`` (:mod:`asign.tl._gene_rank`, method.md §6 item 8).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 from asign._constants import Key
 from asign._logging import logger
 
+from ._gene_rank import gene_rank_option
 from ._registry import ImputeContext, ImputeResult, register_method
 
 
@@ -25,6 +30,7 @@ def _params(ctx: ImputeContext, method: str, defaults: dict[str, Any]) -> dict[s
 
 
 @register_method("mean")
+@gene_rank_option
 def mean_baseline(ctx: ImputeContext) -> ImputeResult:
     """Every spot gets the mean normalised expression of the known spots (a constant: per-gene PCC 0)."""
     _params(ctx, "mean", {})
@@ -115,12 +121,13 @@ def _query_sorted(
 
 
 @register_method("nearest")
+@gene_rank_option
 def nearest_baseline(ctx: ImputeContext) -> ImputeResult:
     """Inverse-distance weighted mean of the ``k`` nearest known spots in the aligned frame.
 
     Parameters (``method_kwargs``): ``k`` (8), ``weights`` (``"idw"`` or ``"uniform"`` for a plain k-NN mean),
     ``p`` (1: weights ``1 / (d + eps) ** p``), ``eps`` (1 µm), ``coordinates`` (``"spatial_aligned"``; any
-    ``obsm`` key, e.g. ``"spatial_3d"``).
+    ``obsm`` key, e.g. ``"spatial_3d"``), ``gene_rank`` (`None`: see below).
     """
     prm = _params(ctx, "nearest", {"k": 8, "weights": "idw", "p": 1.0, "eps": 1.0, "coordinates": Key.SPATIAL_ALIGNED})
     key = prm["coordinates"]
@@ -139,13 +146,14 @@ def nearest_baseline(ctx: ImputeContext) -> ImputeResult:
 
 
 @register_method("propagation")
+@gene_rank_option
 def propagation_baseline(ctx: ImputeContext) -> ImputeResult:
     """Label propagation (cross-layer imputation, method.md §5.3) on the stored 3D graph.
 
     Known spots are clamped, unknown spots start at the known mean, ``Y <- D^{-1} W Y`` for ``n_iter`` steps.
 
     Parameters (``method_kwargs``): ``graph_key`` (``"asign"``: reads ``obsp['asign_connectivities']`` written by
-    :func:`asign.pp.neighbors_3d`), ``n_iter`` (10).
+    :func:`asign.pp.neighbors_3d`), ``n_iter`` (10), ``gene_rank`` (`None`).
     """
     from asign._propagation import label_propagation
 

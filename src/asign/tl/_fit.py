@@ -365,8 +365,10 @@ def predict(
     -------
     If ``inplace = False``, the output :class:`~anndata.AnnData`; otherwise adds ``sdata.tables['{{key_added}}']``
     exactly like :func:`asign.tl.impute` with ``method="asign"``: ``.layers['target']``, ``.layers['imputed']``,
-    ``.layers['network']`` (network prediction before mixing), ``.layers['propagation']``, ``.obs['known']``, and
-    ``.uns['asign']`` (with ``result`` = the model's configuration, training record and mode).
+    ``.layers['network']`` (network prediction before mixing), ``.layers['propagation']``,
+    ``.layers['full_rank']`` (the prediction before the ``gene_rank`` projection, where the model's options ask for
+    one), ``.obs['known']``, and ``.uns['asign']`` (with ``result`` = the model's configuration, training record,
+    mode and ``gene_rank``).
     """
     from asign.pp._genes import _sample_name
 

@@ -15,6 +15,7 @@ from asign._constants import Key
 from asign._logging import logger
 from asign.pp._features import check_feature_space, common_feature_space, feature_matrix
 
+from ._gene_rank import gene_rank_option, without_gene_rank
 from ._registry import FitContext, ImputeContext, ImputeResult, register_method
 
 RIDGE_DEFAULTS: dict[str, Any] = {
@@ -136,7 +137,7 @@ def _fit_ridge(
 
 def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
     """Train on the labelled training samples (every measured spot), alpha by leave-sample-out CV."""
-    p = _params(fctx.params, "ridge", RIDGE_DEFAULTS)
+    p = _params(without_gene_rank(fctx.params), "ridge", RIDGE_DEFAULTS)
     space = common_feature_space(fctx.train, p["features_key"], method="ridge")
     Xs, Ys, groups = [], [], []
     for g, c in enumerate(fctx.train):
@@ -153,6 +154,7 @@ def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
 
 
 @register_method("ridge", fit=_ridge_fit)
+@gene_rank_option
 def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
     """Frozen features -> StandardScaler -> PCA -> ridge regression (method.md §7.3).
 
@@ -163,7 +165,7 @@ def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
 
     Parameters (``method_kwargs``): ``features_key`` (``"asign"``), ``levels`` (``["spot"]``; any of ``"spot"``,
     ``"region"``, ``"global"``, concatenated), ``n_components`` (256), ``alphas`` (``logspace(-2, 6, 17)``),
-    ``cv`` (5 folds at most).
+    ``cv`` (5 folds at most), ``gene_rank`` (`None`).
     """
     p = _params(ctx.params, "ridge", RIDGE_DEFAULTS)
     X = _features(ctx.table, p["features_key"], p["levels"])
@@ -229,13 +231,15 @@ def top_k_similar(Q: np.ndarray, K: np.ndarray, k: int, *, exclude: np.ndarray |
 
 
 @register_method("similarity")
+@gene_rank_option
 def similarity_baseline(ctx: ImputeContext) -> ImputeResult:
     """Mean of the ``k`` known spots whose frozen image features are most cosine-similar (method.md §7.3).
 
     Known spots are predicted from the other known spots (leave-one-out), so their value is a genuine estimate.
 
     Parameters (``method_kwargs``): ``features_key`` (``"asign"``), ``levels`` (``["spot"]``), ``k`` (20),
-    ``standardize`` (`False`; `True` z-scores each feature with the known spots' mean and sd before the cosine).
+    ``standardize`` (`False`; `True` z-scores each feature with the known spots' mean and sd before the cosine),
+    ``gene_rank`` (`None`).
     """
     p = _params(ctx.params, "similarity", SIMILARITY_DEFAULTS)
     X = _features(ctx.table, p["features_key"], p["levels"])

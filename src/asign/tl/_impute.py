@@ -495,7 +495,9 @@ def impute(
         Labelled training stacks (other samples, every measured spot labelled) for trainable methods; a mapping
         ``name -> SpatialData`` or a sequence. They also rank the genes under ``gene_sections="labelled"``.
     method_kwargs
-        Keyword arguments of the method (e.g. ``{{"k": 5}}`` for ``"nearest"``); recorded in ``uns``.
+        Keyword arguments of the method (e.g. ``{{"k": 5}}`` for ``"nearest"``); recorded in ``uns``. Every method
+        takes ``gene_rank``: project the prediction on that many principal axes of the known spots' normalised
+        expression (method.md §6 item 8; `None` for the baselines, 10 for ``"asign"`` without ``train``).
     {table_key}
     key_added
         Key of the output table in :attr:`spatialdata.SpatialData.tables`.
@@ -519,7 +521,8 @@ def impute(
       after the method has run, for :func:`asign.tl.evaluate` and plots; methods never see it (they get the
       known rows only).
     - ``.layers['imputed']``: the prediction for every spot (for known spots, the method's own estimate).
-    - further layers a method adds (e.g. ``'network'``).
+    - further layers a method adds (``"asign"``: ``'network'``, ``'propagation'``, and ``'full_rank'`` where the
+      prediction was projected on ``gene_rank`` gene axes).
     - ``.obs['known']``, ``.obs['measured']``, ``.obs['section']``, ``.obs['total_counts']`` (total raw count over
       all genes; NaN where not measured), ``.obs['z']`` if present, and the annotation columns.
     - ``.obsm['spatial']`` (and ``'spatial_aligned'``, ``'spatial_3d'`` when present), copied.
