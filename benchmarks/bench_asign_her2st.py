@@ -115,7 +115,46 @@ def prepare_synthetic(encoder: str, timings: dict) -> object:
     return _light(sdata)
 
 
-def run_methods(sdata, known: str, seeds: list[int], asign_kwargs: dict) -> tuple[list[dict], list[dict]]:
+def _evaluated(label: str, method: str, seed: int, secs: float, out) -> tuple[dict, list[dict]]:
+    """The overall metrics of one output table and its per-section per-gene PCC."""
+    import asign
+
+    ev = asign.tl.evaluate(out, per="overall").iloc[0]
+    rec = {"method": label, "name": method, "seed": seed, "seconds": secs, "n_spots": int(ev["n_spots"])}
+    rec.update({m: float(ev[m]) for m in METRICS})
+    per_sec = asign.tl.evaluate(out, per="section")
+    sections = [
+        {"method": label, "section": r["section"], "pcc_gene": float(r["pcc_gene"])} for _, r in per_sec.iterrows()
+    ]
+    return rec, sections
+
+
+def _layer_score(out, layer: str) -> float:
+    import asign
+
+    o2 = out.copy()
+    o2.layers["imputed"] = out.layers[layer]
+    return float(asign.tl.evaluate(o2, per="overall").iloc[0]["pcc_gene"])
+
+
+def gene_rank_projected(out, rank: int):
+    """A baseline's output table with ``imputed`` projected as ASIGN's ``gene_rank`` option does: on the first
+    ``rank`` principal axes of the known spots' normalised expression (the labels the baseline was given)."""
+    from asign.tl._gene_rank import gene_basis
+
+    known = out.obs["known"].to_numpy(dtype=bool)
+    basis = gene_basis(np.asarray(out.layers["target"][known], dtype=np.float64), rank)
+    o2 = out.copy()
+    if basis is not None:
+        o2.layers["imputed"] = basis.project(out.layers["imputed"])
+    return o2
+
+
+def run_methods(
+    sdata, known: str, seeds: list[int], asign_kwargs: dict, baseline_rank: int | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Every baseline (and, with ``baseline_rank``, each baseline projected on that many gene axes as a row of its
+    own), then ASIGN once per seed."""
     import asign
 
     rows, sections = [], []
@@ -141,29 +180,30 @@ def run_methods(sdata, known: str, seeds: list[int], asign_kwargs: dict) -> tupl
             continue
         secs = time.perf_counter() - t
         genes = list(out.var_names)
-        ev = asign.tl.evaluate(out, per="overall").iloc[0]
-        rec = {"method": label, "name": method, "seed": seed, "seconds": secs, "n_spots": int(ev["n_spots"])}
-        rec.update({m: float(ev[m]) for m in METRICS})
-        if method == "asign":
-            res = out.uns["asign"]["result"]
-            rec["epochs_run"] = int(res["training"]["epochs_run"])
-            rec["best_epoch"] = int(res["training"]["best_epoch"])
-            rec["n_parameters"] = int(res["model"]["n_parameters"])
-            rec["sigmoid_alpha_mean"] = float(res["model"].get("sigmoid_alpha_mean", float("nan")))
-            for layer in ("network", "propagation"):
-                if layer in out.layers:
-                    o2 = out.copy()
-                    o2.layers["imputed"] = out.layers[layer]
-                    rec[f"pcc_gene_{layer}_only"] = float(asign.tl.evaluate(o2, per="overall").iloc[0]["pcc_gene"])
-        rows.append(rec)
-        per_sec = asign.tl.evaluate(out, per="section")
-        for _, r in per_sec.iterrows():
-            sections.append({"method": label, "section": r["section"], "pcc_gene": float(r["pcc_gene"])})
-        print(
-            f"{label:22s} per-gene PCC {rec['pcc_gene']:.4f}  legacy per-spot {rec['pcc_spot_legacy']:.4f}  "
-            f"MSE {rec['mse']:.4f}  ({secs:.1f} s)",
-            flush=True,
-        )
+        results = [(label, method, out)]
+        if method != "asign" and baseline_rank and method != "mean":
+            results.append(
+                (f"{label} + gene_rank {baseline_rank}", f"{method}+gene_rank", gene_rank_projected(out, baseline_rank))
+            )
+        for lab, name, o in results:
+            rec, per_sec = _evaluated(lab, name, seed, secs, o)
+            if method == "asign":
+                res = o.uns["asign"]["result"]
+                rec["epochs_run"] = int(res["training"]["epochs_run"])
+                rec["best_epoch"] = int(res["training"]["best_epoch"])
+                rec["n_parameters"] = int(res["model"]["n_parameters"])
+                rec["sigmoid_alpha_mean"] = float(res["model"].get("sigmoid_alpha_mean", float("nan")))
+                rec["gene_rank"] = int(res.get("gene_rank", {}).get("rank", 0))
+                for layer in ("network", "propagation", "full_rank"):
+                    if layer in o.layers:
+                        rec[f"pcc_gene_{layer}_only"] = _layer_score(o, layer)
+            rows.append(rec)
+            sections.extend(per_sec)
+            print(
+                f"{lab:30s} per-gene PCC {rec['pcc_gene']:.4f}  legacy per-spot {rec['pcc_spot_legacy']:.4f}  "
+                f"MSE {rec['mse']:.4f}  ({secs:.1f} s)",
+                flush=True,
+            )
     return rows, sections
 
 
@@ -215,6 +255,12 @@ def main() -> None:
         help='JSON options of extract_features for the HER2ST part (e.g. \'{"tta": "dihedral"}\')',
     )
     ap.add_argument("--tag", default="", help="suffix of the result file and the cache (for non-default --features)")
+    ap.add_argument(
+        "--baseline-rank",
+        type=int,
+        default=10,
+        help="also score every baseline projected on this many gene axes (ASIGN's gene_rank default); 0: none",
+    )
     args = ap.parse_args()
     import torch
 
@@ -236,12 +282,13 @@ def main() -> None:
             known = "S1"
         timings["prepare_total"] = time.perf_counter() - t0
         print(f"[{part}] prepared in {timings['prepare_total']:.1f} s: {timings}", flush=True)
-        rows, sections = run_methods(sdata, known, args.seeds, kw)
+        rows, sections = run_methods(sdata, known, args.seeds, kw, args.baseline_rank or None)
         summary = summarise(rows)
         result = {
             "part": part,
             "known": known,
             "asign_method_kwargs": kw,
+            "baseline_gene_rank": args.baseline_rank,
             "feature_options": json.loads(args.features) if part == "her2st" else {},
             "timings": timings,
             "rows": rows,
