@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 from _machine import find_her2st
+from bench_asign_her2st import gene_rank_projected
 from bench_her2st_baselines import load_patient, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def _row(ev: pd.Series) -> dict:
     return {m: float(ev[m]) for m in METRICS} | {"n_spots": int(ev["n_spots"])}
 
 
-def transductive(samples: dict, *, n_models: int, seeds: list[int]) -> list[dict]:
+def transductive(samples: dict, *, n_models: int, seeds: list[int], baseline_rank: int | None = None) -> list[dict]:
     import asign
 
     rows = []
@@ -97,12 +98,23 @@ def transductive(samples: dict, *, n_models: int, seeds: list[int]) -> list[dict
                 **_row(asign.tl.evaluate(out, per="overall").iloc[0]),
             }
             if method == "asign":
-                net = out.copy()
-                net.layers["imputed"] = out.layers["network"]
-                rec["pcc_gene_network"] = float(asign.tl.evaluate(net, per="overall").iloc[0]["pcc_gene"])
+                for layer in ("network", "full_rank"):
+                    if layer in out.layers:
+                        o2 = out.copy()
+                        o2.layers["imputed"] = out.layers[layer]
+                        rec[f"pcc_gene_{layer}"] = float(asign.tl.evaluate(o2, per="overall").iloc[0]["pcc_gene"])
                 rec["epochs"] = int(out.uns["asign"]["result"]["training"]["epochs_run"])
             rows.append(rec)
             print(f"[transductive] {name} {label} seed {seed}: per-gene PCC {rec['pcc_gene']:.3f}", flush=True)
+            if baseline_rank and method not in ("asign", "mean"):  # the baseline with ASIGN's gene projection
+                projected = gene_rank_projected(out, baseline_rank)
+                rows.append(
+                    {
+                        **rec,
+                        "method": f"{label} + gene_rank {baseline_rank}",
+                        **_row(asign.tl.evaluate(projected, per="overall").iloc[0]),
+                    }
+                )
     return rows
 
 
@@ -163,8 +175,9 @@ def summarise(rows: list[dict]) -> list[dict]:
                 for m in METRICS:
                     rec[m] = float(per_unit[m].mean())
                     rec[f"{m}_sd"] = float(per_unit[m].std(ddof=1)) if len(per_unit) > 1 else float("nan")
-                if "pcc_gene_network" in g and g["pcc_gene_network"].notna().any():
-                    rec["pcc_gene_network"] = float(g.groupby(unit)["pcc_gene_network"].mean().mean())
+                for extra in ("pcc_gene_network", "pcc_gene_full_rank"):
+                    if extra in g and g[extra].notna().any():
+                        rec[extra] = float(g.groupby(unit)[extra].mean().mean())
                 if use == "transductive" and method.startswith("ASIGN"):
                     seed_means = g.groupby("seed")["pcc_gene"].mean()
                     rec["pcc_gene_seed_sd"] = float(seed_means.std(ddof=1)) if len(seed_means) > 1 else float("nan")
@@ -183,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-transductive", action="store_true")
     parser.add_argument("--skip-inductive", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--baseline-rank",
+        type=int,
+        default=10,
+        help="also score the baselines projected on this many gene axes (0: no)",
+    )
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier result files whose rows to keep")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "asign_cv_noimage.json")
     args = parser.parse_args(argv)
@@ -196,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.skip_transductive:
-        rows += transductive(samples, n_models=args.n_models, seeds=seeds)
+        rows += transductive(samples, n_models=args.n_models, seeds=seeds, baseline_rank=args.baseline_rank or None)
     if not args.skip_inductive:
         rows += inductive(samples, seed=seeds[0])
     merged = [json.loads(Path(p).read_text()) for p in args.merge]
