@@ -127,7 +127,7 @@ def nearest_baseline(ctx: ImputeContext) -> ImputeResult:
 
     Parameters (``method_kwargs``): ``k`` (8), ``weights`` (``"idw"`` or ``"uniform"`` for a plain k-NN mean),
     ``p`` (1: weights ``1 / (d + eps) ** p``), ``eps`` (1 µm), ``coordinates`` (``"spatial_aligned"``; any
-    ``obsm`` key, e.g. ``"spatial_3d"``), ``gene_rank`` (`None`: see below).
+    ``obsm`` key, e.g. ``"spatial_3d"``), ``gene_rank`` (`None`; see the module docstring).
     """
     prm = _params(ctx, "nearest", {"k": 8, "weights": "idw", "p": 1.0, "eps": 1.0, "coordinates": Key.SPATIAL_ALIGNED})
     key = prm["coordinates"]
