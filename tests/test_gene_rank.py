@@ -115,9 +115,11 @@ def test_ridge_trained_on_other_samples_takes_gene_rank(_prepared, prepare_for_a
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_her2st_c_projection_lifts_the_baselines(her2st_path):
-    """HER2ST C, known C2 -> C3-C6 (counts only, published registration, graph without image similarity): 10 gene
-    axes of C2 raise the per-gene PCC of nearest 8-IDW and propagation (measured: 0.255 -> 0.290 and 0.239 -> 0.254; with asign's own
-    alignment and graph, docs/benchmarks/asign.md 'Low-rank gene projection': +0.036, +0.038)."""
+    """HER2ST C, known C2 -> C3-C6 (counts only, published registration, graph without image similarity).
+
+    10 gene axes of C2 raise the per-gene PCC of nearest 8-IDW (measured 0.255 -> 0.290) and propagation
+    (0.239 -> 0.254); with asign's own alignment and graph: +0.036 and +0.038 (docs/benchmarks/asign.md).
+    """
     sd = asign.io.read_her2st(her2st_path, patient="C", sections=["C2", "C3", "C4", "C5", "C6"], images=False)
     transforms = sd.tables["table"].uns["asign"]["her2st_transforms"]
     asign.pp.align_layers(sd, method="transforms", transforms=transforms, show_progress_bar=False)
