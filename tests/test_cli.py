@@ -18,8 +18,9 @@ def test_demo_runs_the_pipeline(tmp_path, capsys):
     out = tmp_path / "demo.zarr"
     assert main(["demo", "--out", str(out), "--n-sections", "3"]) == 0
     text = capsys.readouterr().out
-    for method in ("mean", "nearest", "propagation", "ridge", "asign"):
+    for method in ("mean", "nearest", "propagation", "propagation + gene_rank 10", "ridge", "asign"):
         assert method in text
     back = sd.read_zarr(out)
-    assert {"table", "asign", "asign_propagation"} <= set(back.tables)
+    assert {"table", "asign", "asign_propagation", "asign_propagation_gene_rank_10"} <= set(back.tables)
+    assert "full_rank" in back.tables["asign_propagation_gene_rank_10"].layers
     assert back.tables["asign"].layers["imputed"].shape[0] == back.tables["table"].n_obs
