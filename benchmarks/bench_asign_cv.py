@@ -68,14 +68,17 @@ def _row(ev: pd.Series) -> dict:
     return {m: float(ev[m]) for m in METRICS} | {"n_spots": int(ev["n_spots"])}
 
 
-def transductive(samples: dict, *, n_models: int, seeds: list[int], baseline_rank: int | None = None) -> list[dict]:
+def transductive(
+    samples: dict, *, n_models: int, seeds: list[int], baseline_rank: int | None = None, asign_kw: dict | None = None
+) -> list[dict]:
     import asign
 
     rows = []
     for name, sdata in samples.items():
         first = asign.io.validate_stack(sdata).sections[0]
         runs = [(lab, m, kw, 0) for lab, m, kw in BASELINES]
-        runs += [("ASIGN (no image)", "asign", {**TRANSDUCTIVE_KW, "n_models": n_models}, s) for s in seeds]
+        kw_asign = {**TRANSDUCTIVE_KW, "n_models": n_models, **(asign_kw or {})}
+        runs += [("ASIGN (no image)", "asign", kw_asign, s) for s in seeds]
         for label, method, kw, seed in runs:
             t, c = time.perf_counter(), time.process_time()
             out = asign.tl.impute(
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         default=10,
         help="also score the baselines projected on this many gene axes (0: no)",
     )
+    parser.add_argument("--asign", default="{}", help="JSON method_kwargs added to the transductive ASIGN runs")
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier result files whose rows to keep")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "asign_cv_noimage.json")
     args = parser.parse_args(argv)
@@ -215,7 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.skip_transductive:
-        rows += transductive(samples, n_models=args.n_models, seeds=seeds, baseline_rank=args.baseline_rank or None)
+        rows += transductive(
+            samples,
+            n_models=args.n_models,
+            seeds=seeds,
+            baseline_rank=args.baseline_rank or None,
+            asign_kw=json.loads(args.asign),
+        )
     if not args.skip_inductive:
         rows += inductive(samples, seed=seeds[0])
     merged = [json.loads(Path(p).read_text()) for p in args.merge]
@@ -235,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             "alignment": "published rigid registration (method='transforms')",
             "graph": "asign.pp.neighbors_3d defaults (no image features: cross-section score = IoU)",
             "baselines": [{"label": lab, "method": m, "method_kwargs": kw} for lab, m, kw in BASELINES],
-            "transductive_method_kwargs": {**TRANSDUCTIVE_KW, "n_models": args.n_models},
+            "transductive_method_kwargs": {**TRANSDUCTIVE_KW, "n_models": args.n_models, **json.loads(args.asign)},
             "inductive_method_kwargs": INDUCTIVE_KW,
             "inductive_folds": [["A", "E"], ["B", "F"], ["C", "G"], ["D", "H"]],
             "seeds": seeds,

@@ -206,3 +206,33 @@ def test_ensemble_in_worker_processes_equals_sequential(stacks):
     )
     with pytest.raises(ValueError, match="n_jobs"):
         _impute(a, method_kwargs={"n_models": 2, "n_jobs": 0})
+
+
+def test_nearest_blend(stacks):
+    """``nearest_blend=w``: (1 - w) ASIGN + w aligned 8-IDW, before the gene projection; the training is unchanged."""
+    a, _ = stacks
+    base = _impute(a, seed=5, method_kwargs={"gene_rank": None, "nearest_blend": 0.0})
+    blend = _impute(a, seed=5, method_kwargs={"gene_rank": None, "nearest_blend": 0.25})
+    near = asign.tl.impute(a, known="S1", method="nearest", n_genes=12, inplace=False, show_progress_bar=False)
+    np.testing.assert_allclose(blend.layers["nearest"], near.layers["imputed"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        blend.layers["imputed"], 0.75 * base.layers["imputed"] + 0.25 * near.layers["imputed"], rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(blend.layers["network"], base.layers["network"])
+    assert blend.uns["asign"]["result"]["nearest_blend"] == 0.25 and base.uns["asign"]["result"]["nearest_blend"] == 0
+    assert "nearest" not in base.layers
+    # with the projection, the blend is projected as a whole
+    both = _impute(a, seed=5, method_kwargs={"gene_rank": 3, "nearest_blend": 0.25})
+    np.testing.assert_allclose(both.layers["full_rank"], blend.layers["imputed"], rtol=1e-5, atol=1e-5)
+    # the transductive default blends half and half
+    default = _impute(a, seed=5, method_kwargs={"gene_rank": None})
+    assert default.uns["asign"]["result"]["nearest_blend"] == 0.5
+    np.testing.assert_allclose(
+        default.layers["imputed"], 0.5 * base.layers["imputed"] + 0.5 * near.layers["imputed"], rtol=1e-5, atol=1e-5
+    )
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(ValueError, match="nearest_blend"):
+            _impute(a, method_kwargs={"nearest_blend": bad})
+    del a.tables["table"].obsm["spatial_aligned"]
+    with pytest.raises(KeyError, match="align_layers"):
+        _impute(a, method_kwargs={"nearest_blend": 0.5})

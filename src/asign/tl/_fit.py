@@ -367,7 +367,7 @@ def predict(
     exactly like :func:`asign.tl.impute` with ``method="asign"``: ``.layers['target']``, ``.layers['imputed']``,
     ``.layers['network']`` (network prediction before mixing), ``.layers['propagation']``,
     ``.layers['full_rank']`` (the prediction before the ``gene_rank`` projection, where the model's options ask for
-    one), ``.obs['known']``, and ``.uns['asign']`` (with ``result`` = the model's configuration, training record,
+    one), ``.layers['nearest']`` (where ``nearest_blend`` > 0), ``.obs['known']``, and ``.uns['asign']`` (with ``result`` = the model's configuration, training record,
     mode and ``gene_rank``).
     """
     from asign.pp._genes import _sample_name

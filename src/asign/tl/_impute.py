@@ -521,8 +521,9 @@ def impute(
       after the method has run, for :func:`asign.tl.evaluate` and plots; methods never see it (they get the
       known rows only).
     - ``.layers['imputed']``: the prediction for every spot (for known spots, the method's own estimate).
-    - further layers a method adds (``"asign"``: ``'network'``, ``'propagation'``, and ``'full_rank'`` where the
-      prediction was projected on ``gene_rank`` gene axes).
+    - further layers a method adds (``"asign"``: ``'network'``, ``'propagation'``, ``'nearest'`` where
+      ``nearest_blend`` blended it in, and ``'full_rank'`` where the prediction was projected on ``gene_rank`` gene
+      axes).
     - ``.obs['known']``, ``.obs['measured']``, ``.obs['section']``, ``.obs['total_counts']`` (total raw count over
       all genes; NaN where not measured), ``.obs['z']`` if present, and the annotation columns.
     - ``.obsm['spatial']`` (and ``'spatial_aligned'``, ``'spatial_3d'`` when present), copied.
