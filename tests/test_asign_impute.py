@@ -234,5 +234,6 @@ def test_nearest_blend(stacks):
         with pytest.raises(ValueError, match="nearest_blend"):
             _impute(a, method_kwargs={"nearest_blend": bad})
     del a.tables["table"].obsm["spatial_aligned"]
-    with pytest.raises(KeyError, match="align_layers"):
-        _impute(a, method_kwargs={"nearest_blend": 0.5})
+    for kw in ({"nearest_blend": 0.5}, {}):  # explicit, or the transductive default
+        with pytest.raises(KeyError, match="nearest_blend=0.5 needs"):
+            _impute(a, method_kwargs=kw)

@@ -653,7 +653,9 @@ def impute_asign(ctx: ImputeContext) -> ImputeResult:
     from ._fit import ASIGNFit
 
     t0 = time.perf_counter()
-    _check_nearest_blend_input(ctx, check_nearest_blend(ctx.params.get("nearest_blend", 0.0)))
+    # bad blend input fails before training (the transductive default blends)
+    default_blend = (TRANSDUCTIVE_OPTIONS if ctx.fitted is None else OPTIONS)["nearest_blend"]
+    _check_nearest_blend_input(ctx, check_nearest_blend(ctx.params.get("nearest_blend", default_blend)))
     fitted = ctx.fitted
     if fitted is None:
         fitted = fit_contexts(
