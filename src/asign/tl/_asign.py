@@ -653,10 +653,18 @@ def impute_asign(ctx: ImputeContext) -> ImputeResult:
     from ._fit import ASIGNFit
 
     t0 = time.perf_counter()
-    # bad blend input fails before training (the transductive default blends)
-    default_blend = (TRANSDUCTIVE_OPTIONS if ctx.fitted is None else OPTIONS)["nearest_blend"]
-    _check_nearest_blend_input(ctx, check_nearest_blend(ctx.params.get("nearest_blend", default_blend)))
     fitted = ctx.fitted
+    if fitted is not None and not isinstance(fitted, ASIGNFit):
+        msg = f"ctx.fitted must be an ASIGNFit, got {type(fitted).__name__}."
+        raise TypeError(msg)
+    # the blend weight, resolved as split_params resolves it (the transductive default blends), so that bad blend
+    # input fails before training
+    w = (
+        float(fitted.options.get("nearest_blend", 0.0))
+        if fitted is not None
+        else check_nearest_blend(ctx.params.get("nearest_blend", TRANSDUCTIVE_OPTIONS["nearest_blend"]))
+    )
+    _check_nearest_blend_input(ctx, w)
     if fitted is None:
         fitted = fit_contexts(
             [ctx],
@@ -666,9 +674,6 @@ def impute_asign(ctx: ImputeContext) -> ImputeResult:
             show_progress_bar=ctx.show_progress_bar,
             transductive=True,
         )
-    elif not isinstance(fitted, ASIGNFit):
-        msg = f"ctx.fitted must be an ASIGNFit, got {type(fitted).__name__}."
-        raise TypeError(msg)
     out, n_views_predicted = predict_context(fitted, ctx, device=ctx.device)
     extra = {Key.NETWORK: out["net"]}
     if "lp" in out:
@@ -676,9 +681,7 @@ def impute_asign(ctx: ImputeContext) -> ImputeResult:
     uns = fitted.summary()
     uns["predicted_over_views"] = int(n_views_predicted)
     pred = out["pred"]
-    w = float(fitted.options.get("nearest_blend", 0.0))
     if w > 0:  # blended before the projection (which is linear: the same as blending the projected predictions)
-        _check_nearest_blend_input(ctx, w)
         extra["nearest"] = aligned_nearest(ctx)
         pred = (1.0 - w) * pred + w * extra["nearest"]
     uns["nearest_blend"] = w
