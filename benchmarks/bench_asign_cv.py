@@ -23,6 +23,12 @@ Usage::
     python benchmarks/bench_asign_cv.py [--her2st PATH] [--patients ABCDEFGH] [--skip-inductive] [--threads 1]
     python benchmarks/bench_asign_cv.py --seeds 0 --json run0.json        # transductive seed 0 + inductive
     python benchmarks/bench_asign_cv.py --seeds 1 --skip-inductive --merge run0.json   # adds seed 1
+    python benchmarks/bench_asign_cv.py --skip-transductive --inductive-asign '{"gene_rank": 10, "nearest_blend": 0.5}' \
+        --json benchmarks/results/asign_cv_inductive_gene_rank_blend.json   # the post-processing steps, inductively
+
+``--baseline-rank`` (default 10) adds each baseline projected on that many gene axes, in both uses. ASIGN rows also
+record the per-gene PCC of the network alone, of the prediction before the gene projection (``full_rank``) and, with
+a blend, before the blend (``unblended``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from _machine import find_her2st
 from bench_asign_her2st import gene_rank_projected
@@ -68,6 +75,25 @@ def _row(ev: pd.Series) -> dict:
     return {m: float(ev[m]) for m in METRICS} | {"n_spots": int(ev["n_spots"])}
 
 
+def _layer_scores(out) -> dict:
+    """Per-gene PCC of ASIGN's extra layers: the network alone, the prediction before the gene projection
+    (``full_rank``) and, with a nearest-neighbour blend, the prediction before the blend (``unblended``,
+    recovered exactly from the blend: ``(full_rank - w * nearest) / (1 - w)``)."""
+    import asign
+
+    layers = {k: out.layers[k] for k in ("network", "full_rank") if k in out.layers}
+    w = float(out.uns["asign"]["result"].get("nearest_blend", 0.0))
+    if 0 < w < 1 and "nearest" in out.layers:
+        before = out.layers["full_rank"] if "full_rank" in out.layers else out.layers["imputed"]
+        layers["unblended"] = (np.asarray(before) - w * np.asarray(out.layers["nearest"])) / (1.0 - w)
+    scores = {}
+    for name, layer in layers.items():
+        o2 = out.copy()
+        o2.layers["imputed"] = layer
+        scores[f"pcc_gene_{name}"] = float(asign.tl.evaluate(o2, per="overall").iloc[0]["pcc_gene"])
+    return scores
+
+
 def transductive(
     samples: dict, *, n_models: int, seeds: list[int], baseline_rank: int | None = None, asign_kw: dict | None = None
 ) -> list[dict]:
@@ -101,11 +127,7 @@ def transductive(
                 **_row(asign.tl.evaluate(out, per="overall").iloc[0]),
             }
             if method == "asign":
-                for layer in ("network", "full_rank"):
-                    if layer in out.layers:
-                        o2 = out.copy()
-                        o2.layers["imputed"] = out.layers[layer]
-                        rec[f"pcc_gene_{layer}"] = float(asign.tl.evaluate(o2, per="overall").iloc[0]["pcc_gene"])
+                rec.update(_layer_scores(out))
                 rec["epochs"] = int(out.uns["asign"]["result"]["training"]["epochs_run"])
             rows.append(rec)
             print(f"[transductive] {name} {label} seed {seed}: per-gene PCC {rec['pcc_gene']:.3f}", flush=True)
@@ -121,28 +143,41 @@ def transductive(
     return rows
 
 
-def inductive(samples: dict, *, seed: int) -> list[dict]:
+def inductive(
+    samples: dict, *, seed: int, baseline_rank: int | None = None, asign_kw: dict | None = None
+) -> list[dict]:
     import asign
 
     rows = []
-    runs = [(lab, m, kw) for lab, m, kw in BASELINES] + [("ASIGN (no image)", "asign", INDUCTIVE_KW)]
+    runs = [(lab, m, kw) for lab, m, kw in BASELINES]
+    if baseline_rank:  # each baseline with ASIGN's gene projection (axes of every label of the fold)
+        runs += [
+            (f"{lab} + gene_rank {baseline_rank}", m, {**kw, "gene_rank": baseline_rank})
+            for lab, m, kw in BASELINES[1:]
+        ]
+    runs += [("ASIGN (no image)", "asign", {**INDUCTIVE_KW, **(asign_kw or {})})]
     for label, method, kw in runs:
         t, c = time.perf_counter(), time.process_time()
+        key = "asign_cv_out" if method == "asign" else None
         df = asign.tl.cross_validate(
-            samples, method=method, method_kwargs=kw, n_genes=250, per="section", seed=seed, show_progress_bar=False
+            samples,
+            method=method,
+            method_kwargs=kw,
+            n_genes=250,
+            per="section",
+            seed=seed,
+            key_added=key,
+            overwrite=True,
+            show_progress_bar=False,
         )
         secs, cpu = time.perf_counter() - t, time.process_time() - c
         for _, r in df[df.level == "sample"].iterrows():
-            rows.append(
-                {
-                    "use": "inductive",
-                    "patient": r["sample"],
-                    "fold": int(r["fold"]),
-                    "method": label,
-                    "seed": seed,
-                    **_row(r),
-                }
-            )
+            rec = {"use": "inductive", "patient": r["sample"], "fold": int(r["fold"]), "method": label, "seed": seed}
+            rec.update(_row(r))
+            if key is not None:  # the layers before the post-processing steps, scored like the transductive rows
+                out = samples[r["sample"]].tables.pop(key)
+                rec.update(_layer_scores(out))
+            rows.append(rec)
         for _, r in df[df.level == "fold"].iterrows():
             rows.append(
                 {
@@ -178,7 +213,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 for m in METRICS:
                     rec[m] = float(per_unit[m].mean())
                     rec[f"{m}_sd"] = float(per_unit[m].std(ddof=1)) if len(per_unit) > 1 else float("nan")
-                for extra in ("pcc_gene_network", "pcc_gene_full_rank"):
+                for extra in ("pcc_gene_network", "pcc_gene_full_rank", "pcc_gene_unblended"):
                     if extra in g and g[extra].notna().any():
                         rec[extra] = float(g.groupby(unit)[extra].mean().mean())
                 if use == "transductive" and method.startswith("ASIGN"):
@@ -206,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also score the baselines projected on this many gene axes (0: no)",
     )
     parser.add_argument("--asign", default="{}", help="JSON method_kwargs added to the transductive ASIGN runs")
+    parser.add_argument("--inductive-asign", default="{}", help="JSON method_kwargs added to the inductive ASIGN run")
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier result files whose rows to keep")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "asign_cv_noimage.json")
     args = parser.parse_args(argv)
@@ -227,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             asign_kw=json.loads(args.asign),
         )
     if not args.skip_inductive:
-        rows += inductive(samples, seed=seeds[0])
+        rows += inductive(
+            samples,
+            seed=seeds[0],
+            baseline_rank=args.baseline_rank or None,
+            asign_kw=json.loads(args.inductive_asign),
+        )
     merged = [json.loads(Path(p).read_text()) for p in args.merge]
     if merged:  # rows of earlier runs first; a row of this run with the same key (baselines rerun) is dropped
         old = [r for m in merged for r in m["rows"]]
@@ -246,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "graph": "asign.pp.neighbors_3d defaults (no image features: cross-section score = IoU)",
             "baselines": [{"label": lab, "method": m, "method_kwargs": kw} for lab, m, kw in BASELINES],
             "transductive_method_kwargs": {**TRANSDUCTIVE_KW, "n_models": args.n_models, **json.loads(args.asign)},
-            "inductive_method_kwargs": INDUCTIVE_KW,
+            "inductive_method_kwargs": {**INDUCTIVE_KW, **json.loads(args.inductive_asign)},
             "inductive_folds": [["A", "E"], ["B", "F"], ["C", "G"], ["D", "H"]],
             "seeds": seeds,
             "merged_runs": [
