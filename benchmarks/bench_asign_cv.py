@@ -53,7 +53,8 @@ BASELINES = [
 ]
 # the non-image mode; transductive: the transductive defaults of tl/_asign.py plus what the dev protocol chose
 TRANSDUCTIVE_KW: dict = {"feature_key": None}
-# inductive: mask="section" and validation on the last training patient (the inductive defaults), at the size and
+# inductive: mask="section", validation on the last training patient, nearest_blend 0.5 and gene_rank 10 (the
+# inductive defaults since session 8; the runs before it had neither step), at the size and
 # optimiser of the transductive defaults (d = 256, lr 1e-4 and 100 epochs are GPU-sized); set a priori, not tuned
 INDUCTIVE_KW: dict = {
     "feature_key": None,

@@ -151,6 +151,33 @@ def test_fit_transductive_ensemble_and_impute_with_train(stacks, tmp_path):
     assert out.uns["asign"]["train_samples"] == ["B"]
 
 
+def test_inductive_mode_blends_and_projects_and_checks_the_blend_before_training(stacks, monkeypatch):
+    """With training samples ASIGN also blends in the aligned 8-IDW (0.5) and projects on 10 gene axes of the known
+    spots of the sample it imputes (not of the training samples); a sample to impute without
+    ``obsm['spatial_aligned']`` fails before any training, in ``impute`` and in ``cross_validate``."""
+    from asign.tl import _asign
+    from asign.tl._gene_rank import gene_basis
+
+    a, b = stacks
+    out = _impute(a, train={"B": b}, method_kwargs={"validation": "none"})
+    res = out.uns["asign"]["result"]
+    assert res["mode"] == "inductive" and res["nearest_blend"] == 0.5 and res["gene_rank"]["rank"] == 10
+    assert {"nearest", "full_rank"} <= set(out.layers)
+    known = out.obs["known"].to_numpy(dtype=bool)
+    basis = gene_basis(np.asarray(out.layers["target"][known], dtype=np.float64), 10)
+    np.testing.assert_allclose(basis.project(out.layers["full_rank"]), out.layers["imputed"], atol=1e-5)
+    trained = []
+    monkeypatch.setattr(_asign, "fit_contexts", lambda *args, **kw: trained.append(1))
+    del a.tables["table"].obsm["spatial_aligned"]
+    with pytest.raises(KeyError, match="nearest_blend=0.5 needs"):
+        _impute(a, train={"B": b}, method_kwargs={"validation": "none"})
+    with pytest.raises(KeyError, match="nearest_blend=0.5 needs"):
+        asign.tl.cross_validate(
+            {"A": a, "B": b}, folds=[["B"], ["A"]], method="asign", method_kwargs=TINY, show_progress_bar=False
+        )
+    assert not trained
+
+
 def test_spot_only_levels_and_presets(stacks):
     a, _ = stacks
     for name in ("asign_regions", "asign_globals"):

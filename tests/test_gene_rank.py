@@ -106,9 +106,12 @@ def test_ridge_trained_on_other_samples_takes_gene_rank(_prepared, prepare_for_a
     out = asign.tl.impute(_prepared, train=[other], method_kwargs={"gene_rank": 2}, **kw)
     res = out.uns["asign"]["result"]
     assert res["trained_on"] == "train_samples" and res["gene_rank"]["rank"] == 2
-    # the axes come from every label the method had: the known spots and the training sample's measured spots
+    # the axes come from the known spots of the imputed sample only, not from the training sample's spots
     sv = np.linalg.svd(out.layers["imputed"].astype(np.float64) - out.layers["imputed"].mean(axis=0), compute_uv=False)
     assert sv[2] < 1e-5 * sv[0]  # two axes (float32 rounding aside)
+    known = out.obs["known"].to_numpy(dtype=bool)
+    basis = gene_basis(np.asarray(out.layers["target"][known], dtype=np.float64), 2)
+    np.testing.assert_allclose(basis.project(out.layers["full_rank"]), out.layers["imputed"], atol=1e-5)
     assert np.isfinite(res["gene_rank"]["explained_variance_ratio"])
 
 

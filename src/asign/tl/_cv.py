@@ -16,7 +16,7 @@ from asign.pp._genes import _sample_name, check_normalization, known_mask, secti
 
 from ._evaluate import COLUMNS, evaluate
 from ._impute import _check_key_added, run_impute, train_contexts
-from ._registry import FitContext, get_fit, get_method
+from ._registry import FitContext, check_before_fit, get_fit, get_method
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -228,6 +228,8 @@ def cross_validate(
         for n in f:
             t = named[n].tables[table_key]
             masks[n] = known_mask(t, stacks[n], _known_spec(known, n, stacks[n].sections))
+            if fit is not None:
+                check_before_fit(method, t, dict(method_kwargs or {}), table_key)
             if key_added is not None:
                 _check_key_added(named[n], key_added, table_key, overwrite=overwrite)
     seeds = spawn_seeds(seed, len(folds))

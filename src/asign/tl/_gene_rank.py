@@ -4,8 +4,8 @@ A prediction of 250 genes made spot by spot carries noise that differs from gene
 output, learned from a few hundred noisy counts, is less reliable than its correlation with the strong programmes
 (immune, stromal, tumour) suggests. Projecting every spot's predicted vector onto the first ``rank`` principal axes
 of the *labelled* spots' normalised expression keeps the gene programmes that the labels show and drops the rest,
-so each gene borrows strength from the genes it co-varies with. The axes come from labels the method was given
-(the known spots, and training samples where there are any), never from the spots to impute.
+so each gene borrows strength from the genes it co-varies with. The axes come from the known spots of the sample
+being imputed (not from training samples, whose gene programmes may differ), never from the spots to impute.
 """
 
 from __future__ import annotations
@@ -83,8 +83,13 @@ def gene_basis(labelled: np.ndarray, rank: int) -> GeneBasis | None:
 
 
 def labelled_rows(ctx: ImputeContext) -> np.ndarray:
-    """Normalised expression of every label a method was given: the known spots and the training samples'."""
-    return np.vstack([c.Y[c.known] for c in [ctx, *ctx.train]])
+    """Normalised expression of the known spots of the sample being imputed: the rows the gene axes come from.
+
+    Training samples' spots are left out on purpose: in the inductive HER2ST patient folds, axes fitted to six other
+    patients' expression lowered the per-gene PCC on all eight test patients (docs/benchmarks/asign.md); the test
+    sample's own known section describes its gene programmes.
+    """
+    return ctx.Y[ctx.known]
 
 
 def project_result(ctx: ImputeContext, res: ImputeResult, rank: int | None) -> ImputeResult:

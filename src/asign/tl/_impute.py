@@ -25,7 +25,7 @@ from asign.pp._genes import (
     normalize_counts,
 )
 
-from ._registry import FitContext, ImputeContext, ImputeResult, get_fit, get_method, to_uns
+from ._registry import FitContext, ImputeContext, ImputeResult, check_before_fit, get_fit, get_method, to_uns
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -387,6 +387,7 @@ def run_impute(
         )
     ctx.train = train_ctx
     if fitted is None and fit is not None and train_ctx:
+        check_before_fit(method, table, params, table_key)
         fitted = fit(
             FitContext(
                 train=train_ctx,

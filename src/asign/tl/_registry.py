@@ -155,13 +155,18 @@ class ImputeResult:
 
 MethodFn = Callable[[ImputeContext], ImputeResult]
 FitFn = Callable[[FitContext], Any]
+# check(table, method_kwargs, table_key): input of a sample to impute that a trainable method reads only at prediction
+CheckFn = Callable[["AnnData", dict, str], None]
 METHODS: dict[str, MethodFn] = {}
 FITTERS: dict[str, FitFn] = {}
+CHECKS: dict[str, CheckFn] = {}
 # modules that register methods when imported (import happens on first use of `impute`)
 _PROVIDERS = ("asign.tl._baselines", "asign.tl._image_baselines", "asign.tl._asign")
 
 
-def register_method(name: str, *, fit: FitFn | None = None) -> Callable[[MethodFn], MethodFn]:
+def register_method(
+    name: str, *, fit: FitFn | None = None, check: CheckFn | None = None
+) -> Callable[[MethodFn], MethodFn]:
     """Register ``predict(ctx: ImputeContext) -> ImputeResult`` under ``name``.
 
     Parameters
@@ -171,14 +176,19 @@ def register_method(name: str, *, fit: FitFn | None = None) -> Callable[[MethodF
     fit
         For trainable methods: ``fit(fctx: FitContext) -> fitted``, called on the training samples; ``predict``
         then finds its return value in ``ctx.fitted``.
+    check
+        For trainable methods: ``check(table, method_kwargs, table_key)`` raises on input of a sample to impute that
+        only the prediction reads; called on every sample to impute before ``fit`` runs, so that bad input fails
+        before any training.
     """
 
     def decorator(fn: MethodFn) -> MethodFn:
         METHODS[name] = fn
-        if fit is not None:
-            FITTERS[name] = fit
-        else:
-            FITTERS.pop(name, None)
+        for registry, value in ((FITTERS, fit), (CHECKS, check)):
+            if value is not None:
+                registry[name] = value
+            else:
+                registry.pop(name, None)
         return fn
 
     return decorator
@@ -214,6 +224,13 @@ def get_fit(name: str) -> FitFn | None:
     """The ``fit`` function of method ``name``, or `None` when the method needs no training."""
     get_method(name)
     return FITTERS.get(name)
+
+
+def check_before_fit(name: str, table: AnnData, method_kwargs: dict, table_key: str) -> None:
+    """Run method ``name``'s ``check`` (if it has one) on the table of a sample to impute."""
+    get_method(name)
+    if name in CHECKS:
+        CHECKS[name](table, method_kwargs, table_key)
 
 
 def to_uns(value: Any) -> Any:
