@@ -647,14 +647,14 @@ def _check_blend_coordinates(table: AnnData, w: float, table_key: str) -> None:
         raise KeyError(msg)
 
 
-def _check_before_fit(table: AnnData, params: dict, table_key: str) -> None:
+def _check_sample_to_impute(table: AnnData, params: dict, table_key: str) -> None:
     """The blend's weight and coordinates of a sample to impute, checked before the inductive training."""
     _check_blend_coordinates(
         table, check_nearest_blend(params.get("nearest_blend", OPTIONS["nearest_blend"])), table_key
     )
 
 
-@register_method("asign", fit=_fit, check=_check_before_fit)
+@register_method("asign", fit=_fit, check=_check_sample_to_impute)
 def impute_asign(ctx: ImputeContext) -> ImputeResult:
     """ASIGN: network prediction mixed per gene with cross-layer label propagation (see the module docstring)."""
     from ._fit import ASIGNFit

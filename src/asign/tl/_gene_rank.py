@@ -82,7 +82,7 @@ def gene_basis(labelled: np.ndarray, rank: int) -> GeneBasis | None:
     return GeneBasis(mean=mean, axes=vt[:rank] * signs[:, None], explained_variance_ratio=ratio, n_labelled=n)
 
 
-def labelled_rows(ctx: ImputeContext) -> np.ndarray:
+def known_rows(ctx: ImputeContext) -> np.ndarray:
     """Normalised expression of the known spots of the sample being imputed: the rows the gene axes come from.
 
     Training samples' spots are left out on purpose: in the inductive HER2ST patient folds, axes fitted to six other
@@ -93,12 +93,12 @@ def labelled_rows(ctx: ImputeContext) -> np.ndarray:
 
 
 def project_result(ctx: ImputeContext, res: ImputeResult, rank: int | None) -> ImputeResult:
-    """``res`` with ``imputed`` projected on ``rank`` gene axes of :func:`labelled_rows` (in place, and returned).
+    """``res`` with ``imputed`` projected on ``rank`` gene axes of :func:`known_rows` (in place, and returned).
 
     The prediction before the projection goes to the extra layer ``'full_rank'``; ``res.uns['gene_rank']`` records
     the rank used (0: no projection) and the share of the labels' variance the axes hold.
     """
-    basis = gene_basis(labelled_rows(ctx), rank) if rank else None
+    basis = gene_basis(known_rows(ctx), rank) if rank else None
     if basis is not None:
         res.extra_layers["full_rank"] = res.imputed
         res.imputed = basis.project(res.imputed)
