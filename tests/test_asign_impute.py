@@ -133,6 +133,38 @@ def test_fit_predict_save_load(stacks, tmp_path):
         asign.tl.fit({"B": b, "A": a}, n_genes=10, config=TINY, seed=1, show_progress_bar=False)
 
 
+def test_predict_takes_or_overrides_the_models_post_processing(stacks):
+    """``tl.predict`` blends and projects as the model was fitted (0.5, 10 axes) unless told otherwise; with
+    ``nearest_blend=0`` a stack without ``obsm['spatial_aligned']`` can be predicted."""
+    from asign.tl._gene_rank import gene_basis
+
+    a, b = stacks
+    fitted = asign.tl.fit({"A": a, "B": b}, n_genes=12, config=TINY, seed=1, show_progress_bar=False)
+    assert fitted.options["nearest_blend"] == 0.5 and fitted.options["gene_rank"] == 10
+    kw = {"known": "S1", "inplace": False, "show_progress_bar": False}
+    default = asign.tl.predict(a, fitted, **kw)
+    res = default.uns["asign"]["result"]
+    assert res["nearest_blend"] == 0.5 and res["gene_rank"]["rank"] == 10
+    plain = asign.tl.predict(a, fitted, nearest_blend=0, gene_rank=None, **kw)
+    res = plain.uns["asign"]["result"]
+    assert res["nearest_blend"] == 0 and res["gene_rank"]["rank"] == 0
+    assert "nearest" not in plain.layers and "full_rank" not in plain.layers
+    known = default.obs["known"].to_numpy(dtype=bool)
+    basis = gene_basis(np.asarray(default.layers["target"][known], dtype=np.float64), 10)
+    blended = 0.5 * plain.layers["imputed"] + 0.5 * default.layers["nearest"]
+    np.testing.assert_allclose(basis.project(blended), default.layers["imputed"], atol=1e-5)
+    assert asign.tl.predict(a, fitted, gene_rank=3, **kw).uns["asign"]["result"]["gene_rank"]["rank"] == 3
+    with pytest.raises(ValueError, match="nearest_blend"):
+        asign.tl.predict(a, fitted, nearest_blend=2.0, **kw)
+    with pytest.raises(ValueError, match="gene_rank"):
+        asign.tl.predict(a, fitted, gene_rank=0, **kw)
+    del a.tables["table"].obsm["spatial_aligned"]
+    with pytest.raises(KeyError, match="nearest_blend=0.5 needs"):
+        asign.tl.predict(a, fitted, **kw)
+    out = asign.tl.predict(a, fitted, nearest_blend=0, **kw)
+    np.testing.assert_allclose(out.layers["imputed"], basis.project(plain.layers["imputed"]), atol=1e-5)
+
+
 def test_fit_transductive_ensemble_and_impute_with_train(stacks, tmp_path):
     a, b = stacks
     f = asign.tl.fit(a, known="S1", n_genes=10, config=TINY, n_models=2, show_progress_bar=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -337,6 +337,8 @@ def predict(
     key_added: str = Key.OUTPUT_TABLE,
     overwrite: bool = False,
     inplace: bool = True,
+    nearest_blend: float | None = None,
+    gene_rank: int | None | Literal["model"] = "model",
     device: Any = None,
     show_progress_bar: bool = True,
 ) -> AnnData | None:
@@ -358,6 +360,12 @@ def predict(
     overwrite
         Replace an output table that an earlier asign call wrote under ``key_added``.
     {inplace}
+    nearest_blend
+        Weight of the aligned nearest known spots in the prediction (``method_kwargs`` of :func:`asign.tl.impute`);
+        `None` uses the model's (0.5 by default). ``0`` predicts without ``obsm['spatial_aligned']``.
+    gene_rank
+        Number of gene axes of the known spots to project the prediction on; ``"model"`` uses the model's (10 by
+        default), `None` does not project.
     {device}
     {show_progress_bar}
 
@@ -368,7 +376,7 @@ def predict(
     ``.layers['network']`` (network prediction before mixing), ``.layers['propagation']``,
     ``.layers['full_rank']`` (the prediction before the ``gene_rank`` projection, where the model's options ask for
     one), ``.layers['nearest']`` (where ``nearest_blend`` > 0), ``.obs['known']``, and ``.uns['asign']`` (with ``result`` = the model's configuration, training record,
-    mode and ``gene_rank``).
+    mode, ``nearest_blend`` and ``gene_rank`` as applied).
     """
     from asign.pp._genes import _sample_name
 
@@ -388,7 +396,10 @@ def predict(
         train=(),
         train_ctx=[],
         fitted=fitted,
-        method_kwargs={},
+        method_kwargs={
+            **({} if nearest_blend is None else {"nearest_blend": nearest_blend}),
+            **({} if gene_rank == "model" else {"gene_rank": gene_rank}),
+        },
         table_key=table_key,
         seed=int(fitted.config.seed),
         device=device,
