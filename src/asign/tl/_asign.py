@@ -664,13 +664,12 @@ def impute_asign(ctx: ImputeContext) -> ImputeResult:
     if fitted is not None and not isinstance(fitted, ASIGNFit):
         msg = f"ctx.fitted must be an ASIGNFit, got {type(fitted).__name__}."
         raise TypeError(msg)
-    # the post-processing (blend weight, gene rank): method_kwargs (tl.predict's overrides) first, then a trained
-    # model's options (0 / None for models saved before these options existed), then the defaults; resolved before
-    # any training, so that bad blend input fails first
+    # the post-processing (blend weight, and gene rank below): method_kwargs (tl.predict's overrides) first, then a
+    # trained model's options (0 / None for models saved before these options existed), then the defaults; the blend
+    # is resolved before any training, so that bad blend input fails first
     saved = fitted.options if fitted is not None else {"nearest_blend": OPTIONS["nearest_blend"]}
     w = check_nearest_blend(ctx.params.get("nearest_blend", saved.get("nearest_blend", 0.0)))
     _check_blend_coordinates(ctx.table, w, ctx.table_key)
-    rank = check_gene_rank(ctx.params["gene_rank"]) if "gene_rank" in ctx.params else None
     if fitted is None:
         fitted = fit_contexts(
             [ctx],
@@ -691,8 +690,7 @@ def impute_asign(ctx: ImputeContext) -> ImputeResult:
         extra["nearest"] = aligned_nearest(ctx)
         pred = (1.0 - w) * pred + w * extra["nearest"]
     uns["nearest_blend"] = w
-    if "gene_rank" not in ctx.params:
-        rank = fitted.options.get("gene_rank")
+    rank = check_gene_rank(ctx.params["gene_rank"]) if "gene_rank" in ctx.params else fitted.options.get("gene_rank")
     res = project_result(ctx, ImputeResult(imputed=pred, extra_layers=extra, uns=uns), rank)
     res.uns["seconds_total"] = float(time.perf_counter() - t0)
     return res
