@@ -51,15 +51,8 @@ def throughput(sdata, *, n_patches: int, batch_size: int, repeats: int, threads:
     import numpy as np
     import torch
 
-    from asign._encoders import (
-        ImageSource,
-        PatchJob,
-        deterministic_cpu,
-        embed_patches,
-        get_encoder,
-        level_window,
-        pick_level,
-    )
+    from asign._encoders import get_encoder
+    from asign._patches import ImageSource, PatchJob, deterministic_cpu, embed_patches, level_window, pick_level
     from asign.pp._tiles import image_levels
 
     torch.set_num_threads(threads)
@@ -160,7 +153,8 @@ def batch_sweep(*, threads: list[int], sizes=(4, 8, 16, 32, 64), n_patches: int 
     import numpy as np
     import torch
 
-    from asign._encoders import deterministic_cpu, get_encoder
+    from asign._encoders import get_encoder
+    from asign._patches import deterministic_cpu
 
     enc = get_encoder("efficientnet_lite0", input_size=224).to("cpu")
     out = []

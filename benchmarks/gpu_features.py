@@ -91,7 +91,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from asign._encoders import ImageSource, PatchJob, embed_patches, get_encoder, level_window, pick_level
+    from asign._encoders import get_encoder
+    from asign._patches import ImageSource, PatchJob, embed_patches, level_window, pick_level
 
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -11,19 +11,16 @@ import torch
 from asign._encoders import (
     HANDCRAFTED_DIM,
     HANDCRAFTED_NAMES,
-    ImageSource,
-    PatchDataset,
-    PatchJob,
     available_encoders,
-    embed_patches,
     get_encoder,
     handcrafted_features,
 )
+from asign._patches import ImageSource, PatchDataset, PatchJob, embed_patches
 
 
 def test_import_is_light():
     code = (
-        "import sys, asign._encoders; "
+        "import sys, asign._encoders, asign._patches; "
         "bad = [m for m in ('spatialdata', 'anndata', 'pandas', 'torch', 'dask', 'skimage') if m in sys.modules]; "
         "print(bad)"
     )
@@ -230,7 +227,7 @@ def test_patch_dataset_mixes_jobs_into_full_batches():
 
 
 def test_pick_level_and_level_window():
-    from asign._encoders import level_window, pick_level
+    from asign._patches import level_window, pick_level
 
     sc = [1.0, 2.0, 4.0, 8.0]
     # coarsest level that still gives >= 224 px across the patch

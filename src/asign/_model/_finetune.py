@@ -344,7 +344,7 @@ def read_spot_patches(
     Patches are centred on the spot centre rounded to the nearest pixel and padded with white outside the image,
     exactly like the frozen features.
     """
-    from asign._encoders import ImageSource, PatchDataset, PatchJob
+    from asign._patches import ImageSource, PatchDataset, PatchJob
 
     section = np.asarray(section, dtype=np.int64)
     xy = np.asarray(xy, dtype=np.float64)

@@ -236,7 +236,8 @@ def extract_features(
     import torch
 
     from asign._device import resolve_device
-    from asign._encoders import ImageSource, PatchJob, embed_patches, get_encoder, level_window, pick_level
+    from asign._encoders import get_encoder
+    from asign._patches import ImageSource, PatchJob, embed_patches, level_window, pick_level
     from asign._stack import section_codes
     from asign.io import validate_stack
     from asign.pp._stain import check_stain_norm, check_stain_target, check_tta, stain_maps, stain_uns
