@@ -647,11 +647,19 @@ def _check_blend_coordinates(table: AnnData, w: float, table_key: str) -> None:
         raise KeyError(msg)
 
 
+def _blend_weight(params: dict, model_options: dict | None = None) -> float:
+    """The ``nearest_blend`` weight to apply.
+
+    ``method_kwargs`` (tl.predict's override) first, then a trained model's option (0 for models saved before the
+    option existed), then the default.
+    """
+    default = OPTIONS["nearest_blend"] if model_options is None else model_options.get("nearest_blend", 0.0)
+    return check_nearest_blend(params.get("nearest_blend", default))
+
+
 def _check_sample_to_impute(table: AnnData, params: dict, table_key: str) -> None:
     """The blend's weight and coordinates of a sample to impute, checked before the inductive training."""
-    _check_blend_coordinates(
-        table, check_nearest_blend(params.get("nearest_blend", OPTIONS["nearest_blend"])), table_key
-    )
+    _check_blend_coordinates(table, _blend_weight(params), table_key)
 
 
 @register_method("asign", fit=_fit, check=_check_sample_to_impute)
@@ -664,11 +672,9 @@ def impute_asign(ctx: ImputeContext) -> ImputeResult:
     if fitted is not None and not isinstance(fitted, ASIGNFit):
         msg = f"ctx.fitted must be an ASIGNFit, got {type(fitted).__name__}."
         raise TypeError(msg)
-    # the post-processing (blend weight, and gene rank below): method_kwargs (tl.predict's overrides) first, then a
-    # trained model's options (0 / None for models saved before these options existed), then the defaults; the blend
-    # is resolved before any training, so that bad blend input fails first
-    saved = fitted.options if fitted is not None else {"nearest_blend": OPTIONS["nearest_blend"]}
-    w = check_nearest_blend(ctx.params.get("nearest_blend", saved.get("nearest_blend", 0.0)))
+    # the post-processing (blend weight, and gene rank below) as _blend_weight resolves it; the blend before any
+    # training, so that bad blend input fails first
+    w = _blend_weight(ctx.params, None if fitted is None else fitted.options)
     _check_blend_coordinates(ctx.table, w, ctx.table_key)
     if fitted is None:
         fitted = fit_contexts(
