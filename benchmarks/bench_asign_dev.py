@@ -66,6 +66,7 @@ CONFIGS = {
     "dropout0.3": {"input_dropout": 0.3},
     "viewcons1": {"view_consistency": 1.0},  # with stored per-view features
     "predict_views": {"predict_views": True},  # with stored per-view features
+    "fscale_global": {"feature_scaling": "global"},  # one scale for all feature dimensions (session 9)
 }
 
 

@@ -251,6 +251,21 @@ def test_feature_standardisation_buffers_saved(sample):
     assert torch.equal(sd["feat_std_spot"], torch.full((8,), 2.0))
 
 
+def test_feature_scaling_dimension_and_global(sample):
+    from asign._model._member import feature_stats
+
+    s, _ = sample
+    scaled = s.replace(x_spot=s.x_spot * torch.linspace(0.1, 10.0, s.x_spot.shape[1]))
+    mu, sd = feature_stats([scaled], "spot")
+    assert torch.allclose(sd, scaled.x_spot.std(dim=0, unbiased=False))
+    mu_g, sd_g = feature_stats([scaled], "spot", "global")
+    assert torch.equal(mu_g, mu)
+    # one scale for every dimension: the root mean variance, so the dimensions keep their relative sizes
+    assert torch.allclose(sd_g, torch.full_like(sd_g, float(sd.square().mean().sqrt())))
+    with pytest.raises(ValueError, match="feature_scaling"):
+        ASIGNConfig(**CFG, feature_scaling="pca")
+
+
 # -------------------------------------------------------------------------------------------------- losses
 def test_pcc_axes():
     rng = np.random.default_rng(0)

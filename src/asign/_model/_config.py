@@ -32,6 +32,11 @@ class ASIGNConfig:
         Dropout of attention, GATv2 and feed-forward layers.
     input_dropout
         Dropout on the standardised frozen features before the level MLPs (regularisation for small data).
+    feature_scaling
+        How each level's frozen features are scaled before the MLP (after centring on their mean over the training
+        samples' spots and tiles): ``"dimension"`` divides every feature dimension by its own standard deviation;
+        ``"global"`` divides all dimensions by one number (the root mean variance), so dimensions keep their relative
+        scale and nearly constant, noisy dimensions are not amplified.
     levels
         ``"spot_region_global"`` (the paper's three branches) or ``"spot"`` (spot branch only; the cross-attention then
         attends over the spot token and its graph-neighbour mean, so it still sees two tokens).
@@ -162,6 +167,7 @@ class ASIGNConfig:
     gnn_layers: int = 3
     dropout: float = 0.1
     input_dropout: float = 0.1
+    feature_scaling: Literal["dimension", "global"] = "dimension"
     levels: Literal["spot_region_global", "spot"] = "spot_region_global"
     net_baseline: Literal["visible_mean", "propagation", "none"] = "visible_mean"
     use_propagation: bool = True
@@ -223,6 +229,7 @@ class ASIGNConfig:
             "pcc_axis": ("spot", "gene"),
             "mask": ("section", "spot"),
             "known_policy": ("random", "first"),
+            "feature_scaling": ("dimension", "global"),
             "optimizer": ("adamw", "sgd"),
             "schedule": ("cosine", "poly"),
         }

@@ -30,15 +30,24 @@ def feature_dims(sample: SampleTensors) -> dict[str, int]:
     return dims
 
 
-def feature_stats(samples: list[SampleTensors], level: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of the level's input features over ``samples`` (the model's input scaling)."""
+def feature_stats(
+    samples: list[SampleTensors], level: str, scaling: str = "dimension"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and scale of the level's input features over ``samples`` (the model's input scaling).
+
+    ``scaling="dimension"``: the standard deviation of every dimension; ``"global"``: the root mean variance over
+    the dimensions, the same for all (``ASIGNConfig.feature_scaling``).
+    """
     attr = {"spot": "x_spot", "region": "x_region", "global": "x_global"}[level]
     import torch
 
     x = torch.cat([getattr(s, attr) for s in samples], dim=0)
     if x.shape[1] == 0:  # no image features (feature_key=None)
         return x.new_zeros(0), x.new_ones(0)
-    return x.mean(dim=0), x.std(dim=0, unbiased=False)
+    sd = x.std(dim=0, unbiased=False)
+    if scaling == "global":
+        sd = sd.square().mean().sqrt().expand_as(sd).clone()
+    return x.mean(dim=0), sd
 
 
 def replace_samples(
@@ -138,7 +147,7 @@ def train_member(
     if enc is not None:
         attach_encoder(model, enc)
     for lvl in dims:
-        model.set_feature_stats(lvl, *feature_stats(train + [v.sample for v in validation], lvl))
+        model.set_feature_stats(lvl, *feature_stats(train + [v.sample for v in validation], lvl, cfg.feature_scaling))
     if cfg.net_baseline == "none":
         model.init_head_bias(torch.nanmean(torch.cat([s.y for s in train]), dim=0))
     res = train_model(model, train, validation=validation or None, device=device, show_progress_bar=show_progress_bar)
