@@ -55,6 +55,23 @@ def test_ridge_on_known_spots(small_stack):
     assert out.uns["asign"]["result"]["cv_grouping"] == "section"
 
 
+def test_ridge_standardize_option(small_stack):
+    """``standardize=False`` only centres the features: noise dimensions with a tiny scale stay tiny instead of being
+    lifted to unit variance, so they cannot drown the signal; with the default they are z-scored like the rest."""
+    sd = small_stack
+    add_fake_features(sd)
+    t = sd.tables["table"]
+    f = np.asarray(t.obsm["asign_features_spot"], dtype=np.float64)
+    noise = 1e-3 * np.random.default_rng(7).normal(size=(f.shape[0], 200))
+    t.obsm["asign_features_spot"] = np.hstack([f, noise]).astype(np.float32)
+    raw = impute(sd, "ridge", method_kwargs={"standardize": False})
+    assert raw.uns["asign"]["result"]["standardize"] is False
+    z = impute(sd, "ridge")
+    assert z.uns["asign"]["result"]["standardize"] is True
+    assert score(raw).mean() > score(z).mean() + 0.05
+    assert score(raw).mean() > 0.5
+
+
 def test_similarity_matches_brute_force(small_stack):
     sd = small_stack
     add_fake_features(sd)

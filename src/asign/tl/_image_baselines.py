@@ -24,6 +24,7 @@ RIDGE_DEFAULTS: dict[str, Any] = {
     "n_components": 256,
     "alphas": None,
     "cv": 5,
+    "standardize": True,
 }
 SIMILARITY_DEFAULTS: dict[str, Any] = {
     "features_key": Key.ADDED,
@@ -75,9 +76,20 @@ def _spatial_groups(xy: np.ndarray, n_groups: int, seed: int) -> np.ndarray:
 
 
 def _fit_ridge(
-    X: np.ndarray, Y: np.ndarray, groups: np.ndarray, *, n_components: int, alphas: np.ndarray, cv: int, seed: int
+    X: np.ndarray,
+    Y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    n_components: int,
+    alphas: np.ndarray,
+    cv: int,
+    seed: int,
+    standardize: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
-    """StandardScaler -> PCA -> Ridge, alpha chosen by grouped CV (R², uniform over genes)."""
+    """StandardScaler -> PCA -> Ridge, alpha chosen by grouped CV (R², uniform over genes).
+
+    ``standardize=False`` only centres the features (the scaler keeps each dimension's scale).
+    """
     from sklearn.decomposition import PCA
     from sklearn.linear_model import Ridge
     from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
@@ -97,7 +109,10 @@ def _fit_ridge(
     scores = np.zeros((len(splits), len(alphas)))
     for f, (tr, te) in enumerate(splits):
         prep = Pipeline(
-            [("scale", StandardScaler()), ("pca", PCA(n_components=nc, svd_solver="full", random_state=seed))]
+            [
+                ("scale", StandardScaler(with_std=bool(standardize))),
+                ("pca", PCA(n_components=nc, svd_solver="full", random_state=seed)),
+            ]
         )
         Ztr, Zte = prep.fit_transform(X[tr]), prep.transform(X[te])
         ymean = Y[tr].mean(axis=0)
@@ -115,7 +130,7 @@ def _fit_ridge(
     best = float(alphas[best_i])
     model = Pipeline(
         [
-            ("scale", StandardScaler()),
+            ("scale", StandardScaler(with_std=bool(standardize))),
             ("pca", PCA(n_components=nc, svd_solver="full", random_state=seed)),
             ("ridge", Ridge(alpha=best)),
         ]
@@ -148,7 +163,16 @@ def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
         groups.append(np.full(int(rows.sum()), g) if len(fctx.train) > 1 else c.section_codes[rows])
     X, Y, grp = np.concatenate(Xs), np.concatenate(Ys), np.concatenate(groups)
     alphas = np.asarray(p["alphas"] if p["alphas"] is not None else DEFAULT_ALPHAS, dtype=float)
-    model, info = _fit_ridge(X, Y, grp, n_components=p["n_components"], alphas=alphas, cv=p["cv"], seed=fctx.seed)
+    model, info = _fit_ridge(
+        X,
+        Y,
+        grp,
+        n_components=p["n_components"],
+        alphas=alphas,
+        cv=p["cv"],
+        seed=fctx.seed,
+        standardize=bool(p["standardize"]),
+    )
     info["trained_on"] = "train_samples"
     return {"model": model, "info": info, "feature_id": space, "mean": Y.mean(axis=0)}
 
@@ -165,7 +189,8 @@ def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
 
     Parameters (``method_kwargs``): ``features_key`` (``"asign"``), ``levels`` (``["spot"]``; any of ``"spot"``,
     ``"region"``, ``"global"``, concatenated), ``n_components`` (256), ``alphas`` (``logspace(-2, 6, 17)``),
-    ``cv`` (5 folds at most), ``gene_rank`` (`None`).
+    ``cv`` (5 folds at most), ``standardize`` (`True`: z-score every feature dimension; `False`: centre only, so
+    near-constant dimensions are not amplified), ``gene_rank`` (`None`).
     """
     p = _params(ctx.params, "ridge", RIDGE_DEFAULTS)
     X = _features(ctx.table, p["features_key"], p["levels"])
@@ -186,7 +211,14 @@ def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
             groups, grouping = _spatial_groups(xy, p["cv"], ctx.seed), "spatial_blocks"
         alphas = np.asarray(p["alphas"] if p["alphas"] is not None else DEFAULT_ALPHAS, dtype=float)
         model, info = _fit_ridge(
-            X[known], ctx.Y[known], groups, n_components=p["n_components"], alphas=alphas, cv=p["cv"], seed=ctx.seed
+            X[known],
+            ctx.Y[known],
+            groups,
+            n_components=p["n_components"],
+            alphas=alphas,
+            cv=p["cv"],
+            seed=ctx.seed,
+            standardize=bool(p["standardize"]),
         )
         info["trained_on"] = "known_spots"
         info["cv_grouping"] = grouping
@@ -197,6 +229,7 @@ def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
     info["n_no_features"] = _fallback(pred, ~ok, mean, "ridge")
     info["levels"] = list(p["levels"])
     info["features_key"] = p["features_key"]
+    info["standardize"] = bool(p["standardize"])
     logger.info(f"ridge: alpha={info['alpha']:g}, {info['n_components']} PCs, inner-CV R² {info['cv_r2']:.3f}.")
     return ImputeResult(imputed=pred, uns=info)
 
