@@ -210,6 +210,23 @@ def test_inductive_mode_blends_and_projects_and_checks_the_blend_before_training
     assert not trained
 
 
+def test_blend_needs_finite_aligned_coordinates_before_training(stacks, monkeypatch):
+    """A section that align_layers could not place (NaN in obsm['spatial_aligned']) fails before any training when
+    the nearest-neighbour blend is on, naming the section; with nearest_blend=0 the blend does not need them."""
+    from asign.tl import _asign
+
+    a, _ = stacks
+    t = a.tables["table"]
+    xy = np.asarray(t.obsm["spatial_aligned"], dtype=np.float64).copy()
+    xy[(t.obs["section"] == "S3").to_numpy()] = np.nan
+    t.obsm["spatial_aligned"] = xy
+    trained = []
+    monkeypatch.setattr(_asign, "fit_contexts", lambda *args, **kw: trained.append(1))
+    with pytest.raises(ValueError, match="S3"):
+        _impute(a)
+    assert not trained
+
+
 def test_spot_only_levels_and_presets(stacks):
     a, _ = stacks
     for name in ("asign_regions", "asign_globals"):

@@ -107,6 +107,26 @@ def test_trainable_method_fit_once_per_fold(samples, trainable):
     assert (df[df.level == "sample"]["pcc_gene"] == 0).all()
 
 
+def test_bad_known_and_per_fail_before_any_fit(samples, trainable):
+    """A test sample's known mask that leaves nothing to score is rejected before the first fold trains."""
+    t = samples["R"].tables["table"]
+    all_known = np.ones(t.n_obs, dtype=bool)
+    with pytest.raises(ValueError, match="nothing to impute"):
+        asign.tl.cross_validate(
+            samples,
+            folds=[["P", "Q"], ["R", "S"]],
+            known={"P": "S1", "Q": "S1", "R": all_known, "S": "S1"},
+            method="_cv_train_mean",
+            n_genes=4,
+            show_progress_bar=False,
+        )
+    assert trainable == []
+    with pytest.raises(ValueError, match="per"):
+        asign.tl.cross_validate(samples, folds=[["P"]], method="mean", per="genes", show_progress_bar=False)
+    df = asign.tl.cross_validate(samples, folds=[["P"]], method="mean", per="section", show_progress_bar=False)
+    assert set(df.level) == {"section", "fold", "summary", "pooled"}
+
+
 def test_default_folds_and_errors(samples):
     assert default_folds(list("ABCDEFGH")) == [["A", "E"], ["B", "F"], ["C", "G"], ["D", "H"]]
     assert default_folds(["x", "y"]) == [["x"], ["y"]]

@@ -12,7 +12,14 @@ from asign._constants import Key
 from asign._device import spawn_seeds
 from asign._docs import inject_docs
 from asign._logging import logger
-from asign.pp._genes import _sample_name, check_normalization, known_mask, section_gene_means, top_genes
+from asign.pp._genes import (
+    _sample_name,
+    check_known,
+    check_normalization,
+    known_mask,
+    section_gene_means,
+    top_genes,
+)
 
 from ._evaluate import COLUMNS, evaluate
 from ._impute import _check_key_added, run_impute, train_contexts
@@ -186,7 +193,8 @@ def cross_validate(
         ``"labelled"`` (default; no test labels) or ``"all"`` (every measured section of every sample: the
         paper's dataset-wide list, which reads test labels; reported as such).
     per
-        Levels of per-test-sample rows to keep (as in :func:`asign.tl.evaluate`).
+        Levels of per-test-sample rows to keep: any of ``"gene"``, ``"section"`` and ``"overall"`` (the
+        ``"sample"`` rows) as in :func:`asign.tl.evaluate`; the fold, summary and pooled rows are always there.
     {table_key}
     key_added
         If given, write each test sample's output table into ``samples[name].tables[key_added]``; `None` writes
@@ -212,6 +220,10 @@ def cross_validate(
       ``mae_pooled`` pooled over all scored spots (the paper's way of reporting Table 1).
     """
     check_normalization(normalization)
+    levels = [per] if isinstance(per, str) else list(per)
+    if not levels or not set(levels) <= {"gene", "section", "overall"}:
+        msg = f"`per` must name levels from ['gene', 'section', 'overall'], got {per!r}."
+        raise ValueError(msg)
     if gene_sections not in ("labelled", "all"):
         msg = f"gene_sections must be 'labelled' or 'all', got {gene_sections!r}."
         raise ValueError(msg)
@@ -228,6 +240,7 @@ def cross_validate(
         for n in f:
             t = named[n].tables[table_key]
             masks[n] = known_mask(t, stacks[n], _known_spec(known, n, stacks[n].sections))
+            check_known(t, stacks[n], masks[n])  # before any fold trains
             if fit is not None:
                 check_before_fit(method, t, dict(method_kwargs or {}), table_key)
             if key_added is not None:
@@ -304,8 +317,11 @@ def cross_validate(
                     del named[n].tables[key_added]
                 named[n].tables[key_added] = out
     per_sample = pd.concat(frames, ignore_index=True)
-    levels = [per] if isinstance(per, str) else list(per)
-    keep = per_sample[per_sample["level"].isin([lv for lv in levels if lv in ("gene", "section")] + ["sample"])]
+    keep = per_sample[
+        per_sample["level"].isin(
+            [lv for lv in levels if lv in ("gene", "section")] + ["sample"] * ("overall" in levels)
+        )
+    ]
     samp = per_sample[per_sample["level"] == "sample"]
     fold_rows = _aggregate(samp, "fold", ["fold"])
     summary = []
