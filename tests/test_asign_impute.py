@@ -227,6 +227,16 @@ def test_blend_needs_finite_aligned_coordinates_before_training(stacks, monkeypa
     assert not trained
 
 
+def test_holdout_too_small_warns(stacks, caplog):
+    import logging
+
+    a, _ = stacks
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        out = _impute(a, method_kwargs={"holdout_fraction": 0.01, "max_epochs": 2})
+    assert "too few to hold out 0.01" in caplog.text and "without early stopping" in caplog.text
+    assert np.isfinite(out.layers["imputed"]).all()
+
+
 def test_spot_only_levels_and_presets(stacks):
     a, _ = stacks
     for name in ("asign_regions", "asign_globals"):

@@ -339,6 +339,12 @@ def _member_data(
         return train, validation
     for c in contexts:
         ho = _holdout(c.known, cfg.holdout_fraction, rng) if mode_val == "holdout" else np.zeros_like(c.known)
+        if mode_val == "holdout" and not ho.any():
+            logger.warning(
+                f"validation='holdout': {int(c.known.sum())} known spots of sample {c.sample!r} are too few to hold "
+                f"out {cfg.holdout_fraction:g} of them (at least 2 held out and 2 kept); training runs without early "
+                f"stopping, for max_epochs={cfg.max_epochs}."
+            )
         s = sample_tensors(
             c, labelled=c.known & ~ho, min_tile_fraction=0.5 if ho.any() else 1.0, views=cfg.view_augment, **tkw
         )

@@ -61,7 +61,7 @@ def _fallback(pred: np.ndarray, missing: np.ndarray, mean: np.ndarray, method: s
         pred[missing] = mean
         logger.warning(
             f"{method}: {n} spots have no image features (sections without image or not processed); they get the "
-            "known mean (a constant)."
+            "mean of the labelled training spots (a constant)."
         )
     return n
 

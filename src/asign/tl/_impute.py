@@ -498,7 +498,7 @@ def impute(
     method_kwargs
         Keyword arguments of the method (e.g. ``{{"k": 5}}`` for ``"nearest"``); recorded in ``uns``. Every method
         takes ``gene_rank``: project the prediction on that many principal axes of the known spots' normalised
-        expression (method.md §6 item 8; `None` for the baselines, 10 for ``"asign"`` without ``train``).
+        expression (method.md §6 item 8; `None` for the baselines, 10 for ``"asign"``).
     {table_key}
     key_added
         Key of the output table in :attr:`spatialdata.SpatialData.tables`.
