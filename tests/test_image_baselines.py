@@ -97,6 +97,14 @@ def test_top_k_ties_and_exclusion():
     nn = top_k_similar(Q, K, 2, exclude=np.array([-1, 1]))
     assert nn[0].tolist() == [0, 1]  # equal cosine: lower index first
     assert nn[1].tolist() == [0, 3]  # row 1 excluded
+    # many ties at the k-th place: the lowest indices win, whatever argpartition would pick
+    rng = np.random.default_rng(0)
+    K = np.tile([[1.0, 0.0]], (50, 1))
+    K[rng.choice(50, 10, replace=False)] = [0.0, 1.0]
+    nn = top_k_similar(np.array([[1.0, 0.0], [0.0, 1.0]]), K, 7, block=1)
+    assert nn[0].tolist() == np.flatnonzero(K[:, 0] == 1)[:7].tolist()
+    assert nn[1].tolist() == np.flatnonzero(K[:, 1] == 1)[:7].tolist()
+    assert top_k_similar(np.array([[1.0, 0.0]]), K[:3], 3).shape == (1, 3)
 
 
 @pytest.mark.parametrize("method", ["ridge", "similarity"])

@@ -252,11 +252,17 @@ def top_k_similar(Q: np.ndarray, K: np.ndarray, k: int, *, exclude: np.ndarray |
             ex = exclude[s : s + block]
             r = np.flatnonzero(ex >= 0)
             sim[r, ex[r]] = -np.inf
-        part = (
-            np.argpartition(-sim, kth=k - 1, axis=1)[:, :k]
-            if k < sim.shape[1]
-            else np.tile(np.arange(sim.shape[1]), (len(sim), 1))
-        )
+        if k < sim.shape[1]:
+            # every row's k-th largest value; rows above it are in, and of the rows equal to it the lowest indices
+            # fill the remaining places (argpartition alone picks among ties arbitrarily)
+            thr = -np.partition(-sim, kth=k - 1, axis=1)[:, k - 1 : k]
+            above = sim > thr
+            tied = sim == thr
+            room = k - above.sum(axis=1, keepdims=True)
+            chosen = above | (tied & (np.cumsum(tied, axis=1) <= room))
+            part = np.nonzero(chosen)[1].reshape(len(sim), k)
+        else:
+            part = np.tile(np.arange(sim.shape[1]), (len(sim), 1))
         vals = np.take_along_axis(sim, part, axis=1)
         order = np.lexsort((part, -vals), axis=1)
         out[s : s + block] = np.take_along_axis(part, order, axis=1)
