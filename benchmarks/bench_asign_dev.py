@@ -20,7 +20,10 @@ Usage::
 
 Every fit also records the per-gene PCC of its full-rank prediction (``layers['full_rank']`` where ASIGN projected,
 else ``imputed``) and of that prediction projected on the first 5, 10, 20 and 40 principal gene axes of the known
-spots (the ``gene_rank`` option); ``--table`` prints the paired gains. The ``gene_rank`` default was chosen with::
+spots (the ``gene_rank`` option); where ASIGN blended in the aligned neighbours it also records
+``pcc_gene_by_blend``: the network's prediction re-blended post hoc with weights 0, 0.25, 0.5 and 0.75 and projected
+on 10 gene axes, as ``nearest_blend=w`` would give. ``--table`` prints the paired gains. The ``gene_rank`` default
+was chosen with::
 
     python benchmarks/bench_asign_dev.py --tag _gene_rank --configs baselines,default --seeds 0 1
     python benchmarks/bench_asign_dev.py --features '{"encoder": "efficientnet_lite0_multidepth", "tta": "dihedral",
@@ -47,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "asign_dev_blocks.json"
 N_BLOCKS = 4
 RANKS = (5, 10, 20, 40)  # gene_rank values scored post hoc on every fit's full-rank prediction
+BLENDS = (0.0, 0.25, 0.5, 0.75)  # nearest_blend weights scored post hoc (then projected on 10 gene axes)
 BASELINES = {
     "propagation": ("propagation", {"n_iter": 10}),
     "nearest 8-IDW": ("nearest", {"k": 8, "weights": "idw"}),
@@ -103,6 +107,17 @@ def score(sdata, known: np.ndarray, method: str, kw: dict, seed: int) -> dict:
         full.layers["imputed"] = out.layers["full_rank"]
     rec["pcc_gene_full_rank"] = _c2_pcc(full)
     rec["pcc_gene_by_rank"] = {str(k): _c2_pcc(gene_rank_projected(full, k)) for k in RANKS}
+    # ASIGN with a blend: the network's prediction before it (undone from full_rank = (1 - w) net + w nearest),
+    # re-blended post hoc with other weights and projected on 10 gene axes, as impute would with that nearest_blend
+    w = float(out.uns.get("asign", {}).get("result", {}).get("nearest_blend", 0.0) or 0.0)
+    if "nearest" in out.layers and 0.0 < w < 1.0:
+        near = np.asarray(out.layers["nearest"], dtype=np.float64)
+        net = (np.asarray(full.layers["imputed"], dtype=np.float64) - w * near) / (1.0 - w)
+        rec["pcc_gene_by_blend"] = {}
+        for wb in BLENDS:
+            blended = full.copy()
+            blended.layers["imputed"] = ((1.0 - wb) * net + wb * near).astype(np.float32)
+            rec["pcc_gene_by_blend"][str(wb)] = _c2_pcc(gene_rank_projected(blended, 10))
     return rec
 
 

@@ -310,16 +310,17 @@ def test_nearest_blend(stacks):
     # with the projection, the blend is projected as a whole
     both = _impute(a, seed=5, method_kwargs={"gene_rank": 3, "nearest_blend": 0.25})
     np.testing.assert_allclose(both.layers["full_rank"], blend.layers["imputed"], rtol=1e-5, atol=1e-5)
-    # the transductive default blends half and half
+    # the transductive default blends in a quarter of the nearest spots
     default = _impute(a, seed=5, method_kwargs={"gene_rank": None})
-    assert default.uns["asign"]["result"]["nearest_blend"] == 0.5
-    np.testing.assert_allclose(
-        default.layers["imputed"], 0.5 * base.layers["imputed"] + 0.5 * near.layers["imputed"], rtol=1e-5, atol=1e-5
+    assert default.uns["asign"]["result"]["nearest_blend"] == 0.25
+    np.testing.assert_allclose(default.layers["imputed"], blend.layers["imputed"], rtol=1e-6, atol=1e-6)
+    assert (
+        asign.tl.fit(a, known="S1", n_genes=12, config=TINY, show_progress_bar=False).options["nearest_blend"] == 0.25
     )
     for bad in (-0.1, 1.5, "half", True):
         with pytest.raises(ValueError, match="nearest_blend"):
             _impute(a, method_kwargs={"nearest_blend": bad})
     del a.tables["table"].obsm["spatial_aligned"]
-    for kw in ({"nearest_blend": 0.5}, {}):  # explicit, or the transductive default
-        with pytest.raises(KeyError, match="nearest_blend=0.5 needs"):
+    for kw, w in (({"nearest_blend": 0.5}, 0.5), ({}, 0.25)):  # explicit, or the transductive default
+        with pytest.raises(KeyError, match=f"nearest_blend={w} needs"):
             _impute(a, method_kwargs=kw)
