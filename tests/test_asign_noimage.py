@@ -34,6 +34,8 @@ def test_noimage_runs_and_writes_layer(small_stack, prepare_for_asign):
     res = out.uns["asign"]["result"]
     assert res["config"]["label_input"] is True and res["config"]["levels"] == "spot"
     assert res["options"]["feature_key"] == "None"
+    # the transductive blend weight of the non-image mode stays 0.5 (the image model's is 0.25)
+    assert res["nearest_blend"] == 0.5 and res["options"]["nearest_blend"] == 0.5
     # the network is not a no-op: its prediction varies within every unknown section
     sec = out.obs["section"].astype(str).to_numpy()
     for s in ("S2", "S3"):

@@ -84,7 +84,8 @@ TRANSDUCTIVE_DEFAULTS: dict[str, Any] = {
     "patience": 10,
 }
 # ... an ensemble of three members (averaging removes much of the variance of a network trained on ~150 spots), and a
-# quarter of the aligned nearest known spots blended in (see OPTIONS)
+# quarter of the aligned nearest known spots blended in (see OPTIONS; the image model only: the non-image mode keeps
+# the 0.5 its own rule confirmed)
 TRANSDUCTIVE_OPTIONS: dict[str, Any] = {"n_models": 3, "nearest_blend": 0.25}
 # non-image mode (method_kwargs feature_key=None, issue 6): no image features; the spot branch reads the label input
 # (ASIGNConfig.label_input: propagated VISIBLE labels and reach), spot level only. Further defaults of this mode
@@ -94,6 +95,20 @@ NOIMAGE_DEFAULTS: dict[str, Any] = {"levels": "spot", "label_input": True, "inpu
 
 
 # ----------------------------------------------------------------------------------------------- options
+def _option_defaults(params: dict[str, Any], *, transductive: bool) -> dict[str, Any]:
+    """The data options' defaults of the mode.
+
+    :data:`OPTIONS`, with :data:`TRANSDUCTIVE_OPTIONS` on top in the transductive mode; the transductive non-image
+    mode (``feature_key=None``) keeps the blend weight of :data:`OPTIONS`.
+    """
+    if not transductive:
+        return dict(OPTIONS)
+    out = {**OPTIONS, **TRANSDUCTIVE_OPTIONS}
+    if params.get("feature_key", OPTIONS["feature_key"]) is None:
+        out["nearest_blend"] = OPTIONS["nearest_blend"]
+    return out
+
+
 def split_params(params: dict[str, Any], *, seed: int, transductive: bool) -> tuple[ASIGNConfig, dict[str, Any]]:
     """Split ``method_kwargs`` into an :class:`~asign._model.ASIGNConfig` and the data options of :data:`OPTIONS`."""
     from asign._model import ASIGNConfig
@@ -107,7 +122,7 @@ def split_params(params: dict[str, Any], *, seed: int, transductive: bool) -> tu
             f"data options: {sorted(OPTIONS)}."
         )
         raise ValueError(msg)
-    defaults = {**OPTIONS, **TRANSDUCTIVE_OPTIONS} if transductive else OPTIONS
+    defaults = _option_defaults(params, transductive=transductive)
     opts = {k: params.pop(k, v) for k, v in defaults.items()}
     opts["gene_rank"] = check_gene_rank(opts["gene_rank"])
     opts["nearest_blend"] = check_nearest_blend(opts["nearest_blend"])
@@ -679,7 +694,7 @@ def _blend_weight(params: dict, model_options: dict | None = None, *, transducti
     option existed), then the default of the mode.
     """
     if model_options is None:
-        default = (TRANSDUCTIVE_OPTIONS if transductive else OPTIONS)["nearest_blend"]
+        default = _option_defaults(params, transductive=transductive)["nearest_blend"]
     else:
         default = model_options.get("nearest_blend", 0.0)
     return check_nearest_blend(params.get("nearest_blend", default))
