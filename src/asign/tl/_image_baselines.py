@@ -150,6 +150,17 @@ def _fit_ridge(
     return model, info
 
 
+def _ridge_settings(p: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`_fit_ridge` from the method's parameters."""
+    alphas = p["alphas"] if p["alphas"] is not None else DEFAULT_ALPHAS
+    return {
+        "n_components": int(p["n_components"]),
+        "alphas": np.asarray(alphas, dtype=float),
+        "cv": int(p["cv"]),
+        "standardize": bool(p["standardize"]),
+    }
+
+
 def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
     """Train on the labelled training samples (every measured spot), alpha by leave-sample-out CV."""
     p = _params(without_gene_rank(fctx.params), "ridge", RIDGE_DEFAULTS)
@@ -162,17 +173,7 @@ def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
         Ys.append(c.Y[rows])
         groups.append(np.full(int(rows.sum()), g) if len(fctx.train) > 1 else c.section_codes[rows])
     X, Y, grp = np.concatenate(Xs), np.concatenate(Ys), np.concatenate(groups)
-    alphas = np.asarray(p["alphas"] if p["alphas"] is not None else DEFAULT_ALPHAS, dtype=float)
-    model, info = _fit_ridge(
-        X,
-        Y,
-        grp,
-        n_components=p["n_components"],
-        alphas=alphas,
-        cv=p["cv"],
-        seed=fctx.seed,
-        standardize=bool(p["standardize"]),
-    )
+    model, info = _fit_ridge(X, Y, grp, seed=fctx.seed, **_ridge_settings(p))
     info["trained_on"] = "train_samples"
     return {"model": model, "info": info, "feature_id": space, "mean": Y.mean(axis=0)}
 
@@ -209,17 +210,7 @@ def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
         else:
             xy = np.asarray(ctx.table.obsm[Key.SPATIAL], dtype=np.float64)[known]
             groups, grouping = _spatial_groups(xy, p["cv"], ctx.seed), "spatial_blocks"
-        alphas = np.asarray(p["alphas"] if p["alphas"] is not None else DEFAULT_ALPHAS, dtype=float)
-        model, info = _fit_ridge(
-            X[known],
-            ctx.Y[known],
-            groups,
-            n_components=p["n_components"],
-            alphas=alphas,
-            cv=p["cv"],
-            seed=ctx.seed,
-            standardize=bool(p["standardize"]),
-        )
+        model, info = _fit_ridge(X[known], ctx.Y[known], groups, seed=ctx.seed, **_ridge_settings(p))
         info["trained_on"] = "known_spots"
         info["cv_grouping"] = grouping
         mean = ctx.Y[known].mean(axis=0)
