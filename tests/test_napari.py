@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,18 @@ from asign._constants import Key
 
 HAS_NAPARI = importlib.util.find_spec("napari_spatialdata") is not None
 RUN_NAPARI = os.environ.get("ASIGN_TEST_NAPARI", "") == "1"
+
+
+def _qt_start_error() -> str | None:
+    """Start a Qt application in a child process; Qt aborts the whole process when its platform plugin can't load."""
+    code = "from qtpy.QtWidgets import QApplication; app = QApplication([]); print('ok')"
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "starting a Qt application timed out"
+    if res.returncode != 0 or "ok" not in res.stdout:
+        return f"Qt cannot start here (exit {res.returncode}): {res.stderr.strip()[-300:]}"
+    return None
 
 
 def _helpers():
@@ -57,6 +71,9 @@ def test_interactive_headless_screenshot(small_stack, tmp_path):
     os.environ.setdefault("QT_API", "pyqt6")
     if not os.environ.get("DISPLAY"):
         pytest.skip("no display; run under xvfb-run")
+    error = _qt_start_error()
+    if error is not None:
+        pytest.skip(f"{error} (see docs/installation.md for the X libraries Qt needs)")
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
