@@ -193,6 +193,7 @@ def score(args: argparse.Namespace) -> None:
     from bench_asign_her2st import gene_rank_projected
 
     import asign
+    from asign.tl._asign import TRANSDUCTIVE_OPTIONS
     from asign.tl._baselines import idw_nearest
 
     tpl = ad.read_h5ad(TEMPLATE)
@@ -206,16 +207,19 @@ def score(args: argparse.Namespace) -> None:
         out.layers["imputed"] = preds[f"{variant}_pred"].astype(np.float32)
         overall = asign.tl.evaluate(out, per="overall").iloc[0]
         per_sec = asign.tl.evaluate(out, per="section")
-        # the members' average is the full-rank prediction; impute's transductive default then blends it half and
-        # half with the aligned 8-IDW of the known spots (nearest_blend=0.5) and projects it on 10 gene axes of the
-        # known spots (gene_rank=10): scored here as well, projected alone and blended + projected
+        # the members' average is the full-rank prediction; impute's transductive default then blends it with the
+        # aligned 8-IDW of the known spots (nearest_blend: TRANSDUCTIVE_OPTIONS, 0.25 since session 9; 0.5 before) and
+        # projects it on 10 gene axes of the known spots (gene_rank=10): scored projected alone and blended + projected
         projected = asign.tl.evaluate(gene_rank_projected(out, 10), per="overall").iloc[0]
         known = out.obs["known"].to_numpy(dtype=bool)
         Y = np.where(known[:, None], np.asarray(out.layers["target"], dtype=np.float64), np.nan)
         near, _ = idw_nearest(np.asarray(out.obsm["spatial_aligned"], dtype=np.float64), Y, known, k=8)
-        blended = out.copy()
-        blended.layers["imputed"] = (0.5 * out.layers["imputed"] + 0.5 * near).astype(np.float32)
-        default = asign.tl.evaluate(gene_rank_projected(blended, 10), per="overall").iloc[0]
+        by_blend = {}
+        for w in sorted({float(TRANSDUCTIVE_OPTIONS["nearest_blend"]), 0.5}):
+            blended = out.copy()
+            blended.layers["imputed"] = ((1 - w) * out.layers["imputed"] + w * near).astype(np.float32)
+            by_blend[w] = asign.tl.evaluate(gene_rank_projected(blended, 10), per="overall").iloc[0]
+        default = by_blend[float(TRANSDUCTIVE_OPTIONS["nearest_blend"])]
         result["scores"][variant] = {
             "pcc_gene": float(overall["pcc_gene"]),
             "pcc_spot_legacy": float(overall["pcc_spot_legacy"]),
@@ -225,6 +229,8 @@ def score(args: argparse.Namespace) -> None:
             "pcc_spot_legacy_rank10": float(projected["pcc_spot_legacy"]),
             "pcc_gene_default": float(default["pcc_gene"]),
             "pcc_spot_legacy_default": float(default["pcc_spot_legacy"]),
+            "nearest_blend_default": float(TRANSDUCTIVE_OPTIONS["nearest_blend"]),
+            "pcc_gene_by_blend": {str(w): float(r["pcc_gene"]) for w, r in by_blend.items()},
         }
         print(variant, json.dumps(result["scores"][variant]))
     target = Path("/tmp/gpu_her2st_finetune_smoke.json") if run_rec.get("smoke") else RESULT  # no smoke numbers here
