@@ -71,6 +71,7 @@ CONFIGS = {
     "viewcons1": {"view_consistency": 1.0},  # with stored per-view features
     "predict_views": {"predict_views": True},  # with stored per-view features
     "fscale_global": {"feature_scaling": "global"},  # one scale for all feature dimensions (session 9)
+    "lpinit_net": {"lp_init": "network"},  # unknown spots start the propagation from the network (session 10)
 }
 
 
