@@ -324,3 +324,14 @@ def test_nearest_blend(stacks):
     for kw, w in (({"nearest_blend": 0.5}, 0.5), ({}, 0.25)):  # explicit, or the transductive default
         with pytest.raises(KeyError, match=f"nearest_blend={w} needs"):
             _impute(a, method_kwargs=kw)
+
+
+def test_blend_default_by_mode_and_preset():
+    """0.25 only for the transductive image model of the default preset (the network it was chosen with)."""
+    from asign.tl._asign import _option_defaults
+
+    assert _option_defaults({}, transductive=True)["nearest_blend"] == 0.25
+    assert _option_defaults({"feature_key": None}, transductive=True)["nearest_blend"] == 0.5
+    assert _option_defaults({"preset": "paper_code"}, transductive=True)["nearest_blend"] == 0.5
+    assert _option_defaults({}, transductive=False)["nearest_blend"] == 0.5
+    assert _option_defaults({"preset": "paper_code"}, transductive=True)["n_models"] == 3

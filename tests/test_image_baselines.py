@@ -70,6 +70,8 @@ def test_ridge_standardize_option(small_stack):
     assert z.uns["asign"]["result"]["standardize"] is True
     assert score(raw).mean() > score(z).mean() + 0.05
     assert score(raw).mean() > 0.5
+    with pytest.raises(ValueError, match="standardize='false' must be True or False"):
+        impute(sd, "ridge", method_kwargs={"standardize": "false"})
 
 
 def test_similarity_matches_brute_force(small_stack):

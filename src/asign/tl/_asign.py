@@ -98,13 +98,15 @@ NOIMAGE_DEFAULTS: dict[str, Any] = {"levels": "spot", "label_input": True, "inpu
 def _option_defaults(params: dict[str, Any], *, transductive: bool) -> dict[str, Any]:
     """The data options' defaults of the mode.
 
-    :data:`OPTIONS`, with :data:`TRANSDUCTIVE_OPTIONS` on top in the transductive mode; the transductive non-image
-    mode (``feature_key=None``) keeps the blend weight of :data:`OPTIONS`.
+    :data:`OPTIONS`, with :data:`TRANSDUCTIVE_OPTIONS` on top in the transductive mode. The blend weight 0.25 was
+    chosen for the image model of the default preset (the network of :data:`TRANSDUCTIVE_DEFAULTS`); the
+    transductive non-image mode (``feature_key=None``) and other presets keep the blend weight of :data:`OPTIONS`.
     """
     if not transductive:
         return dict(OPTIONS)
     out = {**OPTIONS, **TRANSDUCTIVE_OPTIONS}
-    if params.get("feature_key", OPTIONS["feature_key"]) is None:
+    image_model = params.get("feature_key", OPTIONS["feature_key"]) is not None
+    if not image_model or params.get("preset", OPTIONS["preset"]) != "default":
         out["nearest_blend"] = OPTIONS["nearest_blend"]
     return out
 

@@ -362,7 +362,8 @@ def predict(
     {inplace}
     nearest_blend
         Weight of the aligned nearest known spots in the prediction (``method_kwargs`` of :func:`asign.tl.impute`);
-        `None` uses the model's (0.5 by default). ``0`` predicts without ``obsm['spatial_aligned']``.
+        `None` uses the model's (0.25 for a transductive image model of the default preset, 0.5 otherwise). ``0``
+        predicts without ``obsm['spatial_aligned']``.
     gene_rank
         Number of gene axes of the known spots to project the prediction on; ``"model"`` uses the model's (10 by
         default), `None` does not project.

@@ -153,6 +153,9 @@ def _fit_ridge(
 def _ridge_settings(p: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of :func:`_fit_ridge` from the method's parameters."""
     alphas = p["alphas"] if p["alphas"] is not None else DEFAULT_ALPHAS
+    if not isinstance(p["standardize"], bool | np.bool_):
+        msg = f"method 'ridge': standardize={p['standardize']!r} must be True or False."
+        raise ValueError(msg)
     return {
         "n_components": int(p["n_components"]),
         "alphas": np.asarray(alphas, dtype=float),
