@@ -72,6 +72,7 @@ CONFIGS = {
     "predict_views": {"predict_views": True},  # with stored per-view features
     "fscale_global": {"feature_scaling": "global"},  # one scale for all feature dimensions (session 9)
     "lpinit_net": {"lp_init": "network"},  # unknown spots start the propagation from the network (session 10)
+    "mask_block": {"mask": "block"},  # contiguous visible patches instead of random visible spots (session 10)
 }
 
 

@@ -74,6 +74,51 @@ def test_masks(data):
     assert 0.2 < np.mean(fr) < 0.4
 
 
+def test_block_mask_hides_contiguous_regions():
+    """``mask="block"``: contiguous visible patches of labelled spots (within-section edges only); the hidden spots
+    lie farther from the visible labels than under ``mask="spot"`` with the same fraction."""
+    from asign._model import SampleTensors
+
+    n = 20
+    edges = [
+        (i * n + j, (i + di) * n + j + dj)
+        for i in range(n)
+        for j in range(n)
+        for di, dj in ((0, 1), (1, 0), (0, -1), (-1, 0))
+        if 0 <= i + di < n and 0 <= j + dj < n
+    ]
+    ei = torch.tensor(edges).T
+    y = torch.zeros(n * n, 3)
+    y[:40] = float("nan")  # two unlabelled rows
+    # the same grid as a second section joined by cross-section edges, which a patch must not follow
+    s = SampleTensors(
+        x_spot=torch.zeros(2 * n * n, 4),
+        edge_index=torch.cat([ei, ei + n * n, torch.stack([torch.arange(n * n), torch.arange(n * n) + n * n])], 1),
+        edge_weight=torch.ones(2 * ei.shape[1] + n * n),
+        edge_cross=torch.cat([torch.zeros(2 * ei.shape[1]), torch.ones(n * n)]),
+        section=torch.repeat_interleave(torch.tensor([0, 1]), n * n),
+        y=torch.cat([y, torch.full((n * n, 3), float("nan"))]),
+    )
+    gen = torch.Generator().manual_seed(0)
+
+    def near_fraction(vis):
+        """Fraction of hidden labelled spots with a visible within-section neighbour."""
+        hidden = s.labelled & ~vis
+        has = torch.zeros_like(vis)
+        has[ei[0][vis[ei[1]]]] = True
+        return float((has & hidden).sum()) / float(hidden.sum())
+
+    block, spot = [], []
+    for _ in range(10):
+        vis, loss = _draw_mask(s, ASIGNConfig(**CFG, mask="block", visible_fraction=0.2), gen)
+        assert not bool((vis & ~s.labelled).any()) and bool((vis | loss)[s.labelled].all())
+        assert 0.2 <= float(vis.sum()) / float(s.labelled.sum()) < 0.25
+        block.append(near_fraction(vis))
+        vis, _ = _draw_mask(s, ASIGNConfig(**CFG, mask="spot", visible_fraction=0.2), gen)
+        spot.append(near_fraction(vis))
+    assert np.mean(block) < 0.6 * np.mean(spot)
+
+
 def test_hidden_labels_never_reach_the_model(data, monkeypatch):
     s, _, full = data
     model = make_model(full.n_genes, _dims(full), ASIGNConfig(**CFG, max_epochs=2))

@@ -66,9 +66,12 @@ class ASIGNConfig:
         the loss-set spots of each section (closer to the primary metric).
     mask
         ``"section"``: one labelled section visible per step, the others hidden; ``"spot"``: each labelled spot visible
-        with probability ``visible_fraction``. Samples with a single labelled section always use ``"spot"``.
+        with probability ``visible_fraction``; ``"block"``: contiguous patches of labelled spots (a random spot and its
+        within-section graph neighbours, repeated) visible up to ``visible_fraction``, so that the hidden spots lie
+        away from every visible label, as an unknown section does. Samples with a single labelled section use
+        ``"spot"`` under ``"section"``.
     visible_fraction
-        ``p`` of ``mask="spot"``.
+        ``p`` of ``mask="spot"`` and ``mask="block"``.
     known_policy
         ``"random"`` (a new visible section each step) or ``"first"`` (always the first labelled section).
     optimizer
@@ -178,7 +181,7 @@ class ASIGNConfig:
     loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.25, 0.25])
     net_loss_weight: float = 0.0
     pcc_axis: Literal["spot", "gene"] = "gene"
-    mask: Literal["section", "spot"] = "section"
+    mask: Literal["section", "spot", "block"] = "section"
     visible_fraction: float = 0.2
     known_policy: Literal["random", "first"] = "random"
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -227,7 +230,7 @@ class ASIGNConfig:
             "net_baseline": ("visible_mean", "propagation", "none"),
             "lp_init": ("mean", "network"),
             "pcc_axis": ("spot", "gene"),
-            "mask": ("section", "spot"),
+            "mask": ("section", "spot", "block"),
             "known_policy": ("random", "first"),
             "feature_scaling": ("dimension", "global"),
             "optimizer": ("adamw", "sgd"),

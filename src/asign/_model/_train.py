@@ -116,6 +116,33 @@ def per_gene_pcc(pred: np.ndarray, target: np.ndarray, groups: np.ndarray) -> fl
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def _block_visible(sample: SampleTensors, fraction: float, gen: torch.Generator) -> Tensor:
+    """Visible set of ``mask="block"``: contiguous patches of labelled spots, the rest hidden.
+
+    A random labelled spot that is not yet visible becomes visible together with its labelled within-section graph
+    neighbours (one hop on the edges of ``sample.edge_index`` that do not cross sections), until ``fraction`` of the
+    labelled spots are visible. The hidden spots then lie in contiguous regions away from every visible label, as
+    the spots of an unknown section are at prediction; with ``mask="spot"`` every hidden spot has visible neighbours.
+    """
+    labelled = sample.labelled
+    idx = torch.nonzero(labelled).squeeze(1)
+    target = max(1, int(round(fraction * idx.numel())))
+    src, dst = sample.edge_index
+    within = sample.edge_cross < 0.5
+    src, dst = src[within], dst[within]
+    visible = torch.zeros_like(labelled)
+    order = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
+    for centre in order.tolist():
+        if int(visible.sum()) >= target:
+            break
+        if bool(visible[centre]):
+            continue
+        patch = torch.cat([torch.tensor([centre], device=src.device), dst[src == centre], src[dst == centre]])
+        visible[patch] = True
+        visible &= labelled
+    return visible
+
+
 def _draw_mask(sample: SampleTensors, cfg: ASIGNConfig, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """Visible set and loss set of one step (``method.md`` §6.3)."""
     labelled = sample.labelled
@@ -127,6 +154,8 @@ def _draw_mask(sample: SampleTensors, cfg: ASIGNConfig, gen: torch.Generator) ->
         else:
             s = lab_sections[int(torch.randint(len(lab_sections), (1,), generator=gen))]
         visible = labelled & (sec == s)
+    elif cfg.mask == "block":
+        visible = _block_visible(sample, cfg.visible_fraction, gen)
     else:
         r = torch.rand(sample.n_spots, generator=gen).to(labelled.device)
         visible = labelled & (r < cfg.visible_fraction)
