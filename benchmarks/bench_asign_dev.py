@@ -64,6 +64,7 @@ CONFIGS = {
     "hidden64": {"hidden_dim": 64},
     "dropout0.2": {"input_dropout": 0.2},
     "lp20": {"lp_iterations": 20},
+    "members4": {"n_models": 4},
     "members5": {"n_models": 5},
     "members10": {"n_models": 10},
     "views_off": {"view_augment": False},  # with stored per-view features (--features keep_views)
