@@ -176,6 +176,13 @@ def test_transforms_bad_input(small_stack):
         asign.pp.align_layers(small_stack, method="transforms", transforms={**gt, "S1": np.eye(4)})
     with pytest.raises(KeyError, match="reference"):
         asign.pp.align_layers(small_stack, method="transforms", transforms=gt, reference="nope")
+    # a section's own coordinate system would lose its native transformations
+    from spatialdata.transformations import get_transformation
+
+    before = get_transformation(small_stack["spots_S1"], get_all=True)
+    with pytest.raises(ValueError, match=r"native coordinate system of section\(s\) \['S1'\]"):
+        asign.pp.align_layers(small_stack, method="transforms", transforms=gt, key_added="S1")
+    assert get_transformation(small_stack["spots_S1"], get_all=True) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------

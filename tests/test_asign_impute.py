@@ -208,6 +208,17 @@ def test_inductive_mode_blends_and_projects_and_checks_the_blend_before_training
             {"A": a, "B": b}, folds=[["B"], ["A"]], method="asign", method_kwargs=TINY, show_progress_bar=False
         )
     assert not trained
+    # a sample to impute without features or without the graph also fails before any training, saying what to run
+    a.tables["table"].obsm["spatial_aligned"] = b.tables["table"].obsm["spatial_aligned"][: a.tables["table"].n_obs]
+    feats = a.tables["table"].obsm.pop("asign_features_spot")
+    with pytest.raises(KeyError, match=r"no `.obsm\['asign_features_spot'\]`; run `asign.pp.extract_features"):
+        _impute(a, train={"B": b}, method_kwargs={"validation": "none"})
+    a.tables["table"].obsm["asign_features_spot"] = feats
+    graph = a.tables["table"].obsp.pop("asign_connectivities")
+    with pytest.raises(KeyError, match=r"no `.obsp\['asign_connectivities'\]`; run `asign.pp.neighbors_3d"):
+        _impute(a, train={"B": b}, method_kwargs={"validation": "none"})
+    a.tables["table"].obsp["asign_connectivities"] = graph
+    assert not trained
 
 
 def test_blend_needs_finite_aligned_coordinates_before_training(stacks, monkeypatch):

@@ -181,3 +181,25 @@ def test_propagation_on_neighbors_3d_graph():
     assert out.uns["asign"]["result"]["connectivities_key"] == "asign_connectivities"
     assert np.isfinite(out.layers["imputed"]).all()
     assert asign.tl.evaluate(out, per="overall")["pcc_gene"].iloc[0] > 0.1
+
+
+def test_baselines_name_the_sections_they_cannot_serve(stack, caplog):
+    """Propagation warns about spots that no known spot can reach (a graph without edges to a section) and records
+    how many; nearest refuses non-finite aligned coordinates naming their section."""
+    import logging
+
+    t = stack.tables["table"]
+    sec = t.obs["section"].astype(str).to_numpy()
+    W = t.obsp["asign_connectivities"].tolil()
+    s4 = np.flatnonzero(sec == "S4")
+    others = np.flatnonzero(sec != "S4")
+    W[np.ix_(s4, others)] = 0
+    W[np.ix_(others, s4)] = 0
+    t.obsp["asign_connectivities"] = W.tocsr()
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        out = asign.tl.impute(stack, known="S1", method="propagation", n_genes=15, inplace=False)
+    assert out.uns["asign"]["result"]["n_unreached"] == s4.size
+    assert f"{s4.size} spots of section(s) ['S4'] have no path to any known spot" in caplog.text
+    t.obsm["spatial_aligned"][s4[:3]] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite coordinates for 3 spots of section\(s\) \['S4'\]"):
+        asign.tl.impute(stack, known="S1", method="nearest", n_genes=15, inplace=False)

@@ -164,7 +164,7 @@ def test_levels_missing_features_and_nan_sections(small_stack):
         assert out.uns["asign"]["result"]["n_no_features"] == int(s3.sum())
 
 
-def test_ridge_trained_on_other_samples(small_stack):
+def test_ridge_trained_on_other_samples(small_stack, monkeypatch):
     from asign.datasets import synthetic_stack
 
     sd = small_stack
@@ -179,3 +179,10 @@ def test_ridge_trained_on_other_samples(small_stack):
     add_fake_features(other, seed=1, encoder="another")
     with pytest.raises(ValueError, match="differ from those the model was trained on"):
         impute(sd, "ridge", train={"other": other})
+    # the sample to impute without features fails before the ridge is fitted on the training samples
+    fitted = []
+    monkeypatch.setattr(asign.tl._image_baselines, "_fit_ridge", lambda *a, **k: fitted.append(1))
+    del sd.tables["table"].obsm["asign_features_spot"]
+    with pytest.raises(KeyError, match=r"`obsm\['asign_features_spot'\]` not found; run `asign.pp.extract_features"):
+        impute(sd, "ridge", train={"other": other})
+    assert not fitted

@@ -135,6 +135,26 @@ def test_key_added(small_stack):
     asign.pp.make_tiles(sd, scales={"region": 128, "global": 256}, key_added="hr")
     assert "hr_regions" in sd.tables and "hr_globals" in sd.tables
     assert "hr_region" in sd.tables["table"].obs and "hr_global" in sd.tables["hr_regions"].obs
+    asign.pp.make_tiles(sd, scales={"region": 64, "global": 192}, key_added="hr")  # its own earlier run: replaced
+    assert sd.tables["table"].uns["hr_tiles"]["scales_px"]["global"][0] == 192
+
+
+def test_key_added_never_overwrites_user_data(small_stack):
+    """Tables and columns of the same name that no asign run wrote belong to the user: refused before any work."""
+    import anndata as ad
+
+    sd = small_stack
+    user = ad.AnnData(np.ones((3, 2)))
+    sd.tables["my_regions"] = user
+    with pytest.raises(ValueError, match=r"would overwrite table 'my_regions'"):
+        asign.pp.make_tiles(sd, key_added="my")
+    with pytest.raises(ValueError, match=r"would overwrite table 'my_regions'"):
+        asign.pp.extract_features(sd, encoder="handcrafted", key_added="my", show_progress_bar=False)
+    assert sd.tables["my_regions"] is user
+    sd.tables["table"].obs["user_region"] = 1
+    with pytest.raises(ValueError, match=r"`.obs\['user_region'\]`"):
+        asign.pp.make_tiles(sd, key_added="user")
+    assert (sd.tables["table"].obs["user_region"] == 1).all() and "user_regions" not in sd.tables
 
 
 def test_image_levels_scales_and_stored_flag(small_stack, tmp_path):

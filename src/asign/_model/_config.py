@@ -219,12 +219,37 @@ class ASIGNConfig:
     view_consistency: float = 0.0
     predict_views: bool = True
 
+    def _check_types(self) -> None:
+        """Integer, float and boolean options must have that type.
+
+        ``"2"`` or ``1.5`` for an integer option fail here, not deep inside training.
+        """
+        import numbers
+
+        import numpy as np
+
+        kinds = {"int": numbers.Integral, "float": numbers.Real, "bool": bool}
+        words = {"int": "an integer", "float": "a number", "bool": "True or False"}
+        for f in dataclasses.fields(self):
+            kind = kinds.get(str(f.type))
+            if kind is None:
+                continue
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                ok = isinstance(value, bool | np.bool_)
+            else:
+                ok = isinstance(value, kind) and not isinstance(value, bool)
+            if not ok:
+                msg = f"ASIGNConfig.{f.name}={value!r} must be {words[str(f.type)]}."
+                raise TypeError(msg)
+
     def __post_init__(self) -> None:
         self.loss_weights = [float(w) for w in self.loss_weights]
         self.validate()
 
     def validate(self) -> None:
-        """Raise a :class:`ValueError` naming the first inconsistent option."""
+        """Raise a :class:`TypeError` or :class:`ValueError` naming the first inconsistent option."""
+        self._check_types()
         choices = {
             "levels": ("spot_region_global", "spot"),
             "net_baseline": ("visible_mean", "propagation", "none"),

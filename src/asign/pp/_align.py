@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from asign._checks import check_number
 from asign._constants import Key
 from asign._docs import inject_docs
 from asign._logging import logger
@@ -135,6 +136,20 @@ def _to_uns(value: Any) -> Any:
     return value
 
 
+def _check_key_added(stack, key_added: str) -> None:
+    """``key_added`` must name a new coordinate system: a section's own one holds its native transformations."""
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"key_added={key_added!r} must be a non-empty string (the coordinate system to write)."
+        raise TypeError(msg)
+    own = [s for s in stack.sections if stack.coordinate_system(s) == key_added]
+    if own:
+        msg = (
+            f"key_added={key_added!r} is the native coordinate system of section(s) {own}; writing the alignment "
+            "there would replace their native transformations. Choose another name (default 'aligned')."
+        )
+        raise ValueError(msg)
+
+
 def set_alignment(
     sdata: SpatialData,
     transforms: Mapping[str, Any],
@@ -191,6 +206,7 @@ def set_alignment(
     from asign.io._validate import validate_stack
 
     stack = validate_stack(sdata, table_key=table_key, check_counts=False)
+    _check_key_added(stack, key_added)
     if reference not in stack.sections:
         msg = f"Unknown reference section {reference!r}; the stack has sections {stack.sections}."
         raise KeyError(msg)
@@ -424,6 +440,7 @@ def align_layers(
     from asign.io._validate import validate_stack
 
     stack = validate_stack(sdata, table_key=table_key, check_counts=False)
+    _check_key_added(stack, key_added)
     if transform not in TRANSFORM_TYPES:
         msg = f"Unknown transform {transform!r}; choose one of {list(TRANSFORM_TYPES)}."
         raise ValueError(msg)
@@ -442,6 +459,14 @@ def align_layers(
     elif reference not in secs:
         msg = f"The reference section {reference!r} is not among the sections to align {secs}."
         raise ValueError(msg)
+    target_size = check_number("target_size", target_size, integer=True, minimum=16)
+    min_dice = check_number("min_dice", min_dice, minimum=0.0)
+    rotation_step = check_number("rotation_step", rotation_step, minimum=0.0, strict=True)
+    if rotation_step > 360:
+        msg = f"`rotation_step` must be at most 360 degrees, got {rotation_step:g}."
+        raise ValueError(msg)
+    max_scale_ratio = check_number("max_scale_ratio", max_scale_ratio, minimum=1.0)
+    seed = check_number("seed", seed, integer=True)
     params: dict[str, Any] = {
         "sections": list(secs),
         "mirror": bool(mirror),

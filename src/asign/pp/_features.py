@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
+from asign._checks import check_number
 from asign._constants import Key
 from asign._logging import logger
 from asign.pp._stain import TTA_VIEWS
@@ -16,6 +17,7 @@ from asign.pp._tiles import (
     Tiles,
     _copy_manifest,
     _tile_params,
+    check_output_keys,
     compute_tiles,
     image_level0,
     image_levels,
@@ -251,14 +253,20 @@ def extract_features(
         )
         raise ValueError(msg)
     table = sdata.tables[table_key]
+    if inplace:
+        check_output_keys(
+            sdata,
+            table_key,
+            key_added,
+            obsm=tuple(Key.features(key_added, lev) for lev in ("spot", "region", "global")),
+            obs=(f"{key_added}_spot_padded",),
+        )
     todo = _select_sections(stack, sections)
     check_stain_target(stain_norm, stain_target, todo)
-    if batch_size is not None and batch_size < 1:
-        msg = f"`batch_size` must be >= 1, got {batch_size}."
-        raise ValueError(msg)
-    if input_size is not None and int(input_size) < 1:
-        msg = f"`input_size` must be a positive number of pixels or None, got {input_size}."
-        raise ValueError(msg)
+    if batch_size is not None:
+        batch_size = check_number("batch_size", batch_size, integer=True, minimum=1)
+    if input_size is not None:
+        input_size = check_number("input_size", input_size, integer=True, minimum=1)
     if pyramid not in ("auto", "always", "never"):
         msg = f"`pyramid` must be 'auto', 'always' or 'never', got {pyramid!r}."
         raise ValueError(msg)

@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
+from asign._checks import check_number
 from asign._constants import Key
 from asign._docs import inject_docs
 from asign._geometry import PATCH_RADIUS_PX, Footprints, aligned_centres, as_affine, pairs_iou
@@ -858,10 +859,10 @@ def neighbors_3d(
         msg = f"across={across!r} needs `similarity_key`, the `.obsm` key of per-spot image features."
         raise ValueError(msg)
     for name, val in (("similarity_weight", similarity_weight), ("cross_weight", cross_weight)):
-        if not (np.isfinite(val) and val >= 0):
+        if not (np.isfinite(check_number(name, val)) and val >= 0):
             msg = f"`{name}` must be a non-negative number, got {val!r}."
             raise ValueError(msg)
-    if n_vertices < 3:
+    if check_number("n_vertices", n_vertices, integer=True) < 3:
         msg = f"`n_vertices` must be at least 3, got {n_vertices}."
         raise ValueError(msg)
     radius = _footprint_radius(stack, radius_px, radius_um)

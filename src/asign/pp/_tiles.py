@@ -328,6 +328,7 @@ def make_tiles(
     sc_um = {k: v for k, v in (scales_um or {}).items() if k != "spot"} if scales_um is not None else None
     px, um, unit = resolve_scales(stack, sc, sc_um, levels=TILE_LEVELS)
     sizes = [_image_size(sdata, k) for k in stack.image_keys]
+    check_output_keys(sdata, table_key, key_added)
     r_index, g_index, regions, globals_ = compute_tiles(table, stack, px, sizes, key_added)
     params = _tile_params(stack, px, um, unit, key_added)
     _copy_manifest(table, regions, params)
@@ -351,6 +352,30 @@ def _tile_params(
         "region_key": index_key(key_added, "region"),
         "global_key": index_key(key_added, "global"),
     }
+
+
+def check_output_keys(
+    sdata: SpatialData, table_key: str, key_added: str, *, obsm: tuple[str, ...] = (), obs: tuple[str, ...] = ()
+) -> None:
+    """Refuse a ``key_added`` whose outputs would overwrite tables or columns that asign did not write.
+
+    An earlier run with the same ``key_added`` (recorded in ``uns['<key_added>_tiles']``) may be replaced; anything
+    else of the same name belongs to the user.
+    """
+    table = sdata.tables[table_key]
+    if f"{key_added}_tiles" in table.uns:
+        return
+    tables = [tile_table_key(key_added, lev) for lev in ("region", "global")]
+    clashes = [f"table {k!r}" for k in tables if k in sdata.tables or k == table_key]
+    columns = (index_key(key_added, "region"), index_key(key_added, "global"), *obs)
+    clashes += [f"`.obs[{c!r}]`" for c in columns if c in table.obs]
+    clashes += [f"`.obsm[{c!r}]`" for c in obsm if c in table.obsm]
+    if clashes:
+        msg = (
+            f"key_added={key_added!r} would overwrite {', '.join(clashes)} of table {table_key!r}, which no earlier "
+            f"asign run with this key wrote (no `.uns['{key_added}_tiles']`); choose another key_added or remove them."
+        )
+        raise ValueError(msg)
 
 
 def write_tiles(

@@ -703,7 +703,26 @@ def _blend_weight(params: dict, model_options: dict | None = None, *, transducti
 
 
 def _check_sample_to_impute(table: AnnData, params: dict, table_key: str) -> None:
-    """The blend's weight and coordinates of a sample to impute, checked before the inductive training."""
+    """The features, graph, blend weight and coordinates of a sample to impute, checked before the inductive training."""
+    feature_key = params.get("feature_key", OPTIONS["feature_key"])
+    graph_key = params.get("graph_key", OPTIONS["graph_key"])
+    hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` on it first."
+    if feature_key is not None:
+        levels = ["spot"] if params.get("levels", "spot_region_global") == "spot" else ["spot", "region", "global"]
+        missing = [f"`.obsm['{Key.features(feature_key, lev)}']`" for lev in levels]
+        missing = [
+            m for m, lev in zip(missing, levels, strict=True) if Key.features(feature_key, lev) not in table.obsm
+        ]
+        if missing:
+            msg = f"The sample to impute (table {table_key!r}) has no {', '.join(missing)}; {hint_f}"
+            raise KeyError(msg)
+    ckey = Key.connectivities(graph_key)
+    if ckey not in table.obsp:
+        msg = (
+            f"The sample to impute (table {table_key!r}) has no `.obsp['{ckey}']`; run "
+            f"`asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` on it first."
+        )
+        raise KeyError(msg)
     _check_blend_coordinates(table, _blend_weight(params), table_key)
 
 

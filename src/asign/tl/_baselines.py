@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from asign._checks import check_number
 from asign._constants import Key
 from asign._logging import logger
 
@@ -136,11 +137,22 @@ def nearest_baseline(ctx: ImputeContext) -> ImputeResult:
         msg = f"`obsm['{key}']` not found in table {ctx.table_key!r}; {hint}."
         raise KeyError(msg)
     coords = np.asarray(ctx.table.obsm[key], dtype=np.float64)
-    if not np.all(np.isfinite(coords)):
-        msg = f"`obsm['{key}']` has non-finite coordinates; every spot needs an aligned position."
+    bad = ~np.all(np.isfinite(coords), axis=1)
+    if bad.any():
+        secs = [ctx.stack.sections[c] for c in np.unique(np.asarray(ctx.section_codes)[bad])]
+        msg = (
+            f"`obsm['{key}']` has non-finite coordinates for {int(bad.sum())} spots of section(s) {secs}; every spot "
+            "needs an aligned position (were these sections left out of `asign.pp.align_layers`?)."
+        )
         raise ValueError(msg)
     pred, k_used = idw_nearest(
-        coords, ctx.Y, ctx.known, k=int(prm["k"]), weights=str(prm["weights"]), p=float(prm["p"]), eps=float(prm["eps"])
+        coords,
+        ctx.Y,
+        ctx.known,
+        k=check_number("k", prm["k"], integer=True, minimum=1),
+        weights=str(prm["weights"]),
+        p=check_number("p", prm["p"], minimum=0.0),
+        eps=check_number("eps", prm["eps"], minimum=0.0),
     )
     return ImputeResult(imputed=pred, uns={"k_used": int(k_used), "coordinates": key})
 
@@ -163,5 +175,23 @@ def propagation_baseline(ctx: ImputeContext) -> ImputeResult:
         msg = f"`obsp['{ckey}']` not found in table {ctx.table_key!r}; run `asign.pp.neighbors_3d` first."
         raise KeyError(msg)
     W = ctx.table.obsp[ckey]
+    unreached = _unreached(W, ctx.known)
+    if unreached.any():
+        secs = [ctx.stack.sections[c] for c in np.unique(np.asarray(ctx.section_codes)[unreached])]
+        logger.warning(
+            f"{int(unreached.sum())} spots of section(s) {secs} have no path to any known spot in `.obsp['{ckey}']` "
+            "(no edges across sections to them?): propagation leaves them at the known mean."
+        )
     pred = label_propagation(W, ctx.Y, ctx.known, n_iter=int(prm["n_iter"]))
-    return ImputeResult(imputed=pred, uns={"connectivities_key": ckey, "n_edges": int(W.nnz)})
+    uns = {"connectivities_key": ckey, "n_edges": int(W.nnz), "n_unreached": int(unreached.sum())}
+    return ImputeResult(imputed=pred, uns=uns)
+
+
+def _unreached(W, known: np.ndarray) -> np.ndarray:
+    """Spots in connected components of the graph ``W`` without any known spot."""
+    from scipy.sparse.csgraph import connected_components
+
+    _, comp = connected_components(W, directed=False)
+    has_known = np.zeros(comp.max() + 1, dtype=bool)
+    has_known[comp[np.asarray(known, dtype=bool)]] = True
+    return ~has_known[comp]

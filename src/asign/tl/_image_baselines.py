@@ -181,7 +181,13 @@ def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
     return {"model": model, "info": info, "feature_id": space, "mean": Y.mean(axis=0)}
 
 
-@register_method("ridge", fit=_ridge_fit)
+def _check_ridge_sample(table, params: dict[str, Any], table_key: str) -> None:
+    """The features of a sample to impute, checked before the ridge is fitted on the training samples."""
+    p = _params(without_gene_rank(params), "ridge", RIDGE_DEFAULTS)
+    _features(table, p["features_key"], p["levels"])
+
+
+@register_method("ridge", fit=_ridge_fit, check=_check_ridge_sample)
 @gene_rank_option
 def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
     """Frozen features -> StandardScaler -> PCA -> ridge regression (method.md §7.3).

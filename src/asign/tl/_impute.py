@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from asign._checks import check_number
 from asign._constants import Key
 from asign._docs import inject_docs
 from asign._logging import logger
@@ -347,9 +348,7 @@ def run_impute(
     table = sdata.tables[table_key]
     mask = known_mask(table, stack, known)
     check_known(table, stack, mask)
-    if n_genes < 1:
-        msg = f"n_genes must be >= 1, got {n_genes}."
-        raise ValueError(msg)
+    n_genes = check_number("n_genes", n_genes, integer=True, minimum=1)
     gene_list, gene_source = _resolve_genes(
         table,
         stack,

@@ -1,0 +1,35 @@
+"""Checks of numeric options shared by the public functions: wrong types fail with the option's name, up front."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+
+def check_number(
+    name: str, value: Any, *, integer: bool = False, minimum: float | None = None, strict: bool = False
+) -> float | int:
+    """Return ``value`` as ``int`` / ``float`` after checking its type and lower bound.
+
+    Parameters
+    ----------
+    name
+        The option's name, for the message (e.g. ``"rotation_step"``).
+    value
+        The value given.
+    integer
+        Require an integer (``True`` / ``False`` are refused).
+    minimum
+        Lower bound; `None` for none.
+    strict
+        ``value > minimum`` instead of ``value >= minimum``.
+    """
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        msg = f"`{name}` must be {'an integer' if integer else 'a number'}, got {value!r}."
+        raise TypeError(msg)
+    out = int(value) if integer else float(value)
+    if minimum is not None and (out <= minimum if strict else out < minimum):
+        msg = f"`{name}` must be {'>' if strict else '>='} {minimum:g}, got {value!r}."
+        raise ValueError(msg)
+    return out
