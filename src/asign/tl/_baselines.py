@@ -165,7 +165,9 @@ def propagation_baseline(ctx: ImputeContext) -> ImputeResult:
     Known spots are clamped, unknown spots start at the known mean, ``Y <- D^{-1} W Y`` for ``n_iter`` steps.
 
     Parameters (``method_kwargs``): ``graph_key`` (``"asign"``: reads ``obsp['asign_connectivities']`` written by
-    :func:`asign.pp.neighbors_3d`), ``n_iter`` (10), ``gene_rank`` (`None`).
+    :func:`asign.pp.neighbors_3d`), ``n_iter`` (10), ``gene_rank`` (`None`). The result's ``uns`` records
+    ``connectivities_key``, ``n_edges`` and ``n_unreached``: spots with no graph path to any known spot, which keep
+    the known mean (a warning names their sections).
     """
     from asign._propagation import label_propagation
 
