@@ -74,6 +74,7 @@ CONFIGS = {
     "fscale_global": {"feature_scaling": "global"},  # one scale for all feature dimensions (session 9)
     "lpinit_net": {"lp_init": "network"},  # unknown spots start the propagation from the network (session 10)
     "mask_block": {"mask": "block"},  # contiguous visible patches instead of random visible spots (session 10)
+    "fscale_dimension": {"feature_scaling": "dimension"},  # per-dimension scaling (e.g. handcrafted features)
 }
 
 
