@@ -148,6 +148,7 @@ def test_key_added_never_overwrites_user_data(small_stack):
     sd.tables["my_regions"] = user
     with pytest.raises(ValueError, match=r"would overwrite table 'my_regions'"):
         asign.pp.make_tiles(sd, key_added="my")
+    assert asign.pp.make_tiles(sd, key_added="my", inplace=False).regions.n_obs > 0  # writes nothing: allowed
     with pytest.raises(ValueError, match=r"would overwrite table 'my_regions'"):
         asign.pp.extract_features(sd, encoder="handcrafted", key_added="my", show_progress_bar=False)
     assert sd.tables["my_regions"] is user

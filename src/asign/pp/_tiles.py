@@ -328,7 +328,8 @@ def make_tiles(
     sc_um = {k: v for k, v in (scales_um or {}).items() if k != "spot"} if scales_um is not None else None
     px, um, unit = resolve_scales(stack, sc, sc_um, levels=TILE_LEVELS)
     sizes = [_image_size(sdata, k) for k in stack.image_keys]
-    check_output_keys(sdata, table_key, key_added)
+    if inplace:
+        check_output_keys(sdata, table_key, key_added)
     r_index, g_index, regions, globals_ = compute_tiles(table, stack, px, sizes, key_added)
     params = _tile_params(stack, px, um, unit, key_added)
     _copy_manifest(table, regions, params)
