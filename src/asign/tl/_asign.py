@@ -709,10 +709,8 @@ def _check_sample_to_impute(table: AnnData, params: dict, table_key: str) -> Non
     hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` on it first."
     if feature_key is not None:
         levels = ["spot"] if params.get("levels", "spot_region_global") == "spot" else ["spot", "region", "global"]
-        missing = [f"`.obsm['{Key.features(feature_key, lev)}']`" for lev in levels]
-        missing = [
-            m for m, lev in zip(missing, levels, strict=True) if Key.features(feature_key, lev) not in table.obsm
-        ]
+        keys = [Key.features(feature_key, lev) for lev in levels]
+        missing = [f"`.obsm['{k}']`" for k in keys if k not in table.obsm]
         if missing:
             msg = f"The sample to impute (table {table_key!r}) has no {', '.join(missing)}; {hint_f}"
             raise KeyError(msg)
