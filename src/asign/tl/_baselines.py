@@ -139,7 +139,7 @@ def nearest_baseline(ctx: ImputeContext) -> ImputeResult:
     coords = np.asarray(ctx.table.obsm[key], dtype=np.float64)
     bad = ~np.all(np.isfinite(coords), axis=1)
     if bad.any():
-        secs = [ctx.stack.sections[c] for c in np.unique(np.asarray(ctx.section_codes)[bad])]
+        secs = ctx.sections_of(bad)
         msg = (
             f"`obsm['{key}']` has non-finite coordinates for {int(bad.sum())} spots of section(s) {secs}; every spot "
             "needs an aligned position (were these sections left out of `asign.pp.align_layers`?)."
@@ -179,7 +179,7 @@ def propagation_baseline(ctx: ImputeContext) -> ImputeResult:
     W = ctx.table.obsp[ckey]
     unreached = _unreached(W, ctx.known)
     if unreached.any():
-        secs = [ctx.stack.sections[c] for c in np.unique(np.asarray(ctx.section_codes)[unreached])]
+        secs = ctx.sections_of(unreached)
         logger.warning(
             f"{int(unreached.sum())} spots of section(s) {secs} have no path to any known spot in `.obsp['{ckey}']` "
             "(no edges across sections to them?): propagation leaves them at the known mean."

@@ -99,7 +99,11 @@ class ImputeContext:
 
     def known_sections(self) -> list[str]:
         """Sections that contain at least one known spot, in cutting order."""
-        present = np.unique(self.section_codes[self.known])
+        return self.sections_of(self.known)
+
+    def sections_of(self, spots: np.ndarray) -> list[str]:
+        """Sections that contain at least one of the spots of the boolean mask ``spots``, in cutting order."""
+        present = np.unique(np.asarray(self.section_codes)[np.asarray(spots, dtype=bool)])
         return [self.stack.sections[i] for i in present]
 
 
