@@ -41,3 +41,18 @@ def test_public_functions_check_numeric_options(small_stack):
         asign.tl.impute(sd, known="S1", method="asign", method_kwargs={"hidden_dim": "16"}, inplace=False)
     with pytest.raises(TypeError, match=r"ASIGNConfig.max_epochs=1.5 must be an integer"):
         asign.tl.impute(sd, known="S1", method="asign", method_kwargs={"max_epochs": 1.5}, inplace=False)
+
+
+def test_gene_sections_and_transforms_name_what_is_wrong(small_stack):
+    """Bad `gene_sections` and incomplete `transforms` fail before any work, naming the sections involved."""
+    sd = small_stack
+    t = sd.tables["table"]
+    t.obsm["spatial_aligned"] = np.asarray(t.obsm["spatial"], dtype=float)
+    with pytest.raises(ValueError, match=r"Unknown gene_sections 'S9'"):
+        asign.tl.impute(sd, known="S1", method="mean", gene_sections="S9", inplace=False)
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['S9'\]"):
+        asign.tl.impute(sd, known="S1", method="mean", gene_sections=["S1", "S9"], inplace=False)
+    eye = np.eye(3)
+    with pytest.raises(ValueError, match=r"no matrix for sections \['S3'\]"):
+        asign.pp.align_layers(sd, method="transforms", transforms={"S1": eye, "S2": eye})
+    assert "asign" not in t.uns or "alignment" not in t.uns["asign"]

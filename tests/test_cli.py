@@ -11,8 +11,8 @@ def test_cli_requires_a_command(capsys):
     assert "demo" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_demo_runs_the_pipeline(tmp_path, capsys):
+    # the README's main command (`asign demo`), on 3 sections: in the default suite so that CI guards it (~100 s)
     import spatialdata as sd
 
     out = tmp_path / "demo.zarr"

@@ -256,3 +256,35 @@ def test_trainable_method_gets_training_contexts(stack, trainable):
     assert list(out.var_names) == top_genes(frames, 5)[0]
     assert _registry.get_fit("_train_mean") is not None and _registry.get_fit("mean") is None
     assert {"mean", "nearest", "propagation"} <= set(_registry.available_methods())
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (lambda ctx: np.zeros((ctx.n_obs, 3)), "returned ndarray; it must return an ImputeResult"),
+        (lambda ctx: ImputeResult(imputed=np.zeros((ctx.n_obs - 1, len(ctx.genes)))), "shape"),
+        (lambda ctx: ImputeResult(imputed=np.full((ctx.n_obs, len(ctx.genes)), np.nan)), "non-finite"),
+        (
+            lambda ctx: ImputeResult(
+                imputed=np.zeros((ctx.n_obs, len(ctx.genes))), extra_layers={"extra": np.zeros((2, 2))}
+            ),
+            "extra layer 'extra' has shape",
+        ),
+        (
+            lambda ctx: ImputeResult(
+                imputed=np.zeros((ctx.n_obs, len(ctx.genes))),
+                extra_layers={"imputed": np.zeros((ctx.n_obs, len(ctx.genes)))},
+            ),
+            "reserved",
+        ),
+    ],
+)
+def test_a_bad_method_result_is_refused_and_nothing_is_written(stack, bad, match):
+    """The result guard of `impute`: a method's malformed output never reaches the user's SpatialData."""
+    _registry.METHODS["_bad_result"] = bad
+    try:
+        with pytest.raises((TypeError, ValueError), match=match):
+            asign.tl.impute(stack, known="S1", method="_bad_result", n_genes=5)
+    finally:
+        _registry.METHODS.pop("_bad_result", None)
+    assert set(stack.tables) == {"table"}
