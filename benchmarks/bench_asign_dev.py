@@ -75,6 +75,7 @@ CONFIGS = {
     "lpinit_net": {"lp_init": "network"},  # unknown spots start the propagation from the network (session 10)
     "mask_block": {"mask": "block"},  # contiguous visible patches instead of random visible spots (session 10)
     "fscale_dimension": {"feature_scaling": "dimension"},  # per-dimension scaling (e.g. handcrafted features)
+    "pcc2": {"loss_weights": [1.0, 2.0, 0.25, 0.25]},  # the per-gene PCC term weighted twice (session 11)
 }
 
 
