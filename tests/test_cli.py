@@ -24,3 +24,40 @@ def test_demo_runs_the_pipeline(tmp_path, capsys):
     assert {"table", "asign", "asign_propagation", "asign_propagation_gene_rank_10"} <= set(back.tables)
     assert "full_rank" in back.tables["asign_propagation_gene_rank_10"].layers
     assert back.tables["asign"].layers["imputed"].shape[0] == back.tables["table"].n_obs
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_demo_on_her2st_leaves_out_sections_without_an_image(her2st_path, tmp_path, capsys):
+    """`asign demo --her2st`: patient C's C1 has no image, so the demo runs on C2-C6 (it failed on C1 before)."""
+    import spatialdata as sd
+
+    out = tmp_path / "her2st.zarr"
+    assert main(["demo", "--her2st", str(her2st_path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "left out (no H&E image, so they cannot be aligned): ['C1']" in text
+    assert "known ['C2']" in text
+    back = sd.read_zarr(out)
+    assert set(back.tables["table"].obs["section"].astype(str)) == {"C2", "C3", "C4", "C5", "C6"}
+    ev = back.tables["asign"]
+    assert ev.n_obs == back.tables["table"].n_obs
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python example, executed as written (synthetic stack)."""
+    import re
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("agg")
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "the README has no Python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # the README's own example
+    sdata = namespace["sdata"]
+    assert {"asign", "asign_propagation"} <= set(sdata.tables)
+    assert "imputed" in sdata.tables["asign"].layers

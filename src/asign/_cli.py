@@ -19,10 +19,18 @@ def _demo(args: argparse.Namespace) -> int:
         steps.append((name, time.perf_counter() - t))
 
     t = time.perf_counter()
+    left_out: list[str] = []
     if args.her2st:
         sdata = asign.datasets.her2st(patient=args.patient, path=args.her2st)
         stack = asign.io.validate_stack(sdata)
         sections = [s for s, k in zip(stack.sections, stack.image_keys, strict=True) if k]
+        if not sections:
+            print(f"HER2ST patient {args.patient} has no section with an H&E image; the demo needs images.")
+            return 1
+        left_out = [s for s in stack.sections if s not in sections]
+        if left_out:
+            # a section without an image cannot be aligned, so it has no place in the 3D stack: read the others only
+            sdata = asign.datasets.her2st(patient=args.patient, path=args.her2st, sections=sections)
         known = [sections[0]]
     else:
         sdata = asign.datasets.synthetic_stack(n_sections=args.n_sections, seed=args.seed)
@@ -36,13 +44,15 @@ def _demo(args: argparse.Namespace) -> int:
     step("align_layers", t)
 
     t = time.perf_counter()
-    asign.pp.neighbors_3d(sdata)
-    step("neighbors_3d", t)
-
-    t = time.perf_counter()
     feat_kw = {} if args.her2st else {"scales": {"spot": 56, "region": 128, "global": 256}}
     asign.pp.extract_features(sdata, encoder=args.encoder, sections=sections, show_progress_bar=False, **feat_kw)
     step("extract_features", t)
+
+    # the graph after the features, so that cross-section edges weigh image similarity beside footprint overlap (the
+    # pipeline of the benchmarks)
+    t = time.perf_counter()
+    asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot")
+    step("neighbors_3d", t)
 
     results = {}
     # the baselines as defined, the two strongest also with ASIGN's default gene projection (gene_rank=10), then ASIGN
@@ -76,6 +86,8 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(f"asign {asign.__version__} demo: {'HER2ST ' + args.patient if args.her2st else 'synthetic stack'}")
     print(f"sections {sections}, known {known}, spots {sdata.tables['table'].n_obs}")
+    if left_out:
+        print(f"left out (no H&E image, so they cannot be aligned): {left_out}")
     table = sdata.tables["table"]
     q = table.uns["asign"]["alignment"]["quality"]
     print(
