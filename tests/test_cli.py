@@ -44,20 +44,21 @@ def test_demo_on_her2st_leaves_out_sections_without_an_image(her2st_path, tmp_pa
 
 
 @pytest.mark.slow
-def test_readme_python_example_runs(tmp_path, monkeypatch):
-    """The README's Python example, executed as written (synthetic stack)."""
+@pytest.mark.parametrize("doc", ["README.md", "docs/index.md"])
+def test_documented_python_example_runs(doc, tmp_path, monkeypatch):
+    """The first Python example of the README and of the docs' start page, executed as written (synthetic stack)."""
     import re
     from pathlib import Path
 
     import matplotlib
 
     matplotlib.use("agg")
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "the README has no Python example"
+    assert blocks, f"{doc} has no Python example"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)  # the README's own example
+    exec(compile(blocks[0], doc, "exec"), namespace)  # the document's own example
     sdata = namespace["sdata"]
     assert {"asign", "asign_propagation"} <= set(sdata.tables)
     assert "imputed" in sdata.tables["asign"].layers
