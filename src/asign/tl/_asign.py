@@ -684,7 +684,8 @@ def _check_blend_coordinates(table: AnnData, w: float, table_key: str) -> None:
         msg = (
             f"nearest_blend={w} needs finite `obsm['{Key.SPATIAL_ALIGNED}']` in table {table_key!r}, but "
             f"{int(bad.sum())} spots have none (section(s) {where}: `asign.pp.align_layers` could not place them); "
-            "align them, or pass nearest_blend=0."
+            "align them, leave them out of the stack (a section without an image cannot be aligned; e.g. "
+            "`asign.datasets.her2st(..., sections=[...])`), or pass nearest_blend=0."
         )
         raise ValueError(msg)
 

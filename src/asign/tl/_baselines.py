@@ -142,7 +142,8 @@ def nearest_baseline(ctx: ImputeContext) -> ImputeResult:
         secs = ctx.sections_of(bad)
         msg = (
             f"`obsm['{key}']` has non-finite coordinates for {int(bad.sum())} spots of section(s) {secs}; every spot "
-            "needs an aligned position (were these sections left out of `asign.pp.align_layers`?)."
+            "needs an aligned position (were these sections left out of `asign.pp.align_layers`? A section without an "
+            "image cannot be aligned from images: leave it out of the stack, or align it with landmarks or transforms)."
         )
         raise ValueError(msg)
     pred, k_used = idw_nearest(
