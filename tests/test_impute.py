@@ -281,7 +281,7 @@ def test_trainable_method_gets_training_contexts(stack, trainable):
 )
 def test_a_bad_method_result_is_refused_and_nothing_is_written(stack, bad, match):
     """The result guard of `impute`: a method's malformed output never reaches the user's SpatialData."""
-    _registry.METHODS["_bad_result"] = bad
+    register_method("_bad_result")(bad)
     try:
         with pytest.raises((TypeError, ValueError), match=match):
             asign.tl.impute(stack, known="S1", method="_bad_result", n_genes=5)
