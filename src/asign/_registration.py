@@ -107,8 +107,12 @@ def fit_transform(src: np.ndarray, dst: np.ndarray, *, kind: str = "rigid", allo
 
     Rigid and similarity use Umeyama's closed form (a reflection only if ``allow_mirror``).
     """
-    src = np.asarray(src, dtype=float).reshape(-1, 2)
-    dst = np.asarray(dst, dtype=float).reshape(-1, 2)
+    src = np.asarray(src, dtype=float)
+    dst = np.asarray(dst, dtype=float)
+    for name, pts in (("src", src), ("dst", dst)):
+        if pts.ndim != 2 or pts.shape[1] != 2:
+            msg = f"Landmarks `{name}` must be an (n, 2) array of (x, y), got shape {pts.shape}."
+            raise ValueError(msg)
     if src.shape != dst.shape:
         msg = f"Landmarks differ in number: {len(src)} and {len(dst)} points; row k of each must be the same point."
         raise ValueError(msg)
@@ -915,6 +919,13 @@ def register_stack(
     if unknown:
         msg = f"Landmarks given for unknown sections {unknown}; the stack has sections {stack.sections}."
         raise KeyError(msg)
+    for s, pts in landmarks.items():
+        if pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
+            msg = (
+                f"Landmarks for section {s!r} must be a finite (n, 2) array of (x, y) in the section's own image "
+                f"pixels, got shape {pts.shape}{'' if np.isfinite(pts).all() else ' with non-finite values'}."
+            )
+            raise ValueError(msg)
     if method == "landmarks":
         lacking = sorted({s for p in adjacent for s in p if s not in landmarks})
         if lacking:

@@ -310,6 +310,13 @@ def validate_stack(
                 )
             else:
                 shapes_tf = _affine(tfs[cs])
+                if not np.allclose(shapes_tf, np.eye(3), atol=1e-9):
+                    problems.append(
+                        f"section {s!r}: shapes {skey!r} have a transformation to the section's native coordinate "
+                        f"system {cs!r} that is not Identity (affine {np.round(shapes_tf, 6).tolist()}); asign "
+                        "registers in the image's own pixels, so the image and its spots need Identity() to "
+                        f"{cs!r} (put other placements in another coordinate system)."
+                    )
         ikey = stack.image_keys[i]
         if ikey is None:
             if s in required:

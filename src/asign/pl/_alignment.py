@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -126,9 +126,16 @@ def _composite(a: np.ndarray | None, b: np.ndarray | None, mode: str, shape: tup
     return np.clip(np.where(first[..., None], ta, tb), 0.0, 1.0)
 
 
-def _pair_quality(table, a: str, b: str) -> dict[str, float]:
+def _alignment_record(table, key_added: str) -> dict:
+    """``uns['asign']['alignment']`` if it describes the coordinate system ``key_added``, else ``{}``."""
     al = table.uns.get(Key.UNS, {}).get(Key.ALIGNMENT, {})
-    q = al.get("quality", {}) if isinstance(al, dict) else {}
+    if not isinstance(al, Mapping) or al.get("key_added", Key.ALIGNED) != key_added:
+        return {}
+    return dict(al)
+
+
+def _pair_quality(al: Mapping, a: str, b: str) -> dict[str, float]:
+    q = al.get("quality", {})
     pairs = [str(p) for p in q.get("pair", [])]
     for name in (f"{a}->{b}", f"{b}->{a}"):
         if name in pairs:
@@ -241,7 +248,8 @@ def alignment(
             raise ValueError(msg)
         fig = axes[0].figure
     layers = {s: _Layer(sdata, stack, s, max_px=max_px) for s in secs}
-    um = float(table.uns.get(Key.UNS, {}).get(Key.ALIGNMENT, {}).get("um_per_px", np.nan))
+    record = _alignment_record(table, key_added)
+    um = float(record.get("um_per_px", np.nan))
 
     for r, row in enumerate(rows):
         frame = None if row == "before" else key_added
@@ -277,7 +285,7 @@ def alignment(
                             linewidths=0.6,
                         )
                     )
-            q = _pair_quality(table, a, b)
+            q = _pair_quality(record, a, b)
             dice = q.get("dice_before" if row == "before" else "dice_after")
             title = f"{a} / {b} {row}"
             if dice is not None and np.isfinite(dice):

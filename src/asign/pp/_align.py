@@ -384,7 +384,10 @@ def align_layers(
     sections
         Sections to align, in cutting order (default: all). Spots of the others get NaN positions and a warning.
     key_added
-        Name of the coordinate system written.
+        Name of the coordinate system written. The table keys (``obsm['spatial_aligned']``, ``obs['z']``,
+        ``obsm['spatial_3d']``, ``uns['asign']['alignment']``) have fixed names and hold the latest alignment,
+        whatever its ``key_added``; :func:`asign.pp.neighbors_3d` and the methods of :func:`asign.tl.impute` read
+        them. Another ``key_added`` keeps the earlier run's coordinate system on the elements, not its table keys.
     transforms
         For ``method="transforms"``: ``{{section: 3 x 3}}`` maps of native pixels into any common frame; they are
         re-expressed relative to the reference (``T_s = B_ref^{{-1}} B_s``).

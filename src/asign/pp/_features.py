@@ -378,7 +378,7 @@ def extract_features(
         "encoder": enc.name,
         "weights": enc.weights,
         "dim": int(enc.dim),
-        "input_size": int(input_size) if input_size is not None else 0,
+        "input_size": int(enc.input_size) if enc.input_size is not None else 0,
         "mean": [float(v) for v in enc.mean],
         "std": [float(v) for v in enc.std],
         "scales_px": {k: [int(v) for v in vs] for k, vs in px.items()},

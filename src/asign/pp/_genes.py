@@ -7,6 +7,7 @@ The public functions work on a stack; the array-level helpers (:func:`section_ge
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from asign._checks import check_number
 from asign._constants import Key
 from asign._logging import logger
 from asign._stack import counts_matrix, section_codes
@@ -82,8 +84,22 @@ def counts_block(table: AnnData, rows: np.ndarray, genes: Sequence[str]) -> tupl
 
 
 def gene_indices(table: AnnData, genes: Sequence[str]) -> np.ndarray:
-    """Column indices of ``genes`` in ``table``; a :class:`KeyError` lists the missing ones."""
-    idx = table.var_names.get_indexer(list(genes))
+    """Column indices of ``genes`` in ``table``; a :class:`KeyError` lists the missing ones.
+
+    An empty list or a gene named twice is a :class:`ValueError`.
+    """
+    genes = [str(g) for g in genes] if not isinstance(genes, str) else [genes]
+    if not genes:
+        msg = "The gene list is empty; give at least one gene."
+        raise ValueError(msg)
+    dup = sorted(g for g, c in Counter(genes).items() if c > 1)
+    if dup:
+        msg = f"Genes listed more than once: {dup[:20]}{' ...' if len(dup) > 20 else ''}; give each gene once."
+        raise ValueError(msg)
+    if not table.var_names.is_unique:
+        msg = "The table's var_names are not unique; call `table.var_names_make_unique()` first."
+        raise ValueError(msg)
+    idx = table.var_names.get_indexer(genes)
     if (idx < 0).any():
         missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
         msg = (
@@ -149,9 +165,7 @@ def top_genes(section_means: Sequence[pd.DataFrame] | pd.DataFrame, n_genes: int
     score = stacked.mean(axis=0)
     names = np.asarray(common.astype(str))
     order = np.lexsort((names, -score))
-    if n_genes < 1:
-        msg = f"n_genes must be >= 1, got {n_genes}."
-        raise ValueError(msg)
+    n_genes = check_number("n_genes", n_genes, integer=True, minimum=1)
     if n_genes > len(names):
         logger.warning(f"n_genes={n_genes} but only {len(names)} genes are available; using all of them.")
     chosen = [str(g) for g in names[order[:n_genes]]]
@@ -328,6 +342,7 @@ def select_genes(
     """
     from asign.io._validate import validate_stack
 
+    n_genes = check_number("n_genes", n_genes, integer=True, minimum=1)
     stack = validate_stack(sdata, table_key=table_key)
     table = sdata.tables[table_key]
     mask = None

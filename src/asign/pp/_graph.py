@@ -885,8 +885,18 @@ def neighbors_3d(
             )
             raise KeyError(msg)
         features = np.asarray(table.obsm[similarity_key], dtype=float)
-        if features.ndim != 2 or features.shape[0] != table.n_obs or not np.all(np.isfinite(features)):
-            msg = f"`.obsm['{similarity_key}']` must be a finite (n_obs, n_features) array, got {features.shape}."
+        if features.ndim != 2 or features.shape[0] != table.n_obs:
+            msg = f"`.obsm['{similarity_key}']` must be an (n_obs, n_features) array, got {features.shape}."
+            raise ValueError(msg)
+        bad = ~np.isfinite(features).all(axis=1)
+        if bad.any():
+            secs = table.obs[Key.SECTION].to_numpy()[bad]
+            per = {str(s): int((secs == s).sum()) for s in dict.fromkeys(secs)}
+            msg = (
+                f"`.obsm['{similarity_key}']` has non-finite values for {int(bad.sum())} spots (per section: {per}); "
+                "`asign.pp.extract_features(sections=...)` leaves the sections it skips NaN: extract features for "
+                "every section, or pass `similarity_key=None`."
+            )
             raise ValueError(msg)
 
     n = table.n_obs
