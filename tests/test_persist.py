@@ -12,7 +12,7 @@ from spatialdata.models import ShapesModel
 from spatialdata.transformations import Affine, Identity, get_transformation, set_transformation
 
 from asign.datasets import synthetic_stack
-from asign.io import persist, recover, validate_stack
+from asign.io import _persist, persist, recover, validate_stack
 from asign.io._persist import TMP_SUFFIX
 
 
@@ -150,17 +150,20 @@ def test_interrupted_same_session_next_persist_completes(backed, monkeypatch):
     assert "asign_test2" in read_zarr(path).tables["table"].obs
 
 
-def test_interrupted_before_delete_keeps_the_original(backed, monkeypatch):
+def test_interrupted_before_the_original_is_touched_keeps_it(backed, monkeypatch):
     path = backed.path
     before = read_zarr(path).tables["table"].X.toarray()
     _change(backed)
+    real_journal = _persist._journal
 
-    def crash(self, element_name):
-        msg = "simulated crash before delete"
-        raise RuntimeError(msg)
+    def crash(folder, state):
+        if state == "replacing":
+            msg = "simulated crash before the original is touched"
+            raise RuntimeError(msg)
+        return real_journal(folder, state)
 
-    monkeypatch.setattr(SpatialData, "delete_element_from_disk", crash)
-    with pytest.raises(RuntimeError, match="before delete"):
+    monkeypatch.setattr(_persist, "_journal", crash)
+    with pytest.raises(RuntimeError, match="before the original"):
         persist(backed)
     monkeypatch.undo()
     assert _tables_on_disk(path) == ["table", "table" + TMP_SUFFIX]
@@ -168,6 +171,64 @@ def test_interrupted_before_delete_keeps_the_original(backed, monkeypatch):
     assert recover(fresh) == []  # the original is intact: only the copy is removed
     assert _tables_on_disk(path) == ["table"]
     np.testing.assert_array_equal(read_zarr(path).tables["table"].X.toarray(), before)
+
+
+def test_interrupted_delete_is_rolled_forward(backed, monkeypatch):
+    path = backed.path
+    t = _change(backed)
+
+    def crash(self, element_name):
+        msg = "simulated crash in delete"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(SpatialData, "delete_element_from_disk", crash)
+    with pytest.raises(RuntimeError, match="in delete"):
+        persist(backed)
+    monkeypatch.undo()
+    # the journal says the original was being replaced: the verified copy (the new content) wins
+    assert recover(path) == ["table"]
+    assert _tables_on_disk(path) == ["table"]
+    _assert_changed(path, t)
+
+
+@pytest.mark.parametrize("via", ["path", "object"])
+def test_original_cut_off_mid_write_is_restored(backed, monkeypatch, via):
+    """A table cut off while anndata writes it may still read: the journal, not readability, decides."""
+    import anndata._io.specs.registry as registry
+
+    path = backed.path
+    t = _change(backed)
+    t.uns["asign_test"] = {"a": 1}
+    armed = {"on": False}
+    real_delete = SpatialData.delete_element_from_disk
+    real_write_elem = registry.Writer.write_elem
+
+    def delete(self, name):
+        real_delete(self, name)
+        armed["on"] = name == "table"
+
+    def write_elem(self, store, key, elem, *args, **kwargs):
+        if armed["on"] and key == "uns":
+            raise KeyboardInterrupt
+        return real_write_elem(self, store, key, elem, *args, **kwargs)
+
+    monkeypatch.setattr(SpatialData, "delete_element_from_disk", delete)
+    monkeypatch.setattr(registry.Writer, "write_elem", write_elem)
+    with pytest.raises(KeyboardInterrupt):
+        persist(backed)
+    monkeypatch.undo()
+    assert sorted(_tables_on_disk(path)) == ["table", "table" + TMP_SUFFIX]
+    if via == "path":  # the store cannot be opened by spatialdata any more; the repair works on the files
+        assert recover(path) == ["table"]
+    else:
+        fresh = read_zarr(path, selection=("images", "shapes"))
+        assert recover(fresh) == ["table"]
+        assert fresh.tables["table"].uns["asign_test"] == {"a": 1}  # read back into memory
+    assert _tables_on_disk(path) == ["table"]
+    back = read_zarr(path)
+    assert back.tables["table"].uns["asign_test"] == {"a": 1}
+    _assert_changed(path, t)
+    validate_stack(back)
 
 
 def test_unreadable_leftover_copy_is_discarded(backed):
@@ -243,10 +304,31 @@ def test_new_store_swaps_atomically(backed, tmp_path, monkeypatch):
         persist(backed, path=other, strategy="new_store", overwrite=True)
     monkeypatch.undo()
     assert (other / "keep.txt").exists()
+    assert not (tmp_path / "other.zarr.asign_new").exists()
     # a swap interrupted between its two renames is completed by the next call
-    other.rename(tmp_path / "other.zarr.asign_old")
-    persist(backed, path=other, strategy="new_store", overwrite=True)
+    real_rename = type(other).rename
+
+    def rename(self, target):
+        if str(self).endswith(".asign_new"):
+            msg = "simulated crash between the renames"
+            raise RuntimeError(msg)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(other), "rename", rename)
+    with pytest.raises(RuntimeError, match="between the renames"):
+        persist(backed, path=other, strategy="new_store", overwrite=True)
+    monkeypatch.undo()
+    assert not other.exists()
+    assert (tmp_path / "other.zarr.asign_old").exists() and (tmp_path / "other.zarr.asign_new").exists()
+    assert recover(other) == []  # the verified new store is swapped in
     assert not (tmp_path / "other.zarr.asign_old").exists()
-    assert not (tmp_path / "other.zarr.asign_tmp").exists()
+    assert not (tmp_path / "other.zarr.asign_new").exists()
     assert not (other / "keep.txt").exists()
+    assert not (other / _persist.JOURNAL).exists()
     _assert_changed(other, t)
+    validate_stack(read_zarr(other))
+    # an unfinished new store (no journal) is discarded and the existing store kept
+    unfinished = tmp_path / "other.zarr.asign_new"
+    unfinished.mkdir()
+    persist(backed, path=tmp_path / "third.zarr", strategy="new_store")
+    assert recover(other) == [] and not unfinished.exists() and other.exists()

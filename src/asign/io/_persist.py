@@ -2,8 +2,9 @@
 
 ``SpatialData.write_element(name, overwrite=True)`` refuses to overwrite an element inside the object's own store
 (spatialdata#1237), and ``delete_element_from_disk`` followed by ``write_element`` loses the element if the process
-dies in between. :func:`persist` therefore always keeps a verified copy on disk while an element is replaced, and
-:func:`recover` (called by every :func:`persist`) restores an element from that copy after an interruption.
+dies in between. :func:`persist` therefore always keeps a verified copy on disk while an element is replaced, with a
+journal file in the copy that says when the original starts to change, and :func:`recover` (whose file-level repair
+every :func:`persist` runs first) restores an element from that copy after an interruption.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ if TYPE_CHECKING:
 
 TMP_SUFFIX = "_asign_tmp"
 TMP_STORE_SUFFIX = ".asign_tmp"
+NEW_STORE_SUFFIX = ".asign_new"
 OLD_STORE_SUFFIX = ".asign_old"
+# journal file inside a verified copy: "verified", then "replacing" once the original is about to be deleted
+JOURNAL = "asign_persist_journal"
 # element types that are eager in memory and can be rewritten safely (images, labels and points are lazy: their
 # data may still be read from the files that a rewrite would delete)
 _REWRITABLE = ("tables", "shapes")
@@ -112,17 +116,37 @@ def _temp_store(store: Path) -> Path:
     return store.with_name(store.name + TMP_STORE_SUFFIX)
 
 
-def _restore(sdata: SpatialData, kind: str, name: str, copy: Any) -> None:
-    # the in-memory element (if any) is what the interrupted call was writing; otherwise use the disk copy
-    if name not in getattr(sdata, kind):
-        getattr(sdata, kind)[name] = copy
-    stale = Path(sdata.path) / kind / name
-    if stale.exists():  # an unreadable, half-deleted element
-        shutil.rmtree(stale)
-        _reconsolidate(Path(sdata.path))
-    sdata.write_element(name)
-    _verify(Path(sdata.path), kind, name, getattr(sdata, kind)[name])
-    logger.warning(f"Restored {kind}/{name} from the copy left by an interrupted write.")
+def _journal(path: Path, state: str) -> None:
+    """Record the state of a verified copy in a small file inside it (atomic: written, then renamed)."""
+    tmp = Path(path) / (JOURNAL + ".part")
+    tmp.write_text(state + "\n")
+    tmp.replace(Path(path) / JOURNAL)
+
+
+def _journal_state(path: Path) -> str | None:
+    """The journal state of a copy.
+
+    ``"verified"`` (the copy is complete; its original was not touched yet), ``"replacing"`` (the original may be
+    partly deleted or rewritten) or `None` (no journal: the copy itself may be incomplete).
+    """
+    f = Path(path) / JOURNAL
+    if not f.is_file():
+        return None
+    state = f.read_text().strip()
+    return state if state in ("verified", "replacing") else None
+
+
+def _drop_journal(path: Path) -> None:
+    for name in (JOURNAL, JOURNAL + ".part"):
+        (Path(path) / name).unlink(missing_ok=True)
+
+
+def _move_into_place(copy: Path, target: Path) -> None:
+    """Replace ``target`` by the verified ``copy`` (a rename on the same file system)."""
+    if target.exists():
+        shutil.rmtree(target)
+    copy.rename(target)
+    _drop_journal(target)
 
 
 def _reconsolidate(store: Path) -> None:
@@ -134,60 +158,126 @@ def _reconsolidate(store: Path) -> None:
     empty.write_consolidated_metadata()
 
 
-def recover(sdata: SpatialData | str | Path) -> list[str]:
-    """Repair a store after an interrupted :func:`asign.io.persist`.
+def _repair_new_store(path: Path) -> bool:
+    """Finish or undo an interrupted ``strategy="new_store"`` swap of ``path``; `True` if anything was done."""
+    path = Path(path)
+    new, old = _sibling(path, NEW_STORE_SUFFIX), _sibling(path, OLD_STORE_SUFFIX)
+    done = False
+    if new.exists():
+        if _journal_state(new) is not None:  # verified: complete the swap
+            if path.exists():
+                if old.exists():
+                    shutil.rmtree(old)
+                path.rename(old)
+            new.rename(path)
+            _drop_journal(path)
+            logger.warning(f"Completed the interrupted replacement of {path} with its verified new version.")
+        else:  # the new store was not finished: the existing one is untouched
+            shutil.rmtree(new)
+        done = True
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:  # cannot happen with the journal, but never lose the only copy
+            old.rename(path)
+            logger.warning(f"Restored {path} from {old} left by an interrupted write.")
+        done = True
+    return done
 
-    A table or shapes element left under ``<name>_asign_tmp`` (or in the temporary store ``<store>.asign_tmp``)
-    whose original is missing or unreadable is restored under its name; leftover copies are removed once the
-    original is intact; the consolidated metadata are rewritten from what is on disk.
 
-    Parameters
-    ----------
-    sdata
-        A stack backed by a zarr store (others are left alone), or the path of a store (for a store that
-        :func:`spatialdata.read_zarr` can no longer open because its consolidated metadata are stale).
+def _repair_files(store: Path) -> list[str]:
+    """File-level repair of a store after an interrupted :func:`persist`; returns the restored element names.
 
-    Returns
-    -------
-    The names of the restored elements.
+    A copy whose journal says ``"replacing"`` is moved into place (its original may be incomplete); any other
+    leftover copy is removed (the original was not touched). Reads nothing with spatialdata, so it also works on a
+    store that :func:`spatialdata.read_zarr` can no longer open.
     """
-    if not hasattr(sdata, "tables"):
-        from spatialdata import read_zarr
-
-        _reconsolidate(Path(sdata))
-        sdata = read_zarr(sdata)
-    if sdata.path is None:
-        return []
-    store = Path(sdata.path)
+    store = Path(store)
     restored: list[str] = []
+    changed = False
     for kind in _REWRITABLE:
-        names = _disk_names(store, kind)
-        for tmp in [n for n in names if n.endswith(TMP_SUFFIX)]:
+        for tmp in [n for n in _disk_names(store, kind) if n.endswith(TMP_SUFFIX)]:
             name = tmp[: -len(TMP_SUFFIX)]
-            if _read_disk(store, kind, name) is None:
-                copy = _read_disk(store, kind, tmp)
-                if copy is None:
-                    msg = f"Both {kind}/{name} and its copy {tmp} in {store} are unreadable; restore from a backup."
-                    raise OSError(msg)
-                _restore(sdata, kind, name, copy)
+            if _journal_state(store / kind / tmp) == "replacing":
+                _move_into_place(store / kind / tmp, store / kind / name)
                 restored.append(name)
-            shutil.rmtree(store / kind / tmp)
-            if tmp in getattr(sdata, kind):  # read back as an element of its own by read_zarr
-                del getattr(sdata, kind)[tmp]
+            else:
+                shutil.rmtree(store / kind / tmp)
+            changed = True
+        for name in _disk_names(store, kind):  # a journal left inside an element after a completed restore
+            if (store / kind / name / JOURNAL).exists():
+                _drop_journal(store / kind / name)
     tstore = _temp_store(store)
     if tstore.exists():
         for kind in _REWRITABLE:
             for name in _disk_names(tstore, kind):
-                if _read_disk(store, kind, name) is None:
-                    copy = _read_disk(tstore, kind, name)
-                    if copy is None:
-                        msg = f"Both {kind}/{name} in {store} and its copy in {tstore} are unreadable."
-                        raise OSError(msg)
-                    _restore(sdata, kind, name, copy)
+                if _journal_state(tstore / kind / name) == "replacing":
+                    (store / kind).mkdir(parents=True, exist_ok=True)
+                    _move_into_place(tstore / kind / name, store / kind / name)
                     restored.append(name)
         shutil.rmtree(tstore)
-    _reconsolidate(store)
+        changed = True
+    if changed:
+        _reconsolidate(store)
+    for name in restored:
+        logger.warning(f"Restored {name!r} in {store} from the verified copy left by an interrupted write.")
     return restored
+
+
+def recover(sdata: SpatialData | str | Path) -> list[str]:
+    """Repair a store after an interrupted :func:`asign.io.persist`.
+
+    :func:`persist` writes a verified copy of an element before it touches the original, and journals when it starts
+    replacing the original. A copy whose original was being replaced is moved into place (the original may be
+    incomplete); a copy whose original was not touched yet, or that is itself incomplete, is removed; an interrupted
+    ``strategy="new_store"`` swap is completed (or undone if the new store was not finished). Then the consolidated
+    metadata are rewritten from what is on disk.
+
+    Parameters
+    ----------
+    sdata
+        A stack backed by a zarr store (others are left alone), or the path of a store. Give the path when
+        :func:`spatialdata.read_zarr` cannot open the store: the repair works on the files.
+
+    Returns
+    -------
+    The names of the restored elements. For a stack, restored elements are also read back into memory (the object
+    may hold what was read from the incomplete original).
+    """
+    if not hasattr(sdata, "tables"):
+        path = Path(sdata)
+        _repair_new_store(path)
+        if not path.exists():
+            msg = f"{path} does not exist (and no interrupted write of it was found)."
+            raise FileNotFoundError(msg)
+        return _repair_files(path)
+    if sdata.path is None:
+        return []
+    store = Path(sdata.path)
+    restored = _repair_files(store)
+    for name in restored:
+        kind = _element_kind(sdata, name) or _kind_on_disk(store, name)
+        element = _read_disk(store, kind, name)
+        if element is None:
+            msg = f"{kind}/{name} in {store} was restored from its verified copy but cannot be read back."
+            raise OSError(msg)
+        getattr(sdata, kind)[name] = element
+    for kind in _REWRITABLE:  # copies read by read_zarr as elements of their own
+        for name in [n for n in getattr(sdata, kind) if n.endswith(TMP_SUFFIX)]:
+            del getattr(sdata, kind)[name]
+    return restored
+
+
+def _kind_on_disk(store: Path, name: str) -> str:
+    for kind in _REWRITABLE:
+        if name in _disk_names(store, kind):
+            return kind
+    msg = f"{name!r} not found in {store}."
+    raise KeyError(msg)
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
 
 
 def _write_new_store(sdata: SpatialData, path: Path, *, overwrite: bool) -> None:
@@ -197,29 +287,27 @@ def _write_new_store(sdata: SpatialData, path: Path, *, overwrite: bool) -> None
             "there); write to a new path."
         )
         raise ValueError(msg)
-    tmp = path.with_name(path.name + TMP_STORE_SUFFIX)
-    old = path.with_name(path.name + OLD_STORE_SUFFIX)
-    if not path.exists() and old.exists():
-        # an interrupted swap: the previous store is intact under the old name
-        old.rename(path)
-        logger.warning(f"Restored {path} from {old} left by an interrupted write.")
+    _repair_new_store(path)
     if path.exists() and not overwrite:
         msg = (
             f"{path} exists; pass overwrite=True to replace it (the old store is kept until the new one is "
             "written and verified)."
         )
         raise FileExistsError(msg)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    sdata.write(tmp, update_sdata_path=False)
+    new, old = _sibling(path, NEW_STORE_SUFFIX), _sibling(path, OLD_STORE_SUFFIX)
+    if new.exists():
+        shutil.rmtree(new)
+    sdata.write(new, update_sdata_path=False)
     for kind in _REWRITABLE:
         for name, el in getattr(sdata, kind).items():
-            _verify(tmp, kind, name, el)
+            _verify(new, kind, name, el)
+    _journal(new, "verified")  # from here on, an interrupted swap is completed by the next call
     if path.exists():
         if old.exists():
             shutil.rmtree(old)
         path.rename(old)
-    tmp.rename(path)
+    new.rename(path)
+    _drop_journal(path)
     if old.exists():
         shutil.rmtree(old)
     sdata.path = path
@@ -239,11 +327,14 @@ def _rewrite(sdata: SpatialData, kind: str, name: str, *, strategy: str) -> None
         finally:
             del getattr(sdata, kind)[tmp]
         _verify(store, kind, tmp, element)
+        copy = store / kind / tmp
     else:
         tstore = _temp_store(store)
         SD(**{kind: {name: element}}).write(tstore, overwrite=True, update_sdata_path=False)
         _verify(tstore, kind, name, element)
-    # a verified copy is on disk: replace the original
+        copy = tstore / kind / name
+    # a verified copy is on disk; journal that the original is about to change, then replace it
+    _journal(copy, "replacing")
     sdata.delete_element_from_disk(name)
     sdata.write_element(name)
     _verify(store, kind, name, element)
@@ -283,10 +374,11 @@ def persist(
           verified (read back and compared), then the original is deleted, rewritten and verified, then the copy is
           removed.
         - ``"temp_store"``: the same, with the copy in a separate store ``<store>.asign_tmp`` next to the main one.
-        - ``"new_store"``: the whole object is written to ``<path>.asign_tmp``, verified, and swapped into place with
-          renames (the previous store is kept as ``<path>.asign_old`` until the swap is done).
+        - ``"new_store"``: the whole object is written to ``<path>.asign_new``, verified, journalled, and swapped
+          into place with renames (the previous store is kept as ``<path>.asign_old`` until the swap is done).
 
-        An interrupted run is repaired by the next call (see :func:`asign.io.recover`).
+        An interrupted run is repaired by the next call (see :func:`asign.io.recover`): a copy whose original was
+        being replaced is moved into place (the interrupted write is completed); any other copy is discarded.
     overwrite
         Allow replacing an existing store at ``path`` (``"new_store"`` or an object that is not backed).
 
@@ -312,7 +404,12 @@ def persist(
         raise ValueError(msg)
 
     store = Path(sdata.path)
-    recover(sdata)
+    # finish an earlier interrupted write on disk first; the in-memory elements stay as they are (they hold what
+    # that write was writing, or newer changes) and are written below
+    _repair_files(store)
+    for kind in _REWRITABLE:
+        for name in [n for n in getattr(sdata, kind) if n.endswith(TMP_SUFFIX)]:
+            del getattr(sdata, kind)[name]
     if elements is None:
         names = list(sdata.tables)
     else:
