@@ -441,6 +441,9 @@ def test_landmarks_as_answer_and_as_start(rotated_stack):
         asign.pp.align_layers(rotated_stack, method="landmarks", landmarks={s: lm[s] for s in ("S2", "S3", "S4")})
     with pytest.raises(ValueError, match="differ in number"):
         asign.pp.align_layers(rotated_stack, method="landmarks", landmarks={**lm, "S2": lm["S2"][:3]})
+    xyz = {s: np.column_stack([v, np.zeros(len(v))]) for s, v in lm.items()}  # (x, y, z): refused, not reshaped
+    with pytest.raises(ValueError, match=r"section 'S1' must be a finite \(n, 2\) array.*\(4, 3\)"):
+        asign.pp.align_layers(rotated_stack, method="landmarks", landmarks=xyz)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -431,3 +431,25 @@ def test_in_memory_pyramid_levels_are_used_only_when_asked(small_stack):
         asign.pp.extract_features(sd, pyramid="yes", **kw)
     with pytest.raises(ValueError, match="resize"):
         asign.pp.extract_features(sd, resize="gpu", **kw)
+
+
+def test_an_encoder_object_records_its_own_input_size(small_stack):
+    """Patches are resized to the Encoder's input size; that, not the argument's default, is recorded."""
+    from asign._encoders import Encoder
+
+    seen = []
+
+    def fn(batch):
+        seen.append(batch.shape[1:3])
+        return batch.reshape(len(batch), -1, 3).mean(axis=1)
+
+    enc = Encoder(name="mean16", dim=3, weights="none", fn=fn, input_size=16)
+    res = asign.pp.extract_features(
+        small_stack,
+        encoder=enc,
+        scales={"spot": 32, "region": 128, "global": 256},
+        show_progress_bar=False,
+        inplace=False,
+    )
+    assert set(seen) == {(16, 16)}
+    assert res.params["input_size"] == 16

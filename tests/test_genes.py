@@ -124,6 +124,12 @@ def test_normalize_public(stack):
     assert list(out.columns) == genes[:2]
     with pytest.raises(KeyError, match="not in the table"):
         asign.pp.normalize(stack, genes=["nope"], inplace=False)
+    with pytest.raises(ValueError, match=rf"more than once: \['{genes[0]}'\]"):
+        asign.pp.normalize(stack, genes=[genes[0], genes[0], genes[1]], inplace=False)
+    with pytest.raises(ValueError, match="gene list is empty"):
+        asign.pp.normalize(stack, genes=[], inplace=False)
+    with pytest.raises(TypeError, match="`n_genes` must be an integer"):
+        asign.pp.select_genes(stack, n_genes=2.5, inplace=False)
 
 
 def test_known_mask_parsing(stack):

@@ -35,6 +35,10 @@ from asign.pp._graph import (
 RHO = 112.0
 
 
+def _section_rows(sdata, section: str) -> np.ndarray:
+    return (sdata.tables["table"].obs["section"].astype(str) == section).to_numpy()
+
+
 def _rot(deg: float, scale: float = 1.0, shift=(0.0, 0.0), *, mirror: bool = False) -> np.ndarray:
     t = np.deg2rad(deg)
     T = np.eye(3)
@@ -636,6 +640,11 @@ def test_bad_inputs(small_stack):
         neighbors_3d(aligned_stack, similarity_key="nope")
     with pytest.raises(ValueError, match="similarity_key"):
         neighbors_3d(aligned_stack, across="similarity")
+    feat = np.ones((aligned_stack.tables["table"].n_obs, 3))
+    feat[_section_rows(aligned_stack, smallest)] = np.nan  # what extract_features(sections=...) leaves
+    aligned_stack.tables["table"].obsm["partial"] = feat
+    with pytest.raises(ValueError, match=rf"non-finite values for \d+ spots \(per section: \{{'{smallest}'"):
+        neighbors_3d(aligned_stack, similarity_key="partial")
     with pytest.raises(ValueError, match="across='combined'"):
         aligned_stack.tables["table"].obsm["f"] = np.ones((aligned_stack.tables["table"].n_obs, 3))
         neighbors_3d(aligned_stack, across="overlap", similarity_key="f")

@@ -87,3 +87,21 @@ def test_alignment_plot_options_and_errors(aligned, small_stack):
     with pytest.raises(KeyError, match="align_layers"):
         asign.pl.alignment(small_stack, show=False)
     plt.close("all")
+
+
+def test_quality_only_of_the_alignment_drawn(aligned):
+    """A later alignment under another name must not lend its Dice to the panels of an earlier one."""
+    import matplotlib.pyplot as plt
+
+    al = aligned.tables["table"].uns["asign"]["alignment"]
+    shifted = {
+        s: np.array([[1.0, 0.0, 40.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ T for s, T in al["transforms"].items()
+    }
+    shifted[al["reference"]] = np.eye(3)
+    asign.pp.align_layers(aligned, method="transforms", transforms=shifted, reference=al["reference"], key_added="a2")
+    fig = asign.pl.alignment(aligned, key_added="aligned", before=False, show=False)
+    assert not any("Dice" in a.get_title() for a in fig.axes)
+    plt.close(fig)
+    fig = asign.pl.alignment(aligned, key_added="a2", before=False, show=False)
+    assert all("Dice" in a.get_title() for a in fig.axes)
+    plt.close(fig)

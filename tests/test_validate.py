@@ -287,6 +287,15 @@ def test_image_in_another_pixel_frame(small_stack):
     _invalid(small_stack, "section 'S3'", "image 'he_S3' and shapes 'spots_S3' are not in the same pixel frame")
 
 
+def test_native_transformation_must_be_identity(small_stack):
+    """Registration works in the image's own pixels: another native map would misplace the section."""
+    from spatialdata.transformations import Translation
+
+    for key in ("he_S2", "spots_S2"):
+        set_transformation(small_stack[key], Translation([100.0, 50.0], axes=("x", "y")), to_coordinate_system="S2")
+    _invalid(small_stack, "section 'S2'", "shapes 'spots_S2'", "not Identity", "Identity() to 'S2'")
+
+
 def test_image_without_native_transformation(small_stack):
     set_transformation(small_stack.images["he_S3"], {"global": Identity()}, set_all=True)
     _invalid(small_stack, "image 'he_S3' has no transformation to the section's native coordinate system 'S3'")
