@@ -21,6 +21,14 @@ def test_check_number():
         check_number("s", 0, minimum=0.0, strict=True)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -np.inf, np.float64("nan")])
+def test_check_number_refuses_non_finite(value):
+    with pytest.raises(ValueError, match="`x` must be a finite number"):
+        check_number("x", value, minimum=0, strict=True)
+    with pytest.raises(ValueError, match="`x` must be a finite number"):
+        check_number("x", value)
+
+
 def test_public_functions_check_numeric_options(small_stack):
     sd = small_stack
     before = set(sd.tables["table"].obsm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from pathlib import Path
 
@@ -179,14 +180,39 @@ def test_fake_her2st_image_is_a_lazy_pyramid(fake_her2st):
     assert full[1, -5, :].mean() > 240 and full[1, 5, :].mean() < 15
 
 
-def test_fake_her2st_options(fake_her2st):
+def test_fake_her2st_options(fake_her2st, caplog):
     root, _ = fake_her2st
-    sdata = read_her2st(root, patient="b", sections=["B2"], images=False, genes=["ERBB2", "GATA3"])
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        sdata = read_her2st(root, patient="b", sections="B2", images=False, genes=["KRT8", "ERBB2", "GATA3"])
+    assert "genes ['GATA3'] are measured in none of the sections ['B2']" in caplog.text
     t = sdata.tables["table"]
-    assert get_stack(sdata).sections == ["B2"]
+    assert get_stack(sdata).sections == ["B2"]  # one name is one section
     assert list(sdata.images) == []
-    assert list(t.var_names) == ["ERBB2", "GATA3"]
-    assert t.X[:, 1].sum() == 0  # GATA3 is not measured in B2
+    assert list(t.var_names) == ["KRT8", "ERBB2"]  # the requested order; GATA3 is not measured in B2
+    np.testing.assert_array_equal(t.var["n_sections_measured"], [1, 1])
+
+
+def test_fake_her2st_genes_keep_the_unrestricted_var(fake_her2st, caplog):
+    root, counts = fake_her2st
+    full = read_her2st(root, patient="B", images=False).tables["table"]
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        t = read_her2st(root, patient="B", images=False, genes=["GATA3", "NOTAGENE", "ERBB2", "MUC1"]).tables["table"]
+    assert "genes ['NOTAGENE'] are measured in none of the sections ['B1', 'B2']" in caplog.text
+    assert list(t.var_names) == ["GATA3", "ERBB2", "MUC1"]
+    pd.testing.assert_frame_equal(t.var, full.var.loc[["GATA3", "ERBB2", "MUC1"]])
+    np.testing.assert_array_equal(t.var["n_sections_measured"], [1, 2, 1])
+    np.testing.assert_array_equal(t.X.toarray(), full[:, ["GATA3", "ERBB2", "MUC1"]].X.toarray())
+    validate_stack(read_her2st(root, patient="B", images=False, genes="ERBB2"))
+    with pytest.raises(ValueError, match=r"None of the genes \['NOTAGENE', 'NOPE'\] is measured in sections"):
+        read_her2st(root, patient="B", images=False, genes=["NOTAGENE", "NOPE"])
+
+
+def test_fake_her2st_z_follows_the_layer(fake_her2st):
+    root, _ = fake_her2st
+    np.testing.assert_allclose(get_stack(read_her2st(root, patient="B", sections=["B2"], images=False)).z_um, [16.0])
+    np.testing.assert_allclose(get_stack(read_her2st(root, patient="B", images=False)).z_um, [0.0, 16.0])
+    with pytest.raises(ValueError, match=r"Sections \['B2', 'B1'\] of patient B are not in cutting order"):
+        read_her2st(root, patient="B", sections=["B2", "B1"], images=False)
 
 
 def test_fake_her2st_errors(fake_her2st, tmp_path):
@@ -379,3 +405,26 @@ def test_registry_matches_local_files(her2st_path):
         assert hashlib.sha256(f.read_bytes()).hexdigest() == sha, rel
         checked += 1
     assert checked >= 20
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_patient_e_skipped_section_keeps_its_gap(her2st_path):
+    z = read_her2st(her2st_path, patient="E", sections=["E1", "E3"], images=False, genes=["ERBB2"])
+    np.testing.assert_allclose(get_stack(z).z_um, [0.0, 32.0])  # E1 and E3 are two cuts apart
+    every = read_her2st(her2st_path, patient="E", images=False, genes=["ERBB2"])
+    np.testing.assert_allclose(get_stack(every).z_um, [0.0, 16.0, 32.0])
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_patient_e_genes_restrict_the_unrestricted_var(her2st_path, caplog):
+    full = read_her2st(her2st_path, patient="E", sections=["E1", "E2"], images=False).tables["table"]
+    e1 = pd.read_csv(her2st_path / "data" / "ST-cnts" / "E1.tsv.gz", sep="\t", index_col=0, nrows=0).columns
+    genes = [next(g for g in full.var_names if g not in e1), "ERBB2"]  # a gene of E2 only, one of both
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        t = read_her2st(her2st_path, patient="E", sections=["E1", "E2"], images=False, genes=[*genes, "NOTAGENE"])
+    assert "genes ['NOTAGENE']" in caplog.text
+    pd.testing.assert_frame_equal(t.tables["table"].var, full.var.loc[genes])
+    with pytest.raises(ValueError, match=r"None of the genes \['NOTAGENE'\]"):
+        read_her2st(her2st_path, patient="E", sections="E1", images=False, genes="NOTAGENE")

@@ -230,3 +230,88 @@ def test_stack_sections_from_spatialdata_errors():
     no_table = SpatialData(shapes={"vis1": s1.shapes["vis1"]})
     with pytest.raises(ValueError, match="Expected one table annotating shapes 'vis1'"):
         stack_sections([no_table])
+
+
+# --- input errors name the section and the fix
+
+
+def _section(name: str = "A", n: int = 6, **kw) -> Section:
+    rng = np.random.default_rng(0)
+    parts = {
+        "spots": rng.uniform(5, 55, (n, 2)),
+        "counts": rng.poisson(2, (n, 3)).astype(np.float32),
+        "genes": ["g1", "g2", "g3"],
+        "image": np.full((64, 64, 3), 200, dtype=np.uint8),
+        "um_per_px": 1.0,
+    }
+    return Section(name=name, **{**parts, **kw})
+
+
+@pytest.mark.parametrize("column", ["region", "barcode", "measured", "section", "spot_id"])
+def test_stack_sections_refuses_reserved_obs_columns(column):
+    obs = pd.DataFrame({column: [f"v{i}" for i in range(6)], "label": 1})
+    with pytest.raises(ValueError, match=rf"Section 'A': `obs` columns \['{column}'\] are reserved.*rename"):
+        stack_sections([_section(obs=obs)])
+    # other columns pass through
+    t = stack_sections([_section(obs=obs.drop(columns=column))]).tables["table"]
+    np.testing.assert_array_equal(t.obs["label"], 1)
+
+
+def test_stack_sections_refuses_obsm_spatial():
+    a = _section(obsm={"spatial": np.zeros((6, 2))})
+    with pytest.raises(ValueError, match=r"Section 'A': obsm\['spatial'\] is reserved.*pass the centres as `spots`"):
+        stack_sections([a, _section("B")])
+
+
+def test_stack_sections_z_um_scalar_for_one_section():
+    stack = get_stack(stack_sections([_section()], z_um=5.0))
+    np.testing.assert_array_equal(stack.z_um, [5.0])
+    with pytest.raises(ValueError, match=r"`z_um` must be a sequence of one z position .* 2 values, got a single"):
+        stack_sections([_section("A"), _section("B")], z_um=5.0)
+    with pytest.raises(ValueError, match=r"`z_um` must be a sequence .* 2 values, got 3 values"):
+        stack_sections([_section("A"), _section("B")], z_um=[0.0, 1.0, 2.0])
+
+
+def test_stack_sections_counts_anndata_without_x():
+    a = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(6)]), var=pd.DataFrame(index=["g1", "g2"]))
+    with pytest.raises(ValueError, match=r"Section 'A': counts AnnData has no .X and no layers\['counts'\]"):
+        stack_sections([_section(counts=a)])
+    a.layers["counts"] = np.ones((6, 2), dtype=np.float32)  # the layer alone is enough
+    np.testing.assert_array_equal(stack_sections([_section(counts=a)]).tables["table"].X.toarray(), 1.0)
+
+
+def test_in_memory_image_elements_are_accepted():
+    import xarray as xr
+
+    rgb = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    computed = Image2DModel.parse(rgb.transpose(2, 0, 1), dims=("c", "y", "x")).compute()  # numpy-backed
+    assert not isinstance(computed.data, da.Array)
+    yxc = xr.DataArray(rgb, dims=("y", "x", "c"))
+    sdata = stack_sections([_section("A", image=computed), _section("B", image=yxc)])
+    for key in ("he_A", "he_B"):
+        level = _level0(sdata.images[key])
+        assert isinstance(level.data, da.Array)
+        np.testing.assert_array_equal(level.values, rgb.transpose(2, 0, 1))
+    validate_stack(sdata, require_images=True)
+    with pytest.raises(ValueError, match=r"Section 'C': image element must have dims \('c', 'y', 'x'\)"):
+        stack_sections([_section("C", image=xr.DataArray(rgb, dims=("a", "b", "c")))])
+
+
+def test_stack_sections_from_spatialdata_without_shared_coordinate_system():
+    from spatialdata.transformations import set_transformation
+
+    s1, _ = _visium_like(1, fullres=False)
+    set_transformation(s1.images["vis1_hires_image"], {"other": Identity()}, set_all=True)
+    with pytest.raises(
+        ValueError,
+        match=r"Section 'V1': no transformation maps shapes 'vis1' \(coordinate systems \['global'\]\) into image "
+        r"'vis1_hires_image' \(coordinate systems \['other'\]\).*`image_key=`",
+    ):
+        stack_sections([s1], names=["V1"], spot_diameter_um=55.0)
+
+
+def test_stack_sections_spot_radius_px_for_spatialdata_inputs():
+    s1, _ = _visium_like(1)
+    t = stack_sections([s1, _section("B", spots=[[10.0, 10.0]], counts=None)], names=["V1", None]).tables["table"]
+    np.testing.assert_allclose(t.obs.loc[t.obs["section"] == "V1", "spot_radius_px"], 10.0)
+    assert t.obs.loc[t.obs["section"] == "B", "spot_radius_px"].isna().all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -9,7 +10,9 @@ from typing import Any
 def check_number(
     name: str, value: Any, *, integer: bool = False, minimum: float | None = None, strict: bool = False
 ) -> float | int:
-    """Return ``value`` as ``int`` / ``float`` after checking its type and lower bound.
+    """Return ``value`` as ``int`` / ``float`` after checking its type, finiteness and lower bound.
+
+    NaN and infinite values are refused with a :class:`ValueError`.
 
     Parameters
     ----------
@@ -29,6 +32,9 @@ def check_number(
         msg = f"`{name}` must be {'an integer' if integer else 'a number'}, got {value!r}."
         raise TypeError(msg)
     out = int(value) if integer else float(value)
+    if not math.isfinite(out):
+        msg = f"`{name}` must be a finite number, got {value!r}."
+        raise ValueError(msg)
     if minimum is not None and (out <= minimum if strict else out < minimum):
         msg = f"`{name}` must be {'>' if strict else '>='} {minimum:g}, got {value!r}."
         raise ValueError(msg)

@@ -363,9 +363,10 @@ def synthetic_stack(
     -------
     A section stack (see the data contract). Ground truth: ``obs['domain']``, ``obsm['spatial_world']`` (x, y in
     µm in the block's frame), ``table.uns['asign']['synthetic']`` with ``native_to_world`` (one 3 x 3 matrix per
-    section mapping native pixels to block µm), ``rotation_deg``, the gene ``domain_effect`` and
-    ``gradient_loading`` matrices, ``base_log_mean``, ``drift``, ``variation`` and ``stain`` (per section and
-    channel).
+    section mapping native pixels to block µm), ``rotation_deg`` and ``shift_um`` (each section's placement on its
+    slide), the gene matrices ``domain_effect`` (one row per domain, in the order of ``domains``, the domain names)
+    and ``gradient_loading`` (one row per gradient), ``base_log_mean``, ``drift``, ``variation``, ``stain`` (per
+    section and channel), ``seed`` and ``image_side_um`` (the side of each section's image in µm).
     """
     from asign.io._build import Section, stack_sections
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 DEFAULT_SCALE_FACTORS = (2, 2, 2, 2)
 MIN_PYRAMID_SIDE = 256
+# ``obs`` columns that the stack writes itself; a section's own ``obs`` must not use them
+RESERVED_OBS = (Key.SECTION, Key.MEASURED, Key.REGION, Key.INSTANCE, Key.BARCODE)
 
 
 @dataclass
@@ -48,9 +50,11 @@ class Section:
     genes
         Gene names when ``counts`` is a matrix.
     obs
-        Extra per-spot columns, one row per spot in the order of ``spots``.
+        Extra per-spot columns, one row per spot in the order of ``spots``; the columns that the stack writes itself
+        (``section``, ``measured``, ``region``, ``spot_id``, ``barcode``) are refused.
     obsm
-        Extra per-spot arrays ``(n, k)`` (e.g. a published registration); sections without a key get NaN rows.
+        Extra per-spot arrays ``(n, k)`` (e.g. a published registration); sections without a key get NaN rows. The
+        key ``spatial`` is refused: ``obsm['spatial']`` of the stack holds ``spots``.
     """
 
     name: str
@@ -75,17 +79,25 @@ def _pyramid_factors(size: int, scale_factors: Sequence[int] | None) -> list[int
     return keep
 
 
-def _retarget_image(image: Any, coordinate_system: str):
-    """A new image element with the data of ``image`` and only ``Identity`` to ``coordinate_system``."""
+def _retarget_image(image: Any, coordinate_system: str, section: str | None = None):
+    """A new image element with the data of ``image`` and only ``Identity`` to ``coordinate_system``.
+
+    In-memory (numpy-backed) levels are wrapped in dask arrays, as image elements require.
+    """
+    import dask.array as da
     import xarray as xr
     from spatialdata.transformations import Identity, set_transformation
 
     def _level(old: xr.DataArray) -> xr.DataArray:
         if set(old.dims) != {"c", "y", "x"}:
-            msg = f"image element must have dims ('c', 'y', 'x'), got {old.dims}."
+            where = f"Section {section!r}: " if section is not None else ""
+            msg = f"{where}image element must have dims ('c', 'y', 'x'), got {old.dims}."
             raise ValueError(msg)
         old = old.transpose("c", "y", "x")
-        return xr.DataArray(old.data, dims=old.dims, coords=old.coords, name=old.name or "image")
+        data = old.data
+        if not isinstance(data, da.Array):
+            data = da.from_array(np.asarray(data), chunks=(-1, 1024, 1024))
+        return xr.DataArray(data, dims=old.dims, coords=old.coords, name=old.name or "image")
 
     if isinstance(image, xr.DataTree):
         nodes = {}
@@ -106,8 +118,12 @@ def _parse_image(image: Any, name: str, coordinate_system: str, scale_factors: S
     from spatialdata.transformations import Identity
 
     if isinstance(image, xr.DataArray | xr.DataTree):
-        out = _retarget_image(image, coordinate_system)
-        Image2DModel().validate(out)
+        out = _retarget_image(image, coordinate_system, section=name)
+        try:
+            Image2DModel().validate(out)
+        except (ValueError, TypeError) as e:
+            msg = f"Section {name!r}: the image element is not a valid spatialdata image: {e}"
+            raise ValueError(msg) from e
         return out
     arr = image if isinstance(image, da.Array) else np.asarray(image)
     if arr.ndim != 3:
@@ -152,6 +168,12 @@ def _counts_to_anndata(sec: Section) -> AnnData | None:
             msg = f"Section {sec.name!r}: counts have {X.shape[1]} columns for {len(sec.genes)} genes."
             raise ValueError(msg)
         a = AnnData(X=X, var=pd.DataFrame(index=[str(g) for g in sec.genes]))
+    if a.X is None and Key.COUNTS not in a.layers:
+        msg = (
+            f"Section {sec.name!r}: counts AnnData has no .X and no layers['{Key.COUNTS}']; put the raw counts in "
+            "one of them."
+        )
+        raise ValueError(msg)
     if not a.var_names.is_unique:
         d = a.var_names[a.var_names.duplicated()][:5].tolist()
         msg = f"Section {sec.name!r}: duplicate gene names {d}; make them unique (`var_names_make_unique`)."
@@ -177,7 +199,7 @@ def _from_spatialdata(
 ) -> Section:
     """Turn a single-section SpatialData (e.g. spatialdata-io's Visium reader) into a :class:`Section`."""
     from spatialdata.models import get_table_keys
-    from spatialdata.transformations import get_transformation_between_coordinate_systems
+    from spatialdata.transformations import get_transformation, get_transformation_between_coordinate_systems
 
     circles = [k for k, v in sdata.shapes.items() if "radius" in v.columns]
     if len(circles) != 1:
@@ -215,7 +237,18 @@ def _from_spatialdata(
     image = None
     if image_key is not None:
         # express spot centres (and radii) in the chosen image's pixel frame
-        t = get_transformation_between_coordinate_systems(sdata, shapes, sdata.images[image_key])
+        try:
+            t = get_transformation_between_coordinate_systems(sdata, shapes, sdata.images[image_key])
+        except RuntimeError as e:
+            cs_shapes = sorted(get_transformation(shapes, get_all=True) or {})
+            cs_image = sorted(get_transformation(sdata.images[image_key], get_all=True) or {})
+            msg = (
+                f"Section {name!r}: no transformation maps shapes {shapes_key!r} (coordinate systems {cs_shapes}) "
+                f"into image {image_key!r} (coordinate systems {cs_image}) ({e}); pick an image that shares a "
+                "coordinate system with the spots (`image_key=`), or add a transformation between the two elements "
+                "(spatialdata.transformations.set_transformation)."
+            )
+            raise ValueError(msg) from e
         m = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
         xy = xy @ m[:2, :2].T + m[:2, 2]
         radius = radius * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
@@ -286,7 +319,7 @@ def stack_sections(
     names: Sequence[str] | None = None,
     spot_diameter_um: float = 100.0,
     thickness_um: float = 16.0,
-    z_um: Sequence[float] | None = None,
+    z_um: float | Sequence[float] | None = None,
     um_per_px: float | Sequence[float] | None = None,
     image_key: str | Sequence[str | None] | None = None,
     scale_factors: Sequence[int] | None = DEFAULT_SCALE_FACTORS,
@@ -311,7 +344,8 @@ def stack_sections(
     thickness_um
         Section thickness: section ``i`` (0-based) gets ``z = i * thickness_um`` unless ``z_um`` is given.
     z_um
-        Explicit z position of every section in µm (increasing in cutting order).
+        Explicit z position of every section in µm (increasing in cutting order): a sequence of one value per
+        section (a single number is accepted for a single section).
     um_per_px
         Pixel size of the chosen image for :class:`~spatialdata.SpatialData` inputs (one value or one per section).
         Default: derived from the circles' radius, ``spot_diameter_um / (2 * radius_px)``.
@@ -332,9 +366,11 @@ def stack_sections(
     with :class:`~spatialdata.transformations.Identity` to the coordinate system named like the section, and one
     table ``table_key`` annotating every ``spots_<section>`` (rows by section, then shapes index) with
     ``obs['section']`` (ordered categorical), ``obs['measured']``, ``obs['region']``, ``obs['spot_id']``,
-    ``obs['barcode']`` (the given spot id), ``obsm['spatial']``, raw counts in ``.X`` (CSR float32; one gene axis, the
-    union of the sections' genes, a gene absent from a section being 0 there; ``var['n_sections_measured']``) and the
-    manifest ``uns['asign']['stack']``.
+    ``obs['barcode']`` (the given spot id), ``obs['spot_radius_px']`` (SpatialData inputs only: the input circles'
+    radius in the chosen image's pixels; NaN for other sections), the sections' extra ``obs`` columns and ``obsm``
+    arrays, ``obsm['spatial']``, raw counts in ``.X`` (CSR float32; one gene axis, the union of the sections' genes, a
+    gene absent from a section being 0 there; ``var['n_sections_measured']``) and the manifest
+    ``uns['asign']['stack']``.
     """
     import anndata as ad
     from spatialdata import SpatialData
@@ -375,8 +411,11 @@ def stack_sections(
         z = np.arange(n_sec, dtype=float) * float(thickness_um)
     else:
         z = np.asarray(z_um, dtype=float)
+        if z.ndim == 0 and n_sec == 1:
+            z = z.reshape(1)
         if z.shape != (n_sec,):
-            msg = f"`z_um` has {z.size} values for {n_sec} sections."
+            got = "a single number" if z.ndim == 0 else f"{z.size} values"
+            msg = f"`z_um` must be a sequence of one z position (µm) per section: {n_sec} values, got {got}."
             raise ValueError(msg)
     if n_sec > 1 and not np.all(np.diff(z) > 0):
         msg = f"z positions {z.tolist()} must increase in cutting order (check `thickness_um` / `z_um`)."
@@ -418,6 +457,20 @@ def stack_sections(
             raise ValueError(msg)
         if s.obs is not None and len(s.obs) != n:
             msg = f"Section {s.name!r}: `obs` has {len(s.obs)} rows for {n} spots."
+            raise ValueError(msg)
+        clash = [c for c in (s.obs.columns if s.obs is not None else ()) if c in RESERVED_OBS]
+        if clash:
+            msg = (
+                f"Section {s.name!r}: `obs` columns {clash} are reserved (the stack writes {list(RESERVED_OBS)} "
+                "itself); rename them (e.g. `obs.rename(columns={...})`, in the table for a SpatialData input)."
+            )
+            raise ValueError(msg)
+        if Key.SPATIAL in s.obsm:
+            msg = (
+                f"Section {s.name!r}: obsm[{Key.SPATIAL!r}] is reserved: the stack's obsm[{Key.SPATIAL!r}] holds the "
+                "spot centres given as `spots` (pixels of the section's image); pass the centres as `spots`, or store "
+                "other coordinates under another key (e.g. 'spatial_fullres')."
+            )
             raise ValueError(msg)
         for k, v in s.obsm.items():
             if np.asarray(v).ndim != 2 or len(v) != n:

@@ -225,6 +225,17 @@ def _um_per_px(root: Path, section: str, spots: pd.DataFrame) -> float:
     return HER2ST_DEFAULT_UM_PER_PX_A if section.startswith("A") else HER2ST_DEFAULT_UM_PER_PX
 
 
+def _layers(root: Path, patient: str, sections: Sequence[str]) -> np.ndarray:
+    """Layer number (1-based cutting position) of each section: ``sections.csv`` when present, else the name's digits."""
+    layer: dict[str, int] = {}
+    manifest = root / "sections.csv"
+    if manifest.exists():
+        df = pd.read_csv(manifest, index_col="section")
+        if "layer" in df.columns:
+            layer = {str(k): int(v) for k, v in df["layer"].dropna().items()}
+    return np.array([layer.get(s, int(s[len(patient) :])) for s in sections], dtype=int)
+
+
 def _pathologist_labels(root: Path, section: str, index: pd.Index) -> pd.Series | None:
     f = root / "data" / "ST-pat" / "lbl" / f"{section}_labeled_coordinates.tsv"
     if not f.exists():
@@ -240,9 +251,9 @@ def read_her2st(
     path: str | Path,
     *,
     patient: str,
-    sections: Sequence[str] | None = None,
+    sections: str | Sequence[str] | None = None,
     images: bool = True,
-    genes: Sequence[str] | None = None,
+    genes: str | Sequence[str] | None = None,
 ) -> SpatialData:
     """Read the serial sections of one HER2ST patient into a section stack.
 
@@ -257,17 +268,23 @@ def read_her2st(
     patient
         One of ``A``–``H``.
     sections
-        Sections to read, in cutting order (default: all sections of the patient, ``<P>1, <P>2, ...``).
+        Sections to read, in cutting order: one name (``"E1"``) or a sequence (default: all sections of the patient,
+        ``<P>1, <P>2, ...``).
     images
         Whether to attach the H&E images that exist. They are multiscale pyramids whose levels are decoded lazily
         and separately (a low-resolution level never decodes the full-resolution image).
     genes
-        Restrict the genes (default: the union of all genes of the patient; a gene absent from a section is 0).
+        Restrict the genes: one name or a sequence (default: the union of all genes of the read sections; a gene
+        absent from a section is 0 there). ``var`` is that of the unrestricted read, limited to these genes in the
+        given order; a gene found in none of the read sections is left out with a warning naming it, and a
+        :class:`ValueError` is raised when none of the genes is found.
 
     Returns
     -------
-    A section stack (see :func:`asign.io.stack_sections`) with sections ``<P>1, <P>2, ...``. Sections without an
-    image have no image element (``image_key`` empty in the manifest, ``obs['has_image']`` False). Also written:
+    A section stack (see :func:`asign.io.stack_sections`) with sections ``<P>1, <P>2, ...``, each at
+    ``z = (layer - 1) * 16`` µm, ``layer`` being its cutting position (``sections.csv``'s ``layer``, else the number in
+    its name: E1 and E3 are 32 µm apart, also when E2 is not read). Sections without an image have no image element
+    (``image_key`` empty in the manifest, ``obs['has_image']`` False). Also written:
     ``obs['array_row']``, ``obs['array_col']`` (ST grid), ``obs['pathologist_label']`` (where published), the
     published rigid registration into the patient's reference section in ``obsm['spatial_her2st_reference']``
     (reference-frame pixels; NaN where unknown) and ``uns['asign']['her2st_transforms']`` ({section: 3 x 3 matrix
@@ -297,20 +314,36 @@ def read_her2st(
     if not available:
         msg = f"No count files of patient {patient} in {cnt_dir} (expected {patient}1.tsv.gz, ...)."
         raise FileNotFoundError(msg)
+    if isinstance(sections, str):
+        sections = [sections]
+    if isinstance(genes, str):
+        genes = [genes]
+    if genes is not None:
+        genes = list(dict.fromkeys(str(g) for g in genes))
     sections = list(available if sections is None else sections)
     missing = [s for s in sections if s not in available]
     if missing:
         msg = f"Sections {missing} of patient {patient} not found in {cnt_dir} (available: {available})."
         raise ValueError(msg)
+    layers = _layers(root, patient, sections)
+    if np.any(np.diff(layers) <= 0):
+        msg = (
+            f"Sections {sections} of patient {patient} are not in cutting order (layers {layers.tolist()}); pass each "
+            f"section once, in cutting order (e.g. {sorted(set(sections), key=lambda s: int(s[len(patient) :]))})."
+        )
+        raise ValueError(msg)
     transforms, refs = _read_transforms(root, sections)
+    found: set[str] = set()
     parts = []
     for s in sections:
         ids, gene_names, X = _read_counts(cnt_dir / f"{s}.tsv.gz")
         counts_index = pd.Index(ids)
         if genes is not None:
-            idx = pd.Index(gene_names).get_indexer(list(genes))
-            X = np.where(idx[None, :] >= 0, X[:, np.maximum(idx, 0)], 0).astype(np.float32)
-            gene_names = [str(g) for g in genes]
+            # only the requested genes that this section measures: the others count as not measured here
+            present = pd.Index(gene_names)
+            gene_names = [g for g in genes if g in present]
+            X = X[:, present.get_indexer(gene_names)]
+            found.update(gene_names)
         spot_file = root / "data" / "ST-spotfiles" / f"{s}_selection.tsv"
         if not spot_file.exists():
             msg = f"Section {s}: spot file {spot_file} not found; it gives the spots' pixel positions."
@@ -360,11 +393,28 @@ def read_her2st(
             )
         )
         logger.debug(f"HER2ST {s}: {len(ids)} spots, image={'yes' if img_path else 'no'}")
+    if genes is not None:
+        absent = [g for g in genes if g not in found]
+        if len(absent) == len(genes):
+            msg = (
+                f"None of the genes {absent[:10]} is measured in sections {sections} of patient {patient}; check the "
+                "gene symbols (HER2ST uses HGNC symbols, e.g. 'ERBB2'), or pass genes=None for all genes."
+            )
+            raise ValueError(msg)
+        if absent:
+            logger.warning(
+                f"HER2ST patient {patient}: genes {absent} are measured in none of the sections {sections}; they are "
+                "left out."
+            )
     if not transforms:
         for p in parts:
             p.obsm[Key.HER2ST_REFERENCE] = np.full((len(p.spots), 2), np.nan)
-    sdata = stack_sections(parts, spot_diameter_um=HER2ST_SPOT_DIAMETER_UM, thickness_um=HER2ST_THICKNESS_UM)
+    sdata = stack_sections(parts, spot_diameter_um=HER2ST_SPOT_DIAMETER_UM, z_um=(layers - 1) * HER2ST_THICKNESS_UM)
     table = sdata.tables[Key.TABLE]
+    if genes is not None:
+        order = [g for g in genes if g in found]
+        if list(table.var_names) != order:  # the union follows the sections; keep the requested order
+            table = sdata.tables[Key.TABLE] = table[:, order].copy()
     table.obs["has_image"] = table.obs["has_image"].astype(bool)
     if "pathologist_label" in table.obs:
         table.obs["pathologist_label"] = table.obs["pathologist_label"].astype("category")
