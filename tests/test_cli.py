@@ -24,6 +24,11 @@ def test_demo_runs_the_pipeline(tmp_path, capsys):
     assert {"table", "asign", "asign_propagation", "asign_propagation_gene_rank_10"} <= set(back.tables)
     assert "full_rank" in back.tables["asign_propagation_gene_rank_10"].layers
     assert back.tables["asign"].layers["imputed"].shape[0] == back.tables["table"].n_obs
+    assert back.tables["table"].uns["asign"]["demo"]["data"] == "synthetic"
+    # the store of an earlier demo is replaced without --overwrite (running the README command twice works)
+    from asign._cli import _is_demo_store
+
+    assert _is_demo_store(out)
 
 
 @pytest.mark.slow
@@ -62,3 +67,37 @@ def test_documented_python_example_runs(doc, tmp_path, monkeypatch):
     sdata = namespace["sdata"]
     assert {"asign", "asign_propagation"} <= set(sdata.tables)
     assert "imputed" in sdata.tables["asign"].layers
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--n-sections", "1"], "--n-sections must be at least 2"),
+        (["--encoder", "vit"], "unknown --encoder 'vit'; available: "),
+        (["--her2st", "/nonexistent/her2st"], "is not a HER2ST folder"),
+        (["--patient", "Z"], "invalid choice: 'Z'"),
+    ],
+)
+def test_demo_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--out", str(tmp_path / "d.zarr"), *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d.zarr").exists()
+
+
+def test_demo_never_replaces_a_foreign_path(tmp_path, capsys):
+    """`--out` pointing at the user's folder or file is refused, not deleted (persist would replace it)."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(folder)])
+    assert "not the store of an earlier `asign demo`" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "keep"
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(afile), "--overwrite"])
+    assert "is a file" in capsys.readouterr().err
+    assert afile.read_text() == "keep"

@@ -8,6 +8,38 @@ import time
 import warnings
 from pathlib import Path
 
+HER2ST_PATIENTS = tuple("ABCDEFGH")
+# the demo writes this record into the spot table; an existing store that has it is the output of an earlier demo
+DEMO_RECORD = ("tables", "table", "uns", "asign", "demo")
+
+
+def _is_demo_store(path: Path) -> bool:
+    return (path / "zarr.json").is_file() and path.joinpath(*DEMO_RECORD).is_dir()
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad arguments before any work (argparse's usage error, exit status 2)."""
+    from asign._encoders import available_encoders
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; the demo writes a zarr store (a folder): choose another path.")
+    if out.exists() and not args.overwrite and not _is_demo_store(out):
+        parser.error(
+            f"--out {out} exists and is not the store of an earlier `asign demo`; choose another path or pass "
+            "--overwrite to replace it (everything at that path is deleted)."
+        )
+    if args.n_sections < 2:
+        parser.error(f"--n-sections must be at least 2 (one known section and one to impute), got {args.n_sections}.")
+    if args.encoder not in available_encoders() and not args.encoder.startswith("timm:"):
+        parser.error(f"unknown --encoder {args.encoder!r}; available: {', '.join(available_encoders())}.")
+    if args.her2st is not None:
+        cnt = Path(args.her2st) / "data" / "ST-cnts"
+        if not cnt.is_dir():
+            parser.error(f"--her2st {args.her2st} is not a HER2ST folder (no {cnt}); see asign.datasets.her2st.")
+        if not any(cnt.glob(f"{args.patient}[0-9]*.tsv*")):
+            parser.error(f"--her2st {args.her2st} has no count files of patient {args.patient} in {cnt}.")
+
 
 def _demo(args: argparse.Namespace) -> int:
     import asign
@@ -111,6 +143,10 @@ def _demo(args: argparse.Namespace) -> int:
     for name, dt in steps:
         print(f"  {name:<34} {dt:6.1f} s")
     out = Path(args.out)
+    table.uns["asign"]["demo"] = {
+        "version": asign.__version__,
+        "data": f"HER2ST {args.patient}" if args.her2st else "synthetic",
+    }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding.*")
         asign.io.persist(sdata, path=out, overwrite=True)
@@ -139,14 +175,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asign", description="3D spatial transcriptomics imputation (ASIGN).")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole pipeline on the embedded synthetic stack (or HER2ST)")
-    demo.add_argument("--out", default="asign_demo.zarr", help="zarr store to write (default: asign_demo.zarr)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--n-sections", type=int, default=5)
-    demo.add_argument("--encoder", default="efficientnet_lite0")
+    demo.add_argument(
+        "--out",
+        default="asign_demo.zarr",
+        help="zarr store to write (default: asign_demo.zarr); an existing path is replaced only if it is the store of "
+        "an earlier demo, or with --overwrite",
+    )
+    demo.add_argument("--overwrite", action="store_true", help="replace whatever exists at --out")
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the data and the models (default: 0)")
+    demo.add_argument(
+        "--n-sections", type=int, default=5, help="sections of the synthetic stack, at least 2 (default: 5)"
+    )
+    demo.add_argument(
+        "--encoder",
+        default="efficientnet_lite0",
+        help="image encoder of extract_features (default: efficientnet_lite0)",
+    )
     demo.add_argument("--her2st", default=None, help="HER2ST folder: run on real data instead of the synthetic stack")
-    demo.add_argument("--patient", default="C")
+    demo.add_argument(
+        "--patient", default="C", choices=HER2ST_PATIENTS, help="HER2ST patient, with --her2st (default: C)"
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
+        _check_args(demo, args)
         return _demo(args)
     return 1  # pragma: no cover
 
