@@ -58,8 +58,12 @@ def test_interactive_checks_inputs_before_napari(small_stack):
     h.add_output_table(small_stack)
     with pytest.raises(ValueError, match="align_layers"):
         asign.pl.interactive(small_stack, headless=True)
-    with pytest.raises(KeyError, match="not found"):
+    with pytest.raises(KeyError, match=r"Table 'nope' not found.*run `asign.tl.impute` first"):
         asign.pl.interactive(small_stack, table_key="nope", coordinate_system="S1", headless=True)
+    with pytest.raises(ValueError, match=r"sections=\[<section>\]"):
+        asign.pl.interactive(small_stack, coordinate_system="S1", headless=True)
+    with pytest.raises(ValueError, match="Unknown colour map `cmap='notacmap'`"):
+        asign.pl.interactive(small_stack, coordinate_system="S1", sections=["S1"], cmap="notacmap", headless=True)
 
 
 @pytest.mark.napari

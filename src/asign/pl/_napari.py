@@ -236,14 +236,24 @@ def interactive(
 
     stack = validate_stack(sdata, table_key=stack_table_key, check_counts=False)
     spot_table = get_table(sdata, stack_table_key)
+    if table_key not in sdata.tables:
+        msg = (
+            f"Table {table_key!r} not found (tables: {list(sdata.tables)}); run `asign.tl.impute` first, or pass "
+            f"`table_key={stack_table_key!r}` (with `layer='X'`) to view the measured counts."
+        )
+        raise KeyError(msg)
     out = get_table(sdata, table_key)
     secs = _select_sections(stack, sections)
     missing = [s for s in secs if coordinate_system not in get_transformation(sdata[stack.shapes_key(s)], get_all=True)]
     if missing:
         msg = (
             f"Sections {missing} have no transformation to coordinate system {coordinate_system!r}; "
-            "run `asign.pp.align_layers` first or pass a section's native coordinate system."
+            "run `asign.pp.align_layers` first, or view one section in its native coordinate system "
+            "(`coordinate_system=<section>, sections=[<section>]`)."
         )
+        raise ValueError(msg)
+    if cmap not in colormaps:
+        msg = f"Unknown colour map `cmap={cmap!r}`; use a matplotlib colour map name such as 'viridis'."
         raise ValueError(msg)
     if layer != "X" and layer not in out.layers:
         msg = f"Layer {layer!r} not found in table {table_key!r} (layers: {list(out.layers)})."

@@ -315,7 +315,9 @@ def make_spots(
     ``obs['measured'] = False``, zero counts, ``obsm['spatial']`` and, when present, ``obs['array_row']`` /
     ``obs['array_col']`` (grid indices); other per-spot values of the new rows are NaN (``obsm``, float columns and
     layers other than ``counts``), missing categories, False, ``""`` or -1, and ``obsp`` graphs are dropped (rerun the
-    steps that wrote them). A new section is added to the manifest ``uns['asign']['stack']``.
+    steps that wrote them). A new section is added to the manifest ``uns['asign']['stack']``, and the lattice's
+    parameters are recorded in ``uns['asign']['make_spots'][section]`` (``spacing_um``, ``diameter_um``, ``grid``,
+    ``n_spots``, ``tissue_threshold``).
     """
     from spatialdata import SpatialData
     from spatialdata.models import ShapesModel
