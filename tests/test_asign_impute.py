@@ -119,6 +119,8 @@ def test_fit_predict_save_load(stacks, tmp_path):
     assert "pred" in a.tables
     with pytest.raises(ValueError, match="already holds"):
         asign.tl.predict(a, loaded, known="S1", key_added="pred")
+    with pytest.raises(ValueError, match="key_added='my result' is not a valid SpatialData element name"):
+        asign.tl.predict(a, loaded, known="S1", key_added="my result")
     bad = tmp_path / "bad.pt"
     torch.save({"x": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="not an asign model"):
@@ -346,3 +348,96 @@ def test_blend_default_by_mode_and_preset():
     assert _option_defaults({"preset": "paper_code"}, transductive=True)["nearest_blend"] == 0.5
     assert _option_defaults({}, transductive=False)["nearest_blend"] == 0.5
     assert _option_defaults({"preset": "paper_code"}, transductive=True)["n_models"] == 3
+
+
+def test_fit_validation_sample_needs_a_second_labelled_section(stacks, caplog):
+    """``validation="auto"`` never early-stops on a score that is NaN by construction: with one labelled section per
+    sample it falls back to a hold-out of labelled spots; otherwise a sample with two labelled sections validates."""
+    import logging
+
+    a, b = stacks
+    cfg = {**TINY, "patience": 1, "min_epochs": 1}
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        f = asign.tl.fit({"A": a, "B": b}, known="S1", n_genes=8, config=cfg, show_progress_bar=False)
+    assert "validation='holdout'" in caplog.text
+    tr = f.training
+    assert tr["validation"] == "holdout" and tr["validation_sample"] == ""
+    assert np.isfinite(tr["curve"]["val_pcc"]).all() and tr["best_epoch"] >= 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        f = asign.tl.fit(
+            {"A": a, "B": b}, known={"A": ["S1", "S2"], "B": "S1"}, n_genes=8, config=cfg, show_progress_bar=False
+        )
+    assert "the last training sample 'B'" in caplog.text and "sample 'A' validates" in caplog.text
+    tr = f.training
+    assert tr["validation"] == "sample" and tr["validation_sample"] == "A" and f.train_samples == ["A", "B"]
+    assert np.isfinite(tr["curve"]["val_pcc"]).all() and tr["best_epoch"] >= 0
+
+
+def test_fit_known_mapping_allows_fully_labelled_samples_and_none(stacks, monkeypatch):
+    """In ``fit`` a fully labelled training sample is normal: a mapping entry may select every spot or be `None`
+    (every measured spot); only a selection of no spot, or of unmeasured spots, is refused."""
+    from asign.tl import _asign
+
+    a, b = stacks
+    calls = []
+    monkeypatch.setattr(_asign, "fit_contexts", lambda contexts, **kw: calls.append((contexts, kw)))
+    n = a.tables["table"].n_obs
+    asign.tl.fit({"A": a, "B": b}, known={"A": ["S1", "S2", "S3"], "B": None}, n_genes=8, show_progress_bar=False)
+    asign.tl.fit({"A": a, "B": b}, known={"A": np.ones(n, dtype=bool), "B": "S2"}, n_genes=8, show_progress_bar=False)
+    asign.tl.fit({"A": a}, known={"A": None}, n_genes=8, show_progress_bar=False)
+    (c1, kw1), (c2, _), (c3, kw3) = calls
+    assert c1[0].known.all() and c1[1].known.all() and not kw1["transductive"]
+    assert c2[0].known.all() and c2[1].known.sum() == (b.tables["table"].obs["section"] == "S2").sum()
+    assert c3[0].known.all() and not kw3["transductive"]  # None: as known=None
+    with pytest.raises(ValueError, match="Training sample 'A': `known` selects no spot"):
+        asign.tl.fit({"A": a, "B": b}, known={"A": np.zeros(n, dtype=bool), "B": None}, show_progress_bar=False)
+    with pytest.raises(ValueError, match="no entry for training sample 'B'"):
+        asign.tl.fit({"A": a, "B": b}, known={"A": "S1"}, show_progress_bar=False)
+    assert len(calls) == 3
+
+
+def test_fit_errors_name_the_sample(stacks, monkeypatch):
+    """Errors of a multi-sample ``fit`` name the training sample, before any training."""
+    from asign.tl import _asign
+
+    a, b = stacks
+    calls = []
+    monkeypatch.setattr(_asign, "fit_contexts", lambda *args, **kw: calls.append(1))
+    t = b.tables["table"]
+    gene = str(t.var_names[1])
+    del b.tables["table"]
+    b.tables["table"] = t[:, [g for g in t.var_names if g != gene]].copy()
+    with pytest.raises(KeyError, match=rf"Training sample 'B': 1 gene\(s\) not in the table's var_names: \['{gene}'\]"):
+        asign.tl.fit({"A": a, "B": b}, genes=[str(t.var_names[0]), gene], show_progress_bar=False)
+    with pytest.raises(ValueError, match=r"Training sample 'A': `known` names unknown section\(s\) \['S7'\]"):
+        asign.tl.fit({"A": a, "B": b}, known="S7", show_progress_bar=False)
+    with pytest.raises(ValueError, match="Training sample 'B': A boolean `known` mask must have one entry per spot"):
+        asign.tl.fit({"A": a, "B": b}, known={"A": "S1", "B": np.ones(5, dtype=bool)}, show_progress_bar=False)
+    with pytest.raises(ValueError, match="more than once"):
+        asign.tl.fit({"A": a, "B": b}, genes=[gene, gene], show_progress_bar=False)
+    assert not calls
+
+
+def test_inductive_feature_widths_and_space_checked_before_training(stacks, monkeypatch):
+    """Features of the sample to impute that the model trained on other samples could not read fail before any
+    training, naming the samples, in ``impute`` and in ``cross_validate``."""
+    from asign.tl import _asign
+
+    a, b = stacks
+    trained = []
+    monkeypatch.setattr(_asign, "fit_contexts", lambda *args, **kw: trained.append(1))
+    t = a.tables["table"]
+    full = t.obsm["asign_features_spot"]
+    t.obsm["asign_features_spot"] = full[:, :5]
+    width = full.shape[1]
+    match = rf"method 'asign': the sample to impute has 5 feature columns in `.obsm\['asign_features_spot'\]`, training sample 'B' has {width}"
+    with pytest.raises(ValueError, match=match):
+        _impute(a, train={"B": b})
+    with pytest.raises(ValueError, match=r"sample to impute 'A' has 5 feature columns"):
+        asign.tl.cross_validate({"A": a, "B": b}, folds=[["A"]], method="asign", show_progress_bar=False)
+    t.obsm["asign_features_spot"] = full
+    t.uns["asign_features"]["tta"] = "dihedral"
+    with pytest.raises(ValueError, match="differ from those of training sample 'B' \\(tta: 'none' != 'dihedral'\\)"):
+        _impute(a, train={"B": b})
+    assert not trained

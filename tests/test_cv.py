@@ -144,3 +144,25 @@ def test_default_folds_and_errors(samples):
     )
     assert list(df[df.level == "sample"]["sample"]) == ["sample_0", "sample_1"]
     assert set(df[df.level == "section"]["section"]) == {"S1", "S3"}
+
+
+def test_genes_checked_before_any_fold_trains(samples, trainable):
+    """A fixed gene list with a duplicate, or a gene one sample lacks, fails before the first fold trains, naming the
+    sample."""
+    kw = {"folds": [["P"], ["R"]], "method": "_cv_train_mean", "show_progress_bar": False}
+    g = list(samples["P"].tables["table"].var_names[:3])
+    with pytest.raises(ValueError, match="more than once"):
+        asign.tl.cross_validate(samples, genes=[*g, g[0]], **kw)
+    t = samples["R"].tables["table"]
+    del samples["R"].tables["table"]
+    samples["R"].tables["table"] = t[:, [x for x in t.var_names if x != g[1]]].copy()
+    with pytest.raises(KeyError, match=rf"Sample 'R': 1 gene\(s\) not in the table's var_names: \['{g[1]}'\]"):
+        asign.tl.cross_validate(samples, genes=g, **kw)
+    assert trainable == []
+
+
+def test_a_sample_passed_twice_is_refused(samples, trainable):
+    """The same stack under two names would train a fold on its own test sample's unknown labels."""
+    with pytest.raises(ValueError, match="Samples 'P' and 'P2' are the same object"):
+        asign.tl.cross_validate({**samples, "P2": samples["P"]}, method="_cv_train_mean", show_progress_bar=False)
+    assert trainable == []

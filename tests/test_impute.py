@@ -288,3 +288,54 @@ def test_a_bad_method_result_is_refused_and_nothing_is_written(stack, bad, match
     finally:
         _registry.METHODS.pop("_bad_result", None)
     assert set(stack.tables) == {"table"}
+
+
+def test_the_sample_to_impute_is_refused_as_its_own_training_sample(stack, tmp_path):
+    """Its unknown sections' labels would rank genes and train the model: refused before anything runs."""
+    for train in ([stack], {"me": stack}):
+        with pytest.raises(ValueError, match="is the sample to impute itself \\(the same object\\)"):
+            asign.tl.impute(stack, known="S1", method="mean", train=train)
+    # two objects read from one zarr store are the same sample too
+    import spatialdata as sd
+
+    stack.write(tmp_path / "s.zarr")
+    a, b = sd.read_zarr(tmp_path / "s.zarr"), sd.read_zarr(tmp_path / "s.zarr")
+    with pytest.raises(ValueError, match="'P' is the sample to impute itself \\(the same zarr store"):
+        asign.tl.impute(a, known="S1", method="mean", train={"P": b}, inplace=False)
+    assert set(stack.tables) == {"table"} and set(a.tables) == {"table"}
+
+
+def test_gene_sections_outside_known_warn(stack, caplog):
+    """Ranking genes on named sections outside ``known`` reads test labels: warned, like gene_sections='all'."""
+    import logging
+
+    kw = {"known": "S1", "method": "mean", "n_genes": 5, "inplace": False}
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        out = asign.tl.impute(stack, gene_sections=["S1", "S2"], **kw)
+    assert "outside `known` (section(s) ['S2'])" in caplog.text and "test labels" in caplog.text
+    assert list(out.uns["asign"]["gene_sections"]) == ["S1", "S2"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        asign.tl.impute(stack, gene_sections="S1", **kw)
+        asign.tl.impute(stack, gene_sections="labelled", **kw)
+    assert "test labels" not in caplog.text
+
+
+def test_invalid_key_added_is_refused_before_the_method_runs(stack, spy):
+    """A name SpatialData would refuse only when the table is written fails before any work, naming `key_added`."""
+    t = stack.tables["table"]
+    cases = [
+        ("my result", ValueError, "alphanumeric"),
+        ("", ValueError, "empty"),
+        ("__x", ValueError, "__"),
+        (None, TypeError, "must be a string"),
+        (5, TypeError, "must be a string"),
+        ("SPOTS_S1", ValueError, "clashes with the element 'spots_S1'"),
+    ]
+    for key, err, match in cases:
+        with pytest.raises(err, match=rf"key_added={key!r}.*{match}"):
+            asign.tl.impute(stack, known="S1", method="_spy", n_genes=5, key_added=key)
+        if key is not None:  # cross_validate writes nothing with key_added=None
+            with pytest.raises(err, match=rf"key_added={key!r}"):
+                asign.tl.cross_validate({"P": stack}, method="_spy", key_added=key, show_progress_bar=False)
+    assert spy == {} and set(stack.tables) == {"table"} and t is stack.tables["table"]

@@ -227,3 +227,20 @@ def test_sgd_poly_and_errors(data):
         train_model(model, [empty], show_progress_bar=False)
     with pytest.raises(ValueError, match="at least one training sample"):
         train_model(model, [], show_progress_bar=False)
+
+
+def test_a_validation_set_that_scores_nothing_does_not_stop_training(data, caplog):
+    """A validation score that is NaN by construction (one scored spot) never counts towards ``patience``: training
+    runs ``max_epochs``, keeps the last weights and says so."""
+    import logging
+
+    s, y, full = data
+    rows = torch.zeros(s.n_spots, dtype=torch.bool)
+    rows[int(torch.nonzero(s.section == 1)[0])] = True
+    val = ValidationSet(sample=s, y_eval=torch.as_tensor(y), eval_rows=rows)
+    cfg = ASIGNConfig(**{**CFG, "patience": 1}, max_epochs=3, min_epochs=1)
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        res = train_model(make_model(s.n_genes, _dims(s), cfg), [full], validation=[val], show_progress_bar=False)
+    assert res.epochs_run == 3 and res.best_epoch == 2
+    assert np.isnan([r["val_pcc"] for r in res.curve]).all()
+    assert "scored nothing" in caplog.text

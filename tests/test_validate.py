@@ -380,7 +380,7 @@ def test_stack_sections_bad_name():
 
 
 def test_stack_sections_bad_z():
-    with pytest.raises(ValueError, match="`z_um` has 1 values for 2 sections"):
+    with pytest.raises(ValueError, match=r"`z_um` must be a sequence of one z position \(µm\) per section: 2 values, got 1"):
         stack_sections([_section("A"), _section("B")], z_um=[0.0])
     with pytest.raises(ValueError, match="must increase in cutting order"):
         stack_sections([_section("A"), _section("B")], z_um=[10.0, 5.0])

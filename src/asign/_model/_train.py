@@ -272,8 +272,10 @@ def train_model(
 
     Each step processes one training sample with a visible set drawn by the mask (``config.mask``); hidden labels are
     NaN in the tensor the model and the propagation receive, and the loss reads a separate target tensor on the
-    hidden labelled rows only. Early stopping (``config.patience``) uses the validation per-gene PCC; the best
-    epoch's weights are restored. Without validation sets the last epoch's weights are kept.
+    hidden labelled rows only. Early stopping (``config.patience``) uses the validation per-gene PCC (the mean over
+    the validation sets that give a score); the best epoch's weights are restored. Epochs before the first finite
+    score do not count towards ``patience``. Without validation sets, or when no epoch gives a finite score (a warning
+    is logged), the last epoch's weights are kept.
 
     ``config.subgraph`` decides per sample (``"auto"``: :func:`~asign._model._sampling.plan_training`, whole graph
     when the memory estimate fits ``memory_limit_gb``). On subgraphs a masked step is split into batches of
@@ -461,13 +463,15 @@ def _train(
             row[f"loss_{k}"] = float(np.mean([p[k] for p in losses if k in p]))
         row["lr"] = float(sched.get_last_lr()[0])
         if validation:
-            score = float(np.nanmean([evaluate(model, v, device=device, amp=cfg.amp) for v in validation]))
+            scores = [evaluate(model, v, device=device, amp=cfg.amp) for v in validation]
+            finite = [v for v in scores if np.isfinite(v)]
+            score = float(np.mean(finite)) if finite else float("nan")
             row["val_pcc"] = score
             if np.isfinite(score) and (best_state is None or score > res.best_score + 1e-6):
                 res.best_score, res.best_epoch = score, epoch
                 best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
                 bad = 0
-            else:
+            elif best_state is not None:  # no score yet (NaN) is no reason to stop
                 bad += 1
         res.curve.append(row)
         res.epochs_run = epoch + 1
@@ -480,7 +484,12 @@ def _train(
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    elif not validation:
+    else:
+        if validation:
+            logger.warning(
+                "The validation set scored nothing in any epoch (per-gene PCC NaN: no section with two scored spots "
+                f"and a varying gene); no early stopping, the weights of the last epoch ({res.epochs_run - 1}) are kept."
+            )
         res.best_epoch = res.epochs_run - 1
     res.seconds = time.perf_counter() - t0
     res.seconds_per_epoch = res.seconds / max(res.epochs_run, 1)

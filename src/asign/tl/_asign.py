@@ -7,7 +7,9 @@ Modes
 -----
 - **inductive** (``impute(..., train=[...])``, :func:`asign.tl.cross_validate`, :func:`asign.tl.fit` on several
   samples): the model is trained on other, fully labelled samples (``mask="section"``: one visible section per step),
-  early-stopped on a validation sample, then applied to the test sample with its known section(s) as the visible set.
+  early-stopped on a validation sample (the last training sample whose labels span two sections; without one, on a
+  held-out fraction of every sample's labelled spots), then applied to the test sample with its known section(s) as
+  the visible set.
 - **transductive** (``impute(sdata, known=[...], method="asign")`` without training samples): the model is trained
   on the known spots of the sample itself with spot masking (each step a random fraction ``visible_fraction`` of the
   known spots is visible and the others form the loss set); the unknown sections take part in the graph without
@@ -30,6 +32,8 @@ from ._gene_rank import check_gene_rank, project_result
 from ._registry import FitContext, ImputeContext, ImputeResult, register_method
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
     from anndata import AnnData
 
@@ -330,6 +334,33 @@ def _holdout(labelled: np.ndarray, fraction: float, rng: np.random.Generator) ->
     return out
 
 
+def _sample_split(ctx: ImputeContext) -> tuple[np.ndarray, np.ndarray]:
+    """Visible and scored rows of a validation sample: its first labelled section visible, its other labels scored."""
+    codes = np.asarray(ctx.section_codes)
+    if not ctx.known.any():
+        return ctx.known.copy(), ctx.known.copy()
+    vis = ctx.known & (codes == codes[ctx.known].min())
+    return vis, ctx.known & ~vis
+
+
+def _validation_sample(contexts: list[ImputeContext]) -> int | None:
+    """Index of the last training sample that can validate by section (``validation="sample"``), or `None`.
+
+    Its labelled spots outside its first labelled section must give a score: a section with at least two of them and
+    a gene that varies there (the per-gene PCC of these training labels with themselves is finite).
+    """
+    from asign._model import per_gene_pcc
+
+    for i in range(len(contexts) - 1, -1, -1):
+        c = contexts[i]
+        _, rows = _sample_split(c)
+        if rows.any():
+            y, codes = c.Y[rows], np.asarray(c.section_codes)[rows]
+            if np.isfinite(per_gene_pcc(y, y, codes)):
+                return i
+    return None
+
+
 def _member_data(
     contexts: list[ImputeContext], cfg: ASIGNConfig, tkw: dict[str, Any], mode_val: str
 ) -> tuple[list[SampleTensors], list[Any]]:
@@ -342,17 +373,16 @@ def _member_data(
     validation: list[ValidationSet] = []
     train: list[SampleTensors] = []
     if mode_val == "sample":
-        # the last training sample validates: its first labelled section visible, the others scored
+        # the last training sample validates (fit_contexts puts one that can last): its first labelled section
+        # visible, the others scored
         val_ctx = contexts[-1]
-        codes = np.asarray(val_ctx.section_codes)
-        first = codes[val_ctx.known].min()
-        vis = val_ctx.known & (codes == first)
+        vis, rows = _sample_split(val_ctx)
         vs = sample_tensors(val_ctx, labelled=vis, tile_targets=False, **tkw)
         validation.append(
             ValidationSet(
                 sample=vs,
                 y_eval=torch.as_tensor(np.nan_to_num(val_ctx.Y).astype(np.float32)),
-                eval_rows=torch.as_tensor(val_ctx.known & ~vis),
+                eval_rows=torch.as_tensor(rows),
             )
         )
         train = [sample_tensors(c, views=cfg.view_augment, **tkw) for c in contexts[:-1]]
@@ -517,6 +547,11 @@ def fit_contexts(
 
     With ``n_models = K > 1`` an ensemble of K independently initialised members is trained, each with its own seed
     (spawned from ``seed``) and, for hold-out validation, its own hold-out split; predictions are averaged.
+
+    ``validation="auto"`` with several contexts validates on a sample (its first labelled section visible, its other
+    labelled sections scored): the last context whose labels outside its first labelled section can be scored (see
+    :func:`_validation_sample`). When none can, e.g. every sample labelled in one section only, it falls back to
+    ``"holdout"`` with a warning, so early stopping never watches a score that is NaN by construction.
     """
     import copy
 
@@ -543,9 +578,30 @@ def fit_contexts(
         from asign.pp._features import common_feature_space
 
         opts["feature_space"] = common_feature_space(contexts, opts["feature_key"], method="asign")
+    names = [c.sample or f"sample_{i}" for i, c in enumerate(contexts)]
     mode_val = opts["validation"]
     if mode_val == "auto":
         mode_val = "sample" if len(contexts) >= 2 else "holdout"
+    val_sample = ""
+    if mode_val == "sample":
+        v = _validation_sample(contexts)
+        if v is None:
+            logger.warning(
+                f"validation='auto': no training sample among {names} has labels in a second section to score "
+                "(each is labelled in one section only, or its other labelled sections have fewer than 2 spots or no "
+                f"varying gene), so none can validate by section; early stopping uses a held-out fraction "
+                f"{cfg.holdout_fraction:g} of every sample's labelled spots instead (validation='holdout')."
+            )
+            mode_val = "holdout"
+        else:
+            if v != len(contexts) - 1:
+                logger.warning(
+                    f"validation='auto': the last training sample {names[-1]!r} has no labels in a second section to "
+                    f"score; sample {names[v]!r} validates instead (its first labelled section visible, the others "
+                    "scored)."
+                )
+                contexts = [c for i, c in enumerate(contexts) if i != v] + [contexts[v]]
+            val_sample = names[v]
     seeds = [int(cfg.seed)] if n_models == 1 else spawn_seeds(int(cfg.seed), n_models)
     n_jobs = _resolve_n_jobs(opts["n_jobs"], n_models=n_models, device=dev)
     logger.info(
@@ -577,6 +633,7 @@ def fit_contexts(
     logger.info(f"ASIGN has {models[0].n_parameters():,} parameters per member.")
     training = dict(members[0])
     training["validation"] = mode_val
+    training["validation_sample"] = val_sample
     training["n_models"] = n_models
     training["seconds_all_members"] = float(time.perf_counter() - t_all)
     if n_models > 1:
@@ -591,7 +648,7 @@ def fit_contexts(
         options=dict(opts),
         training=training,
         mode="transductive" if transductive else "inductive",
-        train_samples=[c.sample or f"sample_{i}" for i, c in enumerate(contexts)],
+        train_samples=names,
     )
 
 
@@ -703,8 +760,14 @@ def _blend_weight(params: dict, model_options: dict | None = None, *, transducti
     return check_nearest_blend(params.get("nearest_blend", default))
 
 
-def _check_sample_to_impute(table: AnnData, params: dict, table_key: str) -> None:
-    """The features, graph, blend weight and coordinates of a sample to impute, checked before the inductive training."""
+def _check_sample_to_impute(
+    table: AnnData, params: dict, table_key: str, *, train: Sequence[tuple[str, AnnData]] = (), sample: str = ""
+) -> None:
+    """The features, graph, blend weight and coordinates of a sample to impute, checked before the inductive training.
+
+    With ``train`` (``(name, spot table)`` of the training samples) its features must also have the training samples'
+    widths and feature space (:func:`asign.pp._features.feature_space_id`).
+    """
     feature_key = params.get("feature_key", OPTIONS["feature_key"])
     graph_key = params.get("graph_key", OPTIONS["graph_key"])
     hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` on it first."
@@ -715,6 +778,7 @@ def _check_sample_to_impute(table: AnnData, params: dict, table_key: str) -> Non
         if missing:
             msg = f"The sample to impute (table {table_key!r}) has no {', '.join(missing)}; {hint_f}"
             raise KeyError(msg)
+        _check_same_features(table, train, keys, feature_key, sample=sample)
     ckey = Key.connectivities(graph_key)
     if ckey not in table.obsp:
         msg = (
@@ -723,6 +787,35 @@ def _check_sample_to_impute(table: AnnData, params: dict, table_key: str) -> Non
         )
         raise KeyError(msg)
     _check_blend_coordinates(table, _blend_weight(params), table_key)
+
+
+def _check_same_features(
+    table: AnnData, train: Sequence[tuple[str, AnnData]], keys: list[str], feature_key: str, *, sample: str
+) -> None:
+    """A ValueError naming the samples when the features of the sample to impute differ from a training sample's."""
+    from asign.pp._features import feature_space_difference, feature_space_id
+
+    who = "the sample to impute" + (f" {sample!r}" if sample else "")
+    space = feature_space_id(table, feature_key)
+    for name, t in train:
+        for k in keys:
+            if k not in t.obsm:  # the training sample's own check (sample_tensors) names what to run
+                continue
+            w, w_train = np.shape(table.obsm[k])[1], np.shape(t.obsm[k])[1]
+            if w != w_train:
+                msg = (
+                    f"method 'asign': {who} has {w} feature columns in `.obsm['{k}']`, training sample {name!r} has "
+                    f"{w_train}; the model could not be applied to it. Extract every sample's features with the same encoder and "
+                    f"options (`asign.pp.extract_features(sdata, key_added={feature_key!r})`)."
+                )
+                raise ValueError(msg)
+        if diff := feature_space_difference(feature_space_id(t, feature_key), space):
+            msg = (
+                f"method 'asign': the features of {who} differ from those "
+                f"of training sample {name!r} ({'; '.join(diff)}); extract every sample's features with the same "
+                "options."
+            )
+            raise ValueError(msg)
 
 
 @register_method("asign", fit=_fit, check=_check_sample_to_impute)

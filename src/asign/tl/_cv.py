@@ -16,13 +16,14 @@ from asign.pp._genes import (
     _sample_name,
     check_known,
     check_normalization,
+    gene_indices,
     known_mask,
     section_gene_means,
     top_genes,
 )
 
 from ._evaluate import COLUMNS, evaluate
-from ._impute import _check_key_added, run_impute, train_contexts
+from ._impute import _check_key_added, check_gene_list, run_impute, same_sample, train_contexts
 from ._registry import FitContext, check_before_fit, get_fit, get_method
 
 if TYPE_CHECKING:
@@ -172,7 +173,8 @@ def cross_validate(
     ----------
     samples
         The samples: a mapping ``name -> SpatialData`` or a sequence (names from ``uns['asign']['dataset']['patient']``
-        when present, else ``sample_<i>``).
+        when present, else ``sample_<i>``). Each sample once: the same object (or zarr store) under two names is
+        refused.
     folds
         Test samples of each fold, e.g. HER2ST's ``[["A", "E"], ["B", "F"], ["C", "G"], ["D", "H"]]`` (the
         default for samples named A-H; otherwise leave one sample out). Samples in no fold only ever train.
@@ -184,7 +186,8 @@ def cross_validate(
     method_kwargs
         Keyword arguments of the method.
     genes
-        A fixed gene list for every fold (default: selected per fold).
+        A fixed gene list for every fold (default: selected per fold); each gene once and present in every sample
+        (checked before any fold runs).
     n_genes
         Number of genes selected per fold.
     normalization
@@ -197,8 +200,10 @@ def cross_validate(
         ``"sample"`` rows) as in :func:`asign.tl.evaluate`; the fold, summary and pooled rows are always there.
     {table_key}
     key_added
-        If given, write each test sample's output table into ``samples[name].tables[key_added]``; `None` writes
-        nothing.
+        If given, write each test sample's output table into ``samples[name].tables[key_added]`` (the table of
+        :func:`asign.tl.impute`, whose ``.uns['asign']`` also holds ``fold`` (the fold index), ``fold_test_samples``
+        (the fold's test samples) and ``gene_sections`` (this function's)); `None` writes nothing. Checked (a valid
+        SpatialData element name, no table asign did not write) before any fold runs.
     overwrite
         Replace earlier asign output tables under ``key_added``.
     {seed}
@@ -233,16 +238,38 @@ def cross_validate(
     fit = get_fit(method)
     named = _named_samples(samples, table_key)
     names = list(named)
+    for i, n in enumerate(names):  # a sample passed twice would train on its own test labels
+        for m in names[i + 1 :]:
+            if how := same_sample(named[n], named[m]):
+                msg = (
+                    f"Samples {n!r} and {m!r} are the same {how}; a fold testing one would train on the other, i.e. "
+                    "on its own unknown sections' labels. Pass each sample once."
+                )
+                raise ValueError(msg)
     folds = _check_folds(default_folds(names) if folds is None else folds, names)
     stacks = {n: validate_stack(s, table_key=table_key) for n, s in named.items()}
+    if genes is not None:  # before any fold trains
+        genes = check_gene_list(genes)
+        for n, s in named.items():
+            try:
+                gene_indices(s.tables[table_key], genes)
+            except (KeyError, ValueError) as e:
+                msg = f"Sample {n!r}: {e.args[0]} `genes` must be present in every sample."
+                raise (KeyError if isinstance(e, KeyError) else ValueError)(msg) from None
+    if gene_sections == "all":
+        logger.warning(
+            "gene_sections='all' ranks each fold's genes on every measured section of every sample, the test "
+            "samples' unknown sections included (the paper's dataset-wide list); results are labelled as such."
+        )
     masks: dict[str, np.ndarray] = {}
     for f in folds:
+        train_tables = [(m, named[m].tables[table_key]) for m in names if m not in f]
         for n in f:
             t = named[n].tables[table_key]
             masks[n] = known_mask(t, stacks[n], _known_spec(known, n, stacks[n].sections))
             check_known(t, stacks[n], masks[n])  # before any fold trains
             if fit is not None:
-                check_before_fit(method, t, dict(method_kwargs or {}), table_key)
+                check_before_fit(method, t, dict(method_kwargs or {}), table_key, train=train_tables, sample=n)
             if key_added is not None:
                 _check_key_added(named[n], key_added, table_key, overwrite=overwrite)
     seeds = spawn_seeds(seed, len(folds))
@@ -254,7 +281,7 @@ def cross_validate(
         train_names = [n for n in names if n not in test_names]
         train = {n: named[n] for n in train_names}
         fold_genes = (
-            [str(g) for g in genes]
+            list(genes)
             if genes is not None
             else _fold_genes(
                 {n: (named[n], masks[n]) for n in test_names},

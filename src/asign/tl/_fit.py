@@ -58,7 +58,9 @@ class ASIGNFit:
     options
         Data options (feature and graph keys, tile-graph settings, validation mode).
     training
-        Training record: curve (per-epoch losses, learning rate, validation per-gene PCC), best epoch, timings.
+        Training record: curve (per-epoch losses, learning rate, validation per-gene PCC), best epoch, timings,
+        ``validation`` (the mode used) and ``validation_sample`` (the sample that validated in mode ``"sample"``,
+        else ``""``).
     mode
         ``"inductive"`` (trained on other samples) or ``"transductive"`` (trained on the known spots of the
         sample it imputes).
@@ -185,6 +187,21 @@ def _named(samples: Any, table_key: str) -> list[tuple[str, SpatialData]]:
     return out
 
 
+def _check_fit_known(table: AnnData, mask: np.ndarray, measured: np.ndarray) -> None:
+    """Errors for a training sample's ``known`` mask that selects no spot or unmeasured spots (all spots is fine)."""
+    if not mask.any():
+        msg = "`known` selects no spot; name at least one measured section (or pass a mask with True entries)."
+        raise ValueError(msg)
+    bad = mask & ~measured
+    if bad.any():
+        secs = sorted(set(table.obs[Key.SECTION].astype(str).to_numpy()[bad]))
+        msg = (
+            f"`known` includes {int(bad.sum())} spot(s) without measured counts (sections {secs}); known spots must "
+            "be measured."
+        )
+        raise ValueError(msg)
+
+
 @inject_docs()
 def fit(
     samples: Mapping[str, SpatialData] | Sequence[SpatialData] | SpatialData,
@@ -221,11 +238,14 @@ def fit(
         Training stacks (a mapping ``name -> SpatialData``, a sequence, or one stack).
     known
         Which measured spots of each sample are labelled: `None` (every measured spot), section name(s) applied to
-        every sample, or a mapping ``sample name -> section name(s) or boolean mask``. Labels of the other spots
-        are never read. With one sample and ``known`` set, the model is trained transductively (spot masking) and
-        recorded as such.
+        every sample, or a mapping ``sample name -> section name(s), boolean mask or None`` with an entry for every
+        sample (`None`: every measured spot of that sample). Labels of the other spots are never read. ``known``
+        must select at least one spot of each sample, and measured spots only; it may select every spot (a fully
+        labelled training sample). With one sample and ``known`` set (not `None`), the model is trained
+        transductively (spot masking) and recorded as such. Errors name the sample.
     genes
-        Modelled genes; `None` ranks the top ``n_genes`` by mean raw count on the labelled spots of ``samples``.
+        Modelled genes (each once, present in every sample); `None` ranks the top ``n_genes`` by mean raw count on
+        the labelled spots of ``samples``.
     n_genes
         Number of genes when ``genes`` is `None`.
     normalization
@@ -240,8 +260,11 @@ def fit(
         :class:`torch.nn.Module`; default: the encoder of :func:`asign.pp.extract_features`), ``"encoder_weights"``
         and ``"encoder_input_size"`` choose it.
     validation
-        Early stopping: ``"auto"`` (the last sample validates when there are several, otherwise a held-out fraction
-        of the labelled spots), ``"holdout"`` or ``"none"``.
+        Early stopping: ``"auto"``, ``"holdout"`` or ``"none"``. ``"auto"`` with several samples validates on the
+        last sample whose labels span at least two sections (its first labelled section visible, its other labelled
+        sections scored; recorded as ``training["validation_sample"]``; a warning is logged when it is not the last
+        sample); when no sample qualifies (e.g. ``known="S1"``), and with one sample, a held-out fraction of the
+        labelled spots of every sample (``"holdout"``; with a warning in the first case).
     n_models
         Ensemble size: independently initialised members (seeds spawned from ``seed``; each with its own hold-out
         split), predictions averaged.
@@ -263,32 +286,34 @@ def fit(
     An :class:`ASIGNFit` (``.save(path)``, ``ASIGNFit.load(path)``), applied with :func:`asign.tl.predict`.
     """
     from asign.io._validate import validate_stack
-    from asign.pp._genes import check_known, check_normalization, known_mask, section_gene_means, top_genes
+    from asign.pp._genes import check_normalization, gene_indices, known_mask, section_gene_means, top_genes
 
     from ._asign import fit_contexts
-    from ._impute import build_context
+    from ._impute import build_context, check_gene_list
 
     check_normalization(normalization)
     named = _named(samples, table_key)
-    masks = []
+    if genes is not None:
+        genes = check_gene_list(genes)
+    masks, specs = [], []
     for name, s in named:
         stack = validate_stack(s, table_key=table_key)
         t = s.tables[table_key]
         measured = t.obs[Key.MEASURED].to_numpy(dtype=bool)
-        if known is None:
-            m = measured
-        else:
-            spec = known.get(name) if isinstance(known, Mapping) else known
-            if spec is None:
-                msg = f"`known` has no entry for sample {name!r}."
-                raise ValueError(msg)
-            m = known_mask(t, stack, spec)
-            if isinstance(known, Mapping) or len(named) == 1:
-                check_known(t, stack, m)
-        if not (m & measured).any():
-            msg = f"Sample {name!r} has no labelled (measured and known) spot."
+        if isinstance(known, Mapping) and name not in known:
+            msg = f"`known` has no entry for training sample {name!r}; add one (`None` labels every measured spot)."
             raise ValueError(msg)
-        masks.append((m & measured, stack))
+        spec = known.get(name) if isinstance(known, Mapping) else known
+        try:
+            m = measured if spec is None else known_mask(t, stack, spec)
+            _check_fit_known(t, m, measured)
+            if genes is not None:
+                gene_indices(t, genes)
+        except (KeyError, ValueError) as e:
+            msg = f"Training sample {name!r}: {e.args[0]}"
+            raise (KeyError if isinstance(e, KeyError) else ValueError)(msg) from None
+        masks.append((m, stack))
+        specs.append(spec)
     if genes is None:
         frames = [section_gene_means(s.tables[table_key], m, st) for (_, s), (m, st) in zip(named, masks, strict=True)]
         genes, _ = top_genes(frames, n_genes)
@@ -316,7 +341,7 @@ def fit(
         )
         for (name, s), (m, st) in zip(named, masks, strict=True)
     ]
-    transductive = known is not None and len(contexts) == 1
+    transductive = len(contexts) == 1 and specs[0] is not None
     return fit_contexts(
         contexts,
         params=params,
@@ -356,7 +381,7 @@ def predict(
         Section name(s) or a boolean row mask of the measured spots the model may use.
     {table_key}
     key_added
-        Key of the output table.
+        Key of the output table (a valid SpatialData element name; checked before anything runs).
     overwrite
         Replace an output table that an earlier asign call wrote under ``key_added``.
     {inplace}

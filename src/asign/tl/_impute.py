@@ -24,6 +24,7 @@ from asign.pp._genes import (
     gene_indices,
     known_mask,
     normalize_counts,
+    selection_rows,
 )
 
 from ._registry import FitContext, ImputeContext, ImputeResult, check_before_fit, get_fit, get_method, to_uns
@@ -115,6 +116,43 @@ def build_context(
     )
 
 
+def check_gene_list(genes: str | Sequence[str]) -> list[str]:
+    """``genes`` as a list of str; a ValueError if it is empty or names a gene twice."""
+    genes = [str(g) for g in ([genes] if isinstance(genes, str) else genes)]
+    if not genes:
+        msg = "`genes` is empty; pass at least one gene or leave it as None to select the top genes."
+        raise ValueError(msg)
+    dup = sorted({g for g in genes if genes.count(g) > 1})
+    if dup:
+        msg = f"`genes` lists {dup} more than once; give each gene once."
+        raise ValueError(msg)
+    return genes
+
+
+def same_sample(a: SpatialData, b: SpatialData) -> str | None:
+    """How ``a`` and ``b`` are one sample: ``"object"``, ``"zarr store '<path>'"`` (both backed by it) or `None`."""
+    from pathlib import Path
+
+    if a is b:
+        return "object"
+    pa, pb = getattr(a, "path", None), getattr(b, "path", None)
+    if pa is not None and pb is not None and Path(pa).resolve() == Path(pb).resolve():
+        return f"zarr store {str(Path(pa).resolve())!r}"
+    return None
+
+
+def check_not_test_sample(sdata: SpatialData, train: Sequence[tuple[str, SpatialData]]) -> None:
+    """A ValueError if a training sample is ``sdata`` itself: its unknown sections' labels would reach training."""
+    for name, s in train:
+        if how := same_sample(s, sdata):
+            msg = (
+                f"Training sample {name!r} is the sample to impute itself (the same {how}); its unknown sections' "
+                "labels would reach gene ranking and training. Train on other samples, or leave `train` out to train "
+                "on the known spots only (transductive mode)."
+            )
+            raise ValueError(msg)
+
+
 def train_contexts(
     train: Sequence[tuple[str, SpatialData]],
     *,
@@ -138,6 +176,9 @@ def train_contexts(
         except KeyError as e:
             msg = f"Training sample {name!r}: {e.args[0]} Choose genes present in every sample."
             raise KeyError(msg) from None
+        except ValueError as e:
+            msg = f"Training sample {name!r}: {e.args[0]}"
+            raise ValueError(msg) from None
         measured = t.obs[Key.MEASURED].to_numpy(dtype=bool)
         out.append(
             build_context(
@@ -188,6 +229,28 @@ def package_versions() -> dict[str, str]:
 
 
 def _check_key_added(sdata: SpatialData, key_added: str, table_key: str, *, overwrite: bool) -> None:
+    """Errors for an output table key that SpatialData would refuse or that asign may not replace (before any work)."""
+    from spatialdata._core.validation import check_valid_name
+
+    try:
+        check_valid_name(key_added)
+    except (TypeError, ValueError) as e:
+        msg = (
+            f"key_added={key_added!r} is not a valid SpatialData element name ({e.args[0]}); pass a non-empty str of "
+            "letters, digits, '_', '-' and '.', e.g. 'asign'."
+        )
+        raise type(e)(msg) from None
+    clash = sorted(
+        name
+        for _, name, _ in sdata.gen_elements()
+        if name.lower() == key_added.lower() and not (name == key_added and name in sdata.tables)
+    )
+    if clash:
+        msg = (
+            f"key_added={key_added!r} clashes with the element {clash[0]!r} of the SpatialData object (element names "
+            "must differ, case-insensitively); choose another `key_added`."
+        )
+        raise ValueError(msg)
     if key_added == table_key:
         msg = f"key_added={key_added!r} is the input table; choose another key (default 'asign')."
         raise ValueError(msg)
@@ -228,14 +291,7 @@ def _resolve_genes(
     table_key: str,
 ) -> tuple[list[str], str | list[str]]:
     if genes is not None:
-        genes = [str(g) for g in ([genes] if isinstance(genes, str) else genes)]
-        if not genes:
-            msg = "`genes` is empty; pass at least one gene or leave it as None to select the top genes."
-            raise ValueError(msg)
-        dup = sorted({g for g in genes if genes.count(g) > 1})
-        if dup:
-            msg = f"`genes` lists {dup} more than once."
-            raise ValueError(msg)
+        genes = check_gene_list(genes)
         gene_indices(table, genes)
         return genes, "given"
     if isinstance(gene_sections, str) and gene_sections not in GENE_SECTIONS and gene_sections not in stack.sections:
@@ -252,6 +308,15 @@ def _resolve_genes(
             "gene_sections='all' ranks genes on every measured section, unknown ones included (the paper's "
             "dataset-wide list); results are labelled as such."
         )
+    elif gene_sections != "labelled":
+        rows = selection_rows(table, stack, known, gene_sections)
+        outside = sorted(set(table.obs[Key.SECTION].astype(str).to_numpy()[rows & ~known]))
+        if outside:
+            logger.warning(
+                f"gene_sections={gene_sections!r} ranks genes on the labels of spots outside `known` (section(s) "
+                f"{outside}), i.e. on test labels; results are labelled as such. Use gene_sections='labelled' for a "
+                "list without test labels."
+            )
     return chosen, gene_sections if isinstance(gene_sections, str) else [str(s) for s in gene_sections]
 
 
@@ -386,7 +451,9 @@ def run_impute(
         )
     ctx.train = train_ctx
     if fitted is None and fit is not None and train_ctx:
-        check_before_fit(method, table, params, table_key)
+        check_before_fit(
+            method, table, params, table_key, train=[(c.sample, c.table) for c in train_ctx], sample=sample
+        )
         fitted = fit(
             FitContext(
                 train=train_ctx,
@@ -490,17 +557,20 @@ def impute(
     gene_sections
         Which labelled spots rank the genes: ``"labelled"`` (default; the known spots plus every measured spot of
         ``train``; no test labels), ``"all"`` (every measured spot, unknown sections included: the paper's list,
-        recorded as such) or section names.
+        recorded as such) or section names. ``"all"``, and section names that include spots outside ``known``, rank
+        genes on test labels: a warning is logged.
     train
         Labelled training stacks (other samples, every measured spot labelled) for trainable methods; a mapping
         ``name -> SpatialData`` or a sequence. They also rank the genes under ``gene_sections="labelled"``.
+        ``sdata`` itself (the same object, or the same zarr store) is refused.
     method_kwargs
         Keyword arguments of the method (e.g. ``{{"k": 5}}`` for ``"nearest"``); recorded in ``uns``. Every method
         takes ``gene_rank``: project the prediction on that many principal axes of the known spots' normalised
         expression (method.md §6 item 8; `None` for the baselines, 10 for ``"asign"``).
     {table_key}
     key_added
-        Key of the output table in :attr:`spatialdata.SpatialData.tables`.
+        Key of the output table in :attr:`spatialdata.SpatialData.tables`: a valid SpatialData element name (a
+        non-empty str of letters, digits, ``_``, ``-`` and ``.``), checked before the method runs.
     overwrite
         Replace an existing output table under ``key_added`` that an earlier :func:`asign.tl.impute` wrote. A
         table that asign did not write is never replaced.
@@ -534,6 +604,7 @@ def impute(
     Raw counts are never altered. Nothing is written when an error is raised.
     """
     train_list = _as_sample_list(train)
+    check_not_test_sample(sdata, train_list)
     if inplace:
         _check_key_added(sdata, key_added, table_key, overwrite=overwrite)
     out = run_impute(

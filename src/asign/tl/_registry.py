@@ -12,7 +12,7 @@ is NaN. ``ctx.table`` is a counts-free view of the spot table (obs, obsm, obsp, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -159,8 +159,9 @@ class ImputeResult:
 
 MethodFn = Callable[[ImputeContext], ImputeResult]
 FitFn = Callable[[FitContext], Any]
-# check(table, method_kwargs, table_key): input of a sample to impute that a trainable method reads only at prediction
-CheckFn = Callable[["AnnData", dict, str], None]
+# check(table, method_kwargs, table_key[, train=..., sample=...]): input of a sample to impute that a trainable method
+# reads only at prediction
+CheckFn = Callable[..., None]
 METHODS: dict[str, MethodFn] = {}
 FITTERS: dict[str, FitFn] = {}
 CHECKS: dict[str, CheckFn] = {}
@@ -183,7 +184,8 @@ def register_method(
     check
         For trainable methods: ``check(table, method_kwargs, table_key)`` raises on input of a sample to impute that
         only the prediction reads; called on every sample to impute before ``fit`` runs, so that bad input fails
-        before any training.
+        before any training. A check with keyword parameters ``train`` and / or ``sample`` also receives the
+        training samples' ``(name, spot table)`` pairs and the name of the sample to impute (to compare them).
     """
 
     def decorator(fn: MethodFn) -> MethodFn:
@@ -230,11 +232,28 @@ def get_fit(name: str) -> FitFn | None:
     return FITTERS.get(name)
 
 
-def check_before_fit(name: str, table: AnnData, method_kwargs: dict, table_key: str) -> None:
-    """Run method ``name``'s ``check`` (if it has one) on the table of a sample to impute."""
+def check_before_fit(
+    name: str,
+    table: AnnData,
+    method_kwargs: dict,
+    table_key: str,
+    *,
+    train: Sequence[tuple[str, AnnData]] = (),
+    sample: str = "",
+) -> None:
+    """Run method ``name``'s ``check`` (if it has one) on the table of a sample to impute.
+
+    ``train`` (``(name, spot table)`` of each training sample) and ``sample`` (the name of the sample to impute)
+    are passed on to a check that takes them as keyword arguments.
+    """
+    import inspect
+
     get_method(name)
     if name in CHECKS:
-        CHECKS[name](table, method_kwargs, table_key)
+        fn = CHECKS[name]
+        params = inspect.signature(fn).parameters
+        kw = {k: v for k, v in (("train", list(train)), ("sample", sample)) if k in params}
+        fn(table, method_kwargs, table_key, **kw)
 
 
 def to_uns(value: Any) -> Any:
