@@ -158,6 +158,16 @@ def _reconsolidate(store: Path) -> None:
     empty.write_consolidated_metadata()
 
 
+def _swap_in(new: Path, path: Path, old: Path) -> None:
+    """Put the verified store ``new`` at ``path``, keeping the previous one as ``old`` (two renames)."""
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        path.rename(old)
+    new.rename(path)
+    _drop_journal(path)
+
+
 def _repair_new_store(path: Path) -> bool:
     """Finish or undo an interrupted ``strategy="new_store"`` swap of ``path``; `True` if anything was done."""
     path = Path(path)
@@ -165,12 +175,7 @@ def _repair_new_store(path: Path) -> bool:
     done = False
     if new.exists():
         if _journal_state(new) is not None:  # verified: complete the swap
-            if path.exists():
-                if old.exists():
-                    shutil.rmtree(old)
-                path.rename(old)
-            new.rename(path)
-            _drop_journal(path)
+            _swap_in(new, path, old)
             logger.warning(f"Completed the interrupted replacement of {path} with its verified new version.")
         else:  # the new store was not finished: the existing one is untouched
             shutil.rmtree(new)
@@ -302,12 +307,7 @@ def _write_new_store(sdata: SpatialData, path: Path, *, overwrite: bool) -> None
         for name, el in getattr(sdata, kind).items():
             _verify(new, kind, name, el)
     _journal(new, "verified")  # from here on, an interrupted swap is completed by the next call
-    if path.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        path.rename(old)
-    new.rename(path)
-    _drop_journal(path)
+    _swap_in(new, path, old)
     if old.exists():
         shutil.rmtree(old)
     sdata.path = path
