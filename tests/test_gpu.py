@@ -147,3 +147,32 @@ def test_view_augmentation_and_consistency_on_cuda_bf16():
 
     pred = predict_sample(model, viewed[0], device="cuda", amp=True, views=True)["pred"]
     assert pred.shape == (viewed[0].n_spots, 20) and np.isfinite(pred).all()
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_member_path_of_tl_on_cuda(finetune):
+    """The path of `tl.impute(method="asign")` on a GPU: `train_member` (weights returned on the CPU), then
+    `rebuild_member` (a CPU model) and `predict_sample(device="cuda")`. Both steps once left a module on the CPU."""
+    from asign._model import ASIGNConfig
+    from asign._model._member import rebuild_member, train_member
+    from asign._model._synthetic import random_sample
+
+    s, _ = random_sample(n_sections=3, spots_per_section=40, n_genes=10, feature_dim=16, seed=3)
+    finetune_spec = None
+    if finetune:
+        g = torch.Generator().manual_seed(1)
+        s = s.replace(patches=torch.randint(0, 256, (s.n_spots, 3, 32, 32), dtype=torch.uint8, generator=g))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            finetune_spec = {"encoder": _TinyCNN(), "weights": None, "input_size": 32}
+    cfg = ASIGNConfig(
+        hidden_dim=16, max_epochs=2, patience=0, amp=True, finetune_encoder=finetune, encoder_freeze=0.0, seed=0
+    )
+    dims, state, rec = train_member([s], [], cfg, s.n_genes, "cuda", finetune=finetune_spec)
+    assert all(v.device.type == "cpu" for v in state.values())
+    model = rebuild_member(s.n_genes, dims, cfg, state, rec, module=finetune_spec["encoder"] if finetune else None)
+    from asign._model import predict_sample
+
+    out = predict_sample(model, s, device=torch.device("cuda"), amp=True)["pred"]
+    assert out.shape == (s.n_spots, 10) and np.isfinite(out).all()
+    assert next(model.parameters()).device.type == "cpu"  # moved back after the call

@@ -244,3 +244,24 @@ def test_a_validation_set_that_scores_nothing_does_not_stop_training(data, caplo
     assert res.epochs_run == 3 and res.best_epoch == 2
     assert np.isnan([r["val_pcc"] for r in res.curve]).all()
     assert "scored nothing" in caplog.text
+
+
+def test_predict_sample_returns_the_model_to_its_device():
+    """`predict_sample` moves the model to the requested device for the call and back afterwards (a fitted model is
+    kept on the CPU; on a GPU machine prediction runs on CUDA)."""
+    from asign._model import ASIGNConfig, make_model, predict_sample
+    from asign._model._synthetic import random_sample
+
+    s, _ = random_sample(n_sections=2, spots_per_section=20, n_genes=5, feature_dim=8, seed=0)
+    model = make_model(5, {"spot": 8, "region": 8, "global": 8}, ASIGNConfig(hidden_dim=8, seed=0))
+    calls = []
+    real_to = model.to
+
+    def to(*args, **kwargs):
+        calls.append(str(args[0]) if args else str(kwargs.get("device")))
+        return real_to(*args, **kwargs)
+
+    model.to = to
+    out = predict_sample(model, s, device=torch.device("cpu"), amp=False)["pred"]
+    assert out.shape == (s.n_spots, 5)
+    assert calls == ["cpu", "cpu"]  # to the device, then home

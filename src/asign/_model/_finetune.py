@@ -229,8 +229,12 @@ def _encode(
 
 @torch.no_grad()
 def embed_all(encoder: SpotEncoder, patches: Tensor, *, device: torch.device | str = "cpu", chunk: int = 256) -> Tensor:
-    """Features of every patch with the encoder in eval mode (no augmentation), float32 ``(N, dim)`` on ``device``."""
+    """Features of every patch with the encoder in eval mode (no augmentation), float32 ``(N, dim)`` on ``device``.
+
+    The encoder is moved to ``device`` (and stays there).
+    """
     device = torch.device(device)
+    encoder.to(device)
     was = encoder.training
     encoder.eval()
     try:

@@ -196,17 +196,22 @@ def predict_sample(
     for each view index) instead of computed once from the mean features.
     """
     device = torch.device(device)
+    home = next(model.parameters()).device  # a fitted model is kept on the CPU: moved for this call, then back
+    model.to(device)
     model.eval()
-    s = sample.to(device)
-    bs = inference_batch_size(model, s, device=device) if batch_size is None else int(batch_size)
-    n = n_views(s) if views else 0
-    outs = []
-    with _autocast(device, enabled=amp):
-        s = with_encoded_features(model, s)  # once: a fine-tuned encoder's spot features do not depend on the view
-        for view in range(max(n, 1)):
-            sv = select_view(s, view) if n else s  # one view's features on the device at a time
-            out = predict_batched(model, sv, sv.y, batch_size=bs) if 0 < bs < sv.n_spots else model(sv, sv.y)
-            outs.append({k: v.float().cpu().numpy() for k, v in out.items()})
+    try:
+        s = sample.to(device)
+        bs = inference_batch_size(model, s, device=device) if batch_size is None else int(batch_size)
+        n = n_views(s) if views else 0
+        outs = []
+        with _autocast(device, enabled=amp):
+            s = with_encoded_features(model, s)  # once: a fine-tuned encoder's spot features do not depend on the view
+            for view in range(max(n, 1)):
+                sv = select_view(s, view) if n else s  # one view's features on the device at a time
+                out = predict_batched(model, sv, sv.y, batch_size=bs) if 0 < bs < sv.n_spots else model(sv, sv.y)
+                outs.append({k: v.float().cpu().numpy() for k, v in out.items()})
+    finally:
+        model.to(home)
     return {k: np.mean([o[k] for o in outs], axis=0, dtype=np.float64).astype(np.float32) for k in outs[0]}
 
 
