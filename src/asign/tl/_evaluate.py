@@ -229,7 +229,7 @@ def evaluate(
       ``pcc_gene_varying`` the same but NaN for constant truth, ``mse`` / ``mae`` over the section's spots,
       ``n_constant_truth`` / ``n_constant_pred`` flag constant columns.
     - ``level="section"``: ``pcc_gene`` = mean per-gene PCC over all genes (constant genes count as 0 and are
-      counted), ``pcc_gene_varying`` = the mean over genes whose truth varies (method.md's definition), ``mse``,
+      counted), ``pcc_gene_varying`` = the mean over genes whose truth varies (reported beside it; method.md §7.2), ``mse``,
       ``mae`` over the section's (spot, gene) entries, ``pcc_spot_legacy`` = mean over the section's spots of the
       per-spot Pearson correlation across genes (*legacy, per-spot across genes, as in ASIGN Table 1*), counts of
       constant genes.
