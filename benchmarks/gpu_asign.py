@@ -133,6 +133,9 @@ def main() -> None:
     finite = bool(np.isfinite(pred).all())
 
     result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "amp_bf16": bool(cfg.amp and cuda),
