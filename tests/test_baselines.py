@@ -203,3 +203,27 @@ def test_baselines_name_the_sections_they_cannot_serve(stack, caplog):
     t.obsm["spatial_aligned"][s4[:3]] = np.nan
     with pytest.raises(ValueError, match=r"non-finite coordinates for 3 spots of section\(s\) \['S4'\].*leave it out"):
         asign.tl.impute(stack, known="S1", method="nearest", n_genes=15, inplace=False)
+
+
+def test_nearest_ties_go_to_the_lower_index_beyond_the_first_query():
+    """Many known spots at the same distance (more than the tree is first asked for): the lowest indices win."""
+    from scipy.spatial import cKDTree
+
+    from asign.tl._baselines import _query_sorted
+
+    rng = np.random.default_rng(0)
+    pts = rng.integers(0, 2, size=(200, 2)).astype(float)  # 4 positions, ~50 points on each
+    q = rng.integers(0, 2, size=(30, 2)).astype(float)
+    tree = cKDTree(pts)
+    for k in (1, 5, 20):
+        d, j = _query_sorted(tree, q, k, len(pts))
+        dist = np.linalg.norm(q[:, None] - pts[None], axis=2)
+        expect = np.lexsort((np.broadcast_to(np.arange(len(pts)), dist.shape), dist), axis=1)[:, :k]
+        np.testing.assert_array_equal(j, expect)
+        np.testing.assert_allclose(d, np.take_along_axis(dist, expect, axis=1))
+    # with each query's own index excluded (known spots leave themselves out)
+    d, j = _query_sorted(tree, pts[:30], 6, len(pts), exclude=np.arange(30))
+    dist = np.linalg.norm(pts[:30, None] - pts[None], axis=2)
+    dist[np.arange(30), np.arange(30)] = np.inf
+    expect = np.lexsort((np.broadcast_to(np.arange(len(pts)), dist.shape), dist), axis=1)[:, :5]
+    np.testing.assert_array_equal(j, expect)

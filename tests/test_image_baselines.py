@@ -91,6 +91,17 @@ def test_similarity_matches_brute_force(small_stack):
     np.testing.assert_allclose(out.layers["imputed"], expect, rtol=1e-5, atol=1e-5)
     assert (score(out) > 0.3).all()
     assert out.uns["asign"]["result"]["k"] == 5
+    # k above the known spots: an unknown spot averages all of them (the known mean), a known spot all the others
+    big = impute(sd, "similarity", method_kwargs={"k": 10_000}, key_added="asign_sim_all")
+    np.testing.assert_allclose(
+        big.layers["imputed"][~known],
+        np.broadcast_to(Y[kidx].mean(axis=0), ((~known).sum(), Y.shape[1])),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    loo = (Y[kidx].sum(axis=0) - Y[kidx]) / (kidx.size - 1)
+    np.testing.assert_allclose(big.layers["imputed"][kidx], loo, rtol=1e-5, atol=1e-5)
+    assert big.uns["asign"]["result"]["k"] == kidx.size and big.uns["asign"]["result"]["k_known"] == kidx.size - 1
 
 
 def test_top_k_ties_and_exclusion():

@@ -109,16 +109,22 @@ def _query_sorted(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest points (``k - 1`` when ``exclude`` drops each query's own index).
 
-    Ties at equal distance go to the lower index, so the result does not depend on the tree's internal order.
+    Ties at equal distance go to the lower index, so the result does not depend on the tree's internal order: the
+    tree is asked for ``extra`` more points, and again for twice as many while some query's last returned point still
+    lies at its ``k``-th distance (more tied points may lie beyond).
     """
     kq = min(k + extra, n_points)
-    d, j = tree.query(xy, k=kq)
-    d, j = d.reshape(len(xy), -1), j.reshape(len(xy), -1)
-    if exclude is not None:
-        d = np.where(j == exclude[:, None], np.inf, d)
-        k = k - 1
-    order = np.lexsort((j, d), axis=1)[:, :k]
-    return np.take_along_axis(d, order, axis=1), np.take_along_axis(j, order, axis=1)
+    keep = k - 1 if exclude is not None else k
+    while True:
+        d_raw, j = tree.query(xy, k=kq)
+        d_raw, j = d_raw.reshape(len(xy), -1), j.reshape(len(xy), -1)
+        d = np.where(j == exclude[:, None], np.inf, d_raw) if exclude is not None else d_raw
+        order = np.lexsort((j, d), axis=1)[:, :keep]
+        dk = np.take_along_axis(d, order, axis=1)
+        if kq >= n_points or keep == 0 or not np.any(d_raw[:, -1] <= dk[:, -1]):
+            break
+        kq = min(2 * kq, n_points)
+    return dk, np.take_along_axis(j, order, axis=1)
 
 
 @register_method("nearest")

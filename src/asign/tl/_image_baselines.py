@@ -294,18 +294,25 @@ def similarity_baseline(ctx: ImputeContext) -> ImputeResult:
     if k_req < 1:
         msg = f"similarity: k must be >= 1, got {k_req}."
         raise ValueError(msg)
-    k = min(k_req, kidx.size - 1)
+    # unknown spots average up to every known spot; a known spot leaves itself out, so it has one fewer
+    k = min(k_req, kidx.size)
+    k_known = min(k_req, kidx.size - 1)
     if k < k_req:
         logger.warning(f"similarity: only {kidx.size} known spots with features; using k={k}.")
-    rows = np.flatnonzero(ok)
-    pos = np.full(ctx.n_obs, -1, dtype=np.int64)
-    pos[kidx] = np.arange(kidx.size)
-    nn = top_k_similar(X[rows], X[kidx], k, exclude=pos[rows])
     Yk = ctx.Y[kidx]
     pred = np.empty((ctx.n_obs, ctx.n_genes))
-    pred[rows] = Yk[nn].mean(axis=1)
+    rows_u = np.flatnonzero(ok & ~ctx.known)
+    if rows_u.size:
+        pred[rows_u] = Yk[top_k_similar(X[rows_u], X[kidx], k)].mean(axis=1)
+    pred[kidx] = Yk[top_k_similar(X[kidx], X[kidx], k_known, exclude=np.arange(kidx.size))].mean(axis=1)
     n_missing = _fallback(pred, ~ok, Yk.mean(axis=0), "similarity")
     return ImputeResult(
         imputed=pred,
-        uns={"k": int(k), "levels": list(p["levels"]), "features_key": p["features_key"], "n_no_features": n_missing},
+        uns={
+            "k": int(k),
+            "k_known": int(k_known),
+            "levels": list(p["levels"]),
+            "features_key": p["features_key"],
+            "n_no_features": n_missing,
+        },
     )
