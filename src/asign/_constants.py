@@ -20,6 +20,7 @@ class Key:
     SHAPES_PREFIX = "spots_"
     UNS = "asign"
     STACK = "stack"
+    UNMEASURED_GENES = "unmeasured_genes"
     HER2ST_REFERENCE = "spatial_her2st_reference"
 
     # alignment

@@ -137,6 +137,38 @@ def counts_matrix(table: AnnData):
     return table.X
 
 
+def unmeasured_genes(table: AnnData) -> dict[str, set[str]]:
+    """``{section: genes}`` that a measured section lacks (0 in its counts, but never measured there).
+
+    Read from ``uns['asign']['unmeasured_genes']`` (written by :func:`asign.io.stack_sections`); a table without the
+    record has every gene measured in every measured section.
+    """
+    rec = table.uns.get(Key.UNS, {})
+    rec = rec.get(Key.UNMEASURED_GENES, {}) if isinstance(rec, dict) else {}
+    if not isinstance(rec, dict):
+        return {}
+    return {str(s): {str(g) for g in np.atleast_1d(np.asarray(genes, dtype=object))} for s, genes in rec.items()}
+
+
+def unmeasured_mask(table: AnnData, genes: Any, stack: StackInfo | None = None) -> np.ndarray | None:
+    """Boolean ``(n_obs, len(genes))``: True where a spot's section never measured the gene; `None` if nowhere."""
+    rec = unmeasured_genes(table)
+    if not rec:
+        return None
+    genes = [str(g) for g in genes]
+    stack = stack or get_stack(table)
+    secs = stack.sections
+    codes = section_codes(table, stack)
+    by_section = np.zeros((len(secs), len(genes)), dtype=bool)
+    for i, s in enumerate(secs):
+        absent = rec.get(s)
+        if absent:
+            by_section[i] = [g in absent for g in genes]
+    if not by_section.any():
+        return None
+    return by_section[codes]
+
+
 def copy_stack_uns(src: AnnData, dst: AnnData) -> None:
     """Copy the section manifest from ``src`` to ``dst`` (every derived table carries it)."""
     dst.uns.setdefault(Key.UNS, {})

@@ -369,8 +369,9 @@ def stack_sections(
     ``obs['barcode']`` (the given spot id), ``obs['spot_radius_px']`` (SpatialData inputs only: the input circles'
     radius in the chosen image's pixels; NaN for other sections), the sections' extra ``obs`` columns and ``obsm``
     arrays, ``obsm['spatial']``, raw counts in ``.X`` (CSR float32; one gene axis, the union of the sections' genes, a
-    gene absent from a section being 0 there; ``var['n_sections_measured']``) and the manifest
-    ``uns['asign']['stack']``.
+    gene absent from a section being 0 there; ``var['n_sections_measured']``, and the absent genes of each measured
+    section in ``uns['asign']['unmeasured_genes']``, so that they are neither trained on nor scored there) and the
+    manifest ``uns['asign']['stack']``.
     """
     import anndata as ad
     from spatialdata import SpatialData
@@ -484,11 +485,15 @@ def stack_sections(
     # one gene axis for all sections; a gene missing from a section is 0 there (and recorded in var)
     blocks, obs_frames, obsm_extra = [], [], {}
     n_measured = np.zeros(len(genes), dtype=np.int64)
+    unmeasured: dict[str, list[str]] = {}
     for s, a, ids, spots, skey in parts:
         n = spots.shape[0]
         if a is None:
             blocks.append(sp.csr_matrix((n, len(genes)), dtype=np.float32))
         else:
+            absent = genes.difference(a.var_names, sort=False)
+            if len(absent):
+                unmeasured[s.name] = [str(g) for g in absent]
             X = a.layers[Key.COUNTS] if Key.COUNTS in a.layers else a.X
             X = sp.csr_matrix(X, dtype=np.float32)
             idx = genes.get_indexer(a.var_names)
@@ -542,6 +547,8 @@ def stack_sections(
         spot_diameter_um=float(spot_diameter_um),
     )
     adata.uns[Key.UNS] = {Key.STACK: stack.to_uns()}
+    if unmeasured:  # genes a measured section lacks: 0 in its counts, but no truth (see asign._stack.unmeasured_genes)
+        adata.uns[Key.UNS][Key.UNMEASURED_GENES] = unmeasured
     table = TableModel.parse(adata, region=stack.shapes_keys, region_key=Key.REGION, instance_key=Key.INSTANCE)
     sdata = SpatialData(images=images, shapes=shapes, tables={table_key: table})
     logger.info(f"Stacked {n_sec} sections, {adata.n_obs} spots, {adata.n_vars} genes.")

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from asign._checks import check_number
 from asign._constants import Key
 from asign._logging import logger
-from asign._stack import counts_matrix, section_codes
+from asign._stack import counts_matrix, section_codes, unmeasured_genes, unmeasured_mask
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -33,9 +33,12 @@ CP10K = 1e4
 
 # --------------------------------------------------------------------------------------------- array-level helpers
 def st_net(counts: np.ndarray) -> np.ndarray:
-    """ST-Net ln-proportion ``ln((c + 1) / sum_selected(c + 1))`` per row (spot), over the given columns only."""
+    """ST-Net ln-proportion ``ln((c + 1) / sum_selected(c + 1))`` per row (spot), over the given columns only.
+
+    NaN counts (a gene the spot's section never measured) stay NaN and are left out of the sum.
+    """
     c = np.asarray(counts, dtype=np.float64) + 1.0
-    return np.log(c) - np.log(c.sum(axis=1, keepdims=True))
+    return np.log(c) - np.log(np.nansum(c, axis=1, keepdims=True))
 
 
 def log1p_cp10k(counts: np.ndarray, total_counts: np.ndarray) -> np.ndarray:
@@ -123,7 +126,8 @@ def section_gene_means(table: AnnData, rows: np.ndarray, stack: StackInfo | None
 
     Returns
     -------
-    A DataFrame ``(sections with at least one selected spot) x genes``.
+    A DataFrame ``(sections with at least one selected spot) x genes``; NaN where the section never measured the
+    gene (:func:`asign._stack.unmeasured_genes`).
     """
     codes = section_codes(table, stack)
     rows = np.asarray(rows, dtype=bool)
@@ -138,13 +142,18 @@ def section_gene_means(table: AnnData, rows: np.ndarray, stack: StackInfo | None
     ind = sp.csr_matrix((1.0 / n[pos], (pos, np.arange(len(sel)))), shape=(len(present), len(sel)))
     means = ind @ (X if sp.issparse(X) else np.asarray(X, dtype=np.float64))
     means = means.toarray() if sp.issparse(means) else np.asarray(means)
-    return pd.DataFrame(means, index=[secs[i] for i in present], columns=table.var_names.astype(str))
+    df = pd.DataFrame(means, index=[secs[i] for i in present], columns=table.var_names.astype(str))
+    for sec, genes in unmeasured_genes(table).items():  # never measured there: no mean
+        if sec in df.index:
+            df.loc[sec, df.columns.intersection(list(genes))] = np.nan
+    return df
 
 
 def top_genes(section_means: Sequence[pd.DataFrame] | pd.DataFrame, n_genes: int) -> tuple[list[str], pd.Series]:
     """The ``n_genes`` genes with the largest mean of per-section means (each section weighs equally).
 
-    Only genes present in every frame are ranked (samples may measure different genes). Ties are broken by gene name.
+    Only genes present in every frame and measured in every selection section (no NaN mean) are ranked (samples and
+    sections may measure different genes). Ties are broken by gene name.
 
     Returns
     -------
@@ -162,12 +171,21 @@ def top_genes(section_means: Sequence[pd.DataFrame] | pd.DataFrame, n_genes: int
         msg = "The samples share no gene; gene selection needs common genes."
         raise ValueError(msg)
     stacked = np.vstack([f[common].to_numpy(dtype=np.float64) for f in frames])
+    # a gene that one of the selection sections never measured has no labels there: not ranked
+    measured_everywhere = ~np.isnan(stacked).any(axis=0)
+    if not measured_everywhere.any():
+        msg = "No gene is measured in every selection section; gene selection needs genes they all measured."
+        raise ValueError(msg)
+    common, stacked = common[measured_everywhere], stacked[:, measured_everywhere]
     score = stacked.mean(axis=0)
     names = np.asarray(common.astype(str))
     order = np.lexsort((names, -score))
     n_genes = check_number("n_genes", n_genes, integer=True, minimum=1)
     if n_genes > len(names):
-        logger.warning(f"n_genes={n_genes} but only {len(names)} genes are available; using all of them.")
+        logger.warning(
+            f"n_genes={n_genes} but only {len(names)} genes can be ranked (present in every sample and measured in "
+            "every selection section); using all of them."
+        )
     chosen = [str(g) for g in names[order[:n_genes]]]
     return chosen, pd.Series(score, index=names, name="mean_counts")
 
@@ -424,6 +442,9 @@ def normalize(
     measured = table.obs[Key.MEASURED].to_numpy(dtype=bool)
     rows = np.flatnonzero(measured)
     block, total = counts_block(table, rows, genes)
+    absent = unmeasured_mask(table, genes)
+    if absent is not None:  # genes a section never measured: NaN there
+        block[absent[rows]] = np.nan
     values = np.full((table.n_obs, len(genes)), np.nan)
     values[rows] = normalize_counts(block, normalization, total)
     df = pd.DataFrame(values, index=table.obs_names, columns=genes)

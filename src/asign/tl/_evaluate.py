@@ -99,8 +99,8 @@ def score(
     if y_true.shape != y_pred.shape or y_true.ndim != 2 or y_true.shape[0] != sections.shape[0]:
         msg = f"Shapes disagree: truth {y_true.shape}, prediction {y_pred.shape}, sections {sections.shape}."
         raise ValueError(msg)
-    if not (np.all(np.isfinite(y_true)) and np.all(np.isfinite(y_pred))):
-        msg = "Truth and prediction of the scored spots must be finite."
+    if not np.all(np.isfinite(y_pred)):
+        msg = "The prediction of the scored spots must be finite."
         raise ValueError(msg)
     genes = [str(g) for g in genes]
     order = list(dict.fromkeys(sections.tolist())) if section_order is None else [str(s) for s in section_order]
@@ -108,18 +108,28 @@ def score(
     rows: list[dict[str, Any]] = []
     sec_rows: list[dict[str, Any]] = []
     spot_r_all = []
+    pooled_err: list[np.ndarray] = []
     for s in order:
         m = sections == s
-        T, P = y_true[m], y_pred[m]
+        # a gene not measured in a section has no truth there (NaN in every spot): it is not scored in that section
+        cols = np.isfinite(y_true[m]).all(axis=0)
+        if not np.array_equal(cols, np.isfinite(y_true[m]).any(axis=0)):
+            msg = f"Section {s!r}: the truth has non-finite values for some spots of a gene; it must be finite."
+            raise ValueError(msg)
+        if not cols.any():
+            continue
+        T, P = y_true[m][:, cols], y_pred[m][:, cols]
+        sec_genes = [g for g, c in zip(genes, cols, strict=True) if c]
         n = int(m.sum())
         r, ct, cp = pearson(T, P, axis=0)
         err = P - T
+        pooled_err.append(err.ravel())
         mse_g = (err**2).mean(axis=0)
         mae_g = np.abs(err).mean(axis=0)
-        rs, _, _ = pearson(T, P, axis=1) if len(genes) > 1 else (np.zeros(n), None, None)
+        rs, _, _ = pearson(T, P, axis=1) if len(sec_genes) > 1 else (np.zeros(n), None, None)
         spot_r_all.append(rs)
         if "gene" in per:
-            for j, g in enumerate(genes):
+            for j, g in enumerate(sec_genes):
                 rows.append(
                     {
                         "level": "gene",
@@ -141,7 +151,7 @@ def score(
                 "section": s,
                 "gene": None,
                 "n_spots": n,
-                "n_genes": len(genes),
+                "n_genes": len(sec_genes),
                 "pcc_gene": float(r.mean()),
                 "pcc_gene_varying": float(r[~ct].mean()) if (~ct).any() else np.nan,
                 "mse": float((err**2).mean()),
@@ -157,8 +167,8 @@ def score(
         rows.extend(sec_rows)
     if "overall" in per and sec_rows:
         sdf = pd.DataFrame(sec_rows)
-        err = y_pred - y_true
-        keep = np.isin(sections, order)
+        err = np.concatenate(pooled_err)
+        keep = np.isin(sections, sdf["section"].to_numpy())
         rows.append(
             {
                 "level": "overall",
@@ -171,8 +181,8 @@ def score(
                 "mse": float(sdf["mse"].mean()),
                 "mae": float(sdf["mae"].mean()),
                 "pcc_spot_legacy": float(np.concatenate(spot_r_all).mean()),
-                "mse_pooled": float((err[keep] ** 2).mean()),
-                "mae_pooled": float(np.abs(err[keep]).mean()),
+                "mse_pooled": float((err**2).mean()),
+                "mae_pooled": float(np.abs(err).mean()),
                 "n_constant_truth": int(sdf["n_constant_truth"].sum()),
                 "n_constant_pred": int(sdf["n_constant_pred"].sum()),
             }
@@ -204,8 +214,10 @@ def evaluate(
 ) -> pd.DataFrame:
     """Score an imputation against the measured values of the unknown spots (method.md §7.2).
 
-    Only spots that are measured and not known are scored; known spots never are. The scale is the one the output
-    table was normalised with (``uns['asign']['normalization']``), recorded in every row.
+    Only spots that are measured and not known are scored; known spots never are. A gene that a section never
+    measured (NaN truth in all its spots) is left out of that section's scores (its ``n_genes`` is smaller). The
+    scale is the one the output table was normalised with (``uns['asign']['normalization']``), recorded in every
+    row.
 
     Parameters
     ----------
@@ -287,9 +299,6 @@ def evaluate(
     rows = np.flatnonzero(scored)
     y_true = np.asarray(table.layers[Key.TARGET][rows][:, idx], dtype=np.float64)
     y_pred = np.asarray(table.layers[Key.IMPUTED][rows][:, idx], dtype=np.float64)
-    if not np.all(np.isfinite(y_true)):
-        msg = f"`layers['{Key.TARGET}']` of table {key!r} has non-finite values on measured spots."
-        raise ValueError(msg)
     df = score(y_true, y_pred, sec[rows], genes=genes, section_order=order, per=levels)
     info = table.uns.get(Key.UNS, {})
     df["method"] = str(info.get("method", "")) if isinstance(info, dict) else ""

@@ -12,7 +12,7 @@ from asign._checks import check_number
 from asign._constants import Key
 from asign._docs import inject_docs
 from asign._logging import logger
-from asign._stack import section_codes
+from asign._stack import section_codes, unmeasured_genes, unmeasured_mask
 from asign.pp._genes import (
     GENE_SECTIONS,
     _as_sample_list,
@@ -60,8 +60,9 @@ def labelled_targets(
 
     Returns
     -------
-    ``Y`` ``(n_obs, n_genes)`` float64 (NaN outside ``rows``) and the total counts over all genes ``(n_obs,)``
-    (NaN outside ``rows``).
+    ``Y`` ``(n_obs, n_genes)`` float64 (NaN outside ``rows``, and for a gene that a spot's section never measured,
+    see :func:`asign._stack.unmeasured_genes`) and the total counts over all genes ``(n_obs,)`` (NaN outside
+    ``rows``).
     """
     rows = np.asarray(rows, dtype=bool)
     idx = np.flatnonzero(rows)
@@ -69,6 +70,9 @@ def labelled_targets(
     total = np.full(table.n_obs, np.nan)
     if idx.size:
         block, tot = counts_block(table, idx, genes)
+        absent = unmeasured_mask(table, genes)
+        if absent is not None:  # no truth there (and left out of the ST-Net denominator)
+            block[absent[idx]] = np.nan
         Y[idx] = normalize_counts(block, normalization, tot)
         total[idx] = tot
     return Y, total
@@ -98,6 +102,17 @@ def build_context(
     """The :class:`~asign.tl._registry.ImputeContext` of one stack, with labels read for ``known`` rows only."""
     table = sdata.tables[table_key]
     Y, _ = labelled_targets(table, genes, known, normalization)
+    lacking = np.isnan(Y[np.asarray(known, dtype=bool)]).any(axis=0)
+    if lacking.any():  # only genes a known section never measured are NaN on known rows
+        absent = unmeasured_genes(table)
+        bad = [g for g, b in zip(genes, lacking, strict=True) if b]
+        where = {s: sorted(set(bad) & gs) for s, gs in absent.items() if set(bad) & gs}
+        msg = (
+            f"{'Sample ' + repr(sample) + ': g' if sample else 'G'}enes {bad[:10]}{' ...' if len(bad) > 10 else ''} "
+            f"were never measured in known section(s) {sorted(where)}, so they have no labels there; leave them out "
+            "of `genes` (the default gene selection ranks only genes every known section measured)."
+        )
+        raise ValueError(msg)
     return ImputeContext(
         sdata=sdata,
         table=counts_free_view(table),
@@ -587,7 +602,8 @@ def impute(
     the same rows as the input table (same ``obs_names``, order and annotated shapes: region, region key and
     instance key as the input), ``var`` = modelled genes, ``.X`` = `None`, and
 
-    - ``.layers['target']``: normalised measured values of every measured spot, NaN where not measured. Written
+    - ``.layers['target']``: normalised measured values of every measured spot, NaN where not measured (also for a
+      gene that the spot's section never measured: ``uns['asign']['unmeasured_genes']`` of the spot table). Written
       after the method has run, for :func:`asign.tl.evaluate` and plots; methods never see it (they get the
       known rows only).
     - ``.layers['imputed']``: the prediction for every spot (for known spots, the method's own estimate).

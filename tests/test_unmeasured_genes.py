@@ -1,0 +1,88 @@
+"""Genes that a measured section never measured: 0 in its counts, but neither trained on nor scored there."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import asign
+from asign.io import Section, stack_sections
+from asign.tl._evaluate import score
+
+GENES = [f"G{i}" for i in range(12)]
+
+
+def _stack(lacking: str = "S2", n_lacking: int = 4):
+    rng = np.random.default_rng(0)
+
+    def sec(name, genes):
+        xy = rng.uniform(20, 280, (50, 2))
+        lam = 2 + 6 * (xy[:, :1] / 300) * np.linspace(0.2, 1.0, len(genes))[None]
+        counts = rng.poisson(lam).astype(np.float32)
+        return Section(name=name, spots=xy, counts=counts, genes=genes, image=None, um_per_px=1.0)
+
+    secs = [sec(s, GENES[:-n_lacking] if s == lacking else GENES) for s in ("S1", "S2", "S3")]
+    sdata = stack_sections(secs, spot_diameter_um=55.0)
+    eye = {s: np.eye(3) for s in ("S1", "S2", "S3")}
+    asign.pp.align_layers(sdata, method="transforms", transforms=eye, show_progress_bar=False)
+    return sdata
+
+
+def test_stack_records_them_and_keeps_them_through_zarr(tmp_path):
+    from spatialdata import read_zarr
+
+    from asign._stack import unmeasured_genes
+
+    sdata = _stack()
+    assert unmeasured_genes(sdata.tables["table"]) == {"S2": set(GENES[-4:])}
+    assert sdata.tables["table"].var["n_sections_measured"].loc["G11"] == 2
+    asign.io.persist(sdata, path=tmp_path / "s.zarr")
+    assert unmeasured_genes(read_zarr(tmp_path / "s.zarr").tables["table"]) == {"S2": set(GENES[-4:])}
+
+
+def test_no_truth_and_no_score_where_a_gene_was_never_measured():
+    sdata = _stack()
+    asign.tl.impute(sdata, known="S1", method="nearest", n_genes=12, show_progress_bar=False)
+    out = sdata.tables["asign"]
+    s2 = (out.obs["section"].astype(str) == "S2").to_numpy()
+    lacking = out.var_names.isin(GENES[-4:])
+    assert np.isnan(out.layers["target"][np.ix_(s2, lacking)]).all()
+    assert np.isfinite(out.layers["target"][np.ix_(s2, ~lacking)]).all()
+    assert np.isfinite(out.layers["imputed"]).all()  # predicted everywhere, scored only where measured
+    ev = asign.tl.evaluate(sdata)
+    sec = ev[ev.level == "section"].set_index("section")
+    assert sec.loc["S2", "n_genes"] == 8 and sec.loc["S3", "n_genes"] == 12
+    genes_s2 = set(ev[(ev.level == "gene") & (ev.section == "S2")].gene)
+    assert genes_s2 == set(GENES[:-4])
+    # ST-Net normalisation of S2 sums over the genes it measured only
+    t = sdata.tables["table"]
+    rows = np.flatnonzero((t.obs["section"].astype(str) == "S2").to_numpy())
+    c = t[rows, list(out.var_names[~lacking])].X.toarray() + 1.0
+    expect = np.log(c) - np.log(c.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(out.layers["target"][np.ix_(s2, ~lacking)], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_known_section_lacking_a_gene():
+    sdata = _stack()
+    # the default selection ranks only genes every known section measured
+    asign.tl.impute(sdata, known="S2", method="nearest", n_genes=12, show_progress_bar=False)
+    assert set(sdata.tables["asign"].var_names) == set(GENES[:-4])
+    # asking for such a gene explicitly is refused before the method runs
+    with pytest.raises(ValueError, match=r"\['G11'\] were never measured in known section\(s\) \['S2'\]"):
+        asign.tl.impute(sdata, known="S2", method="nearest", genes=["G0", "G11"], key_added="x")
+
+
+def test_score_skips_whole_nan_columns_only():
+    rng = np.random.default_rng(1)
+    T, P = rng.normal(size=(20, 3)), rng.normal(size=(20, 3))
+    secs = np.array(["a"] * 10 + ["b"] * 10)
+    T[:10, 2] = np.nan  # gene 2 not measured in section a
+    df = score(T, P, secs, genes=["x", "y", "z"])
+    assert df[(df.level == "section") & (df.section == "a")].n_genes.item() == 2
+    assert set(df[(df.level == "gene") & (df.section == "a")].gene) == {"x", "y"}
+    full = score(T[10:], P[10:], secs[10:], genes=["x", "y", "z"])
+    b = df[(df.level == "section") & (df.section == "b")].iloc[0]
+    assert b.pcc_gene == pytest.approx(full[full.level == "section"].pcc_gene.item())
+    T[0, 0] = np.nan  # one spot of a measured gene: not allowed
+    with pytest.raises(ValueError, match="Section 'a': the truth has non-finite values for some spots"):
+        score(T, P, secs, genes=["x", "y", "z"])
