@@ -164,6 +164,26 @@ def test_set_alignment_backed_writes_to_disk(small_stack, tmp_path):
     np.testing.assert_allclose(M, np.linalg.inv(gt["S2"]) @ gt["S3"], atol=1e-6)
 
 
+def test_align_layers_backed_writes_only_its_own_results(small_stack, tmp_path):
+    """Pending in-memory results (another table) are not saved by align_layers on a backed object."""
+    import anndata as ad
+    import spatialdata as sd
+    from spatialdata.transformations import get_transformation
+
+    path = tmp_path / "stack.zarr"
+    small_stack.write(path)
+    sdata = sd.read_zarr(path)
+    sdata.tables["zz"] = ad.AnnData(np.ones((3, 2), dtype=np.float32))
+    asign.pp.align_layers(sdata, method="transforms", transforms=_ground_truth(small_stack))
+    assert not (path / "tables" / "zz").exists()
+    assert "zz" in sdata.tables  # still in memory
+    back = sd.read_zarr(path)
+    assert "zz" not in back.tables
+    assert Key.SPATIAL_ALIGNED in back.tables["table"].obsm
+    for name in ("he_S1", "spots_S2"):
+        assert "aligned" in get_transformation(back[name], get_all=True)
+
+
 def test_transforms_bad_input(small_stack):
     gt = _ground_truth(small_stack)
     with pytest.raises(ValueError, match="transforms"):

@@ -277,6 +277,26 @@ def test_errors(stacks):
         _impute(a)
 
 
+def test_missing_features_fail_before_training_is_logged(stacks, caplog):
+    """Without extract_features, ASIGN raises before it logs (or starts) any training, transductive and inductive."""
+    import logging
+
+    a, b = stacks
+    feats = b.tables["table"].obsm.pop("asign_features_spot")
+    with caplog.at_level(logging.INFO, logger="asign"):
+        with pytest.raises(KeyError, match="extract_features"):  # a training sample without features
+            _impute(a, train={"B": b}, method_kwargs={"validation": "none"})
+        b.tables["table"].obsm["asign_features_spot"] = feats
+        del a.tables["table"].obsm["asign_features_spot"]
+        for name in ("asign_regions", "asign_globals"):
+            del a.tables[name]
+        with pytest.raises(KeyError, match="extract_features"):  # transductive
+            _impute(a)
+        with pytest.raises(KeyError, match="extract_features"):
+            _impute(a, method_kwargs={"levels": "spot"})
+    assert "Training ASIGN" not in caplog.text
+
+
 def test_cross_validate_with_asign(stacks):
     a, b = stacks
     df = asign.tl.cross_validate(

@@ -281,6 +281,22 @@ def test_scales_um_native_size_and_inplace_false(small_stack):
     assert (res.features_global == 48).all()
 
 
+def test_pixel_scales_on_a_coarse_image_warn(small_stack, caplog):
+    """8 µm/px, spot diameter ~152 µm: a 64 px spot patch (512 µm) covers many spots; scales_um= is suggested."""
+    import logging
+
+    sd = small_stack
+    kw = {"encoder": CentrePixel(), "input_size": 16, "show_progress_bar": False, "inplace": False}
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        asign.pp.extract_features(sd, scales=SMALL, **kw)  # 32 px = 256 µm: fine
+        asign.pp.extract_features(sd, scales_um={"spot": 512.0, "region": 1024.0, "global": 2048.0}, **kw)
+    assert "spot diameter" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        asign.pp.extract_features(sd, scales={"spot": 64, "region": 128, "global": 256}, sections=["S1", "S3"], **kw)
+    assert "Sections ['S1', 'S3'] have spot patches more than 3x the spot diameter" in caplog.text
+    assert "64 px x 8 µm/px = 512 µm" in caplog.text and "scales_um=" in caplog.text
+
+
 def test_workers_give_the_same_features(small_stack):
     sd = small_stack
     kw = {"encoder": CentrePixel(), "scales": SMALL, "input_size": 32, "show_progress_bar": False, "inplace": False}

@@ -331,6 +331,24 @@ def test_spot_overlaps_inplace_false_leaves_table(aligned_stack):
     assert "asign_overlap" not in t.obsp and "asign_overlap" not in t.uns
 
 
+def test_pixel_footprint_radius_on_a_coarse_image_warns(aligned_stack, asign_log):
+    """8 µm/px, spot diameter ~152 µm: the default 112 px radius (896 µm) is far too wide; radius_um is suggested."""
+
+    def warned():
+        return [r.getMessage() for r in asign_log if r.levelno == logging.WARNING and "footprints" in r.getMessage()]
+
+    spot_overlaps(aligned_stack, radius_um=100.0, inplace=False)
+    spot_overlaps(aligned_stack, radius_px=20.0, inplace=False)  # 320 µm across: fine
+    neighbors_3d(aligned_stack, radius_um=100.0, inplace=False)
+    assert not warned()
+    spot_overlaps(aligned_stack, inplace=False)
+    neighbors_3d(aligned_stack, inplace=False)
+    msgs = warned()
+    assert len(msgs) == 2
+    assert "Sections ['S1', 'S2', 'S3'] have spot footprints more than 3x the spot diameter" in msgs[0]
+    assert "radius 112 px x 8 µm/px = 896 µm" in msgs[0] and "radius_um=" in msgs[0]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # neighbors_3d
 # ------------------------------------------------------------------------------------------------------------------

@@ -269,6 +269,38 @@ def test_shapes_new_elements_and_transformations(backed):
     assert not any(n.endswith(TMP_SUFFIX) for n in _tables_on_disk(path))
 
 
+def test_write_new_false_writes_only_the_named_elements(backed):
+    import anndata as ad
+
+    path = backed.path
+    t = _change(backed)
+    backed.tables["zz"] = ad.AnnData(np.ones((3, 2), dtype=np.float32))  # another pending result
+    backed.shapes["extra"] = ShapesModel.parse(
+        np.array([[1.0, 2.0]]), geometry=0, radius=np.array([1.0]), transformations={"S1": Identity()}
+    )
+    A = Affine(np.array([[0.0, -1.0, 5.0], [1.0, 0.0, 2.0], [0.0, 0.0, 1.0]]), ("x", "y"), ("x", "y"))
+    set_transformation(backed.images["he_S1"], A, to_coordinate_system="aligned")
+    persist(backed, "table", write_new=False)
+    _assert_changed(path, t)
+    back = read_zarr(path)
+    assert "zz" not in back.tables and "extra" not in back.shapes
+    assert "aligned" not in get_transformation(back.images["he_S1"], get_all=True)
+    # a named element only in memory is written
+    persist(backed, "zz", write_new=False)
+    back = read_zarr(path)
+    assert "zz" in back.tables and "extra" not in back.shapes
+
+
+def test_no_autosharding_warnings(backed):
+    import warnings
+
+    _change(backed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        persist(backed)
+    assert not [w for w in caught if "autosharding" in str(w.message)]
+
+
 def test_images_on_disk_are_never_rewritten(backed):
     with pytest.raises(ValueError, match="persist never rewrites images"):
         persist(backed, "he_S1")

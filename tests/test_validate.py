@@ -199,6 +199,30 @@ def test_counts_layer_is_checked(small_stack):
     validate_stack(small_stack, check_counts=False)
 
 
+def test_normalised_counts_warn(small_stack, caplog):
+    import logging
+
+    t = _table(small_stack)
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        validate_stack(small_stack)  # the synthetic counts are integers: no warning
+    assert "not integers" not in caplog.text
+    raw = t.X.copy()
+    t.X = raw.log1p()  # sparse, log1p-transformed
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        validate_stack(small_stack)  # a warning, not an error
+    assert "table 'table': counts in .X are not integers" in caplog.text and "raw counts" in caplog.text
+    caplog.clear()
+    t.X = raw
+    t.layers["counts"] = np.log1p(raw.toarray())  # dense layer: checked instead of .X
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        validate_stack(small_stack)
+    assert "counts in layers['counts'] are not integers" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        validate_stack(small_stack, check_counts=False)
+    assert "not integers" not in caplog.text
+
+
 # --- table annotation and shapes
 
 
@@ -380,7 +404,9 @@ def test_stack_sections_bad_name():
 
 
 def test_stack_sections_bad_z():
-    with pytest.raises(ValueError, match=r"`z_um` must be a sequence of one z position \(µm\) per section: 2 values, got 1"):
+    with pytest.raises(
+        ValueError, match=r"`z_um` must be a sequence of one z position \(µm\) per section: 2 values, got 1"
+    ):
         stack_sections([_section("A"), _section("B")], z_um=[0.0])
     with pytest.raises(ValueError, match="must increase in cutting order"):
         stack_sections([_section("A"), _section("B")], z_um=[10.0, 5.0])

@@ -361,7 +361,9 @@ def stack_sections(
 
     Returns
     -------
-    A :class:`spatialdata.SpatialData` with images ``he_<section>`` (multiscale, uint8 RGB), circles
+    A :class:`spatialdata.SpatialData` with images ``he_<section>`` (uint8 RGB; multiscale with the levels of
+    ``scale_factors`` for array images, while an image element, such as a SpatialData input's image, keeps its own
+    levels: a single-scale image stays single-scale), circles
     ``spots_<section>`` (radius = ``spot_diameter_um / 2`` in the section's pixels; index = spot id ``0..n-1``), both
     with :class:`~spatialdata.transformations.Identity` to the coordinate system named like the section, and one
     table ``table_key`` annotating every ``spots_<section>`` (rows by section, then shapes index) with

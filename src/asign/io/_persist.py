@@ -10,6 +10,7 @@ every :func:`persist` runs first) restores an element from that copy after an in
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -351,8 +352,12 @@ def persist(
     path: str | Path | None = None,
     strategy: Literal["temp_element", "temp_store", "new_store"] = "temp_element",
     overwrite: bool = False,
+    write_new: bool = True,
 ) -> None:
     """Write asign's results to disk, safely.
+
+    After one :func:`asign.tl.impute`, ``persist(sdata, elements="asign")`` rewrites only that table (much faster
+    than rewriting every table, the default).
 
     Parameters
     ----------
@@ -361,10 +366,10 @@ def persist(
         (as with ``strategy="new_store"``).
     elements
         Names of tables or shapes elements to (re)write in the object's own store (default: every table; name a
-        shapes element that you changed). Elements that are in memory but not yet on disk are always written (any
-        type). Images, labels and points already on disk are never rewritten (their lazy data may be read from the
-        files). Transformations of all elements are always written (metadata only), then the metadata are
-        consolidated.
+        shapes element that you changed). Elements that are in memory but not yet on disk are written too (any type)
+        unless ``write_new=False``. Images, labels and points already on disk are never rewritten (their lazy data
+        may be read from the files). The transformations of all elements on disk are written (metadata only; only
+        those of ``elements`` with ``write_new=False``), then the metadata are consolidated.
     path
         Target store for an object that is not backed, or for ``strategy="new_store"``.
     strategy
@@ -381,11 +386,31 @@ def persist(
         being replaced is moved into place (the interrupted write is completed); any other copy is discarded.
     overwrite
         Allow replacing an existing store at ``path`` (``"new_store"`` or an object that is not backed).
+    write_new
+        Whether elements that are only in memory (not named in ``elements``) are written too, and the
+        transformations of every element. With `False`, only ``elements`` (new or existing) and their
+        transformations are written; other pending results stay in memory only. Ignored when the whole object is
+        written to a new store.
 
     Returns
     -------
     Nothing; the store is updated and ``sdata.path`` points to it.
     """
+    # zarr warns once per array that autosharding will become the default: hundreds of lines per write
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*")
+        _persist(sdata, elements, path=path, strategy=strategy, overwrite=overwrite, write_new=write_new)
+
+
+def _persist(
+    sdata: SpatialData,
+    elements: str | Sequence[str] | None,
+    *,
+    path: str | Path | None,
+    strategy: str,
+    overwrite: bool,
+    write_new: bool,
+) -> None:
     if strategy not in ("temp_element", "temp_store", "new_store"):
         msg = f"Unknown strategy {strategy!r}; use 'temp_element', 'temp_store' or 'new_store'."
         raise ValueError(msg)
@@ -415,11 +440,11 @@ def persist(
     else:
         names = [elements] if isinstance(elements, str) else list(elements)
     written = []
-    # first: every element only in memory (new, nothing to lose)
+    # first: every element only in memory (new, nothing to lose); with write_new=False only the named ones
     for kind in ("images", "labels", "points", "shapes", "tables"):
         on_disk = set(_disk_names(store, kind))
         for name in getattr(sdata, kind):
-            if name not in on_disk:
+            if name not in on_disk and (write_new or name in names):
                 sdata.write_element(name)
                 if kind in _REWRITABLE:
                     _verify(store, kind, name, getattr(sdata, kind)[name])
@@ -439,6 +464,11 @@ def persist(
             raise ValueError(msg)
         _rewrite(sdata, kind, name, strategy=strategy)
         written.append(name)
-    sdata.write_transformations()
+    if write_new:
+        sdata.write_transformations()
+    else:
+        for name in written:
+            if _element_kind(sdata, name) != "tables":  # tables have no transformations
+                sdata.write_transformations(name)
     sdata.write_consolidated_metadata()
     logger.info(f"Persisted {written} and the transformations to {store}.")

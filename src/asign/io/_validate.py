@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from asign._constants import Key
+from asign._logging import logger
 from asign._stack import STACK_FIELDS, StackInfo
 
 if TYPE_CHECKING:
@@ -100,7 +101,8 @@ def validate_stack(
         `True` to require an image for every section, or the names of the sections that need one.
     check_counts
         Check that counts (``layers['counts']`` if present, else ``.X``) are finite and non-negative (reads the
-        count matrix once).
+        count matrix once), and log a warning when they are not integers (checked on a sample of at most 100,000
+        nonzero values): asign expects raw counts, and normalised input would be normalised again.
     allow_empty
         Sections that may have no spots yet (no rows and possibly no shapes element), e.g. a section that
         :func:`asign.pp.make_spots` is about to fill.
@@ -230,6 +232,12 @@ def validate_stack(
                 problems.append(
                     f"table {table_key!r}: counts in {where} contain negative values in sections "
                     f"{sorted(set(sec_str[rows]))}; asign needs raw counts."
+                )
+            elif (value := _non_integer_value(data)) is not None:
+                logger.warning(
+                    f"table {table_key!r}: counts in {where} are not integers (e.g. {value:.4g}); asign expects raw "
+                    "counts and normalises them itself, so normalised values (e.g. log1p) are normalised again and "
+                    f"give wrong results. Put the raw counts in .X or layers['{Key.COUNTS}']."
                 )
 
     # --- table annotation
@@ -372,6 +380,21 @@ def _required_images(secs: list[str], *, require: bool | Sequence[str]) -> list[
     if isinstance(require, str):
         return [require]
     return [str(r) for r in require]
+
+
+def _non_integer_value(data: np.ndarray, max_values: int = 100_000) -> float | None:
+    """A non-integer value among (a sample of at most ``max_values``) finite nonzero ``data``, or `None`."""
+    flat = np.asarray(data).ravel()
+    if flat.size > 10 * max_values:  # a regular sample of the dense entries, most of which may be zero
+        flat = flat[:: flat.size // (10 * max_values)]
+    with np.errstate(invalid="ignore"):
+        nz = flat[(flat != 0) & np.isfinite(flat)]
+    if nz.size > max_values:
+        nz = nz[:: nz.size // max_values]
+    if not np.issubdtype(nz.dtype, np.floating):
+        return None
+    bad = np.abs(nz - np.round(nz)) > 1e-4
+    return float(nz[np.argmax(bad)]) if bad.any() else None
 
 
 def _bad_rows(X, pred) -> np.ndarray:

@@ -190,7 +190,8 @@ def set_alignment(
 
     Returns
     -------
-    Nothing; modifies ``sdata`` in memory (and on disk when it is backed):
+    Nothing; modifies ``sdata`` in memory (when it is backed, the transformations of the sections' elements on
+    disk and the table ``table_key`` are written too, nothing else):
 
     - for every aligned section's image and shapes, a transformation to ``key_added``:
       ``Sequence([<transformation to the native coordinate system>, Affine(T_s)])`` (``Identity()`` for the
@@ -284,7 +285,8 @@ def set_alignment(
             for name in _section_elements(sdata, stack, s):
                 if _on_disk(sdata, name):
                     sdata.write_transformations(name)
-        persist(sdata, table_key)
+        # only what this function changed: other elements that are only in memory (or changed) stay unwritten
+        persist(sdata, table_key, write_new=False)
 
 
 def _native_transformation(el, cs: str, name: str):
@@ -392,7 +394,10 @@ def align_layers(
         For ``method="transforms"``: ``{{section: 3 x 3}}`` maps of native pixels into any common frame; they are
         re-expressed relative to the reference (``T_s = B_ref^{{-1}} B_s``).
     mirror
-        Also try mirror images in the coarse search (sections placed upside down on the slide).
+        Also try mirror images in the coarse search (sections mounted face down, i.e. mirrored, on the slide).
+        Rotations of any angle are always searched, but a mirrored section is not found without ``mirror=True``: it
+        is then aligned wrongly, possibly with a high tissue-mask Dice. Check the result with
+        :func:`asign.pl.alignment`.
     landmarks
         ``{{section: (n, 2) array}}`` of corresponding points (x, y in the section's native pixels; row ``k`` of every
         section is the same anatomical point). For a pair whose two sections both have landmarks, the fitted map
@@ -438,7 +443,9 @@ def align_layers(
       every registered pair (columns ``pair``, ``kind``, ``weight``, ``dice_pair``, ``nmi_pair``, ``dice_final``,
       ``nmi_final``, ``residual_um``). ``params`` holds the options, the working pixel size and the run time.
 
-    When ``sdata`` is backed by a zarr store, the transformations and the table are written back.
+    When ``sdata`` is backed by a zarr store, exactly these are written back: the transformations of the aligned
+    sections' images and shapes that are on disk, and the spot table (``table_key``). Nothing else is written (other
+    tables or elements that exist only in memory stay so until :func:`asign.io.persist`).
     """
     from asign.io._validate import validate_stack
 

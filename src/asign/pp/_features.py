@@ -92,6 +92,29 @@ def _select_sections(stack, sections: Sequence[str] | None) -> list[str]:
     return [s for s in stack.sections if s in sections]
 
 
+# a spot patch wider than this many spot diameters covers many spots: pixel scales meant for ~0.5 µm/px images
+LARGE_PATCH_DIAMETERS = 3.0
+
+
+def _warn_large_spot_patches(stack, sections: Sequence[str], spot_px: Sequence[int]) -> None:
+    """Warn about sections whose spot patch (given in pixels) spans more than 3 spot diameters."""
+    d = float(stack.spot_diameter_um)
+    big = {}
+    for s in sections:
+        i = stack.index(s)
+        side_um = float(spot_px[i]) * float(stack.um_per_px[i])
+        if side_um > LARGE_PATCH_DIAMETERS * d:
+            big[s] = (int(spot_px[i]), float(stack.um_per_px[i]), side_um)
+    if big:
+        detail = ", ".join(f"{s}: {p} px x {u:g} µm/px = {w:.0f} µm" for s, (p, u, w) in big.items())
+        logger.warning(
+            f"Sections {list(big)} have spot patches more than {LARGE_PATCH_DIAMETERS:g}x the spot diameter "
+            f"({d:.0f} µm): {detail}, so each patch covers many spots. The scales are in pixels (the defaults suit "
+            "images of about 0.5 µm/px); pass `scales_um=` instead, e.g. "
+            "scales_um={'spot': 112, 'region': 256, 'global': 512} (the defaults at 0.5 µm/px)."
+        )
+
+
 def extract_features(
     sdata: SpatialData,
     *,
@@ -147,8 +170,10 @@ def extract_features(
         hub for the foundation models), ``"random"`` for a seeded random initialisation, or a local state-dict /
         checkpoint file (``.safetensors`` too).
     scales
-        Patch/tile sides in native pixels, default ``{"spot": 224, "region": 512, "global": 1024}``; the global side
-        must be an integer multiple of the region side.
+        Patch/tile sides in native pixels, default ``{"spot": 224, "region": 512, "global": 1024}`` (for images of
+        about 0.5 µm/px); the global side must be an integer multiple of the region side. A warning names the
+        sections where a spot patch in pixels is more than 3 spot diameters wide (coarse images: pass
+        ``scales_um``).
     scales_um
         Sides in µm instead (converted per section with its ``um_per_px``), so datasets of different resolution
         are treated alike.
@@ -274,6 +299,8 @@ def extract_features(
         msg = f"`resize` must be 'device' or 'reader', got {resize!r}."
         raise ValueError(msg)
     px, um, unit = resolve_scales(stack, scales, scales_um)
+    if scales_um is None or "spot" not in scales_um:
+        _warn_large_spot_patches(stack, todo, px["spot"])
     sizes = []
     for k in stack.image_keys:
         img = image_level0(sdata.images[k]) if k is not None else None

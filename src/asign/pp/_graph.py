@@ -581,7 +581,28 @@ def _footprint_radius(stack: StackInfo, radius_px: float | None, radius_um: floa
     if not (np.isfinite(r) and r > 0):
         msg = f"`radius_px` must be a positive number of native pixels, got {r}."
         raise ValueError(msg)
+    _warn_large_footprints(stack, float(r))
     return np.full(stack.n_sections, float(r))
+
+
+# a footprint wider than this many spot diameters overlaps many spots of the next section
+LARGE_FOOTPRINT_DIAMETERS = 3.0
+
+
+def _warn_large_footprints(stack: StackInfo, radius_px: float) -> None:
+    """Warn about sections where a footprint radius in pixels spans more than 3 spot diameters across."""
+    d = float(stack.spot_diameter_um)
+    um = np.asarray(stack.um_per_px, dtype=float)
+    big = [s for s, u in zip(stack.sections, um, strict=True) if 2.0 * radius_px * u > LARGE_FOOTPRINT_DIAMETERS * d]
+    if big:
+        u = float(um[stack.index(big[0])])
+        logger.warning(
+            f"Sections {big} have spot footprints more than {LARGE_FOOTPRINT_DIAMETERS:g}x the spot diameter "
+            f"({d:.0f} µm) across (radius {radius_px:g} px x {u:g} µm/px = {radius_px * u:.0f} µm in {big[0]}), so "
+            "each footprint overlaps many spots of the next section. The radius is in pixels (the default, half "
+            "the 224 px spot patch, suits images of about 0.5 µm/px); pass `radius_um=` instead, e.g. half the "
+            "spot patch side given to `asign.pp.extract_features(scales_um=...)` (56 for a 112 µm patch)."
+        )
 
 
 @dataclass(frozen=True)
@@ -671,7 +692,9 @@ def _isolated_warning(W: sp.csr_matrix, table: AnnData) -> int:
 
 _radius_doc = """radius_px
     Footprint radius in each section's native pixels. Default: 112 px, half the 224 px spot patch (method.md
-    §3.1): the overlap is that of the *image patches* the model reads, not of the physical spots.
+    §3.1): the overlap is that of the *image patches* the model reads, not of the physical spots. A warning names
+    the sections where a footprint in pixels is more than 3 spot diameters across (coarse images: pass
+    ``radius_um``).
 radius_um
     Footprint radius in µm instead (converted with each section's ``um_per_px``); exclusive with ``radius_px``.
 n_vertices

@@ -166,6 +166,43 @@ def _tile_codes(tiles, stack) -> np.ndarray:
     return np.asarray(cat.codes, dtype=np.int64)
 
 
+def check_sample_inputs(
+    ctx: ImputeContext, *, levels: str, feature_key: str | None = Key.ADDED, graph_key: str = Key.ADDED, **_: Any
+) -> None:
+    """Raise the error that :func:`sample_tensors` would raise for missing features, tile tables or graph.
+
+    Cheap (reads no arrays), so it runs before any training or logging.
+    """
+    table = ctx.table
+    hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` first."
+    if feature_key is None:
+        if levels != "spot":
+            msg = "Without image features (feature_key=None) the model runs at the spot level only (levels='spot')."
+            raise ValueError(msg)
+    else:
+        key = Key.features(feature_key, "spot")
+        if key not in table.obsm:
+            msg = f"`.obsm['{key}']` not found in the spot table; {hint_f}"
+            raise KeyError(msg)
+    ckey = Key.connectivities(graph_key)
+    if ckey not in table.obsp:
+        msg = f"`.obsp['{ckey}']` not found in the spot table; run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` first."
+        raise KeyError(msg)
+    if levels == "spot_region_global":
+        rkey, gkey = f"{feature_key}_regions", f"{feature_key}_globals"
+        ri_key = f"{feature_key}_region"
+        if rkey not in ctx.sdata.tables or gkey not in ctx.sdata.tables or ri_key not in table.obs:
+            msg = (
+                f"Tile tables {rkey!r}/{gkey!r} or `.obs['{ri_key}']` not found; {hint_f} "
+                "Or pass method_kwargs={'levels': 'spot'} for the spot-only model."
+            )
+            raise KeyError(msg)
+        for name in (rkey, gkey):
+            if Key.TILE_FEATURES not in ctx.sdata.tables[name].obsm:
+                msg = f"`sdata.tables['{name}'].obsm['{Key.TILE_FEATURES}']` not found; {hint_f}"
+                raise KeyError(msg)
+
+
 def sample_tensors(
     ctx: ImputeContext,
     *,
@@ -217,11 +254,9 @@ def sample_tensors(
     if (labelled & ~ctx.known).any():
         msg = "sample_tensors: `labelled` must be a subset of the known spots."
         raise ValueError(msg)
+    check_sample_inputs(ctx, levels=levels, feature_key=feature_key, graph_key=graph_key)
     hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` first."
     if feature_key is None:
-        if levels != "spot":
-            msg = "Without image features (feature_key=None) the model runs at the spot level only (levels='spot')."
-            raise ValueError(msg)
         x_spot = np.zeros((table.n_obs, 0), dtype=np.float32)
     else:
         x_spot = _obsm(table, Key.features(feature_key, "spot"), hint_f)
@@ -230,9 +265,6 @@ def sample_tensors(
     if views and vkey is not None and vkey in table.obsm:
         view_kw["x_spot_views"] = torch.from_numpy(np.array(table.obsm[vkey], dtype=np.float32))
     ckey = Key.connectivities(graph_key)
-    if ckey not in table.obsp:
-        msg = f"`.obsp['{ckey}']` not found in the spot table; run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` first."
-        raise KeyError(msg)
     codes = np.asarray(ctx.section_codes, dtype=np.int64)
     edge_index, edge_weight, edge_cross = edges_from_sparse(table.obsp[ckey], codes)
     y = np.where(labelled[:, None], ctx.Y, np.nan).astype(np.float32)
@@ -240,17 +272,7 @@ def sample_tensors(
     if levels == "spot_region_global":
         rkey, gkey = f"{feature_key}_regions", f"{feature_key}_globals"
         ri_key, gi_key = f"{feature_key}_region", f"{feature_key}_global"
-        if rkey not in ctx.sdata.tables or gkey not in ctx.sdata.tables or ri_key not in table.obs:
-            msg = (
-                f"Tile tables {rkey!r}/{gkey!r} or `.obs['{ri_key}']` not found; {hint_f} "
-                "Or pass method_kwargs={'levels': 'spot'} for the spot-only model."
-            )
-            raise KeyError(msg)
         regions, globals_ = ctx.sdata.tables[rkey], ctx.sdata.tables[gkey]
-        for t, name in ((regions, rkey), (globals_, gkey)):
-            if Key.TILE_FEATURES not in t.obsm:
-                msg = f"`sdata.tables['{name}'].obsm['{Key.TILE_FEATURES}']` not found; {hint_f}"
-                raise KeyError(msg)
         spot_region = table.obs[ri_key].to_numpy(dtype=np.int64)
         spot_global = table.obs[gi_key].to_numpy(dtype=np.int64)
         region_global = regions.obs[gi_key].to_numpy(dtype=np.int64)
@@ -567,13 +589,15 @@ def fit_contexts(
     if n_models < 1:
         msg = f"n_models={n_models} must be at least 1."
         raise ValueError(msg)
+    tkw = tensor_options(cfg, opts)
+    for c in contexts:  # missing features, tile tables or graph: fail before any work or logging
+        check_sample_inputs(c, **tkw)
     dev = resolve_device(device)
     genes = list(contexts[0].genes)
     for c in contexts[1:]:
         if list(c.genes) != genes or c.normalization != contexts[0].normalization:
             msg = "All training samples must share the modelled genes and the normalisation."
             raise ValueError(msg)
-    tkw = tensor_options(cfg, opts)
     if opts["feature_key"] is not None:
         from asign.pp._features import common_feature_space
 
