@@ -76,14 +76,16 @@ def _demo(args: argparse.Namespace) -> int:
     step("align_layers", t)
 
     t = time.perf_counter()
-    feat_kw = {} if args.her2st else {"scales": {"spot": 56, "region": 128, "global": 256}}
+    # the pixel defaults suit H&E at ~0.5 µm/px (HER2ST); the synthetic images are coarse (4 µm/px): sizes in µm
+    feat_kw = {} if args.her2st else {"scales_um": {"spot": 224, "region": 512, "global": 1024}}
+    graph_kw = {} if args.her2st else {"radius_um": 112.0}  # the spot patch's footprint (method.md §3.1)
     asign.pp.extract_features(sdata, encoder=args.encoder, sections=sections, show_progress_bar=False, **feat_kw)
     step("extract_features", t)
 
     # the graph after the features, so that cross-section edges weigh image similarity beside footprint overlap (the
     # pipeline of the benchmarks)
     t = time.perf_counter()
-    asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot")
+    asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot", **graph_kw)
     step("neighbors_3d", t)
 
     results = {}
