@@ -428,3 +428,16 @@ def test_patient_e_genes_restrict_the_unrestricted_var(her2st_path, caplog):
     pd.testing.assert_frame_equal(t.tables["table"].var, full.var.loc[genes])
     with pytest.raises(ValueError, match=r"None of the genes \['NOTAGENE'\]"):
         read_her2st(her2st_path, patient="E", sections="E1", images=False, genes="NOTAGENE")
+
+
+def test_download_refuses_unknown_sections_before_any_download(tmp_path):
+    """A section name the patient lacks is an error (it downloaded nothing and pointed at the folder before)."""
+    from asign.datasets._her2st import _files_for, download_her2st
+
+    with pytest.raises(ValueError, match=r"Unknown section\(s\) \['C7'\] of HER2ST patient C"):
+        download_her2st("C", sections=["C7"], cache=tmp_path)
+    assert not any(tmp_path.iterdir())
+    # one name as a string is one section (not its characters); lower case is accepted
+    assert _files_for("C", ["C2"], images=False)
+    with pytest.raises(ValueError, match=r"\['C9'\]"):
+        download_her2st("c", sections="c9", cache=tmp_path)

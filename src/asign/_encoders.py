@@ -20,9 +20,10 @@ name                                dim    weights
 ``resnet50``                        2048   torchvision ImageNet (torch hub cache or a local file); pooled after layer 4
 ``resnet50_layer3``                 1024   the same network, pooled after layer 3 (the paper's 1024-d features)
 ``handcrafted``                     73     none: colour, texture and nucleus-density statistics (scikit-image), CPU only
-``uni``, ``uni2-h``                  1024,  histopathology foundation models (:mod:`asign._foundation`; timm extra):
-``virchow``, ``virchow2``           1536,  a local checkpoint via ``weights=``, or the gated Hugging Face hub
-``h-optimus-0``                     2560
+``uni``                             1024   histopathology foundation models (:mod:`asign._foundation`; timm extra):
+``uni2-h``                          1536   a local checkpoint via ``weights=``, or the gated Hugging Face hub; fed at
+``virchow``, ``virchow2``           2560   224 px (their training size) also with ``input_size=None``
+``h-optimus-0``                     1536
 ``timm:<model_name>``               any    timm (optional extra): hub weights, or a local checkpoint via ``weights=``
 a ``torch.nn.Module``               any    the module as given (its output is pooled to ``(batch, dim)``)
 ==================================  =====  =============================================================================

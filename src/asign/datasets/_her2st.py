@@ -94,7 +94,14 @@ def download_her2st(
         msg = f"Unknown HER2ST patient {patient!r}; choose one of {list(N_SECTIONS)}."
         raise ValueError(msg)
     root = Path(cache) if cache is not None else Path(pooch.os_cache("asign")) / "her2st"
-    secs = list(sections) if sections is not None else [f"{patient}{i}" for i in range(1, N_SECTIONS[patient] + 1)]
+    available = [f"{patient}{i}" for i in range(1, N_SECTIONS[patient] + 1)]
+    if isinstance(sections, str):
+        sections = [sections]
+    secs = [str(s).upper() for s in sections] if sections is not None else available
+    unknown = [s for s in secs if s not in available]
+    if unknown:
+        msg = f"Unknown section(s) {unknown} of HER2ST patient {patient}; it has {available}."
+        raise ValueError(msg)
     reg = registry()
     for rel in _files_for(patient, secs, images=images):
         sha = reg[rel]
