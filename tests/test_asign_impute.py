@@ -295,6 +295,7 @@ def test_missing_features_fail_before_training_is_logged(stacks, caplog):
         with pytest.raises(KeyError, match="extract_features"):
             _impute(a, method_kwargs={"levels": "spot"})
     assert "Training ASIGN" not in caplog.text
+    assert "Imputing" not in caplog.text  # the input checks run before the first log line
 
 
 def test_cross_validate_with_asign(stacks):

@@ -787,7 +787,7 @@ def _blend_weight(params: dict, model_options: dict | None = None, *, transducti
 def _check_sample_to_impute(
     table: AnnData, params: dict, table_key: str, *, train: Sequence[tuple[str, AnnData]] = (), sample: str = ""
 ) -> None:
-    """The features, graph, blend weight and coordinates of a sample to impute, checked before the inductive training.
+    """The features, graph, blend weight and coordinates of a sample to impute, checked before any training.
 
     With ``train`` (``(name, spot table)`` of the training samples) its features must also have the training samples'
     widths and feature space (:func:`asign.pp._features.feature_space_id`).
@@ -810,7 +810,8 @@ def _check_sample_to_impute(
             f"`asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` on it first."
         )
         raise KeyError(msg)
-    _check_blend_coordinates(table, _blend_weight(params), table_key)
+    # without training samples the check runs before a transductive fit: that mode's blend default applies
+    _check_blend_coordinates(table, _blend_weight(params, transductive=not train), table_key)
 
 
 def _check_same_features(

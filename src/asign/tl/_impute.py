@@ -480,6 +480,8 @@ def run_impute(
                 show_progress_bar=show_progress_bar,
             )
         )
+    elif fitted is None and fit is not None:  # transductive: the method trains inside; its input checks first
+        check_before_fit(method, table, params, table_key, sample=sample)
     ctx.fitted = fitted
     logger.info(
         f"Imputing {len(gene_list)} genes with method {method!r}: {int(mask.sum())} known spots "
