@@ -429,3 +429,20 @@ def test_pipeline_outputs(small_stack, tmp_path):
     assert_not_blank(tmp_path / "g.png", min_colours=10)
     # only level == 'gene' rows: 10 genes
     assert len(fig.axes[1].get_xticklabels()) == 10
+
+
+def test_a_table_computed_for_other_spots_is_refused(aligned_stack):
+    """Spots re-laid under the same names (make_spots names virtual spots <section>_v<i> on every lattice): the old
+    predictions would be drawn at the wrong places."""
+    import asign
+
+    out = aligned_stack.tables[Key.OUTPUT_TABLE]
+    spots = aligned_stack.tables[Key.TABLE]
+    out.obsm[Key.SPATIAL] = np.asarray(spots.obsm[Key.SPATIAL], dtype=float).copy()
+    asign.pl.sections(aligned_stack, gene="gene_000", sections=["S2"], show=False)  # same positions: fine
+    moved = out.obs[Key.SECTION].astype(str).to_numpy() == "S2"
+    out.obsm[Key.SPATIAL][moved] += 50.0
+    with pytest.raises(ValueError, match=r"computed for other spots: \d+ of its spots \(sections \['S2'\]\)"):
+        asign.pl.sections(aligned_stack, gene="gene_000", sections=["S2"], show=False)
+    with pytest.raises(ValueError, match="rerun `asign.tl.impute`"):
+        asign.pl.scatter_3d(aligned_stack, gene="gene_000", show=False)

@@ -260,7 +260,7 @@ def interactive(
         raise KeyError(msg)
     values = None
     if gene is not None:
-        values = _gene_values(out, gene, layer, spot_table.obs_names)
+        values = _gene_values(out, gene, layer, spot_table)
     Interactive = _import_interactive()
 
     viewer_app = Interactive(sdata, headless=True)

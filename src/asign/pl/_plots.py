@@ -58,9 +58,44 @@ _plot_params = {
 # --------------------------------------------------------------------------------------------------------------------
 # data access
 # --------------------------------------------------------------------------------------------------------------------
-def _gene_values(table: AnnData, gene: str, layer: str, obs_names: pd.Index) -> np.ndarray:
-    """Values of ``gene`` in ``layer`` (``'X'`` for ``.X``) of ``table``, reindexed to ``obs_names`` (NaN if absent)."""
+def _check_same_spots(table: AnnData, spots: AnnData) -> None:
+    """Refuse an output table whose spots moved since it was computed (e.g. a section re-laid with make_spots).
+
+    Rows are matched by name; virtual spots are named ``<section>_v<i>`` on every lattice, so a name alone does not
+    prove that a row describes the same spot: the positions (``obsm['spatial']``, copied by ``tl.impute``) must agree.
+    """
+    if table is spots or Key.SPATIAL not in table.obsm or Key.SPATIAL not in spots.obsm:
+        return
+    common = table.obs_names.intersection(spots.obs_names, sort=False)
+    a = np.asarray(table.obsm[Key.SPATIAL], dtype=float)[table.obs_names.get_indexer(common)]
+    b = np.asarray(spots.obsm[Key.SPATIAL], dtype=float)[spots.obs_names.get_indexer(common)]
+    moved = ~np.isclose(a, b, rtol=0.0, atol=1e-3).all(axis=1)
+    if moved.any():
+        secs = sorted(set(spots.obs.loc[common[moved], Key.SECTION].astype(str)))
+        msg = (
+            f"The table to plot was computed for other spots: {int(moved.sum())} of its spots (sections {secs}) "
+            "now lie elsewhere under the same names (the section's spots were laid again, e.g. by "
+            "`asign.pp.make_spots`); rerun `asign.tl.impute` for the current spots."
+        )
+        raise ValueError(msg)
+    missing = spots.obs_names.difference(table.obs_names)
+    if len(missing):
+        secs = sorted(set(spots.obs.loc[missing, Key.SECTION].astype(str)))
+        logger.warning(
+            f"{len(missing)} spots of sections {secs} are not in the table to plot (added after it was computed); "
+            "they are drawn without values."
+        )
+
+
+def _gene_values(table: AnnData, gene: str, layer: str, spots: AnnData) -> np.ndarray:
+    """Values of ``gene`` in ``layer`` (``'X'`` for ``.X``) of ``table``, in the spot table's row order.
+
+    NaN for spots the table lacks; a table whose spots moved is refused (:func:`_check_same_spots`).
+    """
     import scipy.sparse as sp
+
+    _check_same_spots(table, spots)
+    obs_names = spots.obs_names
 
     if gene not in table.var_names:
         some = ", ".join(map(str, table.var_names[:8]))
@@ -325,7 +360,7 @@ def sections(
         raise ValueError(msg)
     secs = _select_sections(stack, sections)
     cs = _resolve_cs(sdata, stack, coordinate_system)
-    values = {layer: _gene_values(out, gene, layer, spot_table.obs_names) for layer in layers}
+    values = {layer: _gene_values(out, gene, layer, spot_table) for layer in layers}
     geoms = {s: _section_geometry(sdata, spot_table, stack, s, cs) for s in secs}
     lo, hi = shared_norm(
         [values[layer][geoms[s]["mask"]] for layer in layers for s in secs], vmin=vmin, vmax=vmax, robust=robust
@@ -466,7 +501,7 @@ def scatter_3d(
     spot_table = get_table(sdata, table_key)
     out = output_table(sdata, key)
     xyz = _coords_3d(out, spot_table)
-    values = _gene_values(out, gene, layer, spot_table.obs_names)
+    values = _gene_values(out, gene, layer, spot_table)
     secs = _select_sections(stack, sections)
     mask = spot_table.obs[Key.SECTION].astype(str).isin(secs).to_numpy() & np.isfinite(xyz).all(axis=1)
     xyz, values = xyz[mask], values[mask]

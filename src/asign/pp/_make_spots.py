@@ -427,6 +427,12 @@ def make_spots(
     others = [k for k in sdata.tables if k != table_key]
     if others:
         logger.warning(f"Tables {others} do not cover the new spots of section {section!r}; recompute them.")
+    if Key.SPATIAL_ALIGNED in table.obsm:
+        logger.warning(
+            f"The new spots of section {section!r} have no aligned position yet (NaN in "
+            f"`obsm['{Key.SPATIAL_ALIGNED}']`, no transformation to the aligned coordinate system): rerun "
+            "`asign.pp.align_layers`, then the features, graph and imputation."
+        )
     logger.info(
         f"Adding {len(xy)} virtual spots ({grid} grid, pitch {spacing:g} µm) to section {section!r}: "
         f"`shapes['{skey}']` and rows of `tables['{table_key}']` with obs['measured'] = False."

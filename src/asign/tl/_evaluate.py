@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from asign._constants import Key
+from asign._logging import logger
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -283,8 +284,24 @@ def evaluate(
         scored &= np.isin(sec, sections)
         order = [s for s in order if s in sections]
     if not scored.any():
-        msg = f"Table {key!r} has no spot to score: every measured spot is known."
+        n_virtual = int((~table.obs[Key.MEASURED].to_numpy(dtype=bool)).sum())
+        msg = (
+            f"Table {key!r} has no spot to score: every measured spot is known"
+            + (
+                f", and its {n_virtual} unmeasured (e.g. virtual) spots have no truth to score against"
+                if n_virtual
+                else ""
+            )
+            + ". Hold out a measured section (leave it out of `known`) to evaluate."
+        )
         raise ValueError(msg)
+    known_rows = table.obs[Key.KNOWN].to_numpy(dtype=bool)
+    unscored = [s for s in order if (~known_rows & (sec == s)).any() and not (scored & (sec == s)).any()]
+    if unscored:
+        logger.info(
+            f"Sections {unscored} have no measured spot (their spots are unmeasured, e.g. virtual): predicted but not "
+            "scored; the overall row covers the scored sections only."
+        )
     gnames = table.var_names.astype(str)
     if genes is not None:
         genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
