@@ -205,3 +205,37 @@ def test_make_spots_her2st_c2(her2st_path):
     assert (cKDTree(virtual).query(measured)[0] < pitch_px).mean() > 0.95
     assert (cKDTree(measured).query(virtual)[0] < pitch_px).mean() > 0.95
     validate_stack(sdata)
+
+
+def test_spots_laid_after_alignment_warn_and_evaluate_names_unscored_sections(caplog):
+    """Virtual spots laid after align_layers have no aligned position (warned); evaluate says that unmeasured
+    sections are predicted but not scored."""
+    import logging
+
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    import asign
+    from asign.pp._tiles import image_level0
+
+    sdata = asign.datasets.synthetic_stack(n_sections=3, n_spots=60, n_genes=6, image_size=512, um_per_px=8.0, seed=0)
+    n2w = dict(
+        zip(
+            sdata.tables["table"].uns["asign"]["stack"]["section"],
+            sdata.tables["table"].uns["asign"]["synthetic"]["native_to_world"],
+            strict=True,
+        )
+    )
+    asign.pp.align_layers(sdata, method="transforms", transforms=n2w)
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        rgb = np.asarray(image_level0(sdata.images["he_S3"]).values)
+        sdata.images["he_S4"] = Image2DModel.parse(rgb, dims=("c", "y", "x"), transformations={"S4": Identity()})
+        asign.pp.make_spots(sdata, section="S4", image_key="he_S4", um_per_px=8.0, z_um=1000.0)
+    assert "have no aligned position yet" in caplog.text
+    asign.pp.align_layers(sdata, method="transforms", transforms={**n2w, "S4": n2w["S3"]})
+    asign.tl.impute(sdata, known=["S1"], method="nearest", show_progress_bar=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="asign"):
+        ev = asign.tl.evaluate(sdata)
+    assert "Sections ['S4'] have no measured spot" in caplog.text
+    assert set(ev[ev.level == "section"].section) == {"S2", "S3"}
