@@ -792,6 +792,7 @@ def _check_sample_to_impute(
     With ``train`` (``(name, spot table)`` of the training samples) its features must also have the training samples'
     widths and feature space (:func:`asign.pp._features.feature_space_id`).
     """
+    split_params(params, seed=0, transductive=not train)  # bad options first: they need no data
     feature_key = params.get("feature_key", OPTIONS["feature_key"])
     graph_key = params.get("graph_key", OPTIONS["graph_key"])
     hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` on it first."
