@@ -124,9 +124,9 @@ def test_normalize_public(stack):
     assert list(out.columns) == genes[:2]
     with pytest.raises(KeyError, match="not in the table"):
         asign.pp.normalize(stack, genes=["nope"], inplace=False)
-    with pytest.raises(ValueError, match=rf"more than once: \['{genes[0]}'\]"):
+    with pytest.raises(ValueError, match=rf"`genes` lists \['{genes[0]}'\] more than once"):
         asign.pp.normalize(stack, genes=[genes[0], genes[0], genes[1]], inplace=False)
-    with pytest.raises(ValueError, match="gene list is empty"):
+    with pytest.raises(ValueError, match="`genes` is empty"):
         asign.pp.normalize(stack, genes=[], inplace=False)
     with pytest.raises(TypeError, match="`n_genes` must be an integer"):
         asign.pp.select_genes(stack, n_genes=2.5, inplace=False)

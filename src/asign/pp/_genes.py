@@ -86,19 +86,51 @@ def counts_block(table: AnnData, rows: np.ndarray, genes: Sequence[str]) -> tupl
     return block, total
 
 
-def gene_indices(table: AnnData, genes: Sequence[str]) -> np.ndarray:
-    """Column indices of ``genes`` in ``table``; a :class:`KeyError` lists the missing ones.
+def normalized_rows(
+    table: AnnData, genes: Sequence[str], rows: np.ndarray, normalization: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised counts of the ``rows`` (boolean mask) for ``genes``, NaN elsewhere, and those rows' total counts.
 
-    An empty list or a gene named twice is a :class:`ValueError`.
+    Only the raw counts of ``rows`` are read. A gene that a spot's section never measured
+    (:func:`asign._stack.unmeasured_genes`) is NaN there and left out of the ST-Net denominator.
+
+    Returns
+    -------
+    ``(n_obs, n_genes)`` float64 values and the ``(n_obs,)`` total counts over all genes, both NaN outside ``rows``.
     """
-    genes = [str(g) for g in genes] if not isinstance(genes, str) else [genes]
+    rows = np.asarray(rows, dtype=bool)
+    idx = np.flatnonzero(rows)
+    values = np.full((table.n_obs, len(genes)), np.nan)
+    total = np.full(table.n_obs, np.nan)
+    if idx.size:
+        block, tot = counts_block(table, idx, genes)
+        absent = unmeasured_mask(table, genes)
+        if absent is not None:
+            block[absent[idx]] = np.nan
+        values[idx] = normalize_counts(block, normalization, tot)
+        total[idx] = tot
+    return values, total
+
+
+def check_gene_list(genes: str | Sequence[str]) -> list[str]:
+    """``genes`` as a list of str; a ValueError if it is empty or names a gene twice."""
+    genes = [str(g) for g in ([genes] if isinstance(genes, str) else genes)]
     if not genes:
-        msg = "The gene list is empty; give at least one gene."
+        msg = "`genes` is empty; pass at least one gene or leave it as None to select the top genes."
         raise ValueError(msg)
     dup = sorted(g for g, c in Counter(genes).items() if c > 1)
     if dup:
-        msg = f"Genes listed more than once: {dup[:20]}{' ...' if len(dup) > 20 else ''}; give each gene once."
+        msg = f"`genes` lists {dup[:20]}{' ...' if len(dup) > 20 else ''} more than once; give each gene once."
         raise ValueError(msg)
+    return genes
+
+
+def gene_indices(table: AnnData, genes: Sequence[str]) -> np.ndarray:
+    """Column indices of ``genes`` in ``table``; a :class:`KeyError` lists the missing ones.
+
+    An empty list or a gene named twice is a :class:`ValueError` (:func:`check_gene_list`).
+    """
+    genes = check_gene_list(genes)
     if not table.var_names.is_unique:
         msg = "The table's var_names are not unique; call `table.var_names_make_unique()` first."
         raise ValueError(msg)
@@ -440,19 +472,11 @@ def normalize(
     genes = [str(g) for g in genes]
     gene_indices(table, genes)
     measured = table.obs[Key.MEASURED].to_numpy(dtype=bool)
-    rows = np.flatnonzero(measured)
-    block, total = counts_block(table, rows, genes)
-    absent = unmeasured_mask(table, genes)
-    if absent is not None:  # genes a section never measured: NaN there
-        block[absent[rows]] = np.nan
-    values = np.full((table.n_obs, len(genes)), np.nan)
-    values[rows] = normalize_counts(block, normalization, total)
+    values, total = normalized_rows(table, genes, measured, normalization)
     df = pd.DataFrame(values, index=table.obs_names, columns=genes)
     if not inplace:
         return df
-    tc = np.full(table.n_obs, np.nan)
-    tc[rows] = total
-    table.obs[Key.TOTAL_COUNTS] = tc
+    table.obs[Key.TOTAL_COUNTS] = total
     table.obsm[key_added] = df
     table.uns[key_added] = {"normalization": normalization, "genes": genes}
     logger.info(f"Adding `.obsm['{key_added}']`, `.obs['{Key.TOTAL_COUNTS}']` and `.uns['{key_added}']`.")

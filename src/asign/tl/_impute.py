@@ -12,18 +12,18 @@ from asign._checks import check_number
 from asign._constants import Key
 from asign._docs import inject_docs
 from asign._logging import logger
-from asign._stack import section_codes, unmeasured_genes, unmeasured_mask
+from asign._stack import section_codes, unmeasured_genes
 from asign.pp._genes import (
     GENE_SECTIONS,
     _as_sample_list,
     _sample_name,
+    check_gene_list,
     check_known,
     check_normalization,
     choose_genes,
-    counts_block,
     gene_indices,
     known_mask,
-    normalize_counts,
+    normalized_rows,
     selection_rows,
 )
 
@@ -64,18 +64,7 @@ def labelled_targets(
     see :func:`asign._stack.unmeasured_genes`) and the total counts over all genes ``(n_obs,)`` (NaN outside
     ``rows``).
     """
-    rows = np.asarray(rows, dtype=bool)
-    idx = np.flatnonzero(rows)
-    Y = np.full((table.n_obs, len(genes)), np.nan)
-    total = np.full(table.n_obs, np.nan)
-    if idx.size:
-        block, tot = counts_block(table, idx, genes)
-        absent = unmeasured_mask(table, genes)
-        if absent is not None:  # no truth there (and left out of the ST-Net denominator)
-            block[absent[idx]] = np.nan
-        Y[idx] = normalize_counts(block, normalization, tot)
-        total[idx] = tot
-    return Y, total
+    return normalized_rows(table, genes, rows, normalization)
 
 
 def counts_free_view(table: AnnData) -> AnnData:
@@ -129,19 +118,6 @@ def build_context(
         sample=sample,
         table_key=table_key,
     )
-
-
-def check_gene_list(genes: str | Sequence[str]) -> list[str]:
-    """``genes`` as a list of str; a ValueError if it is empty or names a gene twice."""
-    genes = [str(g) for g in ([genes] if isinstance(genes, str) else genes)]
-    if not genes:
-        msg = "`genes` is empty; pass at least one gene or leave it as None to select the top genes."
-        raise ValueError(msg)
-    dup = sorted({g for g in genes if genes.count(g) > 1})
-    if dup:
-        msg = f"`genes` lists {dup} more than once; give each gene once."
-        raise ValueError(msg)
-    return genes
 
 
 def same_sample(a: SpatialData, b: SpatialData) -> str | None:
