@@ -137,6 +137,26 @@ def counts_matrix(table: AnnData):
     return table.X
 
 
+def wider_than_spots(
+    stack: StackInfo, width_px: Any, sections: Any = None, *, factor: float = 3.0
+) -> dict[str, tuple[float, float]]:
+    """Sections where a width given in pixels spans more than ``factor`` spot diameters.
+
+    ``width_px`` is one number or one per section of the stack (cutting order). Returns ``{section: (width_px,
+    width_um)}`` for those sections, in the order of ``sections`` (default: all): pixel defaults meant for images of
+    about 0.5 µm/px then cover many spots on a coarse image.
+    """
+    widths = np.broadcast_to(np.asarray(width_px, dtype=float), (stack.n_sections,))
+    limit = factor * float(stack.spot_diameter_um)
+    out = {}
+    for s in stack.sections if sections is None else sections:
+        i = stack.index(s)
+        um = float(widths[i]) * float(stack.um_per_px[i])
+        if um > limit:
+            out[s] = (float(widths[i]), um)
+    return out
+
+
 def unmeasured_genes(table: AnnData) -> dict[str, set[str]]:
     """``{section: genes}`` that a measured section lacks (0 in its counts, but never measured there).
 

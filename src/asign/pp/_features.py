@@ -11,6 +11,7 @@ import numpy as np
 from asign._checks import check_number
 from asign._constants import Key
 from asign._logging import logger
+from asign._stack import wider_than_spots
 from asign.pp._stain import TTA_VIEWS
 from asign.pp._tiles import (
     LEVELS,
@@ -99,14 +100,12 @@ LARGE_PATCH_DIAMETERS = 3.0
 def _warn_large_spot_patches(stack, sections: Sequence[str], spot_px: Sequence[int]) -> None:
     """Warn about sections whose spot patch (given in pixels) spans more than 3 spot diameters."""
     d = float(stack.spot_diameter_um)
-    big = {}
-    for s in sections:
-        i = stack.index(s)
-        side_um = float(spot_px[i]) * float(stack.um_per_px[i])
-        if side_um > LARGE_PATCH_DIAMETERS * d:
-            big[s] = (int(spot_px[i]), float(stack.um_per_px[i]), side_um)
+    big = wider_than_spots(stack, spot_px, sections, factor=LARGE_PATCH_DIAMETERS)
     if big:
-        detail = ", ".join(f"{s}: {p} px x {u:g} µm/px = {w:.0f} µm" for s, (p, u, w) in big.items())
+        detail = ", ".join(
+            f"{s}: {p:g} px x {float(stack.um_per_px[stack.index(s)]):g} µm/px = {w:.0f} µm"
+            for s, (p, w) in big.items()
+        )
         logger.warning(
             f"Sections {list(big)} have spot patches more than {LARGE_PATCH_DIAMETERS:g}x the spot diameter "
             f"({d:.0f} µm): {detail}, so each patch covers many spots. The scales are in pixels (the defaults suit "

@@ -25,6 +25,7 @@ from asign._constants import Key
 from asign._docs import inject_docs
 from asign._geometry import PATCH_RADIUS_PX, Footprints, aligned_centres, as_affine, pairs_iou
 from asign._logging import logger
+from asign._stack import wider_than_spots
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -592,10 +593,9 @@ LARGE_FOOTPRINT_DIAMETERS = 3.0
 def _warn_large_footprints(stack: StackInfo, radius_px: float) -> None:
     """Warn about sections where a footprint radius in pixels spans more than 3 spot diameters across."""
     d = float(stack.spot_diameter_um)
-    um = np.asarray(stack.um_per_px, dtype=float)
-    big = [s for s, u in zip(stack.sections, um, strict=True) if 2.0 * radius_px * u > LARGE_FOOTPRINT_DIAMETERS * d]
+    big = list(wider_than_spots(stack, 2.0 * radius_px, factor=LARGE_FOOTPRINT_DIAMETERS))
     if big:
-        u = float(um[stack.index(big[0])])
+        u = float(stack.um_per_px[stack.index(big[0])])
         logger.warning(
             f"Sections {big} have spot footprints more than {LARGE_FOOTPRINT_DIAMETERS:g}x the spot diameter "
             f"({d:.0f} µm) across (radius {radius_px:g} px x {u:g} µm/px = {radius_px * u:.0f} µm in {big[0]}), so "
