@@ -435,6 +435,8 @@ def test_mirrored_section_needs_mirror(rotated_stack, asign_log):
     )
     assert np.linalg.det(out["transforms"]["S2"][:2, :2]) > 0
     assert out["quality"]["dice_after"][0] < al["quality"]["dice_after"][0]
+    assert not out["quality"]["passed"][0]
+    assert "S2->S3" in asign_log.warnings and "min_dice=0.97" in asign_log.warnings
 
 
 def test_landmarks_as_answer_and_as_start(rotated_stack):

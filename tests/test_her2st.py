@@ -430,14 +430,23 @@ def test_patient_e_genes_restrict_the_unrestricted_var(her2st_path, caplog):
         read_her2st(her2st_path, patient="E", sections="E1", images=False, genes="NOTAGENE")
 
 
-def test_download_refuses_unknown_sections_before_any_download(tmp_path):
+def test_download_refuses_unknown_sections_before_any_download(tmp_path, monkeypatch):
     """A section name the patient lacks is an error (it downloaded nothing and pointed at the folder before)."""
-    from asign.datasets._her2st import _files_for, download_her2st
+    import pooch
 
+    from asign.datasets._her2st import BASE_URL, download_her2st
+
+    calls = []
+    monkeypatch.setattr(pooch, "retrieve", lambda url, **kw: calls.append(url.removeprefix(BASE_URL)))
     with pytest.raises(ValueError, match=r"Unknown section\(s\) \['C7'\] of HER2ST patient C"):
         download_her2st("C", sections=["C7"], cache=tmp_path)
-    assert not any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir()) and calls == []
     # one name as a string is one section (not its characters); lower case is accepted
-    assert _files_for("C", ["C2"], images=False)
+    download_her2st("c", sections="c2", images=False, cache=tmp_path)
+    assert sorted(calls) == [
+        "data/ST-cnts/C2.tsv.gz",
+        "data/ST-spotfiles/C2_selection.tsv",
+        "res/ST-cluster/lbl/C2-cluster-annotation.tsv.gz",
+    ]
     with pytest.raises(ValueError, match=r"\['C9'\]"):
         download_her2st("c", sections="c9", cache=tmp_path)

@@ -62,8 +62,10 @@ def test_tissue_mask_matches_ground_truth(small_stack):
     truth = (domain_at(w[:, 0], w[:, 1], z) >= 0).reshape(mask.shape)
     assert truth[mask].mean() > 0.95  # precision
     assert mask[truth].mean() > 0.95  # recall (pale fat counts as tissue)
+    # min_resolution_um only bounds the mask's pixel size: a 512 px image is masked at level 0 all the same
     coarse, f2 = tissue_mask(small_stack.images["he_S3"], pixel_um=UM_PER_PX, min_resolution_um=100.0)
-    assert f2 == 1.0 or coarse.shape[0] * f2 == pytest.approx(512)
+    assert f2 == 1.0
+    np.testing.assert_array_equal(coarse, mask)
 
 
 def test_make_spots_square_grid_on_tissue(emptied):

@@ -359,10 +359,10 @@ def test_edges_from_sparse_and_sample_checks(sample):
             }
         )
     bad = s.region_global.clone()
-    bad[s.region_global == 0] = 1 if int(s.region_global.max()) > 0 else 0
-    if not torch.equal(bad, s.region_global):
-        with pytest.raises(ValueError, match="inconsistent"):
-            SampleTensors(**{**s.__dict__, "region_global": bad})
+    bad[s.region_global == 0] = 1
+    assert int(s.region_global.max()) > 0 and not torch.equal(bad, s.region_global)  # the check below is reached
+    with pytest.raises(ValueError, match="inconsistent"):
+        SampleTensors(**{**s.__dict__, "region_global": bad})
     with pytest.raises(ValueError, match="all of x_region"):
         SampleTensors(**{**s.__dict__, "x_region": None})
 

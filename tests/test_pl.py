@@ -15,49 +15,13 @@ matplotlib.use("agg")
 # ---------------------------------------------------------------------------------------------------------------------
 def align_truth(sdata, *, reference: int = 1) -> dict[str, np.ndarray]:
     """Write the synthetic stack's true alignment following the alignment contract; return T_s per section."""
-    from spatialdata.transformations import Affine, Identity, Sequence, get_transformation, set_transformation
+    from asign.pp._align import set_alignment
 
     table = sdata.tables[Key.TABLE]
-    stack = table.uns[Key.UNS][Key.STACK]
     n2w = np.asarray(table.uns[Key.UNS]["synthetic"]["native_to_world"])
-    secs = list(stack["section"])
+    secs = list(table.uns[Key.UNS][Key.STACK]["section"])
     transforms = {s: np.linalg.inv(n2w[reference]) @ n2w[i] for i, s in enumerate(secs)}
-    try:  # the pipeline's writer, once it exists
-        from asign.pp._align import set_alignment
-    except ImportError:
-        set_alignment = None
-    if set_alignment is not None:
-        set_alignment(sdata, transforms, reference=secs[reference])
-        return transforms
-    um = float(np.asarray(stack["um_per_px"])[reference])
-    for i, s in enumerate(secs):
-        for key in (stack["shapes_key"][i], stack["image_key"][i]):
-            if not key:
-                continue
-            el = sdata[key]
-            native = get_transformation(el, to_coordinate_system=stack["native_coordinate_system"][i])
-            aff = Identity() if i == reference else Affine(transforms[s], input_axes=("x", "y"), output_axes=("x", "y"))
-            set_transformation(el, Sequence([native, aff]), to_coordinate_system=Key.ALIGNED)
-    sec = table.obs[Key.SECTION].astype(str).to_numpy()
-    xy = np.asarray(table.obsm[Key.SPATIAL], dtype=float)
-    aligned = np.zeros_like(xy)
-    z = np.zeros(len(sec))
-    for i, s in enumerate(secs):
-        m = sec == s
-        T = transforms[s]
-        aligned[m] = (xy[m] @ T[:2, :2].T + T[:2, 2]) * um
-        z[m] = float(np.asarray(stack["z_um"])[i])
-    table.obsm[Key.SPATIAL_ALIGNED] = aligned
-    table.obs[Key.Z] = z
-    table.obsm[Key.SPATIAL_3D] = np.column_stack([aligned, z])
-    table.uns[Key.UNS][Key.ALIGNMENT] = {
-        "reference": secs[reference],
-        "method": "transforms",
-        "transform": "rigid",
-        "key_added": Key.ALIGNED,
-        "um_per_px": um,
-        "transforms": transforms,
-    }
+    set_alignment(sdata, transforms, reference=secs[reference])
     return transforms
 
 
@@ -256,6 +220,10 @@ def test_scatter_3d(aligned_stack, tmp_path):
     assert aspect2[2] / max(aspect2[0], aspect2[1]) < 0.05
     # NaN targets (S2) drawn in grey, S1 coloured
     assert len(ax2.collections) == 2
+    coloured = [c for c in ax2.collections if c.get_array() is not None]
+    assert len(coloured) == 1 and np.isfinite(np.asarray(coloured[0].get_array())).all()
+    n_s1 = int((aligned_stack.tables[Key.TABLE].obs[Key.SECTION] == "S1").sum())
+    assert len(np.asarray(coloured[0].get_array())) == n_s1
 
 
 def test_scatter_3d_needs_alignment(small_stack):

@@ -280,5 +280,5 @@ def test_bad_options_raise(small_stack):
         asign.pp.extract_features(small_stack, stain_norm="macenko", stain_target="S9", **kw)
     with pytest.raises(ValueError, match="lacks"):
         asign.pp.extract_features(small_stack, stain_norm="macenko", stain_target={"od_mean": [1, 1, 1]}, **kw)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="`stain_target` must be a string or a mapping, got int"):
         asign.pp.extract_features(small_stack, stain_norm="macenko", stain_target=3, **kw)

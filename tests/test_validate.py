@@ -339,7 +339,12 @@ def test_every_problem_reported_at_once(small_stack):
     t.obs["measured"] = 0
     del small_stack.images["he_S1"]
     _table(small_stack).uns["asign"]["stack"]["um_per_px"] = np.array([8.0, 8.0, 0.0])
-    err = _invalid(small_stack)
+    err = _invalid(
+        small_stack,
+        "obs['measured'] must be boolean",
+        "section 'S1': image 'he_S1' listed in the manifest is missing",
+        "sections ['S3'] have a non-positive `um_per_px`",
+    )
     assert len(err.problems) == 3
     assert isinstance(err, ValueError)
 
