@@ -32,10 +32,11 @@ from ._gene_rank import check_gene_rank, project_result
 from ._registry import FitContext, ImputeContext, ImputeResult, register_method
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     import torch
     from anndata import AnnData
+    from spatialdata import SpatialData
 
     from asign._model import ASIGNConfig, SampleTensors
 
@@ -151,14 +152,6 @@ def split_params(params: dict[str, Any], *, seed: int, transductive: bool) -> tu
 
 
 # ------------------------------------------------------------------------------------------------ tensors
-def _obsm(table, key: str, hint: str) -> np.ndarray:
-    if key not in table.obsm:
-        msg = f"`.obsm['{key}']` not found in the spot table; {hint}"
-        raise KeyError(msg)
-    # a copy: the array may be read-only (zarr-backed, or memory-mapped by joblib in a worker process)
-    return np.array(table.obsm[key], dtype=np.float32)
-
-
 def _tile_codes(tiles, stack) -> np.ndarray:
     import pandas as pd
 
@@ -166,41 +159,69 @@ def _tile_codes(tiles, stack) -> np.ndarray:
     return np.asarray(cat.codes, dtype=np.int64)
 
 
-def check_sample_inputs(
-    ctx: ImputeContext, *, levels: str, feature_key: str | None = Key.ADDED, graph_key: str = Key.ADDED, **_: Any
-) -> None:
-    """Raise the error that :func:`sample_tensors` would raise for missing features, tile tables or graph.
+def _feature_keys(feature_key: str, levels: str) -> list[str]:
+    """``obsm`` keys of the spot table's image features that the model of ``levels`` reads."""
+    return [Key.features(feature_key, lev) for lev in (("spot",) if levels == "spot" else ("spot", "region", "global"))]
 
-    Cheap (reads no arrays), so it runs before any training or logging.
+
+def _lacking(where: str, container: Any, keys: Sequence[str]) -> list[str]:
+    return [f"`{where}['{k}']`" for k in keys if k not in container]
+
+
+def check_sample_inputs(
+    table: AnnData,
+    tables: Mapping[str, AnnData] | None,
+    table_key: str,
+    sample: str,
+    *,
+    levels: str,
+    feature_key: str | None,
+    graph_key: str,
+    **_: Any,
+) -> None:
+    """Raise an error naming what a sample lacks for method ``"asign"``, its table and what to run to add it.
+
+    The one statement of what a sample needs, for the sample to impute (the method's check, before any training or
+    logging), every training sample (:func:`fit_contexts`) and :func:`sample_tensors`: the image features
+    ``obsm['{feature_key}_features_<level>']`` of every level of the model (none with ``feature_key=None``); at
+    ``levels="spot_region_global"`` also the tile rows ``obs['{feature_key}_region' / '_global']`` and the tile
+    tables ``'{feature_key}_regions'`` / ``'_globals'`` with ``obsm['features']`` (the region table with its
+    ``obs['{feature_key}_global']``); and the graph ``obsp['{graph_key}_connectivities']``. Reads no arrays.
+
+    Parameters
+    ----------
+    table
+        The spot table.
+    tables
+        The stack's tables (``sdata.tables``); `None` leaves the tile tables unchecked.
+    table_key, sample
+        Key of the spot table and name of the sample (``""`` if unnamed), for the messages.
+    levels, feature_key, graph_key
+        As in :func:`sample_tensors` (further options of :func:`tensor_options` are ignored).
     """
-    table = ctx.table
-    hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` first."
-    if feature_key is None:
-        if levels != "spot":
-            msg = "Without image features (feature_key=None) the model runs at the spot level only (levels='spot')."
-            raise ValueError(msg)
-    else:
-        key = Key.features(feature_key, "spot")
-        if key not in table.obsm:
-            msg = f"`.obsm['{key}']` not found in the spot table; {hint_f}"
-            raise KeyError(msg)
+    who = f"method 'asign': {f'sample {sample!r}' if sample else 'the sample'} (table {table_key!r}) has no"
+    if feature_key is None and levels != "spot":
+        msg = "Without image features (feature_key=None) the model runs at the spot level only (levels='spot')."
+        raise ValueError(msg)
+    missing = [] if feature_key is None else _lacking(".obsm", table.obsm, _feature_keys(feature_key, levels))
+    if levels == "spot_region_global":
+        rkey, gkey, gcol = f"{feature_key}_regions", f"{feature_key}_globals", f"{feature_key}_global"
+        missing += _lacking(".obs", table.obs, [f"{feature_key}_region", gcol])
+        for name, cols in ((rkey, [gcol]), (gkey, [])) if tables is not None else ():
+            if name not in tables:
+                missing.append(f"tile table `sdata.tables['{name}']`")
+                continue
+            missing += _lacking(f"sdata.tables['{name}'].obsm", tables[name].obsm, [Key.TILE_FEATURES])
+            missing += _lacking(f"sdata.tables['{name}'].obs", tables[name].obs, cols)
+    if missing:
+        msg = f"{who} {', '.join(missing)}; run `asign.pp.extract_features(sdata, key_added={feature_key!r})` on it first."
+        if levels != "spot" and Key.features(feature_key, "spot") in table.obsm:
+            msg += " Tile tables are read at levels='spot_region_global' only: levels='spot' runs without them."
+        raise KeyError(msg)
     ckey = Key.connectivities(graph_key)
     if ckey not in table.obsp:
-        msg = f"`.obsp['{ckey}']` not found in the spot table; run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` first."
+        msg = f"{who} `.obsp['{ckey}']`; run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` on it first."
         raise KeyError(msg)
-    if levels == "spot_region_global":
-        rkey, gkey = f"{feature_key}_regions", f"{feature_key}_globals"
-        ri_key = f"{feature_key}_region"
-        if rkey not in ctx.sdata.tables or gkey not in ctx.sdata.tables or ri_key not in table.obs:
-            msg = (
-                f"Tile tables {rkey!r}/{gkey!r} or `.obs['{ri_key}']` not found; {hint_f} "
-                "Or pass method_kwargs={'levels': 'spot'} for the spot-only model."
-            )
-            raise KeyError(msg)
-        for name in (rkey, gkey):
-            if Key.TILE_FEATURES not in ctx.sdata.tables[name].obsm:
-                msg = f"`sdata.tables['{name}'].obsm['{Key.TILE_FEATURES}']` not found; {hint_f}"
-                raise KeyError(msg)
 
 
 def sample_tensors(
@@ -254,12 +275,13 @@ def sample_tensors(
     if (labelled & ~ctx.known).any():
         msg = "sample_tensors: `labelled` must be a subset of the known spots."
         raise ValueError(msg)
-    check_sample_inputs(ctx, levels=levels, feature_key=feature_key, graph_key=graph_key)
-    hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` first."
+    check_sample_inputs(
+        table, ctx.sdata.tables, ctx.table_key, ctx.sample, levels=levels, feature_key=feature_key, graph_key=graph_key
+    )
     if feature_key is None:
         x_spot = np.zeros((table.n_obs, 0), dtype=np.float32)
-    else:
-        x_spot = _obsm(table, Key.features(feature_key, "spot"), hint_f)
+    else:  # a copy: the array may be read-only (zarr-backed, or memory-mapped by joblib in a worker process)
+        x_spot = np.array(table.obsm[Key.features(feature_key, "spot")], dtype=np.float32)
     view_kw: dict[str, Any] = {}
     vkey = None if feature_key is None else Key.views(Key.features(feature_key, "spot"))
     if views and vkey is not None and vkey in table.obsm:
@@ -591,7 +613,7 @@ def fit_contexts(
         raise ValueError(msg)
     tkw = tensor_options(cfg, opts)
     for c in contexts:  # missing features, tile tables or graph: fail before any work or logging
-        check_sample_inputs(c, **tkw)
+        check_sample_inputs(c.table, c.sdata.tables, c.table_key, c.sample, **tkw)
     dev = resolve_device(device)
     genes = list(contexts[0].genes)
     for c in contexts[1:]:
@@ -785,38 +807,30 @@ def _blend_weight(params: dict, model_options: dict | None = None, *, transducti
 
 
 def _check_sample_to_impute(
-    table: AnnData, params: dict, table_key: str, *, train: Sequence[tuple[str, AnnData]] = (), sample: str = ""
+    table: AnnData,
+    params: dict,
+    table_key: str,
+    *,
+    train: Sequence[tuple[str, AnnData]] = (),
+    sample: str = "",
+    sdata: SpatialData | None = None,
 ) -> None:
-    """The features, graph, blend weight and coordinates of a sample to impute, checked before any training.
+    """The inputs of a sample to impute (:func:`check_sample_inputs`) and its blend coordinates, before any training.
 
     With ``train`` (``(name, spot table)`` of the training samples) its features must also have the training samples'
-    widths and feature space (:func:`asign.pp._features.feature_space_id`).
+    widths and feature space (:func:`asign.pp._features.feature_space_id`). Without ``sdata`` (the stack, for its tile
+    tables) the tile tables are left to the checks of training and prediction.
     """
-    split_params(params, seed=0, transductive=not train)  # bad options first: they need no data
-    feature_key = params.get("feature_key", OPTIONS["feature_key"])
-    graph_key = params.get("graph_key", OPTIONS["graph_key"])
-    hint_f = f"run `asign.pp.extract_features(sdata, key_added={feature_key!r})` on it first."
-    if feature_key is not None:
-        levels = ["spot"] if params.get("levels", "spot_region_global") == "spot" else ["spot", "region", "global"]
-        keys = [Key.features(feature_key, lev) for lev in levels]
-        missing = [f"`.obsm['{k}']`" for k in keys if k not in table.obsm]
-        if missing:
-            msg = f"The sample to impute (table {table_key!r}) has no {', '.join(missing)}; {hint_f}"
-            raise KeyError(msg)
-        _check_same_features(table, train, keys, feature_key, sample=sample)
-    ckey = Key.connectivities(graph_key)
-    if ckey not in table.obsp:
-        msg = (
-            f"The sample to impute (table {table_key!r}) has no `.obsp['{ckey}']`; run "
-            f"`asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` on it first."
-        )
-        raise KeyError(msg)
+    cfg, opts = split_params(params, seed=0, transductive=not train)  # bad options first: they need no data
+    check_sample_inputs(table, None if sdata is None else sdata.tables, table_key, sample, **tensor_options(cfg, opts))
+    if opts["feature_key"] is not None:
+        _check_same_features(table, train, opts["feature_key"], cfg.levels, sample=sample)
     # without training samples the check runs before a transductive fit: that mode's blend default applies
     _check_blend_coordinates(table, _blend_weight(params, transductive=not train), table_key)
 
 
 def _check_same_features(
-    table: AnnData, train: Sequence[tuple[str, AnnData]], keys: list[str], feature_key: str, *, sample: str
+    table: AnnData, train: Sequence[tuple[str, AnnData]], feature_key: str, levels: str, *, sample: str
 ) -> None:
     """A ValueError naming the samples when the features of the sample to impute differ from a training sample's."""
     from asign.pp._features import feature_space_difference, feature_space_id
@@ -824,8 +838,8 @@ def _check_same_features(
     who = "the sample to impute" + (f" {sample!r}" if sample else "")
     space = feature_space_id(table, feature_key)
     for name, t in train:
-        for k in keys:
-            if k not in t.obsm:  # the training sample's own check (sample_tensors) names what to run
+        for k in _feature_keys(feature_key, levels):
+            if k not in t.obsm:  # the training sample's own check (fit_contexts) names what to run
                 continue
             w, w_train = np.shape(table.obsm[k])[1], np.shape(t.obsm[k])[1]
             if w != w_train:

@@ -269,7 +269,9 @@ def cross_validate(
             masks[n] = known_mask(t, stacks[n], _known_spec(known, n, stacks[n].sections))
             check_known(t, stacks[n], masks[n])  # before any fold trains
             if fit is not None:
-                check_before_fit(method, t, dict(method_kwargs or {}), table_key, train=train_tables, sample=n)
+                check_before_fit(
+                    method, t, dict(method_kwargs or {}), table_key, train=train_tables, sample=n, sdata=named[n]
+                )
             if key_added is not None:
                 _check_key_added(named[n], key_added, table_key, overwrite=overwrite)
     seeds = spawn_seeds(seed, len(folds))

@@ -442,9 +442,8 @@ def run_impute(
         )
     ctx.train = train_ctx
     if fitted is None and fit is not None and train_ctx:
-        check_before_fit(
-            method, table, params, table_key, train=[(c.sample, c.table) for c in train_ctx], sample=sample
-        )
+        train_tables = [(c.sample, c.table) for c in train_ctx]
+        check_before_fit(method, table, params, table_key, train=train_tables, sample=sample, sdata=sdata)
         fitted = fit(
             FitContext(
                 train=train_ctx,
@@ -457,7 +456,7 @@ def run_impute(
             )
         )
     elif fitted is None and fit is not None:  # transductive: the method trains inside; its input checks first
-        check_before_fit(method, table, params, table_key, sample=sample)
+        check_before_fit(method, table, params, table_key, sample=sample, sdata=sdata)
     ctx.fitted = fitted
     logger.info(
         f"Imputing {len(gene_list)} genes with method {method!r}: {int(mask.sum())} known spots "

@@ -159,8 +159,8 @@ class ImputeResult:
 
 MethodFn = Callable[[ImputeContext], ImputeResult]
 FitFn = Callable[[FitContext], Any]
-# check(table, method_kwargs, table_key[, train=..., sample=...]): input of a sample to impute that a trainable method
-# reads only at prediction
+# check(table, method_kwargs, table_key[, train=..., sample=..., sdata=...]): input of a sample to impute that a
+# trainable method reads only at prediction
 CheckFn = Callable[..., None]
 METHODS: dict[str, MethodFn] = {}
 FITTERS: dict[str, FitFn] = {}
@@ -184,8 +184,10 @@ def register_method(
     check
         For trainable methods: ``check(table, method_kwargs, table_key)`` raises on input of a sample to impute that
         only the prediction reads; called on every sample to impute before ``fit`` runs, so that bad input fails
-        before any training. A check with keyword parameters ``train`` and / or ``sample`` also receives the
-        training samples' ``(name, spot table)`` pairs and the name of the sample to impute (to compare them).
+        before any training (and, in :func:`asign.tl.impute`, before its first log line). A check with keyword
+        parameters ``train``, ``sample`` and / or ``sdata`` also receives the training samples' ``(name, spot
+        table)`` pairs, the name of the sample to impute (to compare them) and its stack (to check its other tables;
+        `None` where the caller passes none).
     """
 
     def decorator(fn: MethodFn) -> MethodFn:
@@ -240,11 +242,12 @@ def check_before_fit(
     *,
     train: Sequence[tuple[str, AnnData]] = (),
     sample: str = "",
+    sdata: SpatialData | None = None,
 ) -> None:
     """Run method ``name``'s ``check`` (if it has one) on the table of a sample to impute.
 
-    ``train`` (``(name, spot table)`` of each training sample) and ``sample`` (the name of the sample to impute)
-    are passed on to a check that takes them as keyword arguments.
+    ``train`` (``(name, spot table)`` of each training sample), ``sample`` (the name of the sample to impute) and
+    ``sdata`` (its stack) are passed on to a check that takes them as keyword arguments.
     """
     import inspect
 
@@ -252,7 +255,7 @@ def check_before_fit(
     if name in CHECKS:
         fn = CHECKS[name]
         params = inspect.signature(fn).parameters
-        kw = {k: v for k, v in (("train", list(train)), ("sample", sample)) if k in params}
+        kw = {k: v for k, v in (("train", list(train)), ("sample", sample), ("sdata", sdata)) if k in params}
         fn(table, method_kwargs, table_key, **kw)
 
 

@@ -1,0 +1,137 @@
+"""What a sample needs for ``method="asign"``: one check, one message, the same through every entry point.
+
+Every error here is raised before any training, so the tests train nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+
+pytest.importorskip("torch_geometric")
+
+import asign
+
+TINY = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 3, "steps_per_epoch": 2, "n_models": 1}
+
+
+@pytest.fixture(scope="module")
+def _prepared(prepare_for_asign):
+    out = []
+    for seed, patient in ((0, "P"), (1, "Q")):
+        sd = asign.datasets.synthetic_stack(
+            n_sections=3, n_spots=40, n_genes=12, image_size=256, um_per_px=16.0, seed=seed
+        )
+        sd.tables["table"].uns["asign"]["dataset"] = {"patient": patient}  # the sample's name in messages
+        out.append(prepare_for_asign(sd))
+    return out
+
+
+@pytest.fixture
+def stacks(_prepared, monkeypatch):
+    """Two prepared stacks (named 'P' and 'Q'); training is disabled, so a missing check would fail loudly."""
+    from asign.tl import _asign
+
+    def no_training(*args, **kw):
+        msg = "training started"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(_asign, "_train_member", no_training)
+    return copy.deepcopy(_prepared)
+
+
+def _impute(sd, **kw):
+    args = {"known": "S1", "method": "asign", "n_genes": 8, "method_kwargs": TINY, "inplace": False}
+    return asign.tl.impute(sd, **{**args, "show_progress_bar": False, **kw})
+
+
+def _fit(samples, **kw):
+    return asign.tl.fit(samples, n_genes=8, config=TINY, show_progress_bar=False, **kw)
+
+
+def _error(fn, *args, **kw) -> str:
+    with pytest.raises(KeyError) as e:
+        fn(*args, **kw)
+    return str(e.value.args[0])
+
+
+@pytest.mark.parametrize(
+    ("drop", "element", "fix"),
+    [
+        ("graph", "`.obsp['asign_connectivities']`", "`asign.pp.neighbors_3d(sdata, key_added='asign')`"),
+        ("features", "`.obsm['asign_features_spot']`", "`asign.pp.extract_features(sdata, key_added='asign')`"),
+        (
+            "regions",
+            "tile table `sdata.tables['asign_regions']`",
+            "`asign.pp.extract_features(sdata, key_added='asign')`",
+        ),
+    ],
+)
+def test_one_message_through_impute_and_fit(stacks, caplog, drop, element, fix):
+    """A missing graph, spot features or region tile table: one KeyError naming the element, the sample and its table
+    and what to run, the same from a transductive or inductive impute and from tl.fit, before impute logs anything."""
+    p, q = stacks
+    if drop == "graph":
+        del p.tables["table"].obsp["asign_connectivities"]
+    elif drop == "features":
+        del p.tables["table"].obsm["asign_features_spot"]
+    else:
+        del p.tables["asign_regions"]
+    with caplog.at_level(logging.INFO, logger="asign"):
+        transductive = _error(_impute, p)
+    assert "Imputing" not in caplog.text  # raised before impute's first log line
+    assert transductive.startswith(f"method 'asign': sample 'P' (table 'table') has no {element}")
+    assert f"run {fix} on it first" in transductive
+    assert _error(_impute, p, train={"Q": q}) == transductive  # the sample to impute, inductive
+    assert _error(_fit, p, known="S1") == transductive  # tl.fit, transductive
+    assert _error(_fit, {"Q": q, "P": p}) == transductive  # tl.fit, a training sample
+    assert _error(_impute, q, train={"P": p}) == transductive  # impute, a training sample
+    assert "Training ASIGN" not in caplog.text
+
+
+def test_tile_index_columns_and_tile_features_are_checked_before_logging(stacks, caplog):
+    """The tile rows of the spot table and of the region table and the tile tables' features are part of the check:
+    a transductive impute names every missing one (and the spot-only way out) before it logs anything."""
+    p, _ = stacks
+    del p.tables["table"].obs["asign_global"]
+    del p.tables["asign_regions"].obs["asign_global"]
+    del p.tables["asign_globals"].obsm["features"]
+    with caplog.at_level(logging.INFO, logger="asign"):
+        msg = _error(_impute, p)
+    assert "Imputing" not in caplog.text
+    for element in (
+        "`.obs['asign_global']`",
+        "`sdata.tables['asign_regions'].obs['asign_global']`",
+        "`sdata.tables['asign_globals'].obsm['features']`",
+    ):
+        assert element in msg
+    assert "Tile tables" in msg and "levels='spot'" in msg
+    assert _error(_fit, p, known="S1") == msg
+
+
+def test_spot_model_needs_no_tile_tables(stacks):
+    """At levels='spot' the tile tables are not needed: the check lets the sample through (to training)."""
+    p, _ = stacks
+    for name in ("asign_regions", "asign_globals"):
+        del p.tables[name]
+    with pytest.raises(AssertionError, match="training started"):
+        _impute(p, method_kwargs={**TINY, "levels": "spot"})
+
+
+def test_cross_validate_checks_a_test_sample_before_its_fold_trains(stacks):
+    """cross_validate: a test sample that lacks a tile table fails before its fold trains on the other samples."""
+    p, q = stacks
+    del q.tables["asign_regions"]
+    msg = _error(
+        asign.tl.cross_validate,
+        {"P": p, "Q": q},
+        folds=[["Q"], ["P"]],
+        n_genes=8,
+        method_kwargs=TINY,
+        show_progress_bar=False,
+    )
+    assert msg.startswith(
+        "method 'asign': sample 'Q' (table 'table') has no tile table `sdata.tables['asign_regions']`"
+    )
