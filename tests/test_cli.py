@@ -101,3 +101,50 @@ def test_demo_never_replaces_a_foreign_path(tmp_path, capsys):
         main(["demo", "--out", str(afile), "--overwrite"])
     assert "is a file" in capsys.readouterr().err
     assert afile.read_text() == "keep"
+
+
+class _Stop(Exception):
+    pass
+
+
+def _fake_her2st_files(root, images):
+    """File names only (empty files): what `asign demo --her2st` looks at before it reads the patient."""
+    (root / "data" / "ST-cnts").mkdir(parents=True)
+    for s in ("C1", "C2", "C3", "D1"):
+        (root / "data" / "ST-cnts" / f"{s}.tsv.gz").touch()
+    for s in images:
+        (root / "data" / "ST-imgs" / "C" / s).mkdir(parents=True)
+        (root / "data" / "ST-imgs" / "C" / s / f"HE_{s}.jpg").touch()
+
+
+@pytest.mark.parametrize(
+    ("images", "read_sections"), [(("C2", "C3"), ["C2", "C3"]), (("C1", "C2", "C3"), None)], ids=["C1-no-image", "all"]
+)
+def test_demo_on_her2st_reads_the_patient_once(images, read_sections, tmp_path, monkeypatch):
+    """The sections with an image come from the file names: the patient is read once, without the imageless ones."""
+    import asign.datasets
+
+    calls = []
+
+    def fake_her2st(**kwargs):
+        calls.append(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(asign.datasets, "her2st", fake_her2st)
+    root = tmp_path / "her2st"
+    _fake_her2st_files(root, images)
+    with pytest.raises(_Stop):
+        main(["demo", "--her2st", str(root), "--out", str(tmp_path / "d.zarr")])
+    assert calls == [{"patient": "C", "path": str(root), "sections": read_sections}]
+
+
+def test_demo_on_her2st_without_images_reads_nothing(tmp_path, monkeypatch, capsys):
+    import asign.datasets
+
+    calls = []
+    monkeypatch.setattr(asign.datasets, "her2st", lambda **kw: calls.append(kw))
+    root = tmp_path / "her2st"
+    _fake_her2st_files(root, ())
+    assert main(["demo", "--her2st", str(root), "--out", str(tmp_path / "d.zarr")]) == 1
+    assert "HER2ST patient C has no section with an H&E image; the demo needs images." in capsys.readouterr().out
+    assert calls == [] and not (tmp_path / "d.zarr").exists()

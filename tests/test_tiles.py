@@ -188,3 +188,52 @@ def test_image_levels_scales_and_stored_flag(small_stack, tmp_path):
     assert lv[1].scale_y == 1001 / 500 and lv[1].scale_x == 999 / 499 and lv[1].stored
     single = image_levels(odd["scale0"].ds["image"])
     assert len(single) == 1 and single[0].stored and single[0].scale_x == 1.0
+
+
+def _region_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "region tiles" in r.getMessage()]
+
+
+def test_pixel_tile_defaults_on_a_coarse_image_warn(small_stack, caplog):
+    """8 µm/px, spot diameter ~152 µm: the default 512 px region tile (4096 µm) covers far too many spots."""
+    import logging
+
+    sd = small_stack
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        asign.pp.make_tiles(sd, inplace=False)
+    msgs = _region_warnings(caplog)
+    assert len(msgs) == 1
+    assert "Sections ['S1', 'S2', 'S3'] have region tiles more than 7x the spot diameter (152 µm)" in msgs[0]
+    assert "S1: 512 px x 8 µm/px = 4096 µm" in msgs[0] and "pass `scales_um=`" in msgs[0]
+    caplog.clear()
+    # a scales_um without a region side falls back to the pixel default too
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        asign.pp.make_tiles(sd, scales_um={"spot": 112.0}, inplace=False)
+    assert len(_region_warnings(caplog)) == 1
+
+
+def test_tile_sides_in_um_or_on_fine_images_are_silent(small_stack, caplog):
+    import dataclasses
+    import logging
+
+    from asign._stack import get_stack
+    from asign.pp._tiles import _warn_large_region_tiles
+
+    sd = small_stack
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        asign.pp.make_tiles(sd, scales_um={"region": 1024.0, "global": 2048.0}, inplace=False)
+        asign.pp.make_tiles(sd, scales={"region": 128, "global": 256}, inplace=False)  # 1024 µm: under 7 x 152 µm
+    assert not _region_warnings(caplog)
+    # the threshold: silent on HER2ST-like images (100 µm spots, 0.5-0.92 µm/px), loud on the synthetic 4 µm/px
+    stack = get_stack(sd)
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        _warn_large_region_tiles(
+            dataclasses.replace(stack, um_per_px=np.array([0.5, 0.69, 0.92]), spot_diameter_um=100.0), [512] * 3
+        )
+    assert not _region_warnings(caplog)
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        _warn_large_region_tiles(
+            dataclasses.replace(stack, um_per_px=np.array([0.5, 4.0, 4.0]), spot_diameter_um=96.0), [512] * 3
+        )
+    msgs = _region_warnings(caplog)
+    assert len(msgs) == 1 and "Sections ['S2', 'S3']" in msgs[0] and "512 px x 4 µm/px = 2048 µm" in msgs[0]

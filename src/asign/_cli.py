@@ -53,16 +53,19 @@ def _demo(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     left_out: list[str] = []
     if args.her2st:
-        sdata = asign.datasets.her2st(patient=args.patient, path=args.her2st)
-        stack = asign.io.validate_stack(sdata)
-        sections = [s for s, k in zip(stack.sections, stack.image_keys, strict=True) if k]
-        if not sections:
+        # a section without an image cannot be aligned, so it has no place in the 3D stack: find the sections with an
+        # image from the file names and read only those (one read)
+        from asign.io._her2st import _find_image, patient_sections
+
+        available = patient_sections(Path(args.her2st), args.patient)
+        with_image = [s for s in available if _find_image(Path(args.her2st), args.patient, s) is not None]
+        if not with_image:
             print(f"HER2ST patient {args.patient} has no section with an H&E image; the demo needs images.")
             return 1
-        left_out = [s for s in stack.sections if s not in sections]
-        if left_out:
-            # a section without an image cannot be aligned, so it has no place in the 3D stack: read the others only
-            sdata = asign.datasets.her2st(patient=args.patient, path=args.her2st, sections=sections)
+        left_out = [s for s in available if s not in with_image]
+        sdata = asign.datasets.her2st(patient=args.patient, path=args.her2st, sections=with_image if left_out else None)
+        stack = asign.io.validate_stack(sdata)
+        sections = [s for s, k in zip(stack.sections, stack.image_keys, strict=True) if k]
         known = [sections[0]]
     else:
         sdata = asign.datasets.synthetic_stack(n_sections=args.n_sections, seed=args.seed)

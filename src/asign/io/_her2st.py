@@ -201,6 +201,12 @@ def _read_transforms_from_clusters(root: Path, sections: Sequence[str]) -> tuple
     return out, refs
 
 
+def patient_sections(root: Path, patient: str) -> list[str]:
+    """A HER2ST patient's sections in cutting order, from the names of its count files ``<P><n>.tsv.gz`` only."""
+    names = [p.name[: -len(".tsv.gz")] for p in (root / "data" / "ST-cnts").glob(f"{patient}*.tsv.gz")]
+    return sorted((s for s in names if s[len(patient) :].isdigit()), key=lambda s: int(s[len(patient) :]))
+
+
 def _find_image(root: Path, patient: str, section: str) -> Path | None:
     folder = root / "data" / "ST-imgs" / patient / section
     if not folder.is_dir():
@@ -309,8 +315,7 @@ def read_her2st(
     if not cnt_dir.is_dir():
         msg = f"{cnt_dir} not found: `path` must be the root of the HER2ST layout (with data/ST-cnts)."
         raise FileNotFoundError(msg)
-    names = [p.name[: -len(".tsv.gz")] for p in cnt_dir.glob(f"{patient}*.tsv.gz")]
-    available = sorted((s for s in names if s[len(patient) :].isdigit()), key=lambda s: int(s[len(patient) :]))
+    available = patient_sections(root, patient)
     if not available:
         msg = f"No count files of patient {patient} in {cnt_dir} (expected {patient}1.tsv.gz, ...)."
         raise FileNotFoundError(msg)

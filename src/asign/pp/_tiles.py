@@ -272,6 +272,32 @@ def _copy_manifest(src: AnnData, dst: AnnData, params: dict[str, Any]) -> None:
     dst.uns[Key.UNS]["tiles"] = params
 
 
+# a region tile wider than this many spot diameters covers far more spots than intended: the 512 px default spans
+# 256 µm (~2.5 diameters of a 100 µm spot) at 0.5 µm/px, and 7 diameters make it fire above ~1.37 µm/px, the same
+# pixel size as the 3-diameter warning on the 224 px spot patch of `extract_features` (silent on HER2ST, 0.7-0.9 µm/px)
+LARGE_REGION_DIAMETERS = 7.0
+
+
+def _warn_large_region_tiles(stack: StackInfo, region_px: list[int]) -> None:
+    """Warn about sections whose region tile (side given in pixels) spans more than 7 spot diameters."""
+    from asign._stack import wider_than_spots
+
+    d = float(stack.spot_diameter_um)
+    big = wider_than_spots(stack, region_px, factor=LARGE_REGION_DIAMETERS)
+    if big:
+        detail = ", ".join(
+            f"{s}: {p:g} px x {float(stack.um_per_px[stack.index(s)]):g} µm/px = {w:.0f} µm"
+            for s, (p, w) in big.items()
+        )
+        logger.warning(
+            f"Sections {list(big)} have region tiles more than {LARGE_REGION_DIAMETERS:g}x the spot diameter "
+            f"({d:.0f} µm): {detail}, so each tile covers far more spots than intended. The tile sides are in pixels "
+            f"(the defaults, {DEFAULT_SCALES_PX['region']} and {DEFAULT_SCALES_PX['global']} px, suit images of about "
+            "0.5 µm/px); pass `scales_um=` instead, e.g. scales_um={'region': 256, 'global': 512} (the defaults at "
+            "0.5 µm/px)."
+        )
+
+
 def make_tiles(
     sdata: SpatialData,
     *,
@@ -296,7 +322,8 @@ def make_tiles(
         The section stack.
     scales
         Tile sides in native pixels, ``{"region": 512, "global": 1024}`` by default (a ``"spot"`` entry is
-        accepted and ignored here).
+        accepted and ignored here). These suit images of about 0.5 µm/px: a region side in pixels that spans more
+        than 7 spot diameters (a coarse image) logs a warning that suggests ``scales_um``.
     scales_um
         Tile sides in µm instead, converted per section with its ``um_per_px`` (e.g. ``{"region": 353,
         "global": 706}``); the global side must be an integer multiple of the region side.
@@ -327,6 +354,8 @@ def make_tiles(
     sc = {k: v for k, v in (scales or {}).items() if k != "spot"} if scales is not None else None
     sc_um = {k: v for k, v in (scales_um or {}).items() if k != "spot"} if scales_um is not None else None
     px, um, unit = resolve_scales(stack, sc, sc_um, levels=TILE_LEVELS)
+    if sc_um is None or "region" not in sc_um:
+        _warn_large_region_tiles(stack, px["region"])
     sizes = [_image_size(sdata, k) for k in stack.image_keys]
     if inplace:
         check_output_keys(sdata, table_key, key_added)
