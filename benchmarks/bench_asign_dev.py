@@ -22,7 +22,8 @@ Every fit also records the per-gene PCC of its full-rank prediction (``layers['f
 else ``imputed``) and of that prediction projected on the first 5, 10, 20 and 40 principal gene axes of the known
 spots (the ``gene_rank`` option); where ASIGN blended in the aligned neighbours it also records
 ``pcc_gene_by_blend``: the network's prediction re-blended post hoc with weights 0, 0.25, 0.5 and 0.75 and projected
-on 10 gene axes, as ``nearest_blend=w`` would give. ``--table`` prints the paired gains. The ``gene_rank`` default
+on 10 gene axes, as ``nearest_blend=w`` would give, and ``pcc_gene_by_nearest_k``: the same at the fit's own weight
+with the blend partner's k-IDW over 8, 16 and 32 known spots. ``--table`` prints the paired gains. The ``gene_rank`` default
 was chosen with::
 
     python benchmarks/bench_asign_dev.py --tag _gene_rank --configs baselines,default --seeds 0 1
@@ -51,6 +52,7 @@ OUT = ROOT / "benchmarks" / "results" / "asign_dev_blocks.json"
 N_BLOCKS = 4
 RANKS = (5, 10, 20, 40)  # gene_rank values scored post hoc on every fit's full-rank prediction
 BLENDS = (0.0, 0.25, 0.5, 0.75)  # nearest_blend weights scored post hoc (then projected on 10 gene axes)
+NEAREST_KS = (8, 16, 32)  # neighbours of the blend's IDW partner, scored post hoc at the fit's own weight (session 13)
 BASELINES = {
     "propagation": ("propagation", {"n_iter": 10}),
     "nearest 8-IDW": ("nearest", {"k": 8, "weights": "idw"}),
@@ -123,6 +125,20 @@ def score(sdata, known: np.ndarray, method: str, kw: dict, seed: int) -> dict:
             blended = full.copy()
             blended.layers["imputed"] = ((1.0 - wb) * net + wb * near).astype(np.float32)
             rec["pcc_gene_by_blend"][str(wb)] = _c2_pcc(gene_rank_projected(blended, 10))
+        # the blend partner with more neighbours (k-IDW of the same known spots), at the fit's own weight
+        rec["pcc_gene_by_nearest_k"] = {}
+        for k in NEAREST_KS:
+            near_k = asign.tl.impute(
+                sdata, known=known, method="nearest", method_kwargs={"k": k, "weights": "idw"}, n_genes=250,
+                inplace=False, show_progress_bar=False,
+            )  # fmt: skip
+            if list(near_k.var_names) != list(out.var_names):
+                msg = "the nearest baseline modelled other genes than ASIGN"
+                raise RuntimeError(msg)
+            blended = full.copy()
+            near_k_pred = np.asarray(near_k.layers["imputed"], dtype=np.float64)
+            blended.layers["imputed"] = ((1.0 - w) * net + w * near_k_pred).astype(np.float32)
+            rec["pcc_gene_by_nearest_k"][str(k)] = _c2_pcc(gene_rank_projected(blended, 10))
     return rec
 
 
