@@ -157,6 +157,13 @@ def wider_than_spots(
     return out
 
 
+def wide_detail(stack: StackInfo, wide: dict[str, tuple[float, float]]) -> str:
+    """``"S1: 224 px x 4 µm/px = 896 µm, ..."`` for the result of :func:`wider_than_spots` (warning messages)."""
+    return ", ".join(
+        f"{s}: {p:g} px x {float(stack.um_per_px[stack.index(s)]):g} µm/px = {w:.0f} µm" for s, (p, w) in wide.items()
+    )
+
+
 def unmeasured_genes(table: AnnData) -> dict[str, set[str]]:
     """``{section: genes}`` that a measured section lacks (0 in its counts, but never measured there).
 

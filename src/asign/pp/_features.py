@@ -11,7 +11,7 @@ import numpy as np
 from asign._checks import check_number
 from asign._constants import Key
 from asign._logging import logger
-from asign._stack import wider_than_spots
+from asign._stack import wide_detail, wider_than_spots
 from asign.pp._stain import TTA_VIEWS
 from asign.pp._tiles import (
     LEVELS,
@@ -102,10 +102,7 @@ def _warn_large_spot_patches(stack, sections: Sequence[str], spot_px: Sequence[i
     d = float(stack.spot_diameter_um)
     big = wider_than_spots(stack, spot_px, sections, factor=LARGE_PATCH_DIAMETERS)
     if big:
-        detail = ", ".join(
-            f"{s}: {p:g} px x {float(stack.um_per_px[stack.index(s)]):g} µm/px = {w:.0f} µm"
-            for s, (p, w) in big.items()
-        )
+        detail = wide_detail(stack, big)
         logger.warning(
             f"Sections {list(big)} have spot patches more than {LARGE_PATCH_DIAMETERS:g}x the spot diameter "
             f"({d:.0f} µm): {detail}, so each patch covers many spots. The scales are in pixels (the defaults suit "

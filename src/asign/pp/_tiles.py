@@ -280,15 +280,12 @@ LARGE_REGION_DIAMETERS = 7.0
 
 def _warn_large_region_tiles(stack: StackInfo, region_px: list[int]) -> None:
     """Warn about sections whose region tile (side given in pixels) spans more than 7 spot diameters."""
-    from asign._stack import wider_than_spots
+    from asign._stack import wide_detail, wider_than_spots
 
     d = float(stack.spot_diameter_um)
     big = wider_than_spots(stack, region_px, factor=LARGE_REGION_DIAMETERS)
     if big:
-        detail = ", ".join(
-            f"{s}: {p:g} px x {float(stack.um_per_px[stack.index(s)]):g} µm/px = {w:.0f} µm"
-            for s, (p, w) in big.items()
-        )
+        detail = wide_detail(stack, big)
         logger.warning(
             f"Sections {list(big)} have region tiles more than {LARGE_REGION_DIAMETERS:g}x the spot diameter "
             f"({d:.0f} µm): {detail}, so each tile covers far more spots than intended. The tile sides are in pixels "
