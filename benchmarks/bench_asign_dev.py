@@ -78,6 +78,7 @@ CONFIGS = {
     "mask_block": {"mask": "block"},  # contiguous visible patches instead of random visible spots (session 10)
     "fscale_dimension": {"feature_scaling": "dimension"},  # per-dimension scaling (e.g. handcrafted features)
     "pcc2": {"loss_weights": [1.0, 2.0, 0.25, 0.25]},  # the per-gene PCC term weighted twice (session 11)
+    "dropout0.7": {"input_dropout": 0.7},  # stronger input dropout (session 13)
 }
 
 
