@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from asign._cli import main
@@ -63,7 +65,20 @@ def test_documented_python_example_runs(doc, tmp_path, monkeypatch):
     assert blocks, f"{doc} has no Python example"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(blocks[0], doc, "exec"), namespace)  # the document's own example
+    warned: list[str] = []
+
+    class _Warnings(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warned.append(record.getMessage())
+
+    log = logging.getLogger("asign")  # the package logger does not propagate: caplog would miss it
+    handler = _Warnings(level=logging.WARNING)
+    log.addHandler(handler)
+    try:
+        exec(compile(blocks[0], doc, "exec"), namespace)  # the document's own example
+    finally:
+        log.removeHandler(handler)
+    assert not warned, f"{doc}'s example logs warnings: {warned}"  # a documented example runs cleanly
     sdata = namespace["sdata"]
     assert {"asign", "asign_propagation"} <= set(sdata.tables)
     assert "imputed" in sdata.tables["asign"].layers

@@ -73,6 +73,33 @@ def test_top_genes_equal_section_weights_and_name_ties():
     assert genes == ["g1", "g3"]
 
 
+def test_more_genes_requested_than_available_is_information_not_a_warning():
+    """The default n_genes=250 on a small panel models every gene: an info line, not a warning on every run."""
+    import logging
+
+    seen: list[logging.LogRecord] = []
+
+    class _Records(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    log = logging.getLogger("asign")  # does not propagate: caplog would miss it
+    handler = _Records(level=logging.DEBUG)
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.DEBUG)
+    try:
+        frame = pd.DataFrame([[2.0, 1.0]], index=["a"], columns=["g1", "g2"])
+        genes, _ = top_genes(frame, 250)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert genes == ["g1", "g2"]
+    [rec] = [r for r in seen if "can be ranked" in r.getMessage()]
+    assert rec.levelno == logging.INFO
+    assert "n_genes=250 but only 2 genes" in rec.getMessage()
+
+
 def test_select_genes_labelled_reads_only_known_spots(stack):
     t = stack.tables["table"]
     ref = asign.pp.select_genes(stack, known="S1", n_genes=5, inplace=False)

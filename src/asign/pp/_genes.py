@@ -213,8 +213,8 @@ def top_genes(section_means: Sequence[pd.DataFrame] | pd.DataFrame, n_genes: int
     names = np.asarray(common.astype(str))
     order = np.lexsort((names, -score))
     n_genes = check_number("n_genes", n_genes, integer=True, minimum=1)
-    if n_genes > len(names):
-        logger.warning(
+    if n_genes > len(names):  # not a problem (e.g. the default 250 on a 50-gene panel): every gene is modelled
+        logger.info(
             f"n_genes={n_genes} but only {len(names)} genes can be ranked (present in every sample and measured in "
             "every selection section); using all of them."
         )
