@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
@@ -90,3 +91,34 @@ def _move_spots(sd, rows, xy):
 def move_spots():
     """``move_spots(sdata, rows, xy)``: move spots to new pixel centres in the table and in their shapes."""
     return _move_spots
+
+
+class LogRecords(logging.Handler):
+    """Records of the package logger, with the text of its warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def warnings(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records if r.levelno >= logging.WARNING)
+
+
+@pytest.fixture
+def asign_log():
+    """Records of the package logger at every level (it does not propagate to the root logger, so caplog misses
+    them)."""
+    log = logging.getLogger("asign")
+    h = LogRecords()
+    level = log.level
+    log.addHandler(h)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield h
+    finally:
+        log.removeHandler(h)
+        log.setLevel(level)

@@ -1,38 +1,11 @@
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 
 import asign
 from asign._constants import Key
 from asign.pp._align import compose_to_reference, registration_pairs, set_alignment
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    @property
-    def warnings(self) -> str:
-        return "\n".join(r.getMessage() for r in self.records if r.levelno >= logging.WARNING)
-
-
-@pytest.fixture
-def asign_log():
-    """Records of the package logger (it does not propagate to the root logger, so caplog misses them)."""
-    log = logging.getLogger("asign")
-    h = _Records()
-    log.addHandler(h)
-    try:
-        yield h
-    finally:
-        log.removeHandler(h)
 
 
 def _world_error_um(sdata, key_added="aligned"):

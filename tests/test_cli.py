@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from asign._cli import main
@@ -52,7 +50,7 @@ def test_demo_on_her2st_leaves_out_sections_without_an_image(her2st_path, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", ["README.md", "docs/index.md"])
-def test_documented_python_example_runs(doc, tmp_path, monkeypatch):
+def test_documented_python_example_runs(doc, tmp_path, monkeypatch, asign_log):
     """The first Python example of the README and of the docs' start page, executed as written (synthetic stack)."""
     import re
     from pathlib import Path
@@ -65,20 +63,8 @@ def test_documented_python_example_runs(doc, tmp_path, monkeypatch):
     assert blocks, f"{doc} has no Python example"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    warned: list[str] = []
-
-    class _Warnings(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            warned.append(record.getMessage())
-
-    log = logging.getLogger("asign")  # the package logger does not propagate: caplog would miss it
-    handler = _Warnings(level=logging.WARNING)
-    log.addHandler(handler)
-    try:
-        exec(compile(blocks[0], doc, "exec"), namespace)  # the document's own example
-    finally:
-        log.removeHandler(handler)
-    assert not warned, f"{doc}'s example logs warnings: {warned}"  # a documented example runs cleanly
+    exec(compile(blocks[0], doc, "exec"), namespace)  # the document's own example
+    assert not asign_log.warnings, f"{doc}'s example logs warnings: {asign_log.warnings}"  # it runs cleanly
     sdata = namespace["sdata"]
     assert {"asign", "asign_propagation"} <= set(sdata.tables)
     assert "imputed" in sdata.tables["asign"].layers

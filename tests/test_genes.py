@@ -73,29 +73,13 @@ def test_top_genes_equal_section_weights_and_name_ties():
     assert genes == ["g1", "g3"]
 
 
-def test_more_genes_requested_than_available_is_information_not_a_warning():
+def test_more_genes_requested_than_available_is_information_not_a_warning(asign_log):
     """The default n_genes=250 on a small panel models every gene: an info line, not a warning on every run."""
     import logging
 
-    seen: list[logging.LogRecord] = []
-
-    class _Records(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record)
-
-    log = logging.getLogger("asign")  # does not propagate: caplog would miss it
-    handler = _Records(level=logging.DEBUG)
-    log.addHandler(handler)
-    level = log.level
-    log.setLevel(logging.DEBUG)
-    try:
-        frame = pd.DataFrame([[2.0, 1.0]], index=["a"], columns=["g1", "g2"])
-        genes, _ = top_genes(frame, 250)
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
+    genes, _ = top_genes(pd.DataFrame([[2.0, 1.0]], index=["a"], columns=["g1", "g2"]), 250)
     assert genes == ["g1", "g2"]
-    [rec] = [r for r in seen if "can be ranked" in r.getMessage()]
+    [rec] = [r for r in asign_log.records if "can be ranked" in r.getMessage()]
     assert rec.levelno == logging.INFO
     assert "n_genes=250 but only 2 genes" in rec.getMessage()
 

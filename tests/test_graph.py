@@ -133,21 +133,6 @@ def aligned_stack(small_stack):
     return small_stack
 
 
-@pytest.fixture
-def asign_log():
-    records: list[logging.LogRecord] = []
-
-    class _H(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    h = _H(level=logging.DEBUG)
-    lg = logging.getLogger("asign")
-    lg.addHandler(h)
-    yield records
-    lg.removeHandler(h)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # geometry
 # ------------------------------------------------------------------------------------------------------------------
@@ -335,7 +320,9 @@ def test_pixel_footprint_radius_on_a_coarse_image_warns(aligned_stack, asign_log
     """8 µm/px, spot diameter ~152 µm: the default 112 px radius (896 µm) is far too wide; radius_um is suggested."""
 
     def warned():
-        return [r.getMessage() for r in asign_log if r.levelno == logging.WARNING and "footprints" in r.getMessage()]
+        return [
+            r.getMessage() for r in asign_log.records if r.levelno == logging.WARNING and "footprints" in r.getMessage()
+        ]
 
     spot_overlaps(aligned_stack, radius_um=100.0, inplace=False)
     spot_overlaps(aligned_stack, radius_px=20.0, inplace=False)  # 320 µm across: fine
@@ -584,7 +571,7 @@ def test_isolated_spots_warning(small_stack, asign_log):
     T[st.sections[2]] = T[st.sections[2]] @ _rot(0, 1.0, (5000.0, 0.0))  # S3 moved far away from the others
     write_alignment(small_stack, T, ref)
     neighbors_3d(small_stack, n_neighs=0, adjacent_only=True, radius_um=st.spot_diameter_um)
-    msgs = [r.getMessage() for r in asign_log if r.levelno == logging.WARNING]
+    msgs = [r.getMessage() for r in asign_log.records if r.levelno == logging.WARNING]
     codes = section_codes(small_stack.tables["table"], st)
     n3 = int((codes == 2).sum())
     assert any(f"{n3} spot(s) have no neighbour" in m and "S3" in m for m in msgs)
