@@ -94,17 +94,23 @@ def prepare_her2st(
     return light
 
 
+def align_synthetic_truth(sdata) -> None:
+    """``align_layers(method="transforms")`` with the synthetic stack's ground-truth maps (middle section as reference)."""
+    import asign
+
+    n2w = np.asarray(sdata.tables["table"].uns["asign"]["synthetic"]["native_to_world"])
+    st = asign.io.validate_stack(sdata)
+    m = st.n_sections // 2
+    transforms = {s: np.linalg.inv(n2w[m]) @ n2w[i] for i, s in enumerate(st.sections)}
+    asign.pp.align_layers(sdata, method="transforms", transforms=transforms, show_progress_bar=False)
+
+
 def prepare_synthetic(encoder: str, timings: dict) -> object:
     import asign
 
     t0 = time.perf_counter()
     sdata = asign.datasets.synthetic_stack(n_sections=5, seed=0)
-    t = sdata.tables["table"]
-    n2w = np.asarray(t.uns["asign"]["synthetic"]["native_to_world"])
-    st = asign.io.validate_stack(sdata)
-    m = st.n_sections // 2
-    transforms = {s: np.linalg.inv(n2w[m]) @ n2w[i] for i, s in enumerate(st.sections)}
-    asign.pp.align_layers(sdata, method="transforms", transforms=transforms, show_progress_bar=False)
+    align_synthetic_truth(sdata)
     timings["build_align"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     asign.pp.extract_features(sdata, encoder=encoder, show_progress_bar=False)

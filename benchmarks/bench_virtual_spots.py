@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 from _machine import cpu_name, her2st_path  # benchmarks/ is on sys.path when a script runs
+from bench_asign_her2st import align_synthetic_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "virtual_spots.json"
@@ -167,12 +168,7 @@ def _prepare_synthetic(*, image_only: bool, timings: dict):
     t0 = time.perf_counter()
     sdata = asign.datasets.synthetic_stack(n_sections=5, seed=0)
     lattice = _make_image_only(sdata, SYN_IMAGE_ONLY) if image_only else {}
-    t = sdata.tables["table"]
-    n2w = np.asarray(t.uns["asign"]["synthetic"]["native_to_world"])
-    st = asign.io.validate_stack(sdata)
-    m = st.n_sections // 2
-    transforms = {s: np.linalg.inv(n2w[m]) @ n2w[i] for i, s in enumerate(st.sections)}
-    asign.pp.align_layers(sdata, method="transforms", transforms=transforms, show_progress_bar=False)
+    align_synthetic_truth(sdata)
     timings["build_align"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     asign.pp.extract_features(sdata, encoder="efficientnet_lite0", scales_um=SYN_SCALES, show_progress_bar=False)
