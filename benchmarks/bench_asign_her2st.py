@@ -60,6 +60,25 @@ def _light(sdata):
     return out
 
 
+def prepare_steps(
+    sdata, timings: dict, *, align: bool = True, features: dict | None = None, graph: dict | None = None
+) -> None:
+    """asign's own alignment (unless ``align=False``), ``extract_features`` (EfficientNet-Lite0 unless ``features``
+    says otherwise) and the 3D graph on the spot features, each timed into ``timings``."""
+    import asign
+
+    if align:
+        t = time.perf_counter()
+        asign.pp.align_layers(sdata, show_progress_bar=False)
+        timings["align_layers"] = time.perf_counter() - t
+    t = time.perf_counter()
+    asign.pp.extract_features(sdata, **{"encoder": "efficientnet_lite0", **(features or {})}, show_progress_bar=False)
+    timings["extract_features"] = time.perf_counter() - t
+    t = time.perf_counter()
+    asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot", **(graph or {}))
+    timings["neighbors_3d"] = time.perf_counter() - t
+
+
 def prepare_her2st(
     path: Path, cache: Path | None, timings: dict, features: dict | None = None, tag: str = ""
 ) -> object:
@@ -77,15 +96,7 @@ def prepare_her2st(
     t0 = time.perf_counter()
     sdata = asign.io.read_her2st(path, patient="C", sections=["C2", "C3", "C4", "C5", "C6"])
     timings["read"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    asign.pp.align_layers(sdata, show_progress_bar=False)
-    timings["align_layers"] = time.perf_counter() - t
-    t = time.perf_counter()
-    asign.pp.extract_features(sdata, **{"encoder": "efficientnet_lite0", **(features or {})}, show_progress_bar=False)
-    timings["extract_features"] = time.perf_counter() - t
-    t = time.perf_counter()
-    asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot")
-    timings["neighbors_3d"] = time.perf_counter() - t
+    prepare_steps(sdata, timings, features=features)
     timings["cached"] = False
     light = _light(sdata)
     if target is not None:
@@ -112,12 +123,7 @@ def prepare_synthetic(encoder: str, timings: dict) -> object:
     sdata = asign.datasets.synthetic_stack(n_sections=5, seed=0)
     align_synthetic_truth(sdata)
     timings["build_align"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    asign.pp.extract_features(sdata, encoder=encoder, show_progress_bar=False)
-    timings["extract_features"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot")
-    timings["neighbors_3d"] = time.perf_counter() - t1
+    prepare_steps(sdata, timings, align=False, features={"encoder": encoder})
     return _light(sdata)
 
 

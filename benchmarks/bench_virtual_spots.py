@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 from _machine import cpu_name, her2st_path  # benchmarks/ is on sys.path when a script runs
-from bench_asign_her2st import align_synthetic_truth
+from bench_asign_her2st import align_synthetic_truth, prepare_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "virtual_spots.json"
@@ -170,12 +170,7 @@ def _prepare_synthetic(*, image_only: bool, timings: dict):
     lattice = _make_image_only(sdata, SYN_IMAGE_ONLY) if image_only else {}
     align_synthetic_truth(sdata)
     timings["build_align"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    asign.pp.extract_features(sdata, encoder="efficientnet_lite0", scales_um=SYN_SCALES, show_progress_bar=False)
-    timings["extract_features"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot", radius_um=112)
-    timings["neighbors_3d"] = time.perf_counter() - t1
+    prepare_steps(sdata, timings, align=False, features={"scales_um": SYN_SCALES}, graph={"radius_um": 112})
     return sdata, lattice
 
 
@@ -215,15 +210,7 @@ def _prepare_her2st(path: Path, *, image_only: bool, timings: dict):
     sdata = asign.io.read_her2st(path, patient="C", sections=["C2", "C3", "C4", "C5", "C6"])
     lattice = _make_image_only(sdata, ["C4"]) if image_only else {}
     timings["read"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    asign.pp.align_layers(sdata, show_progress_bar=False)
-    timings["align_layers"] = time.perf_counter() - t
-    t = time.perf_counter()
-    asign.pp.extract_features(sdata, encoder="efficientnet_lite0", show_progress_bar=False)
-    timings["extract_features"] = time.perf_counter() - t
-    t = time.perf_counter()
-    asign.pp.neighbors_3d(sdata, similarity_key="asign_features_spot")
-    timings["neighbors_3d"] = time.perf_counter() - t
+    prepare_steps(sdata, timings)
     return sdata, lattice
 
 
