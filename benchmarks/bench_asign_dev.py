@@ -23,7 +23,10 @@ else ``imputed``) and of that prediction projected on the first 5, 10, 20 and 40
 spots (the ``gene_rank`` option); where ASIGN blended in the aligned neighbours it also records
 ``pcc_gene_by_blend``: the network's prediction re-blended post hoc with weights 0, 0.25, 0.5 and 0.75 and projected
 on 10 gene axes, as ``nearest_blend=w`` would give, and ``pcc_gene_by_nearest_k``: the same at the fit's own weight
-with the blend partner's k-IDW over 8, 16 and 32 known spots. ``--table`` prints the paired gains. The ``gene_rank`` default
+with the blend partner's k-IDW over 8, 16 and 32 known spots. Every ASIGN fit also records
+``pcc_gene_by_ridge_blend``: its prediction before the projection mixed with the image ridge baseline of the same
+known spots, ``(1 - v) * ASIGN + v * ridge`` for v = 0 (the fit itself), 0.1, 0.2 and 0.3, projected on 10 gene
+axes. ``--table`` prints the paired gains. The ``gene_rank`` default
 was chosen with::
 
     python benchmarks/bench_asign_dev.py --tag _gene_rank --configs baselines,default --seeds 0 1
@@ -53,6 +56,7 @@ N_BLOCKS = 4
 RANKS = (5, 10, 20, 40)  # gene_rank values scored post hoc on every fit's full-rank prediction
 BLENDS = (0.0, 0.25, 0.5, 0.75)  # nearest_blend weights scored post hoc (then projected on 10 gene axes)
 NEAREST_KS = (8, 16, 32)  # neighbours of the blend's IDW partner, scored post hoc at the fit's own weight (session 13)
+RIDGE_BLENDS = (0.1, 0.2, 0.3)  # the image ridge baseline's share in the prediction, scored post hoc (session 14)
 BASELINES = {
     "propagation": ("propagation", {"n_iter": 10}),
     "nearest 8-IDW": ("nearest", {"k": 8, "weights": "idw"}),
@@ -140,6 +144,23 @@ def score(sdata, known: np.ndarray, method: str, kw: dict, seed: int) -> dict:
             near_k_pred = np.asarray(near_k.layers["imputed"], dtype=np.float64)
             blended.layers["imputed"] = ((1.0 - w) * net + w * near_k_pred).astype(np.float32)
             rec["pcc_gene_by_nearest_k"][str(k)] = _c2_pcc(gene_rank_projected(blended, 10))
+    if method == "asign":
+        # a third partner: the image ridge baseline (fitted on the same known spots) mixed into the fit's prediction
+        # before the projection, (1 - v) * prediction + v * ridge, projected on 10 gene axes
+        ridge = asign.tl.impute(
+            sdata, known=known, method="ridge", n_genes=250, inplace=False, seed=seed, show_progress_bar=False
+        )
+        if list(ridge.var_names) != list(out.var_names):
+            msg = "the ridge baseline modelled other genes than ASIGN"
+            raise RuntimeError(msg)
+        ridge_pred = np.asarray(ridge.layers["imputed"], dtype=np.float64)
+        rec["pcc_gene_ridge"] = _c2_pcc(ridge)
+        rec["pcc_gene_by_ridge_blend"] = {}
+        for v in (0.0, *RIDGE_BLENDS):
+            blended = full.copy()
+            pred = np.asarray(full.layers["imputed"], dtype=np.float64)
+            blended.layers["imputed"] = ((1.0 - v) * pred + v * ridge_pred).astype(np.float32)
+            rec["pcc_gene_by_ridge_blend"][str(v)] = _c2_pcc(gene_rank_projected(blended, 10))
     return rec
 
 
