@@ -633,8 +633,10 @@ def test_set_alignment_integration(small_stack):
 def test_bad_inputs(small_stack):
     with pytest.raises(KeyError, match="align_layers"):
         spot_overlaps(small_stack)
-    with pytest.raises(KeyError, match="align_layers"):
+    with pytest.raises(KeyError, match="align_layers") as err:
         neighbors_3d(small_stack)
+    # the hint names the public way to known transforms, not a private helper
+    assert 'method="transforms", transforms=' in str(err.value) and "._align" not in str(err.value)
     # without cross-section edges no alignment is needed
     assert neighbors_3d(small_stack, n_neighs_across=0, inplace=False).connectivities.nnz > 0
     T, ref = ground_truth_transforms(small_stack)

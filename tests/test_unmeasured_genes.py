@@ -86,3 +86,49 @@ def test_score_skips_whole_nan_columns_only():
     T[0, 0] = np.nan  # one spot of a measured gene: not allowed
     with pytest.raises(ValueError, match="Section 'a': the truth has non-finite values for some spots"):
         score(T, P, secs, genes=["x", "y", "z"])
+
+
+def test_impute_warns_that_a_partial_panel_shifts_the_st_net_scale(asign_log):
+    sdata = _stack()
+    asign.tl.impute(sdata, known="S1", method="nearest", n_genes=12, show_progress_bar=False)
+    assert "Section(s) ['S2'] did not measure some of the 12 modelled genes (S2: 4" in asign_log.warnings
+    assert "MSE and MAE there are inflated" in asign_log.warnings
+    # the shift it warns of: S2's proportions sum over 8 genes, the known spots' over 12
+    out = sdata.tables["asign"]
+    s2 = (out.obs["section"].astype(str) == "S2").to_numpy()
+    s3 = (out.obs["section"].astype(str) == "S3").to_numpy()
+    measured = out.var_names.isin(GENES[:-4])
+
+    def bias(m):
+        return float(np.mean(out.layers["target"][np.ix_(m, measured)] - out.layers["imputed"][np.ix_(m, measured)]))
+
+    assert bias(s2) > bias(s3) + 0.2
+    asign_log.records.clear()
+    # no warning with log1p (its denominator is the spot's total over all genes), nor with a common panel
+    asign.tl.impute(sdata, known="S1", method="nearest", n_genes=12, normalization="log1p", key_added="l")
+    asign.tl.impute(sdata, known="S1", method="nearest", genes=GENES[:-4], key_added="c")
+    assert "did not measure" not in asign_log.warnings
+
+
+def test_evaluate_names_sections_without_any_truth(asign_log):
+    sdata = _stack(n_lacking=4)
+    asign.tl.impute(sdata, known="S1", method="nearest", genes=GENES[-4:], show_progress_bar=False)
+    # S2 measured none of the 4 modelled genes: left out with a warning, S3 scored
+    ev = asign.tl.evaluate(sdata)
+    assert "Section(s) ['S2'] measured none of the 4 scored genes of table 'asign'" in asign_log.warnings
+    assert set(ev[ev.level == "section"].section) == {"S3"}
+    # only S2 scored: nothing left, an error instead of an empty frame
+    with pytest.raises(ValueError, match=r"Section\(s\) \['S2'\] measured none .* Nothing is left to score"):
+        asign.tl.evaluate(sdata, sections=["S2"])
+
+
+def test_st_net_of_a_spot_without_measured_genes_is_nan_without_a_warning():
+    import warnings
+
+    from asign.pp._genes import st_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = st_net(np.array([[1.0, 2.0, np.nan], [np.nan, np.nan, np.nan]]))
+    assert np.isnan(out[1]).all() and np.isnan(out[0, 2])
+    np.testing.assert_allclose(out[0, :2], np.log([2.0, 3.0]) - np.log(5.0))

@@ -35,10 +35,13 @@ CP10K = 1e4
 def st_net(counts: np.ndarray) -> np.ndarray:
     """ST-Net ln-proportion ``ln((c + 1) / sum_selected(c + 1))`` per row (spot), over the given columns only.
 
-    NaN counts (a gene the spot's section never measured) stay NaN and are left out of the sum.
+    NaN counts (a gene the spot's section never measured) stay NaN and are left out of the sum; a row with no
+    measured gene stays NaN throughout.
     """
     c = np.asarray(counts, dtype=np.float64) + 1.0
-    return np.log(c) - np.log(np.nansum(c, axis=1, keepdims=True))
+    total = np.nansum(c, axis=1, keepdims=True)
+    log_total = np.log(total, out=np.full_like(total, np.nan), where=total > 0)
+    return np.log(c) - log_total
 
 
 def log1p_cp10k(counts: np.ndarray, total_counts: np.ndarray) -> np.ndarray:

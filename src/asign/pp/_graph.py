@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SpatialNeighbors3D", "neighbors_3d", "spot_overlaps"]
 
-_ALIGN_HINT = "run `asign.pp.align_layers` first (or `asign.pp._align.set_alignment` with known transforms)"
+_ALIGN_HINT = (
+    'run `asign.pp.align_layers` first (with `method="transforms", transforms=...` when the transforms are known)'
+)
 _SIM_BLOCK = 1 << 23  # entries of one cosine block (64 MB in float64)
 
 

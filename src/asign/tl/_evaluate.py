@@ -216,9 +216,12 @@ def evaluate(
     """Score an imputation against the measured values of the unknown spots (method.md §7.2).
 
     Only spots that are measured and not known are scored; known spots never are. A gene that a section never
-    measured (NaN truth in all its spots) is left out of that section's scores (its ``n_genes`` is smaller). The
-    scale is the one the output table was normalised with (``uns['asign']['normalization']``), recorded in every
-    row.
+    measured (NaN truth in all its spots) is left out of that section's scores (its ``n_genes`` is smaller); a
+    section that measured none of the scored genes is left out with a warning, and a ValueError says so when no
+    scored section is left. The scale is the one the output table was normalised with
+    (``uns['asign']['normalization']``), recorded in every row. Under ``"st-net"`` a section that measured only part
+    of the modelled genes has its truth on another scale (proportions over fewer genes): its MSE and MAE are
+    inflated, its per-gene PCC hardly (:func:`asign.tl.impute` warns of it).
 
     Parameters
     ----------
@@ -316,6 +319,18 @@ def evaluate(
     rows = np.flatnonzero(scored)
     y_true = np.asarray(table.layers[Key.TARGET][rows][:, idx], dtype=np.float64)
     y_pred = np.asarray(table.layers[Key.IMPUTED][rows][:, idx], dtype=np.float64)
+    # a section that measured none of the scored genes has no truth (NaN everywhere): say so, never return nothing
+    with_truth = {s: bool(np.isfinite(y_true[sec[rows] == s]).any()) for s in dict.fromkeys(sec[rows].tolist())}
+    no_truth = [s for s, ok in with_truth.items() if not ok]
+    if no_truth:
+        msg = (
+            f"Section(s) {no_truth} measured none of the {len(genes)} scored genes of table {key!r} (their truth is "
+            "NaN for every gene; the stack table's uns['asign']['unmeasured_genes'] lists what each section lacks). "
+            "Gene names must match exactly across sections, case included."
+        )
+        if len(no_truth) == len(with_truth):
+            raise ValueError(msg + " Nothing is left to score.")
+        logger.warning(msg + " They are left out of the scores.")
     df = score(y_true, y_pred, sec[rows], genes=genes, section_order=order, per=levels)
     info = table.uns.get(Key.UNS, {})
     df["method"] = str(info.get("method", "")) if isinstance(info, dict) else ""

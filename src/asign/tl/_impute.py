@@ -311,6 +311,34 @@ def _resolve_genes(
     return chosen, gene_sections if isinstance(gene_sections, str) else [str(s) for s in gene_sections]
 
 
+def _warn_partial_panels(table: AnnData, genes: Sequence[str], known: np.ndarray, normalization: str) -> None:
+    """Warn when measured unknown sections lack modelled genes: their ST-Net truth sits on another scale.
+
+    ST-Net divides by the sum over the modelled genes a spot's section measured. A section that measured fewer of
+    them gets larger proportions than the known spots (whose sum runs over every modelled gene), so its truth in
+    ``layers['target']`` is shifted against the labels the predictions learn from: MSE and MAE there are inflated,
+    the per-gene PCC (within a section) hardly moves. Known sections lacking a gene are an error elsewhere.
+    """
+    if normalization != "st-net":
+        return
+    absent = unmeasured_genes(table)
+    if not absent:
+        return
+    sec = table.obs[Key.SECTION].astype(str).to_numpy()
+    scored = table.obs[Key.MEASURED].to_numpy(dtype=bool) & ~np.asarray(known, dtype=bool)
+    modelled = set(genes)
+    lacking = {s: sorted(absent.get(s, set()) & modelled) for s in dict.fromkeys(sec[scored].tolist())}
+    lacking = {s: g for s, g in lacking.items() if g}
+    if lacking:
+        detail = "; ".join(f"{s}: {len(g)} (e.g. {g[:3]})" for s, g in lacking.items())
+        logger.warning(
+            f"Section(s) {list(lacking)} did not measure some of the {len(modelled)} modelled genes ({detail}). With "
+            "normalization='st-net' their spots' proportions are taken over the genes they measured, so their truth "
+            "in layers['target'] sits on another scale than the known spots' labels: MSE and MAE there are inflated "
+            "(the per-gene PCC hardly moves). Pass `genes=` measured in every section for comparable errors."
+        )
+
+
 def _check_result(res: ImputeResult, method: str, shape: tuple[int, int]) -> np.ndarray:
     if not isinstance(res, ImputeResult):
         msg = f"Method {method!r} returned {type(res).__name__}; it must return an ImputeResult."
@@ -415,6 +443,7 @@ def run_impute(
         train=train,
         table_key=table_key,
     )
+    _warn_partial_panels(table, gene_list, mask, normalization)
     params = dict(method_kwargs or {})
     ctx = build_context(
         sdata,
