@@ -657,8 +657,9 @@ def test_bad_inputs(small_stack):
     feat = np.ones((aligned_stack.tables["table"].n_obs, 3))
     feat[_section_rows(aligned_stack, smallest)] = np.nan  # what extract_features(sections=...) leaves
     aligned_stack.tables["table"].obsm["partial"] = feat
-    with pytest.raises(ValueError, match=rf"non-finite values for \d+ spots \(per section: \{{'{smallest}'"):
+    with pytest.raises(ValueError, match=rf"non-finite values for \d+ spots \(per section: \{{'{smallest}'") as err:
         neighbors_3d(aligned_stack, similarity_key="partial")
+    assert "asign.pp.make_spots" in str(err.value)  # the other way to NaN features: virtual spots added since
     with pytest.raises(ValueError, match="across='combined'"):
         aligned_stack.tables["table"].obsm["f"] = np.ones((aligned_stack.tables["table"].n_obs, 3))
         neighbors_3d(aligned_stack, across="overlap", similarity_key="f")

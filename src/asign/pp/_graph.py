@@ -919,8 +919,9 @@ def neighbors_3d(
             per = {str(s): int((secs == s).sum()) for s in dict.fromkeys(secs)}
             msg = (
                 f"`.obsm['{similarity_key}']` has non-finite values for {int(bad.sum())} spots (per section: {per}); "
-                "`asign.pp.extract_features(sections=...)` leaves the sections it skips NaN: extract features for "
-                "every section, or pass `similarity_key=None`."
+                "`asign.pp.extract_features(sections=...)` leaves the sections it skips NaN, and spots added by "
+                "`asign.pp.make_spots` have none until the features are extracted again (after `align_layers`): "
+                "extract features for every section, or pass `similarity_key=None`."
             )
             raise ValueError(msg)
 
