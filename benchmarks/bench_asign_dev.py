@@ -26,7 +26,9 @@ on 10 gene axes, as ``nearest_blend=w`` would give, and ``pcc_gene_by_nearest_k`
 with the blend partner's k-IDW over 8, 16 and 32 known spots. Every ASIGN fit also records
 ``pcc_gene_by_ridge_blend``: its prediction before the projection mixed with the image ridge baseline of the same
 known spots, ``(1 - v) * ASIGN + v * ridge`` for v = 0 (the fit itself), 0.1, 0.2 and 0.3, projected on 10 gene
-axes. ``--table`` prints the paired gains. The ``gene_rank`` default
+axes, and ``pcc_gene_by_z_smooth``: its final prediction mixed with the mean prediction of each spot's unknown
+neighbours in other sections (the 3D graph's cross-section edges), ``(1 - u) * own + u * mean`` for u = 0, 0.25,
+0.5 and 0.75. ``--table`` prints the paired gains. The ``gene_rank`` default
 was chosen with::
 
     python benchmarks/bench_asign_dev.py --tag _gene_rank --configs baselines,default --seeds 0 1
@@ -57,6 +59,7 @@ RANKS = (5, 10, 20, 40)  # gene_rank values scored post hoc on every fit's full-
 BLENDS = (0.0, 0.25, 0.5, 0.75)  # nearest_blend weights scored post hoc (then projected on 10 gene axes)
 NEAREST_KS = (8, 16, 32)  # neighbours of the blend's IDW partner, scored post hoc at the fit's own weight (session 13)
 RIDGE_BLENDS = (0.1, 0.2, 0.3)  # the image ridge baseline's share in the prediction, scored post hoc (session 14)
+Z_SMOOTH = (0.25, 0.5, 0.75)  # share of the unknown cross-section neighbours' mean prediction, post hoc (session 14)
 BASELINES = {
     "propagation": ("propagation", {"n_iter": 10}),
     "nearest 8-IDW": ("nearest", {"k": 8, "weights": "idw"}),
@@ -155,6 +158,9 @@ def score(sdata, known: np.ndarray, method: str, kw: dict, seed: int) -> dict:
             raise RuntimeError(msg)
         ridge_pred = np.asarray(ridge.layers["imputed"], dtype=np.float64)
         rec["pcc_gene_ridge"] = _c2_pcc(ridge)
+        rec["pcc_gene_by_z_smooth"] = {
+            str(u): _c2_pcc(_z_smoothed(out, sdata.tables["table"], known, u)) for u in (0.0, *Z_SMOOTH)
+        }
         rec["pcc_gene_by_ridge_blend"] = {}
         for v in (0.0, *RIDGE_BLENDS):
             blended = full.copy()
@@ -162,6 +168,27 @@ def score(sdata, known: np.ndarray, method: str, kw: dict, seed: int) -> dict:
             blended.layers["imputed"] = ((1.0 - v) * pred + v * ridge_pred).astype(np.float32)
             rec["pcc_gene_by_ridge_blend"][str(v)] = _c2_pcc(gene_rank_projected(blended, 10))
     return rec
+
+
+def _z_smoothed(out, table, known: np.ndarray, u: float):
+    """``out`` with every spot's prediction mixed with the weighted mean prediction of its unknown neighbours in
+    other sections (the 3D graph's cross-section edges): ``(1 - u) * own + u * mean``; spots without one unchanged."""
+    import scipy.sparse as sp
+
+    if list(out.obs_names) != list(table.obs_names):
+        msg = "the prediction's rows are not the stack table's"
+        raise RuntimeError(msg)
+    W = sp.csr_matrix(table.obsp["asign_connectivities"], dtype=np.float64)
+    sec = table.obs["section"].astype(str).to_numpy()
+    W = W.tocoo()
+    keep = (sec[W.row] != sec[W.col]) & ~np.asarray(known, dtype=bool)[W.col]
+    W = sp.csr_matrix((W.data[keep], (W.row[keep], W.col[keep])), shape=W.shape)
+    deg = np.asarray(W.sum(axis=1)).ravel()
+    pred = np.asarray(out.layers["imputed"], dtype=np.float64)
+    mean = np.divide(W @ pred, deg[:, None], out=pred.copy(), where=deg[:, None] > 0)
+    o2 = out.copy()
+    o2.layers["imputed"] = ((1.0 - u) * pred + u * mean).astype(np.float32)
+    return o2
 
 
 def _c2_pcc(out) -> float:
