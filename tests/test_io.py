@@ -315,3 +315,158 @@ def test_stack_sections_spot_radius_px_for_spatialdata_inputs():
     t = stack_sections([s1, _section("B", spots=[[10.0, 10.0]], counts=None)], names=["V1", None]).tables["table"]
     np.testing.assert_allclose(t.obs.loc[t.obs["section"] == "V1", "spot_radius_px"], 10.0)
     assert t.obs.loc[t.obs["section"] == "B", "spot_radius_px"].isna().all()
+
+
+# --- input handling: pixel size vs circles, gene names, obs dtypes, duplicate ids, images, argument types
+
+
+def test_stack_sections_warns_when_um_per_px_disagrees_with_the_circles(asign_log):
+    # the hires image only: the circles' radius is 10 full-res px = 2.5 hires px, i.e. 55 µm / 5 px = 11 µm/px
+    s1, _ = _visium_like(1, fullres=False)
+    sdata = stack_sections([s1], names=["V1"], spot_diameter_um=55.0, um_per_px=2.75)  # the full-res pixel size
+    w = asign_log.warnings
+    assert "Section 'V1'" in w and "image 'vis1_hires_image'" in w
+    assert "radius of 10 px" in w and "radius 2.5 px" in w and "2.75 µm/px" in w and "implies 11 µm/px" in w
+    assert "`um_per_px` is probably not the pixel size of image 'vis1_hires_image'" in w
+    np.testing.assert_allclose(get_stack(sdata).um_per_px, 2.75)  # the user's value is kept
+    np.testing.assert_allclose(sdata.shapes["spots_V1"]["radius"], 10.0)
+    # the right pixel size with the ST diameter: the circles are 55 µm wide, so the diameter is blamed
+    asign_log.records.clear()
+    stack_sections([_visium_like(1, fullres=False)[0]], names=["V1"], um_per_px=11.0)
+    assert "like Visium spots (55 µm): `spot_diameter_um` = 100 is probably wrong" in asign_log.warnings
+    # within 20 %: silent
+    asign_log.records.clear()
+    stack_sections([_visium_like(1, fullres=False)[0]], names=["V1"], spot_diameter_um=55.0, um_per_px=12.0)
+    assert asign_log.warnings == ""
+    # derived pixel size: the INFO line hints at Visium only with the ST diameter
+    asign_log.records.clear()
+    stack_sections([_visium_like(1, fullres=False)[0]], names=["V1"])
+    assert any("Visium spots are 55 µm" in r.getMessage() for r in asign_log.records)
+    asign_log.records.clear()
+    stack_sections([_visium_like(1, fullres=False)[0]], names=["V1"], spot_diameter_um=55.0)
+    assert not any("Visium" in r.getMessage() for r in asign_log.records)
+
+
+def test_stack_sections_warns_about_gene_names_differing_by_case(asign_log):
+    upper = ["G1", "G2", "G3"]
+    t = stack_sections([_section("A"), _section("B", genes=upper), _section("C", genes=upper)]).tables["table"]
+    assert t.n_vars == 6  # nothing is renamed
+    w = asign_log.warnings
+    assert "differ only by case" in w
+    assert "'A' vs 'B': 3 genes (e.g. 'g1'/'G1', 'g2'/'G2', 'g3'/'G3')" in w and "'A' vs 'C'" in w
+    assert "'B' vs 'C'" not in w
+    assert "Section(s) ['A'] share no gene with any other measured section" in w
+    # consistent names, or one measured section: silent
+    asign_log.records.clear()
+    stack_sections([_section("A"), _section("B"), _section("C", genes=upper, counts=None)])
+    assert asign_log.warnings == ""
+
+
+def test_stack_sections_obs_dtypes_survive_a_zarr_round_trip(tmp_path):
+    obs_a = pd.DataFrame(
+        {
+            "qc": np.ones(6, dtype=bool),
+            "ctype": pd.Categorical(["a"] * 6),
+            "n": np.arange(6),
+            "label": [f"l{i}" for i in range(6)],
+            "ok": np.ones(6, dtype=bool),
+        }
+    )
+    obs_b = pd.DataFrame({"ctype": pd.Categorical(["b"] * 6), "ok": np.zeros(6, dtype=bool)})
+    sdata = stack_sections([_section("A", obs=obs_a), _section("B", obs=obs_b)])
+    path = tmp_path / "obs.zarr"
+    sdata.write(path)
+    for obs in (sdata.tables["table"].obs, read_zarr(path).tables["table"].obs):
+        assert obs["qc"].dtype == "boolean"
+        assert obs["qc"].tolist() == [True] * 6 + [pd.NA] * 6
+        assert obs["n"].dtype == "Int64"
+        assert obs["n"].tolist() == list(range(6)) + [pd.NA] * 6
+        assert isinstance(obs["ctype"].dtype, pd.CategoricalDtype)
+        assert list(obs["ctype"].cat.categories) == ["a", "b"]
+        assert obs["ctype"].astype(str).tolist() == ["a"] * 6 + ["b"] * 6
+        assert obs["ok"].dtype == bool  # present everywhere: plain bool
+        # strings that a section lacks: categorical (an object column would come back with the string 'nan')
+        assert isinstance(obs["label"].dtype, pd.CategoricalDtype)
+        assert obs["label"].iloc[0] == "l0" and obs["label"].isna().sum() == 6
+    # strings in every section stay strings
+    t = stack_sections([_section("A", obs=obs_a[["label"]]), _section("B", obs=obs_a[["label"]])]).tables["table"]
+    assert t.obs["label"].dtype == object
+
+
+def test_stack_sections_refuses_duplicate_instance_ids():
+    s1, _ = _visium_like(1)
+    t = s1.tables["table"]
+    t.obs["spot_id"] = np.r_[3, 3, np.arange(4, 14)]
+    with pytest.raises(
+        ValueError,
+        match=r"Section 'V1': table 'table' has duplicate instance ids in obs\['spot_id'\] for shapes 'vis1': "
+        r"1 id\(s\) .*\(e.g. \[3\]\)",
+    ):
+        stack_sections([s1], names=["V1"], spot_diameter_um=55.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "pattern"),
+    [
+        ((64, 64, 1), r"image is single-channel \(greyscale\), shape \(64, 64, 1\).*np.repeat\(img, 3, axis=2\)"),
+        ((1, 64, 64), r"image is single-channel \(greyscale\).*axis=0"),
+        ((64, 64, 4), r"image must have 3 \(RGB\) channels, got shape .*; drop the alpha channel"),  # unchanged
+    ],
+)
+def test_stack_sections_image_channel_messages(shape, pattern):
+    with pytest.raises(ValueError, match=rf"Section 'A': {pattern}"):
+        stack_sections([_section(image=np.zeros(shape, dtype=np.uint8))])
+
+
+def test_stack_sections_image_errors_name_the_input_image_element():
+    from spatialdata.transformations import set_transformation
+
+    s1, _ = _visium_like(1, fullres=False)
+    tf = {"global": Scale([4.0, 4.0], axes=("y", "x"))}
+    s1.images["vis1_hires_image"] = Image2DModel.parse(
+        np.zeros((1, 100, 100), dtype=np.uint8), dims=("c", "y", "x"), transformations=tf
+    )
+    with pytest.raises(
+        ValueError, match=r"Section 'V1': image 'vis1_hires_image' \(stacked as 'he_V1'\) is single-channel"
+    ):
+        stack_sections([s1], names=["V1"], spot_diameter_um=55.0)
+    s1.images["vis1_hires_image"] = Image2DModel.parse(
+        np.zeros((3, 100, 100), dtype=np.float32), dims=("c", "y", "x"), transformations=tf
+    )
+    with pytest.raises(ValueError, match=r"image 'vis1_hires_image' \(stacked as 'he_V1'\) dtype is float32"):
+        stack_sections([s1], names=["V1"], spot_diameter_um=55.0)
+    # a problem that the contract check finds: the stack's image is named with the input one
+    small = Image2DModel.parse(np.zeros((3, 20, 20), dtype=np.uint8), dims=("c", "y", "x"))
+    set_transformation(small, tf, set_all=True)
+    s1.images["vis1_hires_image"] = small
+    with pytest.raises(ValueError, match=r"outside image 'he_V1' \(from input image 'vis1_hires_image'\)"):
+        stack_sections([s1], names=["V1"], spot_diameter_um=55.0)
+
+
+def test_stack_sections_refuses_non_numeric_pixel_sizes():
+    s1, _ = _visium_like(1)
+    with pytest.raises(TypeError, match=r"`um_per_px` must be a number, got '1.0' \(str\)"):
+        stack_sections([s1], um_per_px="1.0")
+    with pytest.raises(TypeError, match=r"`um_per_px\[1\]` must be a number, got '2'"):
+        stack_sections([s1, _visium_like(2)[0]], names=["V1", "V2"], um_per_px=[1.0, "2"])
+    with pytest.raises(TypeError, match=r"Section 'A': `um_per_px` must be a number .*got '1.0' \(str\)"):
+        stack_sections([_section(um_per_px="1.0")])
+    with pytest.raises(TypeError, match=r"`spot_diameter_um` must be a number, got '55'"):
+        stack_sections([_section()], spot_diameter_um="55")
+
+
+def test_stack_sections_keeps_obsm_of_spatialdata_tables(asign_log):
+    s1, _ = _visium_like(1)
+    t = s1.tables["table"]
+    t.obsm["X_pca"] = np.arange(24.0).reshape(12, 2)  # rows follow the (reversed) table, not the shapes
+    t.layers["counts"] = t.X.copy()
+    t.layers["norm"] = t.X.copy()
+    out = stack_sections([s1, _section("B", counts=None)], names=["V1", None]).tables["table"]
+    pca = out.obsm["X_pca"]
+    np.testing.assert_array_equal(pca[:12], t.obsm["X_pca"][::-1])  # spot_id i sits in table row 11 - i
+    assert np.isnan(pca[12:]).all()
+    np.testing.assert_allclose(
+        out.obsm["spatial"][:12], np.column_stack([s1.shapes["vis1"].geometry.x, s1.shapes["vis1"].geometry.y])
+    )
+    info = "\n".join(r.getMessage() for r in asign_log.records)
+    assert "Section 'V1': not stacked from table 'table': obsm['spatial']" in info and "layers ['norm']" in info

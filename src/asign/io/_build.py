@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -79,10 +80,38 @@ def _pyramid_factors(size: int, scale_factors: Sequence[int] | None) -> list[int
     return keep
 
 
-def _retarget_image(image: Any, coordinate_system: str, section: str | None = None):
+def _image_where(section: str, source: str | None) -> str:
+    """``"Section 'V1': image 'hires_image' (stacked as 'he_V1')"``: how messages name a section's input image."""
+    if source is None:
+        return f"Section {section!r}: image"
+    return f"Section {section!r}: image {source!r} (stacked as {Key.image(section)!r})"
+
+
+def _check_rgb(shape: tuple[int, ...], channel_axis: int, dtype: Any, where: str) -> None:
+    """Refuse an image that is not uint8 RGB, with a message that says how to convert it."""
+    n_c = shape[channel_axis]
+    if n_c == 1:
+        msg = (
+            f"{where} is single-channel (greyscale), shape {shape}; the stack needs uint8 RGB: repeat the channel to "
+            f"three, e.g. `np.repeat(img, 3, axis={channel_axis})`."
+        )
+        raise ValueError(msg)
+    if n_c == 4:
+        msg = f"{where} must have 3 (RGB) channels, got shape {shape}; drop the alpha channel."
+        raise ValueError(msg)
+    if n_c != 3:
+        msg = f"{where} must have 3 (RGB) channels, got shape {shape} ({n_c} channels)."
+        raise ValueError(msg)
+    if np.dtype(dtype) != np.uint8:
+        msg = f"{where} dtype is {dtype}; convert it to uint8 RGB (e.g. skimage.util.img_as_ubyte)."
+        raise ValueError(msg)
+
+
+def _retarget_image(image: Any, coordinate_system: str, section: str | None = None, source: str | None = None):
     """A new image element with the data of ``image`` and only ``Identity`` to ``coordinate_system``.
 
-    In-memory (numpy-backed) levels are wrapped in dask arrays, as image elements require.
+    In-memory (numpy-backed) levels are wrapped in dask arrays, as image elements require. ``source`` names the
+    user's image element (SpatialData inputs) in error messages.
     """
     import dask.array as da
     import xarray as xr
@@ -90,8 +119,11 @@ def _retarget_image(image: Any, coordinate_system: str, section: str | None = No
 
     def _level(old: xr.DataArray) -> xr.DataArray:
         if set(old.dims) != {"c", "y", "x"}:
-            where = f"Section {section!r}: " if section is not None else ""
-            msg = f"{where}image element must have dims ('c', 'y', 'x'), got {old.dims}."
+            if section is None:
+                where = "image element"
+            else:
+                where = _image_where(section, source) + ("" if source is not None else " element")
+            msg = f"{where} must have dims ('c', 'y', 'x'), got {old.dims}."
             raise ValueError(msg)
         old = old.transpose("c", "y", "x")
         data = old.data
@@ -111,35 +143,43 @@ def _retarget_image(image: Any, coordinate_system: str, section: str | None = No
     return out
 
 
-def _parse_image(image: Any, name: str, coordinate_system: str, scale_factors: Sequence[int] | None):
+def _parse_image(
+    image: Any, name: str, coordinate_system: str, scale_factors: Sequence[int] | None, source: str | None = None
+):
+    """The image element ``he_<name>`` from an array or an image element (``source``: the user's element name)."""
     import dask.array as da
     import xarray as xr
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Identity
 
+    where = _image_where(name, source)
     if isinstance(image, xr.DataArray | xr.DataTree):
-        out = _retarget_image(image, coordinate_system, section=name)
+        out = _retarget_image(image, coordinate_system, section=name, source=source)
+        level = _highest_level(out)
+        _check_rgb(tuple(level.shape), 0, level.dtype, where)
         try:
             Image2DModel().validate(out)
         except (ValueError, TypeError) as e:
-            msg = f"Section {name!r}: the image element is not a valid spatialdata image: {e}"
+            elem = where if source is not None else f"Section {name!r}: the image element"
+            msg = f"{elem} is not a valid spatialdata image: {e}"
             raise ValueError(msg) from e
         return out
     arr = image if isinstance(image, da.Array) else np.asarray(image)
     if arr.ndim != 3:
         msg = (
-            f"Section {name!r}: image must be RGB, (y, x, 3) or (3, y, x), got shape {arr.shape}; "
-            "convert greyscale images to RGB."
+            f"{where} must be RGB, (y, x, 3) or (3, y, x), got shape {arr.shape}; convert greyscale images to RGB "
+            "(e.g. `np.repeat(img[..., None], 3, axis=-1)` for a (y, x) image)."
         )
         raise ValueError(msg)
     if arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3, 4):
+        channel_axis = 2
+    elif arr.shape[0] in (1, 3, 4):
+        channel_axis = 0
+    else:  # neither end looks like channels: the shorter one, for the message
+        channel_axis = 2 if arr.shape[-1] < arr.shape[0] else 0
+    _check_rgb(tuple(arr.shape), channel_axis, arr.dtype, where)
+    if channel_axis == 2:
         arr = arr.transpose(2, 0, 1)
-    if arr.shape[0] != 3:
-        msg = f"Section {name!r}: image must have 3 (RGB) channels, got shape {arr.shape}; drop the alpha channel."
-        raise ValueError(msg)
-    if arr.dtype != np.uint8:
-        msg = f"Section {name!r}: image dtype is {arr.dtype}; convert it to uint8 RGB (e.g. skimage.util.img_as_ubyte)."
-        raise ValueError(msg)
     keep = _pyramid_factors(min(arr.shape[1:]), scale_factors)
     return Image2DModel.parse(
         arr,
@@ -189,6 +229,69 @@ def _highest_level(image):
     return image
 
 
+# physical spot diameters (µm) of the platforms whose circles a SpatialData input usually carries
+KNOWN_SPOT_DIAMETERS_UM = {"ST": 100.0, "Visium": 55.0}
+# relative difference between the given and the circles' spot radius above which `um_per_px` is questioned
+RADIUS_MISMATCH = 0.2
+
+
+def _check_um_per_px_against_radius(
+    name: str,
+    *,
+    um_per_px: float,
+    spot_diameter_um: float,
+    radius_px: float,
+    image_key: str | None,
+    shapes_key: str,
+) -> None:
+    """Warn when the user's ``um_per_px`` and the input circles' radius disagree on the spot size (the value is kept)."""
+    r_given = float(spot_diameter_um) / (2.0 * float(um_per_px))
+    if not (np.isfinite(radius_px) and radius_px > 0) or abs(r_given - radius_px) <= RADIUS_MISMATCH * radius_px:
+        return
+    um_from_radius = float(spot_diameter_um) / (2.0 * radius_px)
+    frame = f"image {image_key!r}" if image_key is not None else f"the coordinates of shapes {shapes_key!r} (no image)"
+    # the spot diameter that the circles have at the user's pixel size: a known platform's one blames the diameter
+    d_circles = 2.0 * radius_px * float(um_per_px)
+    platform = [
+        (k, d)
+        for k, d in KNOWN_SPOT_DIAMETERS_UM.items()
+        if d != float(spot_diameter_um) and abs(d_circles - d) <= RADIUS_MISMATCH * d
+    ]
+    if platform:
+        k, d = platform[0]
+        culprit = (
+            f"At {um_per_px:.4g} µm/px the circles are {d_circles:.4g} µm wide, like {k} spots ({d:g} µm): "
+            f"`spot_diameter_um` = {spot_diameter_um:g} is probably wrong (ST: 100, Visium: 55)."
+        )
+    else:
+        culprit = (
+            f"`um_per_px` is probably not the pixel size of {frame} (e.g. the full-resolution pixel size given for "
+            "a downscaled image); pass that image's pixel size, or leave `um_per_px` out to derive it from the "
+            "circles. Otherwise check `spot_diameter_um` (ST: 100, Visium: 55)."
+        )
+    logger.warning(
+        f"Section {name!r}: `um_per_px` = {um_per_px:.4g} µm/px and `spot_diameter_um` = {spot_diameter_um:g} give a "
+        f"spot radius of {r_given:.4g} px in {frame}, but the input circles {shapes_key!r} have radius "
+        f"{radius_px:.4g} px there, which implies {um_from_radius:.4g} µm/px. {culprit} The given `um_per_px` is kept."
+    )
+
+
+def _spatialdata_obsm(adata: AnnData) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The numeric ``(n, k)`` obsm arrays of a SpatialData input's table, and the keys that are dropped."""
+    keep: dict[str, np.ndarray] = {}
+    dropped: list[str] = []
+    for k, v in adata.obsm.items():
+        if k == Key.SPATIAL:
+            dropped.append(f"obsm[{k!r}] (the stack's obsm[{k!r}] holds the circles' centres in the image's pixels)")
+            continue
+        arr = v.to_numpy() if isinstance(v, pd.DataFrame) else v
+        if sp.issparse(arr) or not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind not in "biuf":
+            dropped.append(f"obsm[{k!r}] (not a numeric (n_spots, k) array)")
+            continue
+        keep[str(k)] = arr
+    return keep, dropped
+
+
 def _from_spatialdata(
     sdata: SpatialData,
     *,
@@ -196,8 +299,11 @@ def _from_spatialdata(
     um_per_px: float | None,
     image_key: str | None,
     spot_diameter_um: float,
-) -> Section:
-    """Turn a single-section SpatialData (e.g. spatialdata-io's Visium reader) into a :class:`Section`."""
+) -> tuple[Section, str | None]:
+    """Turn a single-section SpatialData (e.g. spatialdata-io's Visium reader) into a :class:`Section`.
+
+    Returns the section and the name of the chosen image element (`None` without image).
+    """
     from spatialdata.models import get_table_keys
     from spatialdata.transformations import get_transformation, get_transformation_between_coordinate_systems
 
@@ -211,21 +317,31 @@ def _from_spatialdata(
     shapes_key = circles[0]
     shapes = sdata.shapes[shapes_key]
     tables = []
-    for t in sdata.tables.values():
+    for tkey, t in sdata.tables.items():
         try:
             region = get_table_keys(t)[0]
         except (KeyError, ValueError):
             continue
         if shapes_key in [str(r) for r in np.atleast_1d(region)]:
-            tables.append(t)
+            tables.append((tkey, t))
     if len(tables) != 1:
         msg = (
             f"Expected one table annotating shapes {shapes_key!r}, found {len(tables)} (tables: {list(sdata.tables)})."
         )
         raise ValueError(msg)
-    table = tables[0]
+    table_key, table = tables[0]
     _, region_key, instance_key = get_table_keys(table)
     name = name or shapes_key
+    rows = table[(table.obs[region_key].astype(str) == shapes_key).to_numpy()]
+    ids = rows.obs[instance_key]
+    if ids.duplicated().any():
+        dup = pd.unique(ids[ids.duplicated(keep=False)])
+        msg = (
+            f"Section {name!r}: table {table_key!r} has duplicate instance ids in obs[{instance_key!r}] for shapes "
+            f"{shapes_key!r}: {int(len(dup))} id(s) annotate more than one row (e.g. {dup[:5].tolist()}); every spot "
+            "needs exactly one row (drop or fix the duplicated rows)."
+        )
+        raise ValueError(msg)
     if image_key is None and sdata.images:
         # the highest-resolution image
         image_key = max(sdata.images, key=lambda k: int(np.prod(_highest_level(sdata.images[k]).shape)))
@@ -253,31 +369,53 @@ def _from_spatialdata(
         xy = xy @ m[:2, :2].T + m[:2, 2]
         radius = radius * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
         image = sdata.images[image_key]
-    rows = table[(table.obs[region_key].astype(str) == shapes_key).to_numpy()]
-    order = pd.Index(rows.obs[instance_key].to_numpy()).get_indexer(shapes.index.to_numpy())
+    order = pd.Index(ids.to_numpy()).get_indexer(shapes.index.to_numpy())
     if (order < 0).any():
         msg = f"Section {name!r}: the table does not annotate every spot of {shapes_key!r} ({int((order < 0).sum())} missing)."
         raise ValueError(msg)
     adata = rows[order].copy()
     spot_ids = [str(i) for i in adata.obs_names]
+    r_med = float(np.median(radius))
     if um_per_px is None:
         # the circles carry the physical spot diameter in pixels
-        um_per_px = float(spot_diameter_um / (2.0 * np.median(radius)))
+        um_per_px = float(spot_diameter_um / (2.0 * r_med))
+        hint = " (ST; Visium spots are 55 µm)" if float(spot_diameter_um) == KNOWN_SPOT_DIAMETERS_UM["ST"] else ""
         logger.info(
-            f"Section {name!r}: um_per_px = {um_per_px:.4g} from the spot radius ({np.median(radius):.4g} px) and "
-            f"spot_diameter_um = {spot_diameter_um}; pass `um_per_px=` if the spots do not have that diameter."
+            f"Section {name!r}: um_per_px = {um_per_px:.4g} from the spot radius ({r_med:.4g} px) and "
+            f"spot_diameter_um = {spot_diameter_um}{hint}; pass `um_per_px=` if the spots do not have that diameter."
+        )
+    else:
+        _check_um_per_px_against_radius(
+            name,
+            um_per_px=um_per_px,
+            spot_diameter_um=spot_diameter_um,
+            radius_px=r_med,
+            image_key=image_key,
+            shapes_key=shapes_key,
         )
     extra = adata.obs.drop(columns=[c for c in (region_key, instance_key) if c in adata.obs.columns])
     extra = extra.reset_index(drop=True)
     extra["spot_radius_px"] = radius
-    return Section(
-        name=name,
-        spots=xy,
-        counts=adata,
-        image=image,
-        um_per_px=um_per_px,
-        spot_ids=spot_ids,
-        obs=extra,
+    obsm, dropped = _spatialdata_obsm(adata)
+    layers = [k for k in adata.layers if k != Key.COUNTS]
+    if layers:
+        dropped.append(
+            f"layers {layers} (the stack keeps the raw counts only, from layers[{Key.COUNTS!r}] when present, else .X)"
+        )
+    if dropped:
+        logger.info(f"Section {name!r}: not stacked from table {table_key!r}: " + "; ".join(dropped) + ".")
+    return (
+        Section(
+            name=name,
+            spots=xy,
+            counts=adata,
+            image=image,
+            um_per_px=um_per_px,
+            spot_ids=spot_ids,
+            obs=extra,
+            obsm=obsm,
+        ),
+        image_key,
     )
 
 
@@ -307,10 +445,138 @@ def _check_section(s: Section) -> np.ndarray:
     if not np.all(np.isfinite(spots)):
         msg = f"Section {s.name!r}: `spots` has non-finite coordinates."
         raise ValueError(msg)
+    if s.um_per_px is not None and not _is_number(s.um_per_px):
+        msg = (
+            f"Section {s.name!r}: `um_per_px` must be a number (µm per image pixel), got {s.um_per_px!r} "
+            f"({type(s.um_per_px).__name__}); e.g. um_per_px=1.0."
+        )
+        raise TypeError(msg)
     if s.um_per_px is None or not (np.isfinite(s.um_per_px) and float(s.um_per_px) > 0):
         msg = f"Section {s.name!r}: `um_per_px` must be a positive pixel size in µm, got {s.um_per_px}."
         raise ValueError(msg)
     return spots
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (Python or numpy scalar), not a string or a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _check_numbers(values: Sequence[Any], what: str, *, allow_none: bool, example: float) -> None:
+    """Refuse a value of ``what`` that is not a number (e.g. ``"1.0"``), naming the argument."""
+    for i, v in enumerate(values):
+        if (v is None and allow_none) or _is_number(v):
+            continue
+        where = f"`{what}`" if len(values) == 1 else f"`{what}[{i}]`"
+        msg = f"{where} must be a number, got {v!r} ({type(v).__name__}); e.g. {what}={example}."
+        raise TypeError(msg)
+
+
+N_EXAMPLES = 3
+
+
+def _check_gene_names(measured: list[tuple[str, pd.Index]], n_measured: np.ndarray, genes: pd.Index) -> None:
+    """Warn about gene names that differ only by case between sections, and sections sharing no gene with the others.
+
+    ``measured``: (section, gene names) of the measured sections; ``n_measured``: per gene of ``genes``, the number of
+    measured sections that have it. Nothing is renamed.
+    """
+    if len(measured) < 2:
+        return
+    # lower-cased name -> {section: spellings}; only names with several spellings in the gene axis can clash
+    lower = pd.Series(genes.astype(str), dtype=object).str.lower()
+    clashing = set(lower[lower.duplicated(keep=False)])
+    spellings: dict[str, dict[str, set[str]]] = {}
+    for sec, names in measured if clashing else ():
+        for g in names:
+            if (k := str(g).lower()) in clashing:
+                spellings.setdefault(k, {}).setdefault(sec, set()).add(str(g))
+    order = {sec: i for i, (sec, _) in enumerate(measured)}
+    clashes: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for per_sec in spellings.values():
+        if len(per_sec) < 2 or len(set().union(*per_sec.values())) < 2:
+            continue
+        secs = sorted(per_sec, key=order.__getitem__)
+        for i, a in enumerate(secs):
+            for b in secs[i + 1 :]:
+                sa, sb = per_sec[a], per_sec[b]
+                if sa != sb:
+                    clashes.setdefault((a, b), []).append((min(sa - sb or sa), min(sb - sa or sb)))
+    if clashes:
+        pairs = sorted(clashes, key=lambda ab: (order[ab[0]], order[ab[1]]))
+        parts = [
+            f"{a!r} vs {b!r}: {len(clashes[a, b])} genes (e.g. "
+            + ", ".join(f"{x!r}/{y!r}" for x, y in sorted(clashes[a, b])[:N_EXAMPLES])
+            + ")"
+            for a, b in pairs[:5]
+        ]
+        more = f"; and {len(pairs) - 5} more section pairs" if len(pairs) > 5 else ""
+        logger.warning(
+            "Gene names differ only by case between sections, so they are stacked as different genes (each unmeasured "
+            f"in the other section): {'; '.join(parts)}{more}. If they are the same genes, harmonise the names (e.g. "
+            "upper-case the var_names) before stacking."
+        )
+    alone = [
+        (sec, names) for sec, names in measured if len(names) and (n_measured[genes.get_indexer(names)] <= 1).all()
+    ]
+    if alone:
+        detail = "; ".join(
+            f"{sec!r}: {len(names)} genes, e.g. {[str(g) for g in names[:N_EXAMPLES]]}" for sec, names in alone
+        )
+        logger.warning(
+            f"Section(s) {[sec for sec, _ in alone]} share no gene with any other measured section (of "
+            f"{[sec for sec, _ in measured]}): {detail}. Their genes are unmeasured in every other section, so nothing "
+            "can be learnt from or scored against them across sections; check the gene naming (symbols vs ids, case)."
+        )
+
+
+def _concat_obs(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+    """Concatenate per-section ``obs`` frames, keeping the dtypes of the extra ``columns`` (see `stack_sections`).
+
+    A column that some sections lack, or whose dtype differs between sections, would otherwise become ``object``:
+    bool -> nullable ``boolean``, integers -> nullable ``Int64`` (only where a section lacks the column or one is
+    already nullable), categoricals -> categorical with the union of the categories, strings that some sections lack
+    -> categorical (an ``object`` column writes its NaN as the string ``'nan'``, and anndata refuses to write pandas'
+    ``string`` dtype by default); other dtypes (float, strings everywhere) are left to :func:`pandas.concat`.
+    """
+    from pandas.api.types import infer_dtype, is_bool_dtype, is_integer_dtype, union_categoricals
+
+    frames = [f.copy() for f in frames]
+    for c in columns:
+        present = [f[c] for f in frames if c in f.columns]
+        missing = len(present) < len(frames)
+        dtypes = [x.dtype for x in present]
+        target: Any = None
+        if all(isinstance(d, pd.CategoricalDtype) for d in dtypes):
+            same = all(d == dtypes[0] for d in dtypes)
+            if same and not missing:
+                continue
+            if same:
+                target = dtypes[0]
+            else:
+                try:
+                    u = union_categoricals([x.array for x in present], ignore_order=True)
+                except TypeError:  # categories of different types (e.g. str and int): left to pandas.concat
+                    continue
+                target = pd.CategoricalDtype(u.categories)
+        elif all(is_bool_dtype(d) for d in dtypes):
+            if not missing and all(d == np.bool_ for d in dtypes):
+                continue
+            target = "boolean"
+        elif all(is_integer_dtype(d) for d in dtypes):
+            if not missing and all(isinstance(d, np.dtype) for d in dtypes):
+                continue
+            target = "Int64"
+        elif missing and all(infer_dtype(x, skipna=True) in ("string", "empty") for x in present):
+            values = pd.unique(pd.concat([x.dropna() for x in present]).astype(str))
+            if not len(values):
+                continue
+            target = pd.CategoricalDtype(sorted(values))
+        else:
+            continue
+        for f in frames:
+            f[c] = f[c].astype(target) if c in f.columns else pd.Series(pd.NA, index=f.index, dtype=target)
+    return pd.concat(frames)
 
 
 def stack_sections(
@@ -335,20 +601,28 @@ def stack_sections(
         memory), or single-section :class:`spatialdata.SpatialData` objects such as spatialdata-io's Visium reader
         returns (one circles shapes element, the table annotating it, and images). For a SpatialData input, the
         spot centres and radii are mapped into the pixel frame of the chosen image (``image_key``, default the
-        largest image) with the transformation between the two elements, and the extra ``obs`` columns of its table
-        are kept.
+        largest image) with the transformation between the two elements. Of its table (whose ``instance_key``
+        column must be unique), the rows are reordered to the shapes' index and kept are: the raw counts
+        (``layers['counts']`` when present, else ``.X``), the extra ``obs`` columns, and the numeric ``(n, k)``
+        ``obsm`` arrays except ``obsm['spatial']`` (replaced by the centres in the chosen image's pixels); other
+        ``layers``, non-numeric ``obsm`` entries, ``varm``, ``obsp`` and ``uns`` are dropped (an INFO line names the
+        dropped ``layers`` and ``obsm`` keys).
     names
         Section names for :class:`~spatialdata.SpatialData` inputs (default: the shapes element's name).
     spot_diameter_um
-        Physical spot diameter in µm (ST: 100, Visium: 55).
+        Physical spot diameter in µm (ST: 100, Visium: 55): a number.
     thickness_um
         Section thickness: section ``i`` (0-based) gets ``z = i * thickness_um`` unless ``z_um`` is given.
     z_um
         Explicit z position of every section in µm (increasing in cutting order): a sequence of one value per
         section (a single number is accepted for a single section).
     um_per_px
-        Pixel size of the chosen image for :class:`~spatialdata.SpatialData` inputs (one value or one per section).
-        Default: derived from the circles' radius, ``spot_diameter_um / (2 * radius_px)``.
+        Pixel size of the chosen image for :class:`~spatialdata.SpatialData` inputs (one number or one per section;
+        a string such as ``"1.0"`` is refused). Default: derived from the circles' radius,
+        ``spot_diameter_um / (2 * radius_px)``. A given value is kept, but a WARNING is logged when the spot radius it
+        implies, ``spot_diameter_um / (2 * um_per_px)``, differs from the circles' radius in the chosen image's pixels
+        by more than 20 % (a full-resolution pixel size given for a downscaled image, or the wrong
+        ``spot_diameter_um``).
     image_key
         For :class:`~spatialdata.SpatialData` inputs: the image to use (one name or one per section); default the
         image with the most pixels.
@@ -374,6 +648,18 @@ def stack_sections(
     gene absent from a section being 0 there; ``var['n_sections_measured']``, and the absent genes of each measured
     section in ``uns['asign']['unmeasured_genes']``, so that they are neither trained on nor scored there) and the
     manifest ``uns['asign']['stack']``.
+
+    Extra ``obs`` columns keep their dtype across sections, also through a zarr round trip: a bool column that some
+    sections lack becomes pandas' nullable ``boolean`` (``<NA>`` there), an integer column that some sections lack
+    nullable ``Int64``, categoricals become one categorical with the union of the sections' categories (unordered
+    unless every section has the same ordered categories), and a string column that some sections lack becomes a
+    categorical of its strings (NaN there: an ``object`` column would be written with the string ``'nan'``, and
+    anndata does not write pandas' ``string`` dtype by default); strings in every section stay ``object`` strings,
+    floats get NaN where missing. An extra ``obsm`` array is NaN in the sections without it.
+
+    Gene names are matched exactly: names that differ only by case between sections (``Gene00`` / ``GENE00``) stay
+    different genes, with a WARNING naming the sections and example pairs; a WARNING also names a measured section
+    that shares no gene with any other measured section. Nothing is renamed.
     """
     import anndata as ad
     from spatialdata import SpatialData
@@ -385,18 +671,25 @@ def stack_sections(
         raise ValueError(msg)
     n_sec = len(sections)
     ums = _per_section(um_per_px, n_sec, "um_per_px")
+    _check_numbers(ums, "um_per_px", allow_none=True, example=1.0)
+    _check_numbers([spot_diameter_um], "spot_diameter_um", allow_none=False, example=55.0)
+    if not (np.isfinite(spot_diameter_um) and spot_diameter_um > 0):
+        msg = f"`spot_diameter_um` must be positive, got {spot_diameter_um}."
+        raise ValueError(msg)
     ikeys = _per_section(image_key, n_sec, "image_key")
     sec_names_in = _per_section(names, n_sec, "names") if names is not None else [None] * n_sec
     secs: list[Section] = []
+    image_sources: list[str | None] = []  # the user's image element of a SpatialData input, for messages
     for i, s in enumerate(sections):
         if isinstance(s, Section):
             secs.append(s)
+            image_sources.append(None)
         elif isinstance(s, SpatialData):
-            secs.append(
-                _from_spatialdata(
-                    s, name=sec_names_in[i], um_per_px=ums[i], image_key=ikeys[i], spot_diameter_um=spot_diameter_um
-                )
+            sec, src = _from_spatialdata(
+                s, name=sec_names_in[i], um_per_px=ums[i], image_key=ikeys[i], spot_diameter_um=spot_diameter_um
             )
+            secs.append(sec)
+            image_sources.append(src)
         else:
             msg = f"sections[{i}] is a {type(s).__name__}; pass asign.io.Section or spatialdata.SpatialData objects."
             raise TypeError(msg)
@@ -406,9 +699,6 @@ def stack_sections(
         msg = (
             f"Duplicate section names {dup}; every section needs a unique name (pass `names=` for SpatialData inputs)."
         )
-        raise ValueError(msg)
-    if not (np.isfinite(spot_diameter_um) and spot_diameter_um > 0):
-        msg = f"`spot_diameter_um` must be positive, got {spot_diameter_um}."
         raise ValueError(msg)
     if z_um is None:
         z = np.arange(n_sec, dtype=float) * float(thickness_um)
@@ -429,7 +719,7 @@ def stack_sections(
     image_keys: list[str | None] = []
     genes: pd.Index | None = None
     parts = []
-    for s in secs:
+    for s, src in zip(secs, image_sources, strict=True):
         spots = _check_section(s)
         n = spots.shape[0]
         ids = [str(i) for i in (s.spot_ids if s.spot_ids is not None else range(n))]
@@ -450,7 +740,7 @@ def stack_sections(
         )
         if s.image is not None:
             ikey = Key.image(s.name)
-            images[ikey] = _parse_image(s.image, s.name, s.name, scale_factors)
+            images[ikey] = _parse_image(s.image, s.name, s.name, scale_factors, source=src)
             image_keys.append(ikey)
         else:
             image_keys.append(None)
@@ -521,7 +811,8 @@ def stack_sections(
         obs_frames.append(obs)
         for k, v in s.obsm.items():
             obsm_extra.setdefault(k, []).append((s.name, np.asarray(v, dtype=float)))
-    obs = pd.concat(obs_frames)
+    extra_cols = list(dict.fromkeys(c for f in obs_frames for c in f.columns if c not in RESERVED_OBS))
+    obs = _concat_obs(obs_frames, extra_cols)
     obs[Key.SECTION] = pd.Categorical(obs[Key.SECTION], categories=sec_names, ordered=True)
     obs[Key.REGION] = pd.Categorical(obs[Key.REGION], categories=[Key.shapes(n) for n in sec_names])
     obs[Key.MEASURED] = obs[Key.MEASURED].astype(bool)
@@ -549,13 +840,24 @@ def stack_sections(
         spot_diameter_um=float(spot_diameter_um),
     )
     adata.uns[Key.UNS] = {Key.STACK: stack.to_uns()}
+    _check_gene_names([(p[0].name, p[1].var_names) for p in parts if p[1] is not None], n_measured, genes)
     if unmeasured:  # genes a measured section lacks: 0 in its counts, but no truth (see asign._stack.unmeasured_genes)
         adata.uns[Key.UNS][Key.UNMEASURED_GENES] = unmeasured
     table = TableModel.parse(adata, region=stack.shapes_keys, region_key=Key.REGION, instance_key=Key.INSTANCE)
     sdata = SpatialData(images=images, shapes=shapes, tables={table_key: table})
     logger.info(f"Stacked {n_sec} sections, {adata.n_obs} spots, {adata.n_vars} genes.")
     if validate:
-        from ._validate import validate_stack
+        from ._validate import StackValidationError, validate_stack
 
-        validate_stack(sdata, table_key=table_key)
+        try:
+            validate_stack(sdata, table_key=table_key)
+        except StackValidationError as e:
+            # name the user's image elements of SpatialData inputs next to the stack's ones
+            renames = {Key.image(n): src for n, src in zip(sec_names, image_sources, strict=True) if src is not None}
+            if not renames:
+                raise
+            problems = list(e.problems)
+            for new, src in renames.items():
+                problems = [p.replace(f"image {new!r}", f"image {new!r} (from input image {src!r})") for p in problems]
+            raise StackValidationError(problems) from e
     return sdata
