@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
@@ -182,10 +183,27 @@ def test_make_spots_errors(emptied):
 def test_make_spots_drops_stale_graphs(emptied):
     t = emptied.tables["table"]
     t.obsp["asign_connectivities"] = sp.identity(t.n_obs, format="csr")
+    t.obsp["asign_distances"] = sp.identity(t.n_obs, format="csr")
+    t.obsp["asign_overlap"] = sp.identity(t.n_obs, format="csr")
+    t.uns["asign_neighbors"] = {"connectivities_key": "asign_connectivities", "distances_key": "asign_distances"}
+    t.uns["asign_overlap"] = {"params": {"radius_px": 1.0}}
+    t.uns["unrelated"] = {"connectivities_key": "elsewhere"}
+    values = pd.DataFrame(np.arange(t.n_obs * 2.0).reshape(-1, 2), index=t.obs_names, columns=["g1", "g2"])
+    t.obsm["asign_normalized"] = values  # a DataFrame, as pp.normalize writes
+    t.obs["z"] = np.where(t.obs["section"].astype(str) == "S1", 0.0, 32.0)  # as align_layers writes
     make_spots(emptied, section="S2", tissue_threshold=0.95)
     t = emptied.tables["table"]
-    assert "asign_connectivities" not in t.obsp
+    assert not set(t.obsp) & {"asign_connectivities", "asign_distances", "asign_overlap"}
     assert _rows(t, "S2").sum() > 10
+    # the records of the dropped graphs go with them; other uns entries stay
+    assert "asign_neighbors" not in t.uns and "asign_overlap" not in t.uns and "unrelated" in t.uns
+    # DataFrame obsm entries are kept: old rows unchanged, new rows NaN, same columns
+    kept = t.obsm["asign_normalized"]
+    assert isinstance(kept, pd.DataFrame) and list(kept.columns) == ["g1", "g2"]
+    pd.testing.assert_frame_equal(kept.loc[values.index], values)
+    assert kept[_rows(t, "S2")].isna().all().all()
+    # the new rows get their section's z from the manifest
+    np.testing.assert_allclose(t.obs.loc[_rows(t, "S2"), "z"], 16.0)
 
 
 @pytest.mark.slow

@@ -237,3 +237,18 @@ def test_tile_sides_in_um_or_on_fine_images_are_silent(small_stack, caplog):
         )
     msgs = _region_warnings(caplog)
     assert len(msgs) == 1 and "Sections ['S2', 'S3']" in msgs[0] and "512 px x 4 µm/px = 2048 µm" in msgs[0]
+
+
+def test_make_tiles_after_extract_features_warns_that_the_tile_features_are_gone(small_stack, asign_log):
+    sd = small_stack
+    asign.pp.make_tiles(sd, scales_um={"region": 400.0, "global": 800.0})
+    assert "held the region/global image features" not in asign_log.warnings  # no features yet: silent
+    asign.pp.extract_features(
+        sd, encoder="handcrafted", scales_um={"spot": 150.0, "region": 400.0, "global": 800.0}, show_progress_bar=False
+    )
+    assert "features" in sd.tables["asign_regions"].obsm
+    asign.pp.make_tiles(sd, scales_um={"region": 400.0, "global": 800.0})
+    w = asign_log.warnings
+    assert "Replacing tables ['asign_regions', 'asign_globals'], which held the region/global image features" in w
+    assert "['asign_features_region', 'asign_features_global'] of table 'table' no longer match" in w
+    assert "features" not in sd.tables["asign_regions"].obsm  # what the warning says

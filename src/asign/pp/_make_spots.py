@@ -196,12 +196,12 @@ def _rebuild_table(
             rows = np.where(sec_str == s)[0]
             blocks.append(("old", rows))
     obs_parts, X_parts = [], []
-    obsm_parts: dict[str, list[np.ndarray]] = {k: [] for k in old.obsm}
+    obsm_parts: dict[str, list[Any]] = {k: [] for k in old.obsm}
     layer_parts: dict[str, list[Any]] = {k: [] for k in old.layers}
     dropped = []
     for k in list(obsm_parts):
         v = old.obsm[k]
-        if not isinstance(v, np.ndarray) or v.ndim != 2:
+        if not (isinstance(v, np.ndarray) and v.ndim == 2) and not isinstance(v, pd.DataFrame):
             dropped.append(f"obsm[{k!r}]")
             del obsm_parts[k]
     for kind, rows in blocks:
@@ -209,7 +209,8 @@ def _rebuild_table(
             obs_parts.append(old.obs.iloc[rows])
             X_parts.append(sp.csr_matrix(old.X[rows], dtype=np.float32))
             for k in obsm_parts:
-                obsm_parts[k].append(np.asarray(old.obsm[k][rows], dtype=float))
+                v = old.obsm[k]
+                obsm_parts[k].append(v.iloc[rows] if isinstance(v, pd.DataFrame) else np.asarray(v[rows], dtype=float))
             for k in layer_parts:
                 lay = old.layers[k][rows]
                 layer_parts[k].append(sp.csr_matrix(lay) if sp.issparse(lay) else np.asarray(lay, dtype=float))
@@ -217,7 +218,11 @@ def _rebuild_table(
             obs_parts.append(new_obs)
             X_parts.append(sp.csr_matrix((n_new, old.n_vars), dtype=np.float32))
             for k in obsm_parts:
-                fill = xy if k == Key.SPATIAL else np.full((n_new, old.obsm[k].shape[1]), np.nan)
+                v = old.obsm[k]
+                if isinstance(v, pd.DataFrame):  # e.g. pp.normalize's values: NaN rows, same columns
+                    obsm_parts[k].append(pd.DataFrame(np.nan, index=new_index, columns=v.columns))
+                    continue
+                fill = xy if k == Key.SPATIAL else np.full((n_new, v.shape[1]), np.nan)
                 obsm_parts[k].append(np.asarray(fill, dtype=float))
             for k in layer_parts:
                 if sp.issparse(old.layers[k]):
@@ -236,20 +241,31 @@ def _rebuild_table(
     obs[Key.REGION] = pd.Categorical([Key.shapes(s) for s in obs[Key.SECTION].astype(str)], categories=shapes_keys)
     obs[Key.MEASURED] = obs[Key.MEASURED].astype(bool)
     obs[Key.INSTANCE] = obs[Key.INSTANCE].astype(np.int64)
+    uns = copy.deepcopy(dict(old.uns))
+    uns.pop("spatialdata_attrs", None)
     if len(old.obsp):
         dropped += [f"obsp[{k!r}]" for k in old.obsp]
+        # the records of the dropped graphs would point at nothing: uns[<obsp key>] (e.g. spot_overlaps' params)
+        # and neighbour records naming them (squidpy-style `connectivities_key` / `distances_key`)
+        graphs = set(old.obsp)
+        stale = [
+            k
+            for k, v in uns.items()
+            if k in graphs or (isinstance(v, dict) and {v.get("connectivities_key"), v.get("distances_key")} & graphs)
+        ]
+        for k in stale:
+            del uns[k]
+        dropped += [f"uns[{k!r}]" for k in stale]
     if dropped:
         logger.warning(f"Dropped {dropped}: they do not cover the new spots; recompute them.")
     X = sp.vstack(X_parts, format="csr", dtype=np.float32)
     layers = {k: (sp.vstack(v, format="csr") if sp.issparse(v[0]) else np.vstack(v)) for k, v in layer_parts.items()}
-    uns = copy.deepcopy(dict(old.uns))
-    uns.pop("spatialdata_attrs", None)
     adata = ad.AnnData(
         X=X,
         obs=obs,
         var=old.var.copy(),
         uns=uns,
-        obsm={k: np.vstack(v) for k, v in obsm_parts.items()},
+        obsm={k: (pd.concat(v) if isinstance(v[0], pd.DataFrame) else np.vstack(v)) for k, v in obsm_parts.items()},
         layers=layers,
         varm={k: np.asarray(v).copy() for k, v in old.varm.items()},
     )
@@ -313,9 +329,12 @@ def make_spots(
     ``shapes['spots_<section>']`` (radius ``diameter_um / 2`` in the section's pixels, Identity to the section's
     coordinate system) and a rebuilt ``tables[table_key]`` whose new rows (``obs_names`` ``'<section>_v<i>'``) have
     ``obs['measured'] = False``, zero counts, ``obsm['spatial']`` and, when present, ``obs['array_row']`` /
-    ``obs['array_col']`` (grid indices); other per-spot values of the new rows are NaN (``obsm``, float columns and
-    layers other than ``counts``), missing categories, False, ``""`` or -1, and ``obsp`` graphs are dropped (rerun the
-    steps that wrote them). A new section is added to the manifest ``uns['asign']['stack']``, and the lattice's
+    ``obs['array_col']`` (grid indices), and ``obs['z']`` (the section's z) where the table has that column; other
+    per-spot values of the new rows are NaN (``obsm`` arrays and DataFrames, float columns and layers other than
+    ``counts``), missing categories, False, ``""`` or -1. ``obsp`` graphs are dropped (rerun the steps that wrote
+    them), and so are the ``uns`` records that describe them (``uns[<obsp key>]``, and records whose
+    ``connectivities_key`` or ``distances_key`` names one, such as ``neighbors_3d``'s); ``obsm`` entries that are
+    neither 2-D arrays nor DataFrames are dropped too, with a warning that lists everything dropped. A new section is added to the manifest ``uns['asign']['stack']``, and the lattice's
     parameters are recorded in ``uns['asign']['make_spots'][section]`` (``spacing_um``, ``diameter_um``, ``grid``,
     ``n_spots``, ``tissue_threshold``).
     """
@@ -414,6 +433,9 @@ def make_spots(
         transformations={cs: Identity()},
     )
     new_table = _rebuild_table(table, section=section, sections=new_stack.sections, xy=xy, grid_rc=rc)
+    if Key.Z in new_table.obs:  # the section's z is known from the manifest (align_layers writes the column)
+        rows = (new_table.obs[Key.SECTION] == section).to_numpy()
+        new_table.obs.loc[rows, Key.Z] = float(new_stack.z_um[list(new_stack.sections).index(section)])
     new_table.uns.setdefault(Key.UNS, {})
     new_table.uns[Key.UNS][Key.STACK] = new_stack.to_uns()
     new_table.uns[Key.UNS].setdefault("make_spots", {})[section] = {

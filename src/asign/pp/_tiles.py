@@ -343,6 +343,10 @@ def make_tiles(
       (tile centre, native px); the region table also has ``obs['{key_added}_global']`` (its global tile's row)
       and the global table ``obs['n_regions']``; both carry the manifest and ``uns['asign']['tiles']``;
     - ``sdata.tables[table_key].uns['{key_added}_tiles']``: scales in px and µm per section, table names.
+
+    Tile tables of an earlier run with the same ``key_added`` are replaced; where they held the image features of
+    :func:`asign.pp.extract_features`, a warning says that those features are gone (extract them again:
+    ``extract_features`` lays its tiles itself, so ``make_tiles`` is only needed for tiles without features).
     """
     from asign.io import validate_stack
 
@@ -362,8 +366,29 @@ def make_tiles(
     _copy_manifest(table, globals_, params)
     if not inplace:
         return Tiles(r_index, g_index, regions, globals_, px)
+    _warn_replaced_features(sdata, table_key, key_added)
     write_tiles(sdata, table_key, key_added, r_index, g_index, regions, globals_, params)
     return None
+
+
+def _warn_replaced_features(sdata: SpatialData, table_key: str, key_added: str) -> None:
+    """Warn when :func:`make_tiles` replaces tile tables that hold the image features of ``extract_features``."""
+    held = [
+        k
+        for k in (tile_table_key(key_added, lev) for lev in ("region", "global"))
+        if k in sdata.tables and "features" in sdata.tables[k].obsm
+    ]
+    if not held:
+        return
+    spot_keys = [
+        k for k in (f"{key_added}_features_region", f"{key_added}_features_global") if k in sdata.tables[table_key].obsm
+    ]
+    logger.warning(
+        f"Replacing tables {held}, which held the region/global image features of `asign.pp.extract_features` "
+        f"(key_added={key_added!r}): those features are gone"
+        + (f", and `.obsm` {spot_keys} of table {table_key!r} no longer match the new tiles" if spot_keys else "")
+        + ". Run `asign.pp.extract_features` again (it lays the tiles itself) before `asign.tl.impute(method='asign')`."
+    )
 
 
 def _tile_params(
