@@ -240,17 +240,21 @@ def extract_features(
     - ``.obs['{key_added}_spot_padded']``: the spot patch crosses the image border;
     - ``.uns['{key_added}_features']``: ``encoder``, ``weights``, ``dim``, ``input_size``, ``mean``, ``std``,
       ``scales_px`` / ``scales_um`` (per level, one entry per section), ``unit``, ``sections`` (processed),
-      ``device``, ``mixed_precision``, ``pyramid``, ``resize``, ``pyramid_level`` / ``read_px`` (per level, one
-      entry per section: the pyramid level ``scale<k>`` read and the patch side in its pixels; -1 / 0 for sections
-      not processed), ``batch_size``, ``n_patches``, ``seconds``, table names; ``stain_norm``, ``tta``,
-      ``tta_views``, ``keep_views``; with a stain normalisation also ``stain_target`` (the target's source), ``stain_target_params``
-      (``source``, ``stain_vectors`` ``(3, 2)``, ``max_conc`` ``(2,)``, ``od_mean`` ``(3,)`` where defined),
+      ``levels`` (``["spot", "region", "global"]``), ``device``, ``mixed_precision``, ``pyramid``, ``resize``,
+      ``pyramid_level`` / ``read_px`` (per level, one entry per section: the pyramid level ``scale<k>`` read and
+      the patch side in its pixels; -1 / 0 for sections not processed), ``batch_size``, ``torch_version``,
+      ``n_patches``, ``seconds``, ``n_spot_padded`` (spots whose patch crosses the image border),
+      ``region_table`` / ``global_table`` (the tile tables), ``region_key`` / ``global_key`` (the index columns);
+      ``stain_norm``, ``tta``, ``tta_views``, ``keep_views``; with a stain normalisation also ``stain_target``
+      (the target's source), ``stain_target_params`` (``source``, ``stain_vectors`` ``(3, 2)``, ``max_conc``
+      ``(2,)``, ``od_mean`` ``(3,)`` where defined),
       ``stain_matrix`` ``(n_sections, 3, 3)`` (identity for sections not processed or not estimated),
       ``stain_vectors`` ``(n_sections, 3, 2)``, ``stain_max_conc`` ``(n_sections, 2)``, ``stain_od_mean``
       ``(n_sections, 3)`` (NaN where not estimated), ``stain_estimated``, ``stain_level``, ``stain_n_pixels``
       (per section), ``stain_beta``, ``stain_alpha``, ``stain_od`` (the OD convention), ``stain_seconds``;
     - ``.uns['{key_added}_tiles']`` (see :func:`asign.pp.make_tiles`);
-    - with ``keep_views=True``, ``.obsm['{key_added}_features_spot_views']``: float32 ``(n_spots, n_views, dim)``;
+    - with ``keep_views=True``, ``.obsm['{key_added}_features_spot_views']``: float32 ``(n_spots, n_views, dim)``
+      (without it, the key of an earlier run is removed);
 
     and writes the tile tables ``sdata.tables['{key_added}_regions']`` / ``['{key_added}_globals']`` (see
     :func:`asign.pp.make_tiles`) with ``obsm['features']`` (and, with ``keep_views=True``,

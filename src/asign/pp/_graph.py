@@ -739,8 +739,10 @@ def spot_overlaps(
     -------
     If ``inplace = False``, the IoU as a symmetric :class:`scipy.sparse.csr_matrix` (``n_obs x n_obs``, zero
     diagonal, cross-section pairs with IoU > 0 only). Otherwise modifies ``sdata.tables[table_key]`` with
-    ``.obsp['{{key_added}}']`` (that matrix) and ``.uns['{{key_added}}']['params']`` (radius per section, footprint
-    type, ``fraction_with_partner`` per section: the share of its spots with a cross-section partner of IoU > 0).
+    ``.obsp['{{key_added}}']`` (that matrix) and ``.uns['{{key_added}}']['params']``: ``radius_px`` (per
+    section), ``n_vertices``, ``adjacent_only``, ``footprint`` (``"circle"`` or ``"polygon"``),
+    ``fraction_with_partner`` (per section: the share of its spots with a cross-section partner of IoU > 0) and
+    ``alignment_key`` (the coordinate system of the alignment used, its ``key_added``).
     """
     from asign._stack import section_codes
     from asign.io._validate import validate_stack
