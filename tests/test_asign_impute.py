@@ -104,6 +104,7 @@ def test_fit_predict_save_load(stacks, tmp_path):
     out = asign.tl.predict(a, fitted, known="S1", inplace=False, show_progress_bar=False)
     assert list(out.var_names) == fitted.genes
     assert out.uns["asign"]["result"]["mode"] == "inductive"
+    assert list(out.uns["asign"]["train_samples"]) == ["A", "B"]  # as impute(train=...) records them
     path = tmp_path / "model.pt"
     fitted.save(path)
     loaded = asign.tl._fit.ASIGNFit.load(path)
@@ -169,7 +170,7 @@ def test_predict_takes_or_overrides_the_models_post_processing(stacks):
 
 def test_fit_transductive_ensemble_and_impute_with_train(stacks, tmp_path):
     a, b = stacks
-    f = asign.tl.fit(a, known="S1", n_genes=10, config=TINY, n_models=2, show_progress_bar=False)
+    f = asign.tl.fit(a, known="S1", n_genes=10, config={**TINY, "n_models": 2}, show_progress_bar=False)
     assert f.mode == "transductive" and f.training["validation"] == "holdout"
     assert len(f.models) == 2 and len(set(f.training["members"]["seed"])) == 2
     p1 = asign.tl.predict(a, f, known="S1", inplace=False, show_progress_bar=False)
@@ -462,3 +463,15 @@ def test_inductive_feature_widths_and_space_checked_before_training(stacks, monk
     with pytest.raises(ValueError, match="differ from those of training sample 'B' \\(tta: 'none' != 'dihedral'\\)"):
         _impute(a, train={"B": b})
     assert not trained
+
+
+def test_fit_takes_data_options_from_config_or_refuses_a_conflict(stacks):
+    """fit's keywords used to replace the same options given in config silently (config={'n_models': 2} gave 1)."""
+    a, b = stacks
+    f = asign.tl.fit({"A": a, "B": b}, n_genes=10, config={**TINY, "validation": "none"}, show_progress_bar=False)
+    assert f.training["validation"] == "none"
+    with pytest.raises(ValueError, match=r"config\['validation'\] = 'none' and validation='holdout' disagree"):
+        asign.tl.fit({"A": a, "B": b}, config={**TINY, "validation": "none"}, validation="holdout")
+    # a transductive fit trains impute's ensemble of 3 by default
+    cfg = {k: v for k, v in TINY.items() if k != "n_models"}
+    assert len(asign.tl.fit(a, known="S1", n_genes=10, config=cfg, show_progress_bar=False).models) == 3

@@ -135,3 +135,33 @@ def test_cross_validate_checks_a_test_sample_before_its_fold_trains(stacks):
     assert msg.startswith(
         "method 'asign': sample 'Q' (table 'table') has no tile table `sdata.tables['asign_regions']`"
     )
+
+
+def test_non_finite_features_are_named_before_training(stacks):
+    """One NaN feature row used to train a NaN model silently (fit) and fail only at prediction (impute)."""
+    import numpy as np
+
+    p, q = stacks
+    f = p.tables["table"].obsm["asign_features_spot"]
+    f[3] = np.nan
+    for call in (lambda: _impute(p), lambda: _fit({"P": p, "Q": q})):
+        with pytest.raises(ValueError) as e:
+            call()
+        msg = str(e.value)
+        assert (
+            "sample 'P' has non-finite image features: table 'table' `.obsm['asign_features_spot']` in 1 spots" in msg
+        )
+        assert "(per section: {'S1': 1})" in msg and "asign.pp.extract_features" in msg
+    f[3] = 0.0
+    p.tables["asign_globals"].obsm["features"][0, 1] = np.inf
+    with pytest.raises(ValueError, match=r"table 'asign_globals' `.obsm\['features'\]` in 1 tiles"):
+        _impute(p)
+
+
+def test_a_sample_given_twice_for_training_is_refused(stacks):
+    """Early stopping would validate on labels the model trains on (cross_validate refused this already)."""
+    p, q = stacks
+    with pytest.raises(ValueError, match="Samples 'P' and 'P2' are the same object; its labels would count twice"):
+        _fit({"P": p, "P2": p})
+    with pytest.raises(ValueError, match="Samples 'A' and 'B' are the same object"):
+        _impute(p, train={"A": q, "B": q})

@@ -155,7 +155,7 @@ def test_finetune_fit_save_load(stack, tmp_path):
     tiny = _tiny()
     w0 = copy.deepcopy(tiny.state_dict())
     config = {**TINY, "finetune_encoder": True, "encoder": tiny, "encoder_lr": 1e-2, "encoder_freeze": 0.0}
-    fitted = asign.tl.fit(stack, known="S1", n_genes=10, config=config, seed=2, show_progress_bar=False)
+    fitted = asign.tl.fit(stack, known="S1", n_genes=10, config=config, seed=2, n_models=1, show_progress_bar=False)
     enc = spot_encoder(fitted.model)
     assert enc is not None and enc.input_size == 32
     assert fitted.options["encoder"] == "TinyCNN" and fitted.model.feature_dims["spot"] == 16
@@ -178,7 +178,7 @@ def test_finetune_fit_save_load(stack, tmp_path):
     out2 = asign.tl.predict(stack, loaded, known="S1", inplace=False, show_progress_bar=False)
     np.testing.assert_array_equal(out.layers["imputed"], out2.layers["imputed"])
     # the default (no fine-tuning) still writes format 1 without an encoder
-    plain = asign.tl.fit(stack, known="S1", n_genes=10, config=TINY, seed=2, show_progress_bar=False)
+    plain = asign.tl.fit(stack, known="S1", n_genes=10, config=TINY, seed=2, n_models=1, show_progress_bar=False)
     plain.save(tmp_path / "plain.pt")
     p = torch.load(tmp_path / "plain.pt", weights_only=True)
     assert p["format_version"] == 1 and "spot_encoder" not in p
@@ -188,4 +188,11 @@ def test_finetune_fit_save_load(stack, tmp_path):
 def test_finetune_needs_a_torch_encoder(stack):
     # the features were extracted with the handcrafted (non-torch) encoder: fine-tuning needs a torch one
     with pytest.raises(ValueError, match="cannot be fine-tuned"):
-        asign.tl.fit(stack, known="S1", n_genes=10, config={**TINY, "finetune_encoder": True}, show_progress_bar=False)
+        asign.tl.fit(
+            stack,
+            known="S1",
+            n_genes=10,
+            config={**TINY, "finetune_encoder": True},
+            n_models=1,
+            show_progress_bar=False,
+        )

@@ -155,3 +155,8 @@ def test_known_mask_parsing(stack):
         known_mask(t, st, ["S9"])
     with pytest.raises(ValueError, match="one entry per spot"):
         known_mask(t, st, m[:-1])
+    # a 0/1 integer mask used to be read as section names '0' and '1'; None as the section 'None'
+    with pytest.raises(ValueError, match=r"`known` is a numeric array with one entry per spot .*known\.astype\(bool\)"):
+        known_mask(t, st, m.astype(int))
+    with pytest.raises(ValueError, match=r"`known` is None; pass the labelled section name\(s\) from \['S1'"):
+        known_mask(t, st, None)

@@ -349,3 +349,15 @@ def test_invalid_key_added_is_refused_before_the_method_runs(stack, spy):
             with pytest.raises(err, match=rf"key_added={key!r}"):
                 asign.tl.cross_validate({"P": stack}, method="_spy", key_added=key, show_progress_bar=False)
     assert spy == {} and set(stack.tables) == {"table"} and t is stack.tables["table"]
+
+
+def test_an_impossible_device_is_refused_for_every_method(stack, spy):
+    """device='cuda' without CUDA used to run the baselines and record 'cuda'; a non-device a raw torch error."""
+    import torch
+
+    with pytest.raises(ValueError, match=r"device='tpu' is not a torch device"):
+        asign.tl.impute(stack, known="S1", method="_spy", n_genes=5, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            asign.tl.impute(stack, known="S1", method="mean", n_genes=5, device="cuda")
+    assert "asign" not in stack.tables  # nothing written

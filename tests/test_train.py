@@ -266,3 +266,15 @@ def test_predict_sample_returns_the_model_to_its_device():
     out = predict_sample(model, s, device=torch.device("cpu"), amp=False)["pred"]
     assert out.shape == (s.n_spots, 5)
     assert calls == ["cpu", "cpu"]  # to the device, then home
+
+
+def test_a_non_finite_loss_stops_training(data):
+    """NaN inputs that slip past the checks must not train (and return) a model of NaN weights."""
+    s, _, _ = data
+    x = s.x_spot.clone()
+    x[5] = float("nan")
+    bad = s.replace(x_spot=x)
+    cfg = ASIGNConfig(**CFG, mask="spot", visible_fraction=0.3, max_epochs=2, steps_per_epoch=2)
+    model = make_model(s.n_genes, _dims(s), cfg)
+    with pytest.raises(FloatingPointError, match=r"the loss on sample .* became non-finite at epoch 0 \(step 0\)"):
+        train_model(model, [bad], show_progress_bar=False)

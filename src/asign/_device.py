@@ -17,7 +17,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        msg = f"device={device!r} is not a torch device ({e}); pass 'cpu', 'cuda', 'cuda:<index>', 'mps' or None."
+        raise ValueError(msg) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         msg = f"device={device!r} was requested but CUDA is not available; pass device='cpu' or device=None."
         raise ValueError(msg)

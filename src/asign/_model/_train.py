@@ -455,6 +455,12 @@ def _train(
                     )
                     if view_gen is not None and cfg.view_consistency > 0:
                         loss, parts = _add_view_consistency(model, s_views, s_step, y_step, out, loss, parts, view_gen)
+                    if not bool(torch.isfinite(loss)):  # never train on (and keep) NaN weights
+                        msg = (
+                            f"ASIGN training: the loss on sample {s.name!r} became non-finite at epoch {epoch} "
+                            f"(step {res.n_steps}); check the inputs for NaN/inf values, or lower the learning rate."
+                        )
+                        raise FloatingPointError(msg)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip > 0:

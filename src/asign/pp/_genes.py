@@ -236,9 +236,18 @@ def known_mask(table: AnnData, stack: StackInfo, known: Any) -> np.ndarray:
                 raise ValueError(msg)
             known = known.reindex(table.obs_names)
         return known.to_numpy(dtype=bool)
+    if known is None:
+        msg = f"`known` is None; pass the labelled section name(s) from {stack.sections} or a boolean mask."
+        raise ValueError(msg)
     if isinstance(known, str):
         known = [known]
     arr = np.asarray(known)
+    if arr.dtype.kind in "iuf" and arr.shape == (n,) and n > len(stack.sections):
+        msg = (
+            f"`known` is a numeric array with one entry per spot ({n}); pass a boolean mask (e.g. "
+            "`known.astype(bool)`) or section names."
+        )
+        raise ValueError(msg)
     if arr.dtype == bool:
         if arr.shape != (n,):
             msg = f"A boolean `known` mask must have one entry per spot ({n}), got shape {arr.shape}."

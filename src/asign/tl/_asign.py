@@ -186,7 +186,8 @@ def check_sample_inputs(
     ``obsm['{feature_key}_features_<level>']`` of every level of the model (none with ``feature_key=None``); at
     ``levels="spot_region_global"`` also the tile rows ``obs['{feature_key}_region' / '_global']`` and the tile
     tables ``'{feature_key}_regions'`` / ``'_globals'`` with ``obsm['features']`` (the region table with its
-    ``obs['{feature_key}_global']``); and the graph ``obsp['{graph_key}_connectivities']``. Reads no arrays.
+    ``obs['{feature_key}_global']``); and the graph ``obsp['{graph_key}_connectivities']``. The feature arrays are
+    read only to check that they are finite (a ValueError names the rows that are not).
 
     Parameters
     ----------
@@ -222,6 +223,41 @@ def check_sample_inputs(
     if ckey not in table.obsp:
         msg = f"{who} `.obsp['{ckey}']`; run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` on it first."
         raise KeyError(msg)
+    _check_finite_features(table, tables, sample, table_key, levels=levels, feature_key=feature_key)
+
+
+def _check_finite_features(
+    table: AnnData,
+    tables: Mapping[str, AnnData] | None,
+    sample: str,
+    table_key: str,
+    *,
+    levels: str,
+    feature_key: str | None,
+) -> None:
+    """A ValueError naming the features with NaN/inf rows: one such row would turn the whole model into NaN."""
+    if feature_key is None:
+        return
+    where = f"method 'asign': {f'sample {sample!r}' if sample else 'the sample'}"
+    bad_parts = []
+    sec = table.obs[Key.SECTION].astype(str).to_numpy()
+    for k in _feature_keys(feature_key, levels):
+        bad = ~np.isfinite(np.asarray(table.obsm[k], dtype=np.float64)).all(axis=1)
+        if bad.any():
+            per = {str(s): int((sec[bad] == s).sum()) for s in dict.fromkeys(sec[bad])}
+            bad_parts.append(f"table {table_key!r} `.obsm['{k}']` in {int(bad.sum())} spots (per section: {per})")
+    if levels == "spot_region_global" and tables is not None:
+        for name in (f"{feature_key}_regions", f"{feature_key}_globals"):
+            bad = ~np.isfinite(np.asarray(tables[name].obsm[Key.TILE_FEATURES], dtype=np.float64)).all(axis=1)
+            if bad.any():
+                bad_parts.append(f"table {name!r} `.obsm['{Key.TILE_FEATURES}']` in {int(bad.sum())} tiles")
+    if bad_parts:
+        msg = (
+            f"{where} has non-finite image features: {'; '.join(bad_parts)}. One such row would make every "
+            "prediction NaN; extract the features again for those sections (`asign.pp.extract_features`), or drop the "
+            "spots."
+        )
+        raise ValueError(msg)
 
 
 def sample_tensors(

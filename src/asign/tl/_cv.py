@@ -23,7 +23,7 @@ from asign.pp._genes import (
 )
 
 from ._evaluate import COLUMNS, evaluate
-from ._impute import _check_key_added, check_gene_list, run_impute, same_sample, train_contexts
+from ._impute import _check_key_added, check_distinct_samples, check_gene_list, run_impute, train_contexts
 from ._registry import FitContext, check_before_fit, get_fit, get_method
 
 if TYPE_CHECKING:
@@ -238,14 +238,10 @@ def cross_validate(
     fit = get_fit(method)
     named = _named_samples(samples, table_key)
     names = list(named)
-    for i, n in enumerate(names):  # a sample passed twice would train on its own test labels
-        for m in names[i + 1 :]:
-            if how := same_sample(named[n], named[m]):
-                msg = (
-                    f"Samples {n!r} and {m!r} are the same {how}; a fold testing one would train on the other, i.e. "
-                    "on its own unknown sections' labels. Pass each sample once."
-                )
-                raise ValueError(msg)
+    check_distinct_samples(  # a sample passed twice would train on its own test labels
+        list(named.items()),
+        "a fold testing one would train on the other, i.e. on its own unknown sections' labels.",
+    )
     folds = _check_folds(default_folds(names) if folds is None else folds, names)
     stacks = {n: validate_stack(s, table_key=table_key) for n, s in named.items()}
     if genes is not None:  # before any fold trains

@@ -171,6 +171,18 @@ def load(path: str | Path, *, encoder: Any = None) -> ASIGNFit:
     return ASIGNFit.load(path, encoder=encoder)
 
 
+# keyword arguments of `fit` that are also ASIGN options, with their defaults: `config` may give them instead
+FIT_KEYWORDS = {
+    "preset": "default",
+    "validation": "auto",
+    "n_models": None,
+    "n_jobs": "auto",
+    "feature_key": Key.ADDED,
+    "graph_key": Key.ADDED,
+    "seed": 0,
+}
+
+
 def _named(samples: Any, table_key: str) -> list[tuple[str, SpatialData]]:
     from spatialdata import SpatialData
 
@@ -180,10 +192,13 @@ def _named(samples: Any, table_key: str) -> list[tuple[str, SpatialData]]:
         from asign.pp._genes import _sample_name
 
         return [(_sample_name(samples, "sample_0", table_key), samples)]
+    from ._impute import TRAIN_TWICE, check_distinct_samples
+
     out = _as_sample_list(samples)
     if not out:
         msg = "`samples` is empty; pass at least one SpatialData stack."
         raise ValueError(msg)
+    check_distinct_samples(out, TRAIN_TWICE)
     return out
 
 
@@ -213,7 +228,7 @@ def fit(
     preset: str = "default",
     config: Mapping[str, Any] | None = None,
     validation: str = "auto",
-    n_models: int = 1,
+    n_models: int | None = None,
     n_jobs: int | str = "auto",
     feature_key: str = Key.ADDED,
     graph_key: str = Key.ADDED,
@@ -258,7 +273,10 @@ def fit(
         ``{{"hidden_dim": 128, "max_epochs": 50}}``). ``{{"finetune_encoder": True}}`` fine-tunes the spot encoder
         end to end on the spot patches (GPU recommended); ``"encoder"`` (a registry name or a
         :class:`torch.nn.Module`; default: the encoder of :func:`asign.pp.extract_features`), ``"encoder_weights"``
-        and ``"encoder_input_size"`` choose it.
+        and ``"encoder_input_size"`` choose it. The data options of docs/api.md (``gene_rank``, ``nearest_blend``,
+        ``tile_radius``, ...) go here too. An option that is also a keyword of ``fit`` (``preset``, ``validation``,
+        ``n_models``, ``n_jobs``, ``feature_key``, ``graph_key``, ``seed``) may be given either way: config's value
+        is used where the keyword is left at its default, and two different values are refused.
     validation
         Early stopping: ``"auto"``, ``"holdout"`` or ``"none"``. ``"auto"`` with several samples validates on the
         last sample whose labels span at least two sections (its first labelled section visible, its other labelled
@@ -267,7 +285,8 @@ def fit(
         labelled spots of every sample (``"holdout"``; with a warning in the first case).
     n_models
         Ensemble size: independently initialised members (seeds spawned from ``seed``; each with its own hold-out
-        split), predictions averaged.
+        split), predictions averaged. Default: 1, or 3 for a model trained transductively (one sample with
+        ``known`` set), as :func:`asign.tl.impute` trains it.
     n_jobs
         Worker processes that train ensemble members in parallel on the CPU: ``"auto"`` (one per member, up to the
         usable cores; torch threads are divided among them) or a number. On a GPU members train one after another.
@@ -292,6 +311,17 @@ def fit(
     from ._impute import build_context, check_gene_list
 
     check_normalization(normalization)
+    config = dict(config or {})
+    given = {"preset": preset, "validation": validation, "n_models": n_models, "n_jobs": n_jobs}
+    given |= {"feature_key": feature_key, "graph_key": graph_key, "seed": seed}
+    for k, default in FIT_KEYWORDS.items():  # one value per option: config's, unless the keyword says otherwise
+        if k in config:
+            if given[k] != default and given[k] != config[k]:
+                msg = f"config[{k!r}] = {config[k]!r} and {k}={given[k]!r} disagree; give {k} once."
+                raise ValueError(msg)
+            given[k] = config.pop(k)
+    preset, validation, n_models, n_jobs = given["preset"], given["validation"], given["n_models"], given["n_jobs"]
+    feature_key, graph_key, seed = given["feature_key"], given["graph_key"], given["seed"]
     named = _named(samples, table_key)
     if genes is not None:
         genes = check_gene_list(genes)
@@ -318,10 +348,11 @@ def fit(
         frames = [section_gene_means(s.tables[table_key], m, st) for (_, s), (m, st) in zip(named, masks, strict=True)]
         genes, _ = top_genes(frames, n_genes)
     genes = [str(g) for g in genes]
-    params = dict(config or {})
+    params = dict(config)
     params["preset"] = preset
     params["validation"] = validation
-    params["n_models"] = int(n_models)
+    if n_models is not None:  # else the option's default: 1, or 3 transductively
+        params["n_models"] = int(n_models)
     params["n_jobs"] = n_jobs
     params["feature_key"] = feature_key
     params["graph_key"] = graph_key

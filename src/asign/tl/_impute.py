@@ -132,6 +132,20 @@ def same_sample(a: SpatialData, b: SpatialData) -> str | None:
     return None
 
 
+def check_distinct_samples(named: Sequence[tuple[str, SpatialData]], why: str) -> None:
+    """A ValueError naming two entries of ``named`` that are one sample (:func:`same_sample`); ``why`` says the harm."""
+    for i, (n, a) in enumerate(named):
+        for m, b in named[i + 1 :]:
+            if how := same_sample(a, b):
+                msg = f"Samples {n!r} and {m!r} are the same {how}; {why} Pass each sample once."
+                raise ValueError(msg)
+
+
+TRAIN_TWICE = (
+    "its labels would count twice in training, and early stopping could validate on labels the model trains on."
+)
+
+
 def check_not_test_sample(sdata: SpatialData, train: Sequence[tuple[str, SpatialData]]) -> None:
     """A ValueError if a training sample is ``sdata`` itself: its unknown sections' labels would reach training."""
     for name, s in train:
@@ -427,6 +441,10 @@ def run_impute(
 
     stack = validate_stack(sdata, table_key=table_key)
     check_normalization(normalization)
+    if device is not None:  # every method: a device that cannot exist is an error before any work
+        from asign._device import resolve_device
+
+        resolve_device(device)
     predict = get_method(method)
     fit = get_fit(method)
     table = sdata.tables[table_key]
@@ -514,7 +532,9 @@ def run_impute(
         "device": "auto" if device is None else str(device),
         "source_table": table_key,
         "sample": sample,
-        "train_samples": [c.sample for c in train_ctx],
+        # the samples the model was trained on: these contexts, or those recorded in a fitted model (tl.predict)
+        "train_samples": [c.sample for c in train_ctx]
+        or [str(x) for x in getattr(fitted, "train_samples", None) or []],
         "versions": package_versions(),
     }
     if extra_uns:
@@ -626,6 +646,7 @@ def impute(
     Raw counts are never altered. Nothing is written when an error is raised.
     """
     train_list = _as_sample_list(train)
+    check_distinct_samples(train_list, TRAIN_TWICE)
     check_not_test_sample(sdata, train_list)
     if inplace:
         _check_key_added(sdata, key_added, table_key, overwrite=overwrite)
