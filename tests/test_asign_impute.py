@@ -122,6 +122,8 @@ def test_fit_predict_save_load(stacks, tmp_path):
         asign.tl.predict(a, loaded, known="S1", key_added="pred")
     with pytest.raises(ValueError, match="key_added='my result' is not a valid SpatialData element name"):
         asign.tl.predict(a, loaded, known="S1", key_added="my result")
+    with pytest.raises(TypeError, match="`model` must be an ASIGNFit .* got NoneType"):
+        asign.tl.predict(a, None, known="S1")
     bad = tmp_path / "bad.pt"
     torch.save({"x": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="not an asign model"):

@@ -166,3 +166,15 @@ def test_a_sample_passed_twice_is_refused(samples, trainable):
     with pytest.raises(ValueError, match="Samples 'P' and 'P2' are the same object"):
         asign.tl.cross_validate({**samples, "P2": samples["P"]}, method="_cv_train_mean", show_progress_bar=False)
     assert trainable == []
+
+
+def test_known_and_key_added_errors_name_the_sample(samples, trainable):
+    kw = {"method": "_cv_train_mean", "show_progress_bar": False}
+    with pytest.raises(ValueError, match=r"Sample 'P': `known` names unknown section\(s\) \['S9'\]"):
+        asign.tl.cross_validate(samples, known={"P": "S9", "Q": "S1", "R": "S1", "S": "S1"}, **kw)
+    import anndata as ad
+
+    samples["Q"].tables["mine"] = ad.AnnData(np.ones((2, 2)))  # the user's table
+    with pytest.raises(ValueError, match=r"Sample 'Q': sdata.tables\['mine'\] exists and was not written by asign"):
+        asign.tl.cross_validate(samples, key_added="mine", **kw)
+    assert trainable == []

@@ -262,14 +262,18 @@ def cross_validate(
         train_tables = [(m, named[m].tables[table_key]) for m in names if m not in f]
         for n in f:
             t = named[n].tables[table_key]
-            masks[n] = known_mask(t, stacks[n], _known_spec(known, n, stacks[n].sections))
-            check_known(t, stacks[n], masks[n])  # before any fold trains
+            try:  # before any fold trains; the errors name the sample
+                masks[n] = known_mask(t, stacks[n], _known_spec(known, n, stacks[n].sections))
+                check_known(t, stacks[n], masks[n])
+                if key_added is not None:
+                    _check_key_added(named[n], key_added, table_key, overwrite=overwrite)
+            except (KeyError, ValueError, TypeError) as e:
+                msg = f"Sample {n!r}: {e.args[0]}"
+                raise type(e)(msg) from None
             if fit is not None:
                 check_before_fit(
                     method, t, dict(method_kwargs or {}), table_key, train=train_tables, sample=n, sdata=named[n]
                 )
-            if key_added is not None:
-                _check_key_added(named[n], key_added, table_key, overwrite=overwrite)
     seeds = spawn_seeds(seed, len(folds))
     params = dict(method_kwargs or {})
     frames = []

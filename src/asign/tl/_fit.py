@@ -439,6 +439,9 @@ def predict(
 
     from ._impute import _check_key_added, run_impute, write_output_table
 
+    if not isinstance(model, ASIGNFit | str | Path):
+        msg = f"`model` must be an ASIGNFit (from asign.tl.fit) or the path of a saved one, got {type(model).__name__}."
+        raise TypeError(msg)
     fitted = model if isinstance(model, ASIGNFit) else ASIGNFit.load(model)
     if inplace:
         _check_key_added(sdata, key_added, table_key, overwrite=overwrite)
