@@ -174,6 +174,9 @@ def test_make_spots_errors(emptied):
         make_spots(emptied, section="S2", grid="triangle")
     with pytest.raises(ValueError, match="no tissue found"):
         make_spots(emptied, section="S2", tissue_threshold=0.0)
+    px = float(get_stack(emptied.tables["table"]).um_per_px[1])
+    with pytest.raises(ValueError, match=r"the pitch spacing_um=.* is smaller than a pixel of image 'he_S2'"):
+        make_spots(emptied, section="S2", spacing_um=0.5 * px)
     del emptied.images["he_S2"]
     emptied.tables["table"].uns["asign"]["stack"]["image_key"] = ["he_S1", "", "he_S3"]
     with pytest.raises(ValueError, match="Section 'S2' has no image"):
@@ -259,3 +262,28 @@ def test_spots_laid_after_alignment_warn_and_evaluate_names_unscored_sections(ca
         ev = asign.tl.evaluate(sdata)
     assert "Sections ['S4'] have no measured spot" in caplog.text
     assert set(ev[ev.level == "section"].section) == {"S2", "S3"}
+
+
+def test_make_spots_finds_no_tissue_in_noise(emptied):
+    """Otsu's threshold splits pure scanner noise in two: a white image with faint noise got 196 'tissue' spots."""
+    import warnings
+
+    img = emptied.images["he_S2"]["scale0"]["image"].values
+    noise = (255 - np.random.default_rng(0).integers(0, 4, img.shape)).astype(np.uint8)
+    emptied.images["he_S2"] = Image2DModel.parse(
+        noise, dims=("c", "y", "x"), scale_factors=[2], transformations={"S2": Identity()}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy warnings on an image without tissue
+        with pytest.raises(ValueError, match="no tissue found in image 'he_S2'"):
+            make_spots(emptied, section="S2")
+        blank = np.full_like(img, 255)
+        emptied.images["he_S2"] = Image2DModel.parse(blank, dims=("c", "y", "x"), transformations={"S2": Identity()})
+        with pytest.raises(ValueError, match="no tissue found in image 'he_S2'"):
+            make_spots(emptied, section="S2")
+
+
+def test_make_spots_overlapping_pitch_warns(emptied, asign_log):
+    d = float(get_stack(emptied.tables["table"]).spot_diameter_um)
+    make_spots(emptied, section="S2", spacing_um=0.8 * d, tissue_threshold=0.95)
+    assert "is smaller than the spot diameter" in asign_log.warnings and "overlap" in asign_log.warnings

@@ -217,7 +217,7 @@ def test_tile_sides_in_um_or_on_fine_images_are_silent(small_stack, caplog):
     import logging
 
     from asign._stack import get_stack
-    from asign.pp._tiles import _warn_large_region_tiles
+    from asign.pp._tiles import warn_large_region_tiles
 
     sd = small_stack
     with caplog.at_level(logging.WARNING, logger="asign"):
@@ -227,12 +227,12 @@ def test_tile_sides_in_um_or_on_fine_images_are_silent(small_stack, caplog):
     # the threshold: silent on HER2ST-like images (100 µm spots, 0.5-0.92 µm/px), loud on the synthetic 4 µm/px
     stack = get_stack(sd)
     with caplog.at_level(logging.WARNING, logger="asign"):
-        _warn_large_region_tiles(
+        warn_large_region_tiles(
             dataclasses.replace(stack, um_per_px=np.array([0.5, 0.69, 0.92]), spot_diameter_um=100.0), [512] * 3
         )
     assert not _region_warnings(caplog)
     with caplog.at_level(logging.WARNING, logger="asign"):
-        _warn_large_region_tiles(
+        warn_large_region_tiles(
             dataclasses.replace(stack, um_per_px=np.array([0.5, 4.0, 4.0]), spot_diameter_um=96.0), [512] * 3
         )
     msgs = _region_warnings(caplog)
@@ -252,3 +252,14 @@ def test_make_tiles_after_extract_features_warns_that_the_tile_features_are_gone
     assert "Replacing tables ['asign_regions', 'asign_globals'], which held the region/global image features" in w
     assert "['asign_features_region', 'asign_features_global'] of table 'table' no longer match" in w
     assert "features" not in sd.tables["asign_regions"].obsm  # what the warning says
+
+
+def test_a_partial_scales_um_says_which_levels_stay_in_pixels(small_stack, asign_log):
+    """scales_um={'spot': ...} recorded unit 'um' while region/global silently took 512 / 1024 px."""
+    asign.pp.extract_features(small_stack, encoder="handcrafted", scales_um={"spot": 150.0}, show_progress_bar=False)
+    assert "scales_um gives no ['region', 'global']: those levels take the pixel defaults (region 512 px" in (
+        asign_log.warnings
+    )
+    asign_log.records.clear()
+    asign.pp.make_tiles(small_stack, scales_um={"region": 400.0, "global": 800.0})
+    assert "scales_um gives no" not in asign_log.warnings

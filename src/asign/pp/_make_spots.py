@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 # a pixel is tissue when its optical density exceeds the background's by this many robust standard deviations
 # (capped by Otsu's threshold): pale tissue (fat, loose stroma) counts as tissue, glass does not
 _BG_SIGMAS = 8.0
+# optical density by which the median tissue pixel must exceed the background's (pale tissue ~0.1 and more; scanner
+# noise on glass ~0.01): below it the image holds no tissue
+_MIN_OD_CONTRAST = 0.05
 _MAX_MASK_SIDE = 2048
 
 
@@ -79,12 +82,18 @@ def tissue_mask(
         mask = grey < float(tissue_threshold)
     else:
         od = (-np.log((rgb + 1.0) / 256.0)).mean(axis=-1)
-        otsu = threshold_otsu(od)
+        otsu = threshold_otsu(od) if float(od.max() - od.min()) > 0 else float(od.max())
         bg = od[od < otsu]
-        med = float(np.median(bg))
-        sigma = 1.4826 * float(np.median(np.abs(bg - med)))
-        thr = min(otsu, med + _BG_SIGMAS * max(sigma, 1e-3))
-        mask = od > thr
+        if bg.size == 0:  # a uniform image: nothing stands out
+            mask = np.zeros(od.shape, dtype=bool)
+        else:
+            med = float(np.median(bg))
+            sigma = 1.4826 * float(np.median(np.abs(bg - med)))
+            thr = min(otsu, med + _BG_SIGMAS * max(sigma, 1e-3))
+            mask = od > thr
+            # Otsu splits any image in two, pure noise too: the tissue must be visibly darker than the background
+            if mask.any() and float(np.median(od[mask])) - med < _MIN_OD_CONTRAST:
+                mask[:] = False
     # clean: close small gaps, drop debris, fill small holes (all scaled to ~100 µm)
     px_um = factor * pixel_um
     r = max(1, round(25.0 / px_um))
@@ -414,13 +423,24 @@ def make_spots(
     if not (diameter > 0 and spacing > 0):
         msg = f"spacing_um and diameter_um must be positive (got {spacing}, {diameter})."
         raise ValueError(msg)
+    if spacing < px:
+        msg = (
+            f"Section {section!r}: the pitch spacing_um={spacing:g} is smaller than a pixel of image {ikey!r} "
+            f"({px:g} µm): neighbouring virtual spots would share pixels. Use a pitch of at least one pixel."
+        )
+        raise ValueError(msg)
+    if spacing < diameter:
+        logger.warning(
+            f"Section {section!r}: the pitch spacing_um={spacing:g} is smaller than the spot diameter {diameter:g} µm, "
+            "so the virtual spots overlap (measured ST / Visium spots never do: pitch 200 / 100 µm)."
+        )
     image = images[ikey]
     level0 = _levels(image)[0]
     mask, factor = tissue_mask(image, pixel_um=px, tissue_threshold=tissue_threshold, min_resolution_um=spacing / 4.0)
     xy, rc = _grid(mask, factor, spacing / px, grid, (int(level0.sizes["y"]), int(level0.sizes["x"])))
     if len(xy) == 0:
         msg = (
-            f"Section {section!r}: no tissue found in image {ikey!r} (or the pitch {spacing} µm is larger than the "
+            f"Section {section!r}: no tissue found in image {ikey!r} (or the pitch {spacing:g} µm is larger than the "
             "tissue); check the image or pass `tissue_threshold=`."
         )
         raise ValueError(msg)

@@ -56,7 +56,7 @@ def resolve_scales(
     """Patch/tile sides per level and section in native pixels (and µm).
 
     ``scales`` (pixels) and ``scales_um`` (µm, converted with each section's ``um_per_px``) are exclusive; missing
-    levels take the defaults (224 / 512 / 1024 px). The global side must be an integer multiple of the region side
+    levels take the defaults (224 / 512 / 1024 px), with a warning when the others are given in µm. The global side must be an integer multiple of the region side
     in every section, so that the global grid nests the region grid.
     """
     if scales is not None and scales_um is not None:
@@ -108,6 +108,14 @@ def resolve_scales(
                 )
                 raise ValueError(msg)
     um_sides = {lev: [float(p * u) for p, u in zip(px[lev], um, strict=True)] for lev in px}
+    missing = [lev for lev in levels if lev not in given]
+    if scales_um is not None and missing:
+        sides = ", ".join(f"{lev} {px[lev][0]} px = {um_sides[lev][0]:.4g} µm" for lev in missing)
+        logger.warning(
+            f"scales_um gives no {missing}: those levels take the pixel defaults ({sides} in section "
+            f"{stack.sections[0]!r}), which suit images of about 0.5 µm/px; give every level in µm, e.g. "
+            "scales_um={'spot': 112, 'region': 256, 'global': 512} (the defaults at 0.5 µm/px)."
+        )
     return px, um_sides, unit
 
 
@@ -278,7 +286,7 @@ def _copy_manifest(src: AnnData, dst: AnnData, params: dict[str, Any]) -> None:
 LARGE_REGION_DIAMETERS = 7.0
 
 
-def _warn_large_region_tiles(stack: StackInfo, region_px: list[int]) -> None:
+def warn_large_region_tiles(stack: StackInfo, region_px: list[int]) -> None:
     """Warn about sections whose region tile (side given in pixels) spans more than 7 spot diameters."""
     from asign._stack import wide_detail, wider_than_spots
 
@@ -356,7 +364,7 @@ def make_tiles(
     sc_um = {k: v for k, v in (scales_um or {}).items() if k != "spot"} if scales_um is not None else None
     px, um, unit = resolve_scales(stack, sc, sc_um, levels=TILE_LEVELS)
     if sc_um is None or "region" not in sc_um:
-        _warn_large_region_tiles(stack, px["region"])
+        warn_large_region_tiles(stack, px["region"])
     sizes = [_image_size(sdata, k) for k in stack.image_keys]
     if inplace:
         check_output_keys(sdata, table_key, key_added)
