@@ -349,6 +349,30 @@ def _shrink(mask: np.ndarray, f: float) -> np.ndarray:
     return warp(small, S, shape, order=1)
 
 
+def _touches_border(mask: np.ndarray, *, margin: int = 4, min_fraction: float = 0.05) -> bool:
+    """Whether a tissue mask runs along its image's border.
+
+    Tissue within ``margin`` px of an edge over at least ``min_fraction`` of that edge (the mask's clean-up erodes
+    a cut edge by a pixel or two; stray pixels do not count).
+    """
+    m = np.asarray(mask, dtype=bool)
+    k = max(1, min(margin, min(m.shape) // 4))
+    edges = (m[:k].any(axis=0), m[-k:].any(axis=0), m[:, :k].any(axis=1), m[:, -k:].any(axis=1))
+    return any(e.mean() >= min_fraction for e in edges)
+
+
+def overlap_shift(moved: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """The shift ``(dx, dy)`` in pixels of ``moved`` that maximises its overlap with ``target`` (same shape).
+
+    FFT cross-correlation on grids padded to twice the size, so that shifts do not wrap around.
+    """
+    h, w = target.shape
+    size = (2 * h, 2 * w)
+    corr = np.fft.irfft2(np.fft.rfft2(target, s=size) * np.conj(np.fft.rfft2(moved, s=size)), s=size)
+    iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
+    return float(ix if ix < w else ix - size[1]), float(iy if iy < h else iy - size[0])
+
+
 def coarse_search(
     moving: WorkImage,
     fixed: WorkImage,
@@ -358,10 +382,12 @@ def coarse_search(
     scale: float = 1.0,
     n_best: int = 1,
 ) -> list[tuple[float, np.ndarray, dict[str, Any]]]:
-    """Rotation search on the tissue masks: centroids matched, rotations in ``step_deg`` steps over 360°.
+    """Rotation search on the tissue masks: rotations in ``step_deg`` steps over 360°, two ways to translate.
 
-    Each of the best angles is refined to 1° by a local search. Returns up to ``n_best`` starts ``(Dice, A_work,
-    info)`` sorted by decreasing Dice, at least ``2 * step_deg`` apart.
+    ``"centroid"``: the mask centroids matched. ``"overlap"``, only when a mask touches its image's border (tissue
+    that may be cut there, which moves its centroid): then shifted to the largest mask overlap (FFT
+    cross-correlation). For each way, the best angles (at least ``2 * step_deg`` apart) are refined to 1° by a local
+    search. Returns up to ``n_best`` starts of each way ``(Dice, A_work, info)``, sorted by decreasing Dice.
     """
     # both masks shrunk by one factor so that the larger has SEARCH_SIZE px; S maps small px to working px
     f = max(1.0, max(*moving.shape, *fixed.shape) / float(SEARCH_SIZE))
@@ -372,8 +398,12 @@ def coarse_search(
     fb = fs > 0.5
     cm, cf = _centroid(moving.mask), _centroid(fixed.mask)
 
-    def start(theta: float, mir: bool) -> np.ndarray:  # noqa: FBT001
-        return translation(*cf) @ rotation(theta, mirror=mir, scale=scale) @ translation(*(-cm))
+    def start(theta: float, mir: bool, how: str) -> np.ndarray:  # noqa: FBT001
+        A = translation(*cf) @ rotation(theta, mirror=mir, scale=scale) @ translation(*(-cm))
+        if how == "overlap":
+            dx, dy = overlap_shift(warp(ms, S_inv @ A @ S, fs.shape, order=1), fs)
+            A = S @ translation(dx, dy) @ S_inv @ A
+        return A
 
     def score(A: np.ndarray) -> float:
         A_small = S_inv @ A @ S
@@ -381,23 +411,26 @@ def coarse_search(
 
     flips = (False, True) if mirror else (False,)
     angles = np.arange(0.0, 360.0, step_deg)
-    grid = [(score(start(t, mir)), t, mir) for mir in flips for t in angles]
-    grid.sort(key=lambda r: -r[0])
-    picked: list[tuple[float, float, bool]] = []
-    for d, t, mir in grid:
-        if all(mir != pm or _angle_gap(t, pt) >= 2 * step_deg - 1e-9 for _, pt, pm in picked):
-            picked.append((d, t, mir))
-        if len(picked) == n_best:
-            break
     out = []
-    for d, t, mir in picked:
-        best = (d, t)
-        for dt in np.arange(-step_deg / 2.0, step_deg / 2.0 + 1e-9, 1.0):
-            dd = score(start(t + dt, mir))
-            if dd > best[0]:
-                best = (dd, t + dt)
-        A = start(best[1], mir)
-        out.append((best[0], A, {"rotation_deg": float(best[1]), "mirrored": bool(mir)}))
+    # a mask that touches its image's border may be cut there, which moves its centroid: search by overlap too
+    cut = _touches_border(moving.mask) or _touches_border(fixed.mask)
+    for how in ("centroid", "overlap") if cut else ("centroid",):
+        grid = [(score(start(t, mir, how)), t, mir) for mir in flips for t in angles]
+        grid.sort(key=lambda r: -r[0])
+        picked: list[tuple[float, float, bool]] = []
+        for d, t, mir in grid:
+            if all(mir != pm or _angle_gap(t, pt) >= 2 * step_deg - 1e-9 for _, pt, pm in picked):
+                picked.append((d, t, mir))
+            if len(picked) == n_best:
+                break
+        for d, t, mir in picked:
+            best = (d, t)
+            for dt in np.arange(-step_deg / 2.0, step_deg / 2.0 + 1e-9, 1.0):
+                dd = score(start(t + dt, mir, how))
+                if dd > best[0]:
+                    best = (dd, t + dt)
+            A = start(best[1], mir, how)
+            out.append((best[0], A, {"rotation_deg": float(best[1]), "mirrored": bool(mir), "translation": how}))
     out.sort(key=lambda r: -r[0])
     return out
 
