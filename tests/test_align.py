@@ -688,3 +688,13 @@ def test_a_section_cut_at_the_image_border_is_placed_by_mask_overlap():
     asign.pp.align_layers(cut, show_progress_bar=False)
     err = _world_error_um(cut)
     assert err["S1"] < 20.0 and err["S3"] < 20.0  # spot diameter ~150 µm
+
+
+def test_a_mirror_matrix_is_not_recorded_as_rigid():
+    from asign.pp._align import classify_transforms
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s, 5.0], [s, c, 2.0], [0, 0, 1]])
+    assert classify_transforms({"a": np.eye(3), "b": rot}) == "rigid"
+    assert classify_transforms({"a": np.eye(3), "b": np.diag([2.0, 2.0, 1.0]) @ rot}) == "similarity"
+    assert classify_transforms({"a": np.eye(3), "b": rot @ np.diag([-1.0, 1.0, 1.0])}) == "affine"  # a mirror

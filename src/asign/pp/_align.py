@@ -72,12 +72,16 @@ def relative_to_reference(transforms: Mapping[str, Any], reference: str) -> dict
 
 
 def classify_transforms(transforms: Mapping[str, np.ndarray], tol: float = 1e-3) -> str:
-    """The narrowest of ``"rigid"``, ``"similarity"`` and ``"affine"`` that describes every matrix."""
+    """The narrowest of ``"rigid"``, ``"similarity"`` and ``"affine"`` that describes every matrix.
+
+    A mirror (negative determinant) is neither rigid nor a similarity in the sense of the registration (ANTs' rigid
+    and similarity maps keep the orientation): ``"affine"``.
+    """
     kind = "rigid"
     for M in transforms.values():
         L = np.asarray(M, dtype=float)[:2, :2]
         sv = np.linalg.svd(L, compute_uv=False)
-        if abs(sv[0] - sv[1]) > tol * sv[0]:
+        if abs(sv[0] - sv[1]) > tol * sv[0] or np.linalg.det(L) < 0:
             return "affine"
         if abs(sv[0] - 1.0) > tol:
             kind = "similarity"
