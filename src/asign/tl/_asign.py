@@ -242,13 +242,13 @@ def _check_finite_features(
     bad_parts = []
     sec = table.obs[Key.SECTION].astype(str).to_numpy()
     for k in _feature_keys(feature_key, levels):
-        bad = ~np.isfinite(np.asarray(table.obsm[k], dtype=np.float64)).all(axis=1)
+        bad = ~np.isfinite(np.asarray(table.obsm[k])).all(axis=1)
         if bad.any():
             per = {str(s): int((sec[bad] == s).sum()) for s in dict.fromkeys(sec[bad])}
             bad_parts.append(f"table {table_key!r} `.obsm['{k}']` in {int(bad.sum())} spots (per section: {per})")
     if levels == "spot_region_global" and tables is not None:
         for name in (f"{feature_key}_regions", f"{feature_key}_globals"):
-            bad = ~np.isfinite(np.asarray(tables[name].obsm[Key.TILE_FEATURES], dtype=np.float64)).all(axis=1)
+            bad = ~np.isfinite(np.asarray(tables[name].obsm[Key.TILE_FEATURES])).all(axis=1)
             if bad.any():
                 bad_parts.append(f"table {name!r} `.obsm['{Key.TILE_FEATURES}']` in {int(bad.sum())} tiles")
     if bad_parts:
