@@ -160,7 +160,8 @@ def extract_features(
         ``"resnet50_layer3"``, ``"handcrafted"``, or a histopathology foundation model: ``"uni"``, ``"uni2-h"``,
         ``"virchow"``, ``"virchow2"``, ``"h-optimus-0"``), ``"timm:<model_name>"``, a :class:`torch.nn.Module`
         (input: normalised ``(B, 3, H, W)``; output ``(B, dim)`` or a feature map that is average-pooled) or an
-        ``asign._encoders.Encoder``. See ``docs/encoders.md``.
+        ``asign._encoders.Encoder``. See ``docs/encoders.md``. A module passed in is used in place: it is left in
+        eval mode with frozen parameters, on ``device`` (pass ``copy.deepcopy(module)`` to keep yours as it was).
     weights
         `None` for the encoder's default pretrained weights (offline for the built-in CNNs; the gated Hugging Face
         hub for the foundation models), ``"random"`` for a seeded random initialisation, or a local state-dict /
