@@ -164,6 +164,13 @@ def wide_detail(stack: StackInfo, wide: dict[str, tuple[float, float]]) -> str:
     )
 
 
+def nonfinite_rows(table: AnnData, values: Any) -> tuple[int, dict[str, int]]:
+    """Rows of ``values`` (one per spot of ``table``) holding NaN or inf: their number and their count per section."""
+    bad = ~np.isfinite(np.asarray(values)).all(axis=1)
+    secs = table.obs[Key.SECTION].astype(str).to_numpy()[bad]
+    return int(bad.sum()), {s: int((secs == s).sum()) for s in dict.fromkeys(secs)}
+
+
 def unmeasured_genes(table: AnnData) -> dict[str, set[str]]:
     """``{section: genes}`` that a measured section lacks (0 in its counts, but never measured there).
 

@@ -25,7 +25,7 @@ from asign._constants import Key
 from asign._docs import inject_docs
 from asign._geometry import PATCH_RADIUS_PX, Footprints, aligned_centres, as_affine, pairs_iou
 from asign._logging import logger
-from asign._stack import wider_than_spots
+from asign._stack import nonfinite_rows, wider_than_spots
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -915,12 +915,10 @@ def neighbors_3d(
         if features.ndim != 2 or features.shape[0] != table.n_obs:
             msg = f"`.obsm['{similarity_key}']` must be an (n_obs, n_features) array, got {features.shape}."
             raise ValueError(msg)
-        bad = ~np.isfinite(features).all(axis=1)
-        if bad.any():
-            secs = table.obs[Key.SECTION].to_numpy()[bad]
-            per = {str(s): int((secs == s).sum()) for s in dict.fromkeys(secs)}
+        n_bad, per = nonfinite_rows(table, features)
+        if n_bad:
             msg = (
-                f"`.obsm['{similarity_key}']` has non-finite values for {int(bad.sum())} spots (per section: {per}); "
+                f"`.obsm['{similarity_key}']` has non-finite values for {n_bad} spots (per section: {per}); "
                 "`asign.pp.extract_features(sections=...)` leaves the sections it skips NaN, and spots added by "
                 "`asign.pp.make_spots` have none until the features are extracted again (after `align_layers`): "
                 "extract features for every section, or pass `similarity_key=None`."

@@ -27,6 +27,7 @@ import numpy as np
 
 from asign._constants import Key
 from asign._logging import logger
+from asign._stack import nonfinite_rows
 
 from ._gene_rank import check_gene_rank, project_result
 from ._registry import FitContext, ImputeContext, ImputeResult, register_method
@@ -240,12 +241,10 @@ def _check_finite_features(
         return
     where = f"method 'asign': {f'sample {sample!r}' if sample else 'the sample'}"
     bad_parts = []
-    sec = table.obs[Key.SECTION].astype(str).to_numpy()
     for k in _feature_keys(feature_key, levels):
-        bad = ~np.isfinite(np.asarray(table.obsm[k])).all(axis=1)
-        if bad.any():
-            per = {str(s): int((sec[bad] == s).sum()) for s in dict.fromkeys(sec[bad])}
-            bad_parts.append(f"table {table_key!r} `.obsm['{k}']` in {int(bad.sum())} spots (per section: {per})")
+        n_bad, per = nonfinite_rows(table, table.obsm[k])
+        if n_bad:
+            bad_parts.append(f"table {table_key!r} `.obsm['{k}']` in {n_bad} spots (per section: {per})")
     if levels == "spot_region_global" and tables is not None:
         for name in (f"{feature_key}_regions", f"{feature_key}_globals"):
             bad = ~np.isfinite(np.asarray(tables[name].obsm[Key.TILE_FEATURES])).all(axis=1)
