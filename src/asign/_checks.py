@@ -29,7 +29,7 @@ def check_number(
     """
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
-        msg = f"`{name}` must be {'an integer' if integer else 'a number'}, got {value!r}."
+        msg = f"`{name}` must be {'an integer' if integer else 'a number'}, got {value!r} ({type(value).__name__})."
         raise TypeError(msg)
     out = int(value) if integer else float(value)
     if not math.isfinite(out):

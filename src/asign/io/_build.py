@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from asign._checks import check_number
 from asign._constants import Key
 from asign._logging import logger
 from asign._stack import StackInfo
@@ -445,31 +445,19 @@ def _check_section(s: Section) -> np.ndarray:
     if not np.all(np.isfinite(spots)):
         msg = f"Section {s.name!r}: `spots` has non-finite coordinates."
         raise ValueError(msg)
-    if s.um_per_px is not None and not _is_number(s.um_per_px):
-        msg = (
-            f"Section {s.name!r}: `um_per_px` must be a number (µm per image pixel), got {s.um_per_px!r} "
-            f"({type(s.um_per_px).__name__}); e.g. um_per_px=1.0."
-        )
-        raise TypeError(msg)
+    if s.um_per_px is not None:
+        try:
+            check_number("um_per_px", s.um_per_px)
+        except TypeError:
+            msg = (
+                f"Section {s.name!r}: `um_per_px` must be a number (µm per image pixel), got {s.um_per_px!r} "
+                f"({type(s.um_per_px).__name__}); e.g. um_per_px=1.0."
+            )
+            raise TypeError(msg) from None
     if s.um_per_px is None or not (np.isfinite(s.um_per_px) and float(s.um_per_px) > 0):
         msg = f"Section {s.name!r}: `um_per_px` must be a positive pixel size in µm, got {s.um_per_px}."
         raise ValueError(msg)
     return spots
-
-
-def _is_number(value: Any) -> bool:
-    """A real number (Python or numpy scalar), not a string or a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-
-
-def _check_numbers(values: Sequence[Any], what: str, *, allow_none: bool, example: float) -> None:
-    """Refuse a value of ``what`` that is not a number (e.g. ``"1.0"``), naming the argument."""
-    for i, v in enumerate(values):
-        if (v is None and allow_none) or _is_number(v):
-            continue
-        where = f"`{what}`" if len(values) == 1 else f"`{what}[{i}]`"
-        msg = f"{where} must be a number, got {v!r} ({type(v).__name__}); e.g. {what}={example}."
-        raise TypeError(msg)
 
 
 N_EXAMPLES = 3
@@ -671,8 +659,10 @@ def stack_sections(
         raise ValueError(msg)
     n_sec = len(sections)
     ums = _per_section(um_per_px, n_sec, "um_per_px")
-    _check_numbers(ums, "um_per_px", allow_none=True, example=1.0)
-    _check_numbers([spot_diameter_um], "spot_diameter_um", allow_none=False, example=55.0)
+    for i, u in enumerate(ums):
+        if u is not None:
+            check_number("um_per_px" if n_sec == 1 else f"um_per_px[{i}]", u)
+    check_number("spot_diameter_um", spot_diameter_um)
     if not (np.isfinite(spot_diameter_um) and spot_diameter_um > 0):
         msg = f"`spot_diameter_um` must be positive, got {spot_diameter_um}."
         raise ValueError(msg)
