@@ -365,6 +365,40 @@ def test_within_section_knn_weights_on_grid():
     assert binary.connectivities[interior].getnnz(axis=1).tolist() == [4] * interior.size
 
 
+def test_small_sections_link_all_their_spots(caplog):
+    """A section of n_neighs spots or fewer gets all its pairs; the other sections' graphs are untouched."""
+    from asign.io import Section, stack_sections
+
+    big = grid_stack(n_sections=1, side=6)
+    xy_big = np.asarray(big.tables["table"].obsm["spatial"], dtype=float)
+    tiny = np.array([[50.0, 50.0], [70.0, 50.0], [50.0, 90.0]])
+
+    def sec(name, xy):
+        n = len(xy)
+        return Section(name=name, spots=xy, counts=np.ones((n, 2), np.float32), genes=["a", "b"], um_per_px=2.0)
+
+    sd = stack_sections(
+        [sec("G1", xy_big), sec("G2", tiny), sec("G3", tiny[:1])], spot_diameter_um=20.0, thickness_um=10.0
+    )
+    with caplog.at_level(logging.WARNING, logger="asign"):
+        res = neighbors_3d(sd, n_neighs=12, n_neighs_across=0, radius_um=10, inplace=False)
+    (msg,) = [r.getMessage() for r in caplog.records if "n_neighs=12" in r.getMessage()]
+    assert "G2 (3 spots)" in msg and "G3 (1 spots)" in msg and "G1" not in msg
+    W, D = res.connectivities, res.distances
+    rows = {s: np.flatnonzero(_section_rows(sd, s)) for s in ("G1", "G2", "G3")}
+    assert W[rows["G2"]].getnnz(axis=1).tolist() == [2, 2, 2]
+    assert W[rows["G3"]].nnz == 0
+    # G2's weights: median nearest-neighbour distance of G2 (40 um) over each pair's length
+    sub = W[rows["G2"]][:, rows["G2"]].toarray()
+    d = np.linalg.norm(tiny[:, None] - tiny[None], axis=-1) * 2.0
+    off = ~np.eye(3, dtype=bool)
+    np.testing.assert_allclose(sub[off], 40.0 / d[off], rtol=1e-12)
+    np.testing.assert_allclose(D[rows["G2"]][:, rows["G2"]].toarray(), d, rtol=1e-12)
+    alone = neighbors_3d(big, n_neighs=12, n_neighs_across=0, radius_um=10, inplace=False).connectivities
+    g1 = rows["G1"]
+    assert abs(W[g1][:, g1] - alone).max() == 0
+
+
 def test_neighbors_3d_on_synthetic_stack(aligned_stack):
     t = aligned_stack.tables["table"]
     st = get_stack(t)
@@ -646,14 +680,11 @@ def test_bad_inputs(small_stack):
         neighbors_3d(small_stack)
     write_alignment(small_stack, T, ref)
     aligned_stack = small_stack
-    counts = aligned_stack.tables["table"].obs["section"].value_counts()
-    smallest = str(counts.idxmin())
-    with pytest.raises(ValueError, match=rf"{smallest} \({int(counts.min())}\)"):
-        neighbors_3d(aligned_stack, n_neighs=int(counts.min()))
     with pytest.raises(KeyError, match="extract_features"):
         neighbors_3d(aligned_stack, similarity_key="nope")
     with pytest.raises(ValueError, match="similarity_key"):
         neighbors_3d(aligned_stack, across="similarity")
+    smallest = str(aligned_stack.tables["table"].obs["section"].value_counts().idxmin())
     feat = np.ones((aligned_stack.tables["table"].n_obs, 3))
     feat[_section_rows(aligned_stack, smallest)] = np.nan  # what extract_features(sections=...) leaves
     aligned_stack.tables["table"].obsm["partial"] = feat

@@ -222,23 +222,24 @@ def _knn_within(
     """Within-section kNN on each section's own coordinates (array core of :func:`neighbors_3d`).
 
     Returns ``(cols, dist)``, both ``(n, k)``: the ``k`` nearest spots of the same section for every spot, sorted
-    by ``(distance, key)``, self excluded. Every section needs more than ``k`` spots.
+    by ``(distance, key)``, self excluded. In a section of ``k`` spots or fewer every spot gets all the others and
+    the unused slots hold ``-1`` / ``inf``.
     """
     n = coords.shape[0]
     key = np.arange(n) if key is None else np.asarray(key)
-    cols = np.empty((n, k), dtype=np.int64)
-    dist = np.empty((n, k), dtype=float)
+    cols = np.full((n, k), -1, dtype=np.int64)
+    dist = np.full((n, k), np.inf, dtype=float)
     if k == 0:
         return cols, dist
     for s in np.unique(codes):
         idx = np.flatnonzero(codes == s)
-        if idx.size <= k:
-            msg = f"Section code {s} has {idx.size} spots, too few for k={k} neighbours; lower `n_neighs`."
-            raise ValueError(msg)
+        ks = min(k, idx.size - 1)
+        if ks <= 0:
+            continue
         xy = coords[idx]
-        c, d = _knn_query_exact(cKDTree(xy), xy, k, key[idx])
-        cols[idx] = idx[c]
-        dist[idx] = d
+        c, d = _knn_query_exact(cKDTree(xy), xy, ks, key[idx])
+        cols[idx, :ks] = idx[c]
+        dist[idx, :ks] = d
     return cols, dist
 
 
@@ -260,12 +261,13 @@ def _within_graph(
     if k == 0 or n == 0:
         return sp.csr_matrix((n, n), dtype=float)
     cols, dist = _knn_within(coords, codes, k, key=key)
+    valid = cols >= 0  # a section of k spots or fewer links each spot to all the others only
     um = np.asarray(um_per_px, dtype=float)
     dist = dist * (um[codes][:, None] if um.ndim else um)
     if weights == "binary":
         w = np.ones_like(dist)
     else:
-        nn = dist[:, 0]
+        nn = np.where(valid[:, 0], dist[:, 0], np.nan)
         med = pd.Series(nn).groupby(codes).median()
         scale = med.to_numpy()[np.searchsorted(med.index.to_numpy(), codes)]
         scale = np.where(scale > 0, scale, np.nan)
@@ -274,8 +276,8 @@ def _within_graph(
         if n_dup:
             logger.warning(f"{n_dup} spots share their position with another spot of the same section.")
         w = np.nan_to_num(scale, nan=1.0)[:, None] / np.maximum(dist, floor[:, None])
-    rows = np.repeat(np.arange(n), k)
-    W = sp.csr_matrix((w.ravel(), (rows, cols.ravel())), shape=(n, n))
+    rows = np.repeat(np.arange(n), k).reshape(n, k)
+    W = sp.csr_matrix((w[valid], (rows[valid], cols[valid])), shape=(n, n))
     return W.maximum(W.T).tocsr()
 
 
@@ -828,7 +830,8 @@ def neighbors_3d(
     {table_key}
     n_neighs
         Neighbours within a section (12 as in the paper's supplement; its Table 2 used 8, the released code 4).
-        0 gives no within-section edges.
+        0 gives no within-section edges. In a section of ``n_neighs`` spots or fewer every spot is linked to all the
+        others (with a warning naming the section).
     n_neighs_across
         Cross-section partners per spot (12, the paper's Table 2). 0 gives a per-section (2D) graph.
     weights
@@ -896,13 +899,12 @@ def neighbors_3d(
 
     codes = section_codes(table, stack)
     counts = np.bincount(codes, minlength=stack.n_sections)
-    small = [f"{s} ({c})" for s, c in zip(stack.sections, counts, strict=True) if c <= n_neighs]
-    if small:
-        msg = (
-            f"n_neighs={n_neighs} needs more than {n_neighs} spots in every section; sections {small} have fewer. "
-            "Lower `n_neighs`."
+    small = [f"{s} ({c} spots)" for s, c in zip(stack.sections, counts, strict=True) if c <= n_neighs]
+    if small and n_neighs > 0:
+        logger.warning(
+            f"Sections {small} have no more than n_neighs={n_neighs} spots: within them every spot is linked to "
+            "all the other spots of its section (a single spot has no within-section neighbour)."
         )
-        raise ValueError(msg)
     features = None
     if similarity_key is not None:
         if similarity_key not in table.obsm:
