@@ -26,7 +26,9 @@ def _direct(T, P, sec, genes):
         t, p = T[m], P[m]
         r = np.array([_corr(t[:, g], p[:, g]) for g in range(len(genes))])
         const = np.array([np.ptp(t[:, g]) == 0 for g in range(len(genes))])
-        rs = np.array([_corr(t[i], p[i]) for i in range(m.sum())])
+        # legacy per-spot PCC: a spot with a constant truth or prediction across genes has none (left out, counted)
+        ok = np.array([np.ptp(t[i]) > 0 and np.ptp(p[i]) > 0 for i in range(m.sum())])
+        rs = np.array([_corr(t[i], p[i]) for i in np.flatnonzero(ok)])
         spot_r.append(rs)
         out[s] = {
             "genes": r,
@@ -38,6 +40,7 @@ def _direct(T, P, sec, genes):
             "mae": np.abs(p - t).mean(),
             "pcc_spot_legacy": rs.mean(),
             "n_const_truth": int(const.sum()),
+            "n_const_spots": int((~ok).sum()),
         }
     out["overall"] = {
         "pcc_gene": np.mean([out[s]["pcc_gene"] for s in secs]),
@@ -75,6 +78,7 @@ def test_score_matches_direct_computation():
         for k in ("pcc_gene", "pcc_gene_varying", "mse", "mae", "pcc_spot_legacy"):
             assert row[k] == pytest.approx(d[s][k], abs=1e-6), (s, k)
         assert row["n_constant_truth"] == d[s]["n_const_truth"]
+        assert row["n_constant_spots"] == d[s]["n_const_spots"]
         assert row["n_spots"] == (sec == s).sum() and row["n_genes"] == len(genes)
     ov = df[df.level == "overall"].iloc[0]
     for k, v in d["overall"].items():
@@ -87,6 +91,11 @@ def test_score_matches_direct_computation():
     b = df[(df.level == "gene") & (df.section == "b")]
     assert b["pcc_gene"].iloc[3] == 0.0 and b["n_constant_pred"].iloc[3] == 1
     assert ov["n_constant_truth"] == 1 and ov["n_constant_pred"] == 1
+    assert ov["n_constant_spots"] == 1 and df.loc[df.level == "gene", "n_constant_spots"].isna().all()
+    # one scored gene: no spot has a per-spot PCC (NaN and every spot counted, not 0)
+    one = score(T[:, :1], P[:, :1], sec, genes=genes[:1])
+    assert one.loc[one.level != "gene", "pcc_spot_legacy"].isna().all()
+    assert one.loc[one.level == "overall", "n_constant_spots"].item() == len(sec)
 
 
 def test_pearson_constant_and_float_noise():
@@ -140,6 +149,12 @@ def test_evaluate_filters_and_errors(result):
         asign.tl.evaluate(result, sections=["S2"])
     with pytest.raises(KeyError, match="not modelled"):
         asign.tl.evaluate(result, genes=["nope"])
+    with pytest.raises(ValueError, match="`genes` is empty"):
+        asign.tl.evaluate(result, genes=[])
+    with pytest.raises(ValueError, match="more than once"):  # a gene scored twice would weigh double
+        asign.tl.evaluate(result, genes=[g[0], g[0]])
+    with pytest.raises(KeyError, match="not modelled in the AnnData passed"):
+        asign.tl.evaluate(out, genes=["nope"])
     with pytest.raises(ValueError, match="per"):
         asign.tl.evaluate(result, per="spot")
     with pytest.raises(KeyError, match="run `asign.tl.impute` first"):

@@ -12,8 +12,8 @@ from asign.tl._evaluate import score
 GENES = [f"G{i}" for i in range(12)]
 
 
-def _stack(lacking: str = "S2", n_lacking: int = 4):
-    rng = np.random.default_rng(0)
+def _stack(lacking: str = "S2", n_lacking: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
 
     def sec(name, genes):
         xy = rng.uniform(20, 280, (50, 2))
@@ -132,3 +132,28 @@ def test_st_net_of_a_spot_without_measured_genes_is_nan_without_a_warning():
         out = st_net(np.array([[1.0, 2.0, np.nan], [np.nan, np.nan, np.nan]]))
     assert np.isnan(out[1]).all() and np.isnan(out[0, 2])
     np.testing.assert_allclose(out[0, :2], np.log([2.0, 3.0]) - np.log(5.0))
+
+
+def test_cross_validate_pools_errors_over_entries_with_partial_panels():
+    """Pooled MSE / MAE weigh every scored (spot, gene) entry once, also when a section lacks genes."""
+    samples = {"P": _stack(seed=1), "Q": _stack(lacking="S3", n_lacking=8, seed=2)}
+    df = asign.tl.cross_validate(
+        samples,
+        folds=[["P", "Q"]],
+        known={"P": "S1", "Q": "S1"},
+        method="nearest",
+        genes=GENES,
+        show_progress_bar=False,
+    )
+    secs = df[df.level == "section"]
+    entries = (secs["n_spots"] * secs["n_genes"]).to_numpy(float)
+    assert sorted(secs["n_genes"]) == [4, 8, 12, 12]
+    for row in (df[df.level == "pooled"].iloc[0], df[df.level == "fold"].iloc[0]):
+        for m in ("mse_pooled", "mae_pooled"):
+            assert row[m] == pytest.approx(np.average(secs[m], weights=entries), rel=1e-12), (row["level"], m)
+        assert row["n_genes"] == 12
+    # the sample rows (tl.evaluate's overall rows) pool their own entries the same way
+    for name, g in secs.groupby("sample"):
+        samp = df[(df.level == "sample") & (df["sample"] == name)].iloc[0]
+        w = (g["n_spots"] * g["n_genes"]).to_numpy(float)
+        assert samp["mse_pooled"] == pytest.approx(np.average(g["mse_pooled"], weights=w), rel=1e-12)

@@ -123,20 +123,47 @@ def _fold_genes(
     return genes
 
 
+def _pooled_weights(rows: pd.DataFrame, sections: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with what their pooled metrics are pooled over: scored entries and spots with a per-spot PCC.
+
+    Section rows count their own; a sample row counts its sample's section rows (``sections``) of the same fold.
+    """
+    rows = rows.copy()
+    defined = rows["n_spots"] - rows["n_constant_spots"].fillna(0).astype(int)
+    rows["_spots_def"] = defined.to_numpy(dtype=float)
+    if (rows["level"] == "section").all():
+        rows["_entries"] = (rows["n_spots"] * rows["n_genes"]).to_numpy(dtype=float)
+    else:
+        per = (sections["n_spots"] * sections["n_genes"]).groupby([sections["fold"], sections["sample"]]).sum()
+        rows["_entries"] = per.reindex(pd.MultiIndex.from_frame(rows[["fold", "sample"]])).to_numpy(dtype=float)
+    return rows
+
+
+def _weighted_mean(v: pd.Series, w: np.ndarray) -> float:
+    v = v.to_numpy(dtype=float)
+    ok = np.isfinite(v) & (w > 0)
+    return float(np.sum(v[ok] * w[ok]) / w[ok].sum()) if ok.any() else np.nan
+
+
 def _aggregate(rows: pd.DataFrame, level: str, by: list[str]) -> pd.DataFrame:
-    """Aggregate rows: plain means of the per-section metrics, spot-weighted means of the pooled ones."""
+    """Aggregate rows: plain means of the per-section metrics; the pooled ones weighted by what they pool.
+
+    ``rows`` carry ``_entries`` and ``_spots_def`` (:func:`_pooled_weights`): ``mse_pooled`` / ``mae_pooled`` are
+    weighted by scored (spot, gene) entries, ``pcc_spot_legacy`` by the spots that have a per-spot PCC, so the
+    result equals pooling the underlying errors and correlations directly.
+    """
     out = []
     for keys, g in rows.groupby(by, sort=False) if by else [((), rows)]:
         keys = keys if isinstance(keys, tuple) else (keys,)
-        w = g["n_spots"].to_numpy(dtype=float)
         rec: dict[str, Any] = dict(zip(by, keys, strict=True))
-        rec.update({"level": level, "n_spots": int(w.sum()), "n_genes": int(g["n_genes"].iloc[0])})
+        rec.update({"level": level, "n_spots": int(g["n_spots"].sum()), "n_genes": int(g["n_genes"].max())})
         for m in _MEAN_METRICS:
             rec[m] = float(g[m].mean())
-        for m in _POOLED_METRICS:
-            rec[m] = float(np.sum(g[m].to_numpy() * w) / w.sum())
-        rec["n_constant_truth"] = int(g["n_constant_truth"].sum())
-        rec["n_constant_pred"] = int(g["n_constant_pred"].sum())
+        rec["pcc_spot_legacy"] = _weighted_mean(g["pcc_spot_legacy"], g["_spots_def"].to_numpy())
+        for m in ("mse_pooled", "mae_pooled"):
+            rec[m] = _weighted_mean(g[m], g["_entries"].to_numpy())
+        for c in ("n_constant_truth", "n_constant_pred", "n_constant_spots"):
+            rec[c] = int(g[c].sum())
         out.append(rec)
     return pd.DataFrame(out)
 
@@ -222,7 +249,9 @@ def cross_validate(
     - ``"summary"``: two rows, ``statistic="mean"`` and ``statistic="sd"`` (sample sd, ``ddof=1``) of the fold
       scores over folds;
     - ``"pooled"``: every scored section of every fold weighs equally; legacy per-spot PCC, ``mse_pooled``,
-      ``mae_pooled`` pooled over all scored spots (the paper's way of reporting Table 1).
+      ``mae_pooled`` pooled over all scored spots (the paper's way of reporting Table 1). Pooled means equal pooling
+      the underlying values: ``mse_pooled`` / ``mae_pooled`` weigh each scored (spot, gene) entry equally (sections
+      of a partial gene panel count their entries), the legacy per-spot PCC each spot that has one.
     """
     check_normalization(normalization)
     levels = [per] if isinstance(per, str) else list(per)
@@ -351,7 +380,8 @@ def cross_validate(
             [lv for lv in levels if lv in ("gene", "section")] + ["sample"] * ("overall" in levels)
         )
     ]
-    samp = per_sample[per_sample["level"] == "sample"]
+    secs = per_sample[per_sample["level"] == "section"]
+    samp = _pooled_weights(per_sample[per_sample["level"] == "sample"], secs)
     fold_rows = _aggregate(samp, "fold", ["fold"])
     summary = []
     for stat in ("mean", "sd"):
@@ -359,10 +389,9 @@ def cross_validate(
         for m in (*_MEAN_METRICS, *_POOLED_METRICS):
             v = fold_rows[m].to_numpy(dtype=float)
             rec[m] = float(v.mean()) if stat == "mean" else (float(v.std(ddof=1)) if v.size > 1 else np.nan)
-        rec["n_genes"] = int(fold_rows["n_genes"].iloc[0])
+        rec["n_genes"] = int(fold_rows["n_genes"].max())
         summary.append(rec)
-    secs = per_sample[per_sample["level"] == "section"]
-    pooled = _aggregate(secs, "pooled", [])
+    pooled = _aggregate(_pooled_weights(secs, secs), "pooled", [])
     result = pd.concat([keep, fold_rows, pd.DataFrame(summary), pooled], ignore_index=True)
     result["method"] = method
     result["normalization"] = normalization
@@ -370,4 +399,5 @@ def cross_validate(
     cols = [c for c in CV_COLUMNS if c in result.columns] + ["gene_sections"]
     result = result[cols]
     result["fold"] = result["fold"].astype("Int64")
+    result["n_constant_spots"] = result["n_constant_spots"].astype("Int64")
     return result

@@ -10,6 +10,7 @@ import pandas as pd
 
 from asign._constants import Key
 from asign._logging import logger
+from asign.pp._genes import check_gene_list
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -31,6 +32,7 @@ COLUMNS = [
     "mae_pooled",
     "n_constant_truth",
     "n_constant_pred",
+    "n_constant_spots",
 ]
 
 
@@ -127,8 +129,14 @@ def score(
         pooled_err.append(err.ravel())
         mse_g = (err**2).mean(axis=0)
         mae_g = np.abs(err).mean(axis=0)
-        rs, _, _ = pearson(T, P, axis=1) if len(sec_genes) > 1 else (np.zeros(n), None, None)
-        spot_r_all.append(rs)
+        # legacy per-spot PCC across genes: undefined for a spot whose truth or prediction is the same for every gene
+        # (or with one gene); such spots are left out of the mean and counted
+        if len(sec_genes) > 1:
+            rs, cts, cps = pearson(T, P, axis=1)
+            spot_ok = ~(cts | cps)
+        else:
+            rs, spot_ok = np.zeros(n), np.zeros(n, dtype=bool)
+        spot_r_all.append(rs[spot_ok])
         if "gene" in per:
             for j, g in enumerate(sec_genes):
                 rows.append(
@@ -157,11 +165,12 @@ def score(
                 "pcc_gene_varying": float(r[~ct].mean()) if (~ct).any() else np.nan,
                 "mse": float((err**2).mean()),
                 "mae": float(np.abs(err).mean()),
-                "pcc_spot_legacy": float(rs.mean()),
+                "pcc_spot_legacy": float(rs[spot_ok].mean()) if spot_ok.any() else np.nan,
                 "mse_pooled": float((err**2).mean()),
                 "mae_pooled": float(np.abs(err).mean()),
                 "n_constant_truth": int(ct.sum()),
                 "n_constant_pred": int(cp.sum()),
+                "n_constant_spots": int((~spot_ok).sum()),
             }
         )
     if "section" in per:
@@ -169,6 +178,7 @@ def score(
     if "overall" in per and sec_rows:
         sdf = pd.DataFrame(sec_rows)
         err = np.concatenate(pooled_err)
+        spot_r = np.concatenate(spot_r_all)
         keep = np.isin(sections, sdf["section"].to_numpy())
         rows.append(
             {
@@ -178,19 +188,21 @@ def score(
                 "n_spots": int(keep.sum()),
                 "n_genes": len(genes),
                 "pcc_gene": float(sdf["pcc_gene"].mean()),
-                "pcc_gene_varying": float(sdf["pcc_gene_varying"].mean()),
+                "pcc_gene_varying": float(sdf["pcc_gene_varying"].mean()),  # over the sections where defined
                 "mse": float(sdf["mse"].mean()),
                 "mae": float(sdf["mae"].mean()),
-                "pcc_spot_legacy": float(np.concatenate(spot_r_all).mean()),
+                "pcc_spot_legacy": float(spot_r.mean()) if spot_r.size else np.nan,
                 "mse_pooled": float((err**2).mean()),
                 "mae_pooled": float(np.abs(err).mean()),
                 "n_constant_truth": int(sdf["n_constant_truth"].sum()),
                 "n_constant_pred": int(sdf["n_constant_pred"].sum()),
+                "n_constant_spots": int(sdf["n_constant_spots"].sum()),
             }
         )
     out = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("n_spots", "n_genes", "n_constant_truth", "n_constant_pred"):
         out[c] = out[c].astype("int64")
+    out["n_constant_spots"] = out["n_constant_spots"].astype("Int64")  # <NA> on gene rows (no per-spot PCC there)
     return out
 
 
@@ -221,7 +233,9 @@ def evaluate(
     scored section is left. The scale is the one the output table was normalised with
     (``uns['asign']['normalization']``), recorded in every row. Under ``"st-net"`` a section that measured only part
     of the modelled genes has its truth on another scale (proportions over fewer genes): its MSE and MAE are
-    inflated, its per-gene PCC hardly (:func:`asign.tl.impute` warns of it).
+    inflated, its per-gene PCC hardly (:func:`asign.tl.impute` warns of it). Under ``"st-net"`` a gene with no count
+    in a section is not constant there: its truth, ``log(1 / sum(counts + 1))``, follows each spot's library size,
+    so it is scored as a varying gene (under ``"log1p"`` it is constant and counted in ``n_constant_truth``).
 
     Parameters
     ----------
@@ -232,7 +246,7 @@ def evaluate(
     sections
         Sections to score (default: every section with a scored spot).
     genes
-        Genes to score (default: every modelled gene).
+        Genes to score (default: every modelled gene); each once.
     per
         Levels of rows to return, any of ``"gene"``, ``"section"``, ``"overall"`` (default: all).
 
@@ -248,20 +262,25 @@ def evaluate(
       counted), ``pcc_gene_varying`` = the mean over genes whose truth varies (reported beside it; method.md §7.2), ``mse``,
       ``mae`` over the section's (spot, gene) entries, ``pcc_spot_legacy`` = mean over the section's spots of the
       per-spot Pearson correlation across genes (*legacy, per-spot across genes, as in ASIGN Table 1*), counts of
-      constant genes.
-    - ``level="overall"``: ``pcc_gene``, ``pcc_gene_varying``, ``mse``, ``mae`` averaged over sections (each
-      section weighs equally); ``pcc_spot_legacy``, ``mse_pooled``, ``mae_pooled`` pooled over all scored spots.
+      constant genes. A spot whose truth or prediction is the same for every scored gene has no per-spot PCC
+      (nor has any spot when one gene is scored): it is left out of ``pcc_spot_legacy`` and counted in
+      ``n_constant_spots`` (NaN when no spot is left).
+    - ``level="overall"``: ``pcc_gene``, ``mse``, ``mae`` averaged over sections (each section weighs equally),
+      ``pcc_gene_varying`` averaged over the sections where it is defined (a section without a varying gene has
+      none); ``pcc_spot_legacy``, ``mse_pooled``, ``mae_pooled`` pooled over all scored spots (and entries).
 
-    Further columns: ``n_spots``, ``n_genes``, ``method``, ``normalization``, ``key``.
+    Further columns: ``n_spots``, ``n_genes``, ``n_constant_spots`` (``<NA>`` on gene rows), ``method``,
+    ``normalization``, ``key``.
     """
     table = _output_table(sdata, key)
+    what = "The AnnData passed" if _is_anndata(sdata) else f"Table {key!r}"
     for layer in (Key.TARGET, Key.IMPUTED):
         if layer not in table.layers:
-            msg = f"Table {key!r} has no `layers['{layer}']`; evaluate the output table of `asign.tl.impute`."
+            msg = f"{what} has no `layers['{layer}']`; evaluate the output table of `asign.tl.impute`."
             raise KeyError(msg)
     for col in (Key.KNOWN, Key.MEASURED, Key.SECTION):
         if col not in table.obs:
-            msg = f"Table {key!r} has no `obs['{col}']`; evaluate the output table of `asign.tl.impute`."
+            msg = f"{what} has no `obs['{col}']`; evaluate the output table of `asign.tl.impute`."
             raise KeyError(msg)
     levels = [per] if isinstance(per, str) else list(per)
     bad = [p for p in levels if p not in LEVELS]
@@ -289,7 +308,7 @@ def evaluate(
     if not scored.any():
         n_virtual = int((~table.obs[Key.MEASURED].to_numpy(dtype=bool)).sum())
         msg = (
-            f"Table {key!r} has no spot to score: every measured spot is known"
+            f"{what} has no spot to score: every measured spot is known"
             + (
                 f", and its {n_virtual} unmeasured (e.g. virtual) spots have no truth to score against"
                 if n_virtual
@@ -307,11 +326,11 @@ def evaluate(
         )
     gnames = table.var_names.astype(str)
     if genes is not None:
-        genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+        genes = check_gene_list(genes)
         idx = gnames.get_indexer(genes)
         if (idx < 0).any():
             missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
-            msg = f"Gene(s) {missing} are not modelled in table {key!r}."
+            msg = f"Gene(s) {missing} are not modelled in {what[0].lower()}{what[1:]}."
             raise KeyError(msg)
     else:
         idx = np.arange(table.n_vars)
@@ -324,7 +343,7 @@ def evaluate(
     no_truth = [s for s, ok in with_truth.items() if not ok]
     if no_truth:
         msg = (
-            f"Section(s) {no_truth} measured none of the {len(genes)} scored genes of table {key!r} (their truth is "
+            f"Section(s) {no_truth} measured none of the {len(genes)} scored genes of {what[0].lower()}{what[1:]} (their truth is "
             "NaN for every gene; the stack table's uns['asign']['unmeasured_genes'] lists what each section lacks). "
             "Gene names must match exactly across sections, case included."
         )
