@@ -171,6 +171,86 @@ def test_sections_errors(aligned_stack):
         asign.pl.sections(aligned_stack, gene="gene_000", layers=["nope"], show=False)
 
 
+def test_sections_empty_selection_refused(aligned_stack):
+    import asign
+
+    with pytest.raises(ValueError, match=r"`sections` is empty.*'S1', 'S2', 'S3'"):
+        asign.pl.sections(aligned_stack, gene="gene_000", sections=[], show=False)
+
+
+def test_layer_errors_name_the_table_and_parameter(aligned_stack):
+    import asign
+
+    with pytest.raises(KeyError, match=r"not found in table 'asign' .*pass `layers=`"):
+        asign.pl.sections(aligned_stack, gene="gene_000", layers=["nope"], show=False)
+    with pytest.raises(KeyError, match=r"not found in table 'asign' .*pass `layer=`"):
+        asign.pl.scatter_3d(aligned_stack, gene="gene_000", layer="nope", show=False)
+
+
+def test_unknown_gene_suggestions(aligned_stack):
+    """A gene up to case, a near miss and an obs column give messages that say what to do."""
+    import asign
+
+    with pytest.raises(KeyError, match=r"did you mean 'gene_003' \(names are case-sensitive\)"):
+        asign.pl.sections(aligned_stack, gene="GENE_003", show=False)
+    with pytest.raises(KeyError, match=r"close matches: .*'gene_003'"):
+        asign.pl.sections(aligned_stack, gene="gene_03", show=False)
+    with pytest.raises(KeyError, match="'section' is an obs column; this function plots genes"):
+        asign.pl.sections(aligned_stack, gene="section", key="table", layers="X", show=False)
+
+
+def test_sections_subset_table_warning(aligned_stack, asign_log):
+    """An output table subset to some sections: the warning names both causes, and only for the sections drawn."""
+    import asign
+
+    out = aligned_stack.tables[Key.OUTPUT_TABLE]
+    sub = out[out.obs[Key.SECTION].astype(str) == "S1"].copy()
+    sub.obs[Key.REGION] = sub.obs[Key.REGION].astype(str).astype("category")
+    sub.uns["spatialdata_attrs"]["region"] = sorted(set(sub.obs[Key.REGION]))
+    aligned_stack.tables["sub"] = sub
+    asign.pl.sections(aligned_stack, gene="gene_000", key="sub", image=False, show=False)
+    assert "missing from table 'sub' (it was subset, or the spots were added after" in asign_log.warnings
+    assert "Sections ['S2', 'S3'] are absent altogether" in asign_log.warnings
+    assert asign_log.warnings.count("missing from table") == 1  # once, not once per layer
+    asign_log.records.clear()
+    asign.pl.sections(aligned_stack, gene="gene_000", key="sub", sections="S1", image=False, show=False)
+    assert "missing" not in asign_log.warnings
+
+
+def test_user_colour_limits_are_kept():
+    """A given vmin/vmax is never replaced; reversed limits are refused; only automatic limits get a fallback."""
+    from asign.pl._utils import shared_norm
+
+    neg = [np.array([-3.0, -1.0, np.nan])]
+    assert shared_norm(neg, vmin=0.0) == (0.0, 2.0)  # no value above vmin: vmin kept, the upper limit moves
+    assert shared_norm(neg, vmax=-5.0) == (-7.0, -5.0)
+    assert shared_norm(neg, vmin=1.0, vmax=4.0) == (1.0, 4.0)  # values outside clip
+    assert shared_norm([np.full(3, 2.0)]) == (2.0, 3.0)  # constant values: automatic fallback
+    with pytest.raises(ValueError, match="must be below"):
+        shared_norm(neg, vmin=5.0, vmax=1.0)
+    with pytest.raises(ValueError, match="must be below"):
+        shared_norm(neg, vmin=1.0, vmax=1.0)
+
+
+def test_sections_reversed_limits_refused(aligned_stack):
+    import asign
+
+    with pytest.raises(ValueError, match=r"`vmin` \(2.0\) must be below `vmax` \(1.0\)"):
+        asign.pl.sections(aligned_stack, gene="gene_000", vmin=2.0, vmax=1.0, image=False, show=False)
+    fig = asign.pl.sections(aligned_stack, gene="gene_000", layers="imputed", vmin=100.0, image=False, show=False)
+    norms = {(c.norm.vmin, c.norm.vmax) for ax in fig.axes[:3] for c in ax.collections if c.get_array() is not None}
+    ((lo, hi),) = norms
+    assert lo == 100.0 and hi > lo
+
+
+def test_docstrings_match_behaviour():
+    import asign
+
+    assert "NaN\n    outside the known sections" not in asign.pl.sections.__doc__
+    assert "not measured" in asign.pl.sections.__doc__
+    assert "white diamond" in asign.pl.metrics.__doc__
+
+
 def test_sections_errors_unprocessed(small_stack):
     import asign
 
@@ -224,6 +304,21 @@ def test_scatter_3d(aligned_stack, tmp_path):
     assert len(coloured) == 1 and np.isfinite(np.asarray(coloured[0].get_array())).all()
     n_s1 = int((aligned_stack.tables[Key.TABLE].obs[Key.SECTION] == "S1").sum())
     assert len(np.asarray(coloured[0].get_array())) == n_s1
+
+
+def test_scatter_3d_uses_current_alignment(aligned_stack, asign_log):
+    """A stale copy of obsm['spatial_3d'] in the output table (the stack was aligned again): current positions."""
+    import asign
+
+    spots = aligned_stack.tables[Key.TABLE]
+    out = aligned_stack.tables[Key.OUTPUT_TABLE]
+    current = np.asarray(spots.obsm[Key.SPATIAL_3D], dtype=float)
+    out.obsm[Key.SPATIAL_3D] = current + np.array([3000.0, 0.0, 0.0])
+    fig = asign.pl.scatter_3d(aligned_stack, gene="gene_004", show=False)
+    (sc,) = fig.axes[0].collections
+    plotted = np.column_stack(sc._offsets3d)
+    np.testing.assert_allclose(np.sort(plotted[:, 0]), np.sort(current[:, 0]))
+    assert "aligned again" in asign_log.warnings and "3000.0 µm" in asign_log.warnings
 
 
 def test_scatter_3d_needs_alignment(small_stack):
@@ -296,9 +391,130 @@ def test_metrics_gene_and_long_format(tmp_path):
         asign.pl.metrics(df[["method", "section", "gene"]], show=False)
 
 
+def test_metrics_sections_string_and_unknown():
+    import asign
+
+    df = _metrics_frame()
+    fig = asign.pl.metrics(df, sections="S3", show=False)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["S3"]
+    assert len(fig.axes[0].patches) == 3  # one box per method
+    fig = asign.pl.metrics(df, kind="gene", sections="S3", n_top=5, show=False)
+    per_gene = df[(df.method == "asign") & (df.section == "S3")].set_index("gene")["pcc"].sort_values(ascending=False)
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == list(per_gene.index[:5])
+    for kind in ("section", "gene"):
+        with pytest.raises(
+            ValueError, match=r"Sections \['S9'\] are not in the data frame; its sections are \['S2', 'S3'\]"
+        ):
+            asign.pl.metrics(df, kind=kind, sections=["S9"], show=False)
+    with pytest.raises(ValueError, match="`sections` is empty"):
+        asign.pl.metrics(df, sections=[], show=False)
+
+
+def test_metrics_runs_of_one_method_are_told_apart(asign_log):
+    """Two runs of one method (evaluate's `key` differs) are labelled by key, not pooled into one box."""
+    import asign
+
+    a = _metrics_frame(seed=0).query("method == 'knn'").assign(method="propagation", key="asign")
+    b = _metrics_frame(seed=1).query("method == 'mean'").assign(method="propagation", key="prop_rank5")
+    c = _metrics_frame(seed=2).query("method == 'asign'").assign(method="nearest", key="nn")
+    df = pd.concat([a, b, c])
+    fig = asign.pl.metrics(df, show=False)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["propagation (asign)", "propagation (prop_rank5)", "nearest"]
+    assert len(fig.axes[0].patches) == 6  # 3 runs x 2 sections
+    fig = asign.pl.metrics(df, kind="gene", show=False)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == labels
+    assert "pooled" not in asign_log.warnings
+    asign.pl.metrics(df, group="method", show=False)  # pooling asked for: said out loud
+    assert "pooled under ['propagation']" in asign_log.warnings
+
+
+def test_metrics_into_given_axes():
+    import matplotlib.pyplot as plt
+
+    import asign
+
+    df = _metrics_frame()
+    fig, ax = plt.subplots()
+    fig.suptitle("MINE")
+    n_figs = len(plt.get_fignums())
+    got = asign.pl.metrics(df, ax=ax, show=False)
+    assert got is fig and len(plt.get_fignums()) == n_figs
+    assert len(ax.patches) == 6 and ax.get_title() == "pcc per section"
+    assert fig.get_suptitle() == "MINE"
+    fig2, axs = plt.subplots(1, 2)
+    assert asign.pl.metrics(df, kind="gene", n_top=5, ax=axs, show=False) is fig2
+    assert len(axs[1].get_xticklabels()) == 5
+    assert asign.pl.metrics(df, kind="gene", n_top=0, ax=axs[0], show=False) is fig2
+    with pytest.raises(ValueError, match="a sequence of 2 Axes"):
+        asign.pl.metrics(df, kind="gene", ax=ax, show=False)
+    with pytest.raises(ValueError, match="one Axes"):
+        asign.pl.metrics(df, ax=axs, show=False)
+
+
+def test_saved_figures_are_released_on_agg(tmp_path):
+    """Saving in a loop (non-interactive backend, not shown) does not pile up open figures; returned figures work."""
+    import matplotlib.pyplot as plt
+
+    import asign
+
+    plt.close("all")
+    for i in range(3):
+        fig = asign.pl.metrics(_metrics_frame(seed=i), save=tmp_path / f"m{i}.png", show=None)
+    assert plt.get_fignums() == []
+    assert len(fig.axes) == 1
+    fig.savefig(tmp_path / "again.png")  # the returned figure is still usable
+    assert_not_blank(tmp_path / "again.png", min_colours=10)
+    kept = asign.pl.metrics(_metrics_frame(), show=False)  # not saved: left open for the caller
+    assert plt.get_fignums() == [kept.number]
+    own, ax = plt.subplots()  # the caller's figure is never closed
+    asign.pl.metrics(_metrics_frame(), ax=ax, save=tmp_path / "own.png", show=False)
+    assert own.number in plt.get_fignums()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # training curve
 # ---------------------------------------------------------------------------------------------------------------------
+def test_training_curve_unequal_lengths_and_string_series(asign_log):
+    import asign
+
+    fig = asign.pl.training_curve({"epoch": [1, 2], "loss": [1.0, 0.5, 0.3], "val_pcc": [0.1, 0.2]}, show=False)
+    assert "'loss' (3)" in asign_log.warnings and "not drawn" in asign_log.warnings
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["val_pcc"]
+    h = {"epoch": [1, 2, 3], "loss_total": [1.0, 0.5, 0.3], "val_pcc": [0.1, 0.2, 0.3]}
+    fig = asign.pl.training_curve(h, series="loss_total", show=False)
+    assert len(fig.axes) == 1
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["loss_total"]
+
+
+def test_training_curve_ensemble_title_and_axes(aligned_stack):
+    """An ensemble records member 0's curve: the title says which member; `ax` takes one Axes per panel."""
+    import matplotlib.pyplot as plt
+
+    import asign
+
+    e = np.arange(1, 9, dtype=float)
+    curve = {"epoch": e, "loss_total": 1.0 / e, "val_pcc": np.tanh(e / 4)}
+    training = {"curve": curve, "best_epoch": 6, "n_models": 3, "members": {"seed": [1, 2, 3]}}
+    aligned_stack.tables["asign"].uns[Key.UNS]["result"] = {"training": training, "n_models": 3}
+    fig = asign.pl.training_curve(aligned_stack, show=False)
+    assert fig.get_suptitle() == "training (member 1 of 3)"
+    single = asign.pl.training_curve({"curve": curve, "best_epoch": 6, "n_models": 1}, show=False)
+    assert single.get_suptitle() == "training"
+    legacy = {"curve": curve, "members": {"seed": [1, 2]}}  # no n_models: counted from the members
+    assert asign.pl.training_curve(legacy, show=False).get_suptitle() == "training (member 1 of 2)"
+
+    user, axs = plt.subplots(1, 2)
+    user.suptitle("MINE")
+    assert asign.pl.training_curve(aligned_stack, ax=axs, show=False) is user
+    assert user.get_suptitle() == "MINE"
+    assert axs[0].get_title() == "training (member 1 of 3): loss" and axs[1].get_title() == "validation"
+    assert [line.get_label() for line in axs[0].get_lines()] == ["loss_total"]
+    with pytest.raises(ValueError, match="a sequence of 2 Axes"):
+        asign.pl.training_curve(aligned_stack, ax=axs[0], show=False)
+    asign.pl.training_curve(aligned_stack, series="val_pcc", ax=axs[1], show=False)
+
+
 def test_training_curve_from_table(aligned_stack, tmp_path):
     import asign
 

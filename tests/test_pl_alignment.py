@@ -105,3 +105,17 @@ def test_quality_only_of_the_alignment_drawn(aligned):
     fig = asign.pl.alignment(aligned, key_added="a2", before=False, show=False)
     assert all("Dice" in a.get_title() for a in fig.axes)
     plt.close(fig)
+
+
+def test_alignment_into_given_axes_keeps_the_figure_title(aligned):
+    """With `ax`, the caller's suptitle stays; the colour key is written inside the first panel."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    fig.suptitle("MY TITLE")
+    asign.pl.alignment(aligned, sections=["S2", "S3"], before=False, show_spots=False, ax=ax, show=False)
+    assert fig.get_suptitle() == "MY TITLE"
+    assert any("magenta: earlier section" in t.get_text() for t in ax.texts)
+    own = asign.pl.alignment(aligned, sections=["S2", "S3"], before=False, show_spots=False, show=False)
+    assert own.get_suptitle() == "magenta: earlier section, green: later section"
+    plt.close("all")

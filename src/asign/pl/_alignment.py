@@ -146,7 +146,9 @@ def _pair_quality(al: Mapping, a: str, b: str) -> dict[str, float]:
 
 @inject_docs(
     save="""save
-    Path to save the figure to; the format follows the suffix.""",
+    Path to save the figure to; the format follows the suffix. On a backend that cannot show figures (Agg, ...), a
+    saved figure that is not shown is closed afterwards (the returned figure stays usable); a figure of axes passed
+    as ``ax`` never is.""",
     show="""show
     Whether to call :func:`matplotlib.pyplot.show`; `None` shows the figure only on an interactive backend.""",
 )
@@ -194,7 +196,8 @@ def alignment(
     {save}
     {show}
     ax
-        Axes to draw into: one per panel (pairs x rows, row-major); a single Axes when there is one panel.
+        Axes to draw into: one per panel (pairs x rows, row-major); a single Axes when there is one panel. The
+        figure's title is then left alone; the colour key is written inside the first panel.
 
     Returns
     -------
@@ -299,5 +302,20 @@ def alignment(
                 axis.set_ylabel(f"{key_added} ({step * um:.1f} µm/px shown)", fontsize=8)
             elif row == "before" and c == 0:
                 axis.set_ylabel("native frames", fontsize=8)
-    fig.suptitle("magenta: earlier section, green: later section", fontsize=9)
-    return finish(fig, save=save, show=show)
+    legend = "magenta: earlier section, green: later section"
+    if ax is None:
+        fig.suptitle(legend, fontsize=9)
+        return finish(fig, save=save, show=show)
+    # the caller's figure: its suptitle is theirs; the colour key goes inside the first panel
+    axes[0].text(
+        0.5,
+        0.01,
+        legend,
+        transform=axes[0].transAxes,
+        ha="center",
+        va="bottom",
+        fontsize=7,
+        color="white",
+        bbox={"facecolor": "0.15", "alpha": 0.6, "edgecolor": "none", "pad": 1.5},
+    )
+    return finish(fig, save=save, show=show, owned=False)

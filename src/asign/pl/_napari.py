@@ -260,7 +260,7 @@ def interactive(
         raise KeyError(msg)
     values = None
     if gene is not None:
-        values = _gene_values(out, gene, layer, spot_table)
+        values = _gene_values(out, gene, layer, spot_table, key=table_key, param="layer")
     Interactive = _import_interactive()
 
     viewer_app = Interactive(sdata, headless=True)

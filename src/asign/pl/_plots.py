@@ -18,9 +18,11 @@ from asign.pl._utils import (
     LOWER_IS_BETTER,
     X_CANDIDATES,
     as_runs,
+    ensemble_size,
     find_history,
     finish,
     group_column,
+    group_labels,
     image_level,
     output_table,
     pick_metric,
@@ -47,7 +49,9 @@ _plot_params = {
     (same ``obs_names`` as the spot table, modelled genes as ``var``, ``layers['target']`` and
     ``layers['imputed']``).""",
     "save": """save
-    Path to save the figure to; the format follows the suffix (``.png``, ``.pdf``, ``.svg``, ...).""",
+    Path to save the figure to; the format follows the suffix (``.png``, ``.pdf``, ``.svg``, ...). On a backend
+    that cannot show figures (Agg, ...), a saved figure that is not shown is closed afterwards (the returned figure
+    stays usable); a figure of axes passed as ``ax`` never is.""",
     "show": """show
     Whether to call :func:`matplotlib.pyplot.show`; `None` shows the figure only on an interactive (GUI) backend.""",
     "figsize": """figsize
@@ -58,18 +62,23 @@ _plot_params = {
 # --------------------------------------------------------------------------------------------------------------------
 # data access
 # --------------------------------------------------------------------------------------------------------------------
-def _check_same_spots(table: AnnData, spots: AnnData) -> None:
+def _check_same_spots(
+    table: AnnData, spots: AnnData, *, key: str | None = None, shown: Sequence[str] | None = None
+) -> None:
     """Refuse an output table whose spots moved since it was computed (e.g. a section re-laid with make_spots).
 
     Rows are matched by name; virtual spots are named ``<section>_v<i>`` on every lattice, so a name alone does not
     prove that a row describes the same spot: the positions (``obsm['spatial']``, copied by ``tl.impute``) must agree.
+    Spots of the sections ``shown`` (`None`: all) that the table lacks are reported.
     """
-    if table is spots or Key.SPATIAL not in table.obsm or Key.SPATIAL not in spots.obsm:
+    if table is spots:
         return
     common = table.obs_names.intersection(spots.obs_names, sort=False)
-    a = np.asarray(table.obsm[Key.SPATIAL], dtype=float)[table.obs_names.get_indexer(common)]
-    b = np.asarray(spots.obsm[Key.SPATIAL], dtype=float)[spots.obs_names.get_indexer(common)]
-    moved = ~np.isclose(a, b, rtol=0.0, atol=1e-3).all(axis=1)
+    moved = np.zeros(len(common), dtype=bool)
+    if Key.SPATIAL in table.obsm and Key.SPATIAL in spots.obsm:
+        a = np.asarray(table.obsm[Key.SPATIAL], dtype=float)[table.obs_names.get_indexer(common)]
+        b = np.asarray(spots.obsm[Key.SPATIAL], dtype=float)[spots.obs_names.get_indexer(common)]
+        moved = ~np.isclose(a, b, rtol=0.0, atol=1e-3).all(axis=1)
     if moved.any():
         secs = sorted(set(spots.obs.loc[common[moved], Key.SECTION].astype(str)))
         msg = (
@@ -78,39 +87,60 @@ def _check_same_spots(table: AnnData, spots: AnnData) -> None:
             "`asign.pp.make_spots`); rerun `asign.tl.impute` for the current spots."
         )
         raise ValueError(msg)
-    missing = spots.obs_names.difference(table.obs_names)
+    missing = spots.obs_names.difference(table.obs_names, sort=False)
+    if shown is not None:
+        missing = missing[spots.obs.loc[missing, Key.SECTION].astype(str).isin(list(shown)).to_numpy()]
     if len(missing):
         secs = sorted(set(spots.obs.loc[missing, Key.SECTION].astype(str)))
+        name = "the table to plot" if key is None else f"table {key!r}"
+        covered = set(spots.obs.loc[common, Key.SECTION].astype(str))
+        absent = [s for s in secs if s not in covered]
+        hint = f" Sections {absent} are absent altogether; pass `sections=` to leave them out." if absent else ""
         logger.warning(
-            f"{len(missing)} spots of sections {secs} are not in the table to plot (added after it was computed); "
-            "they are drawn without values."
+            f"{len(missing)} spots of the stack (sections {secs}) are missing from {name} (it was subset, or the "
+            f"spots were added after it was computed); they are drawn without values.{hint}"
         )
 
 
-def _gene_values(table: AnnData, gene: str, layer: str, spots: AnnData) -> np.ndarray:
+def _gene_values(
+    table: AnnData,
+    gene: str,
+    layer: str,
+    spots: AnnData,
+    *,
+    key: str | None = None,
+    param: str = "layer",
+    check: bool = True,
+) -> np.ndarray:
     """Values of ``gene`` in ``layer`` (``'X'`` for ``.X``) of ``table``, in the spot table's row order.
 
-    NaN for spots the table lacks; a table whose spots moved is refused (:func:`_check_same_spots`).
+    NaN for spots the table lacks; a table whose spots moved is refused (:func:`_check_same_spots`, skipped with
+    ``check=False`` when the caller ran it). ``key`` (the table's key) and ``param`` (the caller's parameter that
+    names the layer) make the error messages precise.
     """
     import scipy.sparse as sp
 
-    _check_same_spots(table, spots)
+    if check:
+        _check_same_spots(table, spots, key=key)
     obs_names = spots.obs_names
+    name = "the table" if key is None else f"table {key!r}"
 
     if gene not in table.var_names:
-        some = ", ".join(map(str, table.var_names[:8]))
-        msg = f"Gene {gene!r} is not in the table's var_names ({table.n_vars} genes, e.g. {some})."
-        raise KeyError(msg)
+        raise KeyError(_unknown_gene_message(gene, table, spots, name))
     j = int(table.var_names.get_loc(gene))
     if layer == "X":
         M = table.X
     elif layer in table.layers:
         M = table.layers[layer]
     else:
-        msg = f"Layer {layer!r} not found in the table (layers: {list(table.layers)}); pass `layer=` or 'X'."
+        msg = (
+            f"Layer {layer!r} not found in {name} (layers: {list(table.layers)}); pass `{param}=` one of them or "
+            "'X' for `.X`."
+        )
         raise KeyError(msg)
     if M is None:
-        msg = f"Layer {layer!r} of the table is empty."
+        what = "`.X`" if layer == "X" else f"Layer {layer!r}"
+        msg = f"{what} of {name} is empty; pass `{param}=` another layer (layers: {list(table.layers)})."
         raise ValueError(msg)
     col = M[:, j]
     col = col.toarray() if sp.issparse(col) else np.asarray(col)
@@ -120,10 +150,34 @@ def _gene_values(table: AnnData, gene: str, layer: str, spots: AnnData) -> np.nd
     return values.reindex(obs_names).to_numpy()
 
 
+def _unknown_gene_message(gene: Any, table: AnnData, spots: AnnData, name: str) -> str:
+    """Why ``gene`` is not a var_name of ``table``: a match up to case, close names, or an obs column."""
+    import difflib
+
+    genes = [str(g) for g in table.var_names]
+    msg = f"Gene {gene!r} is not in the var_names of {name} ({table.n_vars} genes"
+    if not isinstance(gene, str):
+        return msg + f", e.g. {', '.join(genes[:8])}); pass a gene name."
+    folded = [g for g in genes if g.casefold() == gene.casefold()]
+    close = [g for g in difflib.get_close_matches(gene, genes, n=5, cutoff=0.6) if g not in folded]
+    if folded:
+        msg += f"); did you mean {', '.join(map(repr, folded))} (names are case-sensitive)?"
+    elif close:
+        msg += f"); close matches: {', '.join(map(repr, close))}."
+    else:
+        msg += f", e.g. {', '.join(genes[:8])})."
+    if any(gene in t.obs.columns for t in (table, spots)):
+        msg += f" {gene!r} is an obs column; this function plots genes (var_names) only, not obs columns."
+    return msg
+
+
 def _select_sections(stack: StackInfo, sections: str | Sequence[str] | None) -> list[str]:
     if sections is None:
         return list(stack.sections)
     chosen = [sections] if isinstance(sections, str) else list(sections)
+    if not chosen:
+        msg = f"`sections` is empty; pass at least one of the stack's sections {list(stack.sections)} (or `None`)."
+        raise ValueError(msg)
     for s in chosen:
         stack.index(s)  # raises a KeyError naming the stack's sections
     return chosen
@@ -302,8 +356,9 @@ def sections(
 
     One column per section (cutting order), one row per layer. Spots are drawn as circles of their physical
     diameter, optionally over the section's H&E image (a low-resolution pyramid level), in the shared
-    ``'aligned'`` frame or in each section's own pixel frame. Spots without a value (``layers['target']`` is NaN
-    outside the known sections) are drawn as hollow grey circles.
+    ``'aligned'`` frame or in each section's own pixel frame. Spots without a value are drawn as hollow grey
+    circles: in ``layers['target']`` (the measured expression, held-out measured sections included) only spots
+    that were not measured (e.g. virtual spots) have no value.
 
     Parameters
     ----------
@@ -330,7 +385,8 @@ def sections(
     cmap
         Colormap.
     vmin, vmax
-        Limits of the shared colour scale; by default the range of the shown values over all panels.
+        Limits of the shared colour scale; by default the range of the shown values over all panels. Given limits
+        are used as they are (values outside clip); ``vmin`` must be below ``vmax``.
     robust
         Use the 1st and 99th percentiles of the shown values as default limits.
     spot_alpha
@@ -360,7 +416,10 @@ def sections(
         raise ValueError(msg)
     secs = _select_sections(stack, sections)
     cs = _resolve_cs(sdata, stack, coordinate_system)
-    values = {layer: _gene_values(out, gene, layer, spot_table) for layer in layers}
+    _check_same_spots(out, spot_table, key=key, shown=secs)
+    values = {
+        layer: _gene_values(out, gene, layer, spot_table, key=key, param="layers", check=False) for layer in layers
+    }
     geoms = {s: _section_geometry(sdata, spot_table, stack, s, cs) for s in secs}
     lo, hi = shared_norm(
         [values[layer][geoms[s]["mask"]] for layer in layers for s in secs], vmin=vmin, vmax=vmax, robust=robust
@@ -457,6 +516,10 @@ def scatter_3d(
 ) -> Figure:
     """A 3D scatter of the stack's spots at ``obsm['spatial_3d']``, coloured by one gene.
 
+    The positions are the current ones of the spot table ``table_key`` (written by :func:`asign.pp.align_layers`),
+    matched by spot name; the copy in the table ``key`` (made when it was computed) is used only when the spot table
+    has none, and a copy that disagrees with the current alignment (the stack was aligned again) is reported.
+
     Parameters
     ----------
     {sdata}
@@ -477,7 +540,8 @@ def scatter_3d(
     cmap
         Colormap.
     vmin, vmax
-        Colour scale limits; by default the range of the shown values.
+        Colour scale limits; by default the range of the shown values. Given limits are used as they are (values
+        outside clip); ``vmin`` must be below ``vmax``.
     robust
         Use the 1st and 99th percentiles as default limits.
     elev, azim
@@ -500,9 +564,10 @@ def scatter_3d(
     stack = validate_stack(sdata, table_key=table_key, check_counts=False)
     spot_table = get_table(sdata, table_key)
     out = output_table(sdata, key)
-    xyz = _coords_3d(out, spot_table)
-    values = _gene_values(out, gene, layer, spot_table)
     secs = _select_sections(stack, sections)
+    _check_same_spots(out, spot_table, key=key, shown=secs)
+    xyz = _coords_3d(out, spot_table, key=key, table_key=table_key)
+    values = _gene_values(out, gene, layer, spot_table, key=key, param="layer", check=False)
     mask = spot_table.obs[Key.SECTION].astype(str).isin(secs).to_numpy() & np.isfinite(xyz).all(axis=1)
     xyz, values = xyz[mask], values[mask]
     if xyz.shape[0] == 0:
@@ -548,13 +613,41 @@ def scatter_3d(
     return finish(fig, save=save, show=show)
 
 
-def _coords_3d(out: AnnData, spot_table: AnnData) -> np.ndarray:
-    for t in (out, spot_table):
-        if Key.SPATIAL_3D in t.obsm:
-            xyz = pd.DataFrame(np.asarray(t.obsm[Key.SPATIAL_3D], dtype=float), index=t.obs_names)
-            return xyz.reindex(spot_table.obs_names).to_numpy()
-    msg = f"`obsm['{Key.SPATIAL_3D}']` not found in the spot or output table; run `asign.pp.align_layers` first."
-    raise KeyError(msg)
+def _coords_3d(out: AnnData, spot_table: AnnData, *, key: str, table_key: str) -> np.ndarray:
+    """``obsm['spatial_3d']`` in the spot table's row order.
+
+    The spot table's (the current alignment), else the copy of the table ``key``; a copy that disagrees with the
+    current positions is reported.
+    """
+    current = spot_table.obsm[Key.SPATIAL_3D] if Key.SPATIAL_3D in spot_table.obsm else None
+    copy = out.obsm[Key.SPATIAL_3D] if out is not spot_table and Key.SPATIAL_3D in out.obsm else None
+    if current is None and copy is None:
+        msg = (
+            f"`obsm['{Key.SPATIAL_3D}']` not found in table {table_key!r} nor {key!r}; run `asign.pp.align_layers` "
+            "first."
+        )
+        raise KeyError(msg)
+    if copy is not None:
+        copied = pd.DataFrame(np.asarray(copy, dtype=float), index=out.obs_names).reindex(spot_table.obs_names)
+        copied = copied.to_numpy()
+    if current is None:
+        logger.info(
+            f"Table {table_key!r} has no `obsm['{Key.SPATIAL_3D}']`; plotting the copy in table {key!r} (made when it "
+            "was computed)."
+        )
+        return copied
+    xyz = np.asarray(current, dtype=float)
+    if copy is not None:
+        both = np.isfinite(xyz).all(axis=1) & np.isfinite(copied).all(axis=1)
+        dist = np.linalg.norm(xyz[both] - copied[both], axis=1) if both.any() else np.zeros(0)
+        if dist.size and float(dist.max()) > 1e-3:
+            logger.warning(
+                f"`obsm['{Key.SPATIAL_3D}']` of table {key!r} (copied when it was computed) differs from the current "
+                f"alignment in table {table_key!r} for {int((dist > 1e-3).sum())} spots (up to {dist.max():.1f} µm): "
+                "the stack was aligned again since. Plotting the current positions; rerun `asign.tl.impute` for "
+                "predictions made with the current alignment."
+            )
+    return xyz
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -567,13 +660,14 @@ def metrics(
     kind: Literal["section", "gene"] = "section",
     metric: str | None = None,
     group: str | None = None,
-    sections: Sequence[str] | None = None,
+    sections: str | Sequence[str] | None = None,
     n_top: int = 20,
     palette: str = "tab10",
     figsize: tuple[float, float] | None = None,
     title: str | None = None,
     save: str | os.PathLike[str] | None = None,
     show: bool | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
 ) -> Figure:
     """Plots of the evaluation table returned by :func:`asign.tl.evaluate`.
 
@@ -581,12 +675,14 @@ def metrics(
     (``pcc_gene`` by default) and optionally a ``method`` column; concatenate the frames of several methods to
     compare them. With :func:`asign.tl.evaluate`'s ``level`` column, the per-gene rows are used (the per-section
     rows when no per-gene row is present; ``overall`` rows never). A long frame with ``metric`` and ``value``
-    columns is accepted too.
+    columns is accepted too. When one ``method`` appears under several output tables (:func:`asign.tl.evaluate`'s
+    ``key`` column, e.g. two runs of a method with other options), its runs are labelled ``"method (key)"``
+    instead of being pooled.
 
     - ``kind='section'``: one box per section and method showing the spread of the metric over genes (or a bar
-      when a section has one value per method), with the mean printed above.
-    - ``kind='gene'``: left, the distribution of the per-gene metric (averaged over sections) for each method;
-      right, the ``n_top`` best genes of the first method with every method's value.
+      when a section has one value per method), the mean marked by a white diamond.
+    - ``kind='gene'``: left, the distribution of the per-gene metric (averaged over sections) for each method,
+      with the mean printed above; right, the ``n_top`` best genes of the first method with every method's value.
 
     Parameters
     ----------
@@ -598,22 +694,27 @@ def metrics(
         Metric column to plot; `None` picks the first of ``pcc_gene``, ``pcc``, ``pcc_gene_varying``, ``pearson``,
         ``r``, ``spearman``, ``ssim``, ``pcc_spot_legacy``, ``rmse``, ``mse``, ``mae`` with a value.
     group
-        Column that distinguishes methods; `None` uses ``method`` when present.
+        Column that distinguishes methods; `None` uses ``method`` when present (``"method (key)"`` for a method
+        evaluated on several output tables).
     sections
-        Sections to include (and their order); `None` uses every section of ``df`` in order of appearance.
+        Section or sections to include (and their order); `None` uses every section of ``df`` in order of
+        appearance.
     n_top
         Number of genes in the right panel of ``kind='gene'`` (``0`` hides the panel).
     palette
         Matplotlib colormap name for the methods.
     {figsize}
     title
-        Figure title.
+        Figure title (with ``ax``, the title of the first axes).
     {save}
     {show}
+    ax
+        Axes to draw into instead of a new figure: one Axes for ``kind='section'`` and for ``kind='gene'`` with
+        ``n_top=0``, two (distribution, top genes) for ``kind='gene'`` with ``n_top > 0``.
 
     Returns
     -------
-    The :class:`matplotlib.figure.Figure`.
+    The :class:`matplotlib.figure.Figure` (with ``ax``, the figure of the axes).
     """
     import matplotlib.pyplot as plt
 
@@ -623,6 +724,8 @@ def metrics(
     if kind not in ("section", "gene"):
         msg = f"`kind` must be 'section' or 'gene', got {kind!r}."
         raise ValueError(msg)
+    n_panels = 2 if kind == "gene" and n_top > 0 else 1
+    axes = _user_axes(ax, n_panels, what=f"kind={kind!r}" + (f" with n_top={n_top}" if kind == "gene" else ""))
     data, metric = pick_metric(df, metric)
     data = data.copy()
     data[metric] = pd.to_numeric(data[metric], errors="coerce")
@@ -631,48 +734,92 @@ def metrics(
     if gcol is None:
         gcol = "_group"
         data[gcol] = metric
-    data[gcol] = data[gcol].fillna("").astype(str).replace("", "(unnamed)")
+    data[gcol] = group_labels(data, gcol, explicit=group is not None).to_numpy()
     methods = list(pd.unique(data[gcol]))
     cmap = plt.get_cmap(palette)
     colors = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
     if data[metric].notna().sum() == 0:
         msg = f"Column {metric!r} has no finite value."
         raise ValueError(msg)
+    secs = None
+    if sections is not None:
+        if "section" not in data.columns:
+            msg = "`sections=` needs a 'section' column in the data frame."
+            raise KeyError(msg)
+        data["section"] = data["section"].astype(str)
+        secs = _metric_sections(data, sections)
+        data = data[data["section"].isin(secs)]
+        if data[metric].notna().sum() == 0:
+            msg = f"Column {metric!r} has no finite value in sections {secs}."
+            raise ValueError(msg)
 
     if kind == "section":
         if "section" not in data.columns:
             msg = f"kind='section' needs a 'section' column (columns: {list(df.columns)})."
             raise KeyError(msg)
         data["section"] = data["section"].astype(str)
-        secs = list(sections) if sections is not None else list(pd.unique(data["section"]))
-        data = data[data["section"].isin(secs)]
-        fig, ax = plt.subplots(figsize=figsize or (max(4.0, 1.1 * len(secs) * max(1, len(methods)) ** 0.5 + 2), 3.8))
-        _section_panel(ax, data, metric, gcol, secs, methods, colors)
+        if secs is None:
+            secs = list(pd.unique(data["section"]))
+        if axes is None:
+            size = figsize or (max(4.0, 1.1 * len(secs) * max(1, len(methods)) ** 0.5 + 2), 3.8)
+            fig, axis = plt.subplots(figsize=size)
+            axes = [axis]
+        _section_panel(axes[0], data, metric, gcol, secs, methods, colors)
     else:
         if "gene" not in data.columns:
             msg = f"kind='gene' needs a 'gene' column (columns: {list(df.columns)})."
             raise KeyError(msg)
-        if sections is not None:
-            if "section" not in data.columns:
-                msg = "`sections=` needs a 'section' column in the data frame."
-                raise KeyError(msg)
-            data = data[data["section"].astype(str).isin(list(sections))]
         per_gene = data.groupby([gcol, "gene"], observed=True, sort=False)[metric].mean().unstack(gcol)
         per_gene = per_gene[[m for m in methods if m in per_gene.columns]]
-        ncols = 2 if n_top > 0 else 1
-        fig, axs = plt.subplots(
-            1,
-            ncols,
-            figsize=figsize or (4.0 + (5.5 if ncols == 2 else 0.0), 3.8),
-            squeeze=False,
-            layout="constrained",
-            width_ratios=[1, 1.6] if ncols == 2 else None,
+        if axes is None:
+            fig, grid = plt.subplots(
+                1,
+                n_panels,
+                figsize=figsize or (4.0 + (5.5 if n_panels == 2 else 0.0), 3.8),
+                squeeze=False,
+                layout="constrained",
+                width_ratios=[1, 1.6] if n_panels == 2 else None,
+            )
+            axes = list(grid[0])
+        _gene_distribution(axes[0], per_gene, metric, colors)
+        if n_panels == 2:
+            _top_genes(axes[1], per_gene, metric, colors, n_top)
+    label = title if title is not None else f"{metric} per {kind}"
+    if ax is None:
+        fig.suptitle(label, fontsize=11)
+        return finish(fig, save=save, show=show)
+    if title is not None or not axes[0].get_title():
+        axes[0].set_title(label, fontsize=10)
+    return finish(axes[0].figure, save=save, show=show, owned=False)
+
+
+def _user_axes(ax: Axes | Sequence[Axes] | None, n_panels: int, *, what: str) -> list[Axes] | None:
+    """The axes passed as ``ax``, as a list of ``n_panels`` Axes (`None` when none were passed)."""
+    if ax is None:
+        return None
+    axes = list(np.ravel(ax)) if isinstance(ax, Sequence | np.ndarray) else [ax]
+    if len(axes) != n_panels or not all(hasattr(a, "plot") and hasattr(a, "figure") for a in axes):
+        msg = (
+            f"`ax` must be {'one Axes' if n_panels == 1 else f'a sequence of {n_panels} Axes'} for {what} "
+            f"({n_panels} panel{'s' if n_panels > 1 else ''}), got {len(axes)} object(s) of types "
+            f"{sorted({type(a).__name__ for a in axes})}."
         )
-        _gene_distribution(axs[0, 0], per_gene, metric, colors)
-        if ncols == 2:
-            _top_genes(axs[0, 1], per_gene, metric, colors, n_top)
-    fig.suptitle(title if title is not None else f"{metric} per {kind}", fontsize=11)
-    return finish(fig, save=save, show=show)
+        raise ValueError(msg)
+    return axes
+
+
+def _metric_sections(data: pd.DataFrame, sections: str | Sequence[str]) -> list[str]:
+    """``sections`` (one name or several) as a list; names absent from ``data['section']`` are refused."""
+    secs = [sections] if isinstance(sections, str) else [str(s) for s in sections]
+    present = list(pd.unique(data["section"].astype(str)))
+    if not secs:
+        msg = f"`sections` is empty; pass sections of the data frame {present} (or `None`)."
+        raise ValueError(msg)
+    unknown = [s for s in secs if s not in present]
+    if unknown:
+        msg = f"Sections {unknown} are not in the data frame; its sections are {present}."
+        raise ValueError(msg)
+    return secs
 
 
 def _section_panel(
@@ -780,12 +927,13 @@ def training_curve(
     data: SpatialData | AnnData | ASIGNFit | Mapping[str, Any] | pd.DataFrame,
     *,
     key: str = Key.OUTPUT_TABLE,
-    series: Sequence[str] | None = None,
+    series: str | Sequence[str] | None = None,
     log_loss: bool | None = None,
     figsize: tuple[float, float] | None = None,
     title: str | None = None,
     save: str | os.PathLike[str] | None = None,
     show: bool | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
 ) -> Figure:
     """Loss and validation curves of an ASIGN training run.
 
@@ -794,9 +942,11 @@ def training_curve(
     such as ``uns['asign']['result']``. It may be a dict of equal-length lists such as ``{{'epoch': [...],
     'loss_total': [...], 'val_pcc': [...]}}``, a training summary ``{{'curve': {{...}}, 'best_epoch': 12, ...}}``
     (the best epoch is marked), a list of per-epoch dicts, a :class:`pandas.DataFrame`, or one of these per fold
-    (``{{'fold0': {{...}}, 'fold1': {{...}}}}``). Series whose name contains ``loss`` go to the left panel, every
+    (``{{'fold0': {{...}}, 'fold1': {{...}}}}``). Series of another length than the x axis (``epoch``, ...; else
+    than most series) are left out with a warning. Series whose name contains ``loss`` go to the left panel, every
     other series (validation metrics) to the right panel; the learning rate (``lr``) is drawn only when named in
-    ``series``. Folds are drawn as separate lines of the same colour.
+    ``series``. Folds are drawn as separate lines of the same colour. An ensemble (``n_models > 1``) records the
+    curve of its first member only; the title says so (``training (member 1 of 3)``).
 
     Parameters
     ----------
@@ -805,22 +955,31 @@ def training_curve(
         :func:`asign.tl.fit` (its ``training`` record), or the history.
     {key}
     series
-        Names of the series to draw; `None` draws all numeric series but the x axis (``epoch``, ``step``, ...).
+        Name or names of the series to draw; `None` draws all numeric series but the x axis (``epoch``, ``step``,
+        ...).
     log_loss
         Log-scale the loss axis; `None` does so when every loss is positive and they span over a factor 20.
     {figsize}
     title
-        Figure title.
+        Figure title (with ``ax``, added to the title of the first axes); by default ``training``, with the member
+        shown for an ensemble.
     {save}
     {show}
+    ax
+        Axes to draw into instead of a new figure: one per panel (losses, validation metrics; panels without a
+        series are left out), a single Axes when there is one panel.
 
     Returns
     -------
-    The :class:`matplotlib.figure.Figure`.
+    The :class:`matplotlib.figure.Figure` (with ``ax``, the figure of the axes).
     """
     import matplotlib.pyplot as plt
 
-    runs, bests = as_runs(find_history(data, key))
+    history = find_history(data, key)
+    n_members = ensemble_size(history)
+    if n_members is None and isinstance(getattr(data, "models", None), list | tuple):  # a fitted model
+        n_members = len(data.models)
+    runs, bests = as_runs(history)
     names: list[str] = []
     for frame in runs.values():
         for c in frame.columns:
@@ -829,6 +988,7 @@ def training_curve(
     available = list(names)
     names = [n for n in names if n not in HIDDEN_SERIES]
     if series is not None:
+        series = [series] if isinstance(series, str) else list(series)
         missing = [s for s in series if s not in available]
         if missing:
             msg = f"Series {missing} not found in the training history (series: {available})."
@@ -840,13 +1000,19 @@ def training_curve(
     losses = [n for n in names if "loss" in n.lower()]
     others = [n for n in names if n not in losses]
     panels = [p for p in (losses, others) if p]
-    fig, axs = plt.subplots(
-        1, len(panels), figsize=figsize or (4.2 * len(panels), 3.4), squeeze=False, layout="constrained"
-    )
+    drawn = [name for name, p in (("losses", losses), ("validation metrics", others)) if p]
+    axs = _user_axes(ax, len(panels), what=f"the series drawn ({' and '.join(drawn)})")
+    if axs is None:
+        fig, grid = plt.subplots(
+            1, len(panels), figsize=figsize or (4.2 * len(panels), 3.4), squeeze=False, layout="constrained"
+        )
+        axs = list(grid[0])
+    else:
+        fig = axs[0].figure
     cmap = plt.get_cmap("tab10")
     colors = {n: cmap(i % 10) for i, n in enumerate(names)}
     multi = len(runs) > 1
-    for ax, panel in zip(axs[0], panels, strict=True):
+    for ax_, panel in zip(axs, panels, strict=True):
         for n in panel:
             labelled = False
             for frame in runs.values():
@@ -857,7 +1023,7 @@ def training_curve(
                 x = frame[xcol].to_numpy(dtype=float) if xcol else np.arange(1, len(y) + 1)
                 ok = np.isfinite(y)
                 style = {"marker": "o", "markersize": 3} if ok.sum() < 30 else {}
-                ax.plot(
+                ax_.plot(
                     x[ok],
                     y[ok],
                     color=colors[n],
@@ -868,11 +1034,11 @@ def training_curve(
                 )
                 labelled = True
         first = next(iter(runs.values()))
-        ax.set_xlabel(next((c for c in X_CANDIDATES if c in first.columns), "epoch"))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, frameon=False)
+        ax_.set_xlabel(next((c for c in X_CANDIDATES if c in first.columns), "epoch"))
+        ax_.grid(alpha=0.3)
+        ax_.legend(fontsize=8, frameon=False)
         if panel is losses:
-            ax.set_ylabel("loss")
+            ax_.set_ylabel("loss")
             vals = np.concatenate(
                 [
                     pd.to_numeric(f[n], errors="coerce").to_numpy(float)
@@ -886,25 +1052,34 @@ def training_curve(
             if use_log is None:
                 use_log = bool(vals.size and vals.min() > 0 and vals.max() / vals.min() > 20)
             if use_log:
-                ax.set_yscale("log")
-            ax.set_title("loss", fontsize=10)
+                ax_.set_yscale("log")
+            ax_.set_title("loss", fontsize=10)
         else:
-            ax.set_ylabel("value")
-            ax.set_title("validation", fontsize=10)
+            ax_.set_ylabel("value")
+            ax_.set_title("validation", fontsize=10)
             for best in bests.values():
-                ax.axvline(best, color="0.4", linestyle="--", linewidth=0.8, label=None)
+                ax_.axvline(best, color="0.4", linestyle="--", linewidth=0.8, label=None)
             if bests:
-                ax.text(
+                ax_.text(
                     0.99,
                     0.02,
                     "dashed: best epoch",
-                    transform=ax.transAxes,
+                    transform=ax_.transAxes,
                     ha="right",
                     va="bottom",
                     fontsize=7,
                     color="0.4",
                 )
+    label = title
+    if label is None:
+        label = "training" + (f" (member 1 of {n_members})" if n_members is not None and n_members > 1 else "")
+    runs_note = f"{len(runs)} runs: {', '.join(runs)}"
+    if ax is None:
+        if multi:
+            fig.text(0.01, 0.01, runs_note, fontsize=7, color="0.4")
+        fig.suptitle(label, fontsize=11)
+        return finish(fig, save=save, show=show)
     if multi:
-        fig.text(0.01, 0.01, f"{len(runs)} runs: {', '.join(runs)}", fontsize=7, color="0.4")
-    fig.suptitle(title if title is not None else "training", fontsize=11)
-    return finish(fig, save=save, show=show)
+        axs[0].text(0.01, 0.98, runs_note, transform=axs[0].transAxes, ha="left", va="top", fontsize=7, color="0.4")
+    axs[0].set_title(f"{label}: {axs[0].get_title()}", fontsize=10)
+    return finish(fig, save=save, show=show, owned=False)

@@ -33,11 +33,21 @@ def is_interactive_backend() -> bool:
     return "inline" not in backend
 
 
-def finish(fig: Figure, *, save: str | os.PathLike[str] | None, show: bool | None, dpi: int = 150) -> Figure:
+def finish(
+    fig: Figure,
+    *,
+    save: str | os.PathLike[str] | None,
+    show: bool | None,
+    dpi: int = 150,
+    owned: bool = True,
+) -> Figure:
     """Save ``fig`` to ``save`` (format from the suffix), show it if asked, and return it.
 
     ``show=None`` shows the figure only on an interactive (GUI) backend; ``show=True`` always calls
-    :func:`matplotlib.pyplot.show`.
+    :func:`matplotlib.pyplot.show`. A saved figure that is not shown on a backend that cannot show figures (Agg,
+    PDF, ...; not Jupyter's inline backend) is released from :mod:`matplotlib.pyplot` after saving, like scanpy does,
+    so that saving in a loop does not pile up open figures; the returned figure stays usable (its axes, ``savefig``).
+    ``owned=False`` (a figure the caller made, e.g. through ``ax=``) is never closed.
     """
     import matplotlib.pyplot as plt
 
@@ -51,13 +61,30 @@ def finish(fig: Figure, *, save: str | os.PathLike[str] | None, show: bool | Non
         show = is_interactive_backend()
     if show:
         plt.show()
+    elif save is not None and owned and _cannot_show():
+        plt.close(fig)
     return fig
+
+
+def _cannot_show() -> bool:
+    """Whether the backend can neither open windows nor display inline (Agg, PDF, SVG, ...)."""
+    import matplotlib as mpl
+
+    return str(mpl.get_backend()).lower() in _NON_INTERACTIVE
 
 
 def shared_norm(
     values: list[np.ndarray], *, vmin: float | None = None, vmax: float | None = None, robust: bool = False
 ) -> tuple[float, float]:
-    """One colour range for several arrays (NaN ignored): ``[min, max]`` or the 1st-99th percentiles if ``robust``."""
+    """One colour range for several arrays (NaN ignored): ``[min, max]`` or the 1st-99th percentiles if ``robust``.
+
+    Limits given as ``vmin``/``vmax`` are kept as they are (values outside clip; ``vmin >= vmax`` is refused); only
+    the limits chosen here are moved when the range would be empty (constant values, or a given limit beyond every
+    value).
+    """
+    if vmin is not None and vmax is not None and not float(vmax) > float(vmin):
+        msg = f"`vmin` ({vmin}) must be below `vmax` ({vmax})."
+        raise ValueError(msg)
     finite = [np.asarray(v, dtype=float)[np.isfinite(v)] for v in values]
     finite = [v for v in finite if v.size]
     if finite:
@@ -65,9 +92,19 @@ def shared_norm(
         lo, hi = np.percentile(allv, [1.0, 99.0]) if robust else (allv.min(), allv.max())
     else:
         lo, hi = 0.0, 1.0
-    lo = float(lo) if vmin is None else float(vmin)
-    hi = float(hi) if vmax is None else float(vmax)
-    if not hi > lo:
+    lo, hi = float(lo), float(hi)
+    span = hi - lo if hi > lo else 1.0
+    if vmin is not None and vmax is not None:
+        return float(vmin), float(vmax)
+    if vmin is not None:
+        lo = float(vmin)
+        if not hi > lo:  # every value at or below the given vmin: an automatic upper limit above it
+            hi = lo + span
+    elif vmax is not None:
+        hi = float(vmax)
+        if not hi > lo:
+            lo = hi - span
+    elif not hi > lo:
         hi = lo + 1.0
     return lo, hi
 
@@ -181,6 +218,38 @@ def group_column(df: pd.DataFrame, group: str | None) -> str | None:
     return None
 
 
+def group_labels(data: pd.DataFrame, gcol: str, *, explicit: bool) -> pd.Series:
+    """Labels of the groups to draw, one per row; distinct runs are never pooled silently.
+
+    :func:`asign.tl.evaluate` writes the output table's ``key`` next to ``method``: when ``method`` is the grouping
+    chosen by default and one method appears under several keys (e.g. two propagation runs with other options), its
+    rows are labelled ``"method (key)"``. Rows that still share a label, a section and a gene (several runs pooled
+    into one box) are reported.
+    """
+    labels = data[gcol].fillna("").astype(str).replace("", "(unnamed)")
+    if not explicit and gcol == "method" and "key" in data.columns:
+        keys = data["key"].fillna("").astype(str).replace("", "no key")
+        n_keys = keys.groupby(labels.to_numpy()).nunique()
+        ambiguous = labels.isin(n_keys.index[n_keys > 1])
+        if ambiguous.any():
+            labels = labels.where(~ambiguous, labels + " (" + keys + ")")
+            logger.info(
+                f"Methods {sorted(n_keys.index[n_keys > 1])} appear under several output tables (`key`); labelled "
+                "by 'method (key)'."
+            )
+    ids = [c for c in ("section", "gene") if c in data.columns]
+    if ids:
+        dup = pd.DataFrame({"_label": labels.to_numpy(), **{c: data[c].to_numpy() for c in ids}}).duplicated()
+        if dup.any():
+            pooled = sorted(set(labels.to_numpy()[dup.to_numpy()]))
+            logger.warning(
+                f"{int(dup.sum())} rows repeat a {gcol!r} value with the same {' and '.join(ids)}: several runs are "
+                f"pooled under {pooled}. Pass `group=` a column that tells them apart (e.g. 'key') or give the runs "
+                "distinct names."
+            )
+    return labels
+
+
 def rows_for(data: pd.DataFrame, metric: str, kind: str) -> pd.DataFrame:
     """Rows of :func:`asign.tl.evaluate`'s ``level`` column to use: per-gene rows, else per-section rows."""
     if "level" not in data.columns:
@@ -283,8 +352,40 @@ def as_runs(history: Any) -> tuple[dict[str, pd.DataFrame], dict[str, float]]:
     if not cols:
         msg = "The training history holds no numeric series (expected e.g. {'epoch': [...], 'train_loss': [...]})."
         raise ValueError(msg)
-    n = max(len(v) for v in cols.values())
+    n = _series_length(cols)
+    dropped = {k: len(v) for k, v in cols.items() if len(v) != n}
+    if dropped:
+        xcol = next((c for c in X_CANDIDATES if c in cols), None)
+        ref = f"the x axis {xcol!r}" if xcol is not None else "most series"
+        logger.warning(
+            f"Training history series of another length than {ref} ({n} values) are not drawn: "
+            + ", ".join(f"{k!r} ({m})" for k, m in dropped.items())
+            + "."
+        )
     return {"": pd.DataFrame({k: v for k, v in cols.items() if len(v) == n})}, bests
+
+
+def _series_length(cols: Mapping[str, np.ndarray]) -> int:
+    """The length the series of one run share: the x axis' (``epoch``, ...) when present, else the most common one."""
+    xcol = next((c for c in X_CANDIDATES if c in cols), None)
+    if xcol is not None:
+        return len(cols[xcol])
+    counts = pd.Series([len(v) for v in cols.values()]).value_counts()
+    return int(max(counts.index[counts == counts.max()]))
+
+
+def ensemble_size(history: Any) -> int | None:
+    """Number of ensemble members of the run whose record (member 0's curve) ``history`` is, if it records it."""
+    if not isinstance(history, Mapping):
+        return None
+    n = history.get("n_models")
+    members = history.get("members")
+    if n is None and isinstance(members, Mapping) and members:
+        n = len(np.atleast_1d(next(iter(members.values()))))
+    try:
+        return int(np.asarray(n).item()) if n is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def is_records(v: Any) -> bool:
