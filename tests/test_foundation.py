@@ -174,7 +174,10 @@ def test_extract_features_with_a_foundation_encoder(tiny, small_stack, tmp_path,
         show_progress_bar=False,
         inplace=False,
     )
-    assert res.params["dim"] == 64 and res.params["encoder"] == tiny and res.params["weights"] == str(path)
+    assert res.params["dim"] == 64 and res.params["encoder"] == tiny and res.params["weights"] == str(path.resolve())
+    from asign._encoders import file_sha256
+
+    assert res.params["weights_sha256"] == file_sha256(path) and len(file_sha256(path)) == 16
     rows = small_stack.tables["table"].obs["section"].astype(str).to_numpy() == "S1"
     f = res.features_spot[rows]
     assert f.shape == (int(rows.sum()), 64) and np.isfinite(f).all() and f.std(axis=0).max() > 0

@@ -282,3 +282,78 @@ def test_bad_options_raise(small_stack):
         asign.pp.extract_features(small_stack, stain_norm="macenko", stain_target={"od_mean": [1, 1, 1]}, **kw)
     with pytest.raises(TypeError, match="`stain_target` must be a string or a mapping, got int"):
         asign.pp.extract_features(small_stack, stain_norm="macenko", stain_target=3, **kw)
+
+
+# ------------------------------------------------------------------------------------------- degenerate estimates
+def _grey_image(side=256, seed=0):
+    """A textured grey image repeated to 3 channels: one colour, no two stains."""
+    from scipy import ndimage as ndi
+
+    g = ndi.gaussian_filter(np.random.default_rng(seed).random((side, side)), 2)
+    g = (40 + 200 * (g - g.min()) / (g.max() - g.min())).astype(np.uint8)
+    return np.repeat(g[None], 3, axis=0)
+
+
+def _dusty_white(side=600, seed=0):
+    """A nearly white slide with 1% grey dust."""
+    rng = np.random.default_rng(seed)
+    img = np.full((3, side, side), 250, np.uint8)
+    m = rng.random((side, side)) < 0.01
+    d = rng.integers(60, 120, int(m.sum()))
+    img[:, m] = np.stack([d, d + 5, d])
+    return img
+
+
+def test_collinear_stain_vectors_are_refused(small_stack, asign_log):
+    """A grey image gave H = E; grey dust H and E 0.09 degrees apart and a map sending grey to white."""
+    from asign.pp._stain import MIN_STAIN_ANGLE, StainCollinearError, estimate_stain
+
+    for img in (_grey_image(), _dusty_white()):
+        with pytest.raises(StainCollinearError, match="degrees apart"):
+            macenko_stains(rgb_to_od(img.reshape(3, -1).T))
+        est = estimate_stain(img)  # a numpy (c, y, x) array
+        assert not est.ok and "one colour, not two stains" in est.error
+        assert np.isnan(est.stain_vectors).all()
+        # od_scale needs only the mean OD: still estimated
+        est = estimate_stain(img, stain_norm="od_scale")
+        assert est.ok and np.isfinite(est.od_mean).all() and np.isnan(est.stain_vectors).all()
+    # real stains are far apart
+    rng = np.random.default_rng(0)
+    for stain in (STAIN_A, STAIN_B):
+        he, _ = macenko_stains(rgb_to_od(_stained_image(stain, _concentrations(128 * 128, rng), 128).reshape(3, -1).T))
+        assert _angle_deg(he[:, :1], he[:, 1:])[0] > 1.4 * MIN_STAIN_ANGLE
+    # through extract_features: identity for the grey section, with a warning naming it and why
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    cs = small_stack.tables["table"].uns["asign"]["stack"]["native_coordinate_system"][1]
+    small_stack.images["he_S2"] = Image2DModel.parse(
+        _grey_image(512), dims=("c", "y", "x"), transformations={cs: Identity()}
+    )
+    kw = {"encoder": get_encoder(torch.nn.Identity(), input_size=None, dim=3), "scales": SMALL, "input_size": None}
+    out = asign.pp.extract_features(small_stack, stain_norm="macenko", inplace=False, show_progress_bar=False, **kw)
+    assert out.params["stain_estimated"].tolist() == [True, False, True]
+    np.testing.assert_array_equal(out.params["stain_matrix"][1], np.eye(3))
+    assert "Section 'S2': its stain cannot be estimated (the H and E stain vectors are only" in asign_log.warnings
+    plain = asign.pp.extract_features(small_stack, inplace=False, show_progress_bar=False, **kw)
+    rows = small_stack.tables["table"].obs["section"].astype(str).to_numpy() == "S2"
+    np.testing.assert_allclose(out.features_spot[rows], plain.features_spot[rows], rtol=1e-6, atol=1e-5)
+
+
+def test_estimate_stain_accepts_numpy_dask_and_dataarray():
+    """The docstring promises numpy / dask (c, y, x): numpy raised a TypeError."""
+    import dask.array as da
+    import xarray as xr
+
+    from asign.pp._stain import estimate_stain
+
+    rng = np.random.default_rng(2)
+    img = _stained_image(STAIN_A, _concentrations(96 * 96, rng), 96)
+    ref = estimate_stain(xr.DataArray(img, dims=("c", "y", "x")))
+    assert ref.ok
+    for arr in (img, da.from_array(img, chunks=(3, 32, 32))):
+        est = estimate_stain(arr)
+        np.testing.assert_array_equal(est.stain_vectors, ref.stain_vectors)
+        np.testing.assert_array_equal(est.max_conc, ref.max_conc)
+    with pytest.raises(ValueError, match=r"must be \(c, y, x\)"):
+        estimate_stain(img[0])

@@ -10,9 +10,17 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+"""Torch device types that asign runs on (each checked for availability by :func:`resolve_device`)."""
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """Return ``device`` as a :class:`torch.device`; ``None`` picks CUDA when available, otherwise the CPU."""
+    """Return ``device`` as a :class:`torch.device`; ``None`` picks CUDA when available, otherwise the CPU.
+
+    A device that cannot be used here raises a :class:`ValueError` before any work: an unknown device string, CUDA
+    (or a CUDA index) that this machine lacks, MPS without Apple-silicon support, an XPU without one, or a device
+    type asign does not run on (e.g. ``"meta"``).
+    """
     import torch
 
     if device is None:
@@ -25,7 +33,35 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         msg = f"device={device!r} was requested but CUDA is not available; pass device='cpu' or device=None."
         raise ValueError(msg)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        msg = (
+            f"device={device!r} was requested but this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); pass one of them, device='cuda' or device=None."
+        )
+        raise ValueError(msg)
+    if dev.type == "mps" and not _mps_available():
+        msg = (
+            f"device={device!r} was requested but MPS (the Apple-silicon GPU backend) is not available on this "
+            "machine or in this torch build; pass device='cpu' or device=None."
+        )
+        raise ValueError(msg)
+    if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        msg = f"device={device!r} was requested but no Intel XPU is available; pass device='cpu' or device=None."
+        raise ValueError(msg)
+    if dev.type not in SUPPORTED_DEVICE_TYPES:
+        msg = (
+            f"device={device!r} (type {dev.type!r}) is not supported; pass 'cpu', 'cuda', 'cuda:<index>', 'mps' "
+            "or None."
+        )
+        raise ValueError(msg)
     return dev
+
+
+def _mps_available() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def seed_everything(seed: int) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import os
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._foundation import FOUNDATION_MODELS, build_foundation
+from ._logging import logger
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +83,9 @@ class Encoder:
         Input normalisation (RGB, on the 0-1 scale).
     input_size
         Side in pixels that patches are resized to before the encoder (`None`: native size).
+    weights_sha256
+        For weights read from a local file: the first 16 hex digits of the file's SHA-256 (its content identity,
+        recorded in ``uns`` and part of the feature space); ``""`` otherwise.
     """
 
     name: str
@@ -91,6 +96,7 @@ class Encoder:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int | None = 224
+    weights_sha256: str = ""
     _device: Any = field(default=None, repr=False)
     _norm: dict = field(default_factory=dict, repr=False)
 
@@ -249,6 +255,27 @@ def register_encoder(name: str, *, dim: int, description: str):
 def available_encoders() -> list[str]:
     """Names accepted by :func:`get_encoder` (plus ``"timm:<model_name>"`` and any :class:`torch.nn.Module`)."""
     return [*sorted(ENCODERS), "timm:<model_name>"]
+
+
+# `weights=` values that name no file
+WEIGHTS_KEYWORDS = ("random", "imagenet", "pretrained", "none", *RESNET50_FILES)
+
+
+def weights_file(weights: str | os.PathLike | None) -> Path | None:
+    """The resolved absolute path of a ``weights=`` value that names an existing file (`None` otherwise)."""
+    if weights is None or str(weights) in WEIGHTS_KEYWORDS:
+        return None
+    path = Path(weights).expanduser()
+    return path.resolve() if path.is_file() else None
+
+
+def file_sha256(path: str | Path, *, n_hex: int = 16) -> str:
+    """The first ``n_hex`` hex digits of the SHA-256 of a file's content (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(functools.partial(f.read, 2**20), b""):
+            h.update(block)
+    return h.hexdigest()[:n_hex]
 
 
 def _torch_load(path: str | Path) -> dict[str, Any]:
@@ -596,6 +623,19 @@ def _infer_dim(module: torch.nn.Module, size: int) -> int:
     return int(out.shape[1])
 
 
+def refuse_weights_of_a_module(encoder: Any, weights: str | os.PathLike | None) -> None:
+    """Raise a ValueError if ``weights`` is given with a module or an :class:`Encoder` (they carry their own)."""
+    import torch
+
+    if weights is not None and isinstance(encoder, Encoder | torch.nn.Module):
+        kind = "an Encoder" if isinstance(encoder, Encoder) else "a torch.nn.Module"
+        msg = (
+            f"`weights={str(weights)!r}` cannot be used with {kind}: it carries its own weights. Load them into the "
+            "module first (module.load_state_dict(torch.load(path))), or pass a registry name with `weights=`."
+        )
+        raise ValueError(msg)
+
+
 def get_encoder(
     encoder: str | torch.nn.Module | Encoder = "efficientnet_lite0",
     *,
@@ -613,15 +653,25 @@ def get_encoder(
         :class:`Encoder`.
     weights
         `None` for the encoder's default pretrained weights, ``"random"`` for a seeded random initialisation
-        (tests only), or the path of a local state dict / checkpoint.
+        (tests only), or the path of a local state dict / checkpoint: recorded as its resolved absolute path, with
+        the SHA-256 of its content in :attr:`Encoder.weights_sha256`. A module or an :class:`Encoder` carries its own
+        weights: a weights file with one is refused (``"random"`` is ignored).
     input_size
-        Side the patches are resized to (`None`: native size).
+        Side the patches are resized to (`None`: native size). An :class:`Encoder` keeps its own input size (a
+        different ``input_size`` logs a warning).
     dim
         Feature dimension of a user module (inferred with one dummy forward pass when `None`).
     """
     import torch
 
+    if str(weights) != "random":  # "random" is ignored (the fine-tuning default for features of random weights)
+        refuse_weights_of_a_module(encoder, weights)
     if isinstance(encoder, Encoder):
+        if input_size != encoder.input_size:
+            logger.warning(
+                f"`encoder` is an Encoder with input_size={encoder.input_size}: its own input size is used, not "
+                f"input_size={input_size}."
+            )
         return encoder
     if isinstance(encoder, torch.nn.Module):
         d = int(dim) if dim is not None else _infer_dim(encoder, input_size or 224)
@@ -629,13 +679,18 @@ def get_encoder(
     if not isinstance(encoder, str):
         msg = f"`encoder` must be a name, a torch.nn.Module or an Encoder, got {type(encoder).__name__}."
         raise TypeError(msg)
-    w = None if weights is None else str(weights)
+    path = weights_file(weights)
+    w = str(path) if path is not None else None if weights is None else str(weights)
     if encoder.startswith("timm:"):
-        return _build_timm(encoder[len("timm:") :], w, input_size)
-    if encoder not in ENCODERS:
+        enc = _build_timm(encoder[len("timm:") :], w, input_size)
+    elif encoder not in ENCODERS:
         msg = f"Unknown encoder {encoder!r}; available: {available_encoders()} or a torch.nn.Module."
         raise ValueError(msg)
-    return ENCODERS[encoder].build(w, input_size)
+    else:
+        enc = ENCODERS[encoder].build(w, input_size)
+    if path is not None and enc.weights == str(path):
+        enc.weights_sha256 = file_sha256(path)
+    return enc
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -199,7 +199,10 @@ def _morton(i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PatchJob:
-    """Square patches of one size from one image: top-left corners and the output rows they fill."""
+    """Square patches of one size from one image: top-left corners and the output rows they fill.
+
+    ``label`` names them in messages (e.g. ``"spot patches of section 'A'"``).
+    """
 
     image: int
     x0: np.ndarray
@@ -574,4 +577,24 @@ def embed_patches(
         ds.ring = None
         if bar is not None:
             bar.close()
+    check_finite(out, jobs, encoder.name)
     return out
+
+
+def check_finite(out: np.ndarray, jobs: Sequence[PatchJob], name: str) -> None:
+    """Raise a ValueError naming the jobs (their labels: scale and section) whose features are NaN or infinite."""
+    bad, n_bad = [], 0
+    for job in jobs:
+        if len(job.rows) == 0:
+            continue
+        f = out[job.rows].reshape(len(job.rows), -1)
+        k = int((~np.isfinite(f).all(axis=1)).sum())
+        if k:
+            bad.append(f"{job.label or f'job {len(bad)}'} ({k} of {len(job.rows)})")
+            n_bad += k
+    if bad:
+        msg = (
+            f"Encoder {name!r} returned NaN or infinite features for {n_bad} patch(es): {'; '.join(bad)}. Check the "
+            "encoder (its weights, or overflow in half precision: mixed_precision=False) and the images."
+        )
+        raise ValueError(msg)

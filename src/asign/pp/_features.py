@@ -87,9 +87,6 @@ def _select_sections(stack, sections: Sequence[str] | None) -> list[str]:
     if not sections:
         msg = "`sections` is empty; pass at least one section with an image."
         raise ValueError(msg)
-    skipped = [s for s in stack.sections if s not in sections]
-    if skipped:
-        logger.warning(f"Sections {skipped} are not processed (`sections=`); their spots and tiles get NaN features.")
     return [s for s in stack.sections if s in sections]
 
 
@@ -109,6 +106,264 @@ def _warn_large_spot_patches(stack, sections: Sequence[str], spot_px: Sequence[i
             "images of about 0.5 µm/px); pass `scales_um=` instead, e.g. "
             "scales_um={'spot': 112, 'region': 256, 'global': 512} (the defaults at 0.5 µm/px)."
         )
+
+
+# pyramid levels of two sections whose pixel sizes (in level-0 pixels) differ by less than this fraction count as the
+# same downscale factor (level sides are rounded to whole pixels: a 1201 px image's 2x level has 600 or 601 px)
+LEVEL_FACTOR_TOL = 0.02
+
+
+def _usable_scales(levels: Sequence[Any], pyramid: str) -> list[float | None]:
+    """Each level's pixel size in level-0 pixels, `None` for levels ``pyramid`` does not allow."""
+    ok = [k == 0 or pyramid == "always" or (pyramid == "auto" and lv.stored) for k, lv in enumerate(levels)]
+    return [0.5 * (lv.scale_y + lv.scale_x) if u else None for lv, u in zip(levels, ok, strict=True)]
+
+
+def _matching_level(scales: Sequence[float | None], factor: float) -> int | None:
+    """The usable level whose pixel size is ``factor`` (within ``LEVEL_FACTOR_TOL``), or `None`."""
+    best, err = None, LEVEL_FACTOR_TOL
+    for k, sc in enumerate(scales):
+        if sc is not None and abs(sc / factor - 1.0) <= err:
+            best, err = k, abs(sc / factor - 1.0)
+    return best
+
+
+def _choose_levels(
+    levels_of: Mapping[str, Sequence[Any]],
+    sides: Mapping[str, Mapping[str, int]],
+    target: int | None,
+    pyramid: str,
+    cap: Mapping[str, float] | None = None,
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """The pyramid level every section reads each scale from, and the level it would read on its own.
+
+    On its own a section reads a scale from its coarsest usable level that still gives at least ``target`` px
+    across the patch (:func:`asign._patches.pick_level`). So that the same patch gives the same feature in any
+    section, the levels are chosen among the downscale factors that *every* section offers: a section without a
+    2x level makes the others read 1x, where they would read 2x on their own. Sections with the same pyramid get
+    what they would get on their own. ``target=None`` (native-size input) reads level 0. ``cap`` (per scale)
+    bounds the factor (the factor that kept features of an earlier call were read at).
+
+    Returns ``(choice, natural)``: ``{section: {scale: level index}}`` each (``natural`` within ``cap`` too).
+    """
+    from asign._patches import pick_level
+
+    usable = {s: _usable_scales(levels, pyramid) for s, levels in levels_of.items()}
+    first = next(iter(usable.values()), [])
+    common = [sc for sc in first if sc is not None and all(_matching_level(u, sc) is not None for u in usable.values())]
+    choice: dict[str, dict[str, int]] = {}
+    natural: dict[str, dict[str, int]] = {}
+    for s, u_all in usable.items():
+        choice[s], natural[s] = {}, {}
+        for lev, side in sides[s].items():
+            top = float("inf") if cap is None or lev not in cap else cap[lev] * (1.0 + LEVEL_FACTOR_TOL)
+            u = [sc if sc is not None and sc <= top else None for sc in u_all]
+            natural[s][lev] = pick_level(side, target, u)
+            best, best_scale = 0, 1.0
+            if target is not None:
+                for f in common:
+                    k = _matching_level(u, f)
+                    if (
+                        k is not None
+                        and k > 0
+                        and round(side / float(u[k])) >= int(target)
+                        and float(u[k]) > best_scale
+                    ):
+                        best, best_scale = k, float(u[k])
+            choice[s][lev] = best
+    return choice, natural
+
+
+def _level_factor(level: Any) -> float:
+    return float(0.5 * (level.scale_y + level.scale_x))
+
+
+def _recorded_factors(
+    earlier: Mapping[str, Any], stack, kept: Sequence[str], levels_of: Mapping[str, Sequence[Any]]
+) -> dict[str, dict[str, float | None]]:
+    """Per kept section and scale, the downscale factor its earlier features were read at (`None`: unknown)."""
+    ds, pl = earlier.get("downscale"), earlier.get("pyramid_level")
+    out: dict[str, dict[str, float | None]] = {}
+    for s in kept:
+        i, out[s] = stack.index(s), {}
+        for lev in LEVELS:
+            f = None
+            if isinstance(ds, Mapping) and len(np.atleast_1d(ds.get(lev, []))) == stack.n_sections:
+                f = float(np.atleast_1d(ds[lev])[i]) or None
+            elif isinstance(pl, Mapping) and s in levels_of and len(np.atleast_1d(pl.get(lev, []))) == stack.n_sections:
+                k = int(np.atleast_1d(pl[lev])[i])  # recorded before `downscale` existed
+                f = _level_factor(levels_of[s][k]) if 0 <= k < len(levels_of[s]) else None
+            out[s][lev] = f
+    return out
+
+
+def _warn_finer_levels(
+    levels_of: Mapping[str, Sequence[Any]],
+    choice: Mapping[str, Mapping[str, int]],
+    natural: Mapping[str, Mapping[str, int]],
+    pyramid: str,
+) -> None:
+    """Warn when sections read a scale from a finer level than their own pyramid offers (another lacks the level)."""
+    finer: list[str] = []
+    lacking: set[str] = set()
+    for s, levels in levels_of.items():
+        for lev, k in choice[s].items():
+            kn = natural[s][lev]
+            if kn == k:
+                continue
+            f_own = 0.5 * (levels[kn].scale_y + levels[kn].scale_x)
+            f_used = 0.5 * (levels[k].scale_y + levels[k].scale_x)
+            finer.append(f"{lev} patches of {s!r} at {f_used:.3g}x instead of {f_own:.3g}x")
+            lacking |= {t for t, lv in levels_of.items() if _matching_level(_usable_scales(lv, pyramid), f_own) is None}
+    if finer:
+        missing = [s for s in levels_of if s in lacking]
+        logger.warning(
+            f"Sections {missing} lack pyramid levels that the images of other sections have, so those read finer "
+            f"levels too: {'; '.join(finer)}. Every scale is read at the same downscale factor in "
+            "every section, so that the same patch gives the same feature; it is slower. Give the images of "
+            f"{missing} a stored pyramid (e.g. `Image2DModel.parse(..., scale_factors=[2, 2])`, written to zarr), "
+            + ("or pass pyramid='always' to use in-memory levels too." if pyramid == "auto" else "or leave them out.")
+        )
+
+
+def _earlier_sections(table, key_added: str, stack, todo: Sequence[str]) -> tuple[list[str], Mapping[str, Any]]:
+    """Sections with features of an earlier call under ``key_added`` that this call does not process, and its record."""
+    info = table.uns.get(f"{key_added}_features")
+    if not isinstance(info, Mapping):
+        return [], {}
+    done = {str(s) for s in np.atleast_1d(np.asarray(info.get("sections", []), dtype=object))}
+    return [s for s in stack.sections if s in done and s not in todo], info
+
+
+def _plain(v: Any) -> Any:
+    """A recorded value as plain python (mappings, lists, floats), for comparison."""
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, np.ndarray | np.generic | list | tuple):
+        return np.asarray(v).tolist()
+    return v
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(np.array_equal(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), equal_nan=True))
+    except (TypeError, ValueError):
+        return _plain(a) == _plain(b)
+
+
+def _earlier_differences(earlier: Mapping[str, Any], space: Mapping[str, Any], stack, kept: Sequence[str]) -> list[str]:
+    """Why an earlier call's features (``earlier``, its ``uns`` record) are not of this call's feature space."""
+    out = feature_space_difference(_space_of(earlier), _space_of(space))
+    for f in ("mean", "std", "keep_views", "resize"):
+        a = earlier.get(f, {"keep_views": False, "resize": "device"}.get(f))
+        if not _same(a, space[f]):
+            out.append(f"{f}: {_plain(a)!r} != {_plain(space[f])!r}")
+    idx = [stack.index(s) for s in kept]
+    rec = earlier.get("scales_px", {})
+    for lev, sides in space["scales_px"].items():
+        old = np.asarray(rec.get(lev, []) if isinstance(rec, Mapping) else [])
+        if len(old) != stack.n_sections or not np.array_equal(old[idx], np.asarray(sides)[idx]):
+            out.append(f"scales_px[{lev!r}] of {list(kept)}: {_plain(old)!r} != {list(sides)!r}")
+    if space["stain_norm"] != "none":
+        a, b = earlier.get("stain_target_params", {}), space["stain_target_params"]
+        a = a if isinstance(a, Mapping) else {}
+        keys = sorted(k for k in set(a) | set(b) if k != "source")
+        if any(k not in a or k not in b or not _same(a[k], b[k]) for k in keys):
+            out.append(
+                f"stain target: {a.get('source')!r} != {b.get('source')!r} (other stain vectors or concentrations; a "
+                "'median' target follows the processed sections: pass the earlier call's `stain_target_params`)"
+            )
+    return out
+
+
+def _earlier_missing(
+    sdata, table_key: str, key_added: str, kept: Sequence[str], regions, globals_, space: Mapping[str, Any], n: int
+) -> list[str]:
+    """What is missing of the earlier features of the ``kept`` sections (the arrays, or their tiles)."""
+    table = sdata.tables[table_key]
+    dim, views = int(space["dim"]), bool(space["keep_views"])
+    keys = [Key.features(key_added, "spot")] + ([Key.views(Key.features(key_added, "spot"))] if views else [])
+    out = [f"`.obsm[{k!r}]` is gone" for k in keys if k not in table.obsm or np.shape(table.obsm[k])[0] != n]
+    out += [f"`.obsm[{k!r}]` has another width" for k in keys if k in table.obsm and np.shape(table.obsm[k])[-1] != dim]
+    for lev, new in (("region", regions), ("global", globals_)):
+        tk = tile_table_key(key_added, lev)
+        need = [Key.TILE_FEATURES] + ([Key.views(Key.TILE_FEATURES)] if views else [])
+        if tk not in sdata.tables or any(k not in sdata.tables[tk].obsm for k in need):
+            out.append(f"table {tk!r} holds no features (replaced by `make_tiles`?)")
+        elif _kept_tile_rows(new, sdata.tables[tk], kept) is None:
+            out.append(f"table {tk!r} lacks tiles of {list(kept)} (other spots or tile sides)")
+    return out
+
+
+def _kept_tile_rows(new, old, kept: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rows of the ``kept`` sections' tiles in ``new`` and of the same tiles in the earlier table ``old``.
+
+    Tiles are matched by section, tile row and tile column; `None` if one is missing in ``old``.
+    """
+
+    def keys(ad, rows):
+        sec = ad.obs[Key.SECTION].astype(str).to_numpy()
+        r, c = ad.obs["tile_row"].to_numpy(), ad.obs["tile_col"].to_numpy()
+        return [(sec[i], int(r[i]), int(c[i])) for i in rows]
+
+    if not {Key.SECTION, "tile_row", "tile_col"} <= set(old.obs.columns):
+        return None
+    old_row = {k: i for i, k in enumerate(keys(old, range(old.n_obs)))}
+    rows = np.flatnonzero(new.obs[Key.SECTION].astype(str).isin(list(kept)).to_numpy())
+    found = [old_row.get(k) for k in keys(new, rows)]
+    if any(i is None for i in found):
+        return None
+    return rows, np.asarray(found, dtype=np.int64)
+
+
+def _fill_kept(
+    sdata,
+    table_key: str,
+    key_added: str,
+    kept: Sequence[str],
+    codes: np.ndarray,
+    stack,
+    regions,
+    globals_,
+    feats: np.ndarray,
+    views: np.ndarray | None,
+    padded: np.ndarray,
+) -> None:
+    """Copy the earlier features of the ``kept`` sections into this call's rows (spots by row, tiles by position)."""
+    table = sdata.tables[table_key]
+    n, nr = table.n_obs, regions.n_obs
+    m = np.isin(codes, [stack.index(s) for s in kept])
+    feats[:n][m] = np.asarray(table.obsm[Key.features(key_added, "spot")])[m]
+    if views is not None:
+        views[:n][m] = np.asarray(table.obsm[Key.views(Key.features(key_added, "spot"))])[m]
+    col = f"{key_added}_spot_padded"
+    if col in table.obs:
+        padded[m] = table.obs[col].to_numpy(dtype=bool)[m]
+    for lev, new, offset in (("region", regions, n), ("global", globals_, n + nr)):
+        old = sdata.tables[tile_table_key(key_added, lev)]
+        rows, old_rows = _kept_tile_rows(new, old, kept)
+        feats[offset + rows] = np.asarray(old.obsm[Key.TILE_FEATURES])[old_rows]
+        if views is not None:
+            views[offset + rows] = np.asarray(old.obsm[Key.views(Key.TILE_FEATURES)])[old_rows]
+
+
+_STAIN_PER_SECTION = (
+    "stain_matrix",
+    "stain_vectors",
+    "stain_max_conc",
+    "stain_od_mean",
+    "stain_estimated",
+    "stain_level",
+    "stain_n_pixels",
+)
+
+
+def _copy_kept_stain(params: dict[str, Any], earlier: Mapping[str, Any], stack, kept: Sequence[str]) -> None:
+    """Copy the per-section stain records of the ``kept`` sections from the earlier call's record."""
+    idx = [stack.index(s) for s in kept]
+    for k in _STAIN_PER_SECTION:
+        if k in params and k in earlier and len(np.asarray(earlier[k])) == stack.n_sections:
+            params[k][idx] = np.asarray(earlier[k])[idx]
 
 
 def extract_features(
@@ -142,8 +397,10 @@ def extract_features(
     Each patch is read lazily (only the image chunks it overlaps are computed) from the coarsest pyramid level of
     its section's image that still gives at least ``input_size`` pixels across it (``pyramid``): with the default
     scales and a 224 px input, spot patches come from full resolution, 512 px region tiles from the 2x level
-    (256 px) and 1024 px global tiles from the 4x level (256 px). Patches are padded with white (255) where they
-    cross the image border, resized to ``input_size`` with antialiased bilinear interpolation — batched on
+    (256 px) and 1024 px global tiles from the 4x level (256 px). Levels are chosen among the downscale factors
+    that every processed section offers, so the same patch gives the same feature in any section, pyramid or not
+    (a section without the level makes the others read a finer one, with a warning). Patches are padded with white
+    (255) where they cross the image border, resized to ``input_size`` with antialiased bilinear interpolation — batched on
     ``device`` by default, so the readers only read (``resize``) — normalised with the encoder's mean/std
     (ImageNet by default) and embedded in batches by **one** frozen encoder, identical for every section and every
     level (no per-section projection, method.md §8 defect 1). Inference runs in eval mode under
@@ -165,7 +422,8 @@ def extract_features(
     weights
         `None` for the encoder's default pretrained weights (offline for the built-in CNNs; the gated Hugging Face
         hub for the foundation models), ``"random"`` for a seeded random initialisation, or a local state-dict /
-        checkpoint file (``.safetensors`` too).
+        checkpoint file (``.safetensors`` too; recorded as its absolute path with the SHA-256 of its content). Refused
+        with a module or an ``Encoder``, which carry their own weights.
     scales
         Patch/tile sides in native pixels, default ``{"spot": 224, "region": 512, "global": 1024}`` (for images of
         about 0.5 µm/px); the global side must be an integer multiple of the region side. A warning names the
@@ -175,13 +433,15 @@ def extract_features(
         Sides in µm instead (converted per section with its ``um_per_px``), so datasets of different resolution
         are treated alike.
     input_size
-        Side the patches are resized to before the encoder; `None` feeds them at native size (as the paper).
+        Side the patches are resized to before the encoder; `None` feeds them at native size (as the paper). An
+        ``Encoder`` object keeps its own input size (a different value logs a warning).
     batch_size
         Patches per batch (reduced for large native-size inputs); `None`: 64, or 16 on a CPU running one torch
         thread (there small batches stay in the caches and run about a quarter faster; with more threads larger
         batches amortise the synchronisation between them).
     device
-        Torch device; `None` picks CUDA when available.
+        Torch device; `None` picks CUDA when available. Checked before the encoder is built (a device this machine
+        lacks is an error at once).
     num_workers
         :class:`torch.utils.data.DataLoader` reader processes (0: read in the main process).
     mixed_precision
@@ -223,8 +483,11 @@ def extract_features(
     key_added
         Prefix of the keys written.
     sections
-        Sections to process (default: all; every one needs an image). Spots and tiles of other sections get NaN
-        features.
+        Sections to process (default: all; every one needs an image). With ``inplace=True``, sections processed by
+        an earlier call with this ``key_added`` keep their features if that call had the same settings (encoder,
+        weights, input size, scales, stain normalisation and target, ``tta``, ``keep_views``, ``resize`` and the
+        pyramid levels read), so extracting sections in several calls gives the features of one call; otherwise a
+        warning says they are discarded and why. Spots and tiles of the other sections get NaN features.
     show_progress_bar
         Show a progress bar.
     inplace
@@ -239,11 +502,15 @@ def extract_features(
       spot's tile);
     - ``.obs['{key_added}_region']``, ``.obs['{key_added}_global']``: int64 rows into the tile tables;
     - ``.obs['{key_added}_spot_padded']``: the spot patch crosses the image border;
-    - ``.uns['{key_added}_features']``: ``encoder``, ``weights``, ``dim``, ``input_size``, ``mean``, ``std``,
-      ``scales_px`` / ``scales_um`` (per level, one entry per section), ``unit``, ``sections`` (processed),
+    - ``.uns['{key_added}_features']``: ``encoder``, ``weights``, ``weights_sha256`` (the first 16 hex digits of
+      a weights file's SHA-256, ``""`` otherwise), ``dim``, ``input_size``, ``mean``, ``std``,
+      ``scales_px`` / ``scales_um`` (per level, one entry per section), ``unit``, ``sections`` (with features: this
+      call's and those kept from an earlier call),
       ``levels`` (``["spot", "region", "global"]``), ``device``, ``mixed_precision``, ``pyramid``, ``resize``,
       ``pyramid_level`` / ``read_px`` (per level, one entry per section: the pyramid level ``scale<k>`` read and
-      the patch side in its pixels; -1 / 0 for sections not processed), ``batch_size``, ``torch_version``,
+      the patch side in its pixels; -1 / 0 for sections not processed), ``downscale`` (per level, one entry per
+      section: the pixel size of the level read in full-resolution pixels; 0 if not processed), ``batch_size``,
+      ``torch_version``,
       ``n_patches``, ``seconds``, ``n_spot_padded`` (spots whose patch crosses the image border),
       ``region_table`` / ``global_table`` (the tile tables), ``region_key`` / ``global_key`` (the index columns);
       ``stain_norm``, ``tta``, ``tta_views``, ``keep_views``; with a stain normalisation also ``stain_target``
@@ -264,8 +531,8 @@ def extract_features(
     import torch
 
     from asign._device import resolve_device
-    from asign._encoders import get_encoder
-    from asign._patches import ImageSource, PatchJob, embed_patches, level_window, pick_level
+    from asign._encoders import get_encoder, refuse_weights_of_a_module
+    from asign._patches import ImageSource, PatchJob, embed_patches, level_window
     from asign._stack import section_codes
     from asign.io import validate_stack
     from asign.pp._stain import check_stain_norm, check_stain_target, check_tta, stain_maps, stain_uns
@@ -299,6 +566,9 @@ def extract_features(
     if resize not in ("device", "reader"):
         msg = f"`resize` must be 'device' or 'reader', got {resize!r}."
         raise ValueError(msg)
+    refuse_weights_of_a_module(encoder, weights)
+    # the device before the encoder: building one can take a minute (a foundation model may first try the hub)
+    dev = resolve_device(device)
     px, um, unit = resolve_scales(stack, scales, scales_um)
     if scales_um is None or "spot" not in scales_um:
         _warn_large_spot_patches(stack, todo, px["spot"])
@@ -310,7 +580,6 @@ def extract_features(
     r_index, g_index, regions, globals_ = compute_tiles(table, stack, tile_px, sizes, key_added)
 
     enc = get_encoder(encoder, weights=weights, input_size=input_size)
-    dev = resolve_device(device)
     if batch_size is None:
         batch_size = 16 if dev.type == "cpu" and torch.get_num_threads() == 1 else 64
     codes = section_codes(table, stack)
@@ -320,18 +589,118 @@ def extract_features(
     sx0, sy0 = _spot_corners(xy, spot_side)
     padded = np.zeros(n, dtype=bool)
 
+    stain_params: dict[str, Any] = {}
+    mats: dict[str, np.ndarray] = {}
+    t_stain = time.perf_counter()
+    if stain_norm != "none":
+        mats, estimates, target = stain_maps(
+            {s: sdata.images[stack.image_keys[stack.index(s)]] for s in todo},
+            stain_norm=stain_norm,
+            stain_target=stain_target,
+        )
+        stain_params = stain_uns(stack.sections, stain_norm, mats, estimates, target)
+        stain_params["stain_seconds"] = float(time.perf_counter() - t_stain)
+    space = {
+        "encoder": enc.name,
+        "weights": enc.weights,
+        "weights_sha256": str(enc.weights_sha256),
+        "dim": int(enc.dim),
+        "input_size": int(enc.input_size) if enc.input_size is not None else 0,
+        "mean": [float(v) for v in enc.mean],
+        "std": [float(v) for v in enc.std],
+        "scales_px": {k: [int(v) for v in vs] for k, vs in px.items()},
+        "stain_norm": stain_norm,
+        "tta": tta,
+        "keep_views": bool(keep_views),
+        "resize": str(resize),
+    }
+    if stain_norm != "none":
+        space["stain_target_params"] = stain_params["stain_target_params"]
+
+    # sections processed by an earlier call with this key_added and not now keep their features if they are of the
+    # same feature space and were read at the same pyramid levels as this call would read them
+    kept: list[str] = []
+    earlier: Mapping[str, Any] = {}
+    reasons: list[str] = []
+    if inplace:
+        kept, earlier = _earlier_sections(table, key_added, stack, todo)
+        if kept:
+            reasons = _earlier_differences(earlier, space, stack, kept)
+            if not reasons:
+                reasons = _earlier_missing(sdata, table_key, key_added, kept, regions, globals_, space, n)
+    with_image = [s for s in kept if stack.image_keys[stack.index(s)] is not None]
+    levels_of = {s: image_levels(sdata.images[stack.image_keys[stack.index(s)]]) for s in [*todo, *with_image]}
+    sides = {s: {lev: int(px[lev][stack.index(s)]) for lev in LEVELS} for s in levels_of}
+    cap: dict[str, float] | None = None
+    if kept and not reasons:
+        # read every scale at most at the factor the kept features were read at, and check that they would be read
+        # at that factor now (a new section without that pyramid level would make them differ)
+        recorded = _recorded_factors(earlier, stack, kept, levels_of)
+        unknown = [s for s in kept if any(f is None for f in recorded[s].values())]
+        if unknown:
+            reasons.append(f"the pyramid levels that the features of sections {unknown} were read from are unknown")
+        else:
+            cap = {lev: min(recorded[s][lev] for s in kept) for lev in LEVELS}
+            choice, natural = _choose_levels(levels_of, sides, enc.input_size, pyramid, cap=cap)
+            for lev in LEVELS:
+                moved = [
+                    s
+                    for s in with_image
+                    if abs(_level_factor(levels_of[s][choice[s][lev]]) / recorded[s][lev] - 1.0) > LEVEL_FACTOR_TOL
+                ]
+                if moved:
+                    reasons.append(
+                        f"{lev} patches of sections {moved} were read at downscale "
+                        f"{[round(recorded[s][lev], 3) for s in moved]}, but with sections {todo} they would be read "
+                        f"at {[round(_level_factor(levels_of[s][choice[s][lev]]), 3) for s in moved]}"
+                    )
+    if reasons:
+        logger.warning(
+            f"Earlier features of sections {kept} (key_added={key_added!r}) are discarded because the settings "
+            f"differ from this call's ({'; '.join(reasons)}); their spots and tiles get NaN features. Extract them "
+            "again with the same settings, or extract every section in one call."
+        )
+        kept, with_image, cap = [], [], None
+        levels_of = {s: levels_of[s] for s in todo}
+        sides = {s: sides[s] for s in todo}
+    if cap is None:
+        choice, natural = _choose_levels(levels_of, sides, enc.input_size, pyramid)
+    else:
+        free, _ = _choose_levels({s: levels_of[s] for s in todo}, sides, enc.input_size, pyramid)
+        coarser = sorted(
+            {
+                lev
+                for s in todo
+                for lev in LEVELS
+                if free[s][lev] != choice[s][lev] and natural[s][lev] == choice[s][lev]
+            }
+        )
+        if coarser:
+            logger.info(
+                f"Scales {coarser} of sections {todo} are read at the downscale factors of the kept features of "
+                f"sections {kept} ({ {lev: round(cap[lev], 3) for lev in coarser} }), where coarser pyramid levels "
+                "exist: extract every section in one call to read those (faster)."
+            )
+    if kept:
+        logger.info(
+            f"Sections {kept} keep their features of an earlier call (key_added={key_added!r}, the same settings)."
+        )
+    skipped = [s for s in stack.sections if s not in todo and s not in kept]
+    if skipped:
+        logger.warning(f"Sections {skipped} are not processed (`sections=`); their spots and tiles get NaN features.")
+    _warn_finer_levels(levels_of, choice, natural, pyramid)
+
     sources: list[ImageSource] = []
     source_section: list[str] = []
     jobs: list[PatchJob] = []
     used_level = {lev: [-1] * stack.n_sections for lev in LEVELS}
     read_px = {lev: [0] * stack.n_sections for lev in LEVELS}
+    downscale = {lev: [0.0] * stack.n_sections for lev in LEVELS}
     r_codes = np.asarray(regions.obs[Key.SECTION].cat.codes)
     g_codes = np.asarray(globals_.obs[Key.SECTION].cat.codes)
-    for s in todo:
+    for s in [*todo, *with_image]:
         i = stack.index(s)
-        levels = image_levels(sdata.images[stack.image_keys[i]])
-        usable = [k == 0 or pyramid == "always" or (pyramid == "auto" and lv.stored) for k, lv in enumerate(levels)]
-        scales_k = [0.5 * (lv.scale_y + lv.scale_x) if ok else None for lv, ok in zip(levels, usable, strict=True)]
+        levels = levels_of[s]
         level_source: dict[int, int] = {}
         m = np.flatnonzero(codes == i)
         S = int(px["spot"][i])
@@ -345,28 +714,20 @@ def extract_features(
             y0 = tab.obs["tile_row"].to_numpy()[t] * side
             patches.append((lev, x0, y0, side, offset + t))
         for lev, x0, y0, side, rows in patches:
-            k = pick_level(side, enc.input_size, scales_k)
+            k = choice[s][lev]
             lv = levels[k]
+            xk, yk, side_k = level_window(x0, y0, side, lv.scale_y, lv.scale_x)
+            used_level[lev][i], read_px[lev][i] = int(k), int(side_k)
+            downscale[lev][i] = float(0.5 * (lv.scale_y + lv.scale_x))
+            if s not in todo:
+                continue  # kept: its features come from the earlier call
             if k not in level_source:
                 sources.append(ImageSource(lv.data))
                 source_section.append(s)
                 level_source[k] = len(sources) - 1
-            xk, yk, side_k = level_window(x0, y0, side, lv.scale_y, lv.scale_x)
-            jobs.append(PatchJob(level_source[k], xk, yk, side_k, rows, f"{s} {lev}"))
-            used_level[lev][i], read_px[lev][i] = int(k), int(side_k)
+            jobs.append(PatchJob(level_source[k], xk, yk, side_k, rows, f"{lev} patches of section {s!r}"))
     n_patches = int(sum(len(j.rows) for j in jobs))
-    stain_params: dict[str, Any] = {}
-    od_maps = None
-    t_stain = time.perf_counter()
-    if stain_norm != "none":
-        mats, estimates, target = stain_maps(
-            {s: sdata.images[stack.image_keys[stack.index(s)]] for s in todo},
-            stain_norm=stain_norm,
-            stain_target=stain_target,
-        )
-        od_maps = np.stack([mats[s] for s in source_section]) if sources else None
-        stain_params = stain_uns(stack.sections, stain_norm, mats, estimates, target)
-        stain_params["stain_seconds"] = float(time.perf_counter() - t_stain)
+    od_maps = np.stack([mats[s] for s in source_section]) if stain_norm != "none" and sources else None
     logger.info(
         f"Extracting {enc.name} features ({enc.dim}-d, weights {enc.weights}) of {n_patches} patches "
         f"({n} spots, {nr} regions, {ng} globals) in {len(todo)} section(s) on {dev} (stain_norm={stain_norm!r}, "
@@ -393,6 +754,11 @@ def extract_features(
     views = None
     if keep_views:
         views, feats = feats, feats.mean(axis=1, dtype=np.float64).astype(np.float32)
+    if kept:
+        _fill_kept(sdata, table_key, key_added, kept, codes, stack, regions, globals_, feats, views, padded)
+        if stain_norm != "none":
+            _copy_kept_stain(stain_params, earlier, stack, kept)
+    if views is not None:
         regions.obsm[Key.views(Key.TILE_FEATURES)] = views[n : n + nr]
         globals_.obsm[Key.views(Key.TILE_FEATURES)] = views[n + nr :]
     f_spot, f_region, f_global = feats[:n], feats[n : n + nr], feats[n + nr :]
@@ -405,6 +771,7 @@ def extract_features(
     params: dict[str, Any] = {
         "encoder": enc.name,
         "weights": enc.weights,
+        "weights_sha256": str(enc.weights_sha256),
         "dim": int(enc.dim),
         "input_size": int(enc.input_size) if enc.input_size is not None else 0,
         "mean": [float(v) for v in enc.mean],
@@ -412,7 +779,7 @@ def extract_features(
         "scales_px": {k: [int(v) for v in vs] for k, vs in px.items()},
         "scales_um": {k: [float(v) for v in vs] for k, vs in um.items()},
         "unit": unit,
-        "sections": list(todo),
+        "sections": [s for s in stack.sections if s in todo or s in kept],
         "levels": list(LEVELS),
         "device": str(dev),
         "mixed_precision": mp,
@@ -420,6 +787,7 @@ def extract_features(
         "resize": str(resize),
         "pyramid_level": used_level,
         "read_px": read_px,
+        "downscale": downscale,
         "batch_size": int(batch_size),
         "torch_version": str(torch.__version__),
         "n_patches": n_patches,
@@ -488,11 +856,17 @@ _FEATURE_SPACE_FIELDS = ("encoder", "weights", "dim", "input_size", "scales_px",
 def feature_space_id(table, key: str = Key.ADDED) -> dict[str, Any]:
     """What identifies the feature space of ``uns['{key}_features']``, so that models refuse features of another.
 
-    The fields are the encoder, weights, input size, scales, stain normalisation and test-time augmentation.
-    Fields absent from the record are left out (zarr-writable result), except ``stain_norm`` and ``tta``, which
-    default to ``"none"`` for features extracted before these options existed.
+    The fields are the encoder, weights, input size, scales, stain normalisation and test-time augmentation. Weights
+    read from a file are identified by the SHA-256 of its content (``uns['{key}_features']['weights_sha256']``), not
+    by its path, so moving the file keeps the space and another file of the same name does not. Fields absent from
+    the record are left out (zarr-writable result), except ``stain_norm`` and ``tta``, which default to ``"none"``
+    for features extracted before these options existed.
     """
-    info = table.uns.get(f"{key}_features", {})
+    return _space_of(table.uns.get(f"{key}_features", {}))
+
+
+def _space_of(info: Any) -> dict[str, Any]:
+    """:func:`feature_space_id` of a ``uns['{key}_features']`` record."""
     out: dict[str, Any] = {}
     for f in _FEATURE_SPACE_FIELDS:
         v = info.get(f) if isinstance(info, Mapping) else None
@@ -504,6 +878,9 @@ def feature_space_id(table, key: str = Key.ADDED) -> dict[str, Any]:
             v = "none"
         if v is not None:
             out[f] = v
+    sha = info.get("weights_sha256") if isinstance(info, Mapping) else None
+    if sha is not None and str(sha):  # a weights file: its content, not its path, identifies the weights
+        out["weights"] = f"sha256:{sha}"
     if isinstance(out.get("scales_px"), dict):  # sections differ between samples: compare the distinct sides only
         out["scales_px"] = {k: sorted(set(np.atleast_1d(v).tolist())) for k, v in out["scales_px"].items()}
     return out

@@ -67,6 +67,13 @@ MIN_PIXELS = 500
 MAX_PIXELS = 200_000
 """Tissue pixels used for the estimate (a seeded random subset beyond this)."""
 ESTIMATE_SIDE = 1000
+MIN_STAIN_ANGLE = 10.0
+"""Smallest angle (degrees) between the estimated H and E vectors for a Macenko estimate to be used. Real H&E pairs
+lie about 15-40 degrees apart (Macenko's reference pair: 22 degrees, condition number 5.1), while one colour gives
+a pair less than 10 degrees apart: 0.1 degrees for grey dust on a blank slide, about 7 with +-8 levels of noise per
+channel. Two unit vectors ``t`` apart have singular values ``sqrt(1 +- cos t)``, so condition number
+``cot(t / 2)``: below 10 degrees it exceeds 11 and ``pinv(HE)`` amplifies OD noise more than 8-fold, and the map
+(which divides by the source's concentrations) sends grey to colours, white or black."""
 """The stain is estimated on the coarsest pyramid level whose longer side has at least this many pixels."""
 MACENKO_REFERENCE_HE = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
 """Reference stain vectors (columns H, E; rows R, G, B OD) of Macenko's reference implementation."""
@@ -75,7 +82,11 @@ MACENKO_REFERENCE_MAX_C = np.array([1.9705, 1.0308])
 
 
 class StainEstimationError(ValueError):
-    """A section's stain cannot be estimated (too little tissue)."""
+    """A section's stain cannot be estimated (too little tissue, or no two distinct stains)."""
+
+
+class StainCollinearError(StainEstimationError):
+    """The Macenko H and E vectors are (nearly) collinear: the tissue pixels show one colour, not two stains."""
 
 
 # ------------------------------------------------------------------------------------------------- option checks
@@ -168,7 +179,8 @@ def macenko_stains(
     """Macenko stain vectors ``(3, 2)`` (columns H, E; unit length) and 99th-percentile concentrations ``(2,)``.
 
     ``od`` is ``(n, 3)``: optical densities of tissue pixels. Raises :class:`StainEstimationError` when fewer than
-    ``min_pixels`` pixels have every channel's OD at least ``beta``.
+    ``min_pixels`` pixels have every channel's OD at least ``beta``, and :class:`StainCollinearError` when the two
+    vectors are less than ``MIN_STAIN_ANGLE`` degrees apart (one colour, not two stains).
     """
     od = np.asarray(od, dtype=np.float64).reshape(-1, 3)
     fg = od[np.all(od >= beta, axis=1)]
@@ -186,6 +198,15 @@ def macenko_stains(
     he = np.stack([v_lo, v_hi], axis=1) if v_lo[0] > v_hi[0] else np.stack([v_hi, v_lo], axis=1)
     he[:, he.sum(axis=0) < 0] *= -1.0
     he = _unit_columns(he)
+    angle = float(np.degrees(np.arccos(np.clip(he[:, 0] @ he[:, 1], -1.0, 1.0))))
+    if not angle >= MIN_STAIN_ANGLE:  # also NaN
+        cond = np.linalg.cond(he)
+        msg = (
+            f"the H and E stain vectors are only {angle:.2g} degrees apart (fewer than {MIN_STAIN_ANGLE:g}; condition "
+            f"number {cond:.3g}): the tissue pixels show one colour, not two stains (a grey image, or dust on a blank "
+            "slide?)"
+        )
+        raise StainCollinearError(msg)
     conc = np.linalg.lstsq(he, od.T, rcond=None)[0]
     max_c = np.percentile(conc, MAX_CONC_PERCENTILE, axis=1)
     if not np.all(np.isfinite(he)) or not np.all(max_c > 0):
@@ -264,16 +285,24 @@ def tissue_pixels(rgb: np.ndarray, *, seed: int = 0) -> np.ndarray:
     return rgb_to_od(px)
 
 
-def estimate_stain(image: Any, *, section: str = "") -> SectionStain:
-    """Estimate a section's stain from its image element (numpy/dask ``(c, y, x)`` or a multiscale DataTree).
+def estimate_stain(image: Any, *, section: str = "", stain_norm: str = "macenko") -> SectionStain:
+    """Estimate a section's stain from its image element.
 
-    Never raises for too little tissue: the returned estimate then has NaN values and ``error`` set.
+    The element is a numpy/dask ``(c, y, x)`` array, a :class:`xarray.DataArray` with dims ``c, y, x`` or a
+    multiscale DataTree. Never raises for too little tissue or collinear stain vectors: the returned estimate then
+    has NaN values and ``error`` set. With ``stain_norm="od_scale"`` (which needs only the mean OD) collinear stain vectors leave the
+    stain vectors and maximal concentrations NaN but the estimate usable.
     """
     rgb, level = _read_level(image)
     od = tissue_pixels(rgb)
     nan3, nan2 = np.full(3, np.nan), np.full(2, np.nan)
     try:
-        he, max_c = macenko_stains(od)
+        try:
+            he, max_c = macenko_stains(od)
+        except StainCollinearError:
+            if stain_norm != "od_scale":
+                raise
+            he, max_c = np.full((3, 2), np.nan), nan2
         m = tissue_od_mean(od)
     except StainEstimationError as e:
         return SectionStain(np.full((3, 2), np.nan), nan2, nan3, len(od), level, str(e) or "failed")
@@ -333,11 +362,18 @@ def resolve_target(
         if not ok:
             msg = "stain_target='median': no section's stain could be estimated (see the warnings above)."
             raise ValueError(msg)
-        he = _unit_columns(np.median(np.stack([e.stain_vectors for e in ok.values()]), axis=0))
+        # od_scale estimates may lack stain vectors (collinear): the median of those that have them, or NaN
+        vec = [e for e in ok.values() if np.all(np.isfinite(e.stain_vectors))]
+        he = (
+            _unit_columns(np.median(np.stack([e.stain_vectors for e in vec]), axis=0))
+            if vec
+            else np.full((3, 2), np.nan)
+        )
+        max_c = np.median(np.stack([e.max_conc for e in vec]), axis=0) if vec else np.full(2, np.nan)
         return {
             "source": "median",
             "stain_vectors": he.tolist(),
-            "max_conc": np.median(np.stack([e.max_conc for e in ok.values()]), axis=0).tolist(),
+            "max_conc": max_c.tolist(),
             "od_mean": np.median(np.stack([e.od_mean for e in ok.values()]), axis=0).tolist(),
         }
     est = estimates[stain_target]
@@ -373,7 +409,7 @@ def stain_maps(
     """
     stain_norm = check_stain_norm(stain_norm)
     check_stain_target(stain_norm, stain_target, list(images))  # before any image is read
-    estimates = {s: estimate_stain(img, section=s) for s, img in images.items()}
+    estimates = {s: estimate_stain(img, section=s, stain_norm=stain_norm) for s, img in images.items()}
     for s, e in estimates.items():
         if not e.ok:
             logger.warning(

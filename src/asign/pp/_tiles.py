@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from numbers import Real
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -68,9 +69,15 @@ def resolve_scales(
     if unknown:
         msg = f"Unknown scale level(s) {unknown}; use keys {list(LEVELS)}."
         raise ValueError(msg)
+    name = "scales" if scales is not None else "scales_um"
+    unit_name = "pixels" if scales is not None else "µm"
     for k, v in given.items():
-        if not (np.isfinite(float(v)) and float(v) > 0):
-            msg = f"Scale {k!r} must be a positive size, got {v!r}."
+        if isinstance(v, bool | np.bool_) or not isinstance(v, Real) or not (np.isfinite(float(v)) and float(v) > 0):
+            msg = (
+                f"`{name}[{k!r}]` must be a positive number (the side in {unit_name}), got {v!r}"
+                + (" (a bool, not a size)" if isinstance(v, bool | np.bool_) else "")
+                + "."
+            )
             raise ValueError(msg)
     um = np.asarray(stack.um_per_px, dtype=float)
     px: dict[str, list[int]] = {}
@@ -108,6 +115,8 @@ def resolve_scales(
                 )
                 raise ValueError(msg)
     um_sides = {lev: [float(p * u) for p, u in zip(px[lev], um, strict=True)] for lev in px}
+    if scales_um is not None:
+        _warn_collapsed_sides(stack, {lev: float(given[lev]) for lev in levels if lev in given}, px, um_sides)
     missing = [lev for lev in levels if lev not in given]
     if scales_um is not None and missing:
         sides = ", ".join(f"{lev} {px[lev][0]} px = {um_sides[lev][0]:.4g} µm" for lev in missing)
@@ -117,6 +126,30 @@ def resolve_scales(
             "scales_um={'spot': 112, 'region': 256, 'global': 512} (the defaults at 0.5 µm/px)."
         )
     return px, um_sides, unit
+
+
+# a patch side below this many pixels, or off the requested µm by more than this fraction after rounding to whole
+# pixels, no longer shows what scales_um asked for (a coarse image: e.g. 224 µm at 50 µm/px is a 4 px, 200 µm patch)
+MIN_SIDE_PX = 16
+MAX_SIDE_ERROR = 0.10
+
+
+def _warn_collapsed_sides(
+    stack: StackInfo, requested: Mapping[str, float], px: dict[str, list[int]], um_sides: dict[str, list[float]]
+) -> None:
+    """Warn about sections whose sides given in µm become fewer than 16 px, or more than 10% off, in pixels."""
+    bad: dict[str, list[str]] = {}
+    for lev, want in requested.items():
+        for s, p, got in zip(stack.sections, px[lev], um_sides[lev], strict=True):
+            if p < MIN_SIDE_PX or abs(got - want) > MAX_SIDE_ERROR * want:
+                bad.setdefault(s, []).append(f"{lev} {want:g} µm -> {p} px = {got:.4g} µm")
+    if bad:
+        detail = "; ".join(f"{s!r}: {', '.join(v)}" for s, v in bad.items())
+        logger.warning(
+            f"Sections {list(bad)} are too coarse for the requested scales_um: {detail}. Patch sides under "
+            f"{MIN_SIDE_PX} px, or more than {MAX_SIDE_ERROR:.0%} off the requested size after rounding to whole "
+            "pixels, show little of the tissue or another area than asked; use larger sides or a finer image."
+        )
 
 
 def _image_size(sdata: SpatialData, image_key: str | None) -> tuple[int, int] | None:
@@ -167,7 +200,7 @@ def image_levels(image: Any) -> list[ImageLevel]:
 
     Scales are the ratios of level-0 to level sizes per axis (for spatialdata pyramids these equal the ``Scale`` of
     each level's transformation; for the HER2ST JPEG pyramid, 2.0002 rather than 2 where a side is odd). A single
-    scale image gives one level.
+    scale image gives one level, and so does a plain numpy or dask array, taken as ``(c, y, x)``.
     """
     from xarray import DataTree
 
@@ -177,7 +210,11 @@ def image_levels(image: Any) -> list[ImageLevel]:
         return da.transpose("c", "y", "x").data
 
     if not isinstance(image, DataTree):
-        return [ImageLevel("scale0", image.transpose("c", "y", "x").data, 1.0, 1.0, stored=True)]
+        data = image.transpose("c", "y", "x").data if hasattr(image, "dims") else image
+        if getattr(data, "ndim", None) != 3:
+            msg = f"An image must be (c, y, x), got shape {tuple(getattr(data, 'shape', ()))}."
+            raise ValueError(msg)
+        return [ImageLevel("scale0", data, 1.0, 1.0, stored=True)]
     names = sorted(image.children, key=lambda n: int(str(n).removeprefix("scale")))
     data = [arr(image[n]) for n in names]
     h0, w0 = int(data[0].shape[1]), int(data[0].shape[2])
