@@ -175,11 +175,20 @@ def test_fit_transductive_ensemble_and_impute_with_train(stacks, tmp_path):
     f = asign.tl.fit(a, known="S1", n_genes=10, config={**TINY, "n_models": 2}, show_progress_bar=False)
     assert f.mode == "transductive" and f.training["validation"] == "holdout"
     assert len(f.models) == 2 and len(set(f.training["members"]["seed"])) == 2
+    # every member's training curve is kept (member 1's is also the top-level curve), and survives save/load
+    curves = f.training["member_curves"]
+    assert list(curves) == ["member_1", "member_2"]
+    assert {len(v) for v in curves["member_2"].values()} == {f.training["members"]["epochs_run"][1]}
+    np.testing.assert_array_equal(curves["member_1"]["loss_total"], f.training["curve"]["loss_total"])
     p1 = asign.tl.predict(a, f, known="S1", inplace=False, show_progress_bar=False)
     single = asign.tl._fit.ASIGNFit(**{**f.__dict__, "models": f.models[:1]})
     p0 = asign.tl.predict(a, single, known="S1", inplace=False, show_progress_bar=False)
     assert not np.allclose(p0.layers["imputed"], p1.layers["imputed"])  # members averaged
     f.save(tmp_path / "ens.pt")
+    loaded = asign.tl._fit.ASIGNFit.load(tmp_path / "ens.pt")
+    np.testing.assert_array_equal(
+        loaded.training["member_curves"]["member_2"]["loss_total"], curves["member_2"]["loss_total"]
+    )
     p2 = asign.tl.predict(a, tmp_path / "ens.pt", known="S1", inplace=False, show_progress_bar=False)
     np.testing.assert_array_equal(p1.layers["imputed"], p2.layers["imputed"])
     out = _impute(a, train={"B": b}, method_kwargs={"validation": "none"})

@@ -515,6 +515,30 @@ def test_training_curve_ensemble_title_and_axes(aligned_stack):
     asign.pl.training_curve(aligned_stack, series="val_pcc", ax=axs[1], show=False)
 
 
+def test_training_curve_draws_every_ensemble_member():
+    """Records with every member's curve draw one line per member and series, each member's best epoch marked."""
+    import asign
+
+    def curve(n, s):
+        e = np.arange(1, n + 1, dtype=float)
+        return {"epoch": e, "loss_total": s / e, "val_pcc": np.tanh(e / (4 * s))}
+
+    training = {
+        "curve": curve(8, 1.0),
+        "best_epoch": 6,
+        "n_models": 3,
+        "members": {"seed": [1, 2, 3], "best_epoch": [6, 9, 4]},
+        "member_curves": {"member_1": curve(8, 1.0), "member_2": curve(11, 1.5), "member_3": curve(6, 0.8)},
+    }
+    fig = asign.pl.training_curve(training, show=False)
+    assert fig.get_suptitle() == "training (3 members)"
+    loss_ax, val_ax = fig.axes[:2]
+    lines = [ln for ln in loss_ax.get_lines() if len(ln.get_xdata()) > 2]
+    assert sorted(len(ln.get_xdata()) for ln in lines) == [6, 8, 11]
+    best = sorted(ln.get_xdata()[0] for ln in val_ax.get_lines() if ln.get_linestyle() == "--")
+    assert best == [4, 6, 9]
+
+
 def test_training_curve_from_table(aligned_stack, tmp_path):
     import asign
 

@@ -24,6 +24,7 @@ from asign.pl._utils import (
     group_column,
     group_labels,
     image_level,
+    member_runs,
     output_table,
     pick_metric,
     rows_for,
@@ -945,8 +946,9 @@ def training_curve(
     (``{{'fold0': {{...}}, 'fold1': {{...}}}}``). Series of another length than the x axis (``epoch``, ...; else
     than most series) are left out with a warning. Series whose name contains ``loss`` go to the left panel, every
     other series (validation metrics) to the right panel; the learning rate (``lr``) is drawn only when named in
-    ``series``. Folds are drawn as separate lines of the same colour. An ensemble (``n_models > 1``) records the
-    curve of its first member only; the title says so (``training (member 1 of 3)``).
+    ``series``. Folds, and the members of an ensemble (``n_models > 1``), are drawn as separate lines of the same
+    colour, each with its best epoch; records written before session 15 hold the first member's curve only, and the
+    title then says so (``training (member 1 of 3)``).
 
     Parameters
     ----------
@@ -979,7 +981,8 @@ def training_curve(
     n_members = ensemble_size(history)
     if n_members is None and isinstance(getattr(data, "models", None), list | tuple):  # a fitted model
         n_members = len(data.models)
-    runs, bests = as_runs(history)
+    per_member = member_runs(history)
+    runs, bests = as_runs(per_member if per_member is not None else history)
     names: list[str] = []
     for frame in runs.values():
         for c in frame.columns:
@@ -1072,7 +1075,10 @@ def training_curve(
                 )
     label = title
     if label is None:
-        label = "training" + (f" (member 1 of {n_members})" if n_members is not None and n_members > 1 else "")
+        if per_member is not None:
+            label = f"training ({len(per_member)} members)"
+        else:
+            label = "training" + (f" (member 1 of {n_members})" if n_members is not None and n_members > 1 else "")
     runs_note = f"{len(runs)} runs: {', '.join(runs)}"
     if ax is None:
         if multi:

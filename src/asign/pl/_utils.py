@@ -316,6 +316,29 @@ def unwrap(history: Any) -> tuple[Any, float | None]:
     return history, None
 
 
+def member_runs(history: Any) -> dict[str, dict[str, Any]] | None:
+    """An ensemble's training record as one run per member (``{'member_1': {'curve': ..., 'best_epoch': ...}}``).
+
+    `None` unless ``history`` records the curves of several members (``member_curves``, written by
+    :func:`asign.tl.fit` since session 15; older records hold member 1's curve only).
+    """
+    if not isinstance(history, Mapping):
+        return None
+    curves = history.get("member_curves")
+    if not isinstance(curves, Mapping) or len(curves) < 2:
+        return None
+    members = history.get("members")
+    bests = members.get("best_epoch") if isinstance(members, Mapping) else None
+    bests = np.atleast_1d(np.asarray(bests)) if bests is not None else None
+    out = {}
+    for i, (name, curve) in enumerate(curves.items()):
+        rec: dict[str, Any] = {"curve": curve}
+        if bests is not None and i < bests.size:
+            rec["best_epoch"] = bests[i]
+        out[str(name)] = rec
+    return out
+
+
 def as_runs(history: Any) -> tuple[dict[str, pd.DataFrame], dict[str, float]]:
     """Normalise a training history to one frame per run, plus the best epoch of each run that records it.
 

@@ -721,6 +721,8 @@ def fit_contexts(
         training["members"] = {
             k: [m[k] for m in members] for k in ("seed", "best_epoch", "best_score", "epochs_run", "seconds")
         }
+        # every member's curve (the top-level ``curve`` is member 1's): members stop at different epochs
+        training["member_curves"] = {f"member_{i + 1}": m["curve"] for i, m in enumerate(members)}
     return ASIGNFit(
         models=models,
         config=cfg,
