@@ -690,6 +690,19 @@ def test_a_section_cut_at_the_image_border_is_placed_by_mask_overlap():
     assert err["S1"] < 20.0 and err["S3"] < 20.0  # spot diameter ~150 µm
 
 
+def test_a_half_cut_section_is_not_refused_as_a_pixel_size_error(asign_log):
+    """Half the tissue cut away shrinks its area by 2 (a linear factor 1.5), which the size check read as wrong pixel
+    sizes and refused; a mask along its image's border makes it a warning that says the section may be partial."""
+    from asign.datasets import synthetic_stack
+
+    sd = synthetic_stack(n_sections=3, n_spots=60, n_genes=10, image_size=256, um_per_px=16.0, seed=1)
+    cut = _sections_from(sd, crop=("S1", 0.5))
+    asign.pp.align_layers(cut, show_progress_bar=False)
+    assert "the tissue of 'S1' runs along its image's border" in asign_log.warnings
+    assert "partial" in asign_log.warnings and "asign.pl.alignment" in asign_log.warnings
+    assert "S1" in cut.tables["table"].uns["asign"]["alignment"]["transforms"]
+
+
 def test_a_mirror_matrix_is_not_recorded_as_rigid():
     from asign.pp._align import classify_transforms
 

@@ -821,6 +821,18 @@ def check_pixel_sizes(
         r = float(np.sqrt(max(am, af) / min(am, af)))
         if r <= max_scale_ratio:
             continue
+        small = m if am < af else f
+        if _touches_border(work[small].mask):
+            # a section cut at its image's border is smaller without being scaled: no reason to stop
+            logger.warning(
+                f"Sections {m!r} and {f!r}: their tissue differs in linear size by a factor {r:.2f} "
+                f"(> max_scale_ratio={max_scale_ratio}), and the tissue of {small!r} runs along its image's border: it "
+                "may be a partial (cut) section rather than a scaled one, so the alignment goes on; a partial "
+                "section can be placed wrongly (its mask fits in several places), so check it with "
+                "`asign.pl.alignment` and give `landmarks=` if needed. If the pixel sizes are wrong instead, fix "
+                "`um_per_px` in the manifest (`uns['asign']['stack']`)."
+            )
+            continue
         msg = (
             f"Sections {m!r} and {f!r}: their tissue differs in linear size by a factor {r:.2f} "
             f"(> max_scale_ratio={max_scale_ratio}) at the manifest's pixel sizes "
