@@ -512,6 +512,9 @@ def markdown(res: dict) -> str:
                     + ")"
                 )
             L.append("")
+    from bench_alignment_partial import doc_section
+
+    L.extend(doc_section())
     L.append("## Notes")
     L.append("")
     L.extend(NOTES)

@@ -46,6 +46,12 @@ MASK_MARGIN = 0.05
 START_MARGIN = 0.02
 # a refinement may lower the coarse start's mask Dice by at most this much and still be kept
 DICE_TOLERANCE = 0.02
+# a section cut at its image's border: the mask Dice cannot tell where the piece belongs (it fits in several
+# places), so among the placements within this much of the best Dice the one whose grey images correlate best
+# within the tissue overlap is kept
+CUT_DICE_MARGIN = 0.1
+# content-matched starts need the tissue overlap to cover at least this fraction of the smaller tissue mask
+MIN_CONTENT_OVERLAP = 0.5
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -373,6 +379,58 @@ def overlap_shift(moved: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return float(ix if ix < w else ix - size[1]), float(iy if iy < h else iy - size[0])
 
 
+def _xcorr(a: np.ndarray, b: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``c[s] = sum_x a(x + s) b(x)`` for every shift ``s`` (FFT on grids of ``size``, no wrap-around if large)."""
+    return np.fft.irfft2(np.fft.rfft2(a, s=size) * np.conj(np.fft.rfft2(b, s=size)), s=size)
+
+
+def content_shift(
+    moved: np.ndarray,
+    moved_mask: np.ndarray,
+    target: np.ndarray,
+    target_mask: np.ndarray,
+    *,
+    min_overlap: float = MIN_CONTENT_OVERLAP,
+) -> tuple[float, float, float]:
+    """The shift ``(dx, dy)`` of ``moved`` that maximises its masked normalised cross-correlation with ``target``.
+
+    The correlation of the two grey images is taken over the overlap of the two masks only, for every shift at
+    once (six FFT cross-correlations, Padfield's masked NCC), among shifts whose overlap covers at least
+    ``min_overlap`` of the smaller mask. Returns ``(dx, dy, ncc)``; ``ncc = -inf`` if no shift qualifies.
+    """
+    h, w = target.shape
+    size = (2 * h, 2 * w)
+    fm, mm = np.asarray(target_mask, np.float64), np.asarray(moved_mask, np.float64)
+    f, m = np.asarray(target, np.float64) * fm, np.asarray(moved, np.float64) * mm
+    n = _xcorr(fm, mm, size)
+    sf, sm = _xcorr(f, mm, size), _xcorr(fm, m, size)
+    nn = np.maximum(n, 1e-9)
+    num = _xcorr(f, m, size) - sf * sm / nn
+    var_f = np.maximum(_xcorr(f * f, mm, size) - sf**2 / nn, 1e-12)
+    var_m = np.maximum(_xcorr(fm, m * m, size) - sm**2 / nn, 1e-12)
+    ncc = np.where(n >= min_overlap * min(fm.sum(), mm.sum()), num / np.sqrt(var_f * var_m), -np.inf)
+    iy, ix = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
+    return float(ix if ix < w else ix - size[1]), float(iy if iy < h else iy - size[0]), float(ncc[iy, ix])
+
+
+def overlap_ncc(moving: WorkImage, fixed: WorkImage, A_work: np.ndarray) -> float:
+    """Pearson correlation of the two grey images over their tissue overlap (-1 if it is under 50 px)."""
+    wm = warp(moving.mask.astype(np.float32), A_work, fixed.shape, order=1) > 0.5
+    o = wm & fixed.mask
+    if o.sum() < 50:
+        return -1.0
+    a = warp(moving.grey, A_work, fixed.shape, order=1)[o].astype(np.float64)
+    b = fixed.grey[o].astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else -1.0
+
+
+def is_cut_pair(moving: WorkImage, fixed: WorkImage) -> bool:
+    """Whether either tissue mask runs along its image's border (a section that may be cut there)."""
+    return _touches_border(moving.mask) or _touches_border(fixed.mask)
+
+
 def coarse_search(
     moving: WorkImage,
     fixed: WorkImage,
@@ -384,10 +442,12 @@ def coarse_search(
 ) -> list[tuple[float, np.ndarray, dict[str, Any]]]:
     """Rotation search on the tissue masks: rotations in ``step_deg`` steps over 360°, two ways to translate.
 
-    ``"centroid"``: the mask centroids matched. ``"overlap"``, only when a mask touches its image's border (tissue
-    that may be cut there, which moves its centroid): then shifted to the largest mask overlap (FFT
-    cross-correlation). For each way, the best angles (at least ``2 * step_deg`` apart) are refined to 1° by a local
-    search. Returns up to ``n_best`` starts of each way ``(Dice, A_work, info)``, sorted by decreasing Dice.
+    ``"centroid"``: the mask centroids matched. Only when a mask touches its image's border (tissue that may be
+    cut there, which moves its centroid, and a piece that fits in several places of the other mask), two more:
+    ``"overlap"``, shifted to the largest mask overlap (FFT cross-correlation), and ``"content"``, shifted to the
+    best masked normalised cross-correlation of the grey images (:func:`content_shift`; the angles ranked by it).
+    For the first two ways the best angles (at least ``2 * step_deg`` apart) are refined to 1° by a local search.
+    Returns up to ``n_best`` starts of each way ``(Dice, A_work, info)``, sorted by decreasing Dice.
     """
     # both masks shrunk by one factor so that the larger has SEARCH_SIZE px; S maps small px to working px
     f = max(1.0, max(*moving.shape, *fixed.shape) / float(SEARCH_SIZE))
@@ -413,7 +473,7 @@ def coarse_search(
     angles = np.arange(0.0, 360.0, step_deg)
     out = []
     # a mask that touches its image's border may be cut there, which moves its centroid: search by overlap too
-    cut = _touches_border(moving.mask) or _touches_border(fixed.mask)
+    cut = is_cut_pair(moving, fixed)
     for how in ("centroid", "overlap") if cut else ("centroid",):
         grid = [(score(start(t, mir, how)), t, mir) for mir in flips for t in angles]
         grid.sort(key=lambda r: -r[0])
@@ -431,6 +491,27 @@ def coarse_search(
                     best = (dd, t + dt)
             A = start(best[1], mir, how)
             out.append((best[0], A, {"rotation_deg": float(best[1]), "mirrored": bool(mir), "translation": how}))
+    if cut:
+        mg, fg = _shrink(moving.grey, f), _shrink(fixed.grey, f)
+        ranked = []
+        for mir in flips:
+            for t in angles:
+                A = start(t, mir, "centroid")
+                A_small = S_inv @ A @ S
+                wm = warp(ms, A_small, fs.shape, order=1) > 0.5
+                dx, dy, c = content_shift(warp(mg, A_small, fs.shape, order=1), wm, fg, fb)
+                if np.isfinite(c):
+                    ranked.append((c, t, mir, S @ translation(dx, dy) @ S_inv @ A))
+        ranked.sort(key=lambda r: -r[0])
+        kept: list[tuple[float, float, bool, np.ndarray]] = []
+        for c, t, mir, A in ranked:
+            if all(mir != pm or _angle_gap(t, pt) >= 2 * step_deg - 1e-9 for _, pt, pm, _ in kept):
+                kept.append((c, t, mir, A))
+            if len(kept) == n_best:
+                break
+        for c, t, mir, A in kept:
+            info = {"rotation_deg": float(t), "mirrored": bool(mir), "translation": "content", "ncc": float(c)}
+            out.append((score(A), A, info))
     out.sort(key=lambda r: -r[0])
     return out
 
@@ -758,9 +839,12 @@ def register_pair(
         ]
     else:
         starts = [(d0, I_work, {"start": "identity"})]
+    # a cut section: every start is refined and the placement chosen by image content among near-best Dice
+    cut = landmark_start is None and moving.mask.any() and fixed.mask.any() and is_cut_pair(moving, fixed)
+    cands = []
     best = None
     for d_start, A_start, info in starts:
-        if best is not None and d_start < best[0] - START_MARGIN:
+        if not cut and best is not None and d_start < best[0] - START_MARGIN:
             continue
         A, refined = A_start, False
         d_s, n_s = pair_scores(moving, fixed, A_start)
@@ -774,9 +858,16 @@ def register_pair(
                 if np.all(np.isfinite(A_ref)) and d_r >= d_s - DICE_TOLERANCE:
                     A, refined, d_s, n_s = A_ref, True, d_r, n_r
         cand = (d_s, n_s, A, refined, d_start, info)
+        cands.append(cand)
         # the best by Dice; near-ties (within the tolerance) are decided by NMI
         if best is None or d_s > best[0] + DICE_TOLERANCE or (d_s > best[0] - DICE_TOLERANCE and n_s > best[1]):
             best = cand
+    if cut and len(cands) > 1:
+        d_max = max(c[0] for c in cands)
+        near = [c for c in cands if c[0] >= d_max - CUT_DICE_MARGIN]
+        scores = [overlap_ncc(moving, fixed, c[2]) for c in near]
+        best = near[int(np.argmax(scores))]
+        best = (*best[:5], {**best[5], "overlap_ncc": float(max(scores))})
     d1, n1, A, refined, d_start, info = best
     A_full = to_full_resolution(A, moving, fixed)
     info = {**info, **decompose(A_full)}

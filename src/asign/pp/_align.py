@@ -366,7 +366,11 @@ def align_layers(
        ``target_size`` px) and resampled to one physical pixel size, as grey scale with tissue bright; tissue masks
        come from Otsu's threshold;
     2. coarse start: the mask centroids are matched and rotations in ``rotation_step`` steps over 360° are tried
-       (and mirror images if ``mirror``), keeping the best mask Dice (user ``landmarks`` replace this search);
+       (and mirror images if ``mirror``), keeping the best mask Dice (user ``landmarks`` replace this search). When
+       a tissue mask runs along its image's border (a partial section, whose piece fits in several places of the
+       other mask), starts shifted to the largest mask overlap and to the best correlation of the grey images
+       within the tissue overlap join the search, every start is refined, and among the results within 0.1 of the
+       best Dice the one whose grey images correlate best over the tissue overlap is kept;
     3. refinement with ANTs (:func:`ants.registration`, ``"Rigid"``, ``"Similarity"`` or ``"Affine"``,
        single-threaded with a fixed seed); it is kept only if it does not lower the mask Dice of the start;
     4. the map is converted to full-resolution pixels and composed towards the reference; or, with
@@ -596,5 +600,6 @@ def _warn_quality(quality: Mapping[str, Any], min_dice: float) -> None:
         if np.isfinite(d) and d < min_dice:
             logger.warning(
                 f"Alignment of pair {pair}: tissue-mask Dice {d:.3f} is below min_dice={min_dice}; the registration "
-                "may have failed. Check it with `asign.pl.alignment`, or give `landmarks=` or `mirror=True`."
+                "may have failed. Check it with `asign.pl.alignment`, or give `landmarks=` or `mirror=True`. (A "
+                "partial section, its tissue cut at its image's border, scores a low Dice even when placed right.)"
             )
