@@ -147,5 +147,110 @@ def test_demo_on_her2st_without_images_reads_nothing(tmp_path, monkeypatch, caps
     root = tmp_path / "her2st"
     _fake_her2st_files(root, ())
     assert main(["demo", "--her2st", str(root), "--out", str(tmp_path / "d.zarr")]) == 1
-    assert "HER2ST patient C has no section with an H&E image; the demo needs images." in capsys.readouterr().out
+    out = capsys.readouterr()
+    msg = "asign: error: HER2ST patient C has no section with an H&E image; the demo needs images."
+    assert msg in out.err and msg not in out.out  # an error goes to stderr
     assert calls == [] and not (tmp_path / "d.zarr").exists()
+
+
+def test_demo_on_her2st_needs_two_sections_with_images(tmp_path, monkeypatch, capsys):
+    """One section with an image cannot be aligned to anything (align_layers failed with a traceback before)."""
+    import asign.datasets
+
+    calls = []
+    monkeypatch.setattr(asign.datasets, "her2st", lambda **kw: calls.append(kw))
+    root = tmp_path / "her2st"
+    _fake_her2st_files(root, ("C2",))
+    assert main(["demo", "--her2st", str(root), "--out", str(tmp_path / "d.zarr")]) == 1
+    err = capsys.readouterr().err
+    assert "asign: error: HER2ST patient C has an H&E image for ['C2'] only" in err
+    assert "at least two sections with images" in err
+    assert calls == [] and not (tmp_path / "d.zarr").exists()
+
+
+def _small_her2st(root, *, spot_files=True, na=False):
+    """A readable HER2ST folder of patient C: C2 and C3 with counts, tiny images and (optionally) spot files."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    for sub in ("ST-cnts", "ST-spotfiles"):
+        (root / "data" / sub).mkdir(parents=True, exist_ok=True)
+    for s in ("C2", "C3"):
+        ids = [f"{x}x{y}" for x in range(3, 7) for y in range(3, 6)]
+        counts = pd.DataFrame(np.arange(3 * len(ids)).reshape(len(ids), 3), index=ids, columns=["A", "B", "C"])
+        if na:
+            counts = counts.astype(object)
+            counts.iloc[1, 2] = "NA"
+        counts.to_csv(root / "data" / "ST-cnts" / f"{s}.tsv.gz", sep="\t", compression="gzip")
+        if spot_files:
+            xy = np.array([list(map(int, i.split("x"))) for i in ids])
+            spots = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "pixel_x": xy[:, 0] * 20.0, "pixel_y": xy[:, 1] * 20.0})
+            spots.to_csv(root / "data" / "ST-spotfiles" / f"{s}_selection.tsv", sep="\t", index=False)
+        (root / "data" / "ST-imgs" / "C" / s).mkdir(parents=True)
+        Image.new("RGB", (300, 300), (200, 150, 190)).save(root / "data" / "ST-imgs" / "C" / s / f"HE_{s}.jpg")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"spot_files": False}, r"Section C2: spot file .*C2_selection.tsv not found"),
+        (
+            {"na": True},
+            r"Section C2: count table .*C2.tsv.gz has a value that is not a number \(spot '3x4', gene 'C'\)",
+        ),
+    ],
+    ids=["no-spot-files", "NA-count"],
+)
+def test_demo_reports_user_errors_in_one_line(kwargs, message, tmp_path, capsys, monkeypatch):
+    """Errors of the input print `asign: error: ...` on stderr and exit 1 (a traceback before); --debug and
+    ASIGN_DEBUG=1 keep the traceback."""
+    import re
+
+    root = tmp_path / "her2st"
+    _small_her2st(root, **kwargs)
+    argv = ["demo", "--her2st", str(root), "--out", str(tmp_path / "d.zarr")]
+    monkeypatch.delenv("ASIGN_DEBUG", raising=False)
+    assert main(argv) == 1
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert lines[-1].startswith("asign: error: ") and re.search(message, lines[-1])
+    assert "Traceback" not in out.err and "asign: error" not in out.out
+    assert not (tmp_path / "d.zarr").exists()
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("ASIGN_DEBUG", "1")
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        main(argv)
+
+
+def test_demo_internal_errors_keep_their_traceback(tmp_path, monkeypatch):
+    import asign.datasets
+
+    def bug(**kwargs):
+        msg = "a bug"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(asign.datasets, "synthetic_stack", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["demo", "--out", str(tmp_path / "d.zarr")])
+
+
+def test_demo_checks_out_before_any_work(tmp_path, capsys, monkeypatch):
+    """`--out` below a regular file is refused up front (the whole pipeline ran and persist failed before)."""
+    import asign._cli as cli
+
+    monkeypatch.setattr(cli, "_demo", lambda args: pytest.fail("the demo ran"))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for out in (afile / "demo.zarr", afile / "sub" / "demo.zarr"):
+        with pytest.raises(SystemExit) as info:
+            main(["demo", "--n-sections", "3", "--out", str(out)])
+        assert info.value.code == 2
+        assert f"{afile} is a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "keep"
+    # a path whose folders do not exist yet is fine (persist creates them)
+    ran = []
+    monkeypatch.setattr(cli, "_demo", lambda args: ran.append(args.out) or 0)
+    assert main(["demo", "--out", str(tmp_path / "new" / "dir" / "demo.zarr")]) == 0
+    assert ran and not (tmp_path / "new").exists()

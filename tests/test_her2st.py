@@ -450,3 +450,179 @@ def test_download_refuses_unknown_sections_before_any_download(tmp_path, monkeyp
     ]
     with pytest.raises(ValueError, match=r"\['C9'\]"):
         download_her2st("c", sections="c9", cache=tmp_path)
+
+
+# --- malformed folders: errors name the file and the section
+
+
+def _rewrite_counts(path: Path, edit) -> None:
+    import gzip
+
+    with gzip.open(path, "rt") as fh:
+        lines = fh.read().splitlines()
+    with gzip.open(path, "wt") as fh:
+        fh.write("\n".join(edit(lines)) + "\n")
+
+
+def _set_value(lines: list[str], row: int, col: int, value: str) -> list[str]:
+    fields = lines[row].split("\t")
+    fields[col] = value
+    lines[row] = "\t".join(fields)
+    return lines
+
+
+def test_fake_her2st_repeated_spot_rows(fake_her2st, asign_log):
+    """A spot twice in the spot file: identical rows are dropped with a warning, different ones are an error (the
+    first row was used silently before)."""
+    root, _ = fake_her2st
+    f = root / "data" / "ST-spotfiles" / "B2_selection.tsv"
+    expected = read_her2st(root, patient="B", images=False).tables["table"]
+    spots = pd.read_csv(f, sep="\t")
+    pd.concat([spots, spots.iloc[[5, 7]]]).to_csv(f, sep="\t", index=False)
+    t = read_her2st(root, patient="B", images=False).tables["table"]
+    assert "2 rows of the spot file" in asign_log.warnings and "repeated identically" in asign_log.warnings
+    np.testing.assert_allclose(t.obsm[Key.SPATIAL], expected.obsm[Key.SPATIAL], rtol=1e-12)  # csv round trip
+    moved = spots.iloc[[5]].assign(pixel_x=1.0)
+    pd.concat([spots, moved]).to_csv(f, sep="\t", index=False)
+    spot = f"{spots['x'][5]}x{spots['y'][5]}"
+    with pytest.raises(
+        ValueError, match=rf"Section B2: the spot file .*B2_selection.tsv has different rows .*'{spot}'"
+    ):
+        read_her2st(root, patient="B", images=False)
+
+
+def test_fake_her2st_two_jpegs_in_a_section_folder(fake_her2st):
+    root, _ = fake_her2st
+    folder = root / "data" / "ST-imgs" / "B" / "B2"
+    (folder / "A_other.jpg").write_bytes((folder / "HE_B2.jpg").read_bytes())
+    with pytest.raises(ValueError, match=r"section B2: 2 JPEG files in .*B2 \(\['A_other.jpg', 'HE_B2.jpg'\]\)"):
+        read_her2st(root, patient="B")
+    read_her2st(root, patient="B", images=False)  # the images are not looked at
+
+
+def test_fake_her2st_missing_count_file(fake_her2st, asign_log):
+    """A section with a spot file and an image but no count file: skipped with a warning (silently before), an error
+    when named."""
+    root, _ = fake_her2st
+    (root / "data" / "ST-cnts" / "B2.tsv.gz").unlink()
+    assert get_stack(read_her2st(root, patient="B")).sections == ["B1"]
+    assert "sections ['B2'] are skipped: their count files" in asign_log.warnings
+    assert "B2.tsv.gz" in asign_log.warnings
+    with pytest.raises(FileNotFoundError, match=r"Sections \['B2'\] of patient B have no count file: .*B2.tsv.gz"):
+        read_her2st(root, patient="B", sections=["B1", "B2"])
+    asign_log.records.clear()
+    read_her2st(root, patient="B", sections="B1")
+    assert not asign_log.warnings  # only when all sections are read
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _not_gzipped(path: Path) -> None:
+    import gzip
+
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (
+            lambda r: _rewrite_counts(r / "data/ST-cnts/B2.tsv.gz", lambda L: _set_value(L, 1, 2, "NA")),
+            r"Section B2: count table .*B2.tsv.gz has a value that is not a number \(spot '\d+x\d+', gene 'KRT8'\)",
+        ),
+        (
+            lambda r: _rewrite_counts(
+                r / "data/ST-cnts/B2.tsv.gz", lambda L: [*L[:3], L[3].rsplit("\t", 1)[0], *L[4:]]
+            ),
+            r"Section B2: count table .*B2.tsv.gz: the row of spot '\d+x\d+' has 3 values for the 4 genes",
+        ),
+        (
+            lambda r: _rewrite_counts(r / "data/ST-cnts/B2.tsv.gz", lambda L: L[:1]),
+            r"Section B2: count table .*B2.tsv.gz has no spots",
+        ),
+        (
+            lambda r: _not_gzipped(r / "data/ST-cnts/B2.tsv.gz"),
+            r"Section B2: count table .*B2.tsv.gz cannot be read: it is not a complete gzip-compressed table",
+        ),
+        (
+            lambda r: _truncate(r / "data/ST-cnts/B2.tsv.gz"),
+            r"Section B2: count table .*B2.tsv.gz cannot be read: it is not a complete gzip-compressed table",
+        ),
+        (
+            lambda r: (f := r / "data/ST-spotfiles/B2_selection.tsv").write_text(
+                pd.read_csv(f, sep="\t").drop(columns="pixel_x").to_csv(sep="\t", index=False)
+            ),
+            r"Section B2: the spot file .*B2_selection.tsv has no column \['pixel_x'\]",
+        ),
+        (
+            lambda r: (f := r / "data/ST-spotfiles/B2_selection.tsv").write_text(
+                pd.read_csv(f, sep="\t").assign(pixel_y=np.nan).to_csv(sep="\t", index=False)
+            ),
+            r"Section B2: \d+ spots of the count table have no finite pixel_x / pixel_y in .*B2_selection.tsv",
+        ),
+        (
+            lambda r: (f := r / "data/ST-spotfiles/B2_selection.tsv").write_text(
+                pd.read_csv(f, sep="\t").assign(pixel_y="abc").to_csv(sep="\t", index=False)
+            ),
+            r"Section B2: the columns \['pixel_y'\] of the spot file .*B2_selection.tsv hold values that are not",
+        ),
+        (
+            lambda r: _truncate(r / "data/ST-imgs/B/B2/HE_B2.jpg"),
+            r"Section B2: cannot read its H&E image \(.*HE_B2.jpg is truncated or not a complete JPEG",
+        ),
+        (
+            lambda r: (r / "data/ST-imgs/B/B2/HE_B2.jpg").write_bytes(b"not a jpeg"),
+            r"Section B2: cannot read its H&E image \(cannot identify image file .*HE_B2.jpg",
+        ),
+    ],
+    ids=[
+        "NA",
+        "ragged",
+        "header-only",
+        "not-gzipped",
+        "truncated-gz",
+        "no-pixel_x",
+        "nan-pixel",
+        "text-pixel",
+        "truncated-jpeg",
+        "not-a-jpeg",
+    ],
+)
+def test_fake_her2st_malformed_files_are_named(fake_her2st, corrupt, message):
+    root, _ = fake_her2st
+    corrupt(root)
+    with pytest.raises(ValueError, match=message):
+        read_her2st(root, patient="B")
+
+
+def test_truncated_jpeg_decode_error_names_the_file(tmp_path):
+    """Decoding (at compute) names the file; PIL's 'image file is truncated' named none."""
+    path = tmp_path / "cut.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(path, quality=95)
+    _truncate(path, 0.6)
+    her2st_io._cache.clear()
+    with pytest.raises(OSError, match=r"Could not decode the JPEG .*cut.jpg: image file is truncated"):
+        her2st_io._decode_jpeg(str(path), 300, 400)
+    with pytest.raises(ValueError, match=r"cut.jpg is truncated"):
+        her2st_io.lazy_jpeg(path)
+
+
+def test_fake_her2st_argument_errors(fake_her2st, tmp_path):
+    root, _ = fake_her2st
+    # section names are case-insensitive, like the patient (and download_her2st)
+    assert get_stack(read_her2st(root, patient="b", sections=["b1", "B2"], images=False)).sections == ["B1", "B2"]
+    assert get_stack(read_her2st(root, patient="B", sections="b2", images=False)).sections == ["B2"]
+    with pytest.raises(TypeError, match=r"`patient` must be one of .* got None"):
+        read_her2st(root, patient=None)
+    with pytest.raises(ValueError, match="`sections` is empty"):
+        read_her2st(root, patient="B", sections=[])
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        read_her2st(afile, patient="B")

@@ -364,3 +364,93 @@ def test_new_store_swaps_atomically(backed, tmp_path, monkeypatch):
     unfinished.mkdir()
     persist(backed, path=tmp_path / "third.zarr", strategy="new_store")
     assert recover(other) == [] and not unfinished.exists() and other.exists()
+
+
+def test_a_file_at_path_is_refused_and_kept(tiny, tmp_path):
+    """A file at `path` is the user's: refused up front, never renamed or deleted (it was moved to .asign_old and
+    the write failed in rmtree before)."""
+    afile = tmp_path / "out"
+    afile.write_text("user file")
+    for kwargs in ({}, {"overwrite": True}):
+        with pytest.raises(FileExistsError, match="is a file, not a zarr store"):
+            persist(tiny, path=afile, **kwargs)
+        assert afile.read_text() == "user file"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        assert tiny.path is None
+    with pytest.raises(FileExistsError, match="is a file, not a zarr store"):
+        recover(afile)
+    assert afile.read_text() == "user file"
+
+
+@pytest.mark.parametrize("leftover", [_persist.OLD_STORE_SUFFIX, _persist.NEW_STORE_SUFFIX])
+def test_a_leftover_file_next_to_the_store_is_removed(tiny, tmp_path, leftover):
+    """A file left as `<path>.asign_old` / `.asign_new` (by an earlier version) no longer blocks recover and persist."""
+    path = tmp_path / "s.zarr"
+    persist(tiny, path=path)
+    stray = tmp_path / ("s.zarr" + leftover)
+    stray.write_text("left over")
+    assert recover(path) == []
+    assert not stray.exists()
+    stray.write_text("left over")
+    tiny.path = None
+    persist(tiny, path=path, overwrite=True)
+    assert not stray.exists() and tiny.path == path
+    validate_stack(read_zarr(path))
+
+
+def _moved(shapes, dx=1.0):
+    return ShapesModel.parse(
+        np.column_stack([shapes.geometry.x + dx, shapes.geometry.y]),
+        geometry=0,
+        radius=shapes["radius"].to_numpy(),
+        index=shapes.index,
+        transformations={"S2": Identity()},
+    )
+
+
+def test_changed_shapes_not_named_are_reported(backed, asign_log):
+    """A shapes element changed in memory but not named is not written: a warning says so and how to write it (the
+    store was left disagreeing with the object without a word before)."""
+    path = backed.path
+    _change(backed)
+    persist(backed)
+    assert not asign_log.warnings  # nothing left out
+    old = backed.shapes["spots_S2"]
+    backed.shapes["spots_S2"] = _moved(old)
+    persist(backed)
+    assert "Shapes ['spots_S2'] differ from those in" in asign_log.warnings
+    assert "elements=[..., 'spots_S2']" in asign_log.warnings
+    np.testing.assert_allclose(read_zarr(path).shapes["spots_S2"].geometry.x, old.geometry.x)  # not written
+    asign_log.records.clear()
+    persist(backed, ["table", "spots_S2"])
+    assert not asign_log.warnings
+    np.testing.assert_allclose(read_zarr(path).shapes["spots_S2"].geometry.x, old.geometry.x + 1.0)
+    # a change of another column (not of the geometry) counts too
+    backed.shapes["spots_S1"]["radius"] = backed.shapes["spots_S1"]["radius"] * 2
+    persist(backed, "table", write_new=False)
+    assert "Shapes ['spots_S1'] differ" in asign_log.warnings
+
+
+def test_replaced_image_is_reported(backed, asign_log):
+    from spatialdata.models import Image2DModel
+
+    backed.images["he_S1"] = Image2DModel.parse(
+        np.zeros((3, 64, 64), dtype=np.uint8), dims=("c", "y", "x"), transformations={"S1": Identity()}
+    )
+    persist(backed)
+    assert "images ['he_S1'] in memory are not the ones in" in asign_log.warnings
+    assert "strategy='new_store'" in asign_log.warnings
+    assert _pixels(read_zarr(backed.path).images["he_S1"]).any()  # the store keeps its image
+
+
+def test_objects_written_from_memory_are_not_reported(tiny, tmp_path, asign_log):
+    """The images that persist wrote from memory are what the store holds (no false alarm on the next persist)."""
+    from asign.io._persist import _unwritten_changes
+
+    path = tmp_path / "s.zarr"
+    persist(tiny, path=path)
+    _change(tiny)
+    persist(tiny)
+    persist(copy.deepcopy(tiny))
+    assert not asign_log.warnings
+    assert _unwritten_changes(read_zarr(path), path, set()) == {}

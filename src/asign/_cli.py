@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -11,6 +13,39 @@ from pathlib import Path
 HER2ST_PATIENTS = tuple("ABCDEFGH")
 # the demo writes this record into the spot table; an existing store that has it is the output of an earlier demo
 DEMO_RECORD = ("tables", "table", "uns", "asign", "demo")
+# set to 1 (or pass --debug) for the full traceback of an error that the command line reports in one line
+DEBUG_ENV = "ASIGN_DEBUG"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a problem of the input (arguments, files, data, disk): one line, no traceback.
+
+    Other exceptions are bugs of asign and keep their traceback.
+    """
+    from asign.io import StackValidationError
+
+    return (OSError, ValueError, KeyError, StackValidationError)
+
+
+def _message(e: BaseException) -> str:
+    text = str(e.args[0]) if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    return text or type(e).__name__
+
+
+def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """``--out`` can be written: not a file, and its nearest existing parent is a folder in which we can create files."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; the demo writes a zarr store (a folder): choose another path.")
+    parent = out.absolute().parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        parser.error(f"--out {out} cannot be created: {parent} is a file, not a folder; choose another path.")
+    try:  # creating a file is the reliable test of write permission (os.access is not: ACLs, root)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        parser.error(f"--out {out} cannot be created: {parent} is not writable ({e.strerror or e}).")
 
 
 def _is_demo_store(path: Path) -> bool:
@@ -22,8 +57,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     from asign._encoders import available_encoders
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} is a file; the demo writes a zarr store (a folder): choose another path.")
+    _check_out(parser, out)
     if out.exists() and not args.overwrite and not _is_demo_store(out):
         parser.error(
             f"--out {out} exists and is not the store of an earlier `asign demo`; choose another path or pass "
@@ -55,14 +89,22 @@ def _demo(args: argparse.Namespace) -> int:
     if args.her2st:
         # a section without an image cannot be aligned, so it has no place in the 3D stack: find the sections with an
         # image from the file names and read only those (one read)
-        from asign.io._her2st import _find_image, patient_sections
+        from asign.io._her2st import _find_image, _warn_sections_without_counts, patient_sections
 
         available = patient_sections(Path(args.her2st), args.patient)
         with_image = [s for s in available if _find_image(Path(args.her2st), args.patient, s) is not None]
         if not with_image:
-            print(f"HER2ST patient {args.patient} has no section with an H&E image; the demo needs images.")
-            return 1
+            msg = f"HER2ST patient {args.patient} has no section with an H&E image; the demo needs images."
+            raise ValueError(msg)
+        if len(with_image) < 2:
+            msg = (
+                f"HER2ST patient {args.patient} has an H&E image for {with_image} only (sections {available}); the "
+                "demo needs at least two sections with images (one known, one to impute): choose another --patient."
+            )
+            raise ValueError(msg)
         left_out = [s for s in available if s not in with_image]
+        if left_out:  # the sections are named: read_her2st does not report those skipped for want of a count file
+            _warn_sections_without_counts(Path(args.her2st), args.patient)
         sdata = asign.datasets.her2st(patient=args.patient, path=args.her2st, sections=with_image if left_out else None)
         stack = asign.io.validate_stack(sdata)
         sections = [s for s, k in zip(stack.sections, stack.image_keys, strict=True) if k]
@@ -200,10 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--patient", default="C", choices=HER2ST_PATIENTS, help="HER2ST patient, with --her2st (default: C)"
     )
+    demo.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the full traceback of an error (also with the environment variable {DEBUG_ENV}=1)",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         _check_args(demo, args)
-        return _demo(args)
+        try:
+            return _demo(args)
+        except _user_errors() as e:
+            if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            print(f"asign: error: {_message(e)}", file=sys.stderr)
+            return 1
     return 1  # pragma: no cover
 
 

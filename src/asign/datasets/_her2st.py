@@ -25,6 +25,9 @@ def her2st_path(path: str | Path | None = None) -> Path | None:
     """
     if path is not None:
         p = Path(path)
+        if p.exists() and not p.is_dir():
+            msg = f"{p} is a file, not a HER2ST folder (a directory with data/ST-cnts)."
+            raise NotADirectoryError(msg)
         if not (p / "data" / "ST-cnts").is_dir():
             msg = f"{p} is not a HER2ST folder: it has no data/ST-cnts (see the HER2ST layout in asign.io.read_her2st)."
             raise FileNotFoundError(msg)
@@ -47,6 +50,17 @@ def registry() -> dict[str, str | None]:
         rel, sha = line.split()
         out[rel] = None if sha == "-" else sha
     return out
+
+
+def _check_patient(patient: str) -> str:
+    if not isinstance(patient, str):
+        msg = f"`patient` must be one of {list(N_SECTIONS)} (a string), got {patient!r}."
+        raise TypeError(msg)
+    patient = patient.upper()
+    if patient not in N_SECTIONS:
+        msg = f"Unknown HER2ST patient {patient!r}; choose one of {list(N_SECTIONS)}."
+        raise ValueError(msg)
+    return patient
 
 
 def _files_for(patient: str, sections: Sequence[str], *, images: bool) -> list[str]:
@@ -89,15 +103,15 @@ def download_her2st(
     """
     import pooch
 
-    patient = str(patient).upper()
-    if patient not in N_SECTIONS:
-        msg = f"Unknown HER2ST patient {patient!r}; choose one of {list(N_SECTIONS)}."
-        raise ValueError(msg)
+    patient = _check_patient(patient)
     root = Path(cache) if cache is not None else Path(pooch.os_cache("asign")) / "her2st"
     available = [f"{patient}{i}" for i in range(1, N_SECTIONS[patient] + 1)]
     if isinstance(sections, str):
         sections = [sections]
     secs = [str(s).upper() for s in sections] if sections is not None else available
+    if not secs:
+        msg = f"`sections` is empty: pass the sections to fetch, or None for all of patient {patient}'s {available}."
+        raise ValueError(msg)
     unknown = [s for s in secs if s not in available]
     if unknown:
         msg = f"Unknown section(s) {unknown} of HER2ST patient {patient}; it has {available}."
@@ -130,11 +144,11 @@ def her2st(
     Parameters
     ----------
     patient
-        One of ``A``–``H`` (A–D have 6 sections, E–H 3).
+        One of ``A``–``H`` (A–D have 6 sections, E–H 3), case-insensitive.
     path
         Local folder with the HER2ST layout; default: the ``ASIGN_HER2ST`` environment variable.
     sections
-        Subset of sections, in cutting order.
+        Subset of sections, in cutting order (names are case-insensitive).
     images
         Attach the H&E images that exist (lazily, as multiscale pyramids).
     download
@@ -148,6 +162,7 @@ def her2st(
     """
     from asign.io._her2st import read_her2st
 
+    patient = _check_patient(patient)
     root = her2st_path(path)
     if root is None:
         if not download:

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from asign._checks import check_number
 from asign._constants import Key
+from asign._logging import logger
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -25,6 +27,8 @@ _DOMAIN_RGB = np.array(
     dtype=float,
 )
 _NUCLEUS_DENSITY = np.array([0.002, 0.012, 0.0005, 0.02])
+# the block's tissue: an ellipse of these semi-axes (µm), its outline wobbling by up to 6 %
+_TISSUE_SEMI_AXES_UM = (1500.0, 1180.0)
 
 
 def _rotation(theta_deg: float) -> np.ndarray:
@@ -329,7 +333,10 @@ def synthetic_stack(
     n_sections
         Number of serial sections.
     n_spots
-        Approximate number of spots per section (sets the grid pitch; the spot diameter is half the pitch).
+        Approximate number of spots per section (sets the grid pitch; the spot diameter is half the pitch), reached
+        when the images hold the whole tissue (``image_size * um_per_px`` at least about ``3200 + 2 max_shift_um``
+        µm; the default images are 4096 µm wide). Smaller images cut the tissue: fewer spots, with a warning when a
+        section gets less than half of ``n_spots``, and an error when one gets none.
     n_genes
         Number of genes.
     image_size
@@ -370,9 +377,21 @@ def synthetic_stack(
     """
     from asign.io._build import Section, stack_sections
 
+    n_sections = check_number("n_sections", n_sections, integer=True)
+    n_spots = check_number("n_spots", n_spots, integer=True)
+    n_genes = check_number("n_genes", n_genes, integer=True)
     if n_sections < 1 or n_spots < 4 or n_genes < 1:
         msg = "synthetic_stack needs n_sections >= 1, n_spots >= 4 and n_genes >= 1."
         raise ValueError(msg)
+    image_size = check_number("image_size", image_size, integer=True, minimum=1)
+    um_per_px = check_number("um_per_px", um_per_px, minimum=0.0, strict=True)
+    thickness_um = check_number("thickness_um", thickness_um, minimum=0.0)
+    max_rotation_deg = check_number("max_rotation_deg", max_rotation_deg, minimum=0.0)
+    max_shift_um = check_number("max_shift_um", max_shift_um, minimum=0.0)
+    dispersion = check_number("dispersion", dispersion, minimum=0.0, strict=True)
+    drift = check_number("drift", drift)
+    variation = check_number("variation", variation)
+    seed = check_number("seed", seed, integer=True, minimum=0)
     # independent streams: rendering images (or not) never changes the counts
     rng, rng_img, rng_stain = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     if drift < 0 or variation < 0:
@@ -380,8 +399,10 @@ def synthetic_stack(
         raise ValueError(msg)
     names = [f"S{i + 1}" for i in range(n_sections)]
     z_um = np.arange(n_sections) * thickness_um
-    tissue_area = np.pi * 1500.0 * 1180.0
+    tissue_area = np.pi * _TISSUE_SEMI_AXES_UM[0] * _TISSUE_SEMI_AXES_UM[1]
     pitch_um = float(np.sqrt(tissue_area / n_spots))
+    # the image side that holds the whole tissue wherever the section is placed on its slide
+    side_needed_um = 2.0 * (1.06 * _TISSUE_SEMI_AXES_UM[0] + max_shift_um)
     diameter_um = pitch_um / 2.0
 
     # gene programme
@@ -419,6 +440,14 @@ def synthetic_stack(
         wxy = grid @ native_to_world[:2, :2].T + native_to_world[:2, 2]
         lab = domain_at(wxy[:, 0], wxy[:, 1], z_um[i], drift=drift, variation=variation)
         keep = lab >= 0
+        if not keep.any():
+            msg = (
+                f"synthetic_stack: section {name} has no spot: its image ({image_size} px * {um_per_px:g} µm/px = "
+                f"{image_size * um_per_px:g} µm a side) holds too little of the tissue (about "
+                f"{2 * _TISSUE_SEMI_AXES_UM[0]:g} x {2 * _TISSUE_SEMI_AXES_UM[1]:g} µm) for a spot grid of pitch "
+                f"{pitch_um:.0f} µm (from n_spots={n_spots}); use image_size * um_per_px >= {side_needed_um:.0f} µm."
+            )
+            raise ValueError(msg)
         spots, wxy, lab = grid[keep], wxy[keep], lab[keep]
         grad = gradients_at(wxy[:, 0], wxy[:, 1], z_um[i])
         log_mu = base[None, :] + dom_eff[lab] + grad @ grad_load
@@ -453,6 +482,14 @@ def synthetic_stack(
                 obs=obs,
                 obsm={"spatial_world": wxy},
             )
+        )
+    obtained = [len(sec.spots) for sec in sections]
+    if min(obtained) < 0.5 * n_spots:
+        logger.warning(
+            f"synthetic_stack: the sections have {obtained} spots instead of about n_spots={n_spots}: the images "
+            f"({image_size * um_per_px:g} µm a side, image_size * um_per_px) cut off much of the tissue (about "
+            f"{2 * _TISSUE_SEMI_AXES_UM[0]:g} x {2 * _TISSUE_SEMI_AXES_UM[1]:g} µm); use image_size * um_per_px >= "
+            f"{side_needed_um:.0f} µm for the requested number."
         )
     sdata = stack_sections(sections, spot_diameter_um=diameter_um, z_um=z_um)
     table = sdata.tables[Key.TABLE]

@@ -42,17 +42,37 @@ def _decode_jpeg(path: str, height: int, width: int) -> np.ndarray:
             _cache.move_to_end(key)
             return _cache[key]
         Image.MAX_IMAGE_PIXELS = None
-        with Image.open(path) as im:
-            if (width, height) != im.size:
-                im.draft("RGB", (width, height))  # the smallest DCT scale that is still >= the requested size
-            im = im.convert("RGB")
-            if im.size != (width, height):
-                im = im.resize((width, height), Image.Resampling.BOX)
-            arr = np.asarray(im)
+        try:
+            with Image.open(path) as im:
+                if (width, height) != im.size:
+                    im.draft("RGB", (width, height))  # the smallest DCT scale that is still >= the requested size
+                im = im.convert("RGB")
+                if im.size != (width, height):
+                    im = im.resize((width, height), Image.Resampling.BOX)
+                arr = np.asarray(im)
+        except OSError as e:  # PIL names no file in e.g. "image file is truncated"
+            msg = f"Could not decode the JPEG {path}: {e}"
+            raise OSError(msg) from e
         _cache[key] = arr
         while sum(a.nbytes for a in _cache.values()) > _CACHE_BYTES and len(_cache) > 1:
             _cache.popitem(last=False)
         return arr
+
+
+# a complete JPEG ends with the end-of-image marker; searched in the last bytes (some writers append a trailer)
+_JPEG_EOI = b"\xff\xd9"
+_JPEG_TAIL = 64 * 2**10
+
+
+def _check_jpeg_complete(path: Path) -> None:
+    """Refuse a truncated JPEG when it is opened (decoding it would fail only when a chunk is computed)."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        fh.seek(max(size - _JPEG_TAIL, 0))
+        tail = fh.read()
+    if _JPEG_EOI not in tail:
+        msg = f"{path} is truncated or not a complete JPEG (no end-of-image marker): replace the file."
+        raise ValueError(msg)
 
 
 def _jpeg_size(path: Path) -> tuple[int, int]:
@@ -60,7 +80,9 @@ def _jpeg_size(path: Path) -> tuple[int, int]:
 
     Image.MAX_IMAGE_PIXELS = None
     with Image.open(path) as im:
-        return im.size  # (width, height), from the header only
+        size = im.size  # (width, height), from the header only
+    _check_jpeg_complete(path)
+    return size
 
 
 def _lazy_level(path: str, height: int, width: int, chunk: int):
@@ -120,19 +142,45 @@ def lazy_jpeg_pyramid(
     return tree
 
 
-def _read_counts(path: Path) -> tuple[list[str], list[str], np.ndarray]:
-    """Spot ids, gene names and the ``(spots, genes)`` float32 matrix of a HER2ST count table (``.tsv.gz``)."""
+def _read_counts(path: Path, section: str | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """Spot ids, gene names and the ``(spots, genes)`` float32 matrix of a HER2ST count table (``.tsv.gz``).
+
+    A file that is not a complete gzip-compressed table, a row with more or fewer values than genes, or a value that
+    is not a number raises a :class:`ValueError` naming the file (and ``section``).
+    """
     import gzip
     import io
+    import re
+    import zlib
 
-    with gzip.open(path, "rb") as fh:
-        header = fh.readline().decode().rstrip("\r\n").split("\t")[1:]
-        body = fh.read()
+    where = f"Section {section}: count table {path}" if section is not None else f"Count table {path}"
+    try:
+        with gzip.open(path, "rb") as fh:
+            header = fh.readline().decode().rstrip("\r\n").split("\t")[1:]
+            body = fh.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as e:
+        msg = f"{where} cannot be read: it is not a complete gzip-compressed table ({type(e).__name__}: {e})."
+        raise ValueError(msg) from e
     lines = [ln for ln in body.splitlines() if ln.strip()]
-    ids = [ln.split(b"\t", 1)[0].decode().strip('"') for ln in lines]
-    X = np.loadtxt(
-        io.BytesIO(b"\n".join(lines)), delimiter="\t", usecols=range(1, len(header) + 1), dtype=np.float32, ndmin=2
-    )
+    if not lines:
+        msg = f"{where} has no spots (a header only)."
+        raise ValueError(msg)
+    ids = [ln.split(b"\t", 1)[0].decode(errors="replace").strip('"') for ln in lines]
+    n = len(header)
+    for i, ln in enumerate(lines):
+        k = ln.count(b"\t")
+        if k < n or (k > n and any(v.strip() for v in ln.split(b"\t")[n + 1 :])):
+            msg = f"{where}: the row of spot {ids[i]!r} has {k} values for the {n} genes of the header."
+            raise ValueError(msg)
+    try:
+        X = np.loadtxt(
+            io.BytesIO(b"\n".join(lines)), delimiter="\t", usecols=range(1, n + 1), dtype=np.float32, ndmin=2
+        )
+    except ValueError as e:
+        m = re.search(r"at row (\d+), column (\d+)", str(e))
+        spot = f" (spot {ids[int(m.group(1))]!r}, gene {header[int(m.group(2)) - 2]!r})" if m else ""
+        msg = f"{where} has a value that is not a number{spot}: {e}"
+        raise ValueError(msg) from e
     genes = [g.strip('"') for g in header]
     if len(set(genes)) != len(genes):
         import anndata as ad
@@ -207,11 +255,45 @@ def patient_sections(root: Path, patient: str) -> list[str]:
     return sorted((s for s in names if s[len(patient) :].isdigit()), key=lambda s: int(s[len(patient) :]))
 
 
+def _sections_without_counts(root: Path, patient: str) -> dict[str, list[Path]]:
+    """Sections of a patient with a spot file or an image folder but no count file: ``{section: files found}``."""
+    found: dict[str, list[Path]] = {}
+    for f in (root / "data" / "ST-spotfiles").glob(f"{patient}*_selection.tsv"):
+        found.setdefault(f.name[: -len("_selection.tsv")], []).append(f)
+    img_dir = root / "data" / "ST-imgs" / patient
+    if img_dir.is_dir():
+        for d in img_dir.iterdir():
+            if d.is_dir() and any(d.glob("*.jpg")):
+                found.setdefault(d.name, []).append(d)
+    cnt_dir = root / "data" / "ST-cnts"
+    names = [s for s in found if s[len(patient) :].isdigit() and not (cnt_dir / f"{s}.tsv.gz").exists()]
+    return {s: found[s] for s in sorted(names, key=lambda s: int(s[len(patient) :]))}
+
+
+def _warn_sections_without_counts(root: Path, patient: str) -> list[str]:
+    """Warn about the sections that are skipped because their count file is missing; returns their names."""
+    skipped = _sections_without_counts(root, patient)
+    if skipped:
+        files = [str(root / "data" / "ST-cnts" / f"{s}.tsv.gz") for s in skipped]
+        logger.warning(
+            f"HER2ST patient {patient}: sections {list(skipped)} are skipped: their count files {files} are missing "
+            "(their spot file or image exists)."
+        )
+    return list(skipped)
+
+
 def _find_image(root: Path, patient: str, section: str) -> Path | None:
+    """The section's H&E JPEG (the only ``*.jpg`` in its folder), `None` if there is none; several are an error."""
     folder = root / "data" / "ST-imgs" / patient / section
     if not folder.is_dir():
         return None
     jpgs = sorted(folder.glob("*.jpg"))
+    if len(jpgs) > 1:
+        msg = (
+            f"HER2ST section {section}: {len(jpgs)} JPEG files in {folder} ({[p.name for p in jpgs]}); it must hold "
+            "only the section's H&E image: move the others away."
+        )
+        raise ValueError(msg)
     return jpgs[0] if jpgs else None
 
 
@@ -222,9 +304,12 @@ def _um_per_px(root: Path, section: str, spots: pd.DataFrame) -> float:
         df = pd.read_csv(manifest, index_col="section")
         if section in df.index and "px_per_200um" in df.columns and np.isfinite(df.loc[section, "px_per_200um"]):
             return HER2ST_PITCH_UM / float(df.loc[section, "px_per_200um"])
-    if len(spots) >= 10:
-        A = np.column_stack([spots["x"].to_numpy(float), spots["y"].to_numpy(float), np.ones(len(spots))])
-        sol, *_ = np.linalg.lstsq(A, spots[["pixel_x", "pixel_y"]].to_numpy(float), rcond=None)
+    grid = spots[["x", "y"]].to_numpy(float)
+    px = spots[["pixel_x", "pixel_y"]].to_numpy(float)
+    ok = np.isfinite(grid).all(axis=1) & np.isfinite(px).all(axis=1)
+    if ok.sum() >= 10:
+        A = np.column_stack([grid[ok], np.ones(int(ok.sum()))])
+        sol, *_ = np.linalg.lstsq(A, px[ok], rcond=None)
         px_per_step = float(np.sqrt(abs(np.linalg.det(sol[:2]))))
         if np.isfinite(px_per_step) and px_per_step > 0:
             return HER2ST_PITCH_UM / px_per_step
@@ -240,6 +325,51 @@ def _layers(root: Path, patient: str, sections: Sequence[str]) -> np.ndarray:
         if "layer" in df.columns:
             layer = {str(k): int(v) for k, v in df["layer"].dropna().items()}
     return np.array([layer.get(s, int(s[len(patient) :])) for s in sections], dtype=int)
+
+
+def _read_spots(spot_file: Path, section: str) -> pd.DataFrame:
+    """A section's spot file, indexed by the spot ids ``"<x>x<y>"``.
+
+    Rows repeated identically are dropped with a warning; different rows for one spot are an error, as are missing
+    columns and grid coordinates that are not numbers.
+    """
+    try:
+        spots = pd.read_csv(spot_file, sep="\t")
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+        msg = f"Section {section}: cannot read the spot file {spot_file}: {e}"
+        raise ValueError(msg) from e
+    absent = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in spots.columns]
+    if absent:
+        msg = (
+            f"Section {section}: the spot file {spot_file} has no column {absent} (columns: {list(spots.columns)}); "
+            "it needs x, y (ST array grid) and pixel_x, pixel_y (spot centres in image pixels)."
+        )
+        raise ValueError(msg)
+    text = [c for c in ("pixel_x", "pixel_y") if not pd.api.types.is_numeric_dtype(spots[c])]
+    if text:
+        msg = f"Section {section}: the columns {text} of the spot file {spot_file} hold values that are not numbers."
+        raise ValueError(msg)
+    try:
+        spots.index = spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)
+    except (TypeError, ValueError) as e:
+        msg = f"Section {section}: the columns x, y of the spot file {spot_file} must be integer grid positions: {e}"
+        raise ValueError(msg) from e
+    repeated = spots.duplicated()
+    if repeated.any():
+        logger.warning(
+            f"Section {section}: {int(repeated.sum())} rows of the spot file {spot_file} are repeated identically "
+            f"(e.g. spots {list(dict.fromkeys(spots.index[repeated]))[:3]}); the copies are ignored."
+        )
+        spots = spots[~repeated]
+    conflict = spots.index.duplicated(keep=False)
+    if conflict.any():
+        ids = list(dict.fromkeys(spots.index[conflict]))
+        msg = (
+            f"Section {section}: the spot file {spot_file} has different rows for the same spot ({len(ids)} spots, "
+            f"e.g. {ids[:3]}): its pixel position is ambiguous; keep one row per spot."
+        )
+        raise ValueError(msg)
+    return spots
 
 
 def _pathologist_labels(root: Path, section: str, index: pd.Index) -> pd.Series | None:
@@ -270,12 +400,16 @@ def read_her2st(
         (spot pixel centres), ``data/ST-imgs/<P>/<S>/*.jpg`` (full-resolution H&E, optional), and either
         ``section_transforms.csv`` or ``res/ST-cluster/lbl/<S>-cluster-annotation.tsv.gz`` (published registration).
         Optional: ``sections.csv`` (pixel size from its ``px_per_200um`` column) and
-        ``data/ST-pat/lbl/<S>_labeled_coordinates.tsv`` (pathologist labels).
+        ``data/ST-pat/lbl/<S>_labeled_coordinates.tsv`` (pathologist labels). A malformed file (a count table that is
+        not complete gzip or has non-numeric values or ragged rows, a spot file without the needed columns or with
+        different rows for one spot, a truncated JPEG, several JPEGs in one section's folder) raises an error that
+        names the file and the section.
     patient
         One of ``A``–``H``.
     sections
-        Sections to read, in cutting order: one name (``"E1"``) or a sequence (default: all sections of the patient,
-        ``<P>1, <P>2, ...``).
+        Sections to read, in cutting order: one name (``"E1"``, case-insensitive) or a non-empty sequence (default:
+        all sections of the patient that have a count file, ``<P>1, <P>2, ...``; a section with a spot file or an
+        image but no count file is skipped with a warning, and naming it is an error).
     images
         Whether to attach the H&E images that exist. They are multiscale pyramids whose levels are decoded lazily
         and separately (a low-resolution level never decodes the full-resolution image).
@@ -304,10 +438,26 @@ def read_her2st(
     from ._build import Section, stack_sections
 
     root = Path(path)
-    patient = str(patient).upper()
+    if not isinstance(patient, str):
+        msg = f"`patient` must be one of {list(HER2ST_PATIENTS)} (a string), got {patient!r}."
+        raise TypeError(msg)
+    patient = patient.upper()
     if patient not in HER2ST_PATIENTS:
         msg = f"Unknown HER2ST patient {patient!r}; choose one of {list(HER2ST_PATIENTS)}."
         raise ValueError(msg)
+    if isinstance(sections, str):
+        sections = [sections]
+    if sections is not None:
+        sections = [str(s).upper() for s in sections]  # section names as in the files ("C2"); "c2" is accepted
+        if not sections:
+            msg = (
+                "`sections` is empty: pass the sections to read (e.g. ['C1', 'C2']), or None for all sections of "
+                f"patient {patient}."
+            )
+            raise ValueError(msg)
+    if root.exists() and not root.is_dir():
+        msg = f"HER2ST path {root} is a file, not a directory; pass the root folder of the HER2ST layout."
+        raise NotADirectoryError(msg)
     if not root.is_dir():
         msg = f"HER2ST folder {root} does not exist; pass the root of the HER2ST layout (with data/ST-cnts)."
         raise FileNotFoundError(msg)
@@ -319,14 +469,22 @@ def read_her2st(
     if not available:
         msg = f"No count files of patient {patient} in {cnt_dir} (expected {patient}1.tsv.gz, ...)."
         raise FileNotFoundError(msg)
-    if isinstance(sections, str):
-        sections = [sections]
     if isinstance(genes, str):
         genes = [genes]
     if genes is not None:
         genes = list(dict.fromkeys(str(g) for g in genes))
+    if sections is None:
+        _warn_sections_without_counts(root, patient)
     sections = list(available if sections is None else sections)
     missing = [s for s in sections if s not in available]
+    no_counts = [s for s in missing if s in _sections_without_counts(root, patient)]
+    if no_counts:
+        files = [str(cnt_dir / f"{s}.tsv.gz") for s in no_counts]
+        msg = (
+            f"Sections {no_counts} of patient {patient} have no count file: {files} not found (their spot file or "
+            f"image exists; sections with counts: {available})."
+        )
+        raise FileNotFoundError(msg)
     if missing:
         msg = f"Sections {missing} of patient {patient} not found in {cnt_dir} (available: {available})."
         raise ValueError(msg)
@@ -341,7 +499,7 @@ def read_her2st(
     found: set[str] = set()
     parts = []
     for s in sections:
-        ids, gene_names, X = _read_counts(cnt_dir / f"{s}.tsv.gz")
+        ids, gene_names, X = _read_counts(cnt_dir / f"{s}.tsv.gz", s)
         counts_index = pd.Index(ids)
         if genes is not None:
             # only the requested genes that this section measures: the others count as not measured here
@@ -353,9 +511,7 @@ def read_her2st(
         if not spot_file.exists():
             msg = f"Section {s}: spot file {spot_file} not found; it gives the spots' pixel positions."
             raise FileNotFoundError(msg)
-        spots = pd.read_csv(spot_file, sep="\t")
-        spots.index = spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)
-        spots = spots[~spots.index.duplicated()]
+        spots = _read_spots(spot_file, s)
         absent = counts_index.difference(spots.index)
         if len(absent):
             msg = (
@@ -366,6 +522,13 @@ def read_her2st(
         um_per_px = _um_per_px(root, s, spots)
         spots = spots.loc[counts_index]
         xy = spots[["pixel_x", "pixel_y"]].to_numpy(float)
+        bad = ~np.isfinite(xy).all(axis=1)
+        if bad.any():
+            msg = (
+                f"Section {s}: {int(bad.sum())} spots of the count table have no finite pixel_x / pixel_y in "
+                f"{spot_file} (e.g. {list(counts_index[bad][:3])})."
+            )
+            raise ValueError(msg)
         img_path = _find_image(root, patient, s) if images else None
         obs = pd.DataFrame(
             {
@@ -383,7 +546,14 @@ def read_her2st(
             obsm[Key.HER2ST_REFERENCE] = xy @ M[:2, :2].T + M[:2, 2]
         else:
             logger.warning(f"HER2ST {s}: no published registration found; obsm['{Key.HER2ST_REFERENCE}'] is NaN.")
-        image = lazy_jpeg_pyramid(img_path, coordinate_system=s) if img_path is not None else None
+        image = None
+        if img_path is not None:
+            try:
+                image = lazy_jpeg_pyramid(img_path, coordinate_system=s)
+            except (OSError, ValueError) as e:
+                detail = (str(e) if str(img_path) in str(e) else f"{img_path}: {e}").rstrip(".")
+                msg = f"Section {s}: cannot read its H&E image ({detail}); pass images=False to read it without."
+                raise ValueError(msg) from e
         adata = AnnData(X=sp.csr_matrix(X), var=pd.DataFrame(index=gene_names))
         parts.append(
             Section(

@@ -31,6 +31,11 @@ JOURNAL = "asign_persist_journal"
 # element types that are eager in memory and can be rewritten safely (images, labels and points are lazy: their
 # data may still be read from the files that a rewrite would delete)
 _REWRITABLE = ("tables", "shapes")
+# lazy element types: persist never rewrites them once they are on disk
+_LAZY = ("images", "labels", "points")
+# per store (resolved path): the dask names of the lazy elements that persist wrote there from memory (such an element
+# is not read back, so it is not backed by the store's files although it is what the store holds)
+_WRITTEN_LAZY: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {}
 
 
 def _disk_names(store: Path, kind: str) -> list[str]:
@@ -142,10 +147,19 @@ def _drop_journal(path: Path) -> None:
         (Path(path) / name).unlink(missing_ok=True)
 
 
+def _remove(path: Path) -> None:
+    """Remove a leftover of an earlier write: a folder with its content, or a file."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def _move_into_place(copy: Path, target: Path) -> None:
     """Replace ``target`` by the verified ``copy`` (a rename on the same file system)."""
     if target.exists():
-        shutil.rmtree(target)
+        _remove(target)
     copy.rename(target)
     _drop_journal(target)
 
@@ -163,7 +177,7 @@ def _swap_in(new: Path, path: Path, old: Path) -> None:
     """Put the verified store ``new`` at ``path``, keeping the previous one as ``old`` (two renames)."""
     if path.exists():
         if old.exists():
-            shutil.rmtree(old)
+            _remove(old)
         path.rename(old)
     new.rename(path)
     _drop_journal(path)
@@ -179,11 +193,11 @@ def _repair_new_store(path: Path) -> bool:
             _swap_in(new, path, old)
             logger.warning(f"Completed the interrupted replacement of {path} with its verified new version.")
         else:  # the new store was not finished: the existing one is untouched
-            shutil.rmtree(new)
+            _remove(new)
         done = True
     if old.exists():
         if path.exists():
-            shutil.rmtree(old)
+            _remove(old)
         else:  # cannot happen with the journal, but never lose the only copy
             old.rename(path)
             logger.warning(f"Restored {path} from {old} left by an interrupted write.")
@@ -221,7 +235,7 @@ def _repair_files(store: Path) -> list[str]:
                     (store / kind).mkdir(parents=True, exist_ok=True)
                     _move_into_place(tstore / kind / name, store / kind / name)
                     restored.append(name)
-        shutil.rmtree(tstore)
+        _remove(tstore)
         changed = True
     if changed:
         _reconsolidate(store)
@@ -252,6 +266,7 @@ def recover(sdata: SpatialData | str | Path) -> list[str]:
     """
     if not hasattr(sdata, "tables"):
         path = Path(sdata)
+        _refuse_file(path)
         _repair_new_store(path)
         if not path.exists():
             msg = f"{path} does not exist (and no interrupted write of it was found)."
@@ -286,6 +301,13 @@ def _sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
+def _refuse_file(path: Path) -> None:
+    """A zarr store is a folder: a file at ``path`` is the user's and is never replaced or moved."""
+    if path.exists() and not path.is_dir():
+        msg = f"{path} is a file, not a zarr store (a folder); persist never replaces a file: choose another path."
+        raise FileExistsError(msg)
+
+
 def _write_new_store(sdata: SpatialData, path: Path, *, overwrite: bool) -> None:
     if sdata.path is not None and Path(sdata.path).resolve() == path.resolve():
         msg = (
@@ -293,6 +315,7 @@ def _write_new_store(sdata: SpatialData, path: Path, *, overwrite: bool) -> None
             "there); write to a new path."
         )
         raise ValueError(msg)
+    _refuse_file(path)
     _repair_new_store(path)
     if path.exists() and not overwrite:
         msg = (
@@ -301,8 +324,8 @@ def _write_new_store(sdata: SpatialData, path: Path, *, overwrite: bool) -> None
         )
         raise FileExistsError(msg)
     new, old = _sibling(path, NEW_STORE_SUFFIX), _sibling(path, OLD_STORE_SUFFIX)
-    if new.exists():
-        shutil.rmtree(new)
+    if new.exists() or new.is_symlink():
+        _remove(new)
     sdata.write(new, update_sdata_path=False)
     for kind in _REWRITABLE:
         for name, el in getattr(sdata, kind).items():
@@ -310,9 +333,110 @@ def _write_new_store(sdata: SpatialData, path: Path, *, overwrite: bool) -> None
     _journal(new, "verified")  # from here on, an interrupted swap is completed by the next call
     _swap_in(new, path, old)
     if old.exists():
-        shutil.rmtree(old)
+        _remove(old)
     sdata.path = path
+    _WRITTEN_LAZY[str(path.resolve())] = {
+        (kind, name): _lazy_token(el) for kind in _LAZY for name, el in getattr(sdata, kind).items()
+    }
     logger.info(f"Wrote the stack to {path}.")
+
+
+def _lazy_token(element: Any) -> tuple[str, ...]:
+    """The dask names of a lazy element's data (every scale of a multiscale image): they change with its data."""
+    from xarray import DataArray, DataTree
+
+    if isinstance(element, DataTree):
+        arrays = [v.data for node in element.subtree for v in node.ds.data_vars.values()]
+    elif isinstance(element, DataArray):
+        arrays = [element.data]
+    else:  # points (a dask data frame)
+        arrays = [element]
+    return tuple(str(getattr(a, "_name", None) or getattr(a, "name", None) or id(a)) for a in arrays)
+
+
+def _backed_by(element: Any, folder: Path) -> bool | None:
+    """Whether every file that a lazy element reads is in ``folder``; `None` if the dask graph cannot tell."""
+    from spatialdata._io._utils import get_dask_backing_files
+
+    try:
+        files = get_dask_backing_files(element)
+    except Exception as e:  # noqa: BLE001 - an unknown graph layout: no verdict rather than a false alarm
+        logger.debug(f"Could not find the files that {folder.name} is read from: {e}")
+        return None
+    folder = folder.resolve()
+    return bool(files) and all(Path(f).resolve().is_relative_to(folder) for f in files)
+
+
+def _same_shapes(disk: Any, mem: Any) -> bool:
+    """Exact comparison of a shapes element on disk with the in-memory one: index, geometry and the other columns."""
+    if len(disk) != len(mem) or not disk.index.equals(mem.index) or list(disk.columns) != list(mem.columns):
+        return False
+    dg, mg = disk.geometry, mem.geometry
+    if (dg.geom_type == "Point").all() and (mg.geom_type == "Point").all():
+        if not (np.array_equal(dg.x.to_numpy(), mg.x.to_numpy()) and np.array_equal(dg.y.to_numpy(), mg.y.to_numpy())):
+            return False
+    elif not bool(np.all(dg.geom_equals_exact(mg, tolerance=0.0, align=False))):
+        return False
+    for col in disk.columns:
+        if col == disk.geometry.name:
+            continue
+        a, b = disk[col].to_numpy(), mem[col].to_numpy()
+        numeric = a.dtype.kind in "biuf" and b.dtype.kind in "biuf"
+        if a.shape != b.shape or not (np.array_equal(a, b, equal_nan=True) if numeric else np.array_equal(a, b)):
+            return False
+    return True
+
+
+def _unwritten_changes(sdata: SpatialData, store: Path, skip: set[str]) -> dict[str, list[str]]:
+    """Elements on disk, not in ``skip``, whose in-memory version is not what the store holds: ``{kind: names}``.
+
+    Shapes elements are compared with the disk (index, geometry, other columns); an image, labels or points element
+    counts as unchanged when it reads its data from its own folder of the store, or when :func:`persist` wrote it
+    there from memory and its data were not replaced since.
+    """
+    out: dict[str, list[str]] = {}
+    names = [n for n in set(_disk_names(store, "shapes")) & set(sdata.shapes) if n not in skip]
+    if names:
+        from spatialdata import read_zarr
+
+        try:
+            disk = read_zarr(store, selection=("shapes",)).shapes
+        except Exception as e:  # noqa: BLE001 - no verdict rather than a failed write
+            logger.warning(f"Could not read the shapes of {store} to compare them with the object: {e}")
+            disk = {}
+        changed = [n for n in sorted(names) if n in disk and not _same_shapes(disk[n], sdata.shapes[n])]
+        if changed:
+            out["shapes"] = changed
+    written = _WRITTEN_LAZY.get(str(Path(store).resolve()), {})
+    for kind in _LAZY:
+        changed = []
+        for name in sorted(set(_disk_names(store, kind)) & set(getattr(sdata, kind))):
+            element = getattr(sdata, kind)[name]
+            if name in skip or written.get((kind, name)) == _lazy_token(element):
+                continue
+            if _backed_by(element, store / kind / name) is False:
+                changed.append(name)
+        if changed:
+            out[kind] = changed
+    return out
+
+
+def _warn_unwritten(store: Path, changes: dict[str, list[str]]) -> None:
+    if "shapes" in changes:
+        names = changes["shapes"]
+        logger.warning(
+            f"Shapes {names} differ from those in {store} and were not written (persist rewrites only the named "
+            f"elements; default: the tables), so the store disagrees with the object: write them with "
+            f"`persist(sdata, elements=[..., {', '.join(map(repr, names))}])`."
+        )
+    lazy = {k: v for k, v in changes.items() if k != "shapes"}
+    if lazy:
+        what = ", ".join(f"{kind} {names}" for kind, names in lazy.items())
+        logger.warning(
+            f"{what} in memory are not the ones in {store} (replaced or recomputed) and were not written: persist "
+            "never rewrites images, labels or points that are on disk (their lazy data may be read from those files). "
+            "Write the whole object to a new store with `persist(sdata, path=..., strategy='new_store')`."
+        )
 
 
 def _rewrite(sdata: SpatialData, kind: str, name: str, *, strategy: str) -> None:
@@ -369,7 +493,11 @@ def persist(
         shapes element that you changed). Elements that are in memory but not yet on disk are written too (any type)
         unless ``write_new=False``. Images, labels and points already on disk are never rewritten (their lazy data
         may be read from the files). The transformations of all elements on disk are written (metadata only; only
-        those of ``elements`` with ``write_new=False``), then the metadata are consolidated.
+        those of ``elements`` with ``write_new=False``), then the metadata are consolidated. Changes that are left
+        out are reported with a warning naming the elements: a shapes element that differs from the one on disk
+        (index, geometry or columns) and is not named, and an image, labels or points element that was replaced in
+        memory (it no longer reads its data from its folder in the store, nor is it the one that persist wrote
+        there). An element computed lazily from its own files in the store is not detected.
     path
         Target store for an object that is not backed, or for ``strategy="new_store"``.
     strategy
@@ -439,6 +567,8 @@ def _persist(
         names = list(sdata.tables)
     else:
         names = [elements] if isinstance(elements, str) else list(elements)
+    # what differs from the disk and is not written by this call: reported once the write is done
+    unwritten = _unwritten_changes(sdata, store, set(names))
     written = []
     # first: every element only in memory (new, nothing to lose); with write_new=False only the named ones
     for kind in ("images", "labels", "points", "shapes", "tables"):
@@ -448,6 +578,9 @@ def _persist(
                 sdata.write_element(name)
                 if kind in _REWRITABLE:
                     _verify(store, kind, name, getattr(sdata, kind)[name])
+                else:
+                    token = _lazy_token(getattr(sdata, kind)[name])
+                    _WRITTEN_LAZY.setdefault(str(store.resolve()), {})[kind, name] = token
                 written.append(name)
     for name in names:
         kind = _element_kind(sdata, name)
@@ -472,3 +605,4 @@ def _persist(
                 sdata.write_transformations(name)
     sdata.write_consolidated_metadata()
     logger.info(f"Persisted {written} and the transformations to {store}.")
+    _warn_unwritten(store, unwritten)
