@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from asign._logging import logger
+from asign.io._her2st import check_patient
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -52,17 +53,6 @@ def registry() -> dict[str, str | None]:
     return out
 
 
-def _check_patient(patient: str) -> str:
-    if not isinstance(patient, str):
-        msg = f"`patient` must be one of {list(N_SECTIONS)} (a string), got {patient!r}."
-        raise TypeError(msg)
-    patient = patient.upper()
-    if patient not in N_SECTIONS:
-        msg = f"Unknown HER2ST patient {patient!r}; choose one of {list(N_SECTIONS)}."
-        raise ValueError(msg)
-    return patient
-
-
 def _files_for(patient: str, sections: Sequence[str], *, images: bool) -> list[str]:
     reg = registry()
     wanted = []
@@ -103,7 +93,7 @@ def download_her2st(
     """
     import pooch
 
-    patient = _check_patient(patient)
+    patient = check_patient(patient)
     root = Path(cache) if cache is not None else Path(pooch.os_cache("asign")) / "her2st"
     available = [f"{patient}{i}" for i in range(1, N_SECTIONS[patient] + 1)]
     if isinstance(sections, str):
@@ -162,7 +152,7 @@ def her2st(
     """
     from asign.io._her2st import read_her2st
 
-    patient = _check_patient(patient)
+    patient = check_patient(patient)
     root = her2st_path(path)
     if root is None:
         if not download:

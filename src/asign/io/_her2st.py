@@ -18,6 +18,20 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 HER2ST_PATIENTS = tuple("ABCDEFGH")
+
+
+def check_patient(patient: str) -> str:
+    """A HER2ST patient letter, upper-cased; a TypeError or ValueError naming the patients otherwise."""
+    if not isinstance(patient, str):
+        msg = f"`patient` must be one of {list(HER2ST_PATIENTS)} (a string), got {patient!r}."
+        raise TypeError(msg)
+    patient = patient.upper()
+    if patient not in HER2ST_PATIENTS:
+        msg = f"Unknown HER2ST patient {patient!r}; choose one of {list(HER2ST_PATIENTS)}."
+        raise ValueError(msg)
+    return patient
+
+
 HER2ST_SPOT_DIAMETER_UM = 100.0
 HER2ST_PITCH_UM = 200.0
 HER2ST_THICKNESS_UM = 16.0
@@ -438,13 +452,7 @@ def read_her2st(
     from ._build import Section, stack_sections
 
     root = Path(path)
-    if not isinstance(patient, str):
-        msg = f"`patient` must be one of {list(HER2ST_PATIENTS)} (a string), got {patient!r}."
-        raise TypeError(msg)
-    patient = patient.upper()
-    if patient not in HER2ST_PATIENTS:
-        msg = f"Unknown HER2ST patient {patient!r}; choose one of {list(HER2ST_PATIENTS)}."
-        raise ValueError(msg)
+    patient = check_patient(patient)
     if isinstance(sections, str):
         sections = [sections]
     if sections is not None:

@@ -601,14 +601,7 @@ def extract_features(
         stain_params = stain_uns(stack.sections, stain_norm, mats, estimates, target)
         stain_params["stain_seconds"] = float(time.perf_counter() - t_stain)
     space = {
-        "encoder": enc.name,
-        "weights": enc.weights,
-        "weights_sha256": str(enc.weights_sha256),
-        "dim": int(enc.dim),
-        "input_size": int(enc.input_size) if enc.input_size is not None else 0,
-        "mean": [float(v) for v in enc.mean],
-        "std": [float(v) for v in enc.std],
-        "scales_px": {k: [int(v) for v in vs] for k, vs in px.items()},
+        **_encoder_record(enc, px),
         "stain_norm": stain_norm,
         "tta": tta,
         "keep_views": bool(keep_views),
@@ -769,14 +762,7 @@ def extract_features(
     _copy_manifest(table, regions, tile_params)
     _copy_manifest(table, globals_, tile_params)
     params: dict[str, Any] = {
-        "encoder": enc.name,
-        "weights": enc.weights,
-        "weights_sha256": str(enc.weights_sha256),
-        "dim": int(enc.dim),
-        "input_size": int(enc.input_size) if enc.input_size is not None else 0,
-        "mean": [float(v) for v in enc.mean],
-        "std": [float(v) for v in enc.std],
-        "scales_px": {k: [int(v) for v in vs] for k, vs in px.items()},
+        **_encoder_record(enc, px),
         "scales_um": {k: [float(v) for v in vs] for k, vs in um.items()},
         "unit": unit,
         "sections": [s for s in stack.sections if s in todo or s in kept],
@@ -851,6 +837,20 @@ def feature_matrix(
 
 
 _FEATURE_SPACE_FIELDS = ("encoder", "weights", "dim", "input_size", "scales_px", "stain_norm", "tta")
+
+
+def _encoder_record(enc: Encoder, px: Mapping[str, Any]) -> dict[str, Any]:
+    """The encoder and patch sides of a feature record (zarr-writable), shared by ``uns`` and the space check."""
+    return {
+        "encoder": enc.name,
+        "weights": enc.weights,
+        "weights_sha256": str(enc.weights_sha256),
+        "dim": int(enc.dim),
+        "input_size": int(enc.input_size) if enc.input_size is not None else 0,
+        "mean": [float(v) for v in enc.mean],
+        "std": [float(v) for v in enc.std],
+        "scales_px": {k: [int(v) for v in vs] for k, vs in px.items()},
+    }
 
 
 def feature_space_id(table, key: str = Key.ADDED) -> dict[str, Any]:
