@@ -58,12 +58,64 @@ def test_interactive_checks_inputs_before_napari(small_stack):
     h.add_output_table(small_stack)
     with pytest.raises(ValueError, match="align_layers"):
         asign.pl.interactive(small_stack, headless=True)
-    with pytest.raises(KeyError, match=r"Table 'nope' not found.*run `asign.tl.impute` first"):
-        asign.pl.interactive(small_stack, table_key="nope", coordinate_system="S1", headless=True)
+    with pytest.raises(KeyError, match=r"Table 'nope' not found.*table_key='asign'"):
+        asign.pl.interactive(small_stack, table_key="nope", coordinate_system="S1", sections=["S1"], headless=True)
     with pytest.raises(ValueError, match=r"sections=\[<section>\]"):
         asign.pl.interactive(small_stack, coordinate_system="S1", headless=True)
     with pytest.raises(ValueError, match="Unknown colour map `cmap='notacmap'`"):
         asign.pl.interactive(small_stack, coordinate_system="S1", sections=["S1"], cmap="notacmap", headless=True)
+
+
+def test_interactive_checks_alignment_before_table(small_stack):
+    import asign
+
+    # unaligned and not imputed: the first thing to do is aligning
+    with pytest.raises(ValueError, match="align_layers"):
+        asign.pl.interactive(small_stack, headless=True)
+
+
+def test_interactive_rejects_bad_gene_and_window_size(small_stack):
+    import asign
+
+    h = _helpers()
+    h.align_truth(small_stack)
+    h.add_output_table(small_stack)
+    with pytest.raises(TypeError, match=r"one gene name \(a string\)"):
+        asign.pl.interactive(small_stack, gene=["gene_001", "gene_002"], headless=True)
+    for bad in [(10,), (0, 10), "800x600", (1.5, 2)]:
+        with pytest.raises(ValueError, match=r"`window_size` takes a `\(width, height\)` pair"):
+            asign.pl.interactive(small_stack, window_size=bad, headless=True)
+
+
+def test_interactive_names_output_tables_of_another_key(small_stack):
+    import asign
+
+    h = _helpers()
+    h.align_truth(small_stack)
+    h.add_output_table(small_stack)
+    small_stack.tables["mykey"] = small_stack.tables.pop(Key.OUTPUT_TABLE)
+    small_stack.tables["mykey"].uns[Key.UNS] = {**small_stack.tables["mykey"].uns.get(Key.UNS, {}), "method": "mean"}
+    # a table carrying only the manifest (like the tile tables) is not an output of impute
+    tiles = small_stack.tables["mykey"].copy()
+    tiles.uns[Key.UNS] = {"stack": {}}
+    small_stack.tables["tiles_like"] = tiles
+    with pytest.raises(KeyError, match=r"output tables of `asign.tl.impute` here: \['mykey'\].*table_key='mykey'"):
+        asign.pl.interactive(small_stack, headless=True)
+
+
+def test_interactive_rejects_table_not_annotating_spots(small_stack):
+    import anndata as ad
+
+    import asign
+
+    h = _helpers()
+    h.align_truth(small_stack)
+    out = h.add_output_table(small_stack)
+    plain = ad.AnnData(X=np.asarray(out.layers["imputed"]), var=out.var.copy())
+    plain.layers["imputed"] = plain.X.copy()
+    small_stack.tables["plain"] = plain
+    with pytest.raises(ValueError, match=r"Table 'plain' does not annotate the spots"):
+        asign.pl.interactive(small_stack, table_key="plain", gene="gene_003", headless=True)
 
 
 @pytest.mark.napari
@@ -108,6 +160,16 @@ def test_interactive_headless_screenshot(small_stack, tmp_path):
             world = np.asarray([layer.data_to_world(p) for p in layer.data])[:, ::-1]
             aligned_px = small_stack.tables[Key.TABLE].obsm[Key.SPATIAL_ALIGNED][sec == s] / 8.0
             np.testing.assert_allclose(world, aligned_px[order], atol=1e-3)
+        # the colour bar dock shows the limits used for the spots
+        colorbar = viewer.window.dock_widgets["colorbar"]
+        np.testing.assert_allclose(colorbar.getClim(), (norm.vmin, norm.vmax), rtol=1e-6)
+        assert colorbar.getColorBar().clim == (f"{norm.vmin:.2f}", f"{norm.vmax:.2f}")
+        # the View widget keeps the output table and its layer whichever spots layer is selected
+        view = next(w for w in viewer.window.dock_widgets.values() if hasattr(w, "adata_layer_widget"))
+        for s in ("S1", "S2", "S3", "S1"):
+            viewer.layers.selection.active = viewer.layers[f"spots_{s}"]
+            assert view.table_name_widget.currentText() == Key.OUTPUT_TABLE, s
+            assert view.adata_layer_widget.currentText() == "imputed", s
         shot = app.screenshot()
         assert shot.ndim == 3 and shot.shape[2] == 4
         rgb = shot[..., :3].astype(float)

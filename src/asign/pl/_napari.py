@@ -62,22 +62,63 @@ def _wait_idle(interactive: Any, timeout: float) -> None:
     _process_events()
 
 
+def _view_widgets(viewer: Any) -> list[Any]:
+    """napari-spatialdata's View widgets (those with a table and a layer combo box)."""
+    return [
+        w
+        for w in viewer.window.dock_widgets.values()
+        if getattr(w, "table_name_widget", None) is not None and getattr(w, "adata_layer_widget", None) is not None
+    ]
+
+
 def _select_in_view_widget(viewer: Any, table_key: str, layer: str) -> None:
     """Preselect the table and the layer in napari-spatialdata's View widget (best effort: private widgets)."""
     try:
-        for widget in viewer.window.dock_widgets.values():
-            table_widget = getattr(widget, "table_name_widget", None)
-            layer_widget = getattr(widget, "adata_layer_widget", None)
-            if table_widget is None or layer_widget is None:
-                continue
-            i = table_widget.findText(table_key)
+        for widget in _view_widgets(viewer):
+            i = widget.table_name_widget.findText(table_key)
             if i >= 0:
-                table_widget.setCurrentIndex(i)
-            j = layer_widget.findText(layer)
+                widget.table_name_widget.setCurrentIndex(i)
+            j = widget.adata_layer_widget.findText(layer)
             if j >= 0:
-                layer_widget.setCurrentIndex(j)
+                widget.adata_layer_widget.setCurrentIndex(j)
     except (AttributeError, RuntimeError, TypeError) as e:  # pragma: no cover - depends on the plugin version
         logger.debug(f"Could not preselect table {table_key!r} / layer {layer!r} in the View widget: {e}")
+
+
+def _preselect_for_all_layers(viewer: Any, spots_layers: list[Any], table_key: str, layer: str) -> None:
+    """Preselect ``table_key`` / ``layer`` in the View widget whichever spots layer is selected.
+
+    napari-spatialdata refills the View widget when the selected layer changes: it picks the first name of the
+    layer's ``metadata['table_names']`` and resets the layer combo box to ``'X'``. ``table_key`` is therefore put
+    first in every spots layer's table list, and the layer is selected again after each selection change.
+    """
+    for napari_layer in spots_layers:
+        names = list(napari_layer.metadata.get("table_names") or [])
+        if table_key in names:
+            napari_layer.metadata["table_names"] = [table_key, *(n for n in names if n != table_key)]
+
+    def _reselect(event: Any = None) -> None:
+        if viewer.layers.selection.active in spots_layers:
+            _select_in_view_widget(viewer, table_key, layer)
+
+    viewer.layers.selection.events.changed.connect(_reselect, position="last")
+    viewer.layers.selection.events.active.connect(_reselect, position="last")
+
+
+def _set_colorbar(viewer: Any, cmap: str, lo: float, hi: float, label: str) -> None:
+    """Show ``cmap`` on ``lo`` to ``hi`` in napari-spatialdata's colour bar dock (best effort: private widget)."""
+    try:
+        colorbar = viewer.window.dock_widgets["colorbar"]
+        colorbar._model.cmap = cmap
+        colorbar.setOclim((lo, hi))
+        colorbar.setClim((lo, hi))
+        colorbar.onClimChanged(lo, hi)
+        colorbar.setToolTip(label)
+        # the limits are printed beside the ends of the bar: leave room for them on the left and the right
+        colorbar.getColorBar().padding = (0.2, 0.25)
+        colorbar.update_color()
+    except (AttributeError, KeyError, RuntimeError, TypeError) as e:  # pragma: no cover - plugin version
+        logger.debug(f"Could not set napari-spatialdata's colour bar: {e}")
 
 
 def _as_rgb(viewer: Any, napari_layer: Any) -> Any:
@@ -162,6 +203,36 @@ def _set_text(viewer: Any, text: str) -> None:
     overlay.font_size = 10
 
 
+def _check_window_size(window_size: Any) -> None:
+    """Raise unless ``window_size`` is `None` or a ``(width, height)`` pair of positive integers."""
+    if window_size is None:
+        return
+    ok = isinstance(window_size, Sequence) and not isinstance(window_size, str) and len(window_size) == 2
+    if ok:
+        try:
+            ok = all(int(v) == v and int(v) > 0 for v in window_size)
+        except (TypeError, ValueError):
+            ok = False
+    if not ok:
+        msg = f"`window_size` takes a `(width, height)` pair of positive pixel counts, got {window_size!r}."
+        raise ValueError(msg)
+
+
+def _check_annotates(table: Any, table_key: str, shapes_keys: list[str]) -> None:
+    """Raise unless ``table`` is a SpatialData table annotating every spots element in ``shapes_keys``."""
+    attrs = table.uns.get("spatialdata_attrs") or {}
+    region = attrs.get("region")
+    regions = [region] if isinstance(region, str) else list(region) if region is not None else []
+    missing = [k for k in shapes_keys if k not in regions]
+    if missing:
+        msg = (
+            f"Table {table_key!r} does not annotate the spots {missing} (its spatialdata_attrs region is "
+            f"{region!r}); napari-spatialdata would show another table. Pass a table that annotates the spots, "
+            "such as the output of `asign.tl.impute`."
+        )
+        raise ValueError(msg)
+
+
 @inject_docs()
 def interactive(
     sdata: SpatialData,
@@ -236,13 +307,10 @@ def interactive(
 
     stack = validate_stack(sdata, table_key=stack_table_key, check_counts=False)
     spot_table = get_table(sdata, stack_table_key)
-    if table_key not in sdata.tables:
-        msg = (
-            f"Table {table_key!r} not found (tables: {list(sdata.tables)}); run `asign.tl.impute` first, or pass "
-            f"`table_key={stack_table_key!r}` (with `layer='X'`) to view the measured counts."
-        )
-        raise KeyError(msg)
-    out = get_table(sdata, table_key)
+    if gene is not None and not isinstance(gene, str):
+        msg = f"`gene` takes one gene name (a string), got {gene!r}; call `asign.pl.interactive` once per gene."
+        raise TypeError(msg)
+    _check_window_size(window_size)
     secs = _select_sections(stack, sections)
     missing = [s for s in secs if coordinate_system not in get_transformation(sdata[stack.shapes_key(s)], get_all=True)]
     if missing:
@@ -252,6 +320,24 @@ def interactive(
             "(`coordinate_system=<section>, sections=[<section>]`)."
         )
         raise ValueError(msg)
+    if table_key not in sdata.tables:
+        # impute's output tables record their method (the stack and tile tables carry only the manifest)
+        outputs = [
+            k
+            for k, t in sdata.tables.items()
+            if isinstance(t.uns.get(Key.UNS), dict) and "method" in t.uns[Key.UNS] and k != stack_table_key
+        ]
+        if outputs:
+            hint = f"output tables of `asign.tl.impute` here: {outputs}; pass `table_key={outputs[0]!r}`"
+        else:
+            hint = "run `asign.tl.impute` first"
+        msg = (
+            f"Table {table_key!r} not found (tables: {list(sdata.tables)}); {hint}, or pass "
+            f"`table_key={stack_table_key!r}` (with `layer='X'`) to view the measured counts."
+        )
+        raise KeyError(msg)
+    out = get_table(sdata, table_key)
+    _check_annotates(out, table_key, [stack.shapes_key(s) for s in secs])
     if cmap not in colormaps:
         msg = f"Unknown colour map `cmap={cmap!r}`; use a matplotlib colour map name such as 'viridis'."
         raise ValueError(msg)
@@ -298,7 +384,11 @@ def interactive(
         viewer_app.switch_coordinate_system(coordinate_system)
     except ValueError:  # pragma: no cover - coordinate system listed by the widget under another name
         logger.debug(f"Could not switch napari-spatialdata to {coordinate_system!r}.")
+    spots_layers = [viewer.layers[stack.shapes_key(s)] for s in secs]
+    _preselect_for_all_layers(viewer, spots_layers, table_key, layer)
     _select_in_view_widget(viewer, table_key, layer)
+    if norm is not None:
+        _set_colorbar(viewer, cmap, float(norm.vmin), float(norm.vmax), f"{gene} ({layer})")
     if grid:
         canvas = getattr(viewer, "canvas", None)
         grid_model = canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
