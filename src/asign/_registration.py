@@ -373,15 +373,19 @@ def overlap_shift(moved: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     FFT cross-correlation on grids padded to twice the size, so that shifts do not wrap around.
     """
     h, w = target.shape
-    size = (2 * h, 2 * w)
-    corr = np.fft.irfft2(np.fft.rfft2(target, s=size) * np.conj(np.fft.rfft2(moved, s=size)), s=size)
-    iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
-    return float(ix if ix < w else ix - size[1]), float(iy if iy < h else iy - size[0])
+    return _peak_shift(_xcorr(target, moved, (2 * h, 2 * w)), (h, w))
 
 
 def _xcorr(a: np.ndarray, b: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``c[s] = sum_x a(x + s) b(x)`` for every shift ``s`` (FFT on grids of ``size``, no wrap-around if large)."""
     return np.fft.irfft2(np.fft.rfft2(a, s=size) * np.conj(np.fft.rfft2(b, s=size)), s=size)
+
+
+def _peak_shift(score: np.ndarray, shape: tuple[int, int]) -> tuple[float, float]:
+    """The shift ``(dx, dy)`` at the maximum of a correlation map of :func:`_xcorr` over an image of ``shape``."""
+    h, w = shape
+    iy, ix = np.unravel_index(int(np.argmax(score)), score.shape)
+    return float(ix if ix < w else ix - score.shape[1]), float(iy if iy < h else iy - score.shape[0])
 
 
 def content_shift(
@@ -409,8 +413,7 @@ def content_shift(
     var_f = np.maximum(_xcorr(f * f, mm, size) - sf**2 / nn, 1e-12)
     var_m = np.maximum(_xcorr(fm, m * m, size) - sm**2 / nn, 1e-12)
     ncc = np.where(n >= min_overlap * min(fm.sum(), mm.sum()), num / np.sqrt(var_f * var_m), -np.inf)
-    iy, ix = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
-    return float(ix if ix < w else ix - size[1]), float(iy if iy < h else iy - size[0]), float(ncc[iy, ix])
+    return (*_peak_shift(ncc, (h, w)), float(ncc.max()))
 
 
 def overlap_ncc(moving: WorkImage, fixed: WorkImage, A_work: np.ndarray) -> float:

@@ -116,7 +116,7 @@ LEVEL_FACTOR_TOL = 0.02
 def _usable_scales(levels: Sequence[Any], pyramid: str) -> list[float | None]:
     """Each level's pixel size in level-0 pixels, `None` for levels ``pyramid`` does not allow."""
     ok = [k == 0 or pyramid == "always" or (pyramid == "auto" and lv.stored) for k, lv in enumerate(levels)]
-    return [0.5 * (lv.scale_y + lv.scale_x) if u else None for lv, u in zip(levels, ok, strict=True)]
+    return [_level_factor(lv) if u else None for lv, u in zip(levels, ok, strict=True)]
 
 
 def _matching_level(scales: Sequence[float | None], factor: float) -> int | None:
@@ -211,8 +211,7 @@ def _warn_finer_levels(
             kn = natural[s][lev]
             if kn == k:
                 continue
-            f_own = 0.5 * (levels[kn].scale_y + levels[kn].scale_x)
-            f_used = 0.5 * (levels[k].scale_y + levels[k].scale_x)
+            f_own, f_used = _level_factor(levels[kn]), _level_factor(levels[k])
             finer.append(f"{lev} patches of {s!r} at {f_used:.3g}x instead of {f_own:.3g}x")
             lacking |= {t for t, lv in levels_of.items() if _matching_level(_usable_scales(lv, pyramid), f_own) is None}
     if finer:
@@ -711,7 +710,7 @@ def extract_features(
             lv = levels[k]
             xk, yk, side_k = level_window(x0, y0, side, lv.scale_y, lv.scale_x)
             used_level[lev][i], read_px[lev][i] = int(k), int(side_k)
-            downscale[lev][i] = float(0.5 * (lv.scale_y + lv.scale_x))
+            downscale[lev][i] = _level_factor(lv)
             if s not in todo:
                 continue  # kept: its features come from the earlier call
             if k not in level_source:
