@@ -178,3 +178,117 @@ def test_known_and_key_added_errors_name_the_sample(samples, trainable):
     with pytest.raises(ValueError, match=r"Sample 'Q': sdata.tables\['mine'\] exists and was not written by asign"):
         asign.tl.cross_validate(samples, key_added="mine", **kw)
     assert trainable == []
+
+
+def _set_unmeasured(sdata, section, gene):
+    """Record ``gene`` as never measured in ``section`` (as io.stack_sections does for a partial panel)."""
+    t = sdata.tables["table"]
+    t.uns["asign"]["unmeasured_genes"] = {section: [gene]}
+    X = t.X.toarray()
+    X[(t.obs["section"] == section).to_numpy(), list(t.var_names).index(gene)] = 0
+    t.X = sp.csr_matrix(X)
+
+
+def test_fixed_gene_a_section_never_measured_fails_before_any_fold(samples, trainable):
+    """A gene of `genes` that a training sample's section never measured used to fail only when that sample first
+    trained (after earlier folds had trained and written their tables), calling the section 'known'."""
+    g = list(samples["P"].tables["table"].var_names[:4])
+    _set_unmeasured(samples["R"], "S2", g[2])
+    kw = {"method": "_cv_train_mean", "genes": g, "key_added": "cv", "show_progress_bar": False}
+    with pytest.raises(
+        ValueError,
+        match=r"Sample 'R': `genes` includes .* \(section 'S2': \['" + g[2] + r"'\].*training labels in fold",
+    ):
+        asign.tl.cross_validate(samples, folds=[["P"], ["R"]], **kw)
+    assert trainable == [] and not any("cv" in s.tables for s in samples.values())
+    # R tested in the only fold: only its known section's labels are read, S2 is scored (with a warning)
+    df = asign.tl.cross_validate(samples, folds=[["R"]], **kw)
+    assert set(df[df.level == "section"]["section"]) == {"S2", "S3"}
+    # ... but a known section lacking the gene is refused
+    with pytest.raises(ValueError, match=r"Sample 'R'.*section 'S2'.*known section\(s\) are the labels of fold 0"):
+        asign.tl.cross_validate(samples, folds=[["R"]], known={"R": "S2"}, **{**kw, "overwrite": True})
+
+
+def test_output_tables_are_written_only_after_every_fold(samples):
+    """A fold failing after an earlier fold ran leaves no output table behind."""
+    calls = []
+
+    def _fit(fctx):
+        calls.append(1)
+        if len(calls) == 2:
+            msg = "fold 1 fails"
+            raise RuntimeError(msg)
+        return np.zeros(len(fctx.genes))
+
+    @register_method("_cv_fail_second", fit=_fit)
+    def _predict(ctx):
+        return ImputeResult(imputed=np.tile(ctx.fitted, (ctx.n_obs, 1)))
+
+    try:
+        with pytest.raises(RuntimeError, match="fold 1 fails"):
+            asign.tl.cross_validate(
+                samples, folds=[["P"], ["R"]], method="_cv_fail_second", n_genes=4, key_added="cv",
+                show_progress_bar=False,
+            )  # fmt: skip
+        assert calls == [1, 1] and not any("cv" in s.tables for s in samples.values())
+    finally:
+        _registry.METHODS.pop("_cv_fail_second", None)
+        _registry.FITTERS.pop("_cv_fail_second", None)
+
+
+def _patient(sdata, patient):
+    sdata.tables["table"].uns["asign"]["dataset"] = {"patient": patient}
+    return sdata
+
+
+def test_default_folds_keep_a_patients_samples_together(samples, asign_log):
+    """Two stacks of one patient used to be renamed and tested in different folds, each training on the other."""
+    assert default_folds(["a", "b", "c"], {"a": "P1", "b": "P1", "c": "P2"}) == [["a", "b"], ["c"]]
+    assert default_folds(["x", "y"], {"x": "x", "y": "y"}) == [["x"], ["y"]]  # unique patients: leave one out
+    her2st = {f"{p}{i}": p for p in "ABCDEFGH" for i in (1, 2)}  # two stacks per HER2ST patient
+    assert default_folds(list(her2st), her2st)[0] == ["A1", "A2", "E1", "E2"]
+    a, b, c = (_patient(samples[n], p) for n, p in (("P", "P1"), ("Q", "P1"), ("R", "P2")))
+    df = asign.tl.cross_validate([a, b, c], method="mean", n_genes=4, show_progress_bar=False)
+    rows = df[df.level == "sample"]
+    assert list(rows["sample"]) == ["P1", "sample_1", "P2"] and list(rows["fold"]) == [0, 0, 1]
+    # a mapping: grouped by the recorded patient too
+    df = asign.tl.cross_validate({"x": a, "y": b, "z": c}, method="mean", n_genes=4, show_progress_bar=False)
+    assert list(df[df.level == "sample"]["fold"]) == [0, 0, 1]
+    assert "share patient" not in asign_log.warnings
+    # given folds that split a patient: allowed, with a warning
+    asign.tl.cross_validate({"x": a, "y": b, "z": c}, folds=[["x"]], method="mean", n_genes=4, show_progress_bar=False)
+    assert "Samples ['x', 'y'] share patient 'P1'" in asign_log.warnings
+
+
+def test_mode_column_and_warning_for_a_fold_without_training_samples(samples, asign_log):
+    """A fold holding every sample used to train a trainable method transductively without saying so."""
+
+    def _fit(fctx):
+        return np.mean([c.Y[c.known].mean(axis=0) for c in fctx.train], axis=0)
+
+    @register_method("_cv_either", fit=_fit)
+    def _predict(ctx):
+        level = ctx.fitted if ctx.fitted is not None else ctx.Y[ctx.known].mean(axis=0)  # transductive: own known
+        return ImputeResult(imputed=np.tile(level, (ctx.n_obs, 1)))
+
+    kw = {"method": "_cv_either", "n_genes": 4, "show_progress_bar": False}
+    try:
+        df = asign.tl.cross_validate(samples, folds=[["P"], ["R"]], **kw)
+        assert (df["mode"] == "inductive").all() and "no training sample" not in asign_log.warnings
+        df = asign.tl.cross_validate({"P": samples["P"], "R": samples["R"]}, folds=[["P", "R"]], **kw)
+        assert (df["mode"] == "transductive").all()
+        assert "Fold 0 (test samples ['P', 'R']) has no training sample" in asign_log.warnings
+        df = asign.tl.cross_validate({"P": samples["P"]}, **kw)  # one sample, leave one out
+        assert (df["mode"] == "transductive").all()
+    finally:
+        _registry.METHODS.pop("_cv_either", None)
+        _registry.FITTERS.pop("_cv_either", None)
+    df = asign.tl.cross_validate(samples, folds=[["P"]], method="mean", n_genes=4, show_progress_bar=False)
+    assert (df["mode"] == "untrained").all() and list(df.columns[-2:]) == ["gene_sections", "mode"]
+
+
+@pytest.mark.parametrize(("seed", "err"), [(None, TypeError), (-1, ValueError), (1.5, TypeError), ("3", TypeError)])
+def test_a_bad_seed_fails_before_any_fold(samples, trainable, seed, err):
+    with pytest.raises(err, match="`seed` must be"):
+        asign.tl.cross_validate(samples, method="_cv_train_mean", seed=seed, show_progress_bar=False)
+    assert trainable == []

@@ -361,3 +361,22 @@ def test_an_impossible_device_is_refused_for_every_method(stack, spy):
         with pytest.raises(ValueError, match="CUDA is not available"):
             asign.tl.impute(stack, known="S1", method="mean", n_genes=5, device="cuda")
     assert "asign" not in stack.tables  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("seed", "err", "match"),
+    [
+        (None, TypeError, r"`seed` must be an integer, got None"),
+        (1.5, TypeError, r"`seed` must be an integer, got 1.5"),
+        ("3", TypeError, r"`seed` must be an integer, got '3'"),
+        (True, TypeError, r"`seed` must be an integer, got True"),
+        (-1, ValueError, r"`seed` must be >= 0, got -1"),
+    ],
+)
+def test_a_bad_seed_is_refused_before_the_method_runs(stack, spy, seed, err, match):
+    """seed=None used to fail deep in build_context, -1 in numpy, and 1.5 / '3' were silently truncated / parsed."""
+    with pytest.raises(err, match=match):
+        asign.tl.impute(stack, known="S1", method="_spy", n_genes=5, seed=seed)
+    assert spy == {} and set(stack.tables) == {"table"}
+    out = asign.tl.impute(stack, known="S1", method="_spy", n_genes=5, seed=np.int64(3), inplace=False)
+    assert out.uns["asign"]["seed"] == 3

@@ -9,7 +9,7 @@ _table_key = """table_key
 _inplace = """inplace
     If `True`, modify ``sdata`` in memory and return `None`; otherwise leave it untouched and return the result."""
 _seed = """seed
-    Random seed; it feeds a :class:`numpy.random.SeedSequence`."""
+    Random seed, a non-negative integer; it feeds a :class:`numpy.random.SeedSequence`."""
 _device = """device
     Torch device; `None` picks CUDA when available, otherwise the CPU."""
 _progress = """show_progress_bar

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from asign._checks import check_number
 from asign._constants import Key
 from asign._device import spawn_seeds
 from asign._docs import inject_docs
 from asign._logging import logger
+from asign._stack import unmeasured_genes
 from asign.pp._genes import (
     _sample_name,
     check_known,
@@ -23,7 +25,14 @@ from asign.pp._genes import (
 )
 
 from ._evaluate import COLUMNS, evaluate
-from ._impute import _check_key_added, check_distinct_samples, check_gene_list, run_impute, train_contexts
+from ._impute import (
+    _check_key_added,
+    check_distinct_samples,
+    check_gene_list,
+    run_impute,
+    train_contexts,
+    write_output_table,
+)
 from ._registry import FitContext, check_before_fit, get_fit, get_method
 
 if TYPE_CHECKING:
@@ -37,27 +46,62 @@ CV_COLUMNS = ["level", "fold", "sample", "statistic", *COLUMNS[1:], "method", "n
 
 def _named_samples(
     samples: Mapping[str, SpatialData] | Sequence[SpatialData], table_key: str
-) -> dict[str, SpatialData]:
+) -> tuple[dict[str, SpatialData], dict[str, str]]:
+    """The samples by name, and each one's patient (``uns['asign']['dataset']['patient']``, else its name).
+
+    A sequence names each sample by its patient; a later sample of a patient already named is ``sample_<i>``.
+    """
     if isinstance(samples, Mapping):
         out = {str(k): v for k, v in samples.items()}
+        if len(out) != len(samples):
+            msg = f"The names of `samples` {list(samples)} collide as strings; give every sample a distinct name."
+            raise ValueError(msg)
     else:
         out = {}
         for i, s in enumerate(samples):
             name = _sample_name(s, f"sample_{i}", table_key)
             if name in out:
                 name = f"sample_{i}"
+            while name in out:  # a patient literally named 'sample_<i>'
+                name = f"{name}_"
             out[name] = s
     if len(out) < 1:
         msg = "cross_validate needs at least one sample."
         raise ValueError(msg)
-    return out
+    return out, {n: _sample_name(s, n, table_key) for n, s in out.items()}
 
 
-def default_folds(names: Sequence[str]) -> list[list[str]]:
-    """HER2ST's patient pairs {A,E}, {B,F}, {C,G}, {D,H} for samples A-H; otherwise leave one sample out."""
-    if sorted(names) == sorted("ABCDEFGH"):
+def default_folds(names: Sequence[str], patients: Mapping[str, str] | None = None) -> list[list[str]]:
+    """Leave one patient out: the samples of a patient (``patients``: name -> patient; default: its name) form one fold.
+
+    HER2ST's patient pairs {A,E}, {B,F}, {C,G}, {D,H} when the patients (or, with one sample per patient, the sample
+    names) are A-H.
+    """
+    patients = dict(patients or {})
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(str(patients.get(n, n)), []).append(n)
+    if sorted(groups) == sorted("ABCDEFGH"):
+        return [[n for p in pair for n in groups[p]] for pair in HER2ST_FOLDS]
+    if sorted(names) == sorted("ABCDEFGH") and len(groups) == len(names):
         return [list(f) for f in HER2ST_FOLDS]
-    return [[n] for n in names]
+    return list(groups.values())
+
+
+def _warn_split_patients(folds: list[list[str]], names: Sequence[str], patients: Mapping[str, str]) -> None:
+    """Warn about given folds that test a patient's sample while another sample of that patient trains."""
+    fold_of = {n: i for i, f in enumerate(folds) for n in f}
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(patients.get(n, n), []).append(n)
+    for p, members in groups.items():
+        where = {fold_of.get(n) for n in members}
+        if len(members) > 1 and len(where) > 1:
+            logger.warning(
+                f"Samples {members} share patient {p!r} but are not tested in one fold: a fold testing one of them "
+                "trains on (or ranks genes on) another, i.e. the folds are not patient-level. Put them in one fold "
+                "(the default folds do)."
+            )
 
 
 def _check_folds(folds: Sequence[Sequence[str]], names: Sequence[str]) -> list[list[str]]:
@@ -90,6 +134,47 @@ def _known_spec(known: Any, name: str, sections: list[str]) -> Any:
         return [sections[len(sections) // 2]]
     msg = f"`known` must be 'first', 'middle' or a mapping sample -> sections/mask, got {known!r}."
     raise ValueError(msg)
+
+
+def _check_genes_measured(
+    genes: list[str],
+    named: Mapping[str, SpatialData],
+    folds: list[list[str]],
+    masks: Mapping[str, np.ndarray],
+    table_key: str,
+) -> None:
+    """A ValueError, before any fold runs, for a fixed gene that a section whose labels are read never measured.
+
+    A sample that trains in some fold has the labels of every measured section read; a sample tested in every fold
+    it takes part in (the only fold) has those of its known sections read. The error names the sample, the
+    section(s) and the genes (``uns['asign']['unmeasured_genes']``).
+    """
+    for n, s in named.items():
+        t = s.tables[table_key]
+        absent = unmeasured_genes(t)
+        if not absent:
+            continue
+        sec = t.obs[Key.SECTION].astype(str).to_numpy()
+        trains_in = [i for i, f in enumerate(folds) if n not in f]
+        if trains_in:
+            rows = t.obs[Key.MEASURED].to_numpy(dtype=bool)
+            role = f"its measured sections are training labels in fold(s) {trains_in}"
+        else:
+            rows = np.asarray(masks[n], dtype=bool)
+            role = f"its known section(s) are the labels of fold {next(i for i, f in enumerate(folds) if n in f)}"
+        lacking = {x: [g for g in genes if g in absent.get(x, set())] for x in dict.fromkeys(sec[rows].tolist())}
+        lacking = {x: g for x, g in lacking.items() if g}
+        if lacking:
+            detail = "; ".join(
+                f"section {x!r}: {g[:5]}{f' (+{len(g) - 5} more)' if len(g) > 5 else ''}" for x, g in lacking.items()
+            )
+            msg = (
+                f"Sample {n!r}: `genes` includes gene(s) never measured in a section whose labels cross_validate "
+                f"reads ({detail}; uns['asign']['unmeasured_genes']): {role}. Every gene of a fixed list must be "
+                "measured there; leave these genes out of `genes`, or pass genes=None (each fold then ranks only "
+                "genes that every labelled section measured)."
+            )
+            raise ValueError(msg)
 
 
 def _fold_genes(
@@ -200,11 +285,16 @@ def cross_validate(
     ----------
     samples
         The samples: a mapping ``name -> SpatialData`` or a sequence (names from ``uns['asign']['dataset']['patient']``
-        when present, else ``sample_<i>``). Each sample once: the same object (or zarr store) under two names is
-        refused.
+        when present, else ``sample_<i>``; a later sample of a patient already named is ``sample_<i>``). Each sample
+        once: the same object (or zarr store) under two names is refused. A sample's patient is its
+        ``uns['asign']['dataset']['patient']``, else its name.
     folds
-        Test samples of each fold, e.g. HER2ST's ``[["A", "E"], ["B", "F"], ["C", "G"], ["D", "H"]]`` (the
-        default for samples named A-H; otherwise leave one sample out). Samples in no fold only ever train.
+        Test samples of each fold, e.g. HER2ST's ``[["A", "E"], ["B", "F"], ["C", "G"], ["D", "H"]]``. Default: leave
+        one patient out, i.e. samples that share a patient form one fold (HER2ST's pairs of patients when the
+        patients are A-H). Samples in no fold only ever train. Given folds that test a patient's sample while
+        another of its samples trains are allowed, with a warning. A fold with no training sample (one sample, or a
+        fold holding every sample) trains a trainable method transductively on each test sample's known spots,
+        with a warning (column ``mode``).
     known
         The known spots of each test sample: ``"first"`` (section 1, the paper's protocol), ``"middle"``, or a
         mapping ``sample -> section name(s) or boolean mask``.
@@ -213,8 +303,10 @@ def cross_validate(
     method_kwargs
         Keyword arguments of the method.
     genes
-        A fixed gene list for every fold (default: selected per fold); each gene once and present in every sample
-        (checked before any fold runs).
+        A fixed gene list for every fold (default: selected per fold); each gene once, present in every sample, and
+        measured (not in ``uns['asign']['unmeasured_genes']``) in every section whose labels are read: every
+        measured section of a sample that trains in some fold, the known sections of a test sample. Checked before
+        any fold runs; errors name the sample, the section and the genes.
     n_genes
         Number of genes selected per fold.
     normalization
@@ -230,7 +322,8 @@ def cross_validate(
         If given, write each test sample's output table into ``samples[name].tables[key_added]`` (the table of
         :func:`asign.tl.impute`, whose ``.uns['asign']`` also holds ``fold`` (the fold index), ``fold_test_samples``
         (the fold's test samples) and ``gene_sections`` (this function's)); `None` writes nothing. Checked (a valid
-        SpatialData element name, no table asign did not write) before any fold runs.
+        SpatialData element name, no table asign did not write) before any fold runs; the tables are written once
+        every fold has run, so nothing is written when a fold raises an error.
     overwrite
         Replace earlier asign output tables under ``key_added``.
     {seed}
@@ -240,7 +333,10 @@ def cross_validate(
     Returns
     -------
     A tidy :class:`pandas.DataFrame` with the metric columns of :func:`asign.tl.evaluate` plus ``fold`` (int),
-    ``sample`` and ``statistic``:
+    ``sample``, ``statistic``, ``method``, ``normalization``, ``gene_sections`` (``"given"`` for a fixed gene list)
+    and ``mode``: ``"inductive"`` (the method was fitted on each fold's training samples), ``"transductive"`` (a
+    trainable method in a fold without training samples, trained on each test sample's known spots; as folds never
+    overlap, such a fold is the only one) or ``"untrained"`` (a method without a training step). The rows:
 
     - ``level`` ``"gene"`` / ``"section"``: per test sample, as :func:`asign.tl.evaluate`;
     - ``"sample"``: a test sample's overall scores (means over its unknown sections; legacy metrics pooled over its
@@ -253,6 +349,7 @@ def cross_validate(
       the underlying values: ``mse_pooled`` / ``mae_pooled`` weigh each scored (spot, gene) entry equally (sections
       of a partial gene panel count their entries), the legacy per-spot PCC each spot that has one.
     """
+    seed = check_number("seed", seed, integer=True, minimum=0)
     check_normalization(normalization)
     levels = [per] if isinstance(per, str) else list(per)
     if not levels or not set(levels) <= {"gene", "section", "overall"}:
@@ -265,13 +362,17 @@ def cross_validate(
 
     get_method(method)
     fit = get_fit(method)
-    named = _named_samples(samples, table_key)
+    named, patients = _named_samples(samples, table_key)
     names = list(named)
     check_distinct_samples(  # a sample passed twice would train on its own test labels
         list(named.items()),
         "a fold testing one would train on the other, i.e. on its own unknown sections' labels.",
     )
-    folds = _check_folds(default_folds(names) if folds is None else folds, names)
+    if folds is None:
+        folds = default_folds(names, patients)
+    else:
+        folds = _check_folds(folds, names)
+        _warn_split_patients(folds, names, patients)
     stacks = {n: validate_stack(s, table_key=table_key) for n, s in named.items()}
     if genes is not None:  # before any fold trains
         genes = check_gene_list(genes)
@@ -288,7 +389,6 @@ def cross_validate(
         )
     masks: dict[str, np.ndarray] = {}
     for f in folds:
-        train_tables = [(m, named[m].tables[table_key]) for m in names if m not in f]
         for n in f:
             t = named[n].tables[table_key]
             try:  # before any fold trains; the errors name the sample
@@ -299,13 +399,34 @@ def cross_validate(
             except (KeyError, ValueError, TypeError) as e:
                 msg = f"Sample {n!r}: {e.args[0]}"
                 raise type(e)(msg) from None
-            if fit is not None:
+    if genes is not None:  # else the first fold reading a section's labels would fail on a gene it never measured
+        _check_genes_measured(genes, named, folds, masks, table_key)
+    modes: list[str] = []
+    for i, f in enumerate(folds):
+        has_train = any(m not in f for m in names)
+        modes.append("untrained" if fit is None else ("inductive" if has_train else "transductive"))
+        if modes[-1] == "transductive":
+            logger.warning(
+                f"Fold {i} (test samples {f}) has no training sample: method {method!r} trains transductively on "
+                "each test sample's known spots instead of inductively on other samples (column 'mode' of the "
+                "result). Pass more samples, or folds that leave some samples to train on."
+            )
+        if fit is not None:
+            train_tables = [(m, named[m].tables[table_key]) for m in names if m not in f]
+            for n in f:
                 check_before_fit(
-                    method, t, dict(method_kwargs or {}), table_key, train=train_tables, sample=n, sdata=named[n]
+                    method,
+                    named[n].tables[table_key],
+                    dict(method_kwargs or {}),
+                    table_key,
+                    train=train_tables,
+                    sample=n,
+                    sdata=named[n],
                 )
     seeds = spawn_seeds(seed, len(folds))
     params = dict(method_kwargs or {})
     frames = []
+    outputs: dict[str, Any] = {}  # written only once every fold has run
     from tqdm.auto import tqdm
 
     for i, test_names in enumerate(tqdm(folds, desc=f"cross_validate[{method}]", disable=not show_progress_bar)):
@@ -345,7 +466,7 @@ def cross_validate(
                     show_progress_bar=show_progress_bar,
                 )
             )
-        logger.info(f"Fold {i}: test {test_names}, train {train_names}, {len(fold_genes)} genes.")
+        logger.info(f"Fold {i} ({modes[i]}): test {test_names}, train {train_names}, {len(fold_genes)} genes.")
         for n in test_names:
             out = run_impute(
                 named[n],
@@ -370,10 +491,10 @@ def cross_validate(
             df["fold"] = i
             df["sample"] = n
             frames.append(df)
-            if key_added is not None:
-                if key_added in named[n].tables:
-                    del named[n].tables[key_added]
-                named[n].tables[key_added] = out
+            outputs[n] = out
+    if key_added is not None:
+        for n, out in outputs.items():
+            write_output_table(named[n], key_added, out)
     per_sample = pd.concat(frames, ignore_index=True)
     keep = per_sample[
         per_sample["level"].isin(
@@ -396,7 +517,9 @@ def cross_validate(
     result["method"] = method
     result["normalization"] = normalization
     result["gene_sections"] = gene_sections if genes is None else "given"
-    cols = [c for c in CV_COLUMNS if c in result.columns] + ["gene_sections"]
+    # folds never overlap, so a fold without training samples is the only fold: every fold has the same mode
+    result["mode"] = modes[0]
+    cols = [c for c in CV_COLUMNS if c in result.columns] + ["gene_sections", "mode"]
     result = result[cols]
     result["fold"] = result["fold"].astype("Int64")
     result["n_constant_spots"] = result["n_constant_spots"].astype("Int64")

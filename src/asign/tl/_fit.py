@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from asign._checks import check_number
 from asign._constants import Key
 from asign._docs import inject_docs
 from asign._logging import logger
@@ -198,6 +200,20 @@ def _named(samples: Any, table_key: str) -> list[tuple[str, SpatialData]]:
     if not out:
         msg = "`samples` is empty; pass at least one SpatialData stack."
         raise ValueError(msg)
+    counts = Counter(name for name, _ in out)
+    dup = [name for name, c in counts.items() if c > 1]
+    if dup:  # a name is how `known=`, the training record and the validation sample tell the samples apart
+        src = (
+            "their keys collide as strings"
+            if isinstance(samples, Mapping)
+            else "a sequence names each sample by its uns['asign']['dataset']['patient']"
+        )
+        msg = (
+            f"Training samples share the name(s) {dup} ({src}), so `known=` and the training record could not tell "
+            "them apart. Pass a mapping {name: sdata} with unique names, e.g. "
+            f"{{{dup[0] + '_a'!r}: sdata_a, {dup[0] + '_b'!r}: sdata_b}}."
+        )
+        raise ValueError(msg)
     check_distinct_samples(out, TRAIN_TWICE)
     return out
 
@@ -250,7 +266,10 @@ def fit(
     Parameters
     ----------
     samples
-        Training stacks (a mapping ``name -> SpatialData``, a sequence, or one stack).
+        Training stacks (a mapping ``name -> SpatialData``, a sequence, or one stack). A sequence names each sample
+        by its ``uns['asign']['dataset']['patient']``, else ``train_<i>``; names must be unique (they key
+        ``known`` and the training record), so several samples of one patient are refused in a sequence: pass
+        them as a mapping with unique names.
     known
         Which measured spots of each sample are labelled: `None` (every measured spot), section name(s) applied to
         every sample, or a mapping ``sample name -> section name(s), boolean mask or None`` with an entry for every
@@ -314,6 +333,7 @@ def fit(
     config = dict(config or {})
     given = {"preset": preset, "validation": validation, "n_models": n_models, "n_jobs": n_jobs}
     given |= {"feature_key": feature_key, "graph_key": graph_key, "seed": seed}
+    seed_name = "config['seed']" if "seed" in config and seed == FIT_KEYWORDS["seed"] else "seed"
     for k, default in FIT_KEYWORDS.items():  # one value per option: config's, unless the keyword says otherwise
         if k in config:
             if given[k] != default and given[k] != config[k]:
@@ -322,6 +342,7 @@ def fit(
             given[k] = config.pop(k)
     preset, validation, n_models, n_jobs = given["preset"], given["validation"], given["n_models"], given["n_jobs"]
     feature_key, graph_key, seed = given["feature_key"], given["graph_key"], given["seed"]
+    seed = check_number(seed_name, seed, integer=True, minimum=0)
     named = _named(samples, table_key)
     if genes is not None:
         genes = check_gene_list(genes)
@@ -383,6 +404,20 @@ def fit(
     )
 
 
+def _check_model_genes(table: AnnData, fitted: ASIGNFit, table_key: str, sample: str) -> None:
+    """A KeyError, before any work, naming the model genes that the table to predict on lacks."""
+    missing = [g for g, i in zip(fitted.genes, table.var_names.get_indexer(fitted.genes), strict=True) if i < 0]
+    if missing:
+        where = f"sdata.tables[{table_key!r}]" + (f" (sample {sample!r})" if sample else "")
+        trained = f" (trained on {list(fitted.train_samples)})" if fitted.train_samples else ""
+        msg = (
+            f"{where} lacks {len(missing)} of the model's {len(fitted.genes)} genes: {missing[:10]}"
+            f"{f' (+{len(missing) - 10} more)' if len(missing) > 10 else ''}. tl.predict needs every gene the "
+            f"model{trained} was trained on; predict on a stack that has them, or fit a model on genes it has."
+        )
+        raise KeyError(msg)
+
+
 @inject_docs()
 def predict(
     sdata: SpatialData,
@@ -430,9 +465,10 @@ def predict(
     -------
     If ``inplace = False``, the output :class:`~anndata.AnnData`; otherwise adds ``sdata.tables['{{key_added}}']``
     exactly like :func:`asign.tl.impute` with ``method="asign"``: ``.layers['target']``, ``.layers['imputed']``,
-    ``.layers['network']`` (network prediction before mixing), ``.layers['propagation']``,
-    ``.layers['full_rank']`` (the prediction before the ``gene_rank`` projection, where the model's options ask for
-    one), ``.layers['nearest']`` (where ``nearest_blend`` > 0), ``.obs['known']``, and ``.uns['asign']`` (with ``result`` = the model's configuration, training record,
+    ``.layers['network']`` (network prediction before mixing), ``.layers['propagation']`` (where the model was
+    fitted with ``use_propagation=True``), ``.layers['full_rank']`` (the prediction before the ``gene_rank``
+    projection, where the model's options ask for one), ``.layers['nearest']`` (where ``nearest_blend`` > 0),
+    ``.obs['known']``, and ``.uns['asign']`` (with ``result`` = the model's configuration, training record,
     mode, ``nearest_blend`` and ``gene_rank`` as applied).
     """
     from asign.pp._genes import _sample_name
@@ -445,6 +481,9 @@ def predict(
     fitted = model if isinstance(model, ASIGNFit) else ASIGNFit.load(model)
     if inplace:
         _check_key_added(sdata, key_added, table_key, overwrite=overwrite)
+    sample = _sample_name(sdata, "", table_key)
+    if table_key in sdata.tables:  # else run_impute's stack validation names the missing table
+        _check_model_genes(sdata.tables[table_key], fitted, table_key, sample)
     out = run_impute(
         sdata,
         known=known,
@@ -464,7 +503,7 @@ def predict(
         seed=int(fitted.config.seed),
         device=device,
         show_progress_bar=show_progress_bar,
-        sample=_sample_name(sdata, "", table_key),
+        sample=sample,
     )
     if not inplace:
         return out

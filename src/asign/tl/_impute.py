@@ -633,9 +633,9 @@ def impute(
       after the method has run, for :func:`asign.tl.evaluate` and plots; methods never see it (they get the
       known rows only).
     - ``.layers['imputed']``: the prediction for every spot (for known spots, the method's own estimate).
-    - further layers a method adds (``"asign"``: ``'network'``, ``'propagation'``, ``'nearest'`` where
-      ``nearest_blend`` blended it in, and ``'full_rank'`` where the prediction was projected on ``gene_rank`` gene
-      axes).
+    - further layers a method adds (``"asign"``: ``'network'``, ``'propagation'`` where ``use_propagation=True``
+      (the default), ``'nearest'`` where ``nearest_blend`` blended it in, and ``'full_rank'`` where the prediction
+      was projected on ``gene_rank`` gene axes).
     - ``.obs['known']``, ``.obs['measured']``, ``.obs['section']``, ``.obs['total_counts']`` (total raw count over
       all genes; NaN where not measured), ``.obs['z']`` if present, and the annotation columns.
     - ``.obsm['spatial']`` (and ``'spatial_aligned'``, ``'spatial_3d'`` when present), copied.
@@ -645,6 +645,7 @@ def impute(
 
     Raw counts are never altered. Nothing is written when an error is raised.
     """
+    seed = check_number("seed", seed, integer=True, minimum=0)
     train_list = _as_sample_list(train)
     check_distinct_samples(train_list, TRAIN_TWICE)
     check_not_test_sample(sdata, train_list)
