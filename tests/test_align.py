@@ -299,8 +299,14 @@ def rotated_stack(_rotated_stack):
     return copy.deepcopy(_rotated_stack)
 
 
-def _sections_from(sdata, *, flip=(), blank=(), noise=(), downscale=(), drop_image=(), crop=None):
-    """Rebuild a synthetic stack as :class:`asign.io.Section` parts, optionally altering some sections."""
+def _sections_from(
+    sdata, *, flip=(), blank=(), noise=(), downscale=(), drop_image=(), crop=None, manifest_um_follows=False
+):
+    """Rebuild a synthetic stack as :class:`asign.io.Section` parts, optionally altering some sections.
+
+    ``downscale`` halves a section's pixels; its manifest pixel size stays (as if defaulted) unless
+    ``manifest_um_follows``, which doubles it (correct).
+    """
     from asign.io import Section, stack_sections
 
     table = sdata.tables["table"]
@@ -323,6 +329,8 @@ def _sections_from(sdata, *, flip=(), blank=(), noise=(), downscale=(), drop_ima
             img = img.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8)
             xy = (xy + 0.5) / 2 - 0.5
             M = M @ np.array([[2.0, 0, 0.5], [0, 2.0, 0.5], [0, 0, 1]])
+            if manifest_um_follows:
+                um *= 2.0
         if crop is not None and s == crop[0]:  # the tissue cut at the right border: keep the left fraction
             w = int(w * crop[1])
             img = img[:, :w].copy()
@@ -404,6 +412,8 @@ def test_mirrored_section_needs_mirror(rotated_stack, asign_log):
     al = sdata.tables["table"].uns["asign"]["alignment"]
     assert np.linalg.det(al["transforms"]["S2"][:2, :2]) < 0  # a reflection was found
     assert bool(al["quality"]["mirrored"][0])
+    # the record describes the map (a mirror is not rigid); the requested type is a parameter
+    assert al["transform"] == "affine" and al["params"]["transform"] == "rigid"
     err = _world_error_um(sdata)
     diam = float(sdata.tables["table"].uns["asign"]["stack"]["spot_diameter_um"])
     assert err["S2"] < 0.1 * diam
@@ -724,3 +734,149 @@ def test_a_mirror_matrix_is_not_recorded_as_rigid():
     assert classify_transforms({"a": np.eye(3), "b": rot}) == "rigid"
     assert classify_transforms({"a": np.eye(3), "b": np.diag([2.0, 2.0, 1.0]) @ rot}) == "similarity"
     assert classify_transforms({"a": np.eye(3), "b": rot @ np.diag([-1.0, 1.0, 1.0])}) == "affine"  # a mirror
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pixel sizes, re-runs, a section's other elements, the record, landmark checks
+# ---------------------------------------------------------------------------------------------------------------
+def _exact_landmarks(sdata):
+    """The same four block points (µm) in every section's own pixels."""
+    world = np.array([[-800.0, -300.0], [600.0, 200.0], [0.0, 700.0], [300.0, -600.0]])
+    return {s: world @ np.linalg.inv(M)[:2, :2].T + np.linalg.inv(M)[:2, 2] for s, M in _ground_truth(sdata).items()}
+
+
+@pytest.mark.parametrize("kind", ["rigid", "similarity", "affine"])
+def test_fit_transform_in_microns(kind):
+    """A rigid map in microns between pixels of 16 and 8 µm scales pixels by 2; the rigid fit was done in pixels."""
+    from asign import _registration as R
+
+    rng = np.random.default_rng(2)
+    src = rng.uniform(0, 500, (6, 2))
+    u_src, u_dst = 16.0, 8.0
+    R_um = R.translation(120.0, -40.0) @ R.rotation(40.0)
+    A = np.diag([1.0 / u_dst, 1.0 / u_dst, 1.0]) @ R_um @ np.diag([u_src, u_src, 1.0])
+    dst = src @ A[:2, :2].T + A[:2, 2]
+    fit = R.fit_transform(src, dst, kind=kind, src_um_per_px=u_src, dst_um_per_px=u_dst)
+    np.testing.assert_allclose(fit, A, atol=1e-9)
+    np.testing.assert_allclose(np.linalg.svd(fit[:2, :2], compute_uv=False), u_src / u_dst, atol=1e-9)
+    with pytest.raises(ValueError, match="Pixel sizes"):
+        R.fit_transform(src, dst, kind=kind, src_um_per_px=0.0)
+
+
+def test_rigid_landmarks_between_sections_of_different_pixel_sizes(rotated_stack):
+    """S1 stored at 16 µm/px beside sections at 8 µm/px (the manifest right): exact landmarks put S1 about 750 µm
+    off, with a pixel scale of 1, because the rigid fit was done in pixels; it is done in microns."""
+    sdata = _sections_from(rotated_stack, downscale=("S1",), manifest_um_follows=True)
+    lm = _exact_landmarks(sdata)
+    asign.pp.align_layers(sdata, method="landmarks", landmarks=lm, show_progress_bar=False)
+    al = sdata.tables["table"].uns["asign"]["alignment"]
+    assert max(_world_error_um(sdata).values()) < 1.0
+    np.testing.assert_allclose(np.linalg.svd(al["transforms"]["S1"][:2, :2], compute_uv=False), 2.0, atol=1e-6)
+    for s in ("S2", "S4"):
+        np.testing.assert_allclose(np.linalg.svd(al["transforms"][s][:2, :2], compute_uv=False), 1.0, atol=1e-6)
+    assert al["transform"] == "rigid" and al["params"]["transform"] == "rigid"  # rigid in microns
+    # the fit as the start of the image registration
+    asign.pp.align_layers(sdata, sections=["S1", "S2"], landmarks=lm, show_progress_bar=False)
+    al = sdata.tables["table"].uns["asign"]["alignment"]
+    assert list(al["quality"]["start"]) == ["landmarks"] and al["quality"]["dice_after"][0] > 0.9
+    diam = float(sdata.tables["table"].uns["asign"]["stack"]["spot_diameter_um"])
+    assert _world_error_um(sdata)["S1"] < 0.1 * diam
+
+
+def test_a_stale_map_is_removed_after_a_run_under_another_key(small_stack, tmp_path, asign_log):
+    """aligned (all) -> aligned_v2 (all) -> aligned (S1, S2): S3 kept its first 'aligned' map, as the previous run's
+    key_added differed."""
+    import spatialdata as sd
+    from spatialdata.transformations import get_transformation
+
+    path = tmp_path / "stack.zarr"
+    small_stack.write(path)
+    sdata = sd.read_zarr(path)
+    gt = _ground_truth(small_stack)
+    asign.pp.align_layers(sdata, method="transforms", transforms=gt)
+    asign.pp.align_layers(sdata, method="transforms", transforms=gt, key_added="aligned_v2")
+    asign.pp.align_layers(sdata, method="transforms", transforms=gt, sections=["S1", "S2"])
+    assert list(sdata.tables["table"].uns["asign"]["alignment"]["sections"]) == ["S1", "S2"]
+    for obj in (sdata, sd.read_zarr(path)):  # in memory and on disk
+        for name in ("he_S3", "spots_S3"):
+            ts = get_transformation(obj[name], get_all=True)
+            assert "aligned" not in ts and {"S3", "aligned_v2"} <= set(ts), (name, sorted(ts))
+        for name in ("he_S1", "spots_S2"):
+            assert {"aligned", "aligned_v2"} <= set(get_transformation(obj[name], get_all=True))
+    assert "'he_S3'" in asign_log.warnings and "'spots_S3'" in asign_log.warnings
+
+
+def test_other_elements_of_a_section_follow_it(small_stack, asign_log):
+    """A points element and a second image in a section's own coordinate system get the section's map; one in two
+    sections' coordinate systems is left alone, with a warning."""
+    import pandas as pd
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel, PointsModel
+    from spatialdata.transformations import Identity, Scale, get_transformation
+
+    sdata = small_stack
+    gt = _ground_truth(sdata)
+    xy = np.array([[100.0, 100.0], [200.0, 150.0]])
+    sdata.points["transcripts_S1"] = PointsModel.parse(
+        pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]}), transformations={"S1": Identity()}
+    )
+    half = Scale([2.0, 2.0], axes=("x", "y"))
+    sdata.images["if_S3"] = Image2DModel.parse(
+        np.zeros((1, 256, 256), np.uint16), dims=("c", "y", "x"), transformations={"S3": half, "microscope": half}
+    )
+    sdata.points["both"] = PointsModel.parse(
+        pd.DataFrame({"x": [1.0], "y": [2.0]}), transformations={"S1": Identity(), "S2": Identity()}
+    )
+    asign.pp.align_layers(sdata, method="transforms", transforms=gt)
+    T = sdata.tables["table"].uns["asign"]["alignment"]["transforms"]
+
+    def matrix(name):
+        return get_transformation(sdata[name], "aligned").to_affine_matrix(("x", "y"), ("x", "y"))
+
+    np.testing.assert_allclose(matrix("transcripts_S1"), T["S1"], atol=1e-9)
+    np.testing.assert_allclose(matrix("if_S3"), T["S3"] @ np.diag([2.0, 2.0, 1.0]), atol=1e-9)
+    moved = sd.transform(sdata["transcripts_S1"], to_coordinate_system="aligned").compute()
+    np.testing.assert_allclose(moved[["x", "y"]].to_numpy(), xy @ T["S1"][:2, :2].T + T["S1"][:2, 2], atol=1e-6)
+    assert set(get_transformation(sdata["both"], get_all=True)) == {"S1", "S2"}
+    assert "'both' (S1, S2)" in asign_log.warnings
+    # a re-run without S1 removes its map from every element of S1; the other elements of S3 keep theirs
+    asign.pp.align_layers(sdata, method="transforms", transforms=gt, sections=["S2", "S3"])
+    assert set(get_transformation(sdata["transcripts_S1"], get_all=True)) == {"S1"}
+    assert set(get_transformation(sdata["if_S3"], get_all=True)) == {"S3", "microscope", "aligned"}
+    T = sdata.tables["table"].uns["asign"]["alignment"]["transforms"]
+    np.testing.assert_allclose(matrix("if_S3"), T["S3"] @ np.diag([2.0, 2.0, 1.0]), atol=1e-9)
+    assert set(get_transformation(sdata["both"], get_all=True)) == {"S1", "S2"}
+
+
+def test_recorded_transform_describes_the_maps(rotated_stack):
+    """method='transforms' recorded the unused `transform` argument with inplace=False, a classification with
+    inplace=True; both now classify the maps (a mirrored section: 'affine')."""
+    flipped = _sections_from(rotated_stack, flip=("S2",))
+    gt = _ground_truth(flipped)
+    out = asign.pp.align_layers(flipped, method="transforms", transforms=gt, inplace=False)
+    assert out["transform"] == "affine"
+    asign.pp.align_layers(flipped, method="transforms", transforms=gt)
+    al = flipped.tables["table"].uns["asign"]["alignment"]
+    assert al["transform"] == "affine" and "transform" not in al["params"]
+    out = asign.pp.align_layers(
+        rotated_stack, method="transforms", transforms=_ground_truth(rotated_stack), inplace=False
+    )
+    assert out["transform"] == "rigid"
+
+
+def test_landmark_counts_are_checked_before_any_registration(rotated_stack, monkeypatch):
+    """Unequal landmark lists failed only after the earlier pairs were registered, naming no section."""
+    import asign._registration as R
+
+    def started(*args, **kwargs):
+        msg = "the registration started"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(R, "load_work_images", started)
+    lm = _exact_landmarks(rotated_stack)
+    with pytest.raises(ValueError, match=r"sections 'S4' and 'S3' differ in number: 3 and 4 points"):
+        asign.pp.align_layers(rotated_stack, landmarks={**lm, "S4": lm["S4"][:3]}, show_progress_bar=False)
+    with pytest.raises(ValueError, match=r"sections 'S2' and 'S3'.*affine fit needs at least 3 points, got 2"):
+        asign.pp.align_layers(
+            rotated_stack, landmarks={s: v[:2] for s, v in lm.items()}, transform="affine", show_progress_bar=False
+        )

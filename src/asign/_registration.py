@@ -108,13 +108,29 @@ def warp(image: np.ndarray, A: np.ndarray, shape: tuple[int, int], *, order: int
     )
 
 
-def fit_transform(src: np.ndarray, dst: np.ndarray, *, kind: str = "rigid", allow_mirror: bool = False) -> np.ndarray:
+def fit_transform(
+    src: np.ndarray,
+    dst: np.ndarray,
+    *,
+    kind: str = "rigid",
+    allow_mirror: bool = False,
+    src_um_per_px: float = 1.0,
+    dst_um_per_px: float = 1.0,
+) -> np.ndarray:
     """Least-squares map of ``src`` points onto ``dst`` points (``(n, 2)`` each): rigid, similarity or affine.
 
-    Rigid and similarity use Umeyama's closed form (a reflection only if ``allow_mirror``).
+    Rigid and similarity use Umeyama's closed form (a reflection only if ``allow_mirror``). The fit is done in
+    microns: the points are scaled by their pixel sizes ``src_um_per_px`` and ``dst_um_per_px`` (so a rigid map keeps
+    physical lengths between sections stored at different pixel sizes), and the returned matrix maps ``src`` pixels
+    to ``dst`` pixels: ``diag(1 / dst_um) R diag(src_um)``, ``R`` the map fitted in microns. With equal pixel sizes
+    this is the fit in pixels; similarity and affine fits do not depend on the pixel sizes.
     """
     src = np.asarray(src, dtype=float)
     dst = np.asarray(dst, dtype=float)
+    u_src, u_dst = float(src_um_per_px), float(dst_um_per_px)
+    if not (np.isfinite(u_src) and np.isfinite(u_dst) and u_src > 0 and u_dst > 0):
+        msg = f"Pixel sizes must be positive and finite, got {u_src:g} and {u_dst:g} µm/px."
+        raise ValueError(msg)
     for name, pts in (("src", src), ("dst", dst)):
         if pts.ndim != 2 or pts.shape[1] != 2:
             msg = f"Landmarks `{name}` must be an (n, 2) array of (x, y), got shape {pts.shape}."
@@ -129,12 +145,15 @@ def fit_transform(src: np.ndarray, dst: np.ndarray, *, kind: str = "rigid", allo
     if not (np.all(np.isfinite(src)) and np.all(np.isfinite(dst))):
         msg = "Landmarks must be finite."
         raise ValueError(msg)
+    to_px = np.diag([1.0 / u_dst, 1.0 / u_dst, 1.0])
+    from_px = np.diag([u_src, u_src, 1.0])
+    src, dst = src * u_src, dst * u_dst
     M = np.eye(3)
     if kind == "affine":
         X = np.column_stack([src, np.ones(len(src))])
         sol, *_ = np.linalg.lstsq(X, dst, rcond=None)
         M[:2, :] = sol.T
-        return M
+        return to_px @ M @ from_px
     ms, md = src.mean(0), dst.mean(0)
     s0, d0 = src - ms, dst - md
     C = d0.T @ s0 / len(src)
@@ -149,7 +168,7 @@ def fit_transform(src: np.ndarray, dst: np.ndarray, *, kind: str = "rigid", allo
         c = float(np.trace(np.diag(S) @ D) / var) if var > 0 else 1.0
     M[:2, :2] = c * R
     M[:2, 2] = md - c * R @ ms
-    return M
+    return to_px @ M @ from_px
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1070,6 +1089,22 @@ def register_stack(
         if lacking:
             msg = f"method='landmarks' needs landmarks for every section to align; missing for {lacking}."
             raise ValueError(msg)
+    need = 3 if transform == "affine" else 2
+    for m, f in all_pairs:
+        if m not in landmarks or f not in landmarks:
+            continue
+        if len(landmarks[m]) != len(landmarks[f]):
+            msg = (
+                f"Landmarks of sections {m!r} and {f!r} differ in number: {len(landmarks[m])} and "
+                f"{len(landmarks[f])} points; row k of every section must be the same anatomical point."
+            )
+            raise ValueError(msg)
+        if len(landmarks[m]) < need:
+            msg = (
+                f"Landmarks of sections {m!r} and {f!r}: a {transform} fit needs at least {need} points, got "
+                f"{len(landmarks[m])}."
+            )
+            raise ValueError(msg)
     no_image = [s for s in sections if stack.image_key(s) is None or stack.image_key(s) not in sdata.images]
     if no_image and method == "ants":
         msg = (
@@ -1088,7 +1123,15 @@ def register_stack(
     for m, f in it:
         lm = None
         if m in landmarks and f in landmarks:
-            lm = fit_transform(landmarks[m], landmarks[f], kind=transform, allow_mirror=mirror)
+            # fitted in microns: a rigid map keeps physical lengths between sections of different pixel sizes
+            lm = fit_transform(
+                landmarks[m],
+                landmarks[f],
+                kind=transform,
+                allow_mirror=mirror,
+                src_um_per_px=um[m],
+                dst_um_per_px=um[f],
+            )
         if method == "landmarks":
             A_full = lm
             row = _given_pair_row(work, m, f, A_full, start="landmarks")

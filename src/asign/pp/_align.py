@@ -1,8 +1,9 @@
 """Serial-section alignment: one rigid (or similarity / affine) map per section into a shared frame.
 
 The shared frame (coordinate system ``key_added``, default ``"aligned"``) is the native pixel frame of the reference
-section. Every section's image and spots get a transformation to it, composed (``Sequence``) after their existing
-transformation to the section's native coordinate system; spot positions in microns go to the table.
+section. Every element of a section (its image and spots, and any other element in the section's native coordinate
+system only) gets a transformation to it, composed (``Sequence``) after its existing transformation to the
+section's native coordinate system; spot positions in microns go to the table.
 """
 
 from __future__ import annotations
@@ -110,12 +111,53 @@ def _check_matrix(M: Any, section: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------------
 # writing the result
 # --------------------------------------------------------------------------------------------------------------------
-def _section_elements(sdata: SpatialData, stack: StackInfo, section: str) -> list[str]:
-    keys = [stack.shapes_key(section)]
-    ikey = stack.image_key(section)
-    if ikey is not None and ikey in sdata.images:
-        keys.append(ikey)
-    return keys
+def classify_in_microns(transforms: Mapping[str, np.ndarray], stack: StackInfo, reference: str) -> str:
+    """:func:`classify_transforms` of the maps ``T_s`` expressed in microns.
+
+    ``T_s`` maps section ``s``'s native pixels to the reference's; in microns it is
+    ``diag(um_ref) T_s diag(1 / um_s)``, so a rigid alignment of sections stored at different pixel sizes is
+    recorded as rigid.
+    """
+    u_ref = float(stack.um_per_px[stack.index(reference)])
+    um = {
+        s: np.diag([u_ref, u_ref, 1.0])
+        @ np.asarray(M, dtype=float)
+        @ np.diag([1.0 / float(stack.um_per_px[stack.index(s)])] * 2 + [1.0])
+        for s, M in transforms.items()
+    }
+    return classify_transforms(um)
+
+
+def _section_elements(sdata: SpatialData, stack: StackInfo) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The spatial elements of each section, and those that belong to several sections.
+
+    A section's elements are its shapes and image of the manifest, and every other spatial element (images,
+    labels, points, shapes) that has a transformation to the section's native coordinate system and to no other
+    section's. Returns ``({section: [element names]}, {element name: [sections]})``, the latter for the elements
+    with transformations to the native coordinate systems of several sections.
+    """
+    from spatialdata.transformations import get_transformation
+
+    by_cs: dict[str, list[str]] = {}
+    for s in stack.sections:
+        by_cs.setdefault(stack.coordinate_system(s), []).append(s)
+    owned: dict[str, list[str]] = {s: [stack.shapes_key(s)] for s in stack.sections}
+    manifest = {stack.shapes_key(s) for s in stack.sections}
+    for s in stack.sections:
+        ikey = stack.image_key(s)
+        if ikey is not None and ikey in sdata.images:
+            owned[s].append(ikey)
+            manifest.add(ikey)
+    shared: dict[str, list[str]] = {}
+    for _, name, el in sdata.gen_spatial_elements():
+        if name in manifest:
+            continue
+        secs = {sec for cs in get_transformation(el, get_all=True) for sec in by_cs.get(cs, ())}
+        if len(secs) == 1:
+            owned[secs.pop()].append(name)
+        elif len(secs) > 1:
+            shared[name] = [sec for sec in stack.sections if sec in secs]
+    return owned, shared
 
 
 def _native_matrix(element, coordinate_system: str) -> np.ndarray:
@@ -162,7 +204,7 @@ def set_alignment(
     table_key: str = Key.TABLE,
     key_added: str = Key.ALIGNED,
     method: str = "transforms",
-    transform: str = "affine",
+    transform: str | None = None,
     quality: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> None:
@@ -186,7 +228,8 @@ def set_alignment(
     method
         Recorded in ``uns['asign']['alignment']['method']``.
     transform
-        Recorded as the transform type (``"rigid"``, ``"similarity"`` or ``"affine"``).
+        Recorded as the transform type (``"rigid"``, ``"similarity"`` or ``"affine"``); default: the narrowest type
+        that describes every map in microns (:func:`classify_in_microns`; a mirror is ``"affine"``).
     quality
         Per-pair quality figures to record (columns of equal length: ``pair``, ``dice_before``, ...).
     params
@@ -197,15 +240,18 @@ def set_alignment(
     Nothing; modifies ``sdata`` in memory (when it is backed, the transformations of the sections' elements on
     disk and the table ``table_key`` are written too, nothing else):
 
-    - for every aligned section's image and shapes, a transformation to ``key_added``:
-      ``Sequence([<transformation to the native coordinate system>, Affine(T_s)])`` (``Identity()`` for the
-      reference); other transformations are kept;
+    - for every element of an aligned section (its image and shapes, and every other spatial element with a
+      transformation to the section's native coordinate system and to no other section's), a transformation to
+      ``key_added``: ``Sequence([<transformation to the native coordinate system>, Affine(T_s)])`` (``Identity()``
+      for the reference); other transformations are kept. The elements of the sections not aligned lose their
+      transformation to ``key_added`` (from an earlier run), so ``key_added`` holds this alignment only. Elements
+      with transformations to several sections' native coordinate systems are left alone, with a warning;
     - ``table.obsm['spatial_aligned']``: spot centres (x, y) in µm in ``key_added`` (NaN for sections not aligned);
     - ``table.obs['z']``: section z in µm; ``table.obsm['spatial_3d']``: (x, y, z) in µm;
     - ``table.uns['asign']['alignment']``: ``reference``, ``method``, ``transform``, ``key_added``, ``um_per_px``,
       ``transforms`` ({section: T_s}), ``quality`` and ``params``.
     """
-    from spatialdata.transformations import Affine, Identity
+    from spatialdata.transformations import Affine, Identity, get_transformation
     from spatialdata.transformations import Sequence as TSequence
 
     from asign.io._validate import validate_stack
@@ -220,28 +266,36 @@ def set_alignment(
         msg = f"Transforms given for unknown sections {unknown}; the stack has sections {stack.sections}."
         raise KeyError(msg)
     T = relative_to_reference(transforms, reference)
+    if transform is None:
+        transform = classify_in_microns(T, stack, reference)
     table = get_table(sdata, table_key)
     missing = [s for s in stack.sections if s not in T]
-    previous = table.uns.get(Key.UNS, {}).get(Key.ALIGNMENT, {})
-    ours_before = isinstance(previous, Mapping) and previous.get("key_added") == key_added
+    owned, shared = _section_elements(sdata, stack)
 
     # build every new transformation first, so that a problem leaves the object untouched
     updates, stale = [], []
     for s in stack.sections:
         cs = stack.coordinate_system(s)
-        for name in _section_elements(sdata, stack, s):
+        for name in owned[s]:
             el = sdata[name]
             if s not in T:
-                if ours_before:
-                    stale.append(el)
+                # a map to key_added of an earlier run (of any key_added history) would place the section wrongly
+                if key_added in get_transformation(el, get_all=True):
+                    stale.append(name)
                 continue
             native = _native_transformation(el, cs, name)
             step = Identity() if s == reference else Affine(T[s], input_axes=("x", "y"), output_axes=("x", "y"))
-            updates.append((el, TSequence([native, step])))
-    for el, t in updates:
-        _set_transformation(el, t, key_added)
-    for el in stale:  # our own map of an earlier run for a section not aligned now
-        _remove_transformation(el, key_added)
+            updates.append((name, TSequence([native, step])))
+    for name, t in updates:
+        _set_transformation(sdata[name], t, key_added)
+    for name in stale:
+        _remove_transformation(sdata[name], key_added)
+    if shared:
+        listed = ", ".join(f"{n!r} ({', '.join(secs)})" for n, secs in shared.items())
+        logger.warning(
+            f"Elements {listed} have transformations to the native coordinate systems of several sections; they are "
+            f"left alone (no transformation to {key_added!r} added or removed)."
+        )
 
     # spot positions in microns, in table order (rows follow the shapes index within each section)
     um = float(stack.um_per_px[stack.index(reference)])
@@ -274,8 +328,9 @@ def set_alignment(
     table.uns.setdefault(Key.UNS, {})
     table.uns[Key.UNS][Key.ALIGNMENT] = result
     if missing:
+        removed = f" (removed from {stale}, written by an earlier run)" if stale else ""
         logger.warning(
-            f"Sections {missing} were not aligned: they have no transformation to {key_added!r} and NaN in "
+            f"Sections {missing} were not aligned: they have no transformation to {key_added!r}{removed} and NaN in "
             f"`obsm['{Key.SPATIAL_ALIGNED}']`."
         )
     logger.info(
@@ -285,10 +340,9 @@ def set_alignment(
     if sdata.path is not None:
         from asign.io._persist import persist
 
-        for s in stack.sections:
-            for name in _section_elements(sdata, stack, s):
-                if _on_disk(sdata, name):
-                    sdata.write_transformations(name)
+        for name in [n for n, _ in updates] + stale:
+            if _on_disk(sdata, name):
+                sdata.write_transformations(name)
         # only what this function changed: other elements that are only in memory (or changed) stay unwritten
         persist(sdata, table_key, write_new=False)
 
@@ -387,7 +441,9 @@ def align_layers(
         The reference section; default: the middle one (``floor(S / 2) + 1`` in 1-based cutting order, the later of
         the two for an even count), among ``sections``.
     transform
-        ``"rigid"`` (default: serial sections of one block keep their scale), ``"similarity"`` or ``"affine"``.
+        ``"rigid"`` (default: serial sections of one block keep their scale), ``"similarity"`` or ``"affine"``;
+        rigid maps keep physical lengths (microns), also between sections stored at different pixel sizes. Not used
+        with ``method="transforms"`` (the matrices are taken as given).
     method
         ``"ants"`` (image registration), ``"transforms"`` (the matrices in ``transforms``) or ``"landmarks"``
         (pairwise fits of ``landmarks`` only).
@@ -433,27 +489,34 @@ def align_layers(
     ``{{section: 3 x 3 matrix T_s}}`` from native to aligned pixels, ``quality``, ``params``, ...) and ``sdata`` is
     left untouched. Otherwise `None`, and ``sdata`` gets:
 
-    - a transformation to ``key_added`` on every aligned section's image and shapes, composed after the existing
-      one to the section's native coordinate system (existing transformations are kept);
+    - a transformation to ``key_added`` on every element of an aligned section, composed after the existing one to
+      the section's native coordinate system (existing transformations are kept). A section's elements are its
+      image and shapes in the manifest and every other spatial element (a points element, another image, labels)
+      with a transformation to the section's native coordinate system and to no other section's; elements with
+      transformations to several sections' native coordinate systems are left alone, with a warning naming them.
+      The elements of the sections not aligned lose any transformation to ``key_added`` (from an earlier run);
     - ``table.obsm['spatial_aligned']`` (x, y in µm in ``key_added``), ``table.obs['z']`` (µm) and
       ``table.obsm['spatial_3d']`` (x, y, z in µm);
-    - ``table.uns['asign']['alignment']`` with ``reference``, ``method``, ``transform``, ``key_added``,
-      ``um_per_px``, ``sections``, ``transforms``, ``quality`` and ``params``. ``quality`` holds one entry per
-      registered pair (moving section -> its neighbour towards the reference) in columns ``pair``, ``moving``,
-      ``fixed``, ``start``, ``dice_before`` / ``dice_after`` (tissue-mask Dice with the sections as placed on their
-      slides / after alignment), ``nmi_before`` / ``nmi_after`` (normalised mutual information of the grey images),
-      ``dice_start`` (of the coarse start), ``refined`` (whether the ANTs result was kept), ``rotation_deg``,
-      ``scale``, ``anisotropy``, ``mirrored`` and ``passed`` (``dice_after >= min_dice``); for given transforms and
-      landmarks the figures are computed from the images too (NaN where a section has none). With
-      ``pairs="second"`` the consecutive pairs' ``dice_after``, ``nmi_after``, ``rotation_deg``, ... describe the
-      maps returned (``T_fixed^{{-1}} T_moving``), ``dice_pair`` / ``nmi_pair`` the pair's own registration and
-      ``residual_um`` the median distance between the two (µm); ``params['pose_graph']`` has the same figures for
-      every registered pair (columns ``pair``, ``kind``, ``weight``, ``dice_pair``, ``nmi_pair``, ``dice_final``,
-      ``nmi_final``, ``residual_um``). ``params`` holds the options, the working pixel size and the run time.
+    - ``table.uns['asign']['alignment']`` with ``reference``, ``method``, ``transform`` (the narrowest of
+      ``"rigid"``, ``"similarity"`` and ``"affine"`` that describes every map ``T_s`` in microns; a mirror is
+      ``"affine"``; the requested type is ``params['transform']``, absent for ``method="transforms"``),
+      ``key_added``, ``um_per_px``, ``sections``, ``transforms``, ``quality`` and ``params``. ``quality`` holds
+      one entry per registered pair (moving section -> its neighbour towards the reference) in columns ``pair``,
+      ``moving``, ``fixed``, ``start``, ``dice_before`` / ``dice_after`` (tissue-mask Dice with the sections as
+      placed on their slides / after alignment), ``nmi_before`` / ``nmi_after`` (normalised mutual information of
+      the grey images), ``dice_start`` (of the coarse start), ``refined`` (whether the ANTs result was kept),
+      ``rotation_deg``, ``scale``, ``anisotropy``, ``mirrored`` and ``passed`` (``dice_after >= min_dice``); for
+      given transforms and landmarks the figures are computed from the images too (NaN where a section has none).
+      With ``pairs="second"`` the consecutive pairs' ``dice_after``, ``nmi_after``, ``rotation_deg``, ... describe
+      the maps returned (``T_fixed^{{-1}} T_moving``), ``dice_pair`` / ``nmi_pair`` the pair's own registration
+      and ``residual_um`` the median distance between the two (µm); ``params['pose_graph']`` has the same figures
+      for every registered pair (columns ``pair``, ``kind``, ``weight``, ``dice_pair``, ``nmi_pair``,
+      ``dice_final``, ``nmi_final``, ``residual_um``). ``params`` holds the options, the working pixel size and the
+      run time.
 
-    When ``sdata`` is backed by a zarr store, exactly these are written back: the transformations of the aligned
-    sections' images and shapes that are on disk, and the spot table (``table_key``). Nothing else is written (other
-    tables or elements that exist only in memory stay so until :func:`asign.io.persist`).
+    When ``sdata`` is backed by a zarr store, exactly these are written back: the transformations changed here of
+    the elements that are on disk, and the spot table (``table_key``). Nothing else is written (other tables or
+    elements that exist only in memory stay so until :func:`asign.io.persist`).
     """
     from asign.io._validate import validate_stack
 
@@ -546,6 +609,7 @@ def align_layers(
         T = res.transforms
         quality = res.quality
         params.update(res.params)
+        params["transform"] = str(transform)
     if quality.get("pair") is not None and len(quality["pair"]):
         _warn_quality(quality, min_dice)
         quality["passed"] = [bool(d >= min_dice) for d in quality["dice_after"]]
@@ -553,11 +617,12 @@ def align_layers(
     if len(secs) < len(stack.sections):
         skipped = [s for s in stack.sections if s not in secs]
         logger.warning(f"Sections {skipped} are not aligned (not in `sections=`); their spots get NaN positions.")
+    kind = classify_in_microns(T, stack, reference)
     if not inplace:
         return {
             "reference": reference,
             "method": method,
-            "transform": transform,
+            "transform": kind,
             "key_added": key_added,
             "um_per_px": float(stack.um_per_px[stack.index(reference)]),
             "sections": list(secs),
@@ -572,7 +637,7 @@ def align_layers(
         table_key=table_key,
         key_added=key_added,
         method=method,
-        transform=transform if method != "transforms" else classify_transforms(T),
+        transform=kind,
         quality=quality,
         params=params,
     )
