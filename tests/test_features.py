@@ -637,3 +637,68 @@ def test_several_calls_read_every_section_at_the_same_pyramid_level(small_stack,
     assert "Earlier features of sections ['S1'] (key_added='asign') are discarded" in w
     assert "global patches of sections ['S1'] were read at downscale [8.0], but with sections ['S3'] they would" in w
     assert sd.tables["table"].uns["asign_features"]["sections"] == ["S3"]
+
+
+def _point_shapes():
+    import geopandas as gpd
+    from shapely.geometry import Point
+    from spatialdata.models import ShapesModel
+
+    return ShapesModel.parse(gpd.GeoDataFrame(geometry=[Point(0, 0)], data={"radius": [1.0]}))
+
+
+def _written(table, key="asign"):
+    """The keys that extract_features writes into the spot table."""
+    return sorted(
+        [f"obs:{c}" for c in table.obs if c.startswith(key + "_")]
+        + [f"obsm:{c}" for c in table.obsm if c.startswith(key + "_")]
+        + [f"uns:{c}" for c in table.uns if c.startswith(key + "_")]
+    )
+
+
+@pytest.mark.parametrize("name", ["asign_regions", "Asign_Regions", "asign_GLOBALS"])
+def test_an_element_named_like_a_tile_table_is_refused_before_any_work(small_stack, asign_log, name):
+    """spatialdata refused the tile table only after all the feature work, leaving obs/uns keys without features."""
+    sd = small_stack
+    sd.shapes[name] = _point_shapes()
+    kw = {"encoder": MeanColour(), "scales": SMALL, "input_size": None, "show_progress_bar": False}
+    for _ in range(2):  # a rerun fails the same way
+        with pytest.raises(ValueError, match=rf"key_added='asign' would write the table .*sdata\.shapes\['{name}'\]"):
+            asign.pp.extract_features(sd, **kw)
+        assert _written(sd.tables["table"]) == []
+        assert not any("Extracting" in r.getMessage() for r in asign_log.records)
+    asign.pp.extract_features(sd, key_added="img", **kw)
+    assert "img_features_spot" in sd.tables["table"].obsm and name in sd.shapes
+
+
+def test_a_failed_write_leaves_no_keys_and_a_rerun_is_still_checked(small_stack, monkeypatch):
+    """A write that fails (here: a clash the check is made to miss) leaves the spot table as it was; a leftover
+    `uns['asign_tiles']` of such a run (as earlier versions left it) does not switch the clash check off."""
+    import anndata as ad
+
+    from asign.pp import _features
+
+    sd = small_stack
+    kw = {"encoder": MeanColour(), "scales": SMALL, "input_size": None, "show_progress_bar": False}
+    sd.shapes["asign_globals"] = _point_shapes()
+    monkeypatch.setattr(_features, "check_output_keys", lambda *a, **k: None)
+    with pytest.raises(KeyError, match="not unique"):
+        asign.pp.extract_features(sd, **kw)
+    monkeypatch.undo()
+    t = sd.tables["table"]
+    assert _written(t) == [] and "asign_regions" not in sd.tables  # both tables or neither
+    # what earlier versions left: the index columns and uns['asign_tiles'], no features, no tables
+    t.obs["asign_region"], t.obs["asign_global"] = 0, 0
+    t.uns["asign_tiles"] = {"region_table": "asign_regions", "global_table": "asign_globals"}
+    with pytest.raises(ValueError, match=r"sdata\.shapes\['asign_globals'\]"):
+        asign.pp.extract_features(sd, **kw)
+    del sd.shapes["asign_globals"]
+    user = ad.AnnData(np.ones((2, 2)))
+    sd.tables["asign_regions"] = user  # a user's table is not made asign's by the leftover record
+    with pytest.raises(ValueError, match=r"would overwrite table 'asign_regions', which no earlier asign run"):
+        asign.pp.extract_features(sd, **kw)
+    assert sd.tables["asign_regions"] is user
+    del sd.tables["asign_regions"]
+    asign.pp.extract_features(sd, **kw)  # the leftover columns are asign's: replaced
+    assert t.obsm["asign_features_spot"].shape[0] == t.n_obs and "asign_features" in t.uns
+    asign.pp.extract_features(sd, **kw)  # its own earlier run: replaced

@@ -263,3 +263,80 @@ def test_a_partial_scales_um_says_which_levels_stay_in_pixels(small_stack, asign
     asign_log.records.clear()
     asign.pp.make_tiles(small_stack, scales_um={"region": 400.0, "global": 800.0})
     assert "scales_um gives no" not in asign_log.warnings
+
+
+def _point_shapes():
+    import geopandas as gpd
+    from shapely.geometry import Point
+    from spatialdata.models import ShapesModel
+
+    return ShapesModel.parse(gpd.GeoDataFrame(geometry=[Point(0, 0)], data={"radius": [1.0]}))
+
+
+def _spot_keys(table, key="asign"):
+    return (
+        {c for c in table.obs if c.startswith(key)} | {c for c in table.uns if c.startswith(key + "_")},
+        set(table.obsm),
+    )
+
+
+@pytest.mark.parametrize("name", ["asign_regions", "Asign_Globals"])
+def test_an_element_of_another_type_named_like_a_tile_table_is_refused(small_stack, name):
+    """A shapes element named like a tile table (or a case variant) was found by spatialdata only when writing."""
+    sd = small_stack
+    sd.shapes[name] = _point_shapes()
+    before = _spot_keys(sd.tables["table"])
+    with pytest.raises(ValueError, match=rf"clashes with the element sdata\.shapes\['{name}'\].*another `key_added`"):
+        asign.pp.make_tiles(sd, scales={"region": 128, "global": 256})
+    assert _spot_keys(sd.tables["table"]) == before
+    assert "asign_regions" not in sd.tables and "asign_globals" not in sd.tables
+    asign.pp.make_tiles(sd, scales={"region": 128, "global": 256}, key_added="other")  # another key: fine
+    assert "other_regions" in sd.tables
+
+
+def test_a_case_variant_table_or_a_leftover_record_does_not_allow_overwriting(small_stack):
+    import anndata as ad
+
+    sd = small_stack
+    sd.tables["ASIGN_regions"] = ad.AnnData(np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"the table 'asign_regions', which clashes with the element sdata\.tables"):
+        asign.pp.make_tiles(sd)
+    del sd.tables["ASIGN_regions"]
+    # a record of an earlier run left without its tables (a failed run) does not make a user's table asign's
+    sd.tables["table"].uns["asign_tiles"] = {"region_table": "asign_regions", "global_table": "asign_globals"}
+    user = ad.AnnData(np.ones((2, 2)))
+    sd.tables["asign_regions"] = user
+    with pytest.raises(ValueError, match=r"would overwrite table 'asign_regions', which no earlier asign run"):
+        asign.pp.make_tiles(sd)
+    assert sd.tables["asign_regions"] is user
+    # the tables of an earlier run are replaced
+    del sd.tables["asign_regions"]
+    asign.pp.make_tiles(sd, scales={"region": 128, "global": 256})
+    asign.pp.make_tiles(sd, scales={"region": 64, "global": 192})
+    assert sd.tables["table"].uns["asign_tiles"]["scales_px"]["global"][0] == 192
+
+
+def test_a_failed_tile_write_leaves_no_keys(small_stack, monkeypatch):
+    """The tables are written first, both or neither; the spot table's keys only after them."""
+    from asign.pp import _tiles
+
+    sd = small_stack
+    t = sd.tables["table"]
+    res = asign.pp.make_tiles(sd, scales={"region": 64, "global": 192}, inplace=False)
+    args = (res.region_index, res.global_index, res.regions, res.globals_, {})
+    sd.shapes["new_globals"] = _point_shapes()  # a clash that the check would have refused: the second write fails
+    with pytest.raises(KeyError, match="not unique"):
+        _tiles.write_tiles(sd, "table", "new", *args)
+    assert "new_regions" not in sd.tables and "new_region" not in t.obs and "new_tiles" not in t.uns
+    # an earlier run's tables are put back
+    asign.pp.make_tiles(sd, scales={"region": 128, "global": 256})
+    old = sd.tables["asign_regions"], sd.tables["asign_globals"]
+    index, record = t.obs["asign_region"].copy(), t.uns["asign_tiles"]
+    real = _tiles.tile_table_key
+    monkeypatch.setattr(_tiles, "tile_table_key", lambda k, lev: real(k, lev) if lev == "region" else "new_globals")
+    with pytest.raises(KeyError, match="not unique"):
+        _tiles.write_tiles(sd, "table", "asign", *args)
+    monkeypatch.undo()
+    assert sd.tables["asign_regions"] is old[0] and sd.tables["asign_globals"] is old[1]
+    assert t.uns["asign_tiles"] is record
+    pd.testing.assert_series_equal(t.obs["asign_region"], index)

@@ -23,9 +23,11 @@ from asign.pp._tiles import (
     image_level0,
     image_levels,
     index_key,
+    log_tiles_written,
     resolve_scales,
     tile_table_key,
-    write_tiles,
+    write_tile_index,
+    write_tile_tables,
 )
 
 if TYPE_CHECKING:
@@ -550,7 +552,10 @@ def extract_features(
             sdata,
             table_key,
             key_added,
-            obsm=tuple(Key.features(key_added, lev) for lev in ("spot", "region", "global")),
+            obsm=(
+                *(Key.features(key_added, lev) for lev in ("spot", "region", "global")),
+                Key.views(Key.features(key_added, "spot")),
+            ),
             obs=(f"{key_added}_spot_padded",),
         )
     todo = _select_sections(stack, sections)
@@ -795,7 +800,9 @@ def extract_features(
     )
     if not inplace:
         return out
-    write_tiles(sdata, table_key, key_added, r_index, g_index, regions, globals_, tile_params)
+    # everything is computed: the tile tables first (both or neither), then the spot table's keys, its uns records
+    # last, so that a failed write leaves no keys of a run without features
+    write_tile_tables(sdata, key_added, regions, globals_)
     for lev, arr in (("spot", out.features_spot), ("region", out.features_region), ("global", out.features_global)):
         table.obsm[Key.features(key_added, lev)] = arr
     views_key = Key.views(Key.features(key_added, "spot"))
@@ -803,8 +810,11 @@ def extract_features(
         table.obsm[views_key] = out.spot_views
     elif views_key in table.obsm:
         del table.obsm[views_key]  # views of an earlier run would not match the new features
+    write_tile_index(table, key_added, r_index, g_index)
     table.obs[f"{key_added}_spot_padded"] = padded
+    table.uns[f"{key_added}_tiles"] = tile_params
     table.uns[f"{key_added}_features"] = params
+    log_tiles_written(key_added, regions, globals_)
     logger.info(
         f"Adding `.obsm['{Key.features(key_added, 'spot')}']`, `['{Key.features(key_added, 'region')}']`, "
         f"`['{Key.features(key_added, 'global')}']`, `.obs['{key_added}_spot_padded']` and "

@@ -389,9 +389,11 @@ def make_tiles(
       and the global table ``obs['n_regions']``; both carry the manifest and ``uns['asign']['tiles']``;
     - ``sdata.tables[table_key].uns['{key_added}_tiles']``: scales in px and µm per section, table names.
 
-    Tile tables of an earlier run with the same ``key_added`` are replaced; where they held the image features of
-    :func:`asign.pp.extract_features`, a warning says that those features are gone (extract them again:
-    ``extract_features`` lays its tiles itself, so ``make_tiles`` is only needed for tiles without features).
+    Tile tables of an earlier run with the same ``key_added`` are replaced; any other element (image, labels,
+    points, shapes or table) named like a tile table, case-insensitively, is refused before any work. Where the
+    replaced tables held the image features of :func:`asign.pp.extract_features`, a warning says that those features
+    are gone (extract them again: ``extract_features`` lays its tiles itself, so ``make_tiles`` is only needed for
+    tiles without features).
     """
     from asign.io import validate_stack
 
@@ -454,25 +456,105 @@ def _tile_params(
 def check_output_keys(
     sdata: SpatialData, table_key: str, key_added: str, *, obsm: tuple[str, ...] = (), obs: tuple[str, ...] = ()
 ) -> None:
-    """Refuse a ``key_added`` whose outputs would overwrite tables or columns that asign did not write.
+    """Refuse a ``key_added`` whose outputs would clash with elements or columns that asign did not write.
 
-    An earlier run with the same ``key_added`` (recorded in ``uns['<key_added>_tiles']``) may be replaced; anything
-    else of the same name belongs to the user.
+    The tile tables ``'{key_added}_regions'`` / ``'{key_added}_globals'`` must be valid SpatialData element names
+    that differ, case-insensitively, from every element of ``sdata`` (images, labels, points, shapes, tables) other
+    than tile tables of an earlier run with the same ``key_added``: the table itself carries the tile record
+    ``uns['asign']['tiles']`` naming it, and the spot table records the run in ``uns['{key_added}_tiles']``. The
+    columns ``obs`` / ``obsm`` of the spot table may be replaced only when that record exists; anything else of the
+    same name belongs to the user. Checked before any work, so that a clash is not found after the features are
+    computed.
     """
+    from spatialdata._core.validation import check_valid_name
+
     table = sdata.tables[table_key]
-    if f"{key_added}_tiles" in table.uns:
-        return
-    tables = [tile_table_key(key_added, lev) for lev in ("region", "global")]
-    clashes = [f"table {k!r}" for k in tables if k in sdata.tables or k == table_key]
-    columns = (index_key(key_added, "region"), index_key(key_added, "global"), *obs)
-    clashes += [f"`.obs[{c!r}]`" for c in columns if c in table.obs]
-    clashes += [f"`.obsm[{c!r}]`" for c in obsm if c in table.obsm]
+    recorded = table.uns.get(f"{key_added}_tiles")
+    recorded = recorded if isinstance(recorded, Mapping) else None
+    names = {tile_table_key(key_added, lev): lev for lev in TILE_LEVELS}
+    for name in names:
+        try:
+            check_valid_name(name)
+        except (TypeError, ValueError) as e:
+            msg = (
+                f"key_added={key_added!r} gives the tile table name {name!r}, which is not a valid SpatialData "
+                f"element name ({e.args[0]}); pass a key_added of letters, digits, '_', '-' and '.', e.g. 'asign'."
+            )
+            raise ValueError(msg) from None
+    clashes = []
+    for kind, name, _ in sdata.gen_elements():
+        out = next((k for k in names if k.lower() == name.lower()), None)
+        if out is None:
+            continue
+        if kind == "tables" and name == out and name != table_key:
+            if _is_earlier_tile_table(sdata.tables[name], recorded, names[name]):
+                continue  # a tile table of an earlier run with this key_added: replaced
+            clashes.append(f"would overwrite table {name!r}, which no earlier asign run with this key wrote")
+        elif name == table_key:
+            clashes.append(f"would write the table {out!r}, which clashes with the spot table {name!r}")
+        else:
+            clashes.append(
+                f"would write the table {out!r}, which clashes with the element sdata.{kind}[{name!r}] (element "
+                "names must differ, case-insensitively)"
+            )
     if clashes:
         msg = (
-            f"key_added={key_added!r} would overwrite {', '.join(clashes)} of table {table_key!r}, which no earlier "
+            f"key_added={key_added!r} {'; and '.join(clashes)}. Choose another `key_added`, or rename or remove "
+            "the element."
+        )
+        raise ValueError(msg)
+    if recorded is not None:
+        return
+    columns = (index_key(key_added, "region"), index_key(key_added, "global"), *obs)
+    taken = [f"`.obs[{c!r}]`" for c in columns if c in table.obs]
+    taken += [f"`.obsm[{c!r}]`" for c in obsm if c in table.obsm]
+    if taken:
+        msg = (
+            f"key_added={key_added!r} would overwrite {', '.join(taken)} of table {table_key!r}, which no earlier "
             f"asign run with this key wrote (no `.uns['{key_added}_tiles']`); choose another key_added or remove them."
         )
         raise ValueError(msg)
+
+
+def _is_earlier_tile_table(existing: AnnData, recorded: Mapping[str, Any] | None, level: str) -> bool:
+    """Whether ``existing`` is the ``level`` tile table of the run recorded in the spot table (``recorded``)."""
+    if recorded is None:
+        return False
+    name = recorded.get(f"{level}_table")
+    info = existing.uns.get(Key.UNS, {})
+    own = info.get("tiles") if isinstance(info, Mapping) else None
+    return isinstance(own, Mapping) and name is not None and str(own.get(f"{level}_table")) == str(name)
+
+
+def write_tile_tables(sdata: SpatialData, key_added: str, regions: AnnData, globals_: AnnData) -> None:
+    """Put both tile tables into ``sdata``, or neither: a failed write restores the tables that were there before."""
+    new = {tile_table_key(key_added, "region"): regions, tile_table_key(key_added, "global"): globals_}
+    before = {k: sdata.tables[k] for k in new if k in sdata.tables}
+    try:
+        for k, ad in new.items():
+            sdata.tables[k] = ad
+    except BaseException:
+        for k in new:
+            if k in sdata.tables:
+                del sdata.tables[k]
+            if k in before:
+                sdata.tables[k] = before[k]
+        raise
+
+
+def write_tile_index(table: AnnData, key_added: str, r_index: np.ndarray, g_index: np.ndarray) -> None:
+    """Write the spots' tile rows ``obs['{key_added}_region']`` / ``obs['{key_added}_global']``."""
+    table.obs[index_key(key_added, "region")] = np.asarray(r_index, dtype=np.int64)
+    table.obs[index_key(key_added, "global")] = np.asarray(g_index, dtype=np.int64)
+
+
+def log_tiles_written(key_added: str, regions: AnnData, globals_: AnnData) -> None:
+    """Log the index columns and tile tables written under ``key_added``."""
+    rk, gk = tile_table_key(key_added, "region"), tile_table_key(key_added, "global")
+    logger.info(
+        f"Adding `.obs['{index_key(key_added, 'region')}']`, `.obs['{index_key(key_added, 'global')}']` and tables "
+        f"{rk!r} ({regions.n_obs} tiles), {gk!r} ({globals_.n_obs} tiles)."
+    )
 
 
 def write_tiles(
@@ -485,18 +567,15 @@ def write_tiles(
     globals_: AnnData,
     params: dict[str, Any],
 ) -> None:
-    """Write index maps and tile tables into ``sdata`` (shared by :func:`make_tiles` and ``extract_features``)."""
+    """Write the tile tables, then the index maps and ``uns['{key_added}_tiles']`` of the spot table.
+
+    The tables go first (both or neither), so that a failed write leaves no spot-table keys of a run without tables.
+    """
     table = sdata.tables[table_key]
-    table.obs[index_key(key_added, "region")] = np.asarray(r_index, dtype=np.int64)
-    table.obs[index_key(key_added, "global")] = np.asarray(g_index, dtype=np.int64)
+    write_tile_tables(sdata, key_added, regions, globals_)
+    write_tile_index(table, key_added, r_index, g_index)
     table.uns[f"{key_added}_tiles"] = params
-    rk, gk = tile_table_key(key_added, "region"), tile_table_key(key_added, "global")
-    sdata.tables[rk] = regions
-    sdata.tables[gk] = globals_
-    logger.info(
-        f"Adding `.obs['{index_key(key_added, 'region')}']`, `.obs['{index_key(key_added, 'global')}']` and tables "
-        f"{rk!r} ({regions.n_obs} tiles), {gk!r} ({globals_.n_obs} tiles)."
-    )
+    log_tiles_written(key_added, regions, globals_)
 
 
 def tile_members(index: np.ndarray, n_tiles: int) -> list[np.ndarray]:
