@@ -227,3 +227,29 @@ def test_nearest_ties_go_to_the_lower_index_beyond_the_first_query():
     dist[np.arange(30), np.arange(30)] = np.inf
     expect = np.lexsort((np.broadcast_to(np.arange(len(pts)), dist.shape), dist), axis=1)[:, :5]
     np.testing.assert_array_equal(j, expect)
+
+
+def test_baseline_method_kwargs_are_checked(stack, asign_log):
+    """`n_iter` of propagation and `k`, `p`, `eps` of nearest must be numbers of the right kind and range; the
+    message names the method and the parameter (a float n_iter was truncated: 0.5 ran as the mean baseline)."""
+    for bad, err, what in (
+        (0.5, TypeError, r"`n_iter` must be an integer, got 0.5"),
+        ("10", TypeError, r"`n_iter` must be an integer, got '10'"),
+        (True, TypeError, r"`n_iter` must be an integer"),
+        (0, ValueError, r"`n_iter` must be >= 1, got 0"),
+        (-3, ValueError, r"`n_iter` must be >= 1, got -3"),
+    ):
+        with pytest.raises(err, match=rf"method 'propagation': {what}"):
+            asign.tl.impute(stack, known="S1", method="propagation", method_kwargs={"n_iter": bad}, inplace=False)
+    for kw, err, what in (
+        ({"k": 2.5}, TypeError, r"`k` must be an integer, got 2.5"),
+        ({"k": 0}, ValueError, r"`k` must be >= 1, got 0"),
+        ({"p": -1.0}, ValueError, r"`p` must be >= 0"),
+        ({"eps": float("nan")}, ValueError, r"`eps` must be a finite number"),
+    ):
+        with pytest.raises(err, match=rf"method 'nearest': {what}"):
+            asign.tl.impute(stack, known="S1", method="nearest", method_kwargs=kw, inplace=False)
+    out = asign.tl.impute(stack, known="S1", method="propagation", method_kwargs={"n_iter": np.int64(3)}, inplace=False)
+    assert np.isfinite(out.layers["imputed"]).all()
+    # this hand-made graph records no alignment fingerprint (as an older version's): used, with an info message
+    assert any("records no `alignment_fingerprint`" in r.getMessage() for r in asign_log.records)

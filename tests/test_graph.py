@@ -704,3 +704,184 @@ def test_bad_inputs(small_stack):
     bad["S1"] = np.zeros((3, 3))
     with pytest.raises(ValueError, match="S1"):
         spot_overlaps(aligned_stack)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the alignment a stored graph was built on; coincident spots
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _realigned_grid():
+    """A 3-section grid aligned with S1 shifted by 3 pitches and a graph on it; then aligned again correctly."""
+    import asign
+
+    sd = grid_stack(n_sections=3, side=7, pitch_px=10.0, um_per_px=1.0)
+    wrong = np.eye(3)
+    wrong[0, 2] = 30.0
+    ids = {"G1": wrong, "G2": np.eye(3), "G3": np.eye(3)}
+    asign.pp.align_layers(sd, method="transforms", transforms=ids, show_progress_bar=False)
+    neighbors_3d(sd, n_neighs=4, n_neighs_across=4, radius_px=10.0)
+    old = sd.tables["table"].obsp["asign_connectivities"].copy()
+    asign.pp.align_layers(sd, method="transforms", transforms=dict.fromkeys(ids, np.eye(3)), show_progress_bar=False)
+    return sd, old
+
+
+def test_stale_graph_after_realignment_is_refused():
+    """A graph built before `align_layers` ran again is refused by propagation and by method 'asign', naming the
+    obsp key and what to run; once `neighbors_3d` ran again both accept it."""
+    import asign
+    from asign.pp._graph import check_graph_alignment
+    from asign.tl._asign import check_sample_inputs
+
+    sd, old = _realigned_grid()
+    t = sd.tables["table"]
+    fp = t.uns["asign_neighbors"]["params"]["alignment_fingerprint"]
+    assert isinstance(fp, str) and len(fp) == 40
+    assert (t.obsp["asign_connectivities"] != old).nnz == 0  # still the old graph
+    stale = r"`\.obsp\['asign_connectivities'\]` of table 'table' was built on an earlier alignment.*neighbors_3d"
+    with pytest.raises(ValueError, match=stale):
+        asign.tl.impute(sd, known="G2", method="propagation", genes=["a", "b"], inplace=False)
+    with pytest.raises(ValueError, match=stale):
+        check_sample_inputs(t, sd.tables, "table", "", levels="spot", feature_key=None, graph_key="asign")
+    with pytest.raises(ValueError, match=stale):  # method 'asign' refuses it before any training
+        asign.tl.impute(
+            sd,
+            known="G2",
+            method="asign",
+            genes=["a", "b"],
+            method_kwargs={"feature_key": None, "levels": "spot"},
+            inplace=False,
+        )
+    neighbors_3d(sd, n_neighs=4, n_neighs_across=4, radius_px=10.0)
+    assert t.uns["asign_neighbors"]["params"]["alignment_fingerprint"] != fp
+    assert (t.obsp["asign_connectivities"] != old).nnz > 0
+    check_graph_alignment(t)
+    check_sample_inputs(t, sd.tables, "table", "", levels="spot", feature_key=None, graph_key="asign")
+    out = asign.tl.impute(sd, known="G2", method="propagation", genes=["a", "b"], inplace=False)
+    assert np.isfinite(out.layers["imputed"]).all()
+
+
+def test_graph_without_fingerprint_or_cross_part_passes(asign_log):
+    """A graph of an older version (no fingerprint) passes with an info message; a graph without cross-section
+    edges records an empty fingerprint and does not depend on the alignment."""
+    import asign
+    from asign.pp._graph import check_graph_alignment
+
+    sd, _ = _realigned_grid()
+    t = sd.tables["table"]
+    del t.uns["asign_neighbors"]["params"]["alignment_fingerprint"]
+    check_graph_alignment(t)
+    assert any("records no `alignment_fingerprint`" in r.getMessage() for r in asign_log.records)
+    asign.tl.impute(sd, known="G2", method="propagation", genes=["a", "b"], inplace=False)
+    neighbors_3d(sd, n_neighs=4, n_neighs_across=0)
+    assert t.uns["asign_neighbors"]["params"]["alignment_fingerprint"] == ""
+    shift = np.eye(3)
+    shift[1, 2] = 20.0
+    tr = {"G1": shift, "G2": np.eye(3), "G3": np.eye(3)}
+    asign.pp.align_layers(sd, method="transforms", transforms=tr, show_progress_bar=False)
+    check_graph_alignment(t)
+
+
+def test_alignment_fingerprint_survives_copy_permutation_and_zarr(tmp_path):
+    """Harmless differences keep the fingerprint: a copy, permuted rows, aligned positions NaN (with any bit pattern)
+    or changed (the connectivities do not read them), a round trip of the SpatialData object through zarr; the
+    transforms and the spots' native positions change it."""
+    import spatialdata
+
+    from asign.pp._graph import alignment_fingerprint, check_graph_alignment
+
+    sd = grid_stack(n_sections=3, side=6, pitch_px=10.0, um_per_px=1.0)
+    write_alignment(sd, {"G1": _rot(5.0, shift=(3.0, -2.0)), "G2": np.eye(3)}, "G2")  # G3: NaN aligned positions
+    t = sd.tables["table"]
+    assert np.isnan(t.obsm["spatial_aligned"]).any()
+    neighbors_3d(sd, n_neighs=4, n_neighs_across=4, radius_px=10.0)
+    fp = t.uns["asign_neighbors"]["params"]["alignment_fingerprint"]
+    assert alignment_fingerprint(t) == fp
+    assert alignment_fingerprint(t.copy()) == fp
+    perm = np.random.default_rng(0).permutation(t.n_obs)
+    assert alignment_fingerprint(t[perm].copy()) == fp
+    t2 = t.copy()
+    other_nan = np.array(t2.obsm["spatial_aligned"], dtype=float)
+    bits = other_nan.view(np.uint64)
+    bits[np.isnan(other_nan)] |= np.uint64(0x8000_0000_0000_0001)  # negative NaN with a payload
+    t2.obsm["spatial_aligned"] = other_nan
+    assert alignment_fingerprint(t2) == fp
+    del t2.obsm["spatial_aligned"]
+    assert alignment_fingerprint(t2) == fp
+    sd.write(tmp_path / "s.zarr")
+    back = spatialdata.read_zarr(tmp_path / "s.zarr").tables["table"]
+    assert back.uns["asign_neighbors"]["params"]["alignment_fingerprint"] == fp
+    assert alignment_fingerprint(back) == fp
+    check_graph_alignment(back)
+    # what the connectivities depend on changes the fingerprint
+    for change in ("transform", "new transform", "no alignment", "spot moved", "renamed"):
+        t3 = t.copy()
+        if change == "transform":
+            t3.uns["asign"]["alignment"]["transforms"]["G1"] = _rot(6.0)
+        elif change == "new transform":
+            t3.uns["asign"]["alignment"]["transforms"]["G3"] = np.eye(3)
+        elif change == "no alignment":
+            del t3.uns["asign"]["alignment"]
+        elif change == "spot moved":
+            xy = np.array(t3.obsm["spatial"], dtype=float)
+            xy[3, 0] += 1e-6
+            t3.obsm["spatial"] = xy
+        else:
+            t3.obs_names = [f"x{n}" for n in t3.obs_names]
+        assert alignment_fingerprint(t3) != fp, change
+        with pytest.raises(ValueError, match="earlier alignment"):
+            check_graph_alignment(t3)
+
+
+def test_coincident_spots_weigh_at_most_two(asign_log):
+    """Two spots of a section at the same position get weight 2 (distance floored at half the section's median NN
+    distance), not 1000; the warning names the section, the spots and the weight; propagation is not stuck."""
+    import asign
+    from asign.io import Section, stack_sections
+
+    rng = np.random.default_rng(0)
+    g = np.array([[x, y] for y in range(0, 70, 10) for x in range(0, 70, 10)], float) + 100
+
+    def counts(xy):
+        lam = np.column_stack([np.exp((xy[:, 0] - 100) / 15), np.full(len(xy), 20.0), np.exp((160 - xy[:, 0]) / 15)])
+        return rng.poisson(5 * lam).astype(np.float32)
+
+    def build(s1):
+        secs = [
+            Section(name=f"S{i + 1}", spots=xy, counts=counts(xy), genes=["a", "b", "c"], um_per_px=1.0)
+            for i, xy in enumerate([s1, g, g])
+        ]
+        sd = stack_sections(secs, spot_diameter_um=20, thickness_um=10)
+        asign.pp.align_layers(sd, method="transforms", transforms=dict.fromkeys(("S1", "S2", "S3"), np.eye(3)))
+        neighbors_3d(sd, n_neighs=8, n_neighs_across=4, radius_px=10.0)
+        out = asign.tl.impute(sd, known="S2", method="propagation", genes=["a", "b", "c"], inplace=False)
+        return sd, out
+
+    sd, out = build(np.vstack([g, g[[6]]]))  # S1 spot 6 duplicated as row 49
+    t = sd.tables["table"]
+    W = t.obsp["asign_connectivities"]
+    assert W[6, 49] == 2.0 and W[6, 5] == 1.0
+    (msg,) = [r.getMessage() for r in asign_log.records if "closer than 0.5" in r.getMessage()]
+    assert "['S1']" in msg and t.obs_names[6] in msg and t.obs_names[49] in msg and "capped at 2" in msg
+    _, out0 = build(g)
+    # the duplicated unknown pair follows its neighbours as without the duplicate, far from the known mean
+    known_mean = out.layers["target"][out.obs["known"].to_numpy()].mean(0)[0]
+    a, a0 = out.layers["imputed"][6, 0], out0.layers["imputed"][6, 0]
+    assert abs(a - a0) < 0.25 * abs(a0 - known_mean)
+
+
+def test_within_weights_unchanged_on_a_jittered_lattice(asign_log):
+    """Where every nearest-neighbour distance lies within ±20% of the median the floor never applies: each weight
+    is median NN distance / distance, as without the floor, and nothing is warned."""
+    sd = grid_stack(n_sections=1, side=12, pitch_px=20.0, um_per_px=2.0, jitter=1.8, seed=3)
+    t = sd.tables["table"]
+    xy = np.asarray(t.obsm["spatial"], dtype=float) * 2.0
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    nn = d.min(axis=1)
+    med = np.median(nn)
+    assert np.all(np.abs(nn / med - 1) <= 0.2) and np.ptp(nn) > 0.1 * med
+    res = neighbors_3d(sd, n_neighs=12, n_neighs_across=0, radius_um=10.0, inplace=False)
+    W, D = res.connectivities, res.distances
+    np.testing.assert_allclose(W.data, med / D.data, rtol=1e-12)
+    assert not asign_log.warnings

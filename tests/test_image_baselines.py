@@ -197,3 +197,42 @@ def test_ridge_trained_on_other_samples(small_stack, monkeypatch):
     with pytest.raises(KeyError, match=r"`obsm\['asign_features_spot'\]` not found; run `asign.pp.extract_features"):
         impute(sd, "ridge", train={"other": other})
     assert not fitted
+
+
+def test_image_baseline_method_kwargs_are_checked(small_stack, monkeypatch):
+    """`k` of similarity and `n_components`, `cv`, `alphas` of ridge are checked before any work, naming the method
+    and the parameter (k=2.5 ran as 2, n_components=0 as 1; bad cv / alphas failed late in numpy or sklearn)."""
+    sd = small_stack
+    add_fake_features(sd)
+    for kw, err, what in (
+        ({"k": 2.5}, TypeError, r"`k` must be an integer, got 2.5"),
+        ({"k": 0}, ValueError, r"`k` must be >= 1, got 0"),
+    ):
+        with pytest.raises(err, match=rf"method 'similarity': {what}"):
+            impute(sd, "similarity", method_kwargs=kw)
+    fitted = []
+    monkeypatch.setattr(asign.tl._image_baselines, "_fit_ridge", lambda *a, **k: fitted.append(1))
+    for kw, err, what in (
+        ({"n_components": 0}, ValueError, r"`n_components` must be >= 1, got 0"),
+        ({"n_components": 2.0}, TypeError, r"`n_components` must be an integer, got 2.0"),
+        ({"cv": 1}, ValueError, r"`cv` must be >= 2, got 1"),
+        ({"cv": 0}, ValueError, r"`cv` must be >= 2, got 0"),
+        ({"cv": 2.5}, TypeError, r"`cv` must be an integer"),
+        ({"alphas": []}, ValueError, r"`alphas` must be a non-empty sequence.*got an empty one"),
+        ({"alphas": np.array([])}, ValueError, r"`alphas` must be a non-empty sequence"),
+        ({"alphas": [1.0, -0.5]}, ValueError, r"`alphas\[1\]` must be > 0, got -0.5"),
+        ({"alphas": [0.0, 1.0]}, ValueError, r"`alphas\[0\]` must be > 0, got 0.0"),
+        ({"alphas": [1.0, float("inf")]}, ValueError, r"`alphas\[1\]` must be a finite number"),
+        ({"alphas": ["1"]}, TypeError, r"`alphas\[0\]` must be a number"),
+        ({"alphas": 1.0}, TypeError, r"`alphas` must be a non-empty sequence"),
+        ({"alphas": "1"}, TypeError, r"`alphas` must be a non-empty sequence"),
+        ({"alphas": [[1.0, 2.0]]}, TypeError, r"`alphas` must be a non-empty sequence"),
+    ):
+        with pytest.raises(err, match=rf"method 'ridge': {what}"):
+            impute(sd, "ridge", method_kwargs=kw)
+    assert not fitted
+    monkeypatch.undo()
+    res = impute(sd, "ridge", method_kwargs={"alphas": (0.1, np.float32(10.0)), "cv": np.int64(3)}).uns["asign"]
+    assert res["result"]["alphas"].tolist() == pytest.approx([0.1, 10.0])
+    res = impute(sd, "similarity", method_kwargs={"k": np.int32(3)}).uns["asign"]["result"]
+    assert res["k"] == 3

@@ -39,3 +39,20 @@ def check_number(
         msg = f"`{name}` must be {'>' if strict else '>='} {minimum:g}, got {value!r}."
         raise ValueError(msg)
     return out
+
+
+def check_method_option(
+    method: str,
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    minimum: float | None = None,
+    strict: bool = False,
+) -> float | int:
+    """:func:`check_number` for an entry of ``method_kwargs``: the message starts with ``method '<method>':``."""
+    try:
+        return check_number(name, value, integer=integer, minimum=minimum, strict=strict)
+    except (TypeError, ValueError) as e:
+        msg = f"method {method!r}: {e}"
+        raise type(e)(msg) from None

@@ -11,7 +11,7 @@ Order invariance: ties (equal distances, equal scores) are broken by a stable pe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -251,11 +251,17 @@ def _within_graph(
     um_per_px: np.ndarray | float = 1.0,
     weights: Literal["inverse_distance", "binary"] = "inverse_distance",
     key: np.ndarray | None = None,
+    names: np.ndarray | None = None,
+    section_names: Sequence[str] | None = None,
 ) -> sp.csr_matrix:
-    """Symmetric within-section kNN weights: ``w_ij = median NN distance of the section / d_ij`` (or 1).
+    """Symmetric within-section kNN weights ``w_ij = m / max(d_ij, m / 2)`` (or 1), ``m`` the median NN distance.
 
+    ``m`` is the median nearest-neighbour distance of the spot's section: a neighbour one median pitch away weighs
+    1, and the distance is floored at half the pitch, so two spots at the same position (or closer than half a
+    pitch) weigh at most 2 and do not swamp their other neighbours (a warning names the sections and spots).
     Symmetrised by union keeping the larger weight. ``coords`` are native px; ``um_per_px`` (scalar or per section
-    code) converts them to µm so the weights are physical ratios.
+    code) converts them to µm so the weights are physical ratios. ``names`` (``obs_names``) and ``section_names``
+    (by code) are used only in the warning.
     """
     n = coords.shape[0]
     if k == 0 or n == 0:
@@ -270,15 +276,41 @@ def _within_graph(
         nn = np.where(valid[:, 0], dist[:, 0], np.nan)
         med = pd.Series(nn).groupby(codes).median()
         scale = med.to_numpy()[np.searchsorted(med.index.to_numpy(), codes)]
-        scale = np.where(scale > 0, scale, np.nan)
-        floor = 1e-3 * np.nan_to_num(scale, nan=1.0)
-        n_dup = int((dist[:, 0] <= 0).sum())
-        if n_dup:
-            logger.warning(f"{n_dup} spots share their position with another spot of the same section.")
-        w = np.nan_to_num(scale, nan=1.0)[:, None] / np.maximum(dist, floor[:, None])
+        scale = np.nan_to_num(np.where(scale > 0, scale, np.nan), nan=1.0)
+        floor = WITHIN_DISTANCE_FLOOR * scale
+        close = valid[:, 0] & (dist[:, 0] < floor)
+        if close.any():
+            _warn_close_spots(close, dist[:, 0] <= 0, codes, names, section_names)
+        w = scale[:, None] / np.maximum(dist, floor[:, None])
     rows = np.repeat(np.arange(n), k).reshape(n, k)
     W = sp.csr_matrix((w[valid], (rows[valid], cols[valid])), shape=(n, n))
     return W.maximum(W.T).tocsr()
+
+
+# within-section distances are floored at this fraction of the section's median NN distance (weight <= 2)
+WITHIN_DISTANCE_FLOOR = 0.5
+
+
+def _warn_close_spots(
+    close: np.ndarray,
+    same: np.ndarray,
+    codes: np.ndarray,
+    names: np.ndarray | None,
+    section_names: Sequence[str] | None,
+) -> None:
+    """Warn about spots closer than half their section's median NN distance to another spot of that section."""
+    idx = np.flatnonzero(close)
+    secs = [str(section_names[c]) if section_names is not None else str(c) for c in np.unique(codes[idx])]
+    shown = [str(names[i]) if names is not None else str(i) for i in idx[:5]]
+    more = f" and {idx.size - 5} more" if idx.size > 5 else ""
+    n_same = int(same[idx].sum())
+    logger.warning(
+        f"{idx.size} spots of section(s) {secs} lie closer than {WITHIN_DISTANCE_FLOOR:g} x their section's median "
+        f"nearest-neighbour distance to another spot of the same section ({n_same} at the very same position): "
+        f"{shown}{more}. Their within-section edge weight is capped at {1 / WITHIN_DISTANCE_FLOOR:g} (the distance "
+        f"is floored at {WITHIN_DISTANCE_FLOOR:g} x that median; a neighbour one median distance away weighs 1). "
+        "Duplicated spots?"
+    )
 
 
 def _normalise_rows(F: np.ndarray) -> np.ndarray:
@@ -507,14 +539,26 @@ def _graph_3d(
     adjacent_only: bool = False,
     n_vertices: int = 100,
     key: np.ndarray | None = None,
+    names: np.ndarray | None = None,
+    section_names: Sequence[str] | None = None,
 ) -> tuple[sp.csr_matrix, sp.csr_matrix, int, int]:
     """Array core of :func:`neighbors_3d`: ``(connectivities, distances, n within edges, n cross edges)``.
 
     ``coords`` are native px, ``um_per_px`` one value per section code; ``alignment`` gives the transforms,
-    aligned positions (µm) and z (µm); without it no cross-section edge is built.
+    aligned positions (µm) and z (µm); without it no cross-section edge is built. ``names`` / ``section_names``
+    only name spots and sections in warnings.
     """
     n = coords.shape[0]
-    W_in = _within_graph(coords, codes, n_neighs, um_per_px=um_per_px, weights=weights, key=key)
+    W_in = _within_graph(
+        coords,
+        codes,
+        n_neighs,
+        um_per_px=um_per_px,
+        weights=weights,
+        key=key,
+        names=names,
+        section_names=section_names,
+    )
     W_x = sp.csr_matrix((n, n), dtype=float)
     if alignment is not None and n_neighs_across > 0 and cross_weight > 0:
         r, c, v = _cross_edges(
@@ -662,6 +706,95 @@ def _read_alignment(table: AnnData, stack: StackInfo, table_key: str) -> _Alignm
         spatial_aligned=np.asarray(table.obsm[Key.SPATIAL_ALIGNED], dtype=float)[:, :2],
         z=np.asarray(table.obs[Key.Z], dtype=float),
     )
+
+
+ALIGNMENT_FINGERPRINT = "alignment_fingerprint"
+"""Key in ``uns['<key_added>_neighbors']['params']`` of the alignment a 3D graph was built on."""
+
+
+def _canonical_float(a: np.ndarray) -> np.ndarray:
+    """Contiguous float64 with one bit pattern per value: every NaN the same, ``-0.0`` as ``0.0``."""
+    a = np.asarray(a, dtype=np.float64) + 0.0
+    return np.ascontiguousarray(np.where(np.isnan(a), np.nan, a))
+
+
+def alignment_fingerprint(table: AnnData) -> str:
+    """SHA-1 (hex) of the spots and the alignment that the connectivities of :func:`neighbors_3d` depend on.
+
+    The edges and weights follow from each spot's native position ``obsm['spatial']`` (within a section) and from
+    the section transforms ``uns['asign']['alignment']['transforms']`` (the footprints across sections); they do not
+    read ``obsm['spatial_aligned']`` or ``obs['z']`` (only the distances do), so those are not covered and the
+    fingerprint does not depend on NaN aligned positions. Covered: spot by spot in the order of the sorted
+    ``obs_names`` (so a table with its rows permuted, and its graph with them, still matches), the names and
+    ``obsm['spatial'][:, :2]``, then every transform by section name. Values are hashed as float64 with NaN and
+    ``-0.0`` canonicalised, so a copy of the table or a round trip through zarr gives the same fingerprint. A missing
+    entry is hashed as missing.
+    """
+    import hashlib
+
+    h = hashlib.sha1(usedforsecurity=False)
+    names = np.asarray(table.obs_names, dtype=str)
+    order = np.argsort(names, kind="stable")
+    h.update(b"names\0" + "\0".join(names[order].tolist()).encode("utf-8", "surrogatepass"))
+    if Key.SPATIAL in table.obsm:
+        xy = np.asarray(table.obsm[Key.SPATIAL], dtype=np.float64).reshape(table.n_obs, -1)[:, :2]
+        h.update(b"\0spatial\0" + _canonical_float(xy[order]).tobytes())
+    else:
+        h.update(b"\0spatial: missing")
+    uns = table.uns.get(Key.UNS)
+    al = uns.get(Key.ALIGNMENT) if isinstance(uns, dict) else None
+    raw = al.get("transforms") if isinstance(al, dict) else None
+    if isinstance(raw, dict):
+        for sec in sorted(raw, key=str):
+            try:
+                T = as_affine(raw[sec])
+            except (TypeError, ValueError):
+                T = np.asarray(raw[sec], dtype=object).astype(str)
+                h.update(f"\0transform {sec}: invalid {T.shape} {T.tolist()}".encode())
+                continue
+            h.update(f"\0transform {sec}\0".encode() + _canonical_float(T).tobytes())
+    else:
+        h.update(b"\0transforms: missing")
+    return h.hexdigest()
+
+
+def check_graph_alignment(table: AnnData, graph_key: str = Key.ADDED, *, table_key: str = Key.TABLE) -> None:
+    """Refuse a 3D graph built on an earlier alignment than the table's current one.
+
+    Compares ``uns['<graph_key>_neighbors']['params']['alignment_fingerprint']``, recorded by :func:`neighbors_3d`,
+    with :func:`alignment_fingerprint` of ``table`` now. Used wherever the stored graph is read (the
+    ``"propagation"`` baseline, method ``"asign"``). A graph that records no fingerprint (written by an older
+    version) passes, with an info message; an empty fingerprint means the graph has no cross-section part and does
+    not depend on the alignment.
+
+    Raises
+    ------
+    ValueError
+        If the fingerprints differ: ``align_layers`` ran again with other transforms (or the spots or their native
+        positions changed) after the graph was built.
+    """
+    ckey, nkey = Key.connectivities(graph_key), Key.neighbors(graph_key)
+    rec = table.uns.get(nkey)
+    params = rec.get("params") if isinstance(rec, dict) else None
+    stored = params.get(ALIGNMENT_FINGERPRINT) if isinstance(params, dict) else None
+    if stored is None:
+        logger.info(
+            f"`.uns['{nkey}']['params']` of table {table_key!r} records no `{ALIGNMENT_FINGERPRINT}` (a graph from an "
+            f"older version): `.obsp['{ckey}']` is used without checking that it follows the current alignment."
+        )
+        return
+    stored = str(np.asarray(stored).item()) if not isinstance(stored, str) else stored
+    if stored == "":
+        return
+    if stored != alignment_fingerprint(table):
+        msg = (
+            f"`.obsp['{ckey}']` of table {table_key!r} was built on an earlier alignment: the section transforms "
+            f"(`uns['{Key.UNS}']['{Key.ALIGNMENT}']['transforms']`) or the spots (`obs_names`, "
+            f"`obsm['{Key.SPATIAL}']`) have changed since `asign.pp.neighbors_3d` ran (e.g. `asign.pp.align_layers` "
+            f"ran again), so its edges are stale. Run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` again "
+            "(with the same options) before imputing."
+        )
+        raise ValueError(msg)
 
 
 def _check_consistency(table: AnnData, codes: np.ndarray, centres_px: np.ndarray, al: _Alignment) -> None:
@@ -814,7 +947,8 @@ def neighbors_3d(
     - **Within a section**: the ``n_neighs`` nearest spots on the section's own coordinates (the supplement's "top
       12 nearest spots": on the ST square grid the 4 + 4 + 4 neighbours up to two pitches, on a Visium hexagonal
       grid the 6 + 6 up to sqrt(3) pitches), weighted by ``median NN distance of the section / distance`` so the
-      nearest neighbours weigh about 1 (``weights="binary"``: 1).
+      nearest neighbours weigh about 1 (``weights="binary"``: 1). The distance is floored at half the section's
+      median NN distance, so spots at the same position (duplicates) weigh at most 2; a warning names them.
     - **Across sections**: for every spot, the ``n_neighs_across`` spots of the *other* sections (every other
       section, or only the adjacent ones with ``adjacent_only=True``) with the highest score: ``"overlap"`` = IoU
       of the footprints in the aligned frame (:func:`asign.pp.spot_overlaps`; only pairs with IoU > 0),
@@ -863,7 +997,12 @@ def neighbors_3d(
     ``sdata.tables[table_key]`` with ``.obsp['{{key_added}}_connectivities']`` (symmetric CSR weights),
     ``.obsp['{{key_added}}_distances']`` (µm on the same pattern: physical distance within a section, 3D distance
     from ``obsm['spatial_aligned']`` and ``obs['z']`` across sections) and ``.uns['{{key_added}}_neighbors']`` =
-    ``{{'connectivities_key', 'distances_key', 'params'}}`` (squidpy's scheme).
+    ``{{'connectivities_key', 'distances_key', 'params'}}`` (squidpy's scheme). ``params`` holds the options, the
+    edge counts (``n_edges_within``, ``n_edges_across``, ``n_isolated``) and ``alignment_fingerprint``: the SHA-1
+    of the alignment the graph was built on (the section transforms, with ``obs_names`` and ``obsm['spatial']``;
+    :func:`asign.pp._graph.alignment_fingerprint`), ``""`` when the graph has no cross-section part. Imputation
+    (``"propagation"``, ``"asign"``) refuses a graph whose fingerprint no longer matches the table, e.g. after
+    :func:`asign.pp.align_layers` ran again with other transforms.
     """
     from asign._stack import section_codes
     from asign.io._validate import validate_stack
@@ -950,6 +1089,8 @@ def neighbors_3d(
         adjacent_only=adjacent_only,
         n_vertices=n_vertices,
         key=key,
+        names=np.asarray(table.obs_names),
+        section_names=list(stack.sections),
     )
     n_iso = _isolated_warning(W, table)
     if self_loops:
@@ -981,6 +1122,7 @@ def neighbors_3d(
         "n_isolated": n_iso,
         "distances_unit": "um",
         "edge_type": "cross-section where obs['section'] differs between the two ends",
+        ALIGNMENT_FINGERPRINT: "" if al is None else alignment_fingerprint(table),
     }
     table.uns[Key.neighbors(key_added)] = {"connectivities_key": ckey, "distances_key": dkey, "params": params}
     logger.info(f"Adding `.obsp['{ckey}']`, `.obsp['{dkey}']` and `.uns['{Key.neighbors(key_added)}']`.")

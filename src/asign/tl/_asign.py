@@ -224,6 +224,9 @@ def check_sample_inputs(
     if ckey not in table.obsp:
         msg = f"{who} `.obsp['{ckey}']`; run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r})` on it first."
         raise KeyError(msg)
+    from asign.pp._graph import check_graph_alignment
+
+    check_graph_alignment(table, graph_key, table_key=table_key)
     _check_finite_features(table, tables, sample, table_key, levels=levels, feature_key=feature_key)
 
 

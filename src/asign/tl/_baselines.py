@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from asign._checks import check_number
+from asign._checks import check_method_option
 from asign._constants import Key
 from asign._logging import logger
 
@@ -137,6 +137,9 @@ def nearest_baseline(ctx: ImputeContext) -> ImputeResult:
     ``obsm`` key, e.g. ``"spatial_3d"``), ``gene_rank`` (`None`; see the module docstring).
     """
     prm = _params(ctx, "nearest", {"k": 8, "weights": "idw", "p": 1.0, "eps": 1.0, "coordinates": Key.SPATIAL_ALIGNED})
+    k = check_method_option("nearest", "k", prm["k"], integer=True, minimum=1)
+    p = check_method_option("nearest", "p", prm["p"], minimum=0.0)
+    eps = check_method_option("nearest", "eps", prm["eps"], minimum=0.0)
     key = prm["coordinates"]
     if key not in ctx.table.obsm:
         hint = "run `asign.pp.align_layers` first" if key in (Key.SPATIAL_ALIGNED, Key.SPATIAL_3D) else "add it"
@@ -156,10 +159,10 @@ def nearest_baseline(ctx: ImputeContext) -> ImputeResult:
         coords,
         ctx.Y,
         ctx.known,
-        k=check_number("k", prm["k"], integer=True, minimum=1),
+        k=k,
         weights=str(prm["weights"]),
-        p=check_number("p", prm["p"], minimum=0.0),
-        eps=check_number("eps", prm["eps"], minimum=0.0),
+        p=p,
+        eps=eps,
     )
     return ImputeResult(imputed=pred, uns={"k_used": int(k_used), "coordinates": key})
 
@@ -172,17 +175,22 @@ def propagation_baseline(ctx: ImputeContext) -> ImputeResult:
     Known spots are clamped, unknown spots start at the known mean, ``Y <- D^{-1} W Y`` for ``n_iter`` steps.
 
     Parameters (``method_kwargs``): ``graph_key`` (``"asign"``: reads ``obsp['asign_connectivities']`` written by
-    :func:`asign.pp.neighbors_3d`), ``n_iter`` (10), ``gene_rank`` (`None`). The result's ``uns`` records
+    :func:`asign.pp.neighbors_3d`), ``n_iter`` (10; an integer >= 1, as 0 steps would leave every unknown spot at
+    the known mean, the ``"mean"`` baseline), ``gene_rank`` (`None`). The result's ``uns`` records
     ``connectivities_key``, ``n_edges`` and ``n_unreached``: spots with no graph path to any known spot, which keep
-    the known mean (a warning names their sections).
+    the known mean (a warning names their sections). A graph built on an earlier alignment than the table's current
+    one is refused (:func:`asign.pp._graph.check_graph_alignment`).
     """
     from asign._propagation import label_propagation
+    from asign.pp._graph import check_graph_alignment
 
     prm = _params(ctx, "propagation", {"graph_key": Key.ADDED, "n_iter": 10})
+    n_iter = check_method_option("propagation", "n_iter", prm["n_iter"], integer=True, minimum=1)
     ckey = Key.connectivities(str(prm["graph_key"]))
     if ckey not in ctx.table.obsp:
         msg = f"`obsp['{ckey}']` not found in table {ctx.table_key!r}; run `asign.pp.neighbors_3d` first."
         raise KeyError(msg)
+    check_graph_alignment(ctx.table, str(prm["graph_key"]), table_key=ctx.table_key)
     W = ctx.table.obsp[ckey]
     unreached = _unreached(W, ctx.known)
     if unreached.any():
@@ -191,7 +199,7 @@ def propagation_baseline(ctx: ImputeContext) -> ImputeResult:
             f"{int(unreached.sum())} spots of section(s) {secs} have no path to any known spot in `.obsp['{ckey}']` "
             "(no edges across sections to them?): propagation leaves them at the known mean."
         )
-    pred = label_propagation(W, ctx.Y, ctx.known, n_iter=int(prm["n_iter"]))
+    pred = label_propagation(W, ctx.Y, ctx.known, n_iter=n_iter)
     uns = {"connectivities_key": ckey, "n_edges": int(W.nnz), "n_unreached": int(unreached.sum())}
     return ImputeResult(imputed=pred, uns=uns)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from asign._checks import check_method_option
 from asign._constants import Key
 from asign._logging import logger
 from asign.pp._features import check_feature_space, common_feature_space, feature_matrix
@@ -151,22 +152,46 @@ def _fit_ridge(
 
 
 def _ridge_settings(p: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of :func:`_fit_ridge` from the method's parameters."""
-    alphas = p["alphas"] if p["alphas"] is not None else DEFAULT_ALPHAS
+    """The keyword arguments of :func:`_fit_ridge` from the method's parameters, checked (before any work).
+
+    ``n_components`` an integer >= 1, ``cv`` an integer >= 2, ``alphas`` `None` or a non-empty sequence of finite
+    numbers > 0 (with alpha 0 the closed-form CV divides 0 by 0 wherever the PCA scores are rank-deficient),
+    ``standardize`` a bool.
+    """
+    n_components = check_method_option("ridge", "n_components", p["n_components"], integer=True, minimum=1)
+    cv = check_method_option("ridge", "cv", p["cv"], integer=True, minimum=2)
+    alphas = _check_alphas(p["alphas"])
     if not isinstance(p["standardize"], bool | np.bool_):
         msg = f"method 'ridge': standardize={p['standardize']!r} must be True or False."
         raise ValueError(msg)
-    return {
-        "n_components": int(p["n_components"]),
-        "alphas": np.asarray(alphas, dtype=float),
-        "cv": int(p["cv"]),
-        "standardize": bool(p["standardize"]),
-    }
+    return {"n_components": n_components, "alphas": alphas, "cv": cv, "standardize": bool(p["standardize"])}
+
+
+def _check_alphas(alphas: Any) -> np.ndarray:
+    """The ridge penalties as a float array: `None` gives :data:`DEFAULT_ALPHAS`."""
+    if alphas is None:
+        return np.asarray(DEFAULT_ALPHAS, dtype=float)
+    try:
+        one_dim = not isinstance(alphas, str | bytes) and np.ndim(alphas) == 1
+    except ValueError:  # ragged nesting
+        one_dim = False
+    if not one_dim:
+        msg = f"method 'ridge': `alphas` must be a non-empty sequence of numbers > 0 (or None), got {alphas!r}."
+        raise TypeError(msg)
+    alphas = list(alphas)
+    if not alphas:
+        msg = "method 'ridge': `alphas` must be a non-empty sequence of numbers > 0 (or None), got an empty one."
+        raise ValueError(msg)
+    return np.asarray(
+        [check_method_option("ridge", f"alphas[{i}]", a, minimum=0.0, strict=True) for i, a in enumerate(alphas)],
+        dtype=float,
+    )
 
 
 def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
     """Train on the labelled training samples (every measured spot), alpha by leave-sample-out CV."""
     p = _params(without_gene_rank(fctx.params), "ridge", RIDGE_DEFAULTS)
+    settings = _ridge_settings(p)
     space = common_feature_space(fctx.train, p["features_key"], method="ridge")
     Xs, Ys, groups = [], [], []
     for g, c in enumerate(fctx.train):
@@ -176,7 +201,7 @@ def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
         Ys.append(c.Y[rows])
         groups.append(np.full(int(rows.sum()), g) if len(fctx.train) > 1 else c.section_codes[rows])
     X, Y, grp = np.concatenate(Xs), np.concatenate(Ys), np.concatenate(groups)
-    model, info = _fit_ridge(X, Y, grp, seed=fctx.seed, **_ridge_settings(p))
+    model, info = _fit_ridge(X, Y, grp, seed=fctx.seed, **settings)
     info["trained_on"] = "train_samples"
     return {"model": model, "info": info, "feature_id": space, "mean": Y.mean(axis=0)}
 
@@ -184,6 +209,7 @@ def _ridge_fit(fctx: FitContext) -> dict[str, Any]:
 def _check_ridge_sample(table, params: dict[str, Any], table_key: str) -> None:
     """The features of a sample to impute, checked before the ridge is fitted on the training samples."""
     p = _params(without_gene_rank(params), "ridge", RIDGE_DEFAULTS)
+    _ridge_settings(p)
     _features(table, p["features_key"], p["levels"])
 
 
@@ -198,11 +224,13 @@ def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
     spots only.
 
     Parameters (``method_kwargs``): ``features_key`` (``"asign"``), ``levels`` (``["spot"]``; any of ``"spot"``,
-    ``"region"``, ``"global"``, concatenated), ``n_components`` (256), ``alphas`` (``logspace(-2, 6, 17)``),
-    ``cv`` (5 folds at most), ``standardize`` (`True`: z-score every feature dimension; `False`: centre only, so
-    near-constant dimensions are not amplified), ``gene_rank`` (`None`).
+    ``"region"``, ``"global"``, concatenated), ``n_components`` (256, an integer >= 1), ``alphas``
+    (``logspace(-2, 6, 17)``; a non-empty sequence of finite numbers > 0), ``cv`` (5 folds at most, an integer
+    >= 2), ``standardize`` (`True`: z-score every feature dimension; `False`: centre only, so near-constant
+    dimensions are not amplified), ``gene_rank`` (`None`).
     """
     p = _params(ctx.params, "ridge", RIDGE_DEFAULTS)
+    settings = _ridge_settings(p)
     X = _features(ctx.table, p["features_key"], p["levels"])
     ok = _usable(X)
     known = ctx.known & ok
@@ -218,8 +246,8 @@ def ridge_baseline(ctx: ImputeContext) -> ImputeResult:
             groups, grouping = codes, "section"
         else:
             xy = np.asarray(ctx.table.obsm[Key.SPATIAL], dtype=np.float64)[known]
-            groups, grouping = _spatial_groups(xy, p["cv"], ctx.seed), "spatial_blocks"
-        model, info = _fit_ridge(X[known], ctx.Y[known], groups, seed=ctx.seed, **_ridge_settings(p))
+            groups, grouping = _spatial_groups(xy, settings["cv"], ctx.seed), "spatial_blocks"
+        model, info = _fit_ridge(X[known], ctx.Y[known], groups, seed=ctx.seed, **settings)
         info["trained_on"] = "known_spots"
         info["cv_grouping"] = grouping
         mean = ctx.Y[known].mean(axis=0)
@@ -276,11 +304,12 @@ def similarity_baseline(ctx: ImputeContext) -> ImputeResult:
 
     Known spots are predicted from the other known spots (leave-one-out), so their value is a genuine estimate.
 
-    Parameters (``method_kwargs``): ``features_key`` (``"asign"``), ``levels`` (``["spot"]``), ``k`` (20),
-    ``standardize`` (`False`; `True` z-scores each feature with the known spots' mean and sd before the cosine),
-    ``gene_rank`` (`None`).
+    Parameters (``method_kwargs``): ``features_key`` (``"asign"``), ``levels`` (``["spot"]``), ``k`` (20, an
+    integer >= 1), ``standardize`` (`False`; `True` z-scores each feature with the known spots' mean and sd before
+    the cosine), ``gene_rank`` (`None`).
     """
     p = _params(ctx.params, "similarity", SIMILARITY_DEFAULTS)
+    k_req = check_method_option("similarity", "k", p["k"], integer=True, minimum=1)
     X = _features(ctx.table, p["features_key"], p["levels"])
     ok = _usable(X)
     kidx = np.flatnonzero(ctx.known & ok)
@@ -290,10 +319,6 @@ def similarity_baseline(ctx: ImputeContext) -> ImputeResult:
     if p["standardize"]:
         mu, sd = X[kidx].mean(axis=0), X[kidx].std(axis=0)
         X = np.where(ok[:, None], (X - mu) / np.where(sd > 0, sd, 1.0), X)
-    k_req = int(p["k"])
-    if k_req < 1:
-        msg = f"similarity: k must be >= 1, got {k_req}."
-        raise ValueError(msg)
     # unknown spots average up to every known spot; a known spot leaves itself out, so it has one fewer
     k = min(k_req, kidx.size)
     k_known = min(k_req, kidx.size - 1)
