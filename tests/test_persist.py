@@ -156,7 +156,7 @@ def test_interrupted_before_the_original_is_touched_keeps_it(backed, monkeypatch
     _change(backed)
     real_journal = _persist._journal
 
-    def crash(folder, state):
+    def crash(folder, state, **kwargs):
         if state == "replacing":
             msg = "simulated crash before the original is touched"
             raise RuntimeError(msg)
@@ -454,3 +454,129 @@ def test_objects_written_from_memory_are_not_reported(tiny, tmp_path, asign_log)
     persist(copy.deepcopy(tiny))
     assert not asign_log.warnings
     assert _unwritten_changes(read_zarr(path), path, set()) == {}
+
+
+def _v2_store(tiny, path):
+    """A stack written in the Zarr v2 layout (spatialdata's container format 0.1), read back."""
+    from spatialdata._io.format import SpatialDataContainerFormatV01
+
+    tiny.write(path, sdata_formats=[SpatialDataContainerFormatV01()])
+    assert (path / ".zgroup").is_file() and not (path / "zarr.json").exists()
+    return read_zarr(path)
+
+
+@pytest.mark.parametrize("strategy", ["temp_element", "temp_store"])
+def test_interrupted_while_the_copy_is_deleted_keeps_the_rewritten_original(backed, monkeypatch, strategy):
+    """The copy is deleted folder by folder once the original is rewritten; an interruption part-way used to leave
+    it journalled as "replacing", and the next recover moved the half-deleted copy over the good table."""
+    path = backed.path
+    t = _change(backed)
+    copy = (
+        path / "tables" / ("table" + TMP_SUFFIX) if strategy == "temp_element" else path.parent / "stack.zarr.asign_tmp"
+    )
+    real_rmtree = shutil.rmtree
+
+    def rmtree(target, *args, **kwargs):
+        # once the copy is complete and journalled (deletions while it is written pass), die after its obs/ is
+        # gone and before its journal is
+        if any(copy.rglob(_persist.JOURNAL)) and str(target).rstrip("/") == str(copy):
+            real_rmtree(next(copy.rglob("obs")))
+            msg = "simulated crash while the copy is deleted"
+            raise RuntimeError(msg)
+        return real_rmtree(target, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(RuntimeError, match="while the copy is deleted"):  # (zarr runs its deletions in a thread)
+        persist(backed, strategy=strategy)
+    monkeypatch.undo()
+    assert copy.exists() and not list(copy.rglob("obs"))
+    assert recover(path) == []  # the journal says the original was rewritten: the copy is only removed
+    assert not copy.exists()
+    assert _tables_on_disk(path) == ["table"]
+    _assert_changed(path, t)
+    validate_stack(read_zarr(path))
+
+
+def test_replacing_copy_that_does_not_verify_is_refused(backed, monkeypatch):
+    """A copy journalled as "replacing" is moved into place only if it matches what was verified; otherwise an
+    error, and nothing is changed (the good original used to be deleted and replaced by it)."""
+    path = backed.path
+    _change(backed)
+
+    def crash(self, element_name):
+        msg = "simulated crash in delete"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(SpatialData, "delete_element_from_disk", crash)
+    with pytest.raises(RuntimeError, match="in delete"):
+        persist(backed)
+    monkeypatch.undo()
+    copy = path / "tables" / ("table" + TMP_SUFFIX)
+    assert _persist._journal_state(copy) == "replacing"
+    shutil.rmtree(copy / "obsm" / "asign_test")  # the copy lost a part after it was verified: it still reads
+    before = sorted(p.relative_to(path) for p in path.rglob("*"))
+    with pytest.raises(OSError, match=r"is not moved into place: what it holds differs.*Nothing was changed"):
+        recover(path)
+    with pytest.raises(OSError, match="is not moved into place"):
+        persist(read_zarr(path, selection=("images", "shapes")))
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == before
+
+
+def test_temp_store_keeps_a_zarr_v2_store_v2(tiny, tmp_path, monkeypatch):
+    """strategy="temp_store" wrote its copy in Zarr v3; moved into a v2 store by recover, the store no longer
+    opened. The copy is now written in the store's own format."""
+    path = tmp_path / "v2.zarr"
+    sdata = _v2_store(tiny, path)
+    t = _change(sdata)
+    real_write = SpatialData.write_element
+    calls = []
+
+    def crash_on_final_write(self, element_name, *args, **kwargs):
+        calls.append(element_name)
+        if element_name == "table" and self.path == path:
+            msg = "simulated crash"
+            raise RuntimeError(msg)
+        return real_write(self, element_name, *args, **kwargs)
+
+    monkeypatch.setattr(SpatialData, "write_element", crash_on_final_write)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        persist(sdata, strategy="temp_store")
+    monkeypatch.undo()
+    copy = tmp_path / "v2.zarr.asign_tmp" / "tables" / "table"
+    assert (copy / ".zgroup").is_file() and not (copy / "zarr.json").exists()
+    assert "table" not in _tables_on_disk(path)
+    assert recover(path) == ["table"]
+    assert (path / "tables" / "table" / ".zgroup").is_file()
+    _assert_changed(path, t)
+    # a complete write keeps the store in Zarr v2 too
+    sdata = read_zarr(path)
+    sdata.tables["table"].obs["asign_test"] = 2.0
+    persist(sdata, strategy="temp_store")
+    back = read_zarr(path)
+    np.testing.assert_array_equal(back.tables["table"].obs["asign_test"], 2.0)
+    assert not list(path.rglob("zarr.json")) and not (tmp_path / "v2.zarr.asign_tmp").exists()
+    validate_stack(back)
+
+
+def test_copy_in_another_zarr_format_is_refused(tiny, tmp_path):
+    """A Zarr v3 copy (left by an earlier version's temp_store) is never moved into a Zarr v2 store."""
+    path = tmp_path / "v2.zarr"
+    sdata = _v2_store(tiny, path)
+    tstore = tmp_path / "v2.zarr.asign_tmp"
+    SpatialData(tables={"table": sdata.tables["table"]}).write(tstore)  # Zarr v3
+    _persist._journal(tstore / "tables" / "table", "replacing")
+    with pytest.raises(OSError, match=r"written in Zarr v3 and the store in Zarr v2.*Nothing was changed"):
+        recover(path)
+    assert (tstore / "tables" / "table").is_dir() and (path / "tables" / "table" / ".zgroup").is_file()
+
+
+def test_temp_store_refused_for_a_store_of_unknown_format(backed):
+    import zarr
+
+    root = zarr.open_group(backed.path, mode="r+", use_consolidated=False)
+    root.attrs["spatialdata_attrs"] = {"version": "9.9"}
+    _change(backed)
+    with pytest.raises(ValueError, match="strategy='temp_store' cannot write its copy.*Use strategy='temp_element'"):
+        persist(backed, strategy="temp_store")
+    assert not (backed.path.parent / "stack.zarr.asign_tmp").exists()
+    assert _tables_on_disk(backed.path) == ["table"]

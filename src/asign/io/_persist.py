@@ -5,10 +5,32 @@
 dies in between. :func:`persist` therefore always keeps a verified copy on disk while an element is replaced, with a
 journal file in the copy that says when the original starts to change, and :func:`recover` (whose file-level repair
 every :func:`persist` runs first) restores an element from that copy after an interruption.
+
+The journal (``asign_persist_journal``, written to a temporary file, synced and renamed, so that a reader sees one
+whole state) holds one of these states; each says which version of the element is whole:
+
+- no journal: the copy may be incomplete; its original was not touched. Repair: remove the copy.
+- ``"replacing"``, with a fingerprint of the element: the copy is whole and verified; the original may be partly
+  deleted or partly written. Repair: move the copy into place, only if it reads back in the store's Zarr format and
+  matches the fingerprint (otherwise an error, and nothing is touched).
+- ``"done"``: the original was rewritten and verified; the copy may be partly deleted. Repair: remove the copy.
+
+``strategy="temp_element"`` and ``"temp_store"`` go through: copy written and verified (no journal) ->
+``"replacing"`` -> original deleted, rewritten and verified -> ``"done"`` -> copy deleted (a partly deleted copy says
+``"done"``, or nothing once its journal file is gone: both mean "remove it"). The copy is never deleted while it says
+``"replacing"``; the repair removes the original and renames the whole copy into place, then drops the journal. The
+temporary store of ``"temp_store"`` is written in the target store's own spatialdata container (and Zarr) format.
+``strategy="new_store"``: ``<path>.asign_new`` written and verified (no journal: discarded by the repair) ->
+``"verified"`` -> ``<path>`` renamed to ``<path>.asign_old`` -> the new store renamed to ``<path>`` and its journal
+dropped -> ``<path>.asign_old`` removed. A journalled new store is only ever renamed, never deleted, and
+``<path>.asign_old`` is deleted only while ``<path>`` exists.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -26,8 +48,10 @@ TMP_SUFFIX = "_asign_tmp"
 TMP_STORE_SUFFIX = ".asign_tmp"
 NEW_STORE_SUFFIX = ".asign_new"
 OLD_STORE_SUFFIX = ".asign_old"
-# journal file inside a verified copy: "verified", then "replacing" once the original is about to be deleted
+# journal file inside a verified copy (see the module docstring): "replacing" once the original is about to be deleted,
+# "done" once it is rewritten and verified ("verified" for a new store about to be swapped in)
 JOURNAL = "asign_persist_journal"
+_STATES = ("verified", "replacing", "done")
 # element types that are eager in memory and can be rewritten safely (images, labels and points are lazy: their
 # data may still be read from the files that a rewrite would delete)
 _REWRITABLE = ("tables", "shapes")
@@ -54,7 +78,12 @@ def _element_kind(sdata: SpatialData, name: str) -> str | None:
 
 def _read_disk(store: Path, kind: str, name: str) -> Any | None:
     """Read one table or shapes element from a store, or `None` if it is absent or unreadable."""
-    path = Path(store) / kind / name
+    return _read_element(Path(store) / kind / name, kind)
+
+
+def _read_element(path: Path, kind: str) -> Any | None:
+    """Read the table or shapes element in the folder ``path``, or `None` if it is absent or unreadable."""
+    path = Path(path)
     if not path.is_dir():
         return None
     try:
@@ -66,39 +95,85 @@ def _read_disk(store: Path, kind: str, name: str) -> Any | None:
             if isinstance(attrs, dict) and isinstance(attrs.get("region"), np.ndarray):
                 attrs["region"] = attrs["region"].tolist()  # as spatialdata's reader returns it
             return table
-        from spatialdata import read_zarr
+        # what spatialdata.read_zarr runs for each shapes element; reads only this folder (not the whole store,
+        # whose other elements may be the incomplete ones)
+        from spatialdata._io.io_shapes import _read_shapes
 
-        return read_zarr(store, selection=(kind,))[name]
+        return _read_shapes(path)
     except Exception as e:  # noqa: BLE001 - any failure to read means the copy is not usable
-        logger.warning(f"Could not read {kind}/{name} from {store}: {e}")
+        logger.warning(f"Could not read {kind}/{path.name} from {path.parent.parent}: {e}")
         return None
+
+
+def _digest(values: Any) -> str:
+    """A short hash of a sequence of labels (index values, names)."""
+    return hashlib.sha1("\x1f".join(map(str, values)).encode(), usedforsecurity=False).hexdigest()
+
+
+def _fingerprint(element: Any) -> dict[str, Any]:
+    """Cheap but content-sensitive summary of a table or shapes element (JSON-serialisable, stored in the journal).
+
+    A table: shape, digests of obs and var names, the keys of obs, var, obsm, varm, layers, obsp, varp and uns,
+    whether it has raw, and the sums of X and of every layer. A shapes element: length, digest of the index, bounds.
+    """
+    from anndata import AnnData
+
+    if isinstance(element, AnnData):
+        sums = {"X": None if element.X is None else _nansum(element.X)}
+        sums.update({f"layers/{k}": _nansum(v) for k, v in element.layers.items()})
+        return {
+            "type": "table",
+            "shape": [int(n) for n in element.shape],
+            "obs_names": _digest(element.obs_names),
+            "var_names": _digest(element.var_names),
+            **{
+                key: sorted(map(str, keys))
+                for key, keys in [
+                    ("obs", element.obs.columns),
+                    ("var", element.var.columns),
+                    ("obsm", element.obsm),
+                    ("varm", element.varm),
+                    ("layers", element.layers),
+                    ("obsp", element.obsp),
+                    ("varp", element.varp),
+                    ("uns", element.uns),
+                ]
+            },
+            "raw": element.raw is not None,
+            "sums": sums,
+        }
+    return {
+        "type": "shapes",
+        "n": len(element),
+        "index": _digest(element.index),
+        "bounds": [float(b) for b in element.total_bounds],
+    }
+
+
+def _matches(found: dict[str, Any], expected: dict[str, Any]) -> bool:
+    """Whether two fingerprints agree (sums and bounds up to rounding, everything else exactly)."""
+    if found.keys() != expected.keys():
+        return False
+    for key, a in found.items():
+        b = expected[key]
+        if key == "sums":
+            if a.keys() != b.keys():
+                return False
+            for k, x in a.items():
+                y = b[k]
+                if (x is None) != (y is None) or (x is not None and not np.isclose(x, y, rtol=1e-6, atol=1e-6)):
+                    return False
+        elif key == "bounds":
+            if len(a) != len(b) or not np.allclose(a, b, equal_nan=True):
+                return False
+        elif a != b:
+            return False
+    return True
 
 
 def _same(disk: Any, mem: Any) -> bool:
     """Cheap but content-sensitive comparison of an element read back from disk with the in-memory one."""
-    from anndata import AnnData
-
-    if disk is None:
-        return False
-    if isinstance(mem, AnnData):
-        if disk.shape != mem.shape or not disk.obs_names.equals(mem.obs_names):
-            return False
-        if not disk.var_names.equals(mem.var_names):
-            return False
-        if set(disk.obs.columns) != set(mem.obs.columns) or set(disk.obsm) != set(mem.obsm):
-            return False
-        if set(disk.layers) != set(mem.layers) or set(disk.obsp) != set(mem.obsp) or set(disk.uns) != set(mem.uns):
-            return False
-        for a, b in [(disk.X, mem.X)] + [(disk.layers[k], mem.layers[k]) for k in mem.layers]:
-            if (a is None) != (b is None):
-                return False
-            if a is not None and not np.isclose(_nansum(a), _nansum(b), rtol=1e-6, atol=1e-6):
-                return False
-        return True
-    # shapes
-    if len(disk) != len(mem) or not np.array_equal(disk.index.to_numpy(), mem.index.to_numpy()):
-        return False
-    return bool(np.allclose(disk.total_bounds, mem.total_bounds, equal_nan=True))
+    return disk is not None and _matches(_fingerprint(disk), _fingerprint(mem))
 
 
 def _nansum(X) -> float:
@@ -122,24 +197,120 @@ def _temp_store(store: Path) -> Path:
     return store.with_name(store.name + TMP_STORE_SUFFIX)
 
 
-def _journal(path: Path, state: str) -> None:
-    """Record the state of a verified copy in a small file inside it (atomic: written, then renamed)."""
-    tmp = Path(path) / (JOURNAL + ".part")
-    tmp.write_text(state + "\n")
-    tmp.replace(Path(path) / JOURNAL)
+def _journal(path: Path, state: str, *, fingerprint: dict[str, Any] | None = None) -> None:
+    """Record the state of a verified copy in a small file inside it.
+
+    Atomic and ordered: written to a temporary file, synced, renamed over the journal, and the folder synced, so
+    the state is on disk before the step that it allows begins. ``fingerprint`` (see :func:`_fingerprint`) goes on
+    the second line.
+    """
+    path = Path(path)
+    tmp = path / (JOURNAL + ".part")
+    text = state + "\n" + ("" if fingerprint is None else json.dumps(fingerprint) + "\n")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path / JOURNAL)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Sync a folder's entries (a rename in it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _journal_lines(path: Path) -> list[str]:
+    f = Path(path) / JOURNAL
+    return f.read_text().splitlines() if f.is_file() else []
 
 
 def _journal_state(path: Path) -> str | None:
-    """The journal state of a copy.
+    """The journal state of a copy (see the module docstring).
 
-    ``"verified"`` (the copy is complete; its original was not touched yet), ``"replacing"`` (the original may be
-    partly deleted or rewritten) or `None` (no journal: the copy itself may be incomplete).
+    ``"verified"`` (a new store, complete; the existing store was not touched yet), ``"replacing"`` (the copy is
+    complete; its original may be partly deleted or rewritten), ``"done"`` (the original was rewritten and verified;
+    the copy may be partly deleted) or `None` (no journal: the copy itself may be incomplete).
     """
-    f = Path(path) / JOURNAL
-    if not f.is_file():
+    lines = _journal_lines(path)
+    state = lines[0].strip() if lines else None
+    return state if state in _STATES else None
+
+
+def _journal_fingerprint(path: Path) -> dict[str, Any] | None:
+    """The fingerprint recorded with a ``"replacing"`` journal; `None` if there is none (an older journal).
+
+    Raises
+    ------
+    ValueError
+        If the fingerprint line cannot be parsed.
+    """
+    lines = _journal_lines(path)
+    if len(lines) < 2 or not lines[1].strip():
         return None
-    state = f.read_text().strip()
-    return state if state in ("verified", "replacing") else None
+    fingerprint = json.loads(lines[1])
+    if not isinstance(fingerprint, dict):
+        msg = f"the journal's fingerprint is not a mapping: {lines[1][:80]!r}"
+        raise ValueError(msg)
+    return fingerprint
+
+
+def _zarr_format(folder: Path) -> int | None:
+    """The Zarr format of the group in ``folder`` (2 or 3), or `None` if it has no group metadata."""
+    folder = Path(folder)
+    if (folder / "zarr.json").is_file():
+        return 3
+    if (folder / ".zgroup").is_file():
+        return 2
+    return None
+
+
+def _copy_problem(copy: Path, kind: str, store: Path) -> str | None:
+    """Why the journalled ``copy`` cannot replace its original in ``store``, or `None` if it can."""
+    found, wanted = _zarr_format(copy), _zarr_format(store)
+    if found is None:
+        return "it has no Zarr group metadata (it is incomplete)"
+    if wanted is not None and found != wanted:
+        return f"it is written in Zarr v{found} and the store in Zarr v{wanted} (the store would no longer open)"
+    try:
+        expected = _journal_fingerprint(copy)
+    except ValueError as e:
+        return f"its journal cannot be read ({e})"
+    element = _read_element(copy, kind)
+    if element is None:
+        return "it cannot be read"
+    if expected is not None and not _matches(_fingerprint(element), expected):
+        return "what it holds differs from what was verified when it was written (it was changed or partly deleted)"
+    return None
+
+
+def _check_copy(copy: Path, target: Path, kind: str, store: Path) -> None:
+    """Refuse a ``"replacing"`` copy that does not read back as the element it was verified as.
+
+    Raises
+    ------
+    OSError
+        Naming the copy, its element and the problem; nothing is changed.
+    """
+    problem = _copy_problem(copy, kind, store)
+    if problem is None:
+        return
+    msg = (
+        f"The copy {copy}, journalled as the verified new content of {kind}/{target.name} in {store} (the original "
+        f"may be incomplete), is not moved into place: {problem}. Nothing was changed. Inspect the copy (it may hold "
+        f"the only complete version of {kind}/{target.name}), then move it into place or remove it by hand before "
+        "calling persist or recover on this store again."
+    )
+    raise OSError(msg)
 
 
 def _drop_journal(path: Path) -> None:
@@ -157,8 +328,14 @@ def _remove(path: Path) -> None:
 
 
 def _move_into_place(copy: Path, target: Path) -> None:
-    """Replace ``target`` by the verified ``copy`` (a rename on the same file system)."""
-    if target.exists():
+    """Replace ``target`` by the verified ``copy`` (a rename on the same file system).
+
+    The caller checks the copy first (:func:`_check_copy`). The copy stays whole and journalled until the rename: an
+    interruption while ``target`` is deleted is repaired again from it; one after the rename leaves only a journal
+    inside ``target``, which the repair drops.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
         _remove(target)
     copy.rename(target)
     _drop_journal(target)
@@ -195,49 +372,62 @@ def _repair_new_store(path: Path) -> bool:
         else:  # the new store was not finished: the existing one is untouched
             _remove(new)
         done = True
-    if old.exists():
+    if old.exists() or old.is_symlink():
         if path.exists():
             _remove(old)
         else:  # cannot happen with the journal, but never lose the only copy
             old.rename(path)
             logger.warning(f"Restored {path} from {old} left by an interrupted write.")
         done = True
+    if path.is_dir() and ((path / JOURNAL).exists() or (path / (JOURNAL + ".part")).exists()):
+        _drop_journal(path)  # left by a swap interrupted right after its last rename
     return done
 
 
 def _repair_files(store: Path) -> list[str]:
     """File-level repair of a store after an interrupted :func:`persist`; returns the restored element names.
 
-    A copy whose journal says ``"replacing"`` is moved into place (its original may be incomplete); any other
-    leftover copy is removed (the original was not touched). Reads nothing with spatialdata, so it also works on a
-    store that :func:`spatialdata.read_zarr` can no longer open.
+    A copy whose journal says ``"replacing"`` is moved into place (its original may be incomplete), after checking
+    that it reads back in the store's Zarr format and matches the fingerprint journalled with it; if any such copy
+    fails that check, an error is raised before anything is changed. Any other leftover copy is removed: without a
+    journal its original was not touched, with ``"done"`` its original was rewritten and verified (the copy may be
+    partly deleted). Reads nothing with spatialdata.read_zarr, so it also works on a store that it cannot open.
+
+    Raises
+    ------
+    OSError
+        If a ``"replacing"`` copy does not read back or verify (see :func:`_check_copy`); nothing is changed.
     """
     store = Path(store)
-    restored: list[str] = []
-    changed = False
+    moves: list[tuple[Path, Path, str]] = []  # (copy, original, kind)
+    leftovers: list[Path] = []
     for kind in _REWRITABLE:
         for tmp in [n for n in _disk_names(store, kind) if n.endswith(TMP_SUFFIX)]:
-            name = tmp[: -len(TMP_SUFFIX)]
-            if _journal_state(store / kind / tmp) == "replacing":
-                _move_into_place(store / kind / tmp, store / kind / name)
-                restored.append(name)
+            copy = store / kind / tmp
+            if _journal_state(copy) == "replacing":
+                moves.append((copy, store / kind / tmp[: -len(TMP_SUFFIX)], kind))
             else:
-                shutil.rmtree(store / kind / tmp)
-            changed = True
-        for name in _disk_names(store, kind):  # a journal left inside an element after a completed restore
-            if (store / kind / name / JOURNAL).exists():
-                _drop_journal(store / kind / name)
+                leftovers.append(copy)
     tstore = _temp_store(store)
-    if tstore.exists():
+    if tstore.exists() or tstore.is_symlink():
         for kind in _REWRITABLE:
             for name in _disk_names(tstore, kind):
                 if _journal_state(tstore / kind / name) == "replacing":
-                    (store / kind).mkdir(parents=True, exist_ok=True)
-                    _move_into_place(tstore / kind / name, store / kind / name)
-                    restored.append(name)
-        _remove(tstore)
-        changed = True
-    if changed:
+                    moves.append((tstore / kind / name, store / kind / name, kind))
+        leftovers.append(tstore)
+    for copy, target, kind in moves:  # every check before the first change
+        _check_copy(copy, target, kind, store)
+    restored: list[str] = []
+    for copy, target, _ in moves:
+        _move_into_place(copy, target)
+        restored.append(target.name)
+    for leftover in leftovers:
+        _remove(leftover)
+    for kind in _REWRITABLE:
+        for name in _disk_names(store, kind):  # a journal left inside an element after a completed restore
+            if (store / kind / name / JOURNAL).exists() or (store / kind / name / (JOURNAL + ".part")).exists():
+                _drop_journal(store / kind / name)
+    if moves or leftovers:
         _reconsolidate(store)
     for name in restored:
         logger.warning(f"Restored {name!r} in {store} from the verified copy left by an interrupted write.")
@@ -249,9 +439,10 @@ def recover(sdata: SpatialData | str | Path) -> list[str]:
 
     :func:`persist` writes a verified copy of an element before it touches the original, and journals when it starts
     replacing the original. A copy whose original was being replaced is moved into place (the original may be
-    incomplete); a copy whose original was not touched yet, or that is itself incomplete, is removed; an interrupted
-    ``strategy="new_store"`` swap is completed (or undone if the new store was not finished). Then the consolidated
-    metadata are rewritten from what is on disk.
+    incomplete), once it is checked to read back in the store's Zarr format and to match what was verified; a copy
+    whose original was not touched yet, that is itself incomplete, or whose original was already rewritten and
+    verified (the copy was being deleted) is removed; an interrupted ``strategy="new_store"`` swap is completed (or
+    undone if the new store was not finished). Then the consolidated metadata are rewritten from what is on disk.
 
     Parameters
     ----------
@@ -263,6 +454,12 @@ def recover(sdata: SpatialData | str | Path) -> list[str]:
     -------
     The names of the restored elements. For a stack, restored elements are also read back into memory (the object
     may hold what was read from the incomplete original).
+
+    Raises
+    ------
+    OSError
+        If a copy that should be moved into place does not read back or does not match what was verified when it
+        was written; nothing is changed and the message names the copy.
     """
     if not hasattr(sdata, "tables"):
         path = Path(sdata)
@@ -439,9 +636,54 @@ def _warn_unwritten(store: Path, changes: dict[str, list[str]]) -> None:
         )
 
 
-def _rewrite(sdata: SpatialData, kind: str, name: str, *, strategy: str) -> None:
+def _container_format(store: Path) -> Any:
+    """The spatialdata container format of the store (it fixes the Zarr format), for the copies of ``"temp_store"``.
+
+    Raises
+    ------
+    ValueError
+        If the store's format cannot be told or is not one that spatialdata writes (use ``"temp_element"``).
+    """
+    import zarr
+    from spatialdata._io.format import SpatialDataContainerFormats
+
+    version = None
+    try:
+        attrs = zarr.open_group(Path(store), mode="r", use_consolidated=False).attrs.asdict()
+        version = (attrs.get("spatialdata_attrs") or {}).get("version")
+    except Exception as e:  # noqa: BLE001 - reported below as an unknown format
+        logger.debug(f"Could not read the root metadata of {store}: {e}")
+    fmt = SpatialDataContainerFormats.get(version) if isinstance(version, str) else None
+    zarr_format = _zarr_format(store)
+    if fmt is None or fmt.zarr_format != zarr_format:
+        msg = (
+            f"strategy='temp_store' cannot write its copy in the format of {store} (spatialdata container format "
+            f"{version!r}, Zarr v{zarr_format}): a copy in another format would break the store when it is moved "
+            "into place. Use strategy='temp_element' (the copy is written inside the store, in its own format)."
+        )
+        raise ValueError(msg)
+    return fmt
+
+
+def _write_temp_store(tstore: Path, kind: str, name: str, element: Any, container_format: Any) -> None:
+    """Write ``element`` alone to the temporary store ``tstore``, in the target store's format.
+
+    The container format (hence the Zarr format) is the target's, and the element format spatialdata's default for
+    that container, so that the copy can be moved into the target store as it is.
+    """
     from spatialdata import SpatialData as SD
 
+    SD(**{kind: {name: element}}).write(
+        tstore, overwrite=True, update_sdata_path=False, sdata_formats=[container_format]
+    )
+
+
+def _rewrite(sdata: SpatialData, kind: str, name: str, *, strategy: str) -> None:
+    """Replace ``kind/name`` in the object's store by the in-memory element, through a verified copy.
+
+    The journal steps are described in the module docstring: copy written and verified -> ``"replacing"`` ->
+    original deleted, rewritten and verified -> ``"done"`` -> copy deleted.
+    """
     store = Path(sdata.path)
     element = getattr(sdata, kind)[name]
     if strategy == "temp_element":
@@ -455,18 +697,28 @@ def _rewrite(sdata: SpatialData, kind: str, name: str, *, strategy: str) -> None
         copy = store / kind / tmp
     else:
         tstore = _temp_store(store)
-        SD(**{kind: {name: element}}).write(tstore, overwrite=True, update_sdata_path=False)
+        _write_temp_store(tstore, kind, name, element, _container_format(store))
         _verify(tstore, kind, name, element)
         copy = tstore / kind / name
-    # a verified copy is on disk; journal that the original is about to change, then replace it
-    _journal(copy, "replacing")
+    found, wanted = _zarr_format(copy), _zarr_format(store)
+    if found != wanted:  # recovery would refuse to move it into place: stop before the original is touched
+        msg = (
+            f"The verified copy {copy} of {kind}/{name} is written in Zarr v{found}, the store {store} in Zarr "
+            f"v{wanted}; nothing in the store was changed. Use strategy='temp_element'."
+        )
+        raise OSError(msg)
+    # a verified copy is on disk; journal that the original is about to change (with what the copy holds, checked
+    # again before a repair moves it into place), then replace it
+    _journal(copy, "replacing", fingerprint=_fingerprint(element))
     sdata.delete_element_from_disk(name)
     sdata.write_element(name)
     _verify(store, kind, name, element)
+    # the original is whole and verified again: from here on the copy is a leftover, which may be partly deleted
+    _journal(copy, "done")
     if strategy == "temp_element":
         sdata.delete_element_from_disk(name + TMP_SUFFIX)  # also updates the consolidated metadata
     else:
-        shutil.rmtree(_temp_store(store))
+        _remove(_temp_store(store))
 
 
 def persist(
@@ -506,12 +758,15 @@ def persist(
         - ``"temp_element"``: the element is first written under ``<name>_asign_tmp`` in the same store and
           verified (read back and compared), then the original is deleted, rewritten and verified, then the copy is
           removed.
-        - ``"temp_store"``: the same, with the copy in a separate store ``<store>.asign_tmp`` next to the main one.
+        - ``"temp_store"``: the same, with the copy in a separate store ``<store>.asign_tmp`` next to the main one,
+          written in the main store's spatialdata container (and Zarr) format; a store whose format cannot be
+          told is refused before anything is written (use ``"temp_element"``).
         - ``"new_store"``: the whole object is written to ``<path>.asign_new``, verified, journalled, and swapped
           into place with renames (the previous store is kept as ``<path>.asign_old`` until the swap is done).
 
         An interrupted run is repaired by the next call (see :func:`asign.io.recover`): a copy whose original was
-        being replaced is moved into place (the interrupted write is completed); any other copy is discarded.
+        being replaced is moved into place once it is checked (the interrupted write is completed); any other copy,
+        including one whose original was already rewritten and verified, is discarded.
     overwrite
         Allow replacing an existing store at ``path`` (``"new_store"`` or an object that is not backed).
     write_new
@@ -557,6 +812,8 @@ def _persist(
         raise ValueError(msg)
 
     store = Path(sdata.path)
+    if strategy == "temp_store":
+        _container_format(store)  # refused before any work if the copy cannot be written in the store's format
     # finish an earlier interrupted write on disk first; the in-memory elements stay as they are (they hold what
     # that write was writing, or newer changes) and are written below
     _repair_files(store)
