@@ -880,3 +880,106 @@ def test_landmark_counts_are_checked_before_any_registration(rotated_stack, monk
         asign.pp.align_layers(
             rotated_stack, landmarks={s: v[:2] for s, v in lm.items()}, transform="affine", show_progress_bar=False
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# single-scale images: read by lazy block means, never whole
+# ---------------------------------------------------------------------------------------------------------------
+def _lazy_disk(h, w, chunk, centre, radius, calls):
+    """A lazy ``(3, h, w)`` uint8 xarray image (dark disk on glass) whose chunks record each computation."""
+    import dask.array as da
+    import xarray as xr
+
+    def gen(block_info=None):
+        (c0, c1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        calls.append((y0, x0))
+        yy, xx = np.arange(y0, y1)[:, None], np.arange(x0, x1)[None, :]
+        disk = (yy - centre[1]) ** 2 + (xx - centre[0]) ** 2 < radius**2
+        return np.repeat(np.where(disk, np.uint8(90), np.uint8(240))[None], c1 - c0, axis=0)
+
+    chunks = tuple(tuple(min(chunk, n - i) for i in range(0, n, chunk)) for n in (h, w))
+    return xr.DataArray(da.map_blocks(gen, dtype=np.uint8, chunks=((3,), *chunks)), dims=("c", "y", "x"))
+
+
+def _peak_bytes(func):
+    """(result, peak traced bytes) of ``func()`` run with dask's synchronous scheduler."""
+    import tracemalloc
+
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        tracemalloc.start()
+        try:
+            out = func()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    return out, peak
+
+
+def test_block_mean_geometry():
+    from asign._lazy import block_mean
+
+    x = np.arange(4 * 13 * 11, dtype=np.uint8).reshape(4, 13, 11)
+    small, f = block_mean(x, factor=3, channels=3)
+    assert f == (3, 3) and small.dtype == np.float32 and small.shape == (3, 4, 3)  # the excess is trimmed
+    want = x[:3, :12, :9].astype(np.float64).reshape(3, 4, 3, 3, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(small.compute(), want, rtol=1e-6)
+    # max_size: the smallest factor that reaches it; a factor is capped at the axis length
+    assert block_mean(x, max_size=4)[1] == (4, 4)
+    assert block_mean(x, max_size=13)[1] == (1, 1)
+    thin = np.zeros((3, 2, 100), np.uint8)
+    s, f = block_mean(thin, factor=10)
+    assert f == (2, 10) and s.shape == (3, 1, 10)
+    with pytest.raises(ValueError, match="exactly one"):
+        block_mean(x, factor=2, max_size=4)
+
+
+def test_single_scale_image_is_never_read_whole():
+    """A single-scale image much finer than the working grid: chunk-wise block means, each chunk computed once."""
+    from asign import _registration as R
+
+    R.load_work_image(_lazy_disk(64, 64, 32, (30, 30), 10, []), section="s", um_per_px=1.0, px_um=8.0)  # warm up
+    calls = []
+    el = _lazy_disk(2048, 2048, 256, (1100.0, 900.0), 500.0, calls)
+    w, peak = _peak_bytes(lambda: R.load_work_image(el, section="s", um_per_px=1.0, px_um=8.0))
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 64  # every chunk once
+    # the whole level (12 MiB as uint8, 48 MiB as float32) is never held: chunks and the 256 px result only
+    assert peak < el.nbytes / 2, (peak, el.nbytes)
+    assert w.grey.shape == (256, 256) and w.level == 0
+    ys, xs = np.nonzero(w.mask)
+    centre = w.to_full @ np.array([xs.mean(), ys.mean(), 1.0])
+    np.testing.assert_allclose(centre[:2], [1100.0, 900.0], atol=1.0)
+    # the same image as a numpy array with a pyramid gives the same working image up to the block-mean blur
+    img = np.asarray(el.values)
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    pyr = Image2DModel.parse(img, dims=("c", "y", "x"), scale_factors=[2, 2, 2], transformations={"s": Identity()})
+    wp = R.load_work_image(pyr, section="s", um_per_px=1.0, px_um=8.0)
+    assert wp.level == 3 and wp.grey.shape == w.grey.shape
+    assert np.abs(wp.grey - w.grey).max() < 0.1 and R.dice(wp.mask, w.mask) > 0.99
+
+
+def test_single_scale_stack_aligns_like_its_pyramid(small_stack):
+    """Images kept single-scale (as a SpatialData input's are) align as their pyramids do, within a working px."""
+    import copy
+
+    from asign._registration import full_size
+
+    single = copy.deepcopy(small_stack)
+    for k in list(single.images):
+        level0 = single.images[k]["scale0"]["image"]
+        del single.images[k]
+        single.images[k] = level0
+    # 512 px images at 160 px: the pyramid's 256 px level is read as before, level 0 by 3 x 3 block means
+    for sd in (small_stack, single):
+        asign.pp.align_layers(sd, target_size=160, show_progress_bar=False)
+    h, w = full_size(small_stack.images["he_S1"])
+    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], float)
+    tp = small_stack.tables["table"].uns["asign"]["alignment"]["transforms"]
+    ts = single.tables["table"].uns["asign"]["alignment"]["transforms"]
+    k = 512 / 160  # full px per working px
+    for s in ("S1", "S2", "S3"):
+        d = np.abs(corners @ np.asarray(tp[s]).T - corners @ np.asarray(ts[s]).T).max()
+        assert d < 0.5 * k, (s, d)

@@ -287,3 +287,43 @@ def test_make_spots_overlapping_pitch_warns(emptied, asign_log):
     d = float(get_stack(emptied.tables["table"]).spot_diameter_um)
     make_spots(emptied, section="S2", spacing_um=0.8 * d, tissue_threshold=0.95)
     assert "is smaller than the spot diameter" in asign_log.warnings and "overlap" in asign_log.warnings
+
+
+def test_tissue_mask_of_a_large_single_scale_image_by_block_means():
+    """No level <= 2048 px: the mask comes from lazy float32 block means, never from the whole image in float64."""
+    import tracemalloc
+
+    import dask
+    import dask.array as da
+    import xarray as xr
+
+    def lazy_disk(h, w, chunk, centre, radius, calls):
+        def gen(block_info=None):
+            (c0, c1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+            calls.append((y0, x0))
+            yy, xx = np.arange(y0, y1)[:, None], np.arange(x0, x1)[None, :]
+            disk = (yy - centre[1]) ** 2 + (xx - centre[0]) ** 2 < radius**2
+            return np.repeat(np.where(disk, np.uint8(90), np.uint8(240))[None], c1 - c0, axis=0)
+
+        chunks = tuple(tuple(min(chunk, n - i) for i in range(0, n, chunk)) for n in (h, w))
+        return xr.DataArray(da.map_blocks(gen, dtype=np.uint8, chunks=((3,), *chunks)), dims=("c", "y", "x"))
+
+    tissue_mask(lazy_disk(4200, 64, 512, (30, 30), 10, []), pixel_um=1.0)  # warm up (imports)
+    calls = []
+    # 16384 x 256 px at 1 µm/px: a band of tissue from y = 5000 to 11000
+    el = lazy_disk(16384, 256, 512, (128.0, 8000.0), 3000.0, calls)
+    with dask.config.set(scheduler="synchronous"):
+        tracemalloc.start()
+        try:
+            mask, factor = tissue_mask(el, pixel_um=1.0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 32  # every chunk once
+    assert peak < el.nbytes / 2, (peak, el.nbytes)  # the level is 12 MiB as uint8 (96 MiB as float64)
+    assert factor == 8.0 and mask.shape == (2048, 32)
+    ys = np.nonzero(mask.any(axis=1))[0]
+    assert abs(ys.min() * factor - 5000) <= factor and abs((ys.max() + 1) * factor - 11000) <= factor
+    # min_resolution_um still bounds the mask's pixel size (4 µm: 4 x 4 blocks, a 4096 px mask)
+    fine, f4 = tissue_mask(el, pixel_um=1.0, min_resolution_um=4.0)
+    assert f4 == 4.0 and fine.shape == (4096, 64)

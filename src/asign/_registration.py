@@ -262,8 +262,12 @@ def load_work_image(image, *, section: str, um_per_px: float, px_um: float, keep
     """Read an image element at the working pixel size ``px_um``.
 
     The coarsest pyramid level that is at least as fine as the working resolution is read and resampled (with an
-    anti-aliasing blur) onto the working grid.
+    anti-aliasing blur) onto the working grid. When that level is still finer than the working grid by an integer
+    factor ``f >= 2`` (a single-scale image, or a pyramid that stops too early), it is first reduced lazily by
+    ``f x f`` block means (:func:`asign._lazy.block_mean`), chunk by chunk: the full level is never held in memory.
     """
+    from ._lazy import block_mean
+
     levels = image_levels(image)
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
     k = px_um / um_per_px  # full-resolution px per working px
@@ -273,13 +277,30 @@ def load_work_image(image, *, section: str, um_per_px: float, px_um: float, keep
         if s <= k * (1.0 + 1e-6):
             chosen, li = lev, i
     sy, sx = h0 / chosen.sizes["y"], w0 / chosen.sizes["x"]
-    arr = chosen.transpose("y", "x", "c").data
-    arr = np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
-    rgb = arr[..., :3].astype(np.float32)
-    if arr.dtype == np.uint8:
-        rgb /= 255.0
-    elif rgb.size and rgb.max() > 1.0:
-        rgb /= float(rgb.max())
+    # level px per working px; an integer part >= 2 is taken off by block means before the array is read
+    f = int(np.floor(min(k / sy, k / sx) * (1.0 + 1e-6)))
+    if f >= 2:
+        import dask
+
+        small, (by, bx) = block_mean(chosen, factor=f, channels=3)
+        # the level's own maximum (not the block means'), read in the same pass
+        top = 255 if chosen.dtype == np.uint8 else chosen.transpose("c", "y", "x").data[:3].max()
+        small, top = dask.compute(small, top)
+        rgb = np.ascontiguousarray(np.moveaxis(np.asarray(small), 0, -1))
+        if chosen.dtype == np.uint8:
+            rgb /= 255.0
+        elif rgb.size and float(top) > 1.0:
+            rgb /= float(top)
+        # block px i has its centre at level px (i + 1/2) b - 1/2: a level b times coarser than the one read
+        sy, sx = sy * by, sx * bx
+    else:
+        arr = chosen.transpose("y", "x", "c").data
+        arr = np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
+        rgb = arr[..., :3].astype(np.float32)
+        if arr.dtype == np.uint8:
+            rgb /= 255.0
+        elif rgb.size and rgb.max() > 1.0:
+            rgb /= float(rgb.max())
     # working px u -> full x = k (u + 1/2) - 1/2 -> level l = (x + 1/2) / s - 1/2 = (k / s) u + (k / s - 1) / 2
     fy, fx = k / sy, k / sx
     h, w = max(1, int(np.ceil(h0 / k))), max(1, int(np.ceil(w0 / k)))

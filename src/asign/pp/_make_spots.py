@@ -43,6 +43,10 @@ def tissue_mask(
 ) -> tuple[np.ndarray, float]:
     """Tissue mask of an H&E image element, computed on a downsampled pyramid level.
 
+    The mask has at most ``2048`` px along its longer side (unless ``min_resolution_um`` needs more): a level above
+    that is reduced lazily by block means (:func:`asign._lazy.block_mean`, float32, chunk by chunk), so the full
+    resolution is never held in memory.
+
     Parameters
     ----------
     image
@@ -76,7 +80,19 @@ def tissue_mask(
             chosen = lev
             break
     factor = h0 / chosen.sizes["y"]
-    rgb = np.asarray(chosen.transpose("y", "x", "c").values, dtype=float)[..., :3]
+    # a level still above _MAX_MASK_SIDE (a single-scale image, or a pyramid that stops early) is reduced lazily by
+    # f x f block means, as far as min_resolution_um allows; mask px i then covers level-0 px [i F, (i + 1) F)
+    block = -(-max(int(chosen.sizes["y"]), int(chosen.sizes["x"])) // _MAX_MASK_SIDE)
+    if min_resolution_um is not None:
+        block = min(block, int(np.floor(min_resolution_um / (factor * pixel_um) * (1.0 + 1e-9))))
+    if block >= 2:
+        from asign._lazy import block_mean
+
+        small, (by, _) = block_mean(chosen, factor=block, channels=3, dtype=np.float32)
+        rgb = np.moveaxis(np.asarray(small.compute()), 0, -1)
+        factor *= by
+    else:
+        rgb = np.asarray(chosen.transpose("y", "x", "c").values, dtype=float)[..., :3]
     if tissue_threshold is not None:
         grey = rgb @ np.array([0.2125, 0.7154, 0.0721]) / 255.0
         mask = grey < float(tissue_threshold)
