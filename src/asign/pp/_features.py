@@ -482,7 +482,9 @@ def extract_features(
     table_key
         The spot table.
     key_added
-        Prefix of the keys written.
+        Prefix of the keys written. The tile tables ``'{key_added}_regions'`` and ``'{key_added}_globals'`` must not
+        clash with another element's name (of any type, compared case-insensitively) or with a table that no earlier
+        asign run with this ``key_added`` wrote; a clash is refused before any work.
     sections
         Sections to process (default: all; every one needs an image). With ``inplace=True``, sections processed by
         an earlier call with this ``key_added`` keep their features if that call had the same settings (encoder,
