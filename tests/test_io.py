@@ -470,3 +470,50 @@ def test_stack_sections_keeps_obsm_of_spatialdata_tables(asign_log):
     )
     info = "\n".join(r.getMessage() for r in asign_log.records)
     assert "Section 'V1': not stacked from table 'table': obsm['spatial']" in info and "layers ['norm']" in info
+
+
+def test_stack_sections_warns_about_table_rows_without_a_circle(asign_log):
+    """Rows whose instance id has no circle were dropped without a word."""
+    s1, counts = _visium_like(1)
+    t = s1.tables["table"]
+    extra = AnnData(
+        X=sp.csr_matrix(np.ones((3, 4), dtype=np.float32)),
+        obs=pd.DataFrame(
+            {"in_tissue": 1, "array_row": 0, "region": pd.Categorical(["vis1"] * 3), "spot_id": [100, 101, 102]},
+            index=["x100", "x101", "x102"],
+        ),
+        var=t.var.copy(),
+    )
+    adata = AnnData(X=sp.vstack([t.X, extra.X]).tocsr(), obs=pd.concat([t.obs, extra.obs]), var=t.var.copy())
+    adata.obs["region"] = pd.Categorical(adata.obs["region"].astype(str))
+    del s1.tables["table"]
+    s1.tables["table"] = TableModel.parse(adata, region="vis1", region_key="region", instance_key="spot_id")
+    sdata = stack_sections([s1], names=["V1"], spot_diameter_um=55.0)
+    assert sdata.tables["table"].n_obs == 12
+    np.testing.assert_array_equal(sdata.tables["table"].X.toarray(), counts)
+    assert (
+        "Section 'V1': 3 row(s) of table 'table' annotate instance ids in obs['spot_id'] that have no circle in "
+        "'vis1'; they are not stacked." in asign_log.warnings
+    )
+
+
+def test_stack_sections_matches_instance_ids_that_differ_in_type_only(asign_log):
+    """String ids '0', '1', ... for an integer shapes index gave 'does not annotate every spot' without a hint."""
+    s1, counts = _visium_like(1)
+    t = s1.tables["table"]
+    t.obs["spot_id"] = t.obs["spot_id"].astype(str)
+    sdata = stack_sections([s1], names=["V1"], spot_diameter_um=55.0)
+    np.testing.assert_array_equal(sdata.tables["table"].X.toarray(), counts)  # rows follow the shapes order
+    info = "\n".join(r.getMessage() for r in asign_log.records)
+    assert "(string: '11', '10', '9', ...) and the index of shapes 'vis1' (integer: 0, 1, 2, ...)" in info
+    assert "differ in type only; matched them as strings" in info
+    # no one-to-one match as strings either: the error names both types
+    s2, _ = _visium_like(2)
+    s2.tables["table"].obs["spot_id"] = [f"spot{i}" for i in range(12)]
+    with pytest.raises(ValueError, match=r"no instance id of table 'table' \(string: 'spot0', .*\(integer: 0, 1, 2"):
+        stack_sections([s2], names=["V2"], spot_diameter_um=55.0)
+    # same type, some circles unannotated: the count and examples
+    s3, _ = _visium_like(3)
+    s3.tables["table"].obs["spot_id"] = np.r_[np.arange(20, 22), np.arange(9, -1, -1)]
+    with pytest.raises(ValueError, match=r"does not annotate every spot of 'vis3' \(2 missing, e.g. 10, 11\)"):
+        stack_sections([s3], names=["V3"], spot_diameter_um=55.0)

@@ -173,7 +173,7 @@ def test_make_spots_errors(emptied):
     with pytest.raises(ValueError, match="grid must be 'square' or 'hex'"):
         make_spots(emptied, section="S2", grid="triangle")
     with pytest.raises(ValueError, match="no tissue found"):
-        make_spots(emptied, section="S2", tissue_threshold=0.0)
+        make_spots(emptied, section="S2", tissue_threshold=1e-3)
     px = float(get_stack(emptied.tables["table"]).um_per_px[1])
     with pytest.raises(ValueError, match=r"the pitch spacing_um=.* is smaller than a pixel of image 'he_S2'"):
         make_spots(emptied, section="S2", spacing_um=0.5 * px)
@@ -327,3 +327,162 @@ def test_tissue_mask_of_a_large_single_scale_image_by_block_means():
     # min_resolution_um still bounds the mask's pixel size (4 µm: 4 x 4 blocks, a 4096 px mask)
     fine, f4 = tissue_mask(el, pixel_um=1.0, min_resolution_um=4.0)
     assert f4 == 4.0 and fine.shape == (4096, 64)
+
+
+def test_make_spots_fills_nullable_obs_columns(emptied, asign_log):
+    """Nullable extension columns (stack_sections writes Int64 for an integer column some sections lack) crashed
+    np.full; they get <NA>, numpy columns keep their documented fill."""
+    t = emptied.tables["table"]
+    n = t.n_obs
+    t.obs["n_int"] = pd.array(np.arange(n), dtype="Int64")
+    t.obs["n_float"] = pd.array(np.arange(n) / 2, dtype="Float64")
+    t.obs["n_uint8"] = pd.array(np.arange(n) % 7, dtype="UInt8")
+    t.obs["n_bool"] = pd.array(np.arange(n) % 2 == 0, dtype="boolean")
+    t.obs["n_str"] = pd.array([f"s{i}" for i in range(n)], dtype="string")
+    t.obs["np_int"] = np.arange(n, dtype=np.int32)
+    t.obs["np_bool"] = np.ones(n, dtype=bool)
+    t.obs["np_obj"] = np.array(["a"] * n, dtype=object)
+    t.obs["cat"] = pd.Categorical(["x"] * n, categories=["x", "y"])
+    t.obs["array_row"] = pd.array(np.arange(n), dtype="Int64")  # grid indices into a nullable column
+    before = t.obs.copy()
+    make_spots(emptied, section="S2")
+    validate_stack(emptied)
+    t = emptied.tables["table"]
+    m = _rows(t, "S2")
+    for c in ("n_int", "n_float", "n_uint8", "n_bool", "n_str", "np_int", "np_bool", "np_obj", "cat", "array_row"):
+        assert t.obs[c].dtype == before[c].dtype, c
+        pd.testing.assert_series_equal(t.obs.loc[~m, c], before[c], check_names=False)
+    for c in ("n_int", "n_float", "n_uint8", "n_bool", "n_str", "cat"):
+        assert t.obs.loc[m, c].isna().all(), c
+    assert (t.obs.loc[m, "np_int"] == -1).all() and not t.obs.loc[m, "np_bool"].any()
+    assert (t.obs.loc[m, "np_obj"] == "").all()
+    assert t.obs.loc[m, "array_row"].notna().all() and t.obs.loc[m, "array_row"].min() == 0
+    assert "integer obs columns ['np_int']" in asign_log.warnings  # only the numpy integer column is set to -1
+
+
+def test_make_spots_nullable_column_made_by_stack_sections():
+    """The reviewer's case: an integer obs column in one section only becomes Int64 in the stack."""
+    from asign.io import Section, stack_sections
+
+    rng = np.random.default_rng(0)
+    img = np.full((512, 512, 3), 240, np.uint8)
+    img[100:400, 100:400] = 120
+    spots, counts = rng.uniform(120, 380, size=(50, 2)), rng.poisson(3, size=(50, 5))
+    genes = [f"g{i}" for i in range(5)]
+    obs = pd.DataFrame({"cluster": np.arange(50) % 3})
+    s1 = Section("S1", spots=spots, counts=counts, genes=genes, image=img, um_per_px=4.0, obs=obs)
+    s2 = Section("S2", spots=spots, counts=counts, genes=genes, image=img, um_per_px=4.0)
+    sdata = stack_sections([s1, s2], z_um=[0.0, 16.0])
+    assert sdata.tables["table"].obs["cluster"].dtype == "Int64"
+    sdata.images["he_S3"] = Image2DModel.parse(
+        img.transpose(2, 0, 1), dims=("c", "y", "x"), transformations={"S3": Identity()}
+    )
+    make_spots(sdata, section="S3", um_per_px=4.0, z_um=32.0)
+    t = sdata.tables["table"]
+    assert _rows(t, "S3").sum() > 10 and t.obs.loc[_rows(t, "S3"), "cluster"].isna().all()
+    assert t.obs["cluster"].dtype == "Int64"
+
+
+def _image(rgb, **kw):
+    return Image2DModel.parse(rgb, dims=("c", "y", "x"), **kw)
+
+
+@pytest.mark.parametrize(
+    ("case", "pattern"),
+    [
+        ("float32", r"section 'N': image 'he_N' has dtype float32; convert it to uint8 RGB"),
+        ("rgba", r"section 'N': image 'he_N' must be RGB \(c, y, x\) with 3 channels, got \{'c': 4"),
+        ("grey", r"section 'N': image 'he_N' must be RGB \(c, y, x\) with 3 channels, got \{'c': 1"),
+        ("scaled", r"section 'N': image 'he_N' has a transformation to the section's native coordinate system 'N' "),
+        ("z_nan", r"New section 'N': `z_um` must be a finite number, got nan"),
+    ],
+)
+def test_make_spots_checks_a_new_section_before_changing_sdata(small_stack, case, pattern):
+    """A bad image or z of a new section was caught only by the final validation, after sdata had changed."""
+    from spatialdata.transformations import Scale
+
+    rgb = small_stack.images["he_S2"]["scale0"]["image"].values
+    z = 24.0
+    tf = {"N": Identity()}
+    if case == "float32":
+        rgb = rgb.astype(np.float32)
+    elif case == "rgba":
+        rgb = np.concatenate([rgb, np.full_like(rgb[:1], 255)])
+    elif case == "grey":
+        rgb = rgb[:1]
+    elif case == "scaled":
+        tf = {"N": Scale([2.0, 2.0], axes=("y", "x"))}
+    else:
+        z = float("nan")
+    small_stack.images["he_N"] = _image(rgb, transformations=tf)
+    table, shapes, image = small_stack.tables["table"], dict(small_stack.shapes), small_stack.images["he_N"]
+    with pytest.raises(ValueError, match=pattern):
+        make_spots(small_stack, section="N", um_per_px=UM_PER_PX, z_um=z)
+    assert small_stack.tables["table"] is table and dict(small_stack.shapes) == shapes
+    assert small_stack.images["he_N"] is image
+    validate_stack(small_stack)
+
+
+def test_make_spots_checks_the_image_of_an_empty_section_first(emptied):
+    """The same checks for a manifest section without spots (validate_stack skips a section allowed empty)."""
+    table = emptied.tables["table"]
+    rgb = emptied.images["he_S2"]["scale0"]["image"].values
+    emptied.images["he_S2"] = _image(rgb.astype(np.float32), transformations={"S2": Identity()})
+    with pytest.raises(ValueError, match=r"(?s)make_spots cannot use image 'he_S2' of section 'S2'.*dtype float32"):
+        make_spots(emptied, section="S2")
+    emptied.images["he_S2"] = _image(rgb, transformations={"global": Identity()})
+    with pytest.raises(ValueError, match=r"image 'he_S2' has no transformation to the section's native coordinate"):
+        make_spots(emptied, section="S2")
+    assert emptied.tables["table"] is table and "spots_S2" not in emptied.shapes
+
+
+@pytest.mark.parametrize("threshold", [200, 1.5, 0.0, -0.1])
+def test_make_spots_tissue_threshold_on_the_0_1_scale(emptied, threshold):
+    """200 (a 0-255 value) made every pixel, glass included, tissue."""
+    with pytest.raises(ValueError, match=r"`tissue_threshold` must be in \(0, 1\].*0-1 scale .*not 0-255"):
+        make_spots(emptied, section="S2", tissue_threshold=threshold)
+    with pytest.raises(ValueError, match=r"`tissue_threshold` must be in \(0, 1\]"):
+        tissue_mask(emptied.images["he_S2"], pixel_um=UM_PER_PX, tissue_threshold=threshold)
+    assert "spots_S2" not in emptied.shapes
+
+
+@pytest.mark.parametrize("order", [("S2", "S3"), ("S3", "S2")])
+def test_make_spots_fills_two_empty_sections_in_either_order(small_stack, asign_log, order):
+    """Each call's validation complained about the other empty section: two image-only sections were a dead end."""
+    _drop_section(small_stack, "S2")
+    _drop_section(small_stack, "S3")
+    first, second = order
+    make_spots(small_stack, section=first)
+    assert f"Sections [{second!r}] still have an image and no spots" in asign_log.warnings
+    t = small_stack.tables["table"]
+    assert _rows(t, first).sum() > 10 and _rows(t, second).sum() == 0
+    validate_stack(small_stack, allow_empty=[second])
+    with pytest.raises(ValueError, match=f"section {second!r}: has zero spots"):
+        validate_stack(small_stack)
+    asign_log.records.clear()
+    make_spots(small_stack, section=second)
+    assert "still have an image and no spots" not in asign_log.warnings
+    stack = validate_stack(small_stack, require_images=True)
+    t = small_stack.tables["table"]
+    assert list(t.obs["section"].astype(str).drop_duplicates()) == stack.sections == ["S1", "S2", "S3"]
+    assert _rows(t, "S2").sum() > 10 and _rows(t, "S3").sum() > 10
+
+
+def test_make_spots_ignores_black_padding(emptied):
+    """The optical density of black padding (the corners of a rotated scan) made it tissue."""
+    rgb = emptied.images["he_S2"]["scale0"]["image"].values.copy()
+    clean, _ = tissue_mask(emptied.images["he_S2"], pixel_um=UM_PER_PX)
+    yy, xx = np.mgrid[0:512, 0:512]
+    corner = (xx + yy) < 120
+    assert not clean[corner].any()  # glass there
+    rgb[:, corner] = np.uint8(3)  # near-black, as a scanner's padding
+    emptied.images["he_S2"] = _image(rgb, transformations={"S2": Identity()})
+    mask, factor = tissue_mask(emptied.images["he_S2"], pixel_um=UM_PER_PX)
+    assert factor == 1.0 and not mask[corner].any()
+    assert (mask != clean).mean() < 0.01  # the tissue is found as without the padding
+    manual, _ = tissue_mask(emptied.images["he_S2"], pixel_um=UM_PER_PX, tissue_threshold=0.9)
+    assert not manual[corner].any()
+    make_spots(emptied, section="S2")
+    t = emptied.tables["table"]
+    xy = t.obsm["spatial"][_rows(t, "S2")]
+    assert len(xy) > 10 and not corner[xy[:, 1].astype(int), xy[:, 0].astype(int)].any()

@@ -292,6 +292,52 @@ def _spatialdata_obsm(adata: AnnData) -> tuple[dict[str, np.ndarray], list[str]]
     return keep, dropped
 
 
+def _examples(values: Any, n: int = 3) -> str:
+    head = [v.item() if isinstance(v, np.generic) else v for v in list(values[:n])]
+    return ", ".join(repr(v) for v in head) + (", ..." if len(values) > n else "")
+
+
+def _match_instances(ids: pd.Series, index: pd.Index, *, name: str, table_key: str, shapes_key: str) -> np.ndarray:
+    """The table row of every circle of ``index``, from the table's instance ids ``ids`` (unique).
+
+    When no id matches and the ids and the shapes index differ in type (e.g. ``'0', '1'`` strings for an integer
+    index, as a CSV or an object column gives), they are compared as strings; that match is used, with an INFO
+    line, when it is one-to-one. Otherwise the error names both types.
+    """
+    values, keys = ids.to_numpy(), index.to_numpy()
+    order = pd.Index(values).get_indexer(keys)
+    if len(keys) and (order < 0).all():
+        id_type = pd.api.types.infer_dtype(values, skipna=True)
+        index_type = pd.api.types.infer_dtype(keys, skipna=True)
+        if id_type != index_type:
+            s_values = pd.Index(values.astype(str))
+            s_keys = pd.Index(keys.astype(str))
+            by_str = s_values.get_indexer(s_keys) if s_values.is_unique and s_keys.is_unique else None
+            if by_str is not None and not (by_str < 0).any():
+                logger.info(
+                    f"Section {name!r}: the instance ids of table {table_key!r} ({id_type}: "
+                    f"{_examples(values)}) and the index of shapes {shapes_key!r} ({index_type}: {_examples(keys)}) "
+                    "differ in type only; matched them as strings."
+                )
+                return by_str
+            msg = (
+                f"Section {name!r}: no instance id of table {table_key!r} ({id_type}: {_examples(values)}) matches "
+                f"the index of shapes {shapes_key!r} ({index_type}: {_examples(keys)}), and comparing them as "
+                "strings does not match every spot either; give the table's instance ids the type and values of the "
+                "shapes index."
+            )
+            raise ValueError(msg)
+    if (order < 0).any():
+        missing = keys[order < 0]
+        msg = (
+            f"Section {name!r}: the table does not annotate every spot of {shapes_key!r} ({len(missing)} missing, "
+            f"e.g. {_examples(missing)}); table {table_key!r} needs one row per circle, whose instance id is the "
+            "circle's index."
+        )
+        raise ValueError(msg)
+    return order
+
+
 def _from_spatialdata(
     sdata: SpatialData,
     *,
@@ -369,10 +415,13 @@ def _from_spatialdata(
         xy = xy @ m[:2, :2].T + m[:2, 2]
         radius = radius * float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
         image = sdata.images[image_key]
-    order = pd.Index(ids.to_numpy()).get_indexer(shapes.index.to_numpy())
-    if (order < 0).any():
-        msg = f"Section {name!r}: the table does not annotate every spot of {shapes_key!r} ({int((order < 0).sum())} missing)."
-        raise ValueError(msg)
+    order = _match_instances(ids, shapes.index, name=name, table_key=table_key, shapes_key=shapes_key)
+    if len(rows) > len(order):
+        n_extra = len(rows) - len(order)
+        logger.warning(
+            f"Section {name!r}: {n_extra} row(s) of table {table_key!r} annotate instance ids in "
+            f"obs[{instance_key!r}] that have no circle in {shapes_key!r}; they are not stacked."
+        )
     adata = rows[order].copy()
     spot_ids = [str(i) for i in adata.obs_names]
     r_med = float(np.median(radius))
@@ -590,11 +639,14 @@ def stack_sections(
         returns (one circles shapes element, the table annotating it, and images). For a SpatialData input, the
         spot centres and radii are mapped into the pixel frame of the chosen image (``image_key``, default the
         largest image) with the transformation between the two elements. Of its table (whose ``instance_key``
-        column must be unique), the rows are reordered to the shapes' index and kept are: the raw counts
-        (``layers['counts']`` when present, else ``.X``), the extra ``obs`` columns, and the numeric ``(n, k)``
-        ``obsm`` arrays except ``obsm['spatial']`` (replaced by the centres in the chosen image's pixels); other
-        ``layers``, non-numeric ``obsm`` entries, ``varm``, ``obsp`` and ``uns`` are dropped (an INFO line names the
-        dropped ``layers`` and ``obsm`` keys).
+        column must be unique), the rows are reordered to the shapes' index (rows whose instance id has no circle
+        are not stacked, with a WARNING giving their number and section; instance ids that differ from the shapes
+        index only in type, such as strings ``'0', '1'`` for an integer index, are matched as strings when that
+        matches every circle one-to-one, with an INFO line, and otherwise refused with an error naming both types)
+        and kept are: the raw counts (``layers['counts']`` when present, else ``.X``), the extra ``obs`` columns,
+        and the numeric ``(n, k)`` ``obsm`` arrays except ``obsm['spatial']`` (replaced by the centres in the chosen
+        image's pixels); other ``layers``, non-numeric ``obsm`` entries, ``varm``, ``obsp`` and ``uns`` are dropped
+        (an INFO line names the dropped ``layers`` and ``obsm`` keys).
     names
         Section names for :class:`~spatialdata.SpatialData` inputs (default: the shapes element's name).
     spot_diameter_um

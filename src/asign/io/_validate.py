@@ -337,16 +337,7 @@ def validate_stack(
             problems.append(f"section {s!r}: image {ikey!r} listed in the manifest is missing from sdata.images.")
             continue
         img = _image_level0(sdata.images[ikey])
-        if tuple(img.dims) != ("c", "y", "x") or img.sizes["c"] != 3:
-            problems.append(
-                f"section {s!r}: image {ikey!r} must be RGB (c, y, x) with 3 channels, got {dict(img.sizes)}; "
-                "drop an alpha channel or convert greyscale to RGB."
-            )
-        if img.dtype != np.uint8:
-            problems.append(
-                f"section {s!r}: image {ikey!r} has dtype {img.dtype}; convert it to uint8 RGB "
-                "(e.g. skimage.util.img_as_ubyte)."
-            )
+        problems += _image_problems(sdata.images[ikey], section=s, image_key=ikey)
         tfs = _transformations(sdata.images[ikey])
         if cs not in tfs:
             problems.append(
@@ -370,6 +361,37 @@ def validate_stack(
     if problems:
         raise StackValidationError(problems)
     return stack
+
+
+def _image_problems(image: Any, *, section: str, image_key: str, identity_to: str | None = None) -> list[str]:
+    """The problems of a section's image element that :func:`validate_stack` reports (empty if none).
+
+    Checked: level 0 is RGB ``(c, y, x)`` with 3 channels and uint8; with ``identity_to``, a transformation to that
+    coordinate system, when present, is ``Identity`` (the section's spots are laid in the image's own pixels).
+    """
+    img = _image_level0(image)
+    problems = []
+    if tuple(img.dims) != ("c", "y", "x") or img.sizes["c"] != 3:
+        problems.append(
+            f"section {section!r}: image {image_key!r} must be RGB (c, y, x) with 3 channels, got {dict(img.sizes)}; "
+            "drop an alpha channel or convert greyscale to RGB."
+        )
+    if img.dtype != np.uint8:
+        problems.append(
+            f"section {section!r}: image {image_key!r} has dtype {img.dtype}; convert it to uint8 RGB "
+            "(e.g. skimage.util.img_as_ubyte)."
+        )
+    tfs = _transformations(image)
+    if identity_to is not None and identity_to in tfs:
+        m = _affine(tfs[identity_to])
+        if not np.allclose(m, np.eye(3), atol=1e-9):
+            problems.append(
+                f"section {section!r}: image {image_key!r} has a transformation to the section's native coordinate "
+                f"system {identity_to!r} that is not Identity (affine {np.round(m, 6).tolist()}); asign registers in "
+                f"the image's own pixels, so the image and its spots need Identity() to {identity_to!r} (put other "
+                "placements in another coordinate system)."
+            )
+    return problems
 
 
 def _required_images(secs: list[str], *, require: bool | Sequence[str]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -23,6 +24,24 @@ _BG_SIGMAS = 8.0
 # noise on glass ~0.01): below it the image holds no tissue
 _MIN_OD_CONTRAST = 0.05
 _MAX_MASK_SIDE = 2048
+# pixels darker than this in every channel (of 255) are not tissue: the black padding of rotated or cropped scans
+# (stained tissue, even dense haematoxylin, stays well above it)
+_BLACK = 10.0
+
+
+def _check_tissue_threshold(tissue_threshold: float | None) -> float | None:
+    from asign._checks import check_number
+
+    if tissue_threshold is None:
+        return None
+    thr = check_number("tissue_threshold", tissue_threshold)
+    if not 0.0 < thr <= 1.0:
+        msg = (
+            f"`tissue_threshold` must be in (0, 1], got {tissue_threshold!r}: it is a greyscale intensity on the 0-1 "
+            "scale (white = 1), not 0-255 (e.g. 0.8 for 204 of 255)."
+        )
+        raise ValueError(msg)
+    return thr
 
 
 def _levels(image) -> list[Any]:
@@ -54,9 +73,11 @@ def tissue_mask(
     pixel_um
         Microns per level-0 pixel.
     tissue_threshold
-        Greyscale intensity in ``[0, 1]``: pixels darker than it are tissue. Default: automatic, from the optical
-        density (Otsu's threshold, lowered to 8 robust standard deviations above the background when the background
-        is cleaner, so pale tissue counts).
+        Greyscale intensity in ``(0, 1]`` (the 0-1 scale, not 0-255): pixels darker than it are tissue. Default:
+        automatic, from the optical density (Otsu's threshold, lowered to 8 robust standard deviations above the
+        background when the background is cleaner, so pale tissue counts). Either way, near-black pixels (every
+        channel below 10 of 255, i.e. about 0.04 on the 0-1 scale: the black padding of rotated or cropped scans)
+        are never tissue, and are left out of the automatic threshold.
     min_resolution_um
         The mask's pixels must be at most this size in µm (picks the coarsest pyramid level that satisfies it).
 
@@ -68,6 +89,7 @@ def tissue_mask(
     from skimage import morphology
     from skimage.filters import threshold_otsu
 
+    tissue_threshold = _check_tissue_threshold(tissue_threshold)
     levels = _levels(image)
     h0 = levels[0].sizes["y"]
     chosen = levels[0]
@@ -93,20 +115,26 @@ def tissue_mask(
         factor *= by
     else:
         rgb = np.asarray(chosen.transpose("y", "x", "c").values, dtype=float)[..., :3]
+    # near-black padding (rotated / cropped scans) is not tissue, and its optical density (~5.5) would skew Otsu
+    valid = ~(rgb < _BLACK).all(axis=-1)
     if tissue_threshold is not None:
         grey = rgb @ np.array([0.2125, 0.7154, 0.0721]) / 255.0
-        mask = grey < float(tissue_threshold)
+        mask = (grey < tissue_threshold) & valid
     else:
         od = (-np.log((rgb + 1.0) / 256.0)).mean(axis=-1)
-        otsu = threshold_otsu(od) if float(od.max() - od.min()) > 0 else float(od.max())
-        bg = od[od < otsu]
+        vals = od[valid]
+        if vals.size == 0:
+            otsu = -np.inf  # an all-black image: no tissue
+        else:
+            otsu = threshold_otsu(vals) if float(vals.max() - vals.min()) > 0 else float(vals.max())
+        bg = vals[vals < otsu]
         if bg.size == 0:  # a uniform image: nothing stands out
             mask = np.zeros(od.shape, dtype=bool)
         else:
             med = float(np.median(bg))
             sigma = 1.4826 * float(np.median(np.abs(bg - med)))
             thr = min(otsu, med + _BG_SIGMAS * max(sigma, 1e-3))
-            mask = od > thr
+            mask = (od > thr) & valid
             # Otsu splits any image in two, pure noise too: the tissue must be visibly darker than the background
             if mask.any() and float(np.median(od[mask])) - med < _MIN_OD_CONTRAST:
                 mask[:] = False
@@ -154,20 +182,37 @@ def _grid(mask: np.ndarray, factor: float, pitch_px: float, grid: str, shape0: t
     return pts[keep], rc[keep]
 
 
+def _missing(dt: Any, n: int) -> Any:
+    """``n`` missing values of a pandas extension dtype (``<NA>``, ``NaT`` ...); `None` if it has no missing value."""
+    for na in (pd.NA, None):
+        try:
+            return pd.array([na] * n, dtype=dt)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
 def _fill_obs(obs: pd.DataFrame, index: pd.Index) -> tuple[pd.DataFrame, list[str]]:
-    """Empty rows with the dtypes of ``obs``: NaN / missing category / False / -1 / ""; returns the reset columns."""
+    """Empty rows with the dtypes of ``obs``; returns the columns set to -1.
+
+    Missing category (categoricals), ``<NA>`` (pandas' nullable extension dtypes: ``Int64``, ``Float64``,
+    ``boolean``, ``string`` ...), NaN (numpy floats), False (numpy bool), -1 (numpy integers, which have no missing
+    value) and ``""`` (anything else).
+    """
     out, reset = {}, []
     for c in obs.columns:
         dt = obs[c].dtype
         n = len(index)
         if isinstance(dt, pd.CategoricalDtype):
             out[c] = pd.Categorical([None] * n, categories=dt.categories, ordered=dt.ordered)
+        elif isinstance(dt, pd.api.extensions.ExtensionDtype) and (na := _missing(dt, n)) is not None:
+            out[c] = na
         elif pd.api.types.is_bool_dtype(dt):
             out[c] = np.zeros(n, dtype=bool)
-        elif pd.api.types.is_integer_dtype(dt):
+        elif pd.api.types.is_integer_dtype(dt) and isinstance(dt, np.dtype):
             out[c] = np.full(n, -1, dtype=dt)
             reset.append(c)
-        elif pd.api.types.is_float_dtype(dt):
+        elif pd.api.types.is_float_dtype(dt) and isinstance(dt, np.dtype):
             out[c] = np.full(n, np.nan, dtype=dt)
         else:
             out[c] = np.array([""] * n, dtype=object)
@@ -195,7 +240,12 @@ def _rebuild_table(
     sections: list[str],
     xy: np.ndarray,
     grid_rc: np.ndarray,
+    empty: Sequence[str] = (),
 ) -> AnnData:
+    """The table with the rows of ``section`` replaced by the virtual spots ``xy``.
+
+    ``empty``: sections without rows, which the table does not annotate yet.
+    """
     import anndata as ad
     from spatialdata.models import TableModel
 
@@ -209,7 +259,9 @@ def _rebuild_table(
     new_obs[Key.BARCODE] = ids
     for col, j in (("array_row", 0), ("array_col", 1)):
         if col in new_obs.columns:
-            new_obs[col] = grid_rc[:, j].astype(new_obs[col].dtype)
+            # astype through pandas: the column may be a nullable Int64 (stack_sections writes one when some
+            # sections lack it)
+            new_obs[col] = pd.Series(grid_rc[:, j], index=new_index).astype(new_obs[col].dtype)
     reset = [c for c in reset if c not in (Key.INSTANCE, "array_row", "array_col")]
     if reset:
         logger.warning(f"Virtual spots of section {section!r} get -1 in integer obs columns {reset}; recompute them.")
@@ -262,7 +314,7 @@ def _rebuild_table(
     obs = pd.concat(obs_parts)
     obs[Key.SECTION] = pd.Categorical(obs[Key.SECTION].astype(str), categories=sections, ordered=True)
     obs.loc[new_index, Key.SECTION] = section
-    shapes_keys = [Key.shapes(s) for s in sections]
+    shapes_keys = [Key.shapes(s) for s in sections if s not in empty]
     obs[Key.REGION] = pd.Categorical([Key.shapes(s) for s in obs[Key.SECTION].astype(str)], categories=shapes_keys)
     obs[Key.MEASURED] = obs[Key.MEASURED].astype(bool)
     obs[Key.INSTANCE] = obs[Key.INSTANCE].astype(np.int64)
@@ -314,9 +366,14 @@ def make_spots(
     """Lay a virtual spot grid over the tissue of a section that has an H&E image but no measured spots.
 
     The tissue mask comes from a downsampled pyramid level of the section's image (optical density, Otsu's threshold
-    lowered towards the background so pale tissue counts; closing, debris removal and small holes filled). A square
-    or hexagonal grid, centred on the tissue, keeps the points whose centre lies on tissue. This is how a user asks
-    for expression on an unmeasured section; asign never adds spots unasked.
+    lowered towards the background so pale tissue counts; near-black pixels, every channel below 10 of 255, such as
+    the padding of rotated or cropped scans, are never tissue; closing, debris removal and small holes filled). A
+    square or hexagonal grid, centred on the tissue, keeps the points whose centre lies on tissue. This is how a user
+    asks for expression on an unmeasured section; asign never adds spots unasked.
+
+    The section's image is checked first (uint8 RGB ``(c, y, x)`` with 3 channels; its transformation to the
+    section's coordinate system, if any, ``Identity``), and ``sdata`` changes only once the result has passed
+    :func:`asign.io.validate_stack`: an error leaves it as it was.
 
     Parameters
     ----------
@@ -325,7 +382,8 @@ def make_spots(
     section
         The section. Either listed in the manifest with an image and without measured spots (its unmeasured spots,
         if any, are replaced), or a new section: then ``image_key``, ``um_per_px`` and ``z_um`` describe it and it
-        is inserted into the stack at its z.
+        is inserted into the stack at its z. Other sections that have an image and no spots may stay empty
+        meanwhile (a WARNING names them): fill them one call each, in any order.
     spacing_um
         Grid pitch (centre-to-centre) in µm; default twice the spot diameter (ST: 200 µm for 100 µm spots).
     diameter_um
@@ -334,14 +392,15 @@ def make_spots(
         ``"square"`` (ST) or ``"hex"`` (Visium: rows ``pitch * sqrt(3) / 2`` apart, every other row shifted by half
         a pitch).
     tissue_threshold
-        Greyscale intensity in ``[0, 1]`` below which a pixel is tissue; default automatic.
+        Greyscale intensity in ``(0, 1]`` (the 0-1 scale, not 0-255) below which a pixel is tissue; default
+        automatic.
     image_key
         For a new section: its image element in ``sdata.images`` (default ``he_<section>``). The image gets an
         ``Identity`` transformation to the coordinate system ``section`` (its native frame) if it has none.
     um_per_px
         For a new section: microns per image pixel (required).
     z_um
-        For a new section: its z position in µm (required; sets its place in the cutting order).
+        For a new section: its z position in µm (required, finite; sets its place in the cutting order).
     table_key
         Key of the table in :attr:`spatialdata.SpatialData.tables` that annotates the spots of all sections.
     inplace
@@ -355,25 +414,32 @@ def make_spots(
     coordinate system) and a rebuilt ``tables[table_key]`` whose new rows (``obs_names`` ``'<section>_v<i>'``) have
     ``obs['measured'] = False``, zero counts, ``obsm['spatial']`` and, when present, ``obs['array_row']`` /
     ``obs['array_col']`` (grid indices), and ``obs['z']`` (the section's z) where the table has that column; other
-    per-spot values of the new rows are NaN (``obsm`` arrays and DataFrames, float columns and layers other than
-    ``counts``), missing categories, False, ``""`` or -1. ``obsp`` graphs are dropped (rerun the steps that wrote
+    per-spot values of the new rows are NaN (``obsm`` arrays and DataFrames, numpy float columns and layers other
+    than ``counts``), missing categories (categorical columns), ``<NA>`` (pandas' nullable columns: ``Int64``,
+    ``Float64``, ``boolean``, ``string`` ...), False (numpy bool columns), ``""`` (object columns) or -1 (numpy
+    integer columns, with a warning naming them). ``obsp`` graphs are dropped (rerun the steps that wrote
     them), and so are the ``uns`` records that describe them (``uns[<obsp key>]``, and records whose
     ``connectivities_key`` or ``distances_key`` names one, such as ``neighbors_3d``'s); ``obsm`` entries that are
-    neither 2-D arrays nor DataFrames are dropped too, with a warning that lists everything dropped. A new section is added to the manifest ``uns['asign']['stack']``, and the lattice's
-    parameters are recorded in ``uns['asign']['make_spots'][section]`` (``spacing_um``, ``diameter_um``, ``grid``,
+    neither 2-D arrays nor DataFrames are dropped too, with a warning that lists everything dropped. A new section is
+    added to the manifest ``uns['asign']['stack']``, and the lattice's parameters are recorded in ``uns['asign']['make_spots'][section]`` (``spacing_um``, ``diameter_um``, ``grid``,
     ``n_spots``, ``tissue_threshold``).
     """
     from spatialdata import SpatialData
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import Identity
 
+    from asign._checks import check_number
     from asign._stack import StackInfo
-    from asign.io._validate import StackValidationError, validate_stack
+    from asign.io._validate import StackValidationError, _image_problems, _transformations, validate_stack
 
     if grid not in ("square", "hex"):
         msg = f"grid must be 'square' or 'hex', got {grid!r}."
         raise ValueError(msg)
-    stack = validate_stack(sdata, table_key=table_key, allow_empty=[section])
+    tissue_threshold = _check_tissue_threshold(tissue_threshold)
+    # every section with an image and no spots may stay empty meanwhile: each is filled by its own call
+    empty = _image_only_sections(sdata, table_key)
+    still_empty = [s for s in empty if s != section]
+    stack = validate_stack(sdata, table_key=table_key, allow_empty=[*still_empty, section])
     table = sdata.tables[table_key]
     sec_str = table.obs[Key.SECTION].astype(str).to_numpy()
     images = dict(sdata.images)
@@ -394,6 +460,12 @@ def make_spots(
             raise ValueError(msg)
         px = float(stack.um_per_px[i])
         cs = stack.coordinate_systems[i]
+        problems = _image_problems(sdata.images[ikey], section=section, image_key=ikey, identity_to=cs)
+        if cs not in (tfs := _transformations(sdata.images[ikey])):
+            problems.append(
+                f"section {section!r}: image {ikey!r} has no transformation to the section's native coordinate "
+                f"system {cs!r} (found {sorted(tfs)})."
+            )
         new_stack = stack
     else:
         ikey = image_key or Key.image(section)
@@ -406,7 +478,13 @@ def make_spots(
         if um_per_px is None or z_um is None:
             msg = f"New section {section!r}: pass `um_per_px` (pixel size) and `z_um` (z position in µm)."
             raise ValueError(msg)
-        if not (np.isfinite(um_per_px) and um_per_px > 0):
+        for name, value in (("um_per_px", um_per_px), ("z_um", z_um)):
+            try:
+                check_number(name, value)
+            except (TypeError, ValueError) as e:
+                msg = f"New section {section!r}: {e}"
+                raise type(e)(msg) from None
+        if not um_per_px > 0:
             msg = f"New section {section!r}: `um_per_px` must be positive, got {um_per_px}."
             raise ValueError(msg)
         if np.any(np.isclose(stack.z_um, float(z_um))):
@@ -422,6 +500,7 @@ def make_spots(
             raise ValueError(msg)
         px = float(um_per_px)
         cs = section
+        problems = _image_problems(sdata.images[ikey], section=section, image_key=ikey, identity_to=cs)
         pos = int(np.searchsorted(stack.z_um, float(z_um)))
         new_stack = StackInfo(
             sections=[*stack.sections[:pos], section, *stack.sections[pos:]],
@@ -432,6 +511,11 @@ def make_spots(
             um_per_px=np.insert(stack.um_per_px, pos, px),
             spot_diameter_um=stack.spot_diameter_um,
         )
+    if problems:  # the checks validate_stack applies to images, before any work
+        lines = "\n".join(f"  - {p}" for p in problems)
+        msg = f"make_spots cannot use image {ikey!r} of section {section!r}:\n{lines}"
+        raise ValueError(msg)
+    if section not in stack.sections:
         images[ikey] = _with_native_cs(sdata.images[ikey], cs)
 
     diameter = float(diameter_um) if diameter_um is not None else stack.spot_diameter_um
@@ -468,7 +552,9 @@ def make_spots(
         index=pd.RangeIndex(len(xy)),
         transformations={cs: Identity()},
     )
-    new_table = _rebuild_table(table, section=section, sections=new_stack.sections, xy=xy, grid_rc=rc)
+    new_table = _rebuild_table(
+        table, section=section, sections=new_stack.sections, xy=xy, grid_rc=rc, empty=still_empty
+    )
     if Key.Z in new_table.obs:  # the section's z is known from the manifest (align_layers writes the column)
         rows = (new_table.obs[Key.SECTION] == section).to_numpy()
         new_table.obs.loc[rows, Key.Z] = float(new_stack.z_um[list(new_stack.sections).index(section)])
@@ -482,6 +568,19 @@ def make_spots(
         "tissue_threshold": -1.0 if tissue_threshold is None else float(tissue_threshold),
     }
     skey = Key.shapes(section)
+    # the result is checked before sdata changes: a failure leaves it as it was
+    candidate = SpatialData(
+        images=images,
+        labels=dict(sdata.labels),
+        points=dict(sdata.points),
+        shapes={**dict(sdata.shapes), skey: shapes},
+        tables={**{k: v for k, v in sdata.tables.items() if k != table_key}, table_key: new_table},
+    )
+    try:
+        validate_stack(candidate, table_key=table_key, allow_empty=still_empty)
+    except StackValidationError:  # pragma: no cover - a bug in make_spots, not a user error
+        logger.error("make_spots produced an invalid stack (the input is left unchanged); please report this.")
+        raise
     others = [k for k in sdata.tables if k != table_key]
     if others:
         logger.warning(f"Tables {others} do not cover the new spots of section {section!r}; recompute them.")
@@ -491,27 +590,36 @@ def make_spots(
             f"`obsm['{Key.SPATIAL_ALIGNED}']`, no transformation to the aligned coordinate system): rerun "
             "`asign.pp.align_layers`, then the features, graph and imputation."
         )
+    if still_empty:
+        logger.warning(
+            f"Sections {still_empty} still have an image and no spots; fill them with `asign.pp.make_spots` too "
+            "(every other step needs spots in every section)."
+        )
     logger.info(
         f"Adding {len(xy)} virtual spots ({grid} grid, pitch {spacing:g} µm) to section {section!r}: "
         f"`shapes['{skey}']` and rows of `tables['{table_key}']` with obs['measured'] = False."
     )
-    if inplace:
-        target = sdata
-        if ikey in sdata.images and images[ikey] is not sdata.images[ikey]:
-            sdata.images[ikey] = images[ikey]
-    else:
-        target = SpatialData(
-            images=images,
-            labels=dict(sdata.labels),
-            points=dict(sdata.points),
-            shapes=dict(sdata.shapes),
-            tables={k: v for k, v in sdata.tables.items() if k != table_key},
-        )
-    target.shapes[skey] = shapes
-    target.tables[table_key] = new_table
+    if not inplace:
+        return candidate
+    if images[ikey] is not sdata.images[ikey]:
+        sdata.images[ikey] = images[ikey]
+    sdata.shapes[skey] = shapes
+    sdata.tables[table_key] = new_table
+    return None
+
+
+def _image_only_sections(sdata: SpatialData, table_key: str) -> list[str]:
+    """The manifest's sections that have an image element and no row in the table (those make_spots can fill)."""
+    from asign._stack import StackInfo
+
     try:
-        validate_stack(target, table_key=table_key)
-    except StackValidationError:  # pragma: no cover - a bug in make_spots, not a user error
-        logger.error("make_spots produced an invalid stack; please report this.")
-        raise
-    return None if inplace else target
+        table = sdata.tables[table_key]
+        stack = StackInfo.from_uns(table.uns[Key.UNS][Key.STACK])
+        present = set(table.obs[Key.SECTION].astype(str))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # validate_stack says what is wrong
+        return []
+    return [
+        s
+        for s, k in zip(stack.sections, stack.image_keys, strict=False)
+        if k and k in sdata.images and s not in present
+    ]
