@@ -165,3 +165,49 @@ def test_a_sample_given_twice_for_training_is_refused(stacks):
         _fit({"P": p, "P2": p})
     with pytest.raises(ValueError, match="Samples 'A' and 'B' are the same object"):
         _impute(p, train={"A": q, "B": q})
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error", "match"),
+    [
+        ("n_models", 1.5, TypeError, r"method 'asign': `n_models` must be an integer, got 1.5"),
+        ("n_models", True, TypeError, r"method 'asign': `n_models` must be an integer, got True"),
+        ("n_models", "2", TypeError, r"method 'asign': `n_models` must be an integer, got '2'"),
+        ("n_models", 0, ValueError, r"method 'asign': `n_models` must be >= 1, got 0"),
+        ("tile_radius", -1.0, ValueError, r"method 'asign': `tile_radius` must be > 0, got -1.0"),
+        ("tile_radius", float("nan"), ValueError, r"method 'asign': `tile_radius` must be a finite number"),
+        ("tile_radius", "a", TypeError, r"method 'asign': `tile_radius` must be a number, got 'a'"),
+        ("tile_max_neighbors", 0, ValueError, r"method 'asign': `tile_max_neighbors` must be >= 1, got 0"),
+        ("tile_max_neighbors", 2.5, TypeError, r"method 'asign': `tile_max_neighbors` must be an integer"),
+    ],
+)
+def test_data_options_are_checked_before_training(stacks, option, value, error, match):
+    """n_models, tile_radius and tile_max_neighbors: 1.5 / True used to train one model silently, a negative radius to
+    build no tile edges, 0 neighbours to fail with an IndexError deep in the tile graph."""
+    p, q = stacks
+    with pytest.raises(error, match=match):
+        _impute(p, method_kwargs={**TINY, option: value})
+    with pytest.raises(error, match=match):
+        _impute(p, train={"Q": q}, method_kwargs={**TINY, option: value})
+    if option != "n_models":  # tl.fit takes n_models as a keyword of its own
+        with pytest.raises(error, match=match):
+            asign.tl.fit({"P": p, "Q": q}, n_genes=8, config={**TINY, option: value}, show_progress_bar=False)
+
+
+def test_fewer_than_two_known_spots_are_refused_before_training(stacks, caplog):
+    """One known spot cannot give a visible set and a loss set: refused up front, naming the sample, its known
+    sections and the count (it used to fail in the training loop naming a placeholder sample 'sample')."""
+    import numpy as np
+
+    p, q = stacks
+    t = p.tables["table"]
+    one = np.zeros(t.n_obs, dtype=bool)
+    one[np.flatnonzero(t.obs["section"].astype(str) == "S2")[0]] = True
+    with caplog.at_level(logging.INFO, logger="asign"), pytest.raises(ValueError) as e:
+        _impute(p, known=one)
+    assert str(e.value).startswith(
+        "method 'asign': the sample to impute 'P' has 1 known spot(s) (section(s) ['S2']); training needs at least 2"
+    )
+    assert "Training ASIGN" not in caplog.text and "hold out" not in caplog.text
+    with pytest.raises(ValueError, match=r"training sample 'P' has 1 known spot\(s\) \(section\(s\) \['S2'\]\)"):
+        _fit({"Q": q, "P": p}, known={"Q": None, "P": one}, validation="holdout")

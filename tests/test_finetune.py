@@ -196,3 +196,36 @@ def test_finetune_needs_a_torch_encoder(stack):
             n_models=1,
             show_progress_bar=False,
         )
+
+
+def test_encoder_options_need_finetune_encoder(stack):
+    """`encoder` / `encoder_weights` / `encoder_input_size` without finetune_encoder=True used to be ignored while
+    uns recorded the encoder as used; an unknown encoder name was blamed on feature extraction; feature_key=None gave
+    a KeyError on `uns['None_features']`. All are refused before any work."""
+    kw = {"known": "S1", "method": "asign", "n_genes": 10, "inplace": False, "show_progress_bar": False}
+    for opts, shown in (
+        ({"encoder": _tiny()}, "encoder=<TinyCNN>"),
+        ({"encoder": "resnet50"}, "encoder='resnet50'"),
+        ({"encoder_weights": "random"}, "encoder_weights='random'"),
+        ({"encoder_input_size": 32}, "encoder_input_size=32"),
+    ):
+        with pytest.raises(ValueError, match=rf"method 'asign': {shown} applies to encoder fine-tuning only"):
+            asign.tl.impute(stack, method_kwargs={**TINY, **opts}, **kw)
+    with pytest.raises(ValueError, match="encoder fine-tuning only"):
+        asign.tl.fit(stack, known="S1", n_genes=10, config={**TINY, "encoder": _tiny()}, show_progress_bar=False)
+    with pytest.raises(ValueError) as e:
+        asign.tl.impute(stack, method_kwargs={**TINY, "finetune_encoder": True, "encoder": "resnet18"}, **kw)
+    msg = str(e.value)
+    assert "encoder='resnet18', which is not in the encoder registry; available: [" in msg
+    assert "'resnet50'" in msg and "extracted with" not in msg
+    with pytest.raises(ValueError, match=r"finetune_encoder=True needs image features .*feature_key=None"):
+        asign.tl.impute(
+            stack, method_kwargs={**TINY, "finetune_encoder": True, "encoder": _tiny(), "feature_key": None}, **kw
+        )
+    # the defaults (and None for the weights) are no request: training runs without an encoder
+    out = asign.tl.impute(
+        stack,
+        method_kwargs={**TINY, "max_epochs": 1, "n_models": 1, "encoder": "", "encoder_weights": None},
+        **kw,
+    )
+    assert out.uns["asign"]["result"]["options"]["encoder"] == ""

@@ -278,3 +278,103 @@ def test_a_non_finite_loss_stops_training(data):
     model = make_model(s.n_genes, _dims(s), cfg)
     with pytest.raises(FloatingPointError, match=r"the loss on sample .* became non-finite at epoch 0 \(step 0\)"):
         train_model(model, [bad], show_progress_bar=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("poly_iters", 0),
+        ("poly_iters", -5),
+        ("hidden_dim", 0),
+        ("hidden_dim", -4),
+        ("dropout", 1.5),
+        ("dropout", float("nan")),
+        ("input_dropout", 1.0),
+        ("lr", 0.0),
+        ("lr", float("inf")),
+        ("weight_decay", -1.0),
+        ("momentum", 2.0),
+        ("loss_weights", [0, 0, 0, 0]),
+        ("loss_weights", [-1, 1, 1, 1]),
+        ("loss_weights", [1, float("nan"), 1, 1]),
+        ("net_loss_weight", -1.0),
+        ("net_loss_weight", float("nan")),
+        ("alpha_init", float("nan")),
+        ("grad_clip", float("nan")),
+        ("grad_clip", -1.0),
+        ("memory_limit_gb", float("nan")),
+        ("encoder_lr", 0.0),
+        ("encoder_lr", float("inf")),
+        ("patience", -1),
+        ("min_epochs", -3),
+        ("seed", -1),
+    ],
+)
+def test_config_refuses_out_of_range_values(name, value):
+    """Out-of-range options used to be accepted and then train nothing (lr=0, all-zero loss weights), make the
+    learning rate grow (poly_iters < 0) or fail deep in torch / numpy (hidden_dim=0, dropout=nan, seed=-1)."""
+    with pytest.raises(ValueError, match=rf"^ASIGNConfig\.{name}="):
+        ASIGNConfig(**{name: value})
+    with pytest.raises(ValueError, match=rf"^ASIGNConfig\.{name}="):
+        ASIGNConfig().replace(**{name: value})
+
+
+def test_config_range_edges_and_presets_validate():
+    """The ends of the ranges that mean something (0: no clipping / automatic budget / no early stopping) and every
+    preset stay valid; hidden_dim is checked before the heads divide it."""
+    edges = {"dropout": 0.0, "input_dropout": 0.0, "momentum": 0.0, "weight_decay": 0.0, "grad_clip": 0.0}
+    edges |= {"memory_limit_gb": 0.0, "patience": 0, "min_epochs": 0, "seed": 0, "poly_iters": 1}
+    edges |= {"net_loss_weight": 0.0, "loss_weights": [0, 0, 0, 1], "alpha_init": -3.0}
+    ASIGNConfig(**edges)
+    for preset in ("default", "paper_code"):
+        ASIGNConfig.from_preset(preset)
+    with pytest.raises(ValueError, match=r"^ASIGNConfig\.hidden_dim=-4 must be at least 1"):
+        ASIGNConfig(hidden_dim=-4)
+
+
+def test_block_mask_always_leaves_a_spot_hidden(data):
+    """mask="block" with a large visible_fraction: a patch used to cover every labelled spot, so the step had no loss
+    set and was skipped (0.99: no step at all, an untrained model returned silently)."""
+    s, _, _ = data
+    gen = torch.Generator().manual_seed(0)
+    cfg = ASIGNConfig(**CFG, mask="block", visible_fraction=0.99)
+    for _ in range(20):
+        vis, loss = _draw_mask(s, cfg, gen)
+        assert bool(loss.any()) and not bool((vis & ~s.labelled).any())
+        assert bool(((vis | loss) == s.labelled).all())
+    cfg = cfg.replace(max_epochs=2, steps_per_epoch=3)
+    res = train_model(make_model(s.n_genes, _dims(s), cfg), [s], show_progress_bar=False)
+    assert res.n_steps == 6
+
+
+def test_an_epoch_without_steps_is_an_error(data, monkeypatch):
+    """If no step of an epoch has a loss set, training says so, naming the mask options, instead of returning an
+    untrained model."""
+    from asign._model import _train
+
+    s, _, _ = data
+
+    def nothing_hidden(sample, cfg, gen):
+        return sample.labelled.clone(), torch.zeros_like(sample.labelled)
+
+    monkeypatch.setattr(_train, "_draw_mask", nothing_hidden)
+    cfg = ASIGNConfig(**CFG, mask="block", visible_fraction=0.9, max_epochs=2)
+    with pytest.raises(ValueError, match=r"made no step in epoch 0.*mask='block', visible_fraction=0\.9"):
+        train_model(make_model(s.n_genes, _dims(s), cfg), [s], show_progress_bar=False)
+
+
+def test_patience_zero_runs_every_epoch_and_keeps_the_best(data):
+    """As ASIGNConfig documents it: patience=0 turns off the stopping only; with validation all epochs run and the
+    best-scoring epoch's weights are restored, without validation the last epoch's are kept."""
+    s, y, full = data
+    val = ValidationSet(sample=s, y_eval=torch.as_tensor(y), eval_rows=(s.section > 0))
+    cfg = ASIGNConfig(**{**CFG, "patience": 0, "lr": 0.05}, max_epochs=8)
+    model = make_model(s.n_genes, _dims(s), cfg)
+    res = train_model(model, [full], validation=[val], show_progress_bar=False)
+    scores = [r["val_pcc"] for r in res.curve]
+    assert res.epochs_run == 8 and res.best_epoch == int(np.argmax(scores))
+    sec = s.section.numpy()
+    score = per_gene_pcc(predict_sample(model, s)["pred"][sec > 0], y[sec > 0], sec[sec > 0])
+    assert score == pytest.approx(res.best_score, abs=1e-6)
+    res = train_model(make_model(s.n_genes, _dims(s), cfg), [full], show_progress_bar=False)
+    assert res.epochs_run == 8 and res.best_epoch == 7

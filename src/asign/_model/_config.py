@@ -81,24 +81,31 @@ class ASIGNConfig:
     schedule
         ``"cosine"`` or ``"poly"`` (``(1 - it / poly_iters) ** 0.9``).
     poly_iters
-        Horizon of the poly schedule.
+        Horizon of the poly schedule in optimiser steps (at least 1); the learning rate is 0 from there on.
     max_epochs
         Upper bound on epochs; one epoch is one pass over the training samples in a seeded random order.
     steps_per_epoch
         Masked steps per sample and epoch (a single small sample needs several masks per epoch).
     patience
-        Early-stopping patience in epochs (on the validation per-gene PCC); 0 disables early stopping.
+        Early-stopping patience in epochs: training stops once the validation score (per-gene PCC) has not improved
+        for ``patience`` epochs. 0 turns off the stopping only: all ``max_epochs`` epochs run, and with validation
+        (a validation sample or a hold-out, see ``holdout_fraction``) the weights of the epoch with the best
+        validation score are still restored at the end, not the last epoch's.
     min_epochs
         Epochs before early stopping may trigger.
     holdout_fraction
-        With no validation sample (transductive training), the fraction of labelled spots held out for early stopping:
-        they are never visible and never in the loss during training.
+        With no validation sample (transductive training, or ``method_kwargs={"validation": "holdout"}`` of
+        :func:`asign.tl.impute` / :func:`asign.tl.fit`), the fraction of labelled spots held out for validation:
+        they are never visible and never in the loss during training, and they score every epoch; the weights of
+        the best-scoring epoch are kept (and with ``patience > 0`` the score also stops training early). The hold-out
+        is taken whatever ``patience`` is. ``method_kwargs={"validation": "none"}`` takes none: training uses every
+        labelled spot, runs all ``max_epochs`` epochs and keeps the last epoch's weights.
     grad_clip
-        Gradient-norm clip.
+        Gradient-norm clip (0: no clipping).
     amp
         Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.
     seed
-        Seed of the initialisation, masks and sample order.
+        Seed of the initialisation, masks and sample order (a non-negative integer).
     label_input
         Feed the spot branch, besides its image features, with inputs computed inside the forward pass from the
         *visible* labels of the step only: the leave-one-out cross-layer propagation of the visible labels
@@ -265,6 +272,9 @@ class ASIGNConfig:
             if getattr(self, name) not in allowed:
                 msg = f"ASIGNConfig.{name}={getattr(self, name)!r} is not one of {list(allowed)}."
                 raise ValueError(msg)
+        if self.hidden_dim < 1:
+            msg = f"ASIGNConfig.hidden_dim={self.hidden_dim} must be at least 1."
+            raise ValueError(msg)
         for name in ("attn_heads", "gat_heads"):
             h = getattr(self, name)
             if h < 1 or self.hidden_dim % h:
@@ -276,6 +286,14 @@ class ASIGNConfig:
         if len(self.loss_weights) != 4:
             msg = f"ASIGNConfig.loss_weights must have 4 entries (w_mse, w_pcc, lambda_1, lambda_2), got {self.loss_weights}."
             raise ValueError(msg)
+        w = self.loss_weights
+        if not all(0.0 <= v < math.inf for v in w) or not any(v > 0.0 for v in w):
+            msg = (
+                f"ASIGNConfig.loss_weights={w} must be finite numbers >= 0 with at least one > 0 (all 0: nothing to "
+                "train on)."
+            )
+            raise ValueError(msg)
+        self._check_ranges()
         if not 0.0 < self.visible_fraction < 1.0:
             msg = f"ASIGNConfig.visible_fraction={self.visible_fraction} must lie in (0, 1)."
             raise ValueError(msg)
@@ -299,9 +317,35 @@ class ASIGNConfig:
         if self.batch_size < 1 or self.fanout < 0 or self.inference_batch_size < 0 or self.encoder_chunk < 1:
             msg = "ASIGNConfig.batch_size and encoder_chunk must be >= 1, fanout and inference_batch_size >= 0."
             raise ValueError(msg)
-        if self.memory_limit_gb < 0 or self.encoder_lr < 0 or not 0.0 <= self.encoder_freeze <= 1.0:
-            msg = "ASIGNConfig.memory_limit_gb and encoder_lr must be >= 0 and encoder_freeze must lie in [0, 1]."
+        if not 0.0 <= self.encoder_freeze <= 1.0:
+            msg = f"ASIGNConfig.encoder_freeze={self.encoder_freeze} must lie in [0, 1]."
             raise ValueError(msg)
+
+    def _check_ranges(self) -> None:
+        """Numeric options must lie in their range (NaN lies in none): a :class:`ValueError` naming the first that does not."""
+        unit = "a number in [0, 1)"
+        positive, non_negative = "a finite number > 0", "a finite number >= 0"
+        ranges = (
+            ("dropout", unit, lambda v: 0.0 <= v < 1.0),
+            ("input_dropout", unit, lambda v: 0.0 <= v < 1.0),
+            ("alpha_init", "a finite number", math.isfinite),
+            ("net_loss_weight", non_negative, lambda v: 0.0 <= v < math.inf),
+            ("lr", positive, lambda v: 0.0 < v < math.inf),
+            ("weight_decay", non_negative, lambda v: 0.0 <= v < math.inf),
+            ("momentum", unit, lambda v: 0.0 <= v < 1.0),
+            ("poly_iters", "at least 1", lambda v: v >= 1),
+            ("patience", ">= 0 (0: no early stopping)", lambda v: v >= 0),
+            ("min_epochs", ">= 0", lambda v: v >= 0),
+            ("grad_clip", f"{non_negative} (0: no clipping)", lambda v: 0.0 <= v < math.inf),
+            ("seed", ">= 0", lambda v: v >= 0),
+            ("memory_limit_gb", f"{non_negative} (0: the automatic budget)", lambda v: 0.0 <= v < math.inf),
+            ("encoder_lr", positive, lambda v: 0.0 < v < math.inf),
+        )
+        for name, what, ok in ranges:
+            value = getattr(self, name)
+            if not ok(value):
+                msg = f"ASIGNConfig.{name}={value!r} must be {what}."
+                raise ValueError(msg)
 
     @classmethod
     def from_preset(cls, preset: str = "default", **overrides: Any) -> ASIGNConfig:

@@ -123,6 +123,9 @@ def _block_visible(sample: SampleTensors, fraction: float, gen: torch.Generator)
     neighbours (one hop on the edges of ``sample.edge_index`` that do not cross sections), until ``fraction`` of the
     labelled spots are visible. The hidden spots then lie in contiguous regions away from every visible label, as
     the spots of an unknown section are at prediction; with ``mask="spot"`` every hidden spot has visible neighbours.
+    As under ``mask="spot"``, at least one labelled spot stays hidden (a random one, when the last patch covered
+    every labelled spot), so that every step has a loss set; a large ``fraction`` (e.g. 0.99) gives steps with few
+    hidden spots.
     """
     labelled = sample.labelled
     idx = torch.nonzero(labelled).squeeze(1)
@@ -140,6 +143,8 @@ def _block_visible(sample: SampleTensors, fraction: float, gen: torch.Generator)
         patch = torch.cat([torch.tensor([centre], device=src.device), dst[src == centre], src[dst == centre]])
         visible[patch] = True
         visible &= labelled
+    if idx.numel() >= 2 and bool(visible[idx].all()):
+        visible[idx[int(torch.randint(idx.numel(), (1,), generator=gen))]] = False
     return visible
 
 
@@ -277,10 +282,11 @@ def train_model(
 
     Each step processes one training sample with a visible set drawn by the mask (``config.mask``); hidden labels are
     NaN in the tensor the model and the propagation receive, and the loss reads a separate target tensor on the
-    hidden labelled rows only. Early stopping (``config.patience``) uses the validation per-gene PCC (the mean over
-    the validation sets that give a score); the best epoch's weights are restored. Epochs before the first finite
-    score do not count towards ``patience``. Without validation sets, or when no epoch gives a finite score (a warning
-    is logged), the last epoch's weights are kept.
+    hidden labelled rows only; every step has at least one hidden labelled row (a ValueError names the mask options
+    if an epoch makes no step). Early stopping (``config.patience``) uses the validation per-gene PCC (the mean over
+    the validation sets that give a score); the best epoch's weights are restored, also with ``patience=0`` (which
+    runs every epoch). Epochs before the first finite score do not count towards ``patience``. Without validation
+    sets, or when no epoch gives a finite score (a warning is logged), the last epoch's weights are kept.
 
     ``config.subgraph`` decides per sample (``"auto"``: :func:`~asign._model._sampling.plan_training`, whole graph
     when the memory estimate fits ``memory_limit_gb``). On subgraphs a masked step is split into batches of
@@ -469,6 +475,13 @@ def _train(
                     sched.step()
                     res.n_steps += 1
                     losses.append(parts)
+        if not losses:  # every step's loss set was empty: the epoch would leave the model untrained, silently
+            msg = (
+                f"ASIGN training made no step in epoch {epoch}: no masked step left a labelled spot hidden for the "
+                f"loss (mask={cfg.mask!r}, visible_fraction={cfg.visible_fraction:g}, "
+                f"steps_per_epoch={cfg.steps_per_epoch}); lower visible_fraction."
+            )
+            raise ValueError(msg)
         row: dict[str, float] = {"epoch": float(epoch)}
         for k in sorted({k for p in losses for k in p}):
             row[f"loss_{k}"] = float(np.mean([p[k] for p in losses if k in p]))

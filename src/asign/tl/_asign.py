@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asign._checks import check_method_option
 from asign._constants import Key
 from asign._logging import logger
 from asign._stack import nonfinite_rows
@@ -63,7 +64,8 @@ OPTIONS = {
     "gene_rank": 10,
     "nearest_blend": 0.5,
     # encoder fine-tuning (ASIGNConfig.finetune_encoder): "" = the encoder and input size of extract_features;
-    # `encoder` may also be a registry name or a torch.nn.Module
+    # `encoder` may also be a registry name or a torch.nn.Module. Refused without finetune_encoder=True
+    # (_check_finetune_options)
     "encoder": "",
     "encoder_weights": "",
     "encoder_input_size": 0,
@@ -118,7 +120,12 @@ def _option_defaults(params: dict[str, Any], *, transductive: bool) -> dict[str,
 
 
 def split_params(params: dict[str, Any], *, seed: int, transductive: bool) -> tuple[ASIGNConfig, dict[str, Any]]:
-    """Split ``method_kwargs`` into an :class:`~asign._model.ASIGNConfig` and the data options of :data:`OPTIONS`."""
+    """Split ``method_kwargs`` into an :class:`~asign._model.ASIGNConfig` and the data options of :data:`OPTIONS`.
+
+    Checks every option before any data is read: the configuration (:meth:`~asign._model.ASIGNConfig.validate`),
+    ``n_models`` (integer >= 1), ``tile_radius`` (finite, > 0), ``tile_max_neighbors`` (integer >= 1), ``gene_rank``,
+    ``nearest_blend``, ``validation`` and the encoder options (:func:`_check_finetune_options`).
+    """
     from asign._model import ASIGNConfig
 
     fields = {f.name for f in dataclasses.fields(ASIGNConfig)}
@@ -132,6 +139,11 @@ def split_params(params: dict[str, Any], *, seed: int, transductive: bool) -> tu
         raise ValueError(msg)
     defaults = _option_defaults(params, transductive=transductive)
     opts = {k: params.pop(k, v) for k, v in defaults.items()}
+    opts["n_models"] = check_method_option("asign", "n_models", opts["n_models"], integer=True, minimum=1)
+    opts["tile_radius"] = check_method_option("asign", "tile_radius", opts["tile_radius"], minimum=0, strict=True)
+    opts["tile_max_neighbors"] = check_method_option(
+        "asign", "tile_max_neighbors", opts["tile_max_neighbors"], integer=True, minimum=1
+    )
     opts["gene_rank"] = check_gene_rank(opts["gene_rank"])
     opts["nearest_blend"] = check_nearest_blend(opts["nearest_blend"])
     if opts["validation"] not in ("auto", "holdout", "none"):
@@ -149,7 +161,52 @@ def split_params(params: dict[str, Any], *, seed: int, transductive: bool) -> tu
         overrides.update(NOIMAGE_DEFAULTS)
     overrides.update(params)
     overrides.setdefault("seed", int(seed))
-    return ASIGNConfig.from_preset(opts["preset"], **overrides), opts
+    cfg = ASIGNConfig.from_preset(opts["preset"], **overrides)
+    _check_finetune_options(cfg, opts)
+    return cfg, opts
+
+
+def _check_finetune_options(cfg: ASIGNConfig, opts: dict[str, Any]) -> None:
+    """The encoder options of :data:`OPTIONS` apply to fine-tuning only; fine-tuning needs image features.
+
+    A ValueError, before any work, for ``encoder`` / ``encoder_weights`` / ``encoder_input_size`` without
+    ``finetune_encoder=True`` (they would be ignored, while ``uns`` recorded the encoder as used), for
+    ``finetune_encoder=True`` with ``feature_key=None``, and for an ``encoder`` name that is not in the registry.
+    """
+
+    def unset(v: Any, default: Any) -> bool:  # the default ("" / 0), or None
+        return v is None or (isinstance(v, str | int | np.integer) and not isinstance(v, bool) and v == default)
+
+    given = [k for k in ("encoder", "encoder_weights", "encoder_input_size") if not unset(opts[k], OPTIONS[k])]
+    if not cfg.finetune_encoder:
+        if given:
+            shown = ", ".join(
+                f"{k}={opts[k]!r}" if isinstance(opts[k], str | int) else f"{k}=<{type(opts[k]).__name__}>"
+                for k in given
+            )
+            msg = (
+                f"method 'asign': {shown} applies to encoder fine-tuning only (finetune_encoder=True); without it the "
+                "model reads the stored features of `asign.pp.extract_features` and no encoder runs. Pass "
+                f"finetune_encoder=True, or leave out {given}."
+            )
+            raise ValueError(msg)
+        return
+    if opts["feature_key"] is None:
+        msg = (
+            "method 'asign': finetune_encoder=True needs image features (feature_key): the encoder is fine-tuned on "
+            "the spot patches cut as `asign.pp.extract_features` cut them, and the region/global levels read its "
+            "features; it cannot run without image features (feature_key=None)."
+        )
+        raise ValueError(msg)
+    from asign._encoders import ENCODERS, available_encoders
+
+    enc = opts["encoder"]
+    if isinstance(enc, str) and enc and enc not in ENCODERS and not enc.startswith("timm:"):
+        msg = (
+            f"method 'asign': finetune_encoder=True with encoder={enc!r}, which is not in the encoder registry; "
+            f"available: {available_encoders()} or a torch.nn.Module."
+        )
+        raise ValueError(msg)
 
 
 # ------------------------------------------------------------------------------------------------ tensors
@@ -538,15 +595,22 @@ def _finetune_setup(contexts: list[ImputeContext], cfg: ASIGNConfig, opts: dict[
     """Encoder source, weights, input size and every context's spot patches (read once), or `None`."""
     if not cfg.finetune_encoder:
         return None
-    from asign._encoders import ENCODERS
+    from asign._encoders import ENCODERS, available_encoders
 
     uns = _features_uns(contexts[0].table, opts["feature_key"])
     encoder = opts["encoder"] if not isinstance(opts["encoder"], str) or opts["encoder"] else str(uns["encoder"])
     if isinstance(encoder, str) and encoder not in ENCODERS and not encoder.startswith("timm:"):
-        msg = (
-            f"finetune_encoder=True: the features were extracted with {encoder!r}, which is not a registry encoder; "
-            "pass method_kwargs / config {'encoder': <registry name or torch.nn.Module>}."
-        )
+        if opts["encoder"]:  # a name given (split_params refuses it before any work; kept for direct callers)
+            msg = (
+                f"finetune_encoder=True with encoder={encoder!r}, which is not in the encoder registry; available: "
+                f"{available_encoders()} or a torch.nn.Module."
+            )
+        else:
+            msg = (
+                f"finetune_encoder=True without `encoder`: the features were extracted with {encoder!r}, which is not "
+                f"in the encoder registry (available: {available_encoders()}); pass method_kwargs / config "
+                "{'encoder': <registry name or torch.nn.Module>}."
+            )
         raise ValueError(msg)
     weights = opts["encoder_weights"] or ("random" if str(uns.get("weights", "")) == "random" else None)
     size = int(opts["encoder_input_size"]) or int(uns.get("input_size", 0))
@@ -645,10 +709,8 @@ def fit_contexts(
     from ._fit import ASIGNFit
 
     cfg, opts = split_params(params, seed=seed, transductive=transductive)
-    n_models = int(opts["n_models"])
-    if n_models < 1:
-        msg = f"n_models={n_models} must be at least 1."
-        raise ValueError(msg)
+    n_models = opts["n_models"]
+    _check_enough_known(contexts, transductive=transductive)
     tkw = tensor_options(cfg, opts)
     for c in contexts:  # missing features, tile tables or graph: fail before any work or logging
         check_sample_inputs(c.table, c.sdata.tables, c.table_key, c.sample, **tkw)
@@ -736,6 +798,26 @@ def fit_contexts(
         mode="transductive" if transductive else "inductive",
         train_samples=names,
     )
+
+
+def _check_enough_known(contexts: list[ImputeContext], *, transductive: bool) -> None:
+    """A ValueError naming the sample, its known sections and count when it has fewer than 2 known spots.
+
+    A masked training step needs a visible spot and a hidden one in its loss set.
+    """
+    for i, c in enumerate(contexts):
+        n = int(np.sum(c.known))
+        if n >= 2:
+            continue
+        if transductive:
+            who, fix = "the sample to impute" + (f" {c.sample!r}" if c.sample else ""), " or train on other samples"
+        else:
+            who, fix = f"training sample {c.sample or f'sample_{i}'!r}", ""
+        msg = (
+            f"method 'asign': {who} has {n} known spot(s) (section(s) {c.known_sections()}); training needs at least 2 "
+            f"(one visible, one hidden in the loss of each step). Give more known spots{fix}."
+        )
+        raise ValueError(msg)
 
 
 def _fit(fctx: FitContext) -> ASIGNFit:
