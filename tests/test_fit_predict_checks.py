@@ -32,6 +32,13 @@ def test_fit_refuses_a_bad_seed_up_front(kw, err, match):
         asign.tl.fit({"A": _stack(0), "B": _stack(1)}, n_genes=4, show_progress_bar=False, **kw)
 
 
+@pytest.mark.parametrize(("n_models", "err"), [(1.5, TypeError), ("2", TypeError), (True, TypeError), (0, ValueError)])
+def test_fit_refuses_a_bad_n_models_up_front(n_models, err):
+    """tl.fit converted n_models with int(): 1.5 and True trained one member and "2" two, silently."""
+    with pytest.raises(err, match="n_models"):
+        asign.tl.fit({"A": _stack(0), "B": _stack(1)}, n_genes=4, n_models=n_models, show_progress_bar=False)
+
+
 def test_fit_refuses_duplicate_sample_names():
     """Two stacks of one patient in a sequence got the same name: `known=` could not tell them apart."""
     a, b, c = _stack(0, "P1"), _stack(1, "P1"), _stack(2, "P2")

@@ -343,6 +343,8 @@ def fit(
     preset, validation, n_models, n_jobs = given["preset"], given["validation"], given["n_models"], given["n_jobs"]
     feature_key, graph_key, seed = given["feature_key"], given["graph_key"], given["seed"]
     seed = check_number(seed_name, seed, integer=True, minimum=0)
+    if n_models is not None:
+        n_models = check_number("n_models", n_models, integer=True, minimum=1)
     named = _named(samples, table_key)
     if genes is not None:
         genes = check_gene_list(genes)
@@ -373,7 +375,7 @@ def fit(
     params["preset"] = preset
     params["validation"] = validation
     if n_models is not None:  # else the option's default: 1, or 3 transductively
-        params["n_models"] = int(n_models)
+        params["n_models"] = n_models
     params["n_jobs"] = n_jobs
     params["feature_key"] = feature_key
     params["graph_key"] = graph_key
