@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -117,15 +119,27 @@ def test_set_alignment_partial_keeps_existing_transformations(small_stack, asign
     assert "aligned" in get_transformation(sdata["he_S3"], get_all=True)
 
 
-def test_set_alignment_backed_writes_to_disk(small_stack, tmp_path):
+def test_backed_alignment_is_in_memory_until_persist(small_stack, tmp_path, asign_log):
+    """align_layers writes nothing to the store (conventions §3: only io.persist writes); persist writes it all."""
+    import logging
+
     import spatialdata as sd
     from spatialdata.transformations import get_transformation
 
     path = tmp_path / "stack.zarr"
     small_stack.write(path)
     sdata = sd.read_zarr(path)
+    before = sorted((str(p.relative_to(path)), p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
     gt = _ground_truth(small_stack)
     asign.pp.align_layers(sdata, method="transforms", transforms=gt)
+    assert Key.SPATIAL_ALIGNED in sdata.tables["table"].obsm and "aligned" in sdata.coordinate_systems
+    assert sorted((str(p.relative_to(path)), p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()) == before
+    back = sd.read_zarr(path)
+    assert Key.SPATIAL_ALIGNED not in back.tables["table"].obsm and "aligned" not in back.coordinate_systems
+    info = [r.getMessage() for r in asign_log.records if r.levelno == logging.INFO]
+    assert any("in memory only" in m and "asign.io.persist(sdata)" in m for m in info)
+    assert not asign_log.warnings
+    asign.io.persist(sdata)
     back = sd.read_zarr(path)
     assert Key.SPATIAL_ALIGNED in back.tables["table"].obsm
     np.testing.assert_allclose(
@@ -138,8 +152,9 @@ def test_set_alignment_backed_writes_to_disk(small_stack, tmp_path):
     np.testing.assert_allclose(M, np.linalg.inv(gt["S2"]) @ gt["S3"], atol=1e-6)
 
 
-def test_align_layers_backed_writes_only_its_own_results(small_stack, tmp_path):
-    """Pending in-memory results (another table) are not saved by align_layers on a backed object."""
+def test_align_layers_backed_saves_no_pending_results(small_stack, tmp_path):
+    """Pending in-memory results (another table) are not saved by align_layers on a backed object; persist writes
+    them with the alignment."""
     import anndata as ad
     import spatialdata as sd
     from spatialdata.transformations import get_transformation
@@ -152,7 +167,10 @@ def test_align_layers_backed_writes_only_its_own_results(small_stack, tmp_path):
     assert not (path / "tables" / "zz").exists()
     assert "zz" in sdata.tables  # still in memory
     back = sd.read_zarr(path)
-    assert "zz" not in back.tables
+    assert "zz" not in back.tables and Key.SPATIAL_ALIGNED not in back.tables["table"].obsm
+    asign.io.persist(sdata)
+    back = sd.read_zarr(path)
+    assert "zz" in back.tables
     assert Key.SPATIAL_ALIGNED in back.tables["table"].obsm
     for name in ("he_S1", "spots_S2"):
         assert "aligned" in get_transformation(back[name], get_all=True)
@@ -394,7 +412,8 @@ def test_similarity_other_reference_backed(rotated_stack, tmp_path):
     assert abs(sv[0] - sv[1]) < 1e-6 and abs(sv[0] - 1.0) < 0.05  # a similarity, close to rigid here
     err = _world_error_um(sdata)
     assert err["S2"] < 0.1 * float(sdata.tables["table"].uns["asign"]["stack"]["spot_diameter_um"])
-    # everything was written back to the store (zarr-writable quality and params)
+    # everything reaches the store with persist (zarr-writable quality and params)
+    asign.io.persist(sdata)
     back = sd.read_zarr(path)
     bal = back.tables["table"].uns["asign"]["alignment"]
     assert list(bal["quality"]["pair"]) == ["S2->S1"]
@@ -797,6 +816,7 @@ def test_a_stale_map_is_removed_after_a_run_under_another_key(small_stack, tmp_p
     asign.pp.align_layers(sdata, method="transforms", transforms=gt, key_added="aligned_v2")
     asign.pp.align_layers(sdata, method="transforms", transforms=gt, sections=["S1", "S2"])
     assert list(sdata.tables["table"].uns["asign"]["alignment"]["sections"]) == ["S1", "S2"]
+    asign.io.persist(sdata)
     for obj in (sdata, sd.read_zarr(path)):  # in memory and on disk
         for name in ("he_S3", "spots_S3"):
             ts = get_transformation(obj[name], get_all=True)
@@ -983,3 +1003,70 @@ def test_single_scale_stack_aligns_like_its_pyramid(small_stack):
     for s in ("S1", "S2", "S3"):
         d = np.abs(corners @ np.asarray(tp[s]).T - corners @ np.asarray(ts[s]).T).max()
         assert d < 0.5 * k, (s, d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the user's own coordinate system and table keys are never replaced
+# ---------------------------------------------------------------------------------------------------------------
+def _manual_alignment(sdata, cs="aligned"):
+    """A user's own alignment (e.g. napari landmarks): every section shifted by 500 px in ``cs``."""
+    from spatialdata.transformations import Affine, Sequence, get_transformation, set_transformation
+
+    shift = Affine(np.array([[1, 0, 500.0], [0, 1, 0], [0, 0, 1]]), input_axes=("x", "y"), output_axes=("x", "y"))
+    for s in ("S1", "S2", "S3"):
+        for name in (f"he_{s}", f"spots_{s}"):
+            native = get_transformation(sdata[name], to_coordinate_system=s)
+            set_transformation(sdata[name], Sequence([native, shift]), to_coordinate_system=cs)
+    return shift
+
+
+def test_users_own_coordinate_system_is_refused(small_stack):
+    """align_layers replaced a user's own coordinate system named key_added without a word."""
+    from spatialdata.transformations import get_transformation
+
+    sdata = small_stack
+    gt = _ground_truth(sdata)
+    _manual_alignment(sdata)
+    before = {n: get_transformation(sdata[n], "aligned") for n in ("he_S2", "spots_S3")}
+    with pytest.raises(ValueError, match=r"'he_S1'.*already have a coordinate system 'aligned'.*records no asign"):
+        asign.pp.align_layers(sdata, method="transforms", transforms=gt)
+    with pytest.raises(ValueError, match="already have a coordinate system 'aligned'"):
+        set_alignment(sdata, gt, reference="S2")
+    for n, t in before.items():  # nothing changed
+        assert get_transformation(sdata[n], "aligned") is t
+    assert "alignment" not in sdata.tables["table"].uns["asign"] and Key.Z not in sdata.tables["table"].obs
+    # inplace=False changes nothing, so it is not refused; another key_added is asign's own
+    assert asign.pp.align_layers(sdata, method="transforms", transforms=gt, inplace=False) is not None
+    asign.pp.align_layers(sdata, method="transforms", transforms=gt, key_added="asign_aligned")
+    assert get_transformation(sdata["he_S2"], "aligned") is before["he_S2"]
+    # re-runs of asign's own coordinate system are fine; a manual one added since is not asign's
+    asign.pp.align_layers(sdata, method="transforms", transforms=gt, key_added="asign_aligned")
+    _manual_alignment(sdata, "manual")
+    with pytest.raises(ValueError, match=r"'manual'.*records asign alignments under \['asign_aligned'\] only"):
+        asign.pp.align_layers(sdata, method="transforms", transforms=gt, key_added="manual")
+
+
+@pytest.mark.parametrize("key", ["obs_z", "spatial_3d", "spatial_aligned"])
+def test_users_own_table_keys_are_refused(small_stack, key):
+    """align_layers replaced a user's own obs['z'] / obsm['spatial_3d'] / obsm['spatial_aligned'] without a word."""
+    sdata = small_stack
+    t = sdata.tables["table"]
+    mine = np.full((t.n_obs, 3), 7.0)
+    if key == "obs_z":
+        t.obs["z"] = mine[:, 0]
+    else:
+        t.obsm[key] = mine[:, : 3 if key == "spatial_3d" else 2]
+    name = "obs['z']" if key == "obs_z" else f"obsm['{key}']"
+    with pytest.raises(ValueError, match=rf"already has {re.escape(name)}.*Remove or rename them"):
+        asign.pp.align_layers(sdata, method="transforms", transforms=_ground_truth(sdata))
+    assert "aligned" not in sdata.coordinate_systems and "alignment" not in t.uns["asign"]
+    assert np.all((t.obs["z"].to_numpy() if key == "obs_z" else t.obsm[key]) == 7.0)
+    # renamed out of the way: aligned, and re-runs replace asign's own keys
+    if key == "obs_z":
+        t.obs = t.obs.rename(columns={"z": "my_z"})
+    else:
+        t.obsm["mine"] = t.obsm.pop(key)
+    for _ in range(2):
+        asign.pp.align_layers(sdata, method="transforms", transforms=_ground_truth(sdata))
+    assert list(t.uns["asign"]["alignment"]["keys_added"]) == ["aligned"]
+    assert set(np.unique(t.obs["z"])) == {0.0, 16.0, 32.0}

@@ -580,3 +580,158 @@ def test_temp_store_refused_for_a_store_of_unknown_format(backed):
         persist(backed, strategy="temp_store")
     assert not (backed.path.parent / "stack.zarr.asign_tmp").exists()
     assert _tables_on_disk(backed.path) == ["table"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the transformations change with the tables; an element written from memory is never left half-written
+# ---------------------------------------------------------------------------------------------------------------
+def _new_transformations(sdata):
+    """Give he_S1 and spots_S1 a new coordinate system "aligned" (every transformation type) and return them."""
+    from spatialdata.transformations import MapAxis, Scale, Sequence, Translation
+
+    A = Affine(np.array([[0.6, -0.8, 123.456789012345], [0.8, 0.6, -7.1], [0.0, 0.0, 1.0]]), ("x", "y"), ("x", "y"))
+    t = Sequence(
+        [
+            get_transformation(sdata["he_S1"], "S1"),
+            Scale([1.0 / 3.0, 2.0], axes=("x", "y")),
+            Translation([np.pi, -1e-17], axes=("x", "y")),
+            MapAxis({"x": "y", "y": "x"}),
+            A,
+        ]
+    )
+    for name in ("he_S1", "spots_S1"):
+        set_transformation(sdata[name], t, to_coordinate_system="aligned")
+    return t
+
+
+def _same_transformation(a, b):
+    """Exact equality (spatialdata's == compares matrices up to rounding)."""
+    return a.to_affine_matrix(("x", "y"), ("x", "y")).tobytes() == b.to_affine_matrix(("x", "y"), ("x", "y")).tobytes()
+
+
+def test_transformations_journal_round_trips_exactly():
+    from spatialdata.transformations import MapAxis, Scale, Sequence, Translation
+
+    ts = [
+        Identity(),
+        MapAxis({"x": "y", "y": "x"}),
+        Translation([0.1, 1e-300], axes=("x", "y")),
+        Scale([1.0 / 3.0, 7.0], axes=("y", "x")),
+        Affine(np.array([[np.pi, 0.0, -1.0 / 7.0], [np.e, 1.0, 2.0], [0.0, 0.0, 1.0]]), ("x", "y"), ("x", "y")),
+    ]
+    ts.append(Sequence([*ts, Sequence(ts[1:3])]))
+    import json
+
+    for t in ts:
+        back = _persist._transformation_from_json(json.loads(json.dumps(_persist._transformation_to_json(t))))
+        assert type(back) is type(t) and back == t and _same_transformation(back, t)
+        assert _persist._transformation_to_json(back) == _persist._transformation_to_json(t)
+
+
+@pytest.mark.parametrize("via", ["recover", "persist"])
+def test_interrupted_between_tables_and_transformations_is_completed(backed, monkeypatch, via):
+    """persist wrote the tables, then the transformations: a crash in between left the new table with the old
+    transformations (a mixed store that recover did not notice). The journal completes the transformations."""
+    path = backed.path
+    t = _change(backed)
+    new = _new_transformations(backed)
+
+    def crash(self, element_name=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SpatialData, "write_transformations", crash)
+    with pytest.raises(KeyboardInterrupt):
+        persist(backed)
+    monkeypatch.undo()
+    assert (path / _persist.TRANSFORMS_JOURNAL).is_file()
+    mixed = read_zarr(path)  # the table is the new one, the transformations the old ones
+    assert "asign_test" in mixed.tables["table"].obs and "aligned" not in mixed.coordinate_systems
+    if via == "recover":
+        assert recover(mixed) == []
+        for name in ("he_S1", "spots_S1"):  # also in memory
+            assert _same_transformation(get_transformation(mixed[name], "aligned"), new)
+    else:  # the same session persists again: the repair runs first
+        persist(backed)
+    assert not (path / _persist.TRANSFORMS_JOURNAL).exists()
+    back = read_zarr(path)
+    _assert_changed(path, t)
+    for name in ("he_S1", "spots_S1"):
+        tf = get_transformation(back[name], get_all=True)
+        assert set(tf) == {"S1", "aligned"} and _same_transformation(tf["aligned"], new)
+    assert "aligned" not in get_transformation(back["he_S2"], get_all=True)
+    validate_stack(back)
+
+
+@pytest.mark.parametrize("when", ["before_journal", "before_replacing", "while_replacing"])
+def test_interrupted_persist_leaves_tables_and_transformations_that_agree(backed, monkeypatch, when):
+    """Before the journal or before the table is touched: the old table and transformations. Once the table is
+    being replaced (its verified copy journalled): the new table and the new transformations."""
+    path = backed.path
+    before = read_zarr(path).tables["table"].X.toarray()
+    t = _change(backed)
+    new = _new_transformations(backed)
+    real_store_journal, real_journal = _persist._store_journal, _persist._journal
+
+    def store_journal(store, name, state, payload=None):
+        if when == "before_journal" and name == _persist.TRANSFORMS_JOURNAL:
+            raise KeyboardInterrupt
+        return real_store_journal(store, name, state, payload)
+
+    def journal(folder, state, **kwargs):
+        if when == "before_replacing" and state == "replacing":
+            raise KeyboardInterrupt
+        return real_journal(folder, state, **kwargs)
+
+    def delete(self, element_name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_persist, "_store_journal", store_journal)
+    monkeypatch.setattr(_persist, "_journal", journal)
+    if when == "while_replacing":
+        monkeypatch.setattr(SpatialData, "delete_element_from_disk", delete)
+    with pytest.raises(KeyboardInterrupt):
+        persist(backed)
+    monkeypatch.undo()
+    assert (path / _persist.TRANSFORMS_JOURNAL).is_file() == (when != "before_journal")
+    assert recover(path) == (["table"] if when == "while_replacing" else [])
+    assert not (path / _persist.TRANSFORMS_JOURNAL).exists()
+    back = read_zarr(path)
+    validate_stack(back)
+    if when == "while_replacing":
+        _assert_changed(path, t)
+        assert _same_transformation(get_transformation(back["spots_S1"], "aligned"), new)
+    else:
+        np.testing.assert_array_equal(back.tables["table"].X.toarray(), before)
+        assert "asign_test" not in back.tables["table"].obs and "aligned" not in back.coordinate_systems
+
+
+def test_interrupted_write_of_a_new_element_is_removed(backed, monkeypatch, asign_log):
+    """A crash while persist wrote a table that existed only in memory left a partial table with no journal; the
+    repair now removes it (and says so), and the next persist writes it whole."""
+    import anndata as ad
+    import anndata._io.specs.registry as registry
+
+    path = backed.path
+    zz = ad.AnnData(np.ones((3, 2), dtype=np.float32), obs={"a": ["x", "y", "z"]}, uns={"k": {"v": 1}})
+    backed.tables["zz"] = zz
+    real_write_elem = registry.Writer.write_elem
+
+    def write_elem(self, store, key, elem, *args, **kwargs):
+        if key == "uns" and "zz" in str(getattr(store, "path", store)):
+            raise KeyboardInterrupt
+        return real_write_elem(self, store, key, elem, *args, **kwargs)
+
+    monkeypatch.setattr(registry.Writer, "write_elem", write_elem)
+    with pytest.raises(KeyboardInterrupt):
+        persist(backed)
+    monkeypatch.undo()
+    assert (path / "tables" / "zz").is_dir() and (path / _persist.NEW_ELEMENT_JOURNAL).is_file()
+    assert recover(path) == []
+    assert "Removed tables/zz" in asign_log.warnings
+    assert not (path / "tables" / "zz").exists() and not (path / _persist.NEW_ELEMENT_JOURNAL).exists()
+    back = read_zarr(path)
+    assert list(back.tables) == ["table"]
+    validate_stack(back)
+    persist(backed)  # the object still holds it: written whole
+    back = read_zarr(path)
+    assert back.tables["zz"].uns["k"] == {"v": 1} and list(back.tables["zz"].obs["a"]) == ["x", "y", "z"]

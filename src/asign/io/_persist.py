@@ -24,6 +24,20 @@ temporary store of ``"temp_store"`` is written in the target store's own spatial
 ``"verified"`` -> ``<path>`` renamed to ``<path>.asign_old`` -> the new store renamed to ``<path>`` and its journal
 dropped -> ``<path>.asign_old`` removed. A journalled new store is only ever renamed, never deleted, and
 ``<path>.asign_old`` is deleted only while ``<path>`` exists.
+
+Two more journals are files in the store's root folder, written in the same way:
+
+- ``asign_persist_new_element`` (``"writing"``, with the element's type and name): an element that was only in
+  memory is being written. Repair: remove what was written of it (its folder did not exist before).
+- ``asign_persist_transformations``, with the transformations of every element that persist writes them for
+  (exact JSON, see :func:`_transformation_to_json`) and fingerprints of the elements it replaces: ``"pending"``
+  (written before the first element is replaced; the transformations on disk are the earlier ones) ->
+  ``"writing"`` (every replaced element is written and verified) -> transformations written -> ``"done"`` ->
+  file removed. Repair of ``"pending"``, after the copies above are repaired: if every replaced element now holds
+  its new content (it matches its fingerprint), finish as for ``"writing"``; otherwise drop the journal (the store
+  keeps the earlier transformations, with the earlier elements). Repair of ``"writing"``: write the journalled
+  transformations, then drop the journal. ``"done"``: drop the journal. The tables and the transformations of the
+  store thus change together, also when the process dies in between.
 """
 
 from __future__ import annotations
@@ -52,6 +66,10 @@ OLD_STORE_SUFFIX = ".asign_old"
 # "done" once it is rewritten and verified ("verified" for a new store about to be swapped in)
 JOURNAL = "asign_persist_journal"
 _STATES = ("verified", "replacing", "done")
+# store-level journals in the store's root folder (see the module docstring)
+NEW_ELEMENT_JOURNAL = "asign_persist_new_element"
+TRANSFORMS_JOURNAL = "asign_persist_transformations"
+_TRANSFORM_STATES = ("pending", "writing", "done")
 # element types that are eager in memory and can be rewritten safely (images, labels and points are lazy: their
 # data may still be read from the files that a rewrite would delete)
 _REWRITABLE = ("tables", "shapes")
@@ -204,15 +222,20 @@ def _journal(path: Path, state: str, *, fingerprint: dict[str, Any] | None = Non
     the state is on disk before the step that it allows begins. ``fingerprint`` (see :func:`_fingerprint`) goes on
     the second line.
     """
-    path = Path(path)
-    tmp = path / (JOURNAL + ".part")
     text = state + "\n" + ("" if fingerprint is None else json.dumps(fingerprint) + "\n")
+    _write_journal_file(Path(path) / JOURNAL, text)
+
+
+def _write_journal_file(file: Path, text: str) -> None:
+    """Write a journal file atomically: a temporary file, synced, renamed over ``file``, the folder synced."""
+    file = Path(file)
+    tmp = file.with_name(file.name + ".part")
     with open(tmp, "w") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-    tmp.replace(path / JOURNAL)
-    _fsync_dir(path)
+    tmp.replace(file)
+    _fsync_dir(file.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -350,6 +373,245 @@ def _reconsolidate(store: Path) -> None:
     empty.write_consolidated_metadata()
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# store-level journals: an element written from memory, the transformations (see the module docstring)
+# --------------------------------------------------------------------------------------------------------------------
+def _store_journal(store: Path, name: str, state: str, payload: dict[str, Any] | None = None) -> None:
+    """Record ``state`` (and ``payload``, JSON on the second line) in the journal file ``name`` in the store's root."""
+    text = state + "\n" + ("" if payload is None else json.dumps(payload) + "\n")
+    _write_journal_file(Path(store) / name, text)
+
+
+def _read_store_journal(store: Path, name: str, states: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
+    """The state and payload of the journal file ``name`` in the store's root; ``(None, {})`` when there is none.
+
+    Raises
+    ------
+    OSError
+        If the file exists but cannot be read as one of ``states`` and a JSON mapping (it was not written by
+        persist); nothing is changed.
+    """
+    file = Path(store) / name
+    if not file.is_file():
+        return None, {}
+    lines = file.read_text().splitlines()
+    state = lines[0].strip() if lines else ""
+    try:
+        payload = json.loads(lines[1]) if len(lines) > 1 and lines[1].strip() else {}
+    except ValueError:
+        payload = None
+    if state not in states or not isinstance(payload, dict):
+        msg = (
+            f"The journal {file} of an interrupted persist cannot be read (state {state!r}, expected one of "
+            f"{list(states)} and a JSON mapping). Nothing was changed; inspect the store and remove the file by hand "
+            "before calling persist or recover on it again."
+        )
+        raise OSError(msg)
+    return state, payload
+
+
+def _drop_store_journal(store: Path, name: str) -> None:
+    for n in (name, name + ".part"):
+        (Path(store) / n).unlink(missing_ok=True)
+    _fsync_dir(Path(store))
+
+
+def _write_new_element(sdata: SpatialData, store: Path, kind: str, name: str) -> None:
+    """Write an element that is only in memory; journalled so that a partial one is removed by the repair."""
+    _store_journal(store, NEW_ELEMENT_JOURNAL, "writing", {"kind": kind, "name": name})
+    sdata.write_element(name)
+    element = getattr(sdata, kind)[name]
+    if kind in _REWRITABLE:
+        _verify(store, kind, name, element)
+    else:
+        _WRITTEN_LAZY.setdefault(str(store.resolve()), {})[kind, name] = _lazy_token(element)
+    _drop_store_journal(store, NEW_ELEMENT_JOURNAL)
+
+
+def _repair_new_element(store: Path) -> str | None:
+    """Remove an element whose first write was interrupted; returns ``"<kind>/<name>"`` or `None`."""
+    store = Path(store)
+    (store / (NEW_ELEMENT_JOURNAL + ".part")).unlink(missing_ok=True)
+    state, payload = _read_store_journal(store, NEW_ELEMENT_JOURNAL, ("writing",))
+    if state is None:
+        return None
+    kind, name = payload.get("kind"), payload.get("name")
+    if kind not in ("images", "labels", "points", "shapes", "tables") or not _plain_name(name):
+        msg = (
+            f"The journal {store / NEW_ELEMENT_JOURNAL} names no element of the store ({kind!r}, {name!r}). Nothing "
+            "was changed; inspect the store and remove the file by hand."
+        )
+        raise OSError(msg)
+    target = store / kind / name
+    removed = target.exists() or target.is_symlink()
+    if removed:
+        _remove(target)
+    _drop_store_journal(store, NEW_ELEMENT_JOURNAL)
+    if not removed:
+        return None
+    logger.warning(
+        f"Removed {kind}/{name} from {store}: an interrupted persist was writing it (it was only in memory before), "
+        "so it may be incomplete. Write it again with `asign.io.persist` from the object that holds it."
+    )
+    return f"{kind}/{name}"
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
+def _transformation_to_json(t: Any) -> dict[str, Any]:
+    """A spatialdata transformation as JSON that reads back exactly (:func:`_transformation_from_json`).
+
+    Floats are written by :mod:`json` as their shortest round-tripping representation, so matrices come back
+    bit-for-bit.
+    """
+    from spatialdata.transformations import Affine, Identity, MapAxis, Scale, Sequence, Translation
+
+    if isinstance(t, Identity):
+        return {"type": "identity"}
+    if isinstance(t, MapAxis):
+        return {"type": "map_axis", "map_axis": [[str(k), str(v)] for k, v in t.map_axis.items()]}
+    if isinstance(t, Translation):
+        return {"type": "translation", "translation": np.asarray(t.translation).tolist(), "axes": list(t.axes)}
+    if isinstance(t, Scale):
+        return {"type": "scale", "scale": np.asarray(t.scale).tolist(), "axes": list(t.axes)}
+    if isinstance(t, Affine):
+        return {
+            "type": "affine",
+            "matrix": np.asarray(t.matrix).tolist(),
+            "input_axes": list(t.input_axes),
+            "output_axes": list(t.output_axes),
+        }
+    if isinstance(t, Sequence):
+        return {"type": "sequence", "transformations": [_transformation_to_json(u) for u in t.transformations]}
+    msg = f"Cannot journal a transformation of type {type(t).__name__}: {t!r}."
+    raise TypeError(msg)
+
+
+def _transformation_from_json(d: dict[str, Any]) -> Any:
+    """The spatialdata transformation written by :func:`_transformation_to_json`."""
+    from spatialdata.transformations import Affine, Identity, MapAxis, Scale, Sequence, Translation
+
+    kind = d["type"]
+    if kind == "identity":
+        return Identity()
+    if kind == "map_axis":
+        return MapAxis(dict(d["map_axis"]))
+    if kind == "translation":
+        return Translation(np.asarray(d["translation"], dtype=float), axes=tuple(d["axes"]))
+    if kind == "scale":
+        return Scale(np.asarray(d["scale"], dtype=float), axes=tuple(d["axes"]))
+    if kind == "affine":
+        return Affine(
+            np.asarray(d["matrix"], dtype=float), input_axes=tuple(d["input_axes"]), output_axes=tuple(d["output_axes"])
+        )
+    if kind == "sequence":
+        return Sequence([_transformation_from_json(u) for u in d["transformations"]])
+    msg = f"Unknown transformation type {kind!r} in the journal."
+    raise ValueError(msg)
+
+
+def _transformations_payload(sdata: SpatialData, names: Sequence[str]) -> dict[str, Any]:
+    """``{name: {"kind": ..., "transformations": {coordinate system: JSON}}}`` of the elements ``names``."""
+    from spatialdata.transformations import get_transformation
+
+    out = {}
+    for name in names:
+        kind = _element_kind(sdata, name)
+        element = getattr(sdata, kind)[name]
+        ts = get_transformation(element, get_all=True)
+        out[name] = {"kind": kind, "transformations": {cs: _transformation_to_json(t) for cs, t in ts.items()}}
+    return out
+
+
+def _write_journalled_transformations(store: Path, elements: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Write the transformations of a journal's payload to the elements on disk; returns ``{name: transformations}``.
+
+    The elements are read with :func:`spatialdata.read_zarr` (only their types, lazily) and their transformations
+    written with :meth:`~spatialdata.SpatialData.write_transformations` (metadata only).
+    """
+    from spatialdata import read_zarr
+    from spatialdata.transformations import set_transformation
+
+    todo = {
+        name: (v["kind"], {cs: _transformation_from_json(t) for cs, t in v["transformations"].items()})
+        for name, v in elements.items()
+        if name in _disk_names(store, v["kind"])
+    }
+    if not todo:
+        return {}
+    try:
+        sdata = read_zarr(store, selection=tuple(sorted({kind for kind, _ in todo.values()})))
+    except Exception as e:
+        msg = (
+            f"{store} cannot be read to finish an interrupted write of the transformations of {sorted(todo)}: {e}. "
+            f"The journal {store / TRANSFORMS_JOURNAL} is kept; repair the store and call recover again."
+        )
+        raise OSError(msg) from e
+    for name, (kind, ts) in todo.items():
+        set_transformation(getattr(sdata, kind)[name], dict(ts), set_all=True)
+        sdata.write_transformations(name)
+    return {name: ts for name, (_, ts) in todo.items()}
+
+
+def _repair_transformations(store: Path) -> dict[str, dict[str, Any]]:
+    """Finish or drop an interrupted write of the transformations; returns ``{name: transformations written}``.
+
+    ``"pending"``: if every element that persist was replacing holds its new content now (after the repair of the
+    copies), the transformations are written; otherwise the journal is dropped and the store keeps the earlier
+    transformations. ``"writing"``: they are written. ``"done"``: the journal is dropped.
+    """
+    store = Path(store)
+    (store / (TRANSFORMS_JOURNAL + ".part")).unlink(missing_ok=True)
+    state, payload = _read_store_journal(store, TRANSFORMS_JOURNAL, _TRANSFORM_STATES)
+    if state is None:
+        return {}
+    if state == "pending":
+        new, old = [], []
+        for key, fingerprint in payload.get("replaced", {}).items():
+            kind, name = key.split("/", 1)
+            disk = _read_disk(store, kind, name)
+            (new if disk is not None and _matches(_fingerprint(disk), fingerprint) else old).append(key)
+        if old:
+            _drop_store_journal(store, TRANSFORMS_JOURNAL)
+            if new:
+                logger.warning(
+                    f"An interrupted persist had replaced {new} in {store} but not {old}; the transformations on disk "
+                    "are the earlier ones. Call `asign.io.persist` again from the object that holds the results."
+                )
+            return {}
+    written = {}
+    if state != "done":
+        written = _write_journalled_transformations(store, payload.get("elements", {}))
+        _store_journal(store, TRANSFORMS_JOURNAL, "done")
+    _drop_store_journal(store, TRANSFORMS_JOURNAL)
+    if written:
+        logger.warning(
+            f"Completed the interrupted write of the transformations of {sorted(written)} in {store}, so that they "
+            "agree with the tables written before the interruption."
+        )
+    return written
+
+
+def _repair_store(store: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Every repair of a store after an interrupted :func:`persist`, in order; consolidates the metadata after.
+
+    First the copies of replaced elements (:func:`_repair_files`; an error before any change if a copy cannot be
+    moved into place), then a partial element written from memory is removed, then an interrupted write of the
+    transformations is finished or dropped. Returns the restored element names and ``{name: transformations}`` of
+    the elements whose transformations were written.
+    """
+    store = Path(store)
+    had_journal = (store / TRANSFORMS_JOURNAL).exists() or (store / NEW_ELEMENT_JOURNAL).exists()
+    restored = _repair_files(store)
+    removed = _repair_new_element(store)
+    written = _repair_transformations(store)
+    if removed is not None or written or had_journal:
+        _reconsolidate(store)
+    return restored, written
+
+
 def _swap_in(new: Path, path: Path, old: Path) -> None:
     """Put the verified store ``new`` at ``path``, keeping the previous one as ``old`` (two renames)."""
     if path.exists():
@@ -442,7 +704,11 @@ def recover(sdata: SpatialData | str | Path) -> list[str]:
     incomplete), once it is checked to read back in the store's Zarr format and to match what was verified; a copy
     whose original was not touched yet, that is itself incomplete, or whose original was already rewritten and
     verified (the copy was being deleted) is removed; an interrupted ``strategy="new_store"`` swap is completed (or
-    undone if the new store was not finished). Then the consolidated metadata are rewritten from what is on disk.
+    undone if the new store was not finished). An element that persist was writing from memory when it was
+    interrupted (it may be incomplete) is removed, with a warning naming it. An interrupted write of the
+    transformations is completed from its journal when the elements that persist replaced before it hold their new
+    content (otherwise the store keeps the earlier transformations and elements), so that the tables and the
+    transformations on disk agree. Then the consolidated metadata are rewritten from what is on disk.
 
     Parameters
     ----------
@@ -453,13 +719,15 @@ def recover(sdata: SpatialData | str | Path) -> list[str]:
     Returns
     -------
     The names of the restored elements. For a stack, restored elements are also read back into memory (the object
-    may hold what was read from the incomplete original).
+    may hold what was read from the incomplete original), and the elements whose transformations were completed
+    get them in memory too.
 
     Raises
     ------
     OSError
         If a copy that should be moved into place does not read back or does not match what was verified when it
-        was written; nothing is changed and the message names the copy.
+        was written; nothing is changed and the message names the copy. Also if a journal in the store's root
+        cannot be read, or the store cannot be read to complete the transformations (the journal is kept).
     """
     if not hasattr(sdata, "tables"):
         path = Path(sdata)
@@ -468,11 +736,12 @@ def recover(sdata: SpatialData | str | Path) -> list[str]:
         if not path.exists():
             msg = f"{path} does not exist (and no interrupted write of it was found)."
             raise FileNotFoundError(msg)
-        return _repair_files(path)
+        return _repair_store(path)[0]
     if sdata.path is None:
         return []
     store = Path(sdata.path)
-    restored = _repair_files(store)
+    restored, transformations = _repair_store(store)
+    _set_in_memory(sdata, transformations)
     for name in restored:
         kind = _element_kind(sdata, name) or _kind_on_disk(store, name)
         element = _read_disk(store, kind, name)
@@ -484,6 +753,16 @@ def recover(sdata: SpatialData | str | Path) -> list[str]:
         for name in [n for n in getattr(sdata, kind) if n.endswith(TMP_SUFFIX)]:
             del getattr(sdata, kind)[name]
     return restored
+
+
+def _set_in_memory(sdata: SpatialData, transformations: dict[str, dict[str, Any]]) -> None:
+    """Give the in-memory elements the transformations that a repair wrote to their store."""
+    from spatialdata.transformations import set_transformation
+
+    for name, ts in transformations.items():
+        kind = _element_kind(sdata, name)
+        if kind is not None and kind != "tables":
+            set_transformation(getattr(sdata, kind)[name], dict(ts), set_all=True)
 
 
 def _kind_on_disk(store: Path, name: str) -> str:
@@ -678,7 +957,9 @@ def _write_temp_store(tstore: Path, kind: str, name: str, element: Any, containe
     )
 
 
-def _rewrite(sdata: SpatialData, kind: str, name: str, *, strategy: str) -> None:
+def _rewrite(
+    sdata: SpatialData, kind: str, name: str, *, strategy: str, fingerprint: dict[str, Any] | None = None
+) -> None:
     """Replace ``kind/name`` in the object's store by the in-memory element, through a verified copy.
 
     The journal steps are described in the module docstring: copy written and verified -> ``"replacing"`` ->
@@ -709,7 +990,7 @@ def _rewrite(sdata: SpatialData, kind: str, name: str, *, strategy: str) -> None
         raise OSError(msg)
     # a verified copy is on disk; journal that the original is about to change (with what the copy holds, checked
     # again before a repair moves it into place), then replace it
-    _journal(copy, "replacing", fingerprint=_fingerprint(element))
+    _journal(copy, "replacing", fingerprint=_fingerprint(element) if fingerprint is None else fingerprint)
     sdata.delete_element_from_disk(name)
     sdata.write_element(name)
     _verify(store, kind, name, element)
@@ -766,7 +1047,11 @@ def persist(
 
         An interrupted run is repaired by the next call (see :func:`asign.io.recover`): a copy whose original was
         being replaced is moved into place once it is checked (the interrupted write is completed); any other copy,
-        including one whose original was already rewritten and verified, is discarded.
+        including one whose original was already rewritten and verified, is discarded. An element written from
+        memory is journalled while it is written, and a partial one is removed by the repair. The transformations
+        to write are journalled (in the store's root folder) before the first element is replaced and written once
+        every replaced element is verified; the repair completes them when the replaced elements hold their new
+        content and keeps the earlier ones otherwise, so that the tables and the transformations on disk agree.
     overwrite
         Allow replacing an existing store at ``path`` (``"new_store"`` or an object that is not backed).
     write_new
@@ -814,52 +1099,65 @@ def _persist(
     store = Path(sdata.path)
     if strategy == "temp_store":
         _container_format(store)  # refused before any work if the copy cannot be written in the store's format
-    # finish an earlier interrupted write on disk first; the in-memory elements stay as they are (they hold what
-    # that write was writing, or newer changes) and are written below
-    _repair_files(store)
-    for kind in _REWRITABLE:
-        for name in [n for n in getattr(sdata, kind) if n.endswith(TMP_SUFFIX)]:
-            del getattr(sdata, kind)[name]
     if elements is None:
         names = list(sdata.tables)
     else:
         names = [elements] if isinstance(elements, str) else list(elements)
+    # finish an earlier interrupted write on disk first; the in-memory elements stay as they are (they hold what
+    # that write was writing, or newer changes) and are written below
+    _repair_store(store)
+    _check_names(sdata, store, names)
+    for kind in _REWRITABLE:
+        for name in [n for n in getattr(sdata, kind) if n.endswith(TMP_SUFFIX)]:
+            del getattr(sdata, kind)[name]
     # what differs from the disk and is not written by this call: reported once the write is done
     unwritten = _unwritten_changes(sdata, store, set(names))
     written = []
-    # first: every element only in memory (new, nothing to lose); with write_new=False only the named ones
+    # first: every element only in memory (new, nothing to lose); with write_new=False only the named ones. Each is
+    # journalled while it is written, so that a partial one is removed by the repair
     for kind in ("images", "labels", "points", "shapes", "tables"):
         on_disk = set(_disk_names(store, kind))
         for name in getattr(sdata, kind):
             if name not in on_disk and (write_new or name in names):
-                sdata.write_element(name)
-                if kind in _REWRITABLE:
-                    _verify(store, kind, name, getattr(sdata, kind)[name])
-                else:
-                    token = _lazy_token(getattr(sdata, kind)[name])
-                    _WRITTEN_LAZY.setdefault(str(store.resolve()), {})[kind, name] = token
+                _write_new_element(sdata, store, kind, name)
                 written.append(name)
+    replace = [(_element_kind(sdata, name), name) for name in names if name not in written]
+    # the transformations to write: of every element on disk (only of the elements written here with
+    # write_new=False); journalled with the fingerprints of the elements about to be replaced, before the first of
+    # them changes, so that an interruption anywhere leaves tables and transformations that agree once repaired
+    if write_new:
+        targets = [n for kind, n, _ in sdata.gen_spatial_elements() if n in _disk_names(store, kind)]
+    else:
+        targets = [n for n in written + [n for _, n in replace] if _element_kind(sdata, n) != "tables"]
+    fingerprints = {f"{kind}/{name}": _fingerprint(getattr(sdata, kind)[name]) for kind, name in replace}
+    payload = {"elements": _transformations_payload(sdata, targets), "replaced": fingerprints}
+    if targets:
+        _store_journal(store, TRANSFORMS_JOURNAL, "pending" if replace else "writing", payload)
+    for kind, name in replace:
+        _rewrite(sdata, kind, name, strategy=strategy, fingerprint=fingerprints[f"{kind}/{name}"])
+        written.append(name)
+    if targets:
+        if replace:  # every replaced element is written and verified: the transformations follow
+            _store_journal(store, TRANSFORMS_JOURNAL, "writing", payload)
+        for name in targets:
+            sdata.write_transformations(name)
+        _store_journal(store, TRANSFORMS_JOURNAL, "done")
+        _drop_store_journal(store, TRANSFORMS_JOURNAL)
+    sdata.write_consolidated_metadata()
+    logger.info(f"Persisted {written} and the transformations to {store}.")
+    _warn_unwritten(store, unwritten)
+
+
+def _check_names(sdata: SpatialData, store: Path, names: Sequence[str]) -> None:
+    """Refuse, before any write, a name that is no element of the object, or a lazy element that is on disk."""
     for name in names:
         kind = _element_kind(sdata, name)
         if kind is None:
             msg = f"{name!r} is not an element of this object (elements: {list(sdata.elements_paths_in_memory())})."
             raise KeyError(msg)
-        if name in written:
-            continue
-        if kind not in _REWRITABLE:
+        if kind not in _REWRITABLE and name in _disk_names(store, kind):
             msg = (
                 f"{kind}/{name} is already on disk and persist never rewrites {kind} (their lazy data may be read "
                 "from those files); write the object to a new store with strategy='new_store'."
             )
             raise ValueError(msg)
-        _rewrite(sdata, kind, name, strategy=strategy)
-        written.append(name)
-    if write_new:
-        sdata.write_transformations()
-    else:
-        for name in written:
-            if _element_kind(sdata, name) != "tables":  # tables have no transformations
-                sdata.write_transformations(name)
-    sdata.write_consolidated_metadata()
-    logger.info(f"Persisted {written} and the transformations to {store}.")
-    _warn_unwritten(store, unwritten)

@@ -196,6 +196,56 @@ def _check_key_added(stack, key_added: str) -> None:
         raise ValueError(msg)
 
 
+def _recorded_keys(table) -> list[str] | None:
+    """The coordinate systems that asign's alignments of this stack wrote (the latest last); `None` without a record."""
+    record = table.uns.get(Key.UNS, {}).get(Key.ALIGNMENT) if isinstance(table.uns.get(Key.UNS), Mapping) else None
+    if not isinstance(record, Mapping):
+        return None
+    keys = [str(k) for k in np.atleast_1d(record.get("keys_added", [])).tolist() if str(k)]
+    latest = str(record.get("key_added", Key.ALIGNED))
+    return [k for k in keys if k != latest] + [latest]
+
+
+def _check_not_users(sdata: SpatialData, table, key_added: str, table_key: str) -> None:
+    """Refuse to replace a coordinate system or table keys that asign did not write (the user's own).
+
+    ``key_added`` may exist on elements only if an earlier asign alignment recorded in the table wrote it
+    (``uns['asign']['alignment']['key_added']`` or ``['keys_added']``); ``obs['z']``, ``obsm['spatial_aligned']`` and
+    ``obsm['spatial_3d']`` may exist only if the table records an asign alignment.
+    """
+    from spatialdata.transformations import get_transformation
+
+    recorded = _recorded_keys(table)
+    if key_added not in (recorded or []):
+        carriers = [
+            name for _, name, el in sdata.gen_spatial_elements() if key_added in get_transformation(el, get_all=True)
+        ]
+        if carriers:
+            had = (
+                "records no asign alignment (`uns['asign']['alignment']`)"
+                if recorded is None
+                else f"records asign alignments under {recorded} only (`uns['asign']['alignment']`)"
+            )
+            msg = (
+                f"Elements {carriers} already have a coordinate system {key_added!r}, and table {table_key!r} {had}: "
+                f"it is not asign's (e.g. a manual alignment) and align_layers would replace it. Choose another "
+                f"`key_added=`, or remove {key_added!r} from those elements first "
+                "(`spatialdata.transformations.remove_transformation`)."
+            )
+            raise ValueError(msg)
+    if recorded is None:
+        found = [f"obs['{Key.Z}']"] if Key.Z in table.obs.columns else []
+        found += [f"obsm['{k}']" for k in (Key.SPATIAL_ALIGNED, Key.SPATIAL_3D) if k in table.obsm]
+        if found:
+            msg = (
+                f"Table {table_key!r} already has {', '.join(found)}, which align_layers writes (fixed names), but "
+                "records no asign alignment (`uns['asign']['alignment']`): they are not asign's and would be "
+                f"replaced. Remove or rename them first (e.g. `table.obs.rename(columns={{'{Key.Z}': 'my_z'}})`, "
+                f"`table.obsm['my_3d'] = table.obsm.pop('{Key.SPATIAL_3D}')`)."
+            )
+            raise ValueError(msg)
+
+
 def set_alignment(
     sdata: SpatialData,
     transforms: Mapping[str, Any],
@@ -237,8 +287,8 @@ def set_alignment(
 
     Returns
     -------
-    Nothing; modifies ``sdata`` in memory (when it is backed, the transformations of the sections' elements on
-    disk and the table ``table_key`` are written too, nothing else):
+    Nothing; modifies ``sdata`` in memory only (nothing is written to disk, also when ``sdata`` is backed by a zarr
+    store: :func:`asign.io.persist` writes the results):
 
     - for every element of an aligned section (its image and shapes, and every other spatial element with a
       transformation to the section's native coordinate system and to no other section's), a transformation to
@@ -248,8 +298,17 @@ def set_alignment(
       with transformations to several sections' native coordinate systems are left alone, with a warning;
     - ``table.obsm['spatial_aligned']``: spot centres (x, y) in µm in ``key_added`` (NaN for sections not aligned);
     - ``table.obs['z']``: section z in µm; ``table.obsm['spatial_3d']``: (x, y, z) in µm;
-    - ``table.uns['asign']['alignment']``: ``reference``, ``method``, ``transform``, ``key_added``, ``um_per_px``,
+    - ``table.uns['asign']['alignment']``: ``reference``, ``method``, ``transform``, ``key_added``, ``keys_added``
+      (every ``key_added`` that asign's alignments of this stack wrote, this one last), ``um_per_px``, ``sections``,
       ``transforms`` ({section: T_s}), ``quality`` and ``params``.
+
+    Raises
+    ------
+    ValueError
+        Before any change, if ``key_added`` is a coordinate system of some element that no earlier asign alignment
+        recorded in the table wrote (``uns['asign']['alignment']['key_added']`` / ``['keys_added']``), e.g. a manual
+        alignment; or if the table has ``obs['z']``, ``obsm['spatial_aligned']`` or ``obsm['spatial_3d']`` but
+        records no asign alignment (the user's own keys). The message names the elements or keys.
     """
     from spatialdata.transformations import Affine, Identity, get_transformation
     from spatialdata.transformations import Sequence as TSequence
@@ -258,6 +317,7 @@ def set_alignment(
 
     stack = validate_stack(sdata, table_key=table_key, check_counts=False)
     _check_key_added(stack, key_added)
+    _check_not_users(sdata, get_table(sdata, table_key), key_added, table_key)
     if reference not in stack.sections:
         msg = f"Unknown reference section {reference!r}; the stack has sections {stack.sections}."
         raise KeyError(msg)
@@ -319,6 +379,7 @@ def set_alignment(
         "method": str(method),
         "transform": str(transform),
         "key_added": str(key_added),
+        "keys_added": [k for k in (_recorded_keys(table) or []) if k != key_added] + [str(key_added)],
         "um_per_px": um,
         "sections": [s for s in stack.sections if s in T],
         "transforms": {s: np.asarray(T[s], dtype=float) for s in stack.sections if s in T},
@@ -338,13 +399,10 @@ def set_alignment(
         f"`obsm['{Key.SPATIAL_3D}']` and `uns['{Key.UNS}']['{Key.ALIGNMENT}']` (reference {reference!r})."
     )
     if sdata.path is not None:
-        from asign.io._persist import persist
-
-        for name in [n for n, _ in updates] + stale:
-            if _on_disk(sdata, name):
-                sdata.write_transformations(name)
-        # only what this function changed: other elements that are only in memory (or changed) stay unwritten
-        persist(sdata, table_key, write_new=False)
+        logger.info(
+            f"The alignment is in memory only (nothing is written to {sdata.path}); `asign.io.persist(sdata)` "
+            f"writes it (the table {table_key!r} and the transformations)."
+        )
 
 
 def _native_transformation(el, cs: str, name: str):
@@ -373,15 +431,6 @@ def _remove_transformation(el, cs: str) -> None:
     if cs in ts:
         del ts[cs]
         set_transformation(el, ts, set_all=True)
-
-
-def _on_disk(sdata: SpatialData, name: str) -> bool:
-    try:
-        return name in sdata.elements_paths_on_disk() or any(
-            p.endswith(f"/{name}") for p in sdata.elements_paths_on_disk()
-        )
-    except (OSError, ValueError):  # pragma: no cover - store unreadable
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -500,7 +549,8 @@ def align_layers(
     - ``table.uns['asign']['alignment']`` with ``reference``, ``method``, ``transform`` (the narrowest of
       ``"rigid"``, ``"similarity"`` and ``"affine"`` that describes every map ``T_s`` in microns; a mirror is
       ``"affine"``; the requested type is ``params['transform']``, absent for ``method="transforms"``),
-      ``key_added``, ``um_per_px``, ``sections``, ``transforms``, ``quality`` and ``params``. ``quality`` holds
+      ``key_added``, ``keys_added`` (every ``key_added`` that asign's alignments of this stack wrote, this one
+      last), ``um_per_px``, ``sections``, ``transforms``, ``quality`` and ``params``. ``quality`` holds
       one entry per registered pair (moving section -> its neighbour towards the reference) in columns ``pair``,
       ``moving``, ``fixed``, ``start``, ``dice_before`` / ``dice_after`` (tissue-mask Dice with the sections as
       placed on their slides / after alignment), ``nmi_before`` / ``nmi_after`` (normalised mutual information of
@@ -514,9 +564,18 @@ def align_layers(
       ``dice_final``, ``nmi_final``, ``residual_um``). ``params`` holds the options, the working pixel size and the
       run time.
 
-    When ``sdata`` is backed by a zarr store, exactly these are written back: the transformations changed here of
-    the elements that are on disk, and the spot table (``table_key``). Nothing else is written (other tables or
-    elements that exist only in memory stay so until :func:`asign.io.persist`).
+    Nothing is written to disk, also when ``sdata`` is backed by a zarr store (an INFO message says so):
+    :func:`asign.io.persist` writes the table and the transformations, safely.
+
+    Raises
+    ------
+    ValueError
+        With ``inplace=True``, before any registration, if ``key_added`` is a coordinate system of some element that
+        no earlier asign alignment recorded in the table wrote (``uns['asign']['alignment']['key_added']`` /
+        ``['keys_added']``), e.g. a manual landmark alignment: choose another ``key_added`` or remove it; or if the
+        table has ``obs['z']``, ``obsm['spatial_aligned']`` or ``obsm['spatial_3d']`` but records no asign
+        alignment: these names are fixed, so remove or rename the user's keys first. A re-run over asign's own
+        results replaces them.
     """
     from asign.io._validate import validate_stack
 
@@ -557,8 +616,6 @@ def align_layers(
         "pairs": str(pairs),
         "seed": int(seed),
     }
-    t0 = time.perf_counter()
-    quality: dict[str, Any] = {}
     if method == "transforms":
         if transforms is None:
             msg = "method='transforms' needs `transforms={section: 3 x 3 matrix}`."
@@ -577,6 +634,16 @@ def align_layers(
                 "common frame (the reference's included) so they can be re-expressed relative to it."
             )
             raise ValueError(msg)
+    elif len(secs) < 2:
+        msg = f"align_layers(method={method!r}) needs at least two sections to register, got {secs}" + (
+            " (the stack has only one section)." if len(stack.sections) < 2 else "; widen `sections=`."
+        )
+        raise ValueError(msg)
+    if inplace:  # the user's own coordinate system or table keys are never replaced: refused before any work
+        _check_not_users(sdata, get_table(sdata, table_key), key_added, table_key)
+    t0 = time.perf_counter()
+    quality: dict[str, Any] = {}
+    if method == "transforms":
         T = relative_to_reference({s: transforms[s] for s in secs}, reference)
         if len(secs) > 1:
             from asign._registration import evaluate_transforms
@@ -585,11 +652,6 @@ def align_layers(
     else:
         from asign._registration import register_stack
 
-        if len(secs) < 2:
-            msg = f"align_layers(method={method!r}) needs at least two sections to register, got {secs}" + (
-                " (the stack has only one section)." if len(stack.sections) < 2 else "; widen `sections=`."
-            )
-            raise ValueError(msg)
         res = register_stack(
             sdata,
             stack,
