@@ -466,7 +466,9 @@ def align_layers(
     that reconciles all pairs:
 
     1. both images are read from the pyramid level closest above the working resolution (longer side about
-       ``target_size`` px) and resampled to one physical pixel size, as grey scale with tissue bright; tissue masks
+       ``target_size`` px; a level finer than that by a factor of 2 or more, such as a single-scale image, is first
+       reduced lazily by block means, never read whole) and resampled to one physical pixel size, as grey scale with
+       tissue bright; tissue masks
        come from Otsu's threshold;
     2. coarse start: the mask centroids are matched and rotations in ``rotation_step`` steps over 360° are tried
        (and mirror images if ``mirror``), keeping the best mask Dice (user ``landmarks`` replace this search). When
