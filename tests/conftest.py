@@ -93,6 +93,29 @@ def move_spots():
     return _move_spots
 
 
+def _lazy_disk_image(h, w, chunk, centre, radius, calls):
+    """A lazy ``(3, h, w)`` uint8 xarray image (dark disk on glass) whose chunks record each computation in ``calls``."""
+    import dask.array as da
+    import numpy as np
+    import xarray as xr
+
+    def gen(block_info=None):
+        (c0, c1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        calls.append((y0, x0))
+        yy, xx = np.arange(y0, y1)[:, None], np.arange(x0, x1)[None, :]
+        disk = (yy - centre[1]) ** 2 + (xx - centre[0]) ** 2 < radius**2
+        return np.repeat(np.where(disk, np.uint8(90), np.uint8(240))[None], c1 - c0, axis=0)
+
+    chunks = tuple(tuple(min(chunk, n - i) for i in range(0, n, chunk)) for n in (h, w))
+    return xr.DataArray(da.map_blocks(gen, dtype=np.uint8, chunks=((3,), *chunks)), dims=("c", "y", "x"))
+
+
+@pytest.fixture(scope="session")
+def lazy_disk_image():
+    """``lazy_disk_image(h, w, chunk, centre, radius, calls)``: a lazy single-scale image counting chunk reads."""
+    return _lazy_disk_image
+
+
 class LogRecords(logging.Handler):
     """Records of the package logger, with the text of its warnings."""
 

@@ -905,22 +905,6 @@ def test_landmark_counts_are_checked_before_any_registration(rotated_stack, monk
 # ---------------------------------------------------------------------------------------------------------------
 # single-scale images: read by lazy block means, never whole
 # ---------------------------------------------------------------------------------------------------------------
-def _lazy_disk(h, w, chunk, centre, radius, calls):
-    """A lazy ``(3, h, w)`` uint8 xarray image (dark disk on glass) whose chunks record each computation."""
-    import dask.array as da
-    import xarray as xr
-
-    def gen(block_info=None):
-        (c0, c1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
-        calls.append((y0, x0))
-        yy, xx = np.arange(y0, y1)[:, None], np.arange(x0, x1)[None, :]
-        disk = (yy - centre[1]) ** 2 + (xx - centre[0]) ** 2 < radius**2
-        return np.repeat(np.where(disk, np.uint8(90), np.uint8(240))[None], c1 - c0, axis=0)
-
-    chunks = tuple(tuple(min(chunk, n - i) for i in range(0, n, chunk)) for n in (h, w))
-    return xr.DataArray(da.map_blocks(gen, dtype=np.uint8, chunks=((3,), *chunks)), dims=("c", "y", "x"))
-
-
 def _peak_bytes(func):
     """(result, peak traced bytes) of ``func()`` run with dask's synchronous scheduler."""
     import tracemalloc
@@ -955,13 +939,13 @@ def test_block_mean_geometry():
         block_mean(x, factor=2, max_size=4)
 
 
-def test_single_scale_image_is_never_read_whole():
+def test_single_scale_image_is_never_read_whole(lazy_disk_image):
     """A single-scale image much finer than the working grid: chunk-wise block means, each chunk computed once."""
     from asign import _registration as R
 
-    R.load_work_image(_lazy_disk(64, 64, 32, (30, 30), 10, []), section="s", um_per_px=1.0, px_um=8.0)  # warm up
+    R.load_work_image(lazy_disk_image(64, 64, 32, (30, 30), 10, []), section="s", um_per_px=1.0, px_um=8.0)  # warm up
     calls = []
-    el = _lazy_disk(2048, 2048, 256, (1100.0, 900.0), 500.0, calls)
+    el = lazy_disk_image(2048, 2048, 256, (1100.0, 900.0), 500.0, calls)
     w, peak = _peak_bytes(lambda: R.load_work_image(el, section="s", um_per_px=1.0, px_um=8.0))
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 64  # every chunk once
     # the whole level (12 MiB as uint8, 48 MiB as float32) is never held: chunks and the 256 px result only

@@ -289,29 +289,16 @@ def test_make_spots_overlapping_pitch_warns(emptied, asign_log):
     assert "is smaller than the spot diameter" in asign_log.warnings and "overlap" in asign_log.warnings
 
 
-def test_tissue_mask_of_a_large_single_scale_image_by_block_means():
+def test_tissue_mask_of_a_large_single_scale_image_by_block_means(lazy_disk_image):
     """No level <= 2048 px: the mask comes from lazy float32 block means, never from the whole image in float64."""
     import tracemalloc
 
     import dask
-    import dask.array as da
-    import xarray as xr
 
-    def lazy_disk(h, w, chunk, centre, radius, calls):
-        def gen(block_info=None):
-            (c0, c1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
-            calls.append((y0, x0))
-            yy, xx = np.arange(y0, y1)[:, None], np.arange(x0, x1)[None, :]
-            disk = (yy - centre[1]) ** 2 + (xx - centre[0]) ** 2 < radius**2
-            return np.repeat(np.where(disk, np.uint8(90), np.uint8(240))[None], c1 - c0, axis=0)
-
-        chunks = tuple(tuple(min(chunk, n - i) for i in range(0, n, chunk)) for n in (h, w))
-        return xr.DataArray(da.map_blocks(gen, dtype=np.uint8, chunks=((3,), *chunks)), dims=("c", "y", "x"))
-
-    tissue_mask(lazy_disk(4200, 64, 512, (30, 30), 10, []), pixel_um=1.0)  # warm up (imports)
+    tissue_mask(lazy_disk_image(4200, 64, 512, (30, 30), 10, []), pixel_um=1.0)  # warm up (imports)
     calls = []
     # 16384 x 256 px at 1 µm/px: a band of tissue from y = 5000 to 11000
-    el = lazy_disk(16384, 256, 512, (128.0, 8000.0), 3000.0, calls)
+    el = lazy_disk_image(16384, 256, 512, (128.0, 8000.0), 3000.0, calls)
     with dask.config.set(scheduler="synchronous"):
         tracemalloc.start()
         try:

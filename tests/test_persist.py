@@ -173,9 +173,8 @@ def test_interrupted_before_the_original_is_touched_keeps_it(backed, monkeypatch
     np.testing.assert_array_equal(read_zarr(path).tables["table"].X.toarray(), before)
 
 
-def test_interrupted_delete_is_rolled_forward(backed, monkeypatch):
-    path = backed.path
-    t = _change(backed)
+def _persist_crashing_in_delete(sdata, monkeypatch) -> None:
+    """``persist(sdata)`` with ``delete_element_from_disk`` raising: a crash after the verified copy is written."""
 
     def crash(self, element_name):
         msg = "simulated crash in delete"
@@ -183,8 +182,14 @@ def test_interrupted_delete_is_rolled_forward(backed, monkeypatch):
 
     monkeypatch.setattr(SpatialData, "delete_element_from_disk", crash)
     with pytest.raises(RuntimeError, match="in delete"):
-        persist(backed)
+        persist(sdata)
     monkeypatch.undo()
+
+
+def test_interrupted_delete_is_rolled_forward(backed, monkeypatch):
+    path = backed.path
+    t = _change(backed)
+    _persist_crashing_in_delete(backed, monkeypatch)
     # the journal says the original was being replaced: the verified copy (the new content) wins
     assert recover(path) == ["table"]
     assert _tables_on_disk(path) == ["table"]
@@ -502,15 +507,7 @@ def test_replacing_copy_that_does_not_verify_is_refused(backed, monkeypatch):
     error, and nothing is changed (the good original used to be deleted and replaced by it)."""
     path = backed.path
     _change(backed)
-
-    def crash(self, element_name):
-        msg = "simulated crash in delete"
-        raise RuntimeError(msg)
-
-    monkeypatch.setattr(SpatialData, "delete_element_from_disk", crash)
-    with pytest.raises(RuntimeError, match="in delete"):
-        persist(backed)
-    monkeypatch.undo()
+    _persist_crashing_in_delete(backed, monkeypatch)
     copy = path / "tables" / ("table" + TMP_SUFFIX)
     assert _persist._journal_state(copy) == "replacing"
     shutil.rmtree(copy / "obsm" / "asign_test")  # the copy lost a part after it was verified: it still reads
