@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,6 +242,9 @@ def test_unreadable_leftover_copy_is_discarded(backed):
     junk = path / "tables" / ("table" + TMP_SUFFIX)
     junk.mkdir()
     (junk / "zarr.json").write_text("{ not json")
+    # persist journals the elements it replaces before it writes their copies: this one is persist's
+    replaced = {"elements": {}, "replaced": {"tables/table": {}}, "done": []}
+    _persist._store_journal(path, _persist.TRANSFORMS_JOURNAL, "pending", replaced)
     assert recover(backed) == []
     assert _tables_on_disk(path) == ["table"]
 
@@ -732,3 +736,159 @@ def test_interrupted_write_of_a_new_element_is_removed(backed, monkeypatch, asig
     persist(backed)  # the object still holds it: written whole
     back = read_zarr(path)
     assert back.tables["zz"].uns["k"] == {"v": 1} and list(back.tables["zz"].obs["a"]) == ["x", "y", "z"]
+
+
+def _new_image(sdata):
+    from spatialdata.models import Image2DModel
+
+    pix = np.random.default_rng(0).integers(1, 255, size=(3, 32, 32)).astype(np.uint8)
+    sdata.images["mask_S1"] = Image2DModel.parse(pix, dims=("c", "y", "x"), transformations={"S1": Identity()})
+    return pix
+
+
+def test_new_element_written_whole_is_kept_by_the_repair(backed, monkeypatch):
+    """A new image written whole, the process dies before its journal is dropped: a new session's persist used to
+    remove the folder that its freshly read image reads from, then write the image back as zeros."""
+    path = backed.path
+    pix = _new_image(backed)
+
+    def drop(store, name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_persist, "_drop_store_journal", drop)
+    with pytest.raises(KeyboardInterrupt):
+        persist(backed)
+    monkeypatch.undo()
+    assert (path / _persist.NEW_ELEMENT_JOURNAL).read_text().startswith("written")
+    sd2 = read_zarr(path)
+    persist(sd2)
+    assert not (path / _persist.NEW_ELEMENT_JOURNAL).exists()
+    np.testing.assert_array_equal(_pixels(read_zarr(path).images["mask_S1"]), pix)
+
+
+def test_element_read_from_a_removed_partial_element_is_refused(backed, monkeypatch):
+    """The repair removes a partial new image; an object that reads it lazily from the removed folder must not be
+    written (Zarr would fill the missing chunks with zeros)."""
+    path = backed.path
+    _new_image(backed)
+    real = _persist._store_journal
+
+    def store_journal(store, name, state, payload=None):
+        if state == "written":
+            raise KeyboardInterrupt  # written, but not yet journalled as whole: the repair removes it
+        return real(store, name, state, payload)
+
+    monkeypatch.setattr(_persist, "_store_journal", store_journal)
+    with pytest.raises(KeyboardInterrupt):
+        persist(backed)
+    monkeypatch.undo()
+    sd2 = read_zarr(path)
+    assert "mask_S1" in sd2.images
+    with pytest.raises(OSError, match=r"images/mask_S1 .*only partly written by an interrupted persist"):
+        persist(sd2)
+    assert not (path / "images" / "mask_S1").exists()
+    with pytest.raises(OSError, match="images/mask_S1"):  # also when the repair ran in an earlier call
+        persist(sd2)
+    del sd2.images["mask_S1"]
+    persist(sd2)
+    assert "mask_S1" not in read_zarr(path).images
+
+
+@pytest.mark.parametrize("when", ["before_replacing", "after_replaced"])
+def test_pending_transformations_follow_the_journals_not_the_table_content(backed, monkeypatch, when):
+    """Only obs values change (same columns, same X): the table's fingerprint cannot tell old from new, so the
+    repair used to roll the new transformations forward onto the old table. The journals decide now."""
+    path = backed.path
+    t = backed.tables["table"]
+    old_obs = read_zarr(path).tables["table"].obs.copy()
+    col = old_obs.columns[0]
+    t.obs[col] = t.obs[col].iloc[::-1].to_numpy()  # new values, same keys and sums
+    new = _new_transformations(backed)
+    real_journal, real_store_journal = _persist._journal, _persist._store_journal
+
+    def journal(folder, state, **kwargs):
+        if when == "before_replacing" and state == "replacing":
+            raise KeyboardInterrupt
+        return real_journal(folder, state, **kwargs)
+
+    def store_journal(store, name, state, payload=None):
+        if when == "after_replaced" and name == _persist.TRANSFORMS_JOURNAL and state == "writing":
+            raise KeyboardInterrupt  # the table is replaced, its copy deleted; transformations not yet written
+        return real_store_journal(store, name, state, payload)
+
+    monkeypatch.setattr(_persist, "_journal", journal)
+    monkeypatch.setattr(_persist, "_store_journal", store_journal)
+    with pytest.raises(KeyboardInterrupt):
+        persist(backed)
+    monkeypatch.undo()
+    recover(path)
+    back = read_zarr(path)
+    assert not (path / _persist.TRANSFORMS_JOURNAL).exists()
+    if when == "before_replacing":
+        assert back.tables["table"].obs[col].tolist() == old_obs[col].tolist()
+        assert "aligned" not in back.coordinate_systems
+    else:
+        assert back.tables["table"].obs[col].tolist() == t.obs[col].tolist()
+        assert _same_transformation(get_transformation(back["spots_S1"], "aligned"), new)
+
+
+def test_persist_of_a_store_read_after_a_crash(backed, monkeypatch):
+    """read_zarr lists the leftover copy as a table; persist took it into the names before dropping it."""
+    path = backed.path
+    t = _change(backed)
+
+    def journal(folder, state, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_persist, "_journal", journal)
+    with pytest.raises(KeyboardInterrupt):
+        persist(backed)
+    monkeypatch.undo()
+    sd2 = read_zarr(path)
+    assert "table" + TMP_SUFFIX in sd2.tables
+    persist(sd2)
+    assert list(sd2.tables) == ["table"] and _tables_on_disk(path) == ["table"]
+    persist(backed)
+    _assert_changed(path, t)
+
+
+def test_users_element_ending_in_the_temp_suffix_is_kept(backed, asign_log):
+    import anndata as ad
+
+    path = backed.path
+    backed.tables["qc" + TMP_SUFFIX] = ad.AnnData(np.arange(6, dtype=np.float32).reshape(3, 2))
+    backed.write_element("qc" + TMP_SUFFIX)
+    assert recover(path) == []
+    assert "qc" + TMP_SUFFIX in _tables_on_disk(path)
+    assert "no copy journalled by persist" in asign_log.warnings
+    sd2 = read_zarr(path)
+    persist(sd2)
+    assert "qc" + TMP_SUFFIX in sd2.tables and "qc" + TMP_SUFFIX in _tables_on_disk(path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name synced files")
+def test_copy_and_rewritten_original_are_synced_before_their_journal(backed, monkeypatch):
+    import os
+
+    path = backed.path
+    _change(backed)
+    events, real_fsync, real_journal = [], os.fsync, _persist._journal
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def journal(folder, state, **kwargs):
+        events.append(("journal", state))
+        return real_journal(folder, state, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(_persist, "_journal", journal)
+    persist(backed)
+    monkeypatch.undo()
+    replacing, done = events.index(("journal", "replacing")), events.index(("journal", "done"))
+    copy, original = str(path / "tables" / ("table" + TMP_SUFFIX)), str(path / "tables" / "table")
+    synced_copy = {f for e, f in events[:replacing] if e == "fsync" and f.startswith(copy + "/")}
+    synced_orig = {f for e, f in events[replacing:done] if e == "fsync" and f.startswith(original + "/")}
+    for synced in (synced_copy, synced_orig):  # the data and the metadata of the table, not only the journal
+        assert any("/X/" in f for f in synced) and any(f.endswith(("zarr.json", ".zattrs")) for f in synced)

@@ -15,8 +15,9 @@ whole state) holds one of these states; each says which version of the element i
   matches the fingerprint (otherwise an error, and nothing is touched).
 - ``"done"``: the original was rewritten and verified; the copy may be partly deleted. Repair: remove the copy.
 
-``strategy="temp_element"`` and ``"temp_store"`` go through: copy written and verified (no journal) ->
-``"replacing"`` -> original deleted, rewritten and verified -> ``"done"`` -> copy deleted (a partly deleted copy says
+``strategy="temp_element"`` and ``"temp_store"`` go through: copy written, verified and synced (no journal) ->
+``"replacing"`` -> original deleted, rewritten, verified and synced -> ``"done"`` -> element recorded as done in
+the transformations journal (below) -> copy deleted (a partly deleted copy says
 ``"done"``, or nothing once its journal file is gone: both mean "remove it"). The copy is never deleted while it says
 ``"replacing"``; the repair removes the original and renames the whole copy into place, then drops the journal. The
 temporary store of ``"temp_store"`` is written in the target store's own spatialdata container (and Zarr) format.
@@ -27,17 +28,29 @@ dropped -> ``<path>.asign_old`` removed. A journalled new store is only ever ren
 
 Two more journals are files in the store's root folder, written in the same way:
 
-- ``asign_persist_new_element`` (``"writing"``, with the element's type and name): an element that was only in
-  memory is being written. Repair: remove what was written of it (its folder did not exist before).
+- ``asign_persist_new_element`` (with the element's type and name): ``"writing"`` (an element that was only in
+  memory is being written) -> ``"written"`` (it is whole, verified for tables and shapes, and synced) -> file
+  removed. Repair of ``"writing"``: remove what was written of it (its folder did not exist before); persist then
+  refuses to write an in-memory element that reads its lazy data from the removed folder (its missing chunks would
+  be written as zeros). Repair of ``"written"``: keep the element, drop the journal.
 - ``asign_persist_transformations``, with the transformations of every element that persist writes them for
-  (exact JSON, see :func:`_transformation_to_json`) and fingerprints of the elements it replaces: ``"pending"``
-  (written before the first element is replaced; the transformations on disk are the earlier ones) ->
-  ``"writing"`` (every replaced element is written and verified) -> transformations written -> ``"done"`` ->
-  file removed. Repair of ``"pending"``, after the copies above are repaired: if every replaced element now holds
-  its new content (it matches its fingerprint), finish as for ``"writing"``; otherwise drop the journal (the store
-  keeps the earlier transformations, with the earlier elements). Repair of ``"writing"``: write the journalled
-  transformations, then drop the journal. ``"done"``: drop the journal. The tables and the transformations of the
-  store thus change together, also when the process dies in between.
+  (exact JSON, see :func:`_transformation_to_json`), the elements it replaces (``"replaced"``, with fingerprints)
+  and those already replaced (``"done"``): ``"pending"`` (written before the first copy; the transformations on
+  disk are the earlier ones; rewritten as each element is done) -> ``"writing"`` (every replaced element is
+  written and verified) -> transformations written -> ``"done"`` -> file removed. Repair of ``"pending"``, decided
+  from the journals before the copies above are repaired (never from the content, which a fingerprint cannot fully
+  tell): if every replaced element is listed as done or its copy says ``"replacing"`` (moved into place by the same
+  repair) or ``"done"``, finish as for ``"writing"``; otherwise drop the journal (the store keeps the earlier
+  transformations). Repair of ``"writing"``: write the journalled transformations, then drop the journal.
+  ``"done"``: drop the journal. A ``*_asign_tmp`` folder is treated as a copy only when it holds a journal or this
+  journal lists its element; any other is the user's and is left alone, with a warning.
+
+Guarantee: each replaced element is replaced atomically (after any interruption it is whole, the old or the new
+version), and the transformations on disk agree with the tables: the new ones only when every replaced table is
+new. Several tables are not replaced as one transaction: an interruption between two of them can leave the first
+new and the second old (with the earlier transformations); persisting again from the object completes the write.
+Every copy and every rewritten or new element is synced (files and folders) before the journal state that relies
+on it, so this also holds after a power loss, as far as the file system honours ``fsync``.
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -252,6 +265,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(path: Path) -> None:
+    """Sync every file and folder under ``path``, and its parent folder, to disk (before a journal relies on it).
+
+    A journal state that says a folder is whole (``"replacing"``, ``"done"``, ``"written"``) must not reach the disk
+    before the folder's own content does, or a power loss could leave a journal that points at missing data.
+    """
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        for root, _dirs, files in os.walk(path, topdown=False):
+            for f in files:
+                try:
+                    fd = os.open(os.path.join(root, f), os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.fsync(fd)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+            _fsync_dir(Path(root))
+    _fsync_dir(path.parent)
+
+
 def _journal_lines(path: Path) -> list[str]:
     f = Path(path) / JOURNAL
     return f.read_text().splitlines() if f.is_file() else []
@@ -417,7 +454,11 @@ def _drop_store_journal(store: Path, name: str) -> None:
 
 
 def _write_new_element(sdata: SpatialData, store: Path, kind: str, name: str) -> None:
-    """Write an element that is only in memory; journalled so that a partial one is removed by the repair."""
+    """Write an element that is only in memory; journalled so that a partial one is removed by the repair.
+
+    ``"writing"`` before the write; ``"written"`` once it is whole on disk (verified for tables and shapes, synced),
+    so that the repair keeps it; then the journal is dropped.
+    """
     _store_journal(store, NEW_ELEMENT_JOURNAL, "writing", {"kind": kind, "name": name})
     sdata.write_element(name)
     element = getattr(sdata, kind)[name]
@@ -425,14 +466,20 @@ def _write_new_element(sdata: SpatialData, store: Path, kind: str, name: str) ->
         _verify(store, kind, name, element)
     else:
         _WRITTEN_LAZY.setdefault(str(store.resolve()), {})[kind, name] = _lazy_token(element)
+    _fsync_tree(store / kind / name)
+    _store_journal(store, NEW_ELEMENT_JOURNAL, "written", {"kind": kind, "name": name})
     _drop_store_journal(store, NEW_ELEMENT_JOURNAL)
 
 
 def _repair_new_element(store: Path) -> str | None:
-    """Remove an element whose first write was interrupted; returns ``"<kind>/<name>"`` or `None`."""
+    """Remove an element whose first write was interrupted; returns ``"<kind>/<name>"`` of a removed one or `None`.
+
+    ``"writing"``: the element may be incomplete and is removed. ``"written"``: it is whole and verified and is kept
+    (only the journal is dropped).
+    """
     store = Path(store)
     (store / (NEW_ELEMENT_JOURNAL + ".part")).unlink(missing_ok=True)
-    state, payload = _read_store_journal(store, NEW_ELEMENT_JOURNAL, ("writing",))
+    state, payload = _read_store_journal(store, NEW_ELEMENT_JOURNAL, ("writing", "written"))
     if state is None:
         return None
     kind, name = payload.get("kind"), payload.get("name")
@@ -443,6 +490,9 @@ def _repair_new_element(store: Path) -> str | None:
         )
         raise OSError(msg)
     target = store / kind / name
+    if state == "written":  # whole and verified: only the journal was left
+        _drop_store_journal(store, NEW_ELEMENT_JOURNAL)
+        return None
     removed = target.exists() or target.is_symlink()
     if removed:
         _remove(target)
@@ -555,12 +605,35 @@ def _write_journalled_transformations(store: Path, elements: dict[str, Any]) -> 
     return {name: ts for name, (_, ts) in todo.items()}
 
 
-def _repair_transformations(store: Path) -> dict[str, dict[str, Any]]:
+def _settled(store: Path) -> dict[str, bool] | None:
+    """Before the copies are repaired: for each element that a ``"pending"`` journal replaces, whether it ends new.
+
+    New when the journal records it as done, or when its copy's journal says ``"replacing"`` (the same repair moves
+    the copy into place, or refuses before any change) or ``"done"``; otherwise the original was not touched and
+    stays. Decided from the journals, never from the content (a fingerprint cannot see every change). `None` when
+    there is no ``"pending"`` journal, or an older one without the ``"done"`` list (then the content decides).
+    """
+    store = Path(store)
+    state, payload = _read_store_journal(store, TRANSFORMS_JOURNAL, _TRANSFORM_STATES)
+    if state != "pending" or not isinstance(payload.get("done"), list):
+        return None
+    done = set(payload["done"])
+    tstore = _temp_store(store)
+    out = {}
+    for key in payload.get("replaced", {}):
+        kind, name = key.split("/", 1)
+        states = {_journal_state(store / kind / (name + TMP_SUFFIX)), _journal_state(tstore / kind / name)}
+        out[key] = key in done or bool(states & {"replacing", "done"})
+    return out
+
+
+def _repair_transformations(store: Path, settled: dict[str, bool] | None = None) -> dict[str, dict[str, Any]]:
     """Finish or drop an interrupted write of the transformations; returns ``{name: transformations written}``.
 
-    ``"pending"``: if every element that persist was replacing holds its new content now (after the repair of the
-    copies), the transformations are written; otherwise the journal is dropped and the store keeps the earlier
-    transformations. ``"writing"``: they are written. ``"done"``: the journal is dropped.
+    ``"pending"``: if every element that persist was replacing ends with its new content (``settled``, decided from
+    the journals by :func:`_settled` before the copies were repaired), the transformations are written; otherwise
+    the journal is dropped and the store keeps the earlier transformations. ``"writing"``: they are written.
+    ``"done"``: the journal is dropped.
     """
     store = Path(store)
     (store / (TRANSFORMS_JOURNAL + ".part")).unlink(missing_ok=True)
@@ -570,7 +643,10 @@ def _repair_transformations(store: Path) -> dict[str, dict[str, Any]]:
     if state == "pending":
         new, old = [], []
         for key, fingerprint in payload.get("replaced", {}).items():
-            kind, name = key.split("/", 1)
+            if settled is not None:
+                (new if settled.get(key, False) else old).append(key)
+                continue
+            kind, name = key.split("/", 1)  # an older journal: its content decides
             disk = _read_disk(store, kind, name)
             (new if disk is not None and _matches(_fingerprint(disk), fingerprint) else old).append(key)
         if old:
@@ -594,22 +670,102 @@ def _repair_transformations(store: Path) -> dict[str, dict[str, Any]]:
     return written
 
 
-def _repair_store(store: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
+def _repair_store(store: Path) -> tuple[list[str], dict[str, dict[str, Any]], str | None]:
     """Every repair of a store after an interrupted :func:`persist`, in order; consolidates the metadata after.
 
-    First the copies of replaced elements (:func:`_repair_files`; an error before any change if a copy cannot be
-    moved into place), then a partial element written from memory is removed, then an interrupted write of the
-    transformations is finished or dropped. Returns the restored element names and ``{name: transformations}`` of
-    the elements whose transformations were written.
+    First the journals decide whether an interrupted write of the transformations rolls forward (:func:`_settled`),
+    then the copies of replaced elements are settled (:func:`_repair_files`; an error before any change if a copy
+    cannot be moved into place), then a partial element written from memory is removed, then the transformations are
+    finished or dropped as decided. Returns the restored element names, ``{name: transformations}`` of the elements
+    whose transformations were written, and ``"<kind>/<name>"`` of a removed partial element (or `None`).
     """
     store = Path(store)
     had_journal = (store / TRANSFORMS_JOURNAL).exists() or (store / NEW_ELEMENT_JOURNAL).exists()
+    settled = _settled(store)
     restored = _repair_files(store)
     removed = _repair_new_element(store)
-    written = _repair_transformations(store)
+    written = _repair_transformations(store, settled)
     if removed is not None or written or had_journal:
         _reconsolidate(store)
-    return restored, written
+    return restored, written, removed
+
+
+def _persist_copies(store: Path) -> set[tuple[str, str]]:
+    """``(kind, folder name)`` of the ``*_asign_tmp`` copies in ``store`` that an interrupted persist wrote.
+
+    A copy is persist's when it holds a journal or the store's transformations journal lists its element as replaced
+    (written before the first copy). A folder whose name merely ends in the suffix is the user's.
+    """
+    store = Path(store)
+    try:
+        _, payload = _read_store_journal(store, TRANSFORMS_JOURNAL, _TRANSFORM_STATES)
+    except OSError:
+        payload = {}
+    listed = {tuple(key.split("/", 1)) for key in payload.get("replaced", {})}
+    out = set()
+    for kind in _REWRITABLE:
+        for tmp in [n for n in _disk_names(store, kind) if n.endswith(TMP_SUFFIX)]:
+            folder = store / kind / tmp
+            journalled = (folder / JOURNAL).exists() or (folder / (JOURNAL + ".part")).exists()
+            if journalled or (kind, tmp[: -len(TMP_SUFFIX)]) in listed:
+                out.add((kind, tmp))
+    return out
+
+
+def _drop_copies_in_memory(sdata: SpatialData, copies: set[tuple[str, str]]) -> None:
+    """Drop from memory the persist copies that read_zarr read as elements of their own (they are gone on disk)."""
+    for kind, name in copies:
+        if name in getattr(sdata, kind):
+            del getattr(sdata, kind)[name]
+
+
+def _reads_missing_files(element: Any, store: Path) -> bool | None:
+    """Whether a lazy element reads files in ``store`` that no longer exist; `None` if the dask graph cannot tell."""
+    from spatialdata._io._utils import get_dask_backing_files
+
+    try:
+        files = get_dask_backing_files(element)
+    except Exception as e:  # noqa: BLE001 - an unknown graph layout
+        logger.debug(f"Could not find the files that an element is read from: {e}")
+        return None
+    root = Path(store).resolve()
+    return any(Path(f).resolve().is_relative_to(root) and not Path(f).exists() for f in files)
+
+
+def _check_not_read_from_removed(
+    sdata: SpatialData, store: Path, removed: str | None, only: set[str] | None = None
+) -> None:
+    """Refuse, before any write, an element to be written from memory whose lazy data are in deleted store files.
+
+    Such an element (read from a partial element that the repair removed) would be written back from missing
+    chunks, which Zarr fills with zeros. ``only``: the names to be written (`None`: every element not on disk).
+
+    Raises
+    ------
+    OSError
+        Naming the element.
+    """
+    for kind in _LAZY:
+        on_disk = set(_disk_names(store, kind))
+        for name, element in getattr(sdata, kind).items():
+            if name in on_disk or (only is not None and name not in only):
+                continue
+            missing = _reads_missing_files(element, store)
+            if missing is False:
+                continue
+            if missing is None and removed != f"{kind}/{name}":
+                continue
+            why = (
+                "it was only partly written by an interrupted persist and has been removed from the store"
+                if removed == f"{kind}/{name}"
+                else "its folder in the store no longer exists"
+            )
+            msg = (
+                f"{kind}/{name} in memory reads its data lazily from {store / kind / name}, but {why}: writing it "
+                "would write zeros for the missing data. Nothing was written; re-create the element (or re-read the "
+                f"store, which no longer holds it, and drop it from the object), then call persist again."
+            )
+            raise OSError(msg)
 
 
 def _swap_in(new: Path, path: Path, old: Path) -> None:
@@ -663,9 +819,16 @@ def _repair_files(store: Path) -> list[str]:
     store = Path(store)
     moves: list[tuple[Path, Path, str]] = []  # (copy, original, kind)
     leftovers: list[Path] = []
+    ours = _persist_copies(store)
     for kind in _REWRITABLE:
         for tmp in [n for n in _disk_names(store, kind) if n.endswith(TMP_SUFFIX)]:
             copy = store / kind / tmp
+            if (kind, tmp) not in ours:
+                logger.warning(
+                    f"{kind}/{tmp} in {store} ends in {TMP_SUFFIX!r} but is no copy journalled by persist; it is left "
+                    "alone. Rename it if it is yours (persist uses that suffix for its temporary copies)."
+                )
+                continue
             if _journal_state(copy) == "replacing":
                 moves.append((copy, store / kind / tmp[: -len(TMP_SUFFIX)], kind))
             else:
@@ -705,10 +868,12 @@ def recover(sdata: SpatialData | str | Path) -> list[str]:
     whose original was not touched yet, that is itself incomplete, or whose original was already rewritten and
     verified (the copy was being deleted) is removed; an interrupted ``strategy="new_store"`` swap is completed (or
     undone if the new store was not finished). An element that persist was writing from memory when it was
-    interrupted (it may be incomplete) is removed, with a warning naming it. An interrupted write of the
-    transformations is completed from its journal when the elements that persist replaced before it hold their new
-    content (otherwise the store keeps the earlier transformations and elements), so that the tables and the
-    transformations on disk agree. Then the consolidated metadata are rewritten from what is on disk.
+    interrupted (it may be incomplete) is removed, with a warning naming it; one journalled as whole is kept. An
+    interrupted write of the transformations is completed from its journal when the journals say that every element
+    that persist was replacing ends new (otherwise the store keeps the earlier transformations). Each element ends
+    whole, old or new; when several tables were being replaced, some may end new and others old (the
+    transformations are then the earlier ones). A ``*_asign_tmp`` element that no journal marks as persist's copy is
+    left alone, with a warning. Then the consolidated metadata are rewritten from what is on disk.
 
     Parameters
     ----------
@@ -740,8 +905,16 @@ def recover(sdata: SpatialData | str | Path) -> list[str]:
     if sdata.path is None:
         return []
     store = Path(sdata.path)
-    restored, transformations = _repair_store(store)
+    copies = _persist_copies(store)
+    restored, transformations, removed = _repair_store(store)
     _set_in_memory(sdata, transformations)
+    if removed is not None:
+        kind, name = removed.split("/", 1)
+        if name in getattr(sdata, kind) and _reads_missing_files(getattr(sdata, kind)[name], store) is not False:
+            logger.warning(
+                f"{removed} in memory was read from the partial element that was removed; persist refuses to write "
+                "it (its data are gone). Re-create it, or drop it from the object."
+            )
     for name in restored:
         kind = _element_kind(sdata, name) or _kind_on_disk(store, name)
         element = _read_disk(store, kind, name)
@@ -749,9 +922,7 @@ def recover(sdata: SpatialData | str | Path) -> list[str]:
             msg = f"{kind}/{name} in {store} was restored from its verified copy but cannot be read back."
             raise OSError(msg)
         getattr(sdata, kind)[name] = element
-    for kind in _REWRITABLE:  # copies read by read_zarr as elements of their own
-        for name in [n for n in getattr(sdata, kind) if n.endswith(TMP_SUFFIX)]:
-            del getattr(sdata, kind)[name]
+    _drop_copies_in_memory(sdata, copies)  # copies read by read_zarr as elements of their own
     return restored
 
 
@@ -958,12 +1129,19 @@ def _write_temp_store(tstore: Path, kind: str, name: str, element: Any, containe
 
 
 def _rewrite(
-    sdata: SpatialData, kind: str, name: str, *, strategy: str, fingerprint: dict[str, Any] | None = None
+    sdata: SpatialData,
+    kind: str,
+    name: str,
+    *,
+    strategy: str,
+    fingerprint: dict[str, Any] | None = None,
+    on_done: Callable[[], None] | None = None,
 ) -> None:
     """Replace ``kind/name`` in the object's store by the in-memory element, through a verified copy.
 
-    The journal steps are described in the module docstring: copy written and verified -> ``"replacing"`` ->
-    original deleted, rewritten and verified -> ``"done"`` -> copy deleted.
+    The journal steps are described in the module docstring: copy written, verified and synced -> ``"replacing"``
+    -> original deleted, rewritten, verified and synced -> ``"done"`` -> ``on_done()`` (persist records the element
+    as replaced in the store's transformations journal) -> copy deleted.
     """
     store = Path(sdata.path)
     element = getattr(sdata, kind)[name]
@@ -990,12 +1168,16 @@ def _rewrite(
         raise OSError(msg)
     # a verified copy is on disk; journal that the original is about to change (with what the copy holds, checked
     # again before a repair moves it into place), then replace it
+    _fsync_tree(copy)  # the copy's content is on disk before its journal allows the original to be deleted
     _journal(copy, "replacing", fingerprint=_fingerprint(element) if fingerprint is None else fingerprint)
     sdata.delete_element_from_disk(name)
     sdata.write_element(name)
     _verify(store, kind, name, element)
+    _fsync_tree(store / kind / name)
     # the original is whole and verified again: from here on the copy is a leftover, which may be partly deleted
     _journal(copy, "done")
+    if on_done is not None:
+        on_done()
     if strategy == "temp_element":
         sdata.delete_element_from_disk(name + TMP_SUFFIX)  # also updates the consolidated metadata
     else:
@@ -1048,10 +1230,13 @@ def persist(
         An interrupted run is repaired by the next call (see :func:`asign.io.recover`): a copy whose original was
         being replaced is moved into place once it is checked (the interrupted write is completed); any other copy,
         including one whose original was already rewritten and verified, is discarded. An element written from
-        memory is journalled while it is written, and a partial one is removed by the repair. The transformations
-        to write are journalled (in the store's root folder) before the first element is replaced and written once
-        every replaced element is verified; the repair completes them when the replaced elements hold their new
-        content and keeps the earlier ones otherwise, so that the tables and the transformations on disk agree.
+        memory is journalled while it is written: a partial one is removed by the repair (an object that reads it
+        lazily from the removed folder is then refused with an error naming it), a whole one is kept. The
+        transformations to write are journalled (in the store's root folder) before the first element is replaced
+        and written once every replaced element is verified; the repair completes them when the journals say that
+        every replaced element ends new, and keeps the earlier ones otherwise. Each element is replaced atomically
+        (old or new); several tables are not replaced as one transaction, so an interruption between two can leave
+        one new and one old, with the earlier transformations: call persist again.
     overwrite
         Allow replacing an existing store at ``path`` (``"new_store"`` or an object that is not backed).
     write_new
@@ -1099,17 +1284,18 @@ def _persist(
     store = Path(sdata.path)
     if strategy == "temp_store":
         _container_format(store)  # refused before any work if the copy cannot be written in the store's format
+    # finish an earlier interrupted write on disk first; the in-memory elements stay as they are (they hold what
+    # that write was writing, or newer changes) and are written below. The copies of that write that read_zarr
+    # read as elements of their own are dropped from memory before the names are taken
+    copies = _persist_copies(store)
+    _, _, removed = _repair_store(store)
+    _drop_copies_in_memory(sdata, copies)
     if elements is None:
         names = list(sdata.tables)
     else:
         names = [elements] if isinstance(elements, str) else list(elements)
-    # finish an earlier interrupted write on disk first; the in-memory elements stay as they are (they hold what
-    # that write was writing, or newer changes) and are written below
-    _repair_store(store)
     _check_names(sdata, store, names)
-    for kind in _REWRITABLE:
-        for name in [n for n in getattr(sdata, kind) if n.endswith(TMP_SUFFIX)]:
-            del getattr(sdata, kind)[name]
+    _check_not_read_from_removed(sdata, store, removed, None if write_new else set(names))
     # what differs from the disk and is not written by this call: reported once the write is done
     unwritten = _unwritten_changes(sdata, store, set(names))
     written = []
@@ -1130,13 +1316,21 @@ def _persist(
     else:
         targets = [n for n in written + [n for _, n in replace] if _element_kind(sdata, n) != "tables"]
     fingerprints = {f"{kind}/{name}": _fingerprint(getattr(sdata, kind)[name]) for kind, name in replace}
-    payload = {"elements": _transformations_payload(sdata, targets), "replaced": fingerprints}
-    if targets:
+    # "done": the replaced elements whose original was rewritten and verified (recorded before their copy is
+    # deleted); the repair rolls the transformations forward only if every replaced element got there
+    payload = {"elements": _transformations_payload(sdata, targets), "replaced": fingerprints, "done": []}
+    if targets or replace:  # also lists the copies about to be written, so that the repair knows them as persist's
         _store_journal(store, TRANSFORMS_JOURNAL, "pending" if replace else "writing", payload)
     for kind, name in replace:
-        _rewrite(sdata, kind, name, strategy=strategy, fingerprint=fingerprints[f"{kind}/{name}"])
+        key = f"{kind}/{name}"
+
+        def mark_done(key: str = key) -> None:
+            payload["done"].append(key)
+            _store_journal(store, TRANSFORMS_JOURNAL, "pending", payload)
+
+        _rewrite(sdata, kind, name, strategy=strategy, fingerprint=fingerprints[key], on_done=mark_done)
         written.append(name)
-    if targets:
+    if targets or replace:
         if replace:  # every replaced element is written and verified: the transformations follow
             _store_journal(store, TRANSFORMS_JOURNAL, "writing", payload)
         for name in targets:
