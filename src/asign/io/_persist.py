@@ -248,11 +248,11 @@ def _write_journal_file(file: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(file)
-    _fsync_dir(file.parent)
+    _fsync_path(file.parent)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Sync a folder's entries (a rename in it) to disk, where the platform allows it."""
+def _fsync_path(path: Path | str) -> None:
+    """Sync a folder's entries (a rename in it), or a file's content, to disk, where the platform allows it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # e.g. Windows: folders cannot be opened
@@ -275,18 +275,9 @@ def _fsync_tree(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         for root, _dirs, files in os.walk(path, topdown=False):
             for f in files:
-                try:
-                    fd = os.open(os.path.join(root, f), os.O_RDONLY)
-                except OSError:
-                    continue
-                try:
-                    os.fsync(fd)
-                except OSError:
-                    pass
-                finally:
-                    os.close(fd)
-            _fsync_dir(Path(root))
-    _fsync_dir(path.parent)
+                _fsync_path(os.path.join(root, f))
+            _fsync_path(Path(root))
+    _fsync_path(path.parent)
 
 
 def _journal_lines(path: Path) -> list[str]:
@@ -450,7 +441,7 @@ def _read_store_journal(store: Path, name: str, states: Sequence[str]) -> tuple[
 def _drop_store_journal(store: Path, name: str) -> None:
     for n in (name, name + ".part"):
         (Path(store) / n).unlink(missing_ok=True)
-    _fsync_dir(Path(store))
+    _fsync_path(Path(store))
 
 
 def _write_new_element(sdata: SpatialData, store: Path, kind: str, name: str) -> None:
