@@ -184,6 +184,20 @@ def unmeasured_genes(table: AnnData) -> dict[str, set[str]]:
     return {str(s): {str(g) for g in np.atleast_1d(np.asarray(genes, dtype=object))} for s, genes in rec.items()}
 
 
+def genes_lacking(table: AnnData, rows: np.ndarray, genes: Any) -> dict[str, list[str]]:
+    """``{section: genes}``: the genes of ``genes`` that the sections of the spots in ``rows`` never measured.
+
+    ``rows`` is a boolean spot mask; genes keep the order of ``genes`` (:func:`unmeasured_genes` gives the record).
+    Only sections lacking a gene are listed, in the order of their first spot.
+    """
+    absent = unmeasured_genes(table)
+    if not absent:
+        return {}
+    sec = table.obs[Key.SECTION].astype(str).to_numpy()[np.asarray(rows, dtype=bool)]
+    lacking = {s: [str(g) for g in genes if str(g) in absent.get(s, set())] for s in dict.fromkeys(sec.tolist())}
+    return {s: g for s, g in lacking.items() if g}
+
+
 def unmeasured_mask(table: AnnData, genes: Any, stack: StackInfo | None = None) -> np.ndarray | None:
     """Boolean ``(n_obs, len(genes))``: True where a spot's section never measured the gene; `None` if nowhere."""
     rec = unmeasured_genes(table)

@@ -13,7 +13,7 @@ from asign._constants import Key
 from asign._device import spawn_seeds
 from asign._docs import inject_docs
 from asign._logging import logger
-from asign._stack import unmeasured_genes
+from asign._stack import genes_lacking, unmeasured_genes
 from asign.pp._genes import (
     _sample_name,
     check_known,
@@ -151,10 +151,8 @@ def _check_genes_measured(
     """
     for n, s in named.items():
         t = s.tables[table_key]
-        absent = unmeasured_genes(t)
-        if not absent:
+        if not unmeasured_genes(t):
             continue
-        sec = t.obs[Key.SECTION].astype(str).to_numpy()
         trains_in = [i for i, f in enumerate(folds) if n not in f]
         if trains_in:
             rows = t.obs[Key.MEASURED].to_numpy(dtype=bool)
@@ -162,8 +160,7 @@ def _check_genes_measured(
         else:
             rows = np.asarray(masks[n], dtype=bool)
             role = f"its known section(s) are the labels of fold {next(i for i, f in enumerate(folds) if n in f)}"
-        lacking = {x: [g for g in genes if g in absent.get(x, set())] for x in dict.fromkeys(sec[rows].tolist())}
-        lacking = {x: g for x, g in lacking.items() if g}
+        lacking = genes_lacking(t, rows, genes)
         if lacking:
             detail = "; ".join(
                 f"section {x!r}: {g[:5]}{f' (+{len(g) - 5} more)' if len(g) > 5 else ''}" for x, g in lacking.items()

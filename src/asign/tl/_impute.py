@@ -12,7 +12,7 @@ from asign._checks import check_number
 from asign._constants import Key
 from asign._docs import inject_docs
 from asign._logging import logger
-from asign._stack import section_codes, unmeasured_genes
+from asign._stack import genes_lacking, section_codes, unmeasured_genes
 from asign.pp._genes import (
     GENE_SECTIONS,
     _as_sample_list,
@@ -335,14 +335,9 @@ def _warn_partial_panels(table: AnnData, genes: Sequence[str], known: np.ndarray
     """
     if normalization != "st-net":
         return
-    absent = unmeasured_genes(table)
-    if not absent:
-        return
-    sec = table.obs[Key.SECTION].astype(str).to_numpy()
     scored = table.obs[Key.MEASURED].to_numpy(dtype=bool) & ~np.asarray(known, dtype=bool)
     modelled = set(genes)
-    lacking = {s: sorted(absent.get(s, set()) & modelled) for s in dict.fromkeys(sec[scored].tolist())}
-    lacking = {s: g for s, g in lacking.items() if g}
+    lacking = {s: sorted(set(g)) for s, g in genes_lacking(table, scored, genes).items()}
     if lacking:
         detail = "; ".join(f"{s}: {len(g)} (e.g. {g[:3]})" for s, g in lacking.items())
         logger.warning(
