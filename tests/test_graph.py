@@ -885,3 +885,47 @@ def test_within_weights_unchanged_on_a_jittered_lattice(asign_log):
     W, D = res.connectivities, res.distances
     np.testing.assert_allclose(W.data, med / D.data, rtol=1e-12)
     assert not asign_log.warnings
+
+
+def test_stale_similarity_features_are_refused(tmp_path, asign_log):
+    """A graph whose cross-section similarity read features that were replaced afterwards (features extracted again
+    with other options) is refused by imputation, naming the obsm key and what to run; a copy, permuted rows and a
+    zarr round trip keep the fingerprint; removed features pass with a warning; running `neighbors_3d` again fixes
+    it. An overlap-only graph records an empty similarity fingerprint."""
+    import spatialdata
+
+    import asign
+    from asign.pp._graph import check_graph_alignment, similarity_fingerprint
+
+    sd = grid_stack(n_sections=3, side=7, pitch_px=10.0, um_per_px=1.0)
+    asign.pp.align_layers(
+        sd, method="transforms", transforms=dict.fromkeys(["G1", "G2", "G3"], np.eye(3)), show_progress_bar=False
+    )
+    t = sd.tables["table"]
+    rng = np.random.default_rng(0)
+    t.obsm["feat"] = rng.normal(size=(t.n_obs, 5)).astype(np.float32)
+    neighbors_3d(sd, n_neighs=4, n_neighs_across=4, radius_px=10.0, similarity_key="feat")
+    fp = t.uns["asign_neighbors"]["params"]["similarity_fingerprint"]
+    assert isinstance(fp, str) and len(fp) == 40 and fp == similarity_fingerprint(t, "feat")
+    perm = rng.permutation(t.n_obs)
+    assert similarity_fingerprint(t[perm].copy(), "feat") == fp
+    sd.write(tmp_path / "s.zarr")
+    back = spatialdata.read_zarr(tmp_path / "s.zarr").tables["table"]
+    assert similarity_fingerprint(back, "feat") == fp
+    check_graph_alignment(back)
+    asign.tl.impute(sd, known="G2", method="propagation", genes=["a", "b"], inplace=False)
+
+    t.obsm["feat"] = rng.normal(size=(t.n_obs, 5)).astype(np.float32)  # extracted again, other features
+    stale = r"`\.obsp\['asign_connectivities'\]` of table 'table' was built on other image features.*obsm\['feat'\]"
+    with pytest.raises(ValueError, match=stale):
+        asign.tl.impute(sd, known="G2", method="propagation", genes=["a", "b"], inplace=False)
+    del t.obsm["feat"]
+    check_graph_alignment(t)
+    assert any("no longer holds" in r.getMessage() for r in asign_log.records)
+    t.obsm["feat"] = rng.normal(size=(t.n_obs, 5)).astype(np.float32)
+    neighbors_3d(sd, n_neighs=4, n_neighs_across=4, radius_px=10.0, similarity_key="feat")
+    check_graph_alignment(t)
+    neighbors_3d(sd, n_neighs=4, n_neighs_across=4, radius_px=10.0)
+    assert t.uns["asign_neighbors"]["params"]["similarity_fingerprint"] == ""
+    t.obsm["feat"] = rng.normal(size=(t.n_obs, 5)).astype(np.float32)
+    check_graph_alignment(t)

@@ -758,24 +758,80 @@ def alignment_fingerprint(table: AnnData) -> str:
     return h.hexdigest()
 
 
+SIMILARITY_FINGERPRINT = "similarity_fingerprint"
+"""Key in ``uns['<key_added>_neighbors']['params']`` of the image features a 3D graph's similarity scores read."""
+
+
+def similarity_fingerprint(table: AnnData, similarity_key: str) -> str:
+    """SHA-1 (hex) of the per-spot features in ``obsm[similarity_key]`` that :func:`neighbors_3d` scored across sections.
+
+    Spot by spot in the order of the sorted ``obs_names`` (as :func:`alignment_fingerprint`), the names, the array's
+    shape and its values as float64 with NaN and ``-0.0`` canonicalised: a copy, permuted rows or a round trip
+    through zarr keep it; features extracted again with another encoder, scale or stain option change it.
+    """
+    import hashlib
+
+    h = hashlib.sha1(usedforsecurity=False)
+    names = np.asarray(table.obs_names, dtype=str)
+    order = np.argsort(names, kind="stable")
+    h.update(b"names\0" + "\0".join(names[order].tolist()).encode("utf-8", "surrogatepass"))
+    F = np.asarray(table.obsm[similarity_key]).reshape(table.n_obs, -1)
+    h.update(f"\0{similarity_key}\0{F.shape}\0".encode() + _canonical_float(F[order]).tobytes())
+    return h.hexdigest()
+
+
+def _check_graph_features(table: AnnData, params: dict[str, Any], ckey: str, graph_key: str, table_key: str) -> None:
+    """Refuse a graph whose cross-section similarity read other features than ``obsm[similarity_key]`` holds now."""
+    skey = params.get("similarity_key")
+    skey = "" if skey is None else str(np.asarray(skey).item()) if not isinstance(skey, str) else skey
+    stored = params.get(SIMILARITY_FINGERPRINT)
+    if skey == "" or stored is None:
+        return
+    stored = str(np.asarray(stored).item()) if not isinstance(stored, str) else stored
+    if stored == "":
+        return
+    rerun = (
+        f"Run `asign.pp.neighbors_3d(sdata, key_added={graph_key!r}, similarity_key={skey!r})` again (with the "
+        "same options) before imputing."
+    )
+    if skey not in table.obsm:
+        logger.warning(
+            f"`.obsp['{ckey}']` of table {table_key!r} scored cross-section pairs by the features in "
+            f"`.obsm['{skey}']`, which the table no longer holds: it cannot be checked against them. {rerun}"
+        )
+        return
+    if stored != similarity_fingerprint(table, skey):
+        msg = (
+            f"`.obsp['{ckey}']` of table {table_key!r} was built on other image features: `.obsm['{skey}']` has "
+            "changed since `asign.pp.neighbors_3d` scored cross-section pairs by their similarity (e.g. "
+            f"`asign.pp.extract_features` ran again with other options), so its edges are stale. {rerun}"
+        )
+        raise ValueError(msg)
+
+
 def check_graph_alignment(table: AnnData, graph_key: str = Key.ADDED, *, table_key: str = Key.TABLE) -> None:
-    """Refuse a 3D graph built on an earlier alignment than the table's current one.
+    """Refuse a 3D graph built on an earlier alignment, or on other similarity features, than the table holds now.
 
     Compares ``uns['<graph_key>_neighbors']['params']['alignment_fingerprint']``, recorded by :func:`neighbors_3d`,
-    with :func:`alignment_fingerprint` of ``table`` now. Used wherever the stored graph is read (the
-    ``"propagation"`` baseline, method ``"asign"``). A graph that records no fingerprint (written by an older
-    version) passes, with an info message; an empty fingerprint means the graph has no cross-section part and does
-    not depend on the alignment.
+    with :func:`alignment_fingerprint` of ``table`` now, and, for a graph whose cross-section scores read image
+    features (``across="similarity"`` or ``"combined"``), ``params['similarity_fingerprint']`` with
+    :func:`similarity_fingerprint` of ``obsm[params['similarity_key']]``. Used wherever the stored graph is read
+    (the ``"propagation"`` baseline, method ``"asign"``). A graph that records no fingerprint (written by an older
+    version) passes, with an info message; an empty fingerprint means the graph has no cross-section part (or no
+    similarity score) and does not depend on the alignment (or the features). A graph whose features are no longer
+    in ``.obsm`` passes with a warning.
 
     Raises
     ------
     ValueError
         If the fingerprints differ: ``align_layers`` ran again with other transforms (or the spots or their native
-        positions changed) after the graph was built.
+        positions changed), or the similarity features were extracted again differently, after the graph was built.
     """
     ckey, nkey = Key.connectivities(graph_key), Key.neighbors(graph_key)
     rec = table.uns.get(nkey)
     params = rec.get("params") if isinstance(rec, dict) else None
+    if isinstance(params, dict):
+        _check_graph_features(table, params, ckey, graph_key, table_key)
     stored = params.get(ALIGNMENT_FINGERPRINT) if isinstance(params, dict) else None
     if stored is None:
         logger.info(
@@ -1002,7 +1058,9 @@ def neighbors_3d(
     of the alignment the graph was built on (the section transforms, with ``obs_names`` and ``obsm['spatial']``;
     :func:`asign.pp._graph.alignment_fingerprint`), ``""`` when the graph has no cross-section part. Imputation
     (``"propagation"``, ``"asign"``) refuses a graph whose fingerprint no longer matches the table, e.g. after
-    :func:`asign.pp.align_layers` ran again with other transforms.
+    :func:`asign.pp.align_layers` ran again with other transforms. With ``similarity_key``, ``params`` also holds
+    ``similarity_fingerprint``, the SHA-1 of the features scored (:func:`asign.pp._graph.similarity_fingerprint`;
+    ``""`` without them), and imputation refuses the graph once ``.obsm[similarity_key]`` has changed.
     """
     from asign._stack import section_codes
     from asign.io._validate import validate_stack
@@ -1123,6 +1181,9 @@ def neighbors_3d(
         "distances_unit": "um",
         "edge_type": "cross-section where obs['section'] differs between the two ends",
         ALIGNMENT_FINGERPRINT: "" if al is None else alignment_fingerprint(table),
+        SIMILARITY_FINGERPRINT: ""
+        if features is None or al is None
+        else similarity_fingerprint(table, str(similarity_key)),
     }
     table.uns[Key.neighbors(key_added)] = {"connectivities_key": ckey, "distances_key": dkey, "params": params}
     logger.info(f"Adding `.obsp['{ckey}']`, `.obsp['{dkey}']` and `.uns['{Key.neighbors(key_added)}']`.")
