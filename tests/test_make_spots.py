@@ -473,3 +473,167 @@ def test_make_spots_ignores_black_padding(emptied):
     t = emptied.tables["table"]
     xy = t.obsm["spatial"][_rows(t, "S2")]
     assert len(xy) > 10 and not corner[xy[:, 1].astype(int), xy[:, 0].astype(int)].any()
+
+
+@pytest.fixture(scope="module")
+def _four_sections():
+    from asign.datasets import synthetic_stack
+
+    return synthetic_stack(n_sections=4, n_spots=60, n_genes=20, image_size=512, um_per_px=8.0, seed=0)
+
+
+@pytest.fixture
+def three_empty(_four_sections):
+    """4 sections: S1 measured, S2, S3 and S4 with an image and no spots (a deep copy per test)."""
+    import copy
+
+    sdata = copy.deepcopy(_four_sections)
+    for s in ("S2", "S3", "S4"):
+        _drop_section(sdata, s)
+    return sdata
+
+
+def _assert_same_stack(a, b, sections):
+    """Same spots (shapes), same table (obs_names, obs, obsm, X, layers), same manifest and make_spots records."""
+    assert list(a.shapes) == list(b.shapes)
+    for s in sections:
+        sa, sb = a.shapes[f"spots_{s}"], b.shapes[f"spots_{s}"]
+        assert sa.shape == sb.shape
+        np.testing.assert_array_equal(
+            np.column_stack([sa.geometry.x, sa.geometry.y]), np.column_stack([sb.geometry.x, sb.geometry.y])
+        )
+        np.testing.assert_array_equal(sa["radius"], sb["radius"])
+        assert get_transformation(sa, get_all=True) == get_transformation(sb, get_all=True)
+    ta, tb = a.tables["table"], b.tables["table"]
+    assert list(ta.obs_names) == list(tb.obs_names)
+    pd.testing.assert_frame_equal(ta.obs, tb.obs)
+    assert list(ta.obsm) == list(tb.obsm)
+    for k in ta.obsm:
+        np.testing.assert_array_equal(np.asarray(ta.obsm[k]), np.asarray(tb.obsm[k]))
+    assert (ta.X != tb.X).nnz == 0
+    assert list(ta.layers) == list(tb.layers)
+    for k in ta.layers:
+        la, lb = ta.layers[k], tb.layers[k]
+        np.testing.assert_array_equal(la.toarray() if sp.issparse(la) else la, lb.toarray() if sp.issparse(lb) else lb)
+    ua, ub = ta.uns["asign"], tb.uns["asign"]
+    assert list(ua["make_spots"].items()) == list(ub["make_spots"].items())  # same records, same order
+    assert get_stack(ta).sections == get_stack(tb).sections
+    assert set(a.images) == set(b.images)
+
+
+def test_make_spots_several_sections_equal_one_call_each(three_empty, asign_log):
+    """section=[...] gives the table, shapes and records of one call per section, in the order given."""
+    import copy
+
+    order = ["S4", "S2", "S3"]  # not the cutting order
+    one_by_one = copy.deepcopy(three_empty)
+    for s in order:
+        make_spots(one_by_one, section=s, grid="hex", spacing_um=250.0, tissue_threshold=0.9)
+    out = make_spots(three_empty, section=order, grid="hex", spacing_um=250.0, tissue_threshold=0.9, inplace=False)
+    assert "spots_S2" not in three_empty.shapes and three_empty.tables["table"].n_obs < out.tables["table"].n_obs
+    _assert_same_stack(out, one_by_one, order)
+    asign_log.records.clear()
+    assert make_spots(three_empty, section=tuple(order), grid="hex", spacing_um=250.0, tissue_threshold=0.9) is None
+    _assert_same_stack(three_empty, one_by_one, order)
+    stack = validate_stack(three_empty, require_images=True)
+    t = three_empty.tables["table"]
+    assert list(t.obs["section"].astype(str).drop_duplicates()) == stack.sections == ["S1", "S2", "S3", "S4"]
+    assert list(t.uns["asign"]["make_spots"]) == order
+    assert all(_rows(t, s).sum() > 10 for s in order)
+    # every section filled: no section is left empty, so no warning says so
+    assert "still have an image and no spots" not in asign_log.warnings
+
+
+def test_make_spots_several_sections_warn_once(three_empty, asign_log):
+    """The still-empty warning names only the sections this call leaves empty; the aligned-position and other-table
+    warnings come once per call, naming every section filled."""
+    import anndata as ad
+
+    t = three_empty.tables["table"]
+    t.obsm["spatial_aligned"] = np.asarray(t.obsm["spatial"], dtype=float).copy()  # as align_layers writes
+    three_empty.tables["other"] = ad.AnnData(np.zeros((2, 1), dtype=np.float32))
+    make_spots(three_empty, section=["S2", "S3"], tissue_threshold=0.9)
+    warnings = asign_log.warnings
+    assert "Sections ['S4'] still have an image and no spots" in warnings
+    assert warnings.count("still have an image and no spots") == 1
+    assert warnings.count("have no aligned position yet") == 1
+    assert "The new spots of sections ['S2', 'S3'] have no aligned position yet" in warnings
+    assert warnings.count("do not cover the new spots") == 1
+    assert "Tables ['other'] do not cover the new spots of sections ['S2', 'S3']" in warnings
+    validate_stack(three_empty, allow_empty=["S4"])
+
+
+def _snapshot(sdata):
+    import copy
+
+    t = sdata.tables["table"]
+    return t, dict(sdata.shapes), dict(sdata.images), copy.deepcopy(t.uns["asign"])
+
+
+@pytest.mark.parametrize("case", ["no_tissue", "float32", "no_image", "pitch", "measured"])
+def test_make_spots_error_in_third_section_leaves_sdata_unchanged(three_empty, case):
+    """Every listed section is checked (and filled, on a copy) before sdata changes: an error in the third leaves it
+    exactly as it was, and names the section."""
+    rgb = three_empty.images["he_S4"]["scale0"]["image"].values
+    kw: dict = {}
+    if case == "no_tissue":  # found only once S2 and S3 have their spots (on the candidate)
+        three_empty.images["he_S4"] = _image(np.full_like(rgb, 255), transformations={"S4": Identity()})
+        pattern = r"Section 'S4': no tissue found in image 'he_S4'"
+    elif case == "float32":
+        three_empty.images["he_S4"] = _image(rgb.astype(np.float32), transformations={"S4": Identity()})
+        pattern = r"(?s)make_spots cannot use image 'he_S4' of section 'S4'.*dtype float32"
+    elif case == "no_image":
+        del three_empty.images["he_S4"]
+        three_empty.tables["table"].uns["asign"]["stack"]["image_key"] = ["he_S1", "he_S2", "he_S3", ""]
+        pattern = "Section 'S4' has no image"
+    elif case == "pitch":  # S4's pixels are coarser than the others'
+        three_empty.images["he_S4"] = _image(rgb[:, ::4, ::4].copy(), transformations={"S4": Identity()})
+        three_empty.tables["table"].uns["asign"]["stack"]["um_per_px"] = np.array([8.0, 8.0, 8.0, 64.0])
+        kw = {"spacing_um": 50.0}
+        pattern = r"Section 'S4': the pitch spacing_um=50 is smaller than a pixel of image 'he_S4'"
+    else:
+        pattern = "Section 'S1' has measured spots"
+    sections = ["S2", "S3", "S1" if case == "measured" else "S4"]
+    before = _snapshot(three_empty)
+    obs, n_obs = before[0].obs.copy(), before[0].n_obs
+    for inplace in (True, False):
+        with pytest.raises(ValueError, match=pattern):
+            make_spots(three_empty, section=sections, inplace=inplace, **kw)
+        table, shapes, images, uns = _snapshot(three_empty)
+        assert table is before[0] and table.n_obs == n_obs
+        pd.testing.assert_frame_equal(table.obs, obs)
+        assert shapes.keys() == before[1].keys() and all(shapes[k] is v for k, v in before[1].items())
+        assert images.keys() == before[2].keys() and all(images[k] is v for k, v in before[2].items())
+        assert list(uns) == list(before[3]) and "make_spots" not in uns
+    validate_stack(three_empty, allow_empty=["S2", "S3", "S4"])
+
+
+def test_make_spots_section_list_refusals(three_empty):
+    """A list fills manifest sections only, each named once; a new section keeps its own call."""
+    table = three_empty.tables["table"]
+    with pytest.raises(ValueError, match=r"`image_key`, `um_per_px`, `z_um` describe\(s\) one new section"):
+        make_spots(three_empty, section=["S2", "N"], image_key="he_N", um_per_px=UM_PER_PX, z_um=60.0)
+    with pytest.raises(ValueError, match=r"`z_um` describe\(s\) one new section.*\['N'\].*its own call"):
+        make_spots(three_empty, section=["N"], z_um=60.0)
+    with pytest.raises(ValueError, match=r"`section` lists \['S3'\] more than once"):
+        make_spots(three_empty, section=["S2", "S3", "S4", "S3"])
+    with pytest.raises(ValueError, match=r"Section 'N' is not in the manifest \(sections \['S1', 'S2', 'S3', 'S4'\]\)"):
+        make_spots(three_empty, section=["S2", "N"])
+    with pytest.raises(ValueError, match="`section` is an empty list"):
+        make_spots(three_empty, section=[])
+    with pytest.raises(TypeError, match=r"`section` must be a section name or a list of section names, got 3 \(int\)"):
+        make_spots(three_empty, section=["S2", 3])
+    with pytest.raises(TypeError, match="got set"):
+        make_spots(three_empty, section={"S2", "S3"})
+    assert three_empty.tables["table"] is table and "spots_S2" not in three_empty.shapes
+
+
+def test_make_spots_measured_section_while_another_is_empty(emptied):
+    """With S2 still empty, asking for S1 (measured) failed validation on the table's section categories instead of
+    saying that S1 has measured spots."""
+    table = emptied.tables["table"]
+    with pytest.raises(ValueError, match="Section 'S1' has measured spots; make_spots never replaces them"):
+        make_spots(emptied, section="S1")
+    with pytest.raises(ValueError, match="Section 'S1' has measured spots; make_spots never replaces them"):
+        make_spots(emptied, section=["S2", "S1"])
+    assert emptied.tables["table"] is table and "spots_S2" not in emptied.shapes

@@ -241,10 +241,12 @@ def _rebuild_table(
     xy: np.ndarray,
     grid_rc: np.ndarray,
     empty: Sequence[str] = (),
-) -> AnnData:
+) -> tuple[AnnData, list[str], list[str]]:
     """The table with the rows of ``section`` replaced by the virtual spots ``xy``.
 
-    ``empty``: sections without rows, which the table does not annotate yet.
+    ``empty``: sections without rows, which the table does not annotate yet. Also returns the numpy integer obs
+    columns set to -1 in the new rows and the entries dropped (``obsm`` / ``obsp`` / ``uns``), for the caller to
+    warn about once the whole call has succeeded.
     """
     import anndata as ad
     from spatialdata.models import TableModel
@@ -263,8 +265,6 @@ def _rebuild_table(
             # sections lack it)
             new_obs[col] = pd.Series(grid_rc[:, j], index=new_index).astype(new_obs[col].dtype)
     reset = [c for c in reset if c not in (Key.INSTANCE, "array_row", "array_col")]
-    if reset:
-        logger.warning(f"Virtual spots of section {section!r} get -1 in integer obs columns {reset}; recompute them.")
     blocks = []  # (obs, X, obsm, layers) per section in order
     for s in sections:
         if s == section:
@@ -333,8 +333,6 @@ def _rebuild_table(
         for k in stale:
             del uns[k]
         dropped += [f"uns[{k!r}]" for k in stale]
-    if dropped:
-        logger.warning(f"Dropped {dropped}: they do not cover the new spots; recompute them.")
     X = sp.vstack(X_parts, format="csr", dtype=np.float32)
     layers = {k: (sp.vstack(v, format="csr") if sp.issparse(v[0]) else np.vstack(v)) for k, v in layer_parts.items()}
     adata = ad.AnnData(
@@ -346,13 +344,14 @@ def _rebuild_table(
         layers=layers,
         varm={k: np.asarray(v).copy() for k, v in old.varm.items()},
     )
-    return TableModel.parse(adata, region=shapes_keys, region_key=Key.REGION, instance_key=Key.INSTANCE)
+    table = TableModel.parse(adata, region=shapes_keys, region_key=Key.REGION, instance_key=Key.INSTANCE)
+    return table, reset, dropped
 
 
 def make_spots(
     sdata: SpatialData,
     *,
-    section: str,
+    section: str | Sequence[str],
     spacing_um: float | None = None,
     diameter_um: float | None = None,
     grid: Literal["square", "hex"] = "square",
@@ -363,7 +362,7 @@ def make_spots(
     table_key: str = Key.TABLE,
     inplace: bool = True,
 ) -> SpatialData | None:
-    """Lay a virtual spot grid over the tissue of a section that has an H&E image but no measured spots.
+    """Lay a virtual spot grid over the tissue of sections that have an H&E image but no measured spots.
 
     The tissue mask comes from a downsampled pyramid level of the section's image (optical density, Otsu's threshold
     lowered towards the background so pale tissue counts; near-black pixels, every channel below 10 of 255, such as
@@ -371,19 +370,23 @@ def make_spots(
     square or hexagonal grid, centred on the tissue, keeps the points whose centre lies on tissue. This is how a user
     asks for expression on an unmeasured section; asign never adds spots unasked.
 
-    The section's image is checked first (uint8 RGB ``(c, y, x)`` with 3 channels; its transformation to the
-    section's coordinate system, if any, ``Identity``), and ``sdata`` changes only once the result has passed
-    :func:`asign.io.validate_stack`: an error leaves it as it was.
+    Each section's image is checked first (uint8 RGB ``(c, y, x)`` with 3 channels; its transformation to the
+    section's coordinate system, if any, ``Identity``), and ``sdata`` changes only once every listed section has
+    passed its checks, got its spots and the result has passed :func:`asign.io.validate_stack`: an error in any
+    section leaves ``sdata`` as it was.
 
     Parameters
     ----------
     sdata
         A :class:`spatialdata.SpatialData` section stack (see the data contract page).
     section
-        The section. Either listed in the manifest with an image and without measured spots (its unmeasured spots,
-        if any, are replaced), or a new section: then ``image_key``, ``um_per_px`` and ``z_um`` describe it and it
-        is inserted into the stack at its z. Other sections that have an image and no spots may stay empty
-        meanwhile (a WARNING names them): fill them one call each, in any order.
+        The section, or a list of sections. A section listed in the manifest must have an image and no measured
+        spots (its unmeasured spots, if any, are replaced). A single name may also be a new section: then
+        ``image_key``, ``um_per_px`` and ``z_um`` describe it and it is inserted into the stack at its z (one new
+        section per call). A list (e.g. ``["S3", "S4", "S5"]``, each named once) fills sections already in the
+        manifest, all with the same options, and gives the same result as one call per section in the order given.
+        Other sections that have an image and no spots may stay empty meanwhile (a WARNING names them): fill them in
+        this call or in later calls, in any order.
     spacing_um
         Grid pitch (centre-to-centre) in µm; default twice the spot diameter (ST: 200 µm for 100 µm spots).
     diameter_um
@@ -395,12 +398,14 @@ def make_spots(
         Greyscale intensity in ``(0, 1]`` (the 0-1 scale, not 0-255) below which a pixel is tissue; default
         automatic.
     image_key
-        For a new section: its image element in ``sdata.images`` (default ``he_<section>``). The image gets an
-        ``Identity`` transformation to the coordinate system ``section`` (its native frame) if it has none.
+        For a new section (a single name only): its image element in ``sdata.images`` (default ``he_<section>``). The
+        image gets an ``Identity`` transformation to the coordinate system ``section`` (its native frame) if it has
+        none.
     um_per_px
-        For a new section: microns per image pixel (required).
+        For a new section (a single name only): microns per image pixel (required).
     z_um
-        For a new section: its z position in µm (required, finite; sets its place in the cutting order).
+        For a new section (a single name only): its z position in µm (required, finite; sets its place in the
+        cutting order).
     table_key
         Key of the table in :attr:`spatialdata.SpatialData.tables` that annotates the spots of all sections.
     inplace
@@ -409,9 +414,9 @@ def make_spots(
 
     Returns
     -------
-    If ``inplace = False``, a new SpatialData; otherwise `None` and ``sdata`` gets the circles
+    If ``inplace = False``, a new SpatialData; otherwise `None` and ``sdata`` gets, for each section, the circles
     ``shapes['spots_<section>']`` (radius ``diameter_um / 2`` in the section's pixels, Identity to the section's
-    coordinate system) and a rebuilt ``tables[table_key]`` whose new rows (``obs_names`` ``'<section>_v<i>'``) have
+    coordinate system), and a rebuilt ``tables[table_key]`` whose new rows (``obs_names`` ``'<section>_v<i>'``) have
     ``obs['measured'] = False``, zero counts, ``obsm['spatial']`` and, when present, ``obs['array_row']`` /
     ``obs['array_col']`` (grid indices), and ``obs['z']`` (the section's z) where the table has that column; other
     per-spot values of the new rows are NaN (``obsm`` arrays and DataFrames, numpy float columns and layers other
@@ -421,119 +426,306 @@ def make_spots(
     them), and so are the ``uns`` records that describe them (``uns[<obsp key>]``, and records whose
     ``connectivities_key`` or ``distances_key`` names one, such as ``neighbors_3d``'s); ``obsm`` entries that are
     neither 2-D arrays nor DataFrames are dropped too, with a warning that lists everything dropped. A new section is
-    added to the manifest ``uns['asign']['stack']``, and the lattice's parameters are recorded in ``uns['asign']['make_spots'][section]`` (``spacing_um``, ``diameter_um``, ``grid``,
+    added to the manifest ``uns['asign']['stack']``, and the lattice's parameters are recorded in
+    ``uns['asign']['make_spots'][section]`` for each section (``spacing_um``, ``diameter_um``, ``grid``,
     ``n_spots``, ``tissue_threshold``).
     """
-    from spatialdata import SpatialData
-    from spatialdata.models import ShapesModel
-    from spatialdata.transformations import Identity
-
-    from asign._checks import check_number
-    from asign._stack import StackInfo
-    from asign.io._validate import StackValidationError, _image_problems, _transformations, validate_stack
-
     if grid not in ("square", "hex"):
         msg = f"grid must be 'square' or 'hex', got {grid!r}."
         raise ValueError(msg)
     tissue_threshold = _check_tissue_threshold(tissue_threshold)
-    # every section with an image and no spots may stay empty meanwhile: each is filled by its own call
-    empty = _image_only_sections(sdata, table_key)
-    still_empty = [s for s in empty if s != section]
-    stack = validate_stack(sdata, table_key=table_key, allow_empty=[*still_empty, section])
-    table = sdata.tables[table_key]
-    sec_str = table.obs[Key.SECTION].astype(str).to_numpy()
-    images = dict(sdata.images)
-    if section in stack.sections:
-        i = stack.index(section)
-        if (sec_str == section).any() and table.obs[Key.MEASURED].to_numpy()[sec_str == section].any():
-            msg = (
-                f"Section {section!r} has measured spots; make_spots never replaces them. Use it on a section "
-                "without measured spots, or add a new section with `image_key`, `um_per_px` and `z_um`."
-            )
-            raise ValueError(msg)
-        ikey = stack.image_keys[i]
-        if ikey is None:
-            msg = f"Section {section!r} has no image; make_spots needs one to find the tissue."
-            raise ValueError(msg)
-        if image_key is not None and image_key != ikey:
-            msg = f"Section {section!r} is in the manifest with image {ikey!r}; do not pass a different `image_key`."
-            raise ValueError(msg)
-        px = float(stack.um_per_px[i])
-        cs = stack.coordinate_systems[i]
-        problems = _image_problems(sdata.images[ikey], section=section, image_key=ikey, identity_to=cs)
-        if cs not in (tfs := _transformations(sdata.images[ikey])):
-            problems.append(
-                f"section {section!r}: image {ikey!r} has no transformation to the section's native coordinate "
-                f"system {cs!r} (found {sorted(tfs)})."
-            )
-        new_stack = stack
-    else:
-        ikey = image_key or Key.image(section)
-        if ikey not in sdata.images:
-            msg = (
-                f"New section {section!r}: image {ikey!r} not found in sdata.images ({list(sdata.images)}); "
-                "add the image element first or pass `image_key=`."
-            )
-            raise KeyError(msg)
-        if um_per_px is None or z_um is None:
-            msg = f"New section {section!r}: pass `um_per_px` (pixel size) and `z_um` (z position in µm)."
-            raise ValueError(msg)
-        for name, value in (("um_per_px", um_per_px), ("z_um", z_um)):
-            try:
-                check_number(name, value)
-            except (TypeError, ValueError) as e:
-                msg = f"New section {section!r}: {e}"
-                raise type(e)(msg) from None
-        if not um_per_px > 0:
-            msg = f"New section {section!r}: `um_per_px` must be positive, got {um_per_px}."
-            raise ValueError(msg)
-        if np.any(np.isclose(stack.z_um, float(z_um))):
-            msg = f"New section {section!r}: z_um={z_um} is already taken by another section."
-            raise ValueError(msg)
-        if ikey in [k for k in stack.image_keys if k]:
-            msg = f"New section {section!r}: image {ikey!r} already belongs to another section."
-            raise ValueError(msg)
-        from spatialdata import sanitize_name
-
-        if sanitize_name(section) != section:
-            msg = f"Section name {section!r} is not a valid element name; use e.g. {sanitize_name(section)!r}."
-            raise ValueError(msg)
-        px = float(um_per_px)
-        cs = section
-        problems = _image_problems(sdata.images[ikey], section=section, image_key=ikey, identity_to=cs)
-        pos = int(np.searchsorted(stack.z_um, float(z_um)))
-        new_stack = StackInfo(
-            sections=[*stack.sections[:pos], section, *stack.sections[pos:]],
-            shapes_keys=[*stack.shapes_keys[:pos], Key.shapes(section), *stack.shapes_keys[pos:]],
-            image_keys=[*stack.image_keys[:pos], ikey, *stack.image_keys[pos:]],
-            coordinate_systems=[*stack.coordinate_systems[:pos], cs, *stack.coordinate_systems[pos:]],
-            z_um=np.insert(stack.z_um, pos, float(z_um)),
-            um_per_px=np.insert(stack.um_per_px, pos, px),
-            spot_diameter_um=stack.spot_diameter_um,
+    sections = _as_sections(section, image_key=image_key, um_per_px=um_per_px, z_um=z_um)
+    if not isinstance(section, str):
+        # the cheap checks of every listed section first, so that a bad image in the last one fails before any mask
+        _check_listed(sdata, sections, spacing_um=spacing_um, diameter_um=diameter_um, table_key=table_key)
+    empty_before = _image_only_sections(sdata, table_key)
+    # chained on candidate objects (as one call per section would be): sdata changes only after the last section
+    candidate, records = sdata, []
+    for s in sections:
+        candidate, record = _lay_spots(
+            candidate,
+            section=s,
+            spacing_um=spacing_um,
+            diameter_um=diameter_um,
+            grid=grid,
+            tissue_threshold=tissue_threshold,
+            image_key=image_key,
+            um_per_px=um_per_px,
+            z_um=z_um,
+            table_key=table_key,
         )
-    if problems:  # the checks validate_stack applies to images, before any work
-        lines = "\n".join(f"  - {p}" for p in problems)
-        msg = f"make_spots cannot use image {ikey!r} of section {section!r}:\n{lines}"
-        raise ValueError(msg)
-    if section not in stack.sections:
-        images[ikey] = _with_native_cs(sdata.images[ikey], cs)
+        records.append(record)
 
+    # the warnings once per call, naming every section they concern
+    label = _label(sections)
+    spacing, diameter = records[0]["spacing"], records[0]["diameter"]
+    if spacing < diameter:
+        logger.warning(
+            f"{label}: the pitch spacing_um={spacing:g} is smaller than the spot diameter {diameter:g} µm, "
+            "so the virtual spots overlap (measured ST / Visium spots never do: pitch 200 / 100 µm)."
+        )
+    reset_secs = [r["section"] for r in records if r["reset"]]
+    if reset_secs:
+        cols = list(dict.fromkeys(c for r in records for c in r["reset"]))
+        logger.warning(
+            f"Virtual spots of {_label(reset_secs, capital=False)} get -1 in integer obs columns {cols}; "
+            "recompute them."
+        )
+    dropped = list(dict.fromkeys(d for r in records for d in r["dropped"]))
+    if dropped:
+        logger.warning(f"Dropped {dropped}: they do not cover the new spots; recompute them.")
+    others = [k for k in sdata.tables if k != table_key]
+    if others:
+        logger.warning(
+            f"Tables {others} do not cover the new spots of {_label(sections, capital=False)}; recompute them."
+        )
+    if Key.SPATIAL_ALIGNED in sdata.tables[table_key].obsm:
+        logger.warning(
+            f"The new spots of {_label(sections, capital=False)} have no aligned position yet (NaN in "
+            f"`obsm['{Key.SPATIAL_ALIGNED}']`, no transformation to the aligned coordinate system): rerun "
+            "`asign.pp.align_layers`, then the features, graph and imputation."
+        )
+    still_empty = [s for s in empty_before if s not in sections]
+    if still_empty:
+        logger.warning(
+            f"Sections {still_empty} still have an image and no spots; fill them with `asign.pp.make_spots` too "
+            "(every other step needs spots in every section)."
+        )
+    for r in records:
+        logger.info(
+            f"Adding {r['n_spots']} virtual spots ({grid} grid, pitch {spacing:g} µm) to section {r['section']!r}: "
+            f"`shapes['{Key.shapes(r['section'])}']` and rows of `tables['{table_key}']` with obs['measured'] = False."
+        )
+    if not inplace:
+        return candidate
+    for k, image in candidate.images.items():
+        if k not in sdata.images or image is not sdata.images[k]:
+            sdata.images[k] = image
+    for s in sections:
+        sdata.shapes[Key.shapes(s)] = candidate.shapes[Key.shapes(s)]
+    sdata.tables[table_key] = candidate.tables[table_key]
+    return None
+
+
+def _label(sections: Sequence[str], *, capital: bool = True) -> str:
+    """``"Section 'S3'"`` or ``"Sections ['S3', 'S4']"`` (``"section ..."`` with ``capital=False``)."""
+    word = "Section" if capital else "section"
+    return f"{word} {sections[0]!r}" if len(sections) == 1 else f"{word}s {list(sections)}"
+
+
+def _as_sections(
+    section: str | Sequence[str], *, image_key: str | None, um_per_px: float | None, z_um: float | None
+) -> list[str]:
+    """The section names of ``make_spots(section=...)``: one name, or a list of distinct names (no new section)."""
+    if isinstance(section, str):
+        return [section]
+    if not isinstance(section, Sequence | np.ndarray | pd.Index):
+        msg = f"`section` must be a section name or a list of section names, got {type(section).__name__}."
+        raise TypeError(msg)
+    names = list(section)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        msg = f"`section` must be a section name or a list of section names, got {bad[0]!r} ({type(bad[0]).__name__})."
+        raise TypeError(msg)
+    names = [str(n) for n in names]
+    if not names:
+        msg = "`section` is an empty list; pass a section name or a list of section names."
+        raise ValueError(msg)
+    dups = list(dict.fromkeys(n for n in names if names.count(n) > 1))
+    if dups:
+        msg = f"`section` lists {dups} more than once; name each section once."
+        raise ValueError(msg)
+    passed = [k for k, v in (("image_key", image_key), ("um_per_px", um_per_px), ("z_um", z_um)) if v is not None]
+    if passed:
+        msg = (
+            f"`{'`, `'.join(passed)}` describe(s) one new section, so they cannot go with a list of sections "
+            f"({names}): add a new section in its own call (`section='<name>'` with `image_key`, `um_per_px` and "
+            "`z_um`), and fill the manifest's sections with a list."
+        )
+        raise ValueError(msg)
+    return names
+
+
+def _spacing(stack: Any, spacing_um: float | None, diameter_um: float | None) -> tuple[float, float]:
+    """The grid pitch and the spot diameter in µm (defaults: twice the manifest's diameter, the manifest's)."""
     diameter = float(diameter_um) if diameter_um is not None else stack.spot_diameter_um
     spacing = float(spacing_um) if spacing_um is not None else 2.0 * diameter
     if not (diameter > 0 and spacing > 0):
         msg = f"spacing_um and diameter_um must be positive (got {spacing}, {diameter})."
         raise ValueError(msg)
+    return spacing, diameter
+
+
+def _check_pitch(section: str, ikey: str, spacing: float, px: float) -> None:
     if spacing < px:
         msg = (
             f"Section {section!r}: the pitch spacing_um={spacing:g} is smaller than a pixel of image {ikey!r} "
             f"({px:g} µm): neighbouring virtual spots would share pixels. Use a pitch of at least one pixel."
         )
         raise ValueError(msg)
-    if spacing < diameter:
-        logger.warning(
-            f"Section {section!r}: the pitch spacing_um={spacing:g} is smaller than the spot diameter {diameter:g} µm, "
-            "so the virtual spots overlap (measured ST / Visium spots never do: pitch 200 / 100 µm)."
+
+
+def _raise_problems(problems: list[str], section: str, ikey: str) -> None:
+    if problems:  # the checks validate_stack applies to images, before any work
+        lines = "\n".join(f"  - {p}" for p in problems)
+        msg = f"make_spots cannot use image {ikey!r} of section {section!r}:\n{lines}"
+        raise ValueError(msg)
+
+
+def _manifest_section(
+    sdata: SpatialData, stack: Any, section: str, image_key: str | None, table_key: str
+) -> tuple[str, float, str]:
+    """Image key, µm per pixel and coordinate system of a manifest section that make_spots may fill; checked."""
+    from asign.io._validate import _image_problems, _transformations
+
+    table = sdata.tables[table_key]
+    sec = (table.obs[Key.SECTION].astype(str) == section).to_numpy()
+    if sec.any() and table.obs[Key.MEASURED].to_numpy()[sec].any():
+        msg = (
+            f"Section {section!r} has measured spots; make_spots never replaces them. Use it on a section "
+            "without measured spots, or add a new section with `image_key`, `um_per_px` and `z_um`."
         )
+        raise ValueError(msg)
+    i = stack.index(section)
+    ikey = stack.image_keys[i]
+    if ikey is None:
+        msg = f"Section {section!r} has no image; make_spots needs one to find the tissue."
+        raise ValueError(msg)
+    if image_key is not None and image_key != ikey:
+        msg = f"Section {section!r} is in the manifest with image {ikey!r}; do not pass a different `image_key`."
+        raise ValueError(msg)
+    cs = stack.coordinate_systems[i]
+    problems = _image_problems(sdata.images[ikey], section=section, image_key=ikey, identity_to=cs)
+    if cs not in (tfs := _transformations(sdata.images[ikey])):
+        problems.append(
+            f"section {section!r}: image {ikey!r} has no transformation to the section's native coordinate "
+            f"system {cs!r} (found {sorted(tfs)})."
+        )
+    _raise_problems(problems, section, ikey)
+    return ikey, float(stack.um_per_px[i]), cs
+
+
+def _new_section(
+    sdata: SpatialData,
+    stack: Any,
+    section: str,
+    image_key: str | None,
+    um_per_px: float | None,
+    z_um: float | None,
+) -> tuple[str, float, str, Any]:
+    """Image key, µm per pixel, coordinate system and the new manifest of a new section; checked."""
+    from spatialdata import sanitize_name
+
+    from asign._checks import check_number
+    from asign._stack import StackInfo
+    from asign.io._validate import _image_problems
+
+    ikey = image_key or Key.image(section)
+    if ikey not in sdata.images:
+        msg = (
+            f"New section {section!r}: image {ikey!r} not found in sdata.images ({list(sdata.images)}); "
+            "add the image element first or pass `image_key=`."
+        )
+        raise KeyError(msg)
+    if um_per_px is None or z_um is None:
+        msg = f"New section {section!r}: pass `um_per_px` (pixel size) and `z_um` (z position in µm)."
+        raise ValueError(msg)
+    for name, value in (("um_per_px", um_per_px), ("z_um", z_um)):
+        try:
+            check_number(name, value)
+        except (TypeError, ValueError) as e:
+            msg = f"New section {section!r}: {e}"
+            raise type(e)(msg) from None
+    if not um_per_px > 0:
+        msg = f"New section {section!r}: `um_per_px` must be positive, got {um_per_px}."
+        raise ValueError(msg)
+    if np.any(np.isclose(stack.z_um, float(z_um))):
+        msg = f"New section {section!r}: z_um={z_um} is already taken by another section."
+        raise ValueError(msg)
+    if ikey in [k for k in stack.image_keys if k]:
+        msg = f"New section {section!r}: image {ikey!r} already belongs to another section."
+        raise ValueError(msg)
+    if sanitize_name(section) != section:
+        msg = f"Section name {section!r} is not a valid element name; use e.g. {sanitize_name(section)!r}."
+        raise ValueError(msg)
+    px = float(um_per_px)
+    cs = section
+    _raise_problems(_image_problems(sdata.images[ikey], section=section, image_key=ikey, identity_to=cs), section, ikey)
+    pos = int(np.searchsorted(stack.z_um, float(z_um)))
+    new_stack = StackInfo(
+        sections=[*stack.sections[:pos], section, *stack.sections[pos:]],
+        shapes_keys=[*stack.shapes_keys[:pos], Key.shapes(section), *stack.shapes_keys[pos:]],
+        image_keys=[*stack.image_keys[:pos], ikey, *stack.image_keys[pos:]],
+        coordinate_systems=[*stack.coordinate_systems[:pos], cs, *stack.coordinate_systems[pos:]],
+        z_um=np.insert(stack.z_um, pos, float(z_um)),
+        um_per_px=np.insert(stack.um_per_px, pos, px),
+        spot_diameter_um=stack.spot_diameter_um,
+    )
+    return ikey, px, cs, new_stack
+
+
+def _check_listed(
+    sdata: SpatialData,
+    sections: list[str],
+    *,
+    spacing_um: float | None,
+    diameter_um: float | None,
+    table_key: str,
+) -> None:
+    """Check every listed section, before any tissue mask.
+
+    In the manifest, no measured spots, an image without problems, a pitch of at least one of its pixels.
+    """
+    from asign.io._validate import validate_stack
+
+    stack = validate_stack(sdata, table_key=table_key, allow_empty=_allow_empty(sdata, table_key, sections))
+    for s in sections:
+        if s not in stack.sections:
+            msg = (
+                f"Section {s!r} is not in the manifest (sections {list(stack.sections)}): a list of sections fills "
+                "sections already there. Add a new section in its own call, with `image_key`, `um_per_px` and `z_um`."
+            )
+            raise ValueError(msg)
+    spacing, _ = _spacing(stack, spacing_um, diameter_um)
+    for s in sections:
+        ikey, px, _ = _manifest_section(sdata, stack, s, None, table_key)
+        _check_pitch(s, ikey, spacing, px)
+
+
+def _lay_spots(
+    sdata: SpatialData,
+    *,
+    section: str,
+    spacing_um: float | None,
+    diameter_um: float | None,
+    grid: str,
+    tissue_threshold: float | None,
+    image_key: str | None,
+    um_per_px: float | None,
+    z_um: float | None,
+    table_key: str,
+) -> tuple[SpatialData, dict[str, Any]]:
+    """One section's virtual spots: a new, validated SpatialData (``sdata`` is left untouched) and what to report."""
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    from asign.io._validate import StackValidationError, validate_stack
+
+    # every section with an image and no spots may stay empty meanwhile
+    still_empty = [s for s in _image_only_sections(sdata, table_key) if s != section]
+    stack = validate_stack(sdata, table_key=table_key, allow_empty=_allow_empty(sdata, table_key, [section]))
+    table = sdata.tables[table_key]
+    images = dict(sdata.images)
+    if section in stack.sections:
+        ikey, px, cs = _manifest_section(sdata, stack, section, image_key, table_key)
+        new_stack = stack
+    else:
+        ikey, px, cs, new_stack = _new_section(sdata, stack, section, image_key, um_per_px, z_um)
+        images[ikey] = _with_native_cs(sdata.images[ikey], cs)
+
+    spacing, diameter = _spacing(stack, spacing_um, diameter_um)
+    _check_pitch(section, ikey, spacing, px)
     image = images[ikey]
     level0 = _levels(image)[0]
     mask, factor = tissue_mask(image, pixel_um=px, tissue_threshold=tissue_threshold, min_resolution_um=spacing / 4.0)
@@ -552,7 +744,7 @@ def make_spots(
         index=pd.RangeIndex(len(xy)),
         transformations={cs: Identity()},
     )
-    new_table = _rebuild_table(
+    new_table, reset, dropped = _rebuild_table(
         table, section=section, sections=new_stack.sections, xy=xy, grid_rc=rc, empty=still_empty
     )
     if Key.Z in new_table.obs:  # the section's z is known from the manifest (align_layers writes the column)
@@ -567,13 +759,12 @@ def make_spots(
         "n_spots": len(xy),
         "tissue_threshold": -1.0 if tissue_threshold is None else float(tissue_threshold),
     }
-    skey = Key.shapes(section)
-    # the result is checked before sdata changes: a failure leaves it as it was
+    # the result is checked before anything is handed back: a failure leaves sdata as it was
     candidate = SpatialData(
         images=images,
         labels=dict(sdata.labels),
         points=dict(sdata.points),
-        shapes={**dict(sdata.shapes), skey: shapes},
+        shapes={**dict(sdata.shapes), Key.shapes(section): shapes},
         tables={**{k: v for k, v in sdata.tables.items() if k != table_key}, table_key: new_table},
     )
     try:
@@ -581,31 +772,29 @@ def make_spots(
     except StackValidationError:  # pragma: no cover - a bug in make_spots, not a user error
         logger.error("make_spots produced an invalid stack (the input is left unchanged); please report this.")
         raise
-    others = [k for k in sdata.tables if k != table_key]
-    if others:
-        logger.warning(f"Tables {others} do not cover the new spots of section {section!r}; recompute them.")
-    if Key.SPATIAL_ALIGNED in table.obsm:
-        logger.warning(
-            f"The new spots of section {section!r} have no aligned position yet (NaN in "
-            f"`obsm['{Key.SPATIAL_ALIGNED}']`, no transformation to the aligned coordinate system): rerun "
-            "`asign.pp.align_layers`, then the features, graph and imputation."
-        )
-    if still_empty:
-        logger.warning(
-            f"Sections {still_empty} still have an image and no spots; fill them with `asign.pp.make_spots` too "
-            "(every other step needs spots in every section)."
-        )
-    logger.info(
-        f"Adding {len(xy)} virtual spots ({grid} grid, pitch {spacing:g} µm) to section {section!r}: "
-        f"`shapes['{skey}']` and rows of `tables['{table_key}']` with obs['measured'] = False."
-    )
-    if not inplace:
-        return candidate
-    if images[ikey] is not sdata.images[ikey]:
-        sdata.images[ikey] = images[ikey]
-    sdata.shapes[skey] = shapes
-    sdata.tables[table_key] = new_table
-    return None
+    record = {
+        "section": section,
+        "n_spots": len(xy),
+        "spacing": spacing,
+        "diameter": diameter,
+        "reset": reset,
+        "dropped": dropped,
+    }
+    return candidate, record
+
+
+def _allow_empty(sdata: SpatialData, table_key: str, sections: Sequence[str]) -> list[str]:
+    """The sections that may have no spots before make_spots fills ``sections``.
+
+    Every image-only section, and those of ``sections`` without rows; not one that has rows (the table's section
+    categories may leave out only sections without rows).
+    """
+    try:
+        present = set(sdata.tables[table_key].obs[Key.SECTION].astype(str))
+    except (KeyError, AttributeError):  # validate_stack says what is wrong
+        present = set()
+    empty = _image_only_sections(sdata, table_key)
+    return [*empty, *(s for s in sections if s not in present and s not in empty)]
 
 
 def _image_only_sections(sdata: SpatialData, table_key: str) -> list[str]:
