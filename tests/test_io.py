@@ -517,3 +517,138 @@ def test_stack_sections_matches_instance_ids_that_differ_in_type_only(asign_log)
     s3.tables["table"].obs["spot_id"] = np.r_[np.arange(20, 22), np.arange(9, -1, -1)]
     with pytest.raises(ValueError, match=r"does not annotate every spot of 'vis3' \(2 missing, e.g. 10, 11\)"):
         stack_sections([s3], names=["V3"], spot_diameter_um=55.0)
+
+
+# --- image-only sections (an H&E image, no spots): stacked empty, filled by make_spots
+
+
+def _image_only_sections_from(sdata, image_only):
+    """The sections of a synthetic stack as Sections; those in ``image_only`` keep only their image."""
+    t = sdata.tables["table"]
+    st = get_stack(sdata)
+    parts = []
+    for i, s in enumerate(st.sections):
+        image, um = sdata.images[st.image_keys[i]], float(st.um_per_px[i])
+        if s in image_only:
+            parts.append(Section(s, image=image, um_per_px=um))
+            continue
+        rows = (t.obs["section"].astype(str) == s).to_numpy()
+        xy = np.asarray(t.obsm["spatial"][rows])
+        parts.append(Section(s, spots=xy, counts=t.X[rows], genes=list(t.var_names), image=image, um_per_px=um))
+    return parts, st
+
+
+@pytest.mark.parametrize(("image_only", "table_key"), [(["S2"], "table"), (["S1", "S3"], "spots_table")])
+def test_stack_sections_image_only_sections_then_make_spots(small_stack, tmp_path, asign_log, image_only, table_key):
+    """`stack_sections` needed spots for every section: an image-only section had to be added by hand afterwards."""
+    from asign.pp import make_spots
+    from asign.pp._make_spots import _image_only_sections
+
+    parts, st = _image_only_sections_from(small_stack, image_only)
+    out = stack_sections(parts, spot_diameter_um=st.spot_diameter_um, z_um=st.z_um, table_key=table_key)
+    measured = [s for s in st.sections if s not in image_only]
+    # the manifest lists every section at its z; image-only ones have their image, no shapes and no rows
+    stack = get_stack(out, table_key=table_key)
+    assert stack.sections == st.sections and stack.shapes_keys == [f"spots_{s}" for s in st.sections]
+    assert stack.image_keys == [f"he_{s}" for s in st.sections]
+    np.testing.assert_allclose(stack.z_um, st.z_um)
+    np.testing.assert_allclose(stack.um_per_px, st.um_per_px)
+    assert sorted(out.shapes) == [f"spots_{s}" for s in measured]
+    for s in image_only:  # same image handling as a section with spots: Identity to its own frame, same pyramid
+        img, src = out.images[f"he_{s}"], small_stack.images[f"he_{s}"]
+        assert set(get_transformation(img, get_all=True)) == {s}
+        assert _affine(get_transformation(img, to_coordinate_system=s)).tolist() == np.eye(3).tolist()
+        assert list(img.children) == list(src.children)
+        np.testing.assert_array_equal(_level0(img).values, _level0(src).values)
+    t = out.tables[table_key]
+    assert list(t.obs["section"].cat.categories) == st.sections and t.obs["section"].cat.ordered
+    assert sorted(set(t.obs["section"].astype(str))) == measured
+    # the table annotates the shapes that exist, as make_spots leaves a section that is still empty
+    assert list(t.obs["region"].cat.categories) == [f"spots_{s}" for s in measured]
+    assert t.uns["spatialdata_attrs"]["region"] == [f"spots_{s}" for s in measured]
+    call = f"`asign.pp.make_spots(sdata, section={image_only!r}" + (
+        ")`" if table_key == "table" else f", table_key={table_key!r})`"
+    )
+    assert call in asign_log.warnings and "an image and no spots (image-only)" in asign_log.warnings
+    with pytest.raises(ValueError, match=f"section {image_only[0]!r}: has zero spots .*asign.pp.make_spots"):
+        validate_stack(out, table_key=table_key)
+    validate_stack(out, table_key=table_key, allow_empty=image_only)
+    assert _image_only_sections(out, table_key) == image_only
+    # through zarr and back, then filled by make_spots's existing path
+    filled = make_spots(out, section=image_only, table_key=table_key, inplace=False)
+    out.write(tmp_path / "image_only.zarr")
+    back = read_zarr(tmp_path / "image_only.zarr")
+    validate_stack(back, table_key=table_key, allow_empty=image_only)
+    assert _image_only_sections(back, table_key) == image_only
+    make_spots(back, section=image_only, table_key=table_key)
+    for sd in (filled, back):
+        stack = validate_stack(sd, table_key=table_key, require_images=True)
+        t = sd.tables[table_key]
+        assert list(t.obs["section"].astype(str).drop_duplicates()) == stack.sections == st.sections
+        for s in image_only:
+            rows = (t.obs["section"].astype(str) == s).to_numpy()
+            assert rows.sum() > 10 and not t.obs["measured"].to_numpy()[rows].any()
+            assert t.X[rows].nnz == 0
+        assert t.obs["measured"].sum() == sum((small_stack.tables["table"].obs["section"] == s).sum() for s in measured)
+    pd.testing.assert_frame_equal(filled.tables[table_key].obs, back.tables[table_key].obs)
+
+
+def test_stack_sections_image_only_section_filled_and_aligned(small_stack):
+    """The filled stack of an image-only section runs the pipeline's first step, align_layers."""
+    import asign
+
+    parts, st = _image_only_sections_from(small_stack, ["S2"])
+    out = stack_sections(parts, spot_diameter_um=st.spot_diameter_um, z_um=st.z_um)
+    asign.pp.make_spots(out, section=["S2"])
+    asign.pp.align_layers(out, seed=0, show_progress_bar=False)
+    al = out.tables["table"].uns["asign"]["alignment"]
+    assert al["reference"] == "S2" and np.all(al["quality"]["passed"])
+    assert np.isfinite(np.asarray(out.tables["table"].obsm["spatial_aligned"])).all()
+
+
+def test_stack_sections_image_only_array_image_is_parsed_like_the_others():
+    arr = da.from_array(np.full((3, 600, 700), 200, dtype=np.uint8), chunks=(3, 256, 256))
+    sdata = stack_sections([_section("A"), Section("B", image=arr, um_per_px=1.0)])
+    b = sdata.images["he_B"]
+    assert list(b.children) == ["scale0", "scale1"]  # as for a section with spots (600 -> 300 -> 150 dropped)
+    assert set(get_transformation(b, get_all=True)) == {"B"}
+    assert "spots_B" not in sdata.shapes and get_stack(sdata).image_keys == ["he_A", "he_B"]
+
+
+_IMG = np.full((64, 64, 3), 200, dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (Section("B", um_per_px=1.0), r"Section 'B' needs spots or an image: both `spots` and `image` are None"),
+        (
+            Section("B", image=_IMG, counts=np.ones((2, 3)), genes=["g1", "g2", "g3"], um_per_px=1.0),
+            r"Section 'B': `counts` given without `spots`; counts need one row per spot",
+        ),
+        (
+            Section("B", image=_IMG, spot_ids=["a"], obs=pd.DataFrame({"x": [1]}), um_per_px=1.0),
+            r"Section 'B': `spot_ids`, `obs` describe\(s\) spots, but `spots` is None \(an image-only section\)",
+        ),
+        (Section("B", image=_IMG), "Section 'B': `um_per_px` must be a positive pixel size"),
+        (Section("B", image=_IMG.astype(np.float32), um_per_px=1.0), "Section 'B': image dtype is float32"),
+        (
+            Section("B", spots=np.zeros((0, 2)), image=_IMG, um_per_px=1.0),
+            r"Section 'B': has no spots \(`spots` is empty\); .* pass `spots=None` \(an image-only section\)",
+        ),
+    ],
+)
+def test_stack_sections_image_only_refusals(section, message):
+    with pytest.raises(ValueError, match=message):
+        stack_sections([_section("A"), section])
+
+
+def test_stack_sections_refuses_a_stack_of_image_only_sections():
+    secs = [Section("A", image=_IMG, um_per_px=1.0), Section("B", image=_IMG, um_per_px=1.0)]
+    with pytest.raises(ValueError, match=r"Every section is image-only \(\['A', 'B'\].*nothing to impute from"):
+        stack_sections(secs)
+    with pytest.raises(ValueError, match=r"Every section is image-only \(\['A'\]"):
+        stack_sections(secs[:1])
+    # a section with spots but no counts is enough to stack (today's rule for unmeasured sections)
+    sdata = stack_sections([_section("A", counts=None, genes=None), secs[1]])
+    assert get_stack(sdata).sections == ["A", "B"]

@@ -35,15 +35,19 @@ class Section:
         Section name, unique in the stack (e.g. ``"C2"``); a valid SpatialData element name suffix (letters, digits,
         ``_``, ``-``, ``.``).
     spots
-        Spot centres ``(n, 2)`` as (x, y) in the section image's own pixels.
+        Spot centres ``(n, 2)`` as (x, y) in the section image's own pixels, at least one; or `None` for an
+        image-only section: an H&E ``image`` (required then) without spots, which :func:`asign.io.stack_sections`
+        places in the manifest without spots and :func:`asign.pp.make_spots` then fills with a virtual spot grid.
+        An image-only section takes no ``counts``, ``spot_ids``, ``genes``, ``obs`` or ``obsm``.
     counts
         Raw counts: an :class:`~anndata.AnnData` with one row per spot (in the order of ``spots``; ``layers['counts']``
         is used when present, else ``.X``), a dense or sparse ``(n, genes)`` matrix (then ``genes`` is required), or
-        `None` for a section without measured counts (its rows get zero counts and ``measured=False``).
+        `None` for a section without measured counts (its rows get zero counts and ``measured=False``). Counts need
+        ``spots``.
     image
         RGB image: a ``(y, x, 3)`` or ``(3, y, x)`` uint8 numpy or dask array, or an image element
         (:class:`xarray.DataArray` or multiscale :class:`xarray.DataTree`) whose level 0 is in the same pixel frame
-        as ``spots``; `None` for a section without image.
+        as ``spots``; `None` for a section without image (which then needs ``spots``).
     um_per_px
         Microns per image pixel (required).
     spot_ids
@@ -59,7 +63,7 @@ class Section:
     """
 
     name: str
-    spots: np.ndarray
+    spots: np.ndarray | None = None
     counts: Any = None
     image: Any = None
     um_per_px: float | None = None
@@ -478,22 +482,61 @@ def _per_section(value: Any, n: int, what: str) -> list[Any]:
     return out
 
 
-def _check_section(s: Section) -> np.ndarray:
+def _check_image_only(s: Section) -> None:
+    """Refuse an image-only section (``spots=None``) without an image, or with per-spot parts."""
+    if s.image is None:
+        msg = (
+            f"Section {s.name!r} needs spots or an image: both `spots` and `image` are None. Pass the spot centres "
+            "as `spots`, or the H&E image as `image` for an image-only section (filled by `asign.pp.make_spots` "
+            "after stacking)."
+        )
+        raise ValueError(msg)
+    if s.counts is not None:
+        msg = (
+            f"Section {s.name!r}: `counts` given without `spots`; counts need one row per spot centre. Pass the "
+            "centres as `spots`, or leave `counts` out for an image-only section."
+        )
+        raise ValueError(msg)
+    per_spot = [
+        k
+        for k, v in (("spot_ids", s.spot_ids), ("genes", s.genes), ("obs", s.obs), ("obsm", s.obsm or None))
+        if v is not None
+    ]
+    if per_spot:
+        msg = (
+            f"Section {s.name!r}: `{'`, `'.join(per_spot)}` describe(s) spots, but `spots` is None (an image-only "
+            "section); pass the spot centres as `spots`, or leave them out (the virtual spots of "
+            "`asign.pp.make_spots` get their own ids)."
+        )
+        raise ValueError(msg)
+
+
+def _check_section(s: Section) -> np.ndarray | None:
+    """The spot centres ``(n, 2)`` of a checked section; `None` for an image-only section (``spots=None``)."""
     from spatialdata import sanitize_name
 
     if not isinstance(s.name, str) or not s.name or sanitize_name(s.name) != s.name:
         msg = f"Section name {s.name!r} is not a valid element name; use e.g. {sanitize_name(str(s.name))!r}."
         raise ValueError(msg)
-    spots = np.asarray(s.spots, dtype=float)
-    if spots.ndim != 2 or spots.shape[1] != 2:
-        msg = f"Section {s.name!r}: `spots` must be an (n, 2) array of (x, y) pixel centres, got shape {spots.shape}."
-        raise ValueError(msg)
-    if len(spots) == 0:
-        msg = f"Section {s.name!r}: has no spots; lay a grid over its tissue with `asign.pp.make_spots`."
-        raise ValueError(msg)
-    if not np.all(np.isfinite(spots)):
-        msg = f"Section {s.name!r}: `spots` has non-finite coordinates."
-        raise ValueError(msg)
+    if s.spots is None:
+        _check_image_only(s)
+        spots = None
+    else:
+        spots = np.asarray(s.spots, dtype=float)
+        if spots.ndim != 2 or spots.shape[1] != 2:
+            msg = (
+                f"Section {s.name!r}: `spots` must be an (n, 2) array of (x, y) pixel centres, got shape {spots.shape}."
+            )
+            raise ValueError(msg)
+        if len(spots) == 0:
+            msg = (
+                f"Section {s.name!r}: has no spots (`spots` is empty); for a section that has only an image pass "
+                "`spots=None` (an image-only section) and fill it with `asign.pp.make_spots` after stacking."
+            )
+            raise ValueError(msg)
+        if not np.all(np.isfinite(spots)):
+            msg = f"Section {s.name!r}: `spots` has non-finite coordinates."
+            raise ValueError(msg)
     if s.um_per_px is not None:
         try:
             check_number("um_per_px", s.um_per_px)
@@ -647,6 +690,14 @@ def stack_sections(
         and the numeric ``(n, k)`` ``obsm`` arrays except ``obsm['spatial']`` (replaced by the centres in the chosen
         image's pixels); other ``layers``, non-numeric ``obsm`` entries, ``varm``, ``obsp`` and ``uns`` are dropped
         (an INFO line names the dropped ``layers`` and ``obsm`` keys).
+
+        A ``Section`` with ``spots=None`` and an ``image`` is image-only (an H&E image of a section whose
+        transcriptome was not measured): it is placed in the manifest at its z with its image ``he_<section>``,
+        but gets no shapes element and no table rows, and a WARNING names the image-only sections and the call that
+        fills them, ``asign.pp.make_spots(sdata, section=[...])`` (a virtual spot grid over each tissue); every
+        other step needs that first. Refused: a section with neither spots nor image, ``counts`` (or ``spot_ids``,
+        ``genes``, ``obs``, ``obsm``) without spots, and a stack where every section is image-only (nothing to
+        impute from).
     names
         Section names for :class:`~spatialdata.SpatialData` inputs (default: the shapes element's name).
     spot_diameter_um
@@ -671,7 +722,7 @@ def stack_sections(
     table_key
         Key of the table written.
     validate
-        Run :func:`asign.io.validate_stack` on the result.
+        Run :func:`asign.io.validate_stack` on the result (image-only sections may have no spots there).
 
     Returns
     -------
@@ -681,13 +732,18 @@ def stack_sections(
     ``spots_<section>`` (radius = ``spot_diameter_um / 2`` in the section's pixels; index = spot id ``0..n-1``), both
     with :class:`~spatialdata.transformations.Identity` to the coordinate system named like the section, and one
     table ``table_key`` annotating every ``spots_<section>`` (rows by section, then shapes index) with
-    ``obs['section']`` (ordered categorical), ``obs['measured']``, ``obs['region']``, ``obs['spot_id']``,
-    ``obs['barcode']`` (the given spot id), ``obs['spot_radius_px']`` (SpatialData inputs only: the input circles'
-    radius in the chosen image's pixels; NaN for other sections), the sections' extra ``obs`` columns and ``obsm``
-    arrays, ``obsm['spatial']``, raw counts in ``.X`` (CSR float32; one gene axis, the union of the sections' genes, a
-    gene absent from a section being 0 there; ``var['n_sections_measured']``, and the absent genes of each measured
-    section in ``uns['asign']['unmeasured_genes']``, so that they are neither trained on nor scored there) and the
-    manifest ``uns['asign']['stack']``.
+    ``obs['section']`` (ordered categorical; its categories are all sections, image-only ones included),
+    ``obs['measured']``, ``obs['region']``, ``obs['spot_id']``, ``obs['barcode']`` (the given spot id),
+    ``obs['spot_radius_px']`` (SpatialData inputs only: the input circles' radius in the chosen image's pixels; NaN
+    for other sections), the sections' extra ``obs`` columns and ``obsm`` arrays, ``obsm['spatial']``, raw counts in
+    ``.X`` (CSR float32; one gene axis, the union of the sections' genes, a gene absent from a section being 0 there;
+    ``var['n_sections_measured']``, and the absent genes of each measured section in
+    ``uns['asign']['unmeasured_genes']``, so that they are neither trained on nor scored there) and the manifest
+    ``uns['asign']['stack']`` (every section, in cutting order). An image-only section has its image ``he_<section>``
+    and its manifest entry (its ``shapes_key`` ``spots_<section>`` names the circles that
+    :func:`asign.pp.make_spots` adds), but no ``spots_<section>`` element yet, no rows, and the table's ``region``
+    (``obs['region']`` categories and the TableModel region list) leaves its shapes out until then. Such a stack
+    passes ``validate_stack(..., allow_empty=[...image-only sections])`` and writes to / reads back from zarr.
 
     Extra ``obs`` columns keep their dtype across sections, also through a zarr round trip: a bool column that some
     sections lack becomes pandas' nullable ``boolean`` (``<NA>`` there), an integer column that some sections lack
@@ -756,13 +812,28 @@ def stack_sections(
         msg = f"z positions {z.tolist()} must increase in cutting order (check `thickness_um` / `z_um`)."
         raise ValueError(msg)
 
+    # every section checked before any image is parsed; image-only sections (spots=None) get no shapes and no rows
+    checked = [_check_section(s) for s in secs]
+    image_only = [s.name for s, spots in zip(secs, checked, strict=True) if spots is None]
+    if len(image_only) == n_sec:
+        msg = (
+            f"Every section is image-only ({image_only}: `spots` is None): with no spots at all there is nothing to "
+            "impute from. Stack at least one section with spots (and measured counts) alongside the image-only "
+            "sections, which `asign.pp.make_spots` then fills."
+        )
+        raise ValueError(msg)
+
     images: dict[str, Any] = {}
     shapes: dict[str, Any] = {}
     image_keys: list[str | None] = []
     genes: pd.Index | None = None
     parts = []
-    for s, src in zip(secs, image_sources, strict=True):
-        spots = _check_section(s)
+    for s, src, spots in zip(secs, image_sources, checked, strict=True):
+        if spots is None:  # image-only: its image, at its z in the manifest; make_spots lays its spots later
+            ikey = Key.image(s.name)
+            images[ikey] = _parse_image(s.image, s.name, s.name, scale_factors, source=src)
+            image_keys.append(ikey)
+            continue
         n = spots.shape[0]
         ids = [str(i) for i in (s.spot_ids if s.spot_ids is not None else range(n))]
         if len(ids) != n:
@@ -856,7 +927,9 @@ def stack_sections(
     extra_cols = list(dict.fromkeys(c for f in obs_frames for c in f.columns if c not in RESERVED_OBS))
     obs = _concat_obs(obs_frames, extra_cols)
     obs[Key.SECTION] = pd.Categorical(obs[Key.SECTION], categories=sec_names, ordered=True)
-    obs[Key.REGION] = pd.Categorical(obs[Key.REGION], categories=[Key.shapes(n) for n in sec_names])
+    # the table annotates the shapes that exist: not those of image-only sections (as make_spots expects)
+    regions = [Key.shapes(n) for n in sec_names if n not in image_only]
+    obs[Key.REGION] = pd.Categorical(obs[Key.REGION], categories=regions)
     obs[Key.MEASURED] = obs[Key.MEASURED].astype(bool)
     X = sp.vstack(blocks, format="csr", dtype=np.float32)
     var = pd.DataFrame({"n_sections_measured": n_measured}, index=genes.astype(str))
@@ -885,14 +958,15 @@ def stack_sections(
     _check_gene_names([(p[0].name, p[1].var_names) for p in parts if p[1] is not None], n_measured, genes)
     if unmeasured:  # genes a measured section lacks: 0 in its counts, but no truth (see asign._stack.unmeasured_genes)
         adata.uns[Key.UNS][Key.UNMEASURED_GENES] = unmeasured
-    table = TableModel.parse(adata, region=stack.shapes_keys, region_key=Key.REGION, instance_key=Key.INSTANCE)
+    table = TableModel.parse(adata, region=regions, region_key=Key.REGION, instance_key=Key.INSTANCE)
     sdata = SpatialData(images=images, shapes=shapes, tables={table_key: table})
-    logger.info(f"Stacked {n_sec} sections, {adata.n_obs} spots, {adata.n_vars} genes.")
+    n_only = f" ({len(image_only)} image-only)" if image_only else ""
+    logger.info(f"Stacked {n_sec} sections{n_only}, {adata.n_obs} spots, {adata.n_vars} genes.")
     if validate:
         from ._validate import StackValidationError, validate_stack
 
         try:
-            validate_stack(sdata, table_key=table_key)
+            validate_stack(sdata, table_key=table_key, allow_empty=image_only)
         except StackValidationError as e:
             # name the user's image elements of SpatialData inputs next to the stack's ones
             renames = {Key.image(n): src for n, src in zip(sec_names, image_sources, strict=True) if src is not None}
@@ -902,4 +976,14 @@ def stack_sections(
             for new, src in renames.items():
                 problems = [p.replace(f"image {new!r}", f"image {new!r} (from input image {src!r})") for p in problems]
             raise StackValidationError(problems) from e
+    if image_only:
+        table_arg = "" if table_key == Key.TABLE else f", table_key={table_key!r}"
+        one = len(image_only) == 1
+        label = f"Section {image_only[0]!r} has" if one else f"Sections {image_only} have"
+        they, their = ("it", "its image") if one else ("them", "their images")
+        logger.warning(
+            f"{label} an image and no spots (image-only): in the manifest at {their.split()[0]} z, with {their}, "
+            f"but every other step needs spots in every section; fill {they} with "
+            f"`asign.pp.make_spots(sdata, section={image_only!r}{table_arg})`."
+        )
     return sdata
