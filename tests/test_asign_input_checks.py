@@ -143,6 +143,7 @@ def test_non_finite_features_are_named_before_training(stacks):
 
     p, q = stacks
     f = p.tables["table"].obsm["asign_features_spot"]
+    row = f[3].copy()
     f[3] = np.nan
     for call in (lambda: _impute(p), lambda: _fit({"P": p, "Q": q})):
         with pytest.raises(ValueError) as e:
@@ -152,7 +153,7 @@ def test_non_finite_features_are_named_before_training(stacks):
             "sample 'P' has non-finite image features: table 'table' `.obsm['asign_features_spot']` in 1 spots" in msg
         )
         assert "(per section: {'S1': 1})" in msg and "asign.pp.extract_features" in msg
-    f[3] = 0.0
+    f[3] = row  # the features the graph's similarity scores read (any other values make the graph stale)
     p.tables["asign_globals"].obsm["features"][0, 1] = np.inf
     with pytest.raises(ValueError, match=r"table 'asign_globals' `.obsm\['features'\]` in 1 tiles"):
         _impute(p)

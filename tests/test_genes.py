@@ -7,6 +7,7 @@ import scipy.sparse as sp
 
 import asign
 from asign.pp._genes import (
+    choose_genes,
     known_mask,
     log1p_cp10k,
     normalize_counts,
@@ -160,3 +161,136 @@ def test_known_mask_parsing(stack):
         known_mask(t, st, m.astype(int))
     with pytest.raises(ValueError, match=r"`known` is None; pass the labelled section name\(s\) from \['S1'"):
         known_mask(t, st, None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# key_added clashes, exact ties, duplicate genes, gene strings, empty selection sections
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fn", "kwargs", "key", "slot"),
+    [
+        ("select_genes", {"n_genes": 3}, "asign", "uns"),
+        ("select_genes", {"n_genes": 3}, "n_sections_measured", "var"),
+        ("normalize", {"genes": ["gene_000", "gene_001"]}, "asign", "uns"),
+        ("normalize", {"genes": ["gene_000", "gene_001"]}, "spatial", "obsm"),
+        ("normalize", {"genes": ["gene_000", "gene_001"]}, "spatialdata_attrs", "uns"),
+        ("normalize", {"genes": ["gene_000", "gene_001"]}, "spatial_aligned", "obsm"),
+    ],
+)
+def test_key_added_naming_a_reserved_key_is_refused(stack, fn, kwargs, key, slot):
+    """key_added='asign' used to replace uns['asign'] (manifest, unmeasured-gene record); 'spatial' the spot centres."""
+    t = stack.tables["table"]
+    before = {"uns": dict(t.uns), "obsm": dict(t.obsm), "var": t.var.copy()}
+    with pytest.raises(ValueError, match=rf"key_added='{key}' would overwrite `\.{slot}\['{key}'\]` of table 'table'"):
+        getattr(asign.pp, fn)(stack, key_added=key, **kwargs)
+    assert t.uns.keys() == before["uns"].keys()
+    assert t.obsm.keys() == before["obsm"].keys()
+    pd.testing.assert_frame_equal(t.var, before["var"])
+    np.testing.assert_array_equal(np.asarray(t.obsm["spatial"]), np.asarray(before["obsm"]["spatial"]))
+    asign.io.validate_stack(stack)
+    # nothing is written with inplace=False, so any key is fine there
+    assert getattr(asign.pp, fn)(stack, key_added=key, inplace=False, **kwargs) is not None
+
+
+def test_repeat_calls_under_the_same_key_added_still_overwrite(stack):
+    asign.pp.select_genes(stack, n_genes=3, key_added="mine")
+    asign.pp.select_genes(stack, n_genes=4, key_added="mine")
+    t = stack.tables["table"]
+    assert t.uns["mine"]["n_genes"] == 4 and t.var["mine"].sum() == 4
+    asign.pp.normalize(stack, genes=t.uns["mine"]["genes"][:2], key_added="mine_norm")
+    asign.pp.normalize(stack, genes=t.uns["mine"]["genes"][:3], key_added="mine_norm")
+    assert t.obsm["mine_norm"].shape[1] == 3
+    with pytest.raises(TypeError, match="`key_added` must be a string"):
+        asign.pp.normalize(stack, genes=["gene_000"], key_added=None)
+
+
+def test_exact_ties_go_by_name_whatever_the_spot_order(stack):
+    """gene_000 holds gene_001's counts shuffled within each section: equal per-section totals, so an exact tie that
+    the name breaks. Means used to be sums of count / n in spot order, whose rounding decided the tie."""
+    t = stack.tables["table"]
+    X = _dense(t)
+    sec = t.obs["section"].astype(str).to_numpy()
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        X[:, 1] = rng.poisson(500, t.n_obs)  # the largest mean of all genes
+        for s in np.unique(sec):
+            m = np.flatnonzero(sec == s)
+            X[m, 0] = X[rng.permutation(m), 1]
+        t.X = sp.csr_matrix(X.astype(np.float32))
+        assert asign.pp.select_genes(stack, n_genes=1, inplace=False) == ["gene_000"]
+        means = section_gene_means(t, np.ones(t.n_obs, dtype=bool))
+        np.testing.assert_array_equal(means["gene_000"].to_numpy(), means["gene_001"].to_numpy())
+    asign.pp.select_genes(stack, n_genes=2)
+    score = t.var["asign_selected_score"]
+    assert score["gene_000"] == score["gene_001"]
+    assert t.uns["asign_selected"]["genes"] == ["gene_000", "gene_001"]
+
+
+def test_section_gene_means_independent_of_spot_order(stack):
+    """Non-integer values too: the per-section sums are taken in obs_names order, not row order."""
+    t = stack.tables["table"]
+    rng = np.random.default_rng(0)
+    t.X = sp.csr_matrix(rng.gamma(0.7, 3.1, (t.n_obs, t.n_vars)) * (rng.random((t.n_obs, t.n_vars)) < 0.6))
+    rows = np.ones(t.n_obs, dtype=bool)
+    rows[::4] = False
+    ref = section_gene_means(t, rows)
+    for seed in range(5):
+        perm = np.random.default_rng(seed).permutation(t.n_obs)
+        got = section_gene_means(t[perm].copy(), rows[perm])
+        np.testing.assert_array_equal(got.to_numpy(), ref.loc[got.index].to_numpy())
+    genes, _ = top_genes(ref, 5)
+    for seed in range(5):
+        perm = np.random.default_rng(seed).permutation(t.n_obs)
+        assert top_genes(section_gene_means(t[perm].copy(), rows[perm]), 5)[0] == genes
+
+
+def test_duplicate_var_names_are_refused_clearly(stack):
+    """Duplicate gene names used to crash select_genes with an IndexError deep in the ranking."""
+    t = stack.tables["table"]
+    names = t.var_names.tolist()
+    names[3] = names[7]
+    t.var_names = names
+    want = rf"Table 'table': var_names are not unique; call `table.var_names_make_unique\(\)` first .*'{names[7]}'"
+    with pytest.raises(ValueError, match=want):
+        asign.pp.select_genes(stack, known="S1", n_genes=5)
+    with pytest.raises(ValueError, match=want):
+        asign.pp.normalize(stack, genes=["gene_000"])
+    # the gene choice of tl.impute
+    st = asign.io.validate_stack(stack)
+    with pytest.raises(ValueError, match=r"The table: var_names are not unique"):
+        choose_genes(t, st, known=known_mask(t, st, "S1"), n_genes=5)
+    other = asign.datasets.synthetic_stack(n_sections=2, n_spots=40, n_genes=15, images=False, seed=9)
+    t.var_names_make_unique()
+    other.tables["table"].var_names = names
+    with pytest.raises(ValueError, match=r"Table 'table' of training stack 0: var_names are not unique"):
+        choose_genes(t, st, known=None, n_genes=5, train_tables=[(other.tables["table"], None)], table_key="table")
+
+
+def test_normalize_takes_a_single_gene_name(stack):
+    """A str used to be split into its characters."""
+    one = asign.pp.normalize(stack, genes="gene_000", normalization="log1p", inplace=False)
+    both = asign.pp.normalize(stack, genes=["gene_000", "gene_001"], normalization="log1p", inplace=False)
+    assert list(one.columns) == ["gene_000"]
+    pd.testing.assert_series_equal(one["gene_000"], both["gene_000"])
+    with pytest.raises(KeyError, match=r"\['nope'\]"):
+        asign.pp.normalize(stack, genes="nope", inplace=False)
+
+
+def test_all_zero_selection_section_warns(stack, asign_log):
+    import logging
+
+    t = stack.tables["table"]
+    X = _dense(t)
+    s1 = (t.obs["section"] == "S1").to_numpy()
+    X[s1] = 0
+    t.X = sp.csr_matrix(X)
+    asign.pp.select_genes(stack, known="S1", n_genes=3, inplace=False)
+    [rec] = [r for r in asign_log.records if "total count of 0" in r.getMessage()]
+    assert rec.levelno == logging.WARNING
+    assert "['S1'] of table 'table'" in rec.getMessage()
+    asign_log.records.clear()
+    asign.pp.select_genes(stack, known="S2", n_genes=3, inplace=False)  # S1 is not read
+    assert not [r for r in asign_log.records if "total count of 0" in r.getMessage()]
+    st = asign.io.validate_stack(stack)
+    choose_genes(t, st, known=known_mask(t, st, ["S1", "S2"]), n_genes=3)  # the gene choice of tl.impute
+    assert [r for r in asign_log.records if "Section(s) ['S1'] of the table" in r.getMessage()]

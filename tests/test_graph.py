@@ -929,3 +929,39 @@ def test_stale_similarity_features_are_refused(tmp_path, asign_log):
     assert t.uns["asign_neighbors"]["params"]["similarity_fingerprint"] == ""
     t.obsm["feat"] = rng.normal(size=(t.n_obs, 5)).astype(np.float32)
     check_graph_alignment(t)
+
+
+def test_spot_overlaps_refuses_reserved_key_added(aligned_stack):
+    """key_added='asign' used to replace uns['asign'] (the manifest and the alignment): the stack no longer validated."""
+    t = aligned_stack.tables["table"]
+    before = dict(t.uns["asign"])
+    with pytest.raises(ValueError, match=r"key_added='asign' would overwrite `\.uns\['asign'\]` of table 'table'"):
+        spot_overlaps(aligned_stack, radius_um=100.0, key_added="asign")
+    assert dict(t.uns["asign"]).keys() == before.keys()
+    assert "asign" not in t.obsp
+    from asign.io import validate_stack
+
+    validate_stack(aligned_stack)
+    # not written with inplace=False; a repeat call under the same (free) key replaces its own output
+    assert spot_overlaps(aligned_stack, radius_um=100.0, key_added="asign", inplace=False).nnz > 0
+    spot_overlaps(aligned_stack, radius_um=100.0, key_added="my_overlap")
+    spot_overlaps(aligned_stack, radius_um=50.0, key_added="my_overlap")
+    assert t.uns["my_overlap"]["params"]["radius_px"].size == 3
+
+
+def test_similarity_check_leaves_non_finite_features_to_the_feature_checks(asign_log):
+    """Features made non-finite after the graph was built are reported by the steps that read features (their
+    message names the spots); the stale-graph check only warns instead of claiming other features were extracted."""
+    import asign
+    from asign.pp._graph import check_graph_alignment
+
+    sd = grid_stack(n_sections=3, side=7, pitch_px=10.0, um_per_px=1.0)
+    asign.pp.align_layers(
+        sd, method="transforms", transforms=dict.fromkeys(["G1", "G2", "G3"], np.eye(3)), show_progress_bar=False
+    )
+    t = sd.tables["table"]
+    t.obsm["feat"] = np.random.default_rng(0).normal(size=(t.n_obs, 5))
+    neighbors_3d(sd, n_neighs=4, n_neighs_across=4, radius_px=10.0, similarity_key="feat")
+    t.obsm["feat"][3] = np.nan
+    check_graph_alignment(t)
+    assert any("now has non-finite values" in r.getMessage() for r in asign_log.records)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from asign._checks import check_number
+from asign._checks import check_number, check_reserved_keys
 from asign._constants import Key
 from asign._logging import logger
 from asign._stack import counts_matrix, section_codes, unmeasured_genes, unmeasured_mask
@@ -128,15 +128,32 @@ def check_gene_list(genes: str | Sequence[str]) -> list[str]:
     return genes
 
 
-def gene_indices(table: AnnData, genes: Sequence[str]) -> np.ndarray:
+def table_label(table_key: str | None = None, train: int | None = None) -> str:
+    """The table for messages: ``"table 'table'"`` (``"the table"`` without a key), ``"... of training stack 1"``."""
+    label = f"table {table_key!r}" if table_key is not None else "the table"
+    return label if train is None else f"{label} of training stack {train}"
+
+
+def check_unique_var_names(table: AnnData, where: str = "the table") -> None:
+    """A :class:`ValueError` naming the table (``where``, see :func:`table_label`) if its var_names repeat a gene."""
+    if table.var_names.is_unique:
+        return
+    dup = sorted({str(g) for g in table.var_names[table.var_names.duplicated()]})
+    msg = (
+        f"{where[:1].upper()}{where[1:]}: var_names are not unique; call `table.var_names_make_unique()` first "
+        f"(repeated: {dup[:20]}{' ...' if len(dup) > 20 else ''})."
+    )
+    raise ValueError(msg)
+
+
+def gene_indices(table: AnnData, genes: Sequence[str], table_key: str | None = None) -> np.ndarray:
     """Column indices of ``genes`` in ``table``; a :class:`KeyError` lists the missing ones.
 
-    An empty list or a gene named twice is a :class:`ValueError` (:func:`check_gene_list`).
+    An empty list or a gene named twice is a :class:`ValueError` (:func:`check_gene_list`), and so are repeated
+    var_names (:func:`check_unique_var_names`; ``table_key`` names the table in the message).
     """
     genes = check_gene_list(genes)
-    if not table.var_names.is_unique:
-        msg = "The table's var_names are not unique; call `table.var_names_make_unique()` first."
-        raise ValueError(msg)
+    check_unique_var_names(table, table_label(table_key))
     idx = table.var_names.get_indexer(genes)
     if (idx < 0).any():
         missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
@@ -147,8 +164,16 @@ def gene_indices(table: AnnData, genes: Sequence[str]) -> np.ndarray:
     return idx
 
 
-def section_gene_means(table: AnnData, rows: np.ndarray, stack: StackInfo | None = None) -> pd.DataFrame:
+def section_gene_means(
+    table: AnnData, rows: np.ndarray, stack: StackInfo | None = None, *, where: str = "the table"
+) -> pd.DataFrame:
     """Mean raw count of every gene in every section, over the given spots only.
+
+    Each mean is the section's float64 sum divided by its number of spots, the sum taken in a fixed spot order
+    (by ``obs_names``): exact for integer counts, and independent of the row order of the table in any case, so
+    genes with equal per-section totals get equal means and tie exactly (:func:`top_genes` breaks ties by name).
+    A section whose selected spots have a total count of 0 over all genes is logged as a warning: every gene ties
+    at 0 there.
 
     Parameters
     ----------
@@ -158,26 +183,39 @@ def section_gene_means(table: AnnData, rows: np.ndarray, stack: StackInfo | None
         Boolean ``(n_obs,)`` mask of the spots to use (e.g. the known spots); other spots are not read.
     stack
         The section manifest (read from ``table`` when `None`).
+    where
+        The table, for messages (:func:`table_label`).
 
     Returns
     -------
     A DataFrame ``(sections with at least one selected spot) x genes``; NaN where the section never measured the
     gene (:func:`asign._stack.unmeasured_genes`).
     """
+    check_unique_var_names(table, where)
     codes = section_codes(table, stack)
     rows = np.asarray(rows, dtype=bool)
     sel = np.flatnonzero(rows)
+    # a fixed summation order (section, then obs_names) so that the sums do not depend on the row order
+    sel = sel[np.lexsort((np.asarray(table.obs_names[sel], dtype=str), codes[sel]))]
     X = counts_matrix(table)[sel]
     codes_sel = codes[sel]
     present = np.unique(codes_sel)
     secs = stack.sections if stack is not None else list(table.obs[Key.SECTION].cat.categories)
-    # indicator (sections x selected spots) divided by section size -> per-section means in one product
+    # indicator (sections x selected spots) -> per-section float64 sums in one product, then divide by the size
     pos = np.searchsorted(present, codes_sel)
     n = np.bincount(pos, minlength=len(present)).astype(np.float64)
-    ind = sp.csr_matrix((1.0 / n[pos], (pos, np.arange(len(sel)))), shape=(len(present), len(sel)))
-    means = ind @ (X if sp.issparse(X) else np.asarray(X, dtype=np.float64))
-    means = means.toarray() if sp.issparse(means) else np.asarray(means)
-    df = pd.DataFrame(means, index=[secs[i] for i in present], columns=table.var_names.astype(str))
+    ind = sp.csr_matrix((np.ones(len(sel)), (pos, np.arange(len(sel)))), shape=(len(present), len(sel)))
+    sums = ind @ (X if sp.issparse(X) else np.asarray(X, dtype=np.float64))
+    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+    sums = np.asarray(sums, dtype=np.float64)
+    empty = [secs[i] for i, tot in zip(present, sums.sum(axis=1), strict=True) if tot == 0]
+    if empty:
+        logger.warning(
+            f"Section(s) {empty} of {where} have a total count of 0 over all genes in the spots used for gene selection: "
+            "every gene's mean is 0 there, so they only dilute the ranking (alone, they rank the genes by name). "
+            "Check their counts, or leave them out of the selection sections."
+        )
+    df = pd.DataFrame(sums / n[:, None], index=[secs[i] for i in present], columns=table.var_names.astype(str))
     for sec, genes in unmeasured_genes(table).items():  # never measured there: no mean
         if sec in df.index:
             df.loc[sec, df.columns.intersection(list(genes))] = np.nan
@@ -335,20 +373,28 @@ def choose_genes(
     n_genes: int,
     gene_sections: Any = "labelled",
     train_tables: Sequence[tuple[AnnData, StackInfo]] = (),
+    table_key: str | None = None,
 ) -> tuple[list[str], pd.Series, list[str]]:
     """Top ``n_genes`` by mean over this stack's selection sections and every measured training section.
+
+    Repeated var_names (in ``table`` or a training table) are a :class:`ValueError`, before any work; a selection
+    section whose total count is 0 is logged as a warning (:func:`section_gene_means`). ``table_key`` names the
+    table in messages.
 
     Returns the genes, their scores and the names of the sections used (``"train<i>:<section>"`` for training
     sections).
     """
+    check_unique_var_names(table, table_label(table_key))
+    for i, (t, _) in enumerate(train_tables):
+        check_unique_var_names(t, table_label(table_key, i))
     rows = selection_rows(table, stack, known, gene_sections)
     if not rows.any():
         msg = f"gene_sections={gene_sections!r} selects no measured spot to rank genes on."
         raise ValueError(msg)
-    frames = [section_gene_means(table, rows, stack)]
+    frames = [section_gene_means(table, rows, stack, where=table_label(table_key))]
     used = list(frames[0].index)
     for i, (t, s) in enumerate(train_tables):
-        f = section_gene_means(t, t.obs[Key.MEASURED].to_numpy(dtype=bool), s)
+        f = section_gene_means(t, t.obs[Key.MEASURED].to_numpy(dtype=bool), s, where=table_label(table_key, i))
         frames.append(f)
         used += [f"train{i}:{sec}" for sec in f.index]
     genes, score = top_genes(frames, n_genes)
@@ -369,9 +415,10 @@ def select_genes(
 ) -> list[str] | None:
     """Select the modelled genes: the ``n_genes`` with the largest mean raw count (method.md §2.1).
 
-    In each selection section, every gene's mean raw count is taken over the section's selected spots; these
-    per-section means are averaged with equal section weights; the largest averages win and ties go by gene name.
-    Only genes present in every stack (this one and ``train``) are ranked.
+    In each selection section, every gene's mean raw count is taken over the section's selected spots (its sum
+    divided by the number of spots, independent of the spot order); these per-section means are averaged with equal
+    section weights; the largest averages win and ties go by gene name. Only genes present in every stack (this one
+    and ``train``) are ranked. A selection section with a total count of 0 is logged as a warning.
 
     Parameters
     ----------
@@ -391,7 +438,8 @@ def select_genes(
     table_key
         Key of the table in :attr:`spatialdata.SpatialData.tables` that annotates the spots of all sections.
     key_added
-        Prefix of the keys written.
+        Prefix of the keys written. A ``key_added`` whose keys are reserved by the stack contract (e.g.
+        ``"n_sections_measured"`` in ``.var``, ``"asign"`` in ``.uns``) is refused before any work.
     inplace
         If `True`, write into the table and return `None`; otherwise return the gene list.
 
@@ -401,12 +449,20 @@ def select_genes(
     with ``.var['{key_added}']`` (bool), ``.var['{key_added}_score']`` (average per-section mean count; NaN for
     genes absent from a training stack) and ``.uns['{key_added}']`` (``genes`` in rank order, ``n_genes``,
     ``gene_sections``, ``sections`` used).
+
+    Raises
+    ------
+    ValueError
+        If the table's var_names are not unique, or ``key_added`` names a reserved key.
     """
     from asign.io._validate import validate_stack
 
     n_genes = check_number("n_genes", n_genes, integer=True, minimum=1)
+    if inplace:
+        check_reserved_keys(key_added, table_key, var=(key_added, f"{key_added}_score"), uns=(key_added,))
     stack = validate_stack(sdata, table_key=table_key)
     table = sdata.tables[table_key]
+    check_unique_var_names(table, table_label(table_key))
     mask = None
     if known is not None:
         mask = known_mask(table, stack, known)
@@ -418,7 +474,13 @@ def select_genes(
         train_tables.append((s.tables[table_key], validate_stack(s, table_key=table_key)))
         _ = name
     genes, score, used = choose_genes(
-        table, stack, known=mask, n_genes=n_genes, gene_sections=sections, train_tables=train_tables
+        table,
+        stack,
+        known=mask,
+        n_genes=n_genes,
+        gene_sections=sections,
+        train_tables=train_tables,
+        table_key=table_key,
     )
     if not inplace:
         return genes
@@ -439,7 +501,7 @@ def select_genes(
 def normalize(
     sdata: SpatialData,
     *,
-    genes: Sequence[str] | None = None,
+    genes: str | Sequence[str] | None = None,
     normalization: str = "st-net",
     table_key: str = Key.TABLE,
     key_added: str = "asign_normalized",
@@ -452,14 +514,16 @@ def normalize(
     sdata
         A :class:`spatialdata.SpatialData` section stack.
     genes
-        Modelled genes; `None` takes ``uns['asign_selected']['genes']`` written by :func:`asign.pp.select_genes`.
+        Modelled genes (a gene name or a list); `None` takes ``uns['asign_selected']['genes']`` written by
+        :func:`asign.pp.select_genes`.
     normalization
         ``"st-net"``: ``ln((c + 1) / sum_selected(c + 1))`` per spot, the sum over the modelled genes only (the
         paper's scale); ``"log1p"``: ``ln(1 + 1e4 c / L)`` with ``L`` the spot's total count over all genes.
     table_key
         Key of the table in :attr:`spatialdata.SpatialData.tables` that annotates the spots of all sections.
     key_added
-        Key of the ``obsm`` entry written.
+        Key of the ``obsm`` and ``uns`` entries written. A key reserved by the stack contract (e.g. ``"spatial"``
+        in ``.obsm``, ``"asign"`` in ``.uns``) is refused before any work.
     inplace
         If `True`, write into the table and return `None`; otherwise return the values.
 
@@ -473,6 +537,8 @@ def normalize(
     from asign.io._validate import validate_stack
 
     check_normalization(normalization)
+    if inplace:
+        check_reserved_keys(key_added, table_key, obsm=(key_added,), uns=(key_added,))
     validate_stack(sdata, table_key=table_key)
     table = sdata.tables[table_key]
     if genes is None:
@@ -481,8 +547,8 @@ def normalize(
             msg = "Pass `genes=` or run `asign.pp.select_genes` first (uns['asign_selected'] not found)."
             raise ValueError(msg)
         genes = [str(g) for g in sel["genes"]]
-    genes = [str(g) for g in genes]
-    gene_indices(table, genes)
+    genes = check_gene_list(genes)
+    gene_indices(table, genes, table_key)
     measured = table.obs[Key.MEASURED].to_numpy(dtype=bool)
     values, total = normalized_rows(table, genes, measured, normalization)
     df = pd.DataFrame(values, index=table.obs_names, columns=genes)

@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-from asign._checks import check_number
+from asign._checks import check_number, check_reserved_keys
 from asign._constants import Key
 from asign._docs import inject_docs
 from asign._geometry import PATCH_RADIUS_PX, Footprints, aligned_centres, as_affine, pairs_iou
@@ -800,6 +800,13 @@ def _check_graph_features(table: AnnData, params: dict[str, Any], ckey: str, gra
             f"`.obsm['{skey}']`, which the table no longer holds: it cannot be checked against them. {rerun}"
         )
         return
+    if not np.isfinite(np.asarray(table.obsm[skey], dtype=float)).all():
+        # the steps that read features name the non-finite spots; a graph cannot be rebuilt from them either
+        logger.warning(
+            f"`.obsm['{skey}']` of table {table_key!r}, scored by `.obsp['{ckey}']`, now has non-finite values: "
+            "the graph cannot be checked against them."
+        )
+        return
     if stored != similarity_fingerprint(table, skey):
         msg = (
             f"`.obsp['{ckey}']` of table {table_key!r} was built on other image features: `.obsm['{skey}']` has "
@@ -921,7 +928,8 @@ def spot_overlaps(
     {table_key}
     {radius}
     key_added
-        Key of the matrix in ``.obsp``.
+        Key of the matrix in ``.obsp`` and of its record in ``.uns``. A key reserved by the stack contract (e.g.
+        ``"asign"``, which holds the manifest and the alignment in ``.uns``) is refused before any work.
     adjacent_only
         Only pairs of consecutive sections (cutting order). If `False`, pairs of every two sections.
     {inplace}
@@ -938,6 +946,8 @@ def spot_overlaps(
     from asign._stack import section_codes
     from asign.io._validate import validate_stack
 
+    if inplace:
+        check_reserved_keys(key_added, table_key, obsp=(key_added,), uns=(key_added,))
     stack = validate_stack(sdata, table_key=table_key, check_counts=False)
     table = sdata.tables[table_key]
     if n_vertices < 3:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from asign._checks import check_reserved_keys
 from asign._constants import Key
 from asign._logging import logger
 
@@ -463,11 +464,14 @@ def check_output_keys(
     than tile tables of an earlier run with the same ``key_added``: the table itself carries the tile record
     ``uns['asign']['tiles']`` naming it, and the spot table records the run in ``uns['{key_added}_tiles']``. The
     columns ``obs`` / ``obsm`` of the spot table may be replaced only when that record exists; anything else of the
-    same name belongs to the user. Checked before any work, so that a clash is not found after the features are
-    computed.
+    same name belongs to the user. Keys reserved by the stack contract are refused
+    (:func:`asign._checks.check_reserved_keys`). Checked before any work, so that a clash is not found after the
+    features are computed.
     """
     from spatialdata._core.validation import check_valid_name
 
+    columns = (index_key(key_added, "region"), index_key(key_added, "global"), *obs)
+    check_reserved_keys(key_added, table_key, obs=columns, obsm=obsm, uns=(f"{key_added}_tiles",))
     table = sdata.tables[table_key]
     recorded = table.uns.get(f"{key_added}_tiles")
     recorded = recorded if isinstance(recorded, Mapping) else None
@@ -505,7 +509,6 @@ def check_output_keys(
         raise ValueError(msg)
     if recorded is not None:
         return
-    columns = (index_key(key_added, "region"), index_key(key_added, "global"), *obs)
     taken = [f"`.obs[{c!r}]`" for c in columns if c in table.obs]
     taken += [f"`.obsm[{c!r}]`" for c in obsm if c in table.obsm]
     if taken:
