@@ -26,6 +26,10 @@ Usage::
     python benchmarks/bench_asign_cv.py --skip-transductive --inductive-asign '{"gene_rank": 10, "nearest_blend": 0.5}' \
         --json benchmarks/results/asign_cv_inductive_gene_rank_blend.json   # the post-processing steps, inductively
 
+These commands run today's defaults (``gene_rank=10``, ``nearest_blend=0.5``). ``asign_cv_noimage.json`` predates
+both steps: add ``--baseline-rank 0`` and ``--asign`` / ``--inductive-asign '{"gene_rank": null, "nearest_blend": 0}'``
+to reproduce it (docs/benchmarks/asign.md, "Reproduce").
+
 ``--baseline-rank`` (default 10) adds each baseline projected on that many gene axes, in both uses. ASIGN rows also
 record the per-gene PCC of the network alone, of the prediction before the gene projection (``full_rank``) and, with
 a blend, before the blend (``unblended``).
@@ -153,7 +157,9 @@ def inductive(
 
     rows = []
     runs = [(lab, m, kw) for lab, m, kw in BASELINES]
-    if baseline_rank:  # each baseline with ASIGN's gene projection (axes of every label of the fold)
+    # each baseline with ASIGN's gene projection; since session 8 the axes come from the known spots of the sample
+    # being imputed (tl._gene_rank.known_rows), not from every label of the fold (the first run's pooled axes)
+    if baseline_rank:
         runs += [
             (f"{lab} + gene_rank {baseline_rank}", m, {**kw, "gene_rank": baseline_rank})
             for lab, m, kw in BASELINES[1:]

@@ -8,10 +8,13 @@ outside C3-C6): ridge (``RidgeCV``, alpha by efficient leave-one-out) from
   three (8 fits);
 - **across patients** (Dev A): all of B4 -> C2 and all of C2 -> B4.
 
-Each feature set is centred on the training spots; the hand-crafted columns are also standardised (their units
-differ); each set is divided by its root total variance, so that in the combination both sets weigh alike. Genes:
-the top 250 by mean raw count on the training spots, ``st-net``. Score: per-gene PCC over the predicted spots. No
-label of C3-C6 is read.
+Each feature set is centred; the hand-crafted columns are also standardised (their units differ); each set is
+divided by its root total variance, so that in the combination both sets weigh alike. Within a section these
+statistics come from the training spots. Across patients each section is centred, standardised and scaled on its
+own spots: the test section on all of its spots (their features only, no labels), which is a per-section
+normalisation of the test images, not statistics carried over from the training section. Genes: the top 250 by
+mean raw count on the training spots, ``st-net``. Score: per-gene PCC over the predicted spots. No label of C3-C6
+is read.
 
 Usage::
 

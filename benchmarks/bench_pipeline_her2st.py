@@ -18,7 +18,9 @@ Usage::
 
     ASIGN_HER2ST=/path/to/her2st python benchmarks/bench_pipeline_her2st.py [--threads 1] [--repeat 1] [--encoder NAME]
 
-With ``--encoder`` the run is written to ``pipeline_her2st_<encoder>.json`` and reported in its own section.
+With ``--encoder`` the run is written to ``pipeline_her2st_<encoder>.json`` and reported in its own section;
+``--report-only`` rewrites the markdown from the stored results files without running anything. The table gives
+each run's asign version and date, and a run made with other code than the default run is marked as not comparable.
 """
 
 from __future__ import annotations
@@ -32,7 +34,28 @@ from pathlib import Path
 from _machine import her2st_path, machine  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+# Notes on recorded runs, keyed by the run's asign version: printed in the report only beside the run they describe,
+# so that a new run does not inherit them
+RUN_NOTES: dict[str, list[str]] = {
+    "0.1.1.dev191+g5146df4a1": [
+        "The per-gene PCC is that of the default (3 seeds: 0.336 ± 0.003 in asign.md).",
+        "",
+        "The machine was slower on 2026-12-07 than on 2026-11-28 (137.3 s then, read 3.9 s, features 49.3 s, ASIGN "
+        "75.2 s): on the same day, two runs of the current code took 167.6 s and 159.6 s (the table shows the "
+        "second), and one run of the code as it was at the start of session 15 (commit 6a82daa) 150.8 s (read 4.7, "
+        "align 10.6, features 48.7, ASIGN 86.6 s); ASIGN's training time varied by 10 s between runs of the same "
+        "code, and the per-gene PCC was identical in all three (0.3336). The legacy per-spot PCC reads 0.787 instead "
+        "of 0.783 because `tl.evaluate` now leaves out the 4 scored spots without counts among the 250 genes (their "
+        "per-spot PCC is undefined; they used to count as 0).",
+    ],
+    "0.1.1.dev0+d20261127": [
+        "The asign of 2026-11-27 predates, among other changes, the gene projection (`gene_rank=10`, session 7), "
+        "the nearest-neighbour blend (`nearest_blend`, sessions 7–9) and the global feature scaling "
+        "(`feature_scaling='global'`, session 9) of today's defaults.",
+    ],
+}
 
 
 def run_once(path: Path, encoder: str | None = None) -> dict:
@@ -74,14 +97,18 @@ def run_once(path: Path, encoder: str | None = None) -> dict:
 
 
 def _table(res: dict) -> list[str]:
+    """One row per run of ``res``, with the asign version and the date of the run (the code differs between files)."""
     lines = [
-        "| run | " + " | ".join(res["runs"][0]["steps"]) + " | **total** | per-gene PCC | per-spot PCC (legacy) |",
-        "|---" * (len(res["runs"][0]["steps"]) + 4) + "|",
+        "| run | asign | date | "
+        + " | ".join(res["runs"][0]["steps"])
+        + " | **total** | per-gene PCC | per-spot PCC (legacy) |",
+        "|---" * (len(res["runs"][0]["steps"]) + 6) + "|",
     ]
     for i, r in enumerate(res["runs"]):
         cells = " | ".join(f"{v['wall_s']:.1f}" for v in r["steps"].values())
         lines.append(
-            f"| {i + 1} | {cells} | **{r['total_wall_s']:.1f}** | {r['pcc_gene']:.3f} | {r['pcc_spot_legacy']:.3f} |"
+            f"| {i + 1} | {res['versions']['asign']} | {res['date']} | {cells} | **{r['total_wall_s']:.1f}** | "
+            f"{r['pcc_gene']:.3f} | {r['pcc_spot_legacy']:.3f} |"
         )
     return lines
 
@@ -107,22 +134,50 @@ def report(res: dict, options: list[dict] | None = None) -> str:
         f"Wall-clock seconds per step. Bar (issue 6): under 180 s on 2 CPU cores; fastest run {best:.1f} s — "
         + ("met." if best < 180 else "not met."),
         "",
+        "The model's session 1–2 settings were chosen while C3–C6 scores were printed (asign.md, \"How the",
+        'transductive defaults were chosen").',
+        "",
+        *_notes(res),
         "ASIGN trains its ensemble members in worker processes (`n_jobs='auto'`: one per member up to the cores), so",
         "on 2 cores two members train at once. The scores are those of one seed (0); `bench_asign_her2st.py` reports",
         "several seeds beside the baselines.",
     ]
     for o in options or []:
+        same_code = o["versions"]["asign"] == res["versions"]["asign"]
+        if same_code:
+            how = "everything else as above."
+        else:
+            how = (
+                f"the encoder is not the only difference: this run used asign {o['versions']['asign']} of "
+                f"{o['date']}, the default run above asign {res['versions']['asign']} of {res['date']}."
+            )
         lines += [
             "",
             f"## The same job with `extract_features(encoder={o['encoder']!r})`",
             "",
             f"`python benchmarks/bench_pipeline_her2st.py --encoder {o['encoder']}` (raw numbers:",
-            f"`benchmarks/results/pipeline_her2st_{o['encoder']}.json`); everything else as above. Load average before",
+            f"`benchmarks/results/pipeline_her2st_{o['encoder']}.json`); {how} Load average before",
             f"the run: {o['load_before']}; torch threads {o['threads']}; date {o['date']}.",
             "",
             *_table(o),
         ]
+        if not same_code:
+            age = "older" if o["date"] < res["date"] else "other"
+            lines += [
+                "",
+                *_notes(o),
+                f"**Not comparable with the default run above:** this run is from {age} code, so its difference from "
+                "the default run, in per-gene PCC and in time, is not the encoder's alone. Rerun both with the same "
+                "code to compare the encoders (`bench_asign_her2st.py` compares feature options with the same code "
+                "and several seeds).",
+            ]
     return "\n".join(lines) + "\n"
+
+
+def _notes(res: dict) -> list[str]:
+    """The :data:`RUN_NOTES` of the run's asign version, followed by a blank line (none: nothing)."""
+    notes = RUN_NOTES.get(res["versions"]["asign"], [])
+    return [*notes, ""] if notes else []
 
 
 def main() -> None:
@@ -132,7 +187,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks/pipeline.md")
     ap.add_argument("--encoder", default=None, help="an extract_features encoder instead of the default")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite docs/benchmarks/pipeline.md from the stored results files; run nothing",
+    )
     args = ap.parse_args()
+    if args.report_only:
+        write_report()
+        return
     import importlib.metadata as md
 
     import torch
@@ -156,13 +219,17 @@ def main() -> None:
             {k: round(v["wall_s"], 1) for k, v in r["steps"].items()},
         )
         res["runs"].append(r)
-    results = ROOT / "benchmarks" / "results"
     suffix = "" if args.encoder is None else f"_{args.encoder}"
-    (results / f"pipeline_her2st{suffix}.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / f"pipeline_her2st{suffix}.json").write_text(json.dumps(res, indent=1))
     if not args.no_report:
-        default = json.loads((results / "pipeline_her2st.json").read_text())
-        options = [json.loads(f.read_text()) for f in sorted(results.glob("pipeline_her2st_*.json"))]
-        (ROOT / "docs" / "benchmarks" / "pipeline.md").write_text(report(default, options))
+        write_report()
+
+
+def write_report() -> None:
+    """``docs/benchmarks/pipeline.md`` from ``pipeline_her2st.json`` and every ``pipeline_her2st_<encoder>.json``."""
+    default = json.loads((RESULTS / "pipeline_her2st.json").read_text())
+    options = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("pipeline_her2st_*.json"))]
+    (ROOT / "docs" / "benchmarks" / "pipeline.md").write_text(report(default, options))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 The package's core use case: a section that has only an H&E image gets a virtual spot grid on its tissue
 (:func:`asign.pp.make_spots`) and imputed expression (:func:`asign.tl.impute`). Two parts, each comparing
-``nearest`` (8-IDW on aligned positions), ``propagation`` (10 iterations on the 3D graph) and ``asign``
-(transductive defaults), with the same genes and known section for all:
+``mean`` (the known section's mean), ``nearest`` (8-IDW on aligned positions), ``propagation`` (10 iterations on the
+3D graph) and ``asign`` (transductive defaults), with the same genes and known section for all:
 
 - ``synthetic``: :func:`asign.datasets.synthetic_stack` (5 sections, seed 0). S3 and S4 become image-only: their
   spots are marked unmeasured and their counts zeroed, then ``make_spots`` replaces those rows with a virtual grid
@@ -30,6 +30,12 @@ Writes ``benchmarks/results/virtual_spots.json`` and prints markdown tables.
 Usage::
 
     python benchmarks/bench_virtual_spots.py [--parts synthetic,her2st] [--seeds 0] [--her2st PATH]
+    python benchmarks/bench_virtual_spots.py --parts synthetic,her2st --methods mean   # add one method's rows
+
+``--methods`` (default: all of ``mean,nearest,propagation,asign``) runs a subset and merges its rows into the
+existing results file: rows of the same method and section are replaced, every other row and the part's settings
+are left as they are, the stored gene list is reused, and the run is recorded in the part's ``merged_runs``. The
+merge is refused when the new run's virtual spots, their matching or its genes differ from the stored ones.
 """
 
 from __future__ import annotations
@@ -50,9 +56,12 @@ from bench_asign_her2st import align_synthetic_truth, prepare_steps
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "virtual_spots.json"
 BASELINES = [
+    ("mean", "mean", {}),
     ("nearest 8-IDW", "nearest", {"k": 8, "weights": "idw"}),
     ("propagation", "propagation", {"n_iter": 10}),
 ]
+# --methods names -> row labels (asign: one row per seed, "asign (seed <s>)")
+METHODS = {"mean": "mean", "nearest": "nearest 8-IDW", "propagation": "propagation", "asign": "asign"}
 SYN_SCALES = {"spot": 224, "region": 512, "global": 1024}
 SYN_IMAGE_ONLY = ["S3", "S4"]
 OTHERS = ["C3", "C5", "C6"]  # HER2ST: the measured unknown sections of both runs
@@ -84,12 +93,23 @@ def _make_image_only(sdata, sections: list[str]) -> dict:
     return {s: dict(t.uns["asign"]["make_spots"][s]) for s in sections}
 
 
-def _impute_all(sdata, known: str, seeds: list[int], n_genes: int, genes: list[str] | None, timings: dict) -> dict:
-    """Output table per method label (the baselines, then ASIGN per seed)."""
+def _impute_all(
+    sdata,
+    known: str,
+    seeds: list[int],
+    n_genes: int,
+    genes: list[str] | None,
+    timings: dict,
+    methods: tuple[str, ...] = tuple(METHODS),
+) -> dict:
+    """Output table per method label (the baselines, then ASIGN per seed), for the ``methods`` (names of
+    :data:`METHODS`)."""
     import asign
 
-    jobs = [(label, m, kw, 0) for label, m, kw in BASELINES]
-    jobs += [(f"asign (seed {s})", "asign", {}, s) for s in seeds]
+    labels = {METHODS[m] for m in methods}
+    jobs = [(label, m, kw, 0) for label, m, kw in BASELINES if label in labels]
+    if "asign" in labels:
+        jobs += [(f"asign (seed {s})", "asign", {}, s) for s in seeds]
     outs = {}
     for label, method, kw, seed in jobs:
         t = time.perf_counter()
@@ -174,9 +194,9 @@ def _prepare_synthetic(*, image_only: bool, timings: dict):
     return sdata, lattice
 
 
-def run_synthetic(seeds: list[int]) -> dict:
+def run_synthetic(seeds: list[int], methods: tuple[str, ...] = tuple(METHODS), genes: list[str] | None = None) -> dict:
+    """The synthetic part for ``methods``; ``genes``: the modelled genes (default: ranked on S1 by the first run)."""
     res: dict = {"known": "S1", "image_only": SYN_IMAGE_ONLY, "scales_um": SYN_SCALES, "radius_um": 112, "runs": {}}
-    genes = None
     for mode in ("virtual", "real"):
         timings: dict = {}
         print(f"[synthetic/{mode}] preparing", flush=True)
@@ -184,7 +204,7 @@ def run_synthetic(seeds: list[int]) -> dict:
         table = sdata.tables["table"]
         syn = table.uns["asign"]["synthetic"]
         stack = table.uns["asign"]["stack"]
-        outs = _impute_all(sdata, "S1", seeds, 50, genes, timings)
+        outs = _impute_all(sdata, "S1", seeds, 50, genes, timings, methods)
         genes = list(next(iter(outs.values())).var_names)
         rows = []
         for label, out in outs.items():
@@ -214,7 +234,14 @@ def _prepare_her2st(path: Path, *, image_only: bool, timings: dict):
     return sdata, lattice
 
 
-def run_her2st(path: Path, seeds: list[int], radius_um: float) -> dict:
+def run_her2st(
+    path: Path,
+    seeds: list[int],
+    radius_um: float,
+    methods: tuple[str, ...] = tuple(METHODS),
+    genes: list[str] | None = None,
+) -> dict:
+    """The HER2ST part for ``methods``; ``genes``: the modelled genes (default: ranked on C2 by the real run)."""
     from scipy.spatial import cKDTree
 
     import asign
@@ -224,7 +251,7 @@ def run_her2st(path: Path, seeds: list[int], radius_um: float) -> dict:
     timings: dict = {}
     print("[her2st/real] preparing", flush=True)
     sdata, _ = _prepare_her2st(path, image_only=False, timings=timings)
-    real_outs = _impute_all(sdata, "C2", seeds, 250, None, timings)
+    real_outs = _impute_all(sdata, "C2", seeds, 250, genes, timings, methods)
     genes = list(next(iter(real_outs.values())).var_names)
     stack = sdata.tables["table"].uns["asign"]["stack"]
     px = float(np.asarray(stack["um_per_px"])[list(stack["section"]).index("C4")])
@@ -249,7 +276,7 @@ def run_her2st(path: Path, seeds: list[int], radius_um: float) -> dict:
     timings = {}
     print("[her2st/virtual] preparing", flush=True)
     sdata, lattice = _prepare_her2st(path, image_only=True, timings=timings)
-    outs = _impute_all(sdata, "C2", seeds, 250, genes, timings)
+    outs = _impute_all(sdata, "C2", seeds, 250, genes, timings, methods)
     quality = sdata.tables["table"].uns["asign"]["alignment"].get("quality", {})
     first = next(iter(outs.values()))
     assert list(first.var_names) == genes
@@ -356,6 +383,60 @@ def tables(result: dict) -> str:
     return "\n".join(L)
 
 
+def _rank(row: dict) -> tuple:
+    """Sort key of a row: the order of :data:`BASELINES`, then ASIGN by seed (stable within a method)."""
+    order = [label for label, _, _ in BASELINES]
+    m = row["method"]
+    if m in order:
+        return (order.index(m), 0)
+    if m.startswith("asign (seed "):
+        return (len(order), int(m.removeprefix("asign (seed ").rstrip(")")))
+    return (len(order) + 1, 0)
+
+
+def merge_part(old: dict, new: dict, record: dict) -> dict:
+    """``old`` (a stored part) with the rows of ``new`` (a run of some methods) merged in.
+
+    Rows of ``new`` replace the rows of ``old`` with the same method and section; every other row, the settings and
+    the timings of ``old`` stay as they are; ``record`` (what ran, when) is appended to ``old['merged_runs']``.
+    Refused (SystemExit) when ``new`` does not describe the same spots and genes: genes, make_spots lattices and, for
+    HER2ST, the virtual-to-measured matching.
+    """
+    problems = []
+    if new["genes"] != old["genes"]:
+        problems.append("the modelled genes differ")
+    for mode, run in new["runs"].items():
+        if mode not in old["runs"]:
+            problems.append(f"the stored part has no {mode!r} run")
+            continue
+        ref = old["runs"][mode]
+        if json.dumps(run.get("make_spots", {}), default=float) != json.dumps(ref.get("make_spots", {}), default=float):
+            problems.append(f"{mode}: the make_spots lattice differs")
+        if "matching" in ref:
+            a, b = run.get("matching", {}), ref["matching"]
+            if set(a) != set(b) or any(not np.isclose(a[k], b[k], rtol=1e-9, atol=1e-9) for k in b):
+                problems.append(f"{mode}: the virtual-to-measured matching differs ({a} vs {b})")
+        n_key = next(k for k in ("truth_n_spots", "n_spots") if k in ref["rows"][0])
+        stored_n = {r["section"]: r[n_key] for r in ref["rows"]}
+        for r in run["rows"]:
+            if r["section"] in stored_n and r[n_key] != stored_n[r["section"]]:
+                problems.append(
+                    f"{mode}: {r['method']} scored {r[n_key]} spots of {r['section']}, not {stored_n[r['section']]}"
+                )
+    if problems:
+        msg = "Not merged into " + str(OUT) + ": " + "; ".join(problems) + "."
+        raise SystemExit(msg)
+    out = dict(old)
+    out["runs"] = {mode: dict(run) for mode, run in old["runs"].items()}
+    for mode, run in new["runs"].items():
+        replaced = {(r["method"], r["section"]) for r in run["rows"]}
+        kept = [r for r in old["runs"][mode]["rows"] if (r["method"], r["section"]) not in replaced]
+        out["runs"][mode]["rows"] = sorted(kept + run["rows"], key=_rank)
+    record = {**record, "timings": {mode: run["timings"] for mode, run in new["runs"].items()}}
+    out["merged_runs"] = [*old.get("merged_runs", []), record]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="synthetic,her2st", help="comma-separated: synthetic, her2st")
@@ -363,37 +444,68 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--radius-um", type=float, default=100.0, help="HER2ST: virtual-to-measured matching radius")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset of " + ", ".join(METHODS) + "; a subset's rows are merged into the existing "
+        "results file (rows of other methods untouched)",
+    )
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in ("synthetic", "her2st")]
     if bad:
         msg = f"unknown part(s) {bad}"
         raise SystemExit(msg)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        msg = f"--methods: unknown method(s) {bad}; choose among {list(METHODS)}"
+        raise SystemExit(msg)
+    subset = set(methods) != set(METHODS)
     result: dict = json.loads(OUT.read_text()) if OUT.exists() else {}
+    missing = [p for p in parts if p not in result]
+    if subset and missing:
+        msg = f"--methods {args.methods} merges into {OUT}, which has no {missing} part: run all methods first"
+        raise SystemExit(msg)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     def command(part: str) -> str:
-        return f"python benchmarks/bench_virtual_spots.py --parts {part} --seeds " + " ".join(map(str, args.seeds))
+        cmd = f"python benchmarks/bench_virtual_spots.py --parts {part} --seeds " + " ".join(map(str, args.seeds))
+        return cmd + (f" --methods {','.join(methods)}" if subset else "")
 
     t0 = time.perf_counter()
-    if "synthetic" in parts:
+    for part in parts:
         t = time.perf_counter()
-        result["synthetic"] = run_synthetic(args.seeds)
-        result["synthetic"].update(seconds=time.perf_counter() - t, seeds=args.seeds, command=command("synthetic"))
-    if "her2st" in parts:
-        t = time.perf_counter()
-        result["her2st"] = run_her2st(her2st_path(args.her2st), args.seeds, args.radius_um)
-        result["her2st"].update(seconds=time.perf_counter() - t, seeds=args.seeds, command=command("her2st"))
-    result.update(
-        {
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-            "versions": _versions(),
-            "last_run_seconds": time.perf_counter() - t0,
-        }
-    )
+        genes = result[part]["genes"] if subset else None
+        if part == "synthetic":
+            new = run_synthetic(args.seeds, methods, genes)
+        else:
+            new = run_her2st(her2st_path(args.her2st), args.seeds, args.radius_um, methods, genes)
+        seconds = time.perf_counter() - t
+        if subset:
+            record = {
+                "methods": [METHODS[m] for m in methods],
+                "command": command(part),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                "versions": _versions(),
+                "seconds": seconds,
+            }
+            result[part] = merge_part(result[part], new, record)
+        else:
+            result[part] = new
+            result[part].update(seconds=seconds, seeds=args.seeds, command=command(part))
+    if not subset:  # a merge leaves the file's date, machine and versions (those of the full runs) as they are
+        result.update(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                "versions": _versions(),
+                "last_run_seconds": time.perf_counter() - t0,
+            }
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2, default=float))
     print(tables(result))
