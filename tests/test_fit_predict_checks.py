@@ -72,3 +72,191 @@ def test_docstrings_say_when_the_propagation_layer_is_written():
     for f in (asign.tl.predict, asign.tl.impute):
         doc = " ".join(f.__doc__.split())
         assert re.search(r"'propagation'\]?`` \(?where (the model was fitted with )?``use_propagation=True``", doc)
+
+
+# ---------------------------------------------------------------------------------------- model files (ASIGNFit.load)
+def _model(genes=("g0", "g1", "g2", "g3"), **kw):
+    """An untrained one-member model (no data needed): what ASIGNFit.save writes, without training."""
+    from asign._model import ASIGNConfig, ASIGNModel
+    from asign.tl._asign import OPTIONS
+
+    cfg = ASIGNConfig(hidden_dim=8, attn_heads=2, gat_heads=2)
+    net = ASIGNModel(len(genes), {"spot": 3, "region": 3, "global": 3}, cfg)
+    args = {"models": [net], "config": cfg, "genes": list(genes), "normalization": "st-net"}
+    args |= {"options": dict(OPTIONS), "train_samples": ["A", "B"]}
+    return ASIGNFit(**{**args, **kw})
+
+
+def _write_files_that_are_not_models(d):
+    import pickle
+
+    import anndata
+    import numpy as np
+
+    (d / "notes.txt").write_text("hello, not a model")
+    (d / "empty.pt").write_bytes(b"")
+    anndata.AnnData(np.zeros((3, 3))).write_h5ad(d / "x.h5ad")
+    (d / "x.pkl").write_bytes(pickle.dumps({"a": 1}))
+    return ["notes.txt", "empty.pt", "x.h5ad", "x.pkl"]
+
+
+def test_load_refuses_a_file_that_is_not_an_asign_model(tmp_path):
+    """torch.load's own errors (KeyError '101', EOFError, an UnpicklingError advising weights_only=False) used to
+    reach the user, from ASIGNFit.load and from tl.predict(sdata, path)."""
+    for name in _write_files_that_are_not_models(tmp_path):
+        path = str(tmp_path / name)
+        for load in (ASIGNFit.load, lambda p: asign.tl.predict(_stack(0), p, known="S1", show_progress_bar=False)):
+            with pytest.raises(ValueError, match="is not an asign model file \\(written by ASIGNFit.save\\)") as e:
+                load(path)
+            assert repr(path) in str(e.value) and "weights_only" not in str(e.value)
+            assert e.value.__cause__ is not None  # chained to torch's error
+    with pytest.raises(FileNotFoundError):
+        ASIGNFit.load(tmp_path / "absent.pt")
+
+
+def _edit(payload, key, value):
+    if value is KeyError:
+        del payload[key]
+    else:
+        payload[key] = value(payload[key]) if callable(value) else value
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("genes", lambda g: g[:3], r"broken `genes`: 3 names for n_genes=4"),
+        ("genes", lambda g: [g[0], *g[:3]], r"broken `genes`: 1 name\(s\) repeated, e.g. \['g0'\]"),
+        ("genes", lambda g: [1, 2, 3, 4], r"broken `genes`: it must be a list of gene names"),
+        ("state_dicts", [], r"broken `state_dicts`: it must be a non-empty list"),
+        ("options", {}, r"broken `options`: no \['feature_key', 'graph_key', 'tile_radius', 'tile_max_neighbors'\]"),
+        (
+            "options",
+            lambda o: {k: v for k, v in o.items() if k != "graph_key"},
+            r"broken `options`: no \['graph_key'\]",
+        ),
+        ("genes", KeyError, r"without the field\(s\) \['genes'\]"),
+        ("format_version", "x", r"broken `format_version`: 'x' is not a format number"),
+        ("format_version", 99, r"written by a newer asign \(format 99"),
+        ("normalization", "zscore", r"broken `normalization`: 'zscore' is not one of \['st-net', 'log1p'\]"),
+        ("n_genes", 4.0, r"broken `n_genes`: 4.0 is not an int >= 1"),
+        ("config", {"no_such_option": 1}, r"the model's `config` is broken"),
+        ("feature_dims", {"spot": 5, "region": 3, "global": 3}, r"`state_dicts\[0\]` does not fit the model"),
+    ],
+)
+def test_load_refuses_a_broken_model_file_naming_the_field(tmp_path, key, value, match):
+    """A tampered or incomplete file used to load and then fail deep inside predict (shape mismatch, IndexError,
+    KeyError 'feature_key', ...)."""
+    import torch
+
+    path = tmp_path / "model.pt"
+    _model().save(path)
+    payload = torch.load(path, weights_only=True)
+    _edit(payload, key, value)
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=match) as e:
+        ASIGNFit.load(path)
+    assert repr(str(path)) in str(e.value)
+
+
+def test_load_checks_the_encoder_argument(tmp_path):
+    """encoder='efficientnet_lite0' (a registry name) used to be accepted and ignored, or fail inside torch."""
+    path = tmp_path / "model.pt"
+    _model().save(path)
+    with pytest.raises(TypeError, match=r"encoder='efficientnet_lite0' must be a torch.nn.Module .* or None"):
+        ASIGNFit.load(path, encoder="efficientnet_lite0")
+    loaded = ASIGNFit.load(path)  # the intact file loads as before
+    assert loaded.genes == ["g0", "g1", "g2", "g3"] and len(loaded.models) == 1
+
+
+# ----------------------------------------------------------------------------------- predict on a training sample
+@pytest.mark.parametrize(
+    ("mode", "advice"),
+    [
+        ("inductive", r"Predict on a sample the model was not trained on"),
+        ("transductive", r"To impute 'A' from its own known spots use `asign.tl.impute"),
+    ],
+)
+def test_predict_refuses_one_of_the_models_training_samples(mode, advice):
+    """predict on a training sample (by name) ran silently: its training labels were scored as predictions."""
+    sd = _stack(3, "A")
+    model = ASIGNFit(models=[], config=None, genes=["x"], normalization="st-net", mode=mode, train_samples=["A", "B"])
+    with pytest.raises(
+        ValueError, match=rf"Training sample 'A' is the sample to predict on itself \(by name: .*{advice}"
+    ):
+        asign.tl.predict(sd, model, known="S1", show_progress_bar=False)
+    assert set(sd.tables) == {"table"}
+    # another name passes this check (and fails on the next one, the genes)
+    with pytest.raises(KeyError, match="lacks 1 of the model's 1 genes"):
+        asign.tl.predict(_stack(3, "C"), model, known="S1", show_progress_bar=False)
+    assert "The check is by sample name: the stack's ``uns['asign']['dataset']['patient']``" in " ".join(
+        asign.tl.predict.__doc__.split()
+    )
+
+
+# ------------------------------------------------------------------------------ stacks with features and a 3D graph
+@pytest.fixture(scope="module")
+def _prepared(prepare_for_asign):
+    out = []
+    for seed, patient in ((0, "A"), (1, "B"), (2, "C")):
+        sd = asign.datasets.synthetic_stack(
+            n_sections=3, n_spots=40, n_genes=12, image_size=256, um_per_px=16.0, seed=seed
+        )
+        sd.tables["table"].uns["asign"]["dataset"] = {"patient": patient}
+        out.append(prepare_for_asign(sd))
+    return out
+
+
+@pytest.fixture
+def prepared(_prepared, monkeypatch):
+    """Three prepared stacks ('A', 'B', 'C'); training is disabled, so a missing check fails loudly."""
+    import copy
+
+    from asign.tl import _asign
+
+    def no_training(*args, **kw):
+        msg = "training started"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(_asign, "_train_member", no_training)
+    return copy.deepcopy(_prepared)
+
+
+def test_fit_refuses_training_samples_whose_feature_widths_differ(prepared):
+    """Feature arrays of different widths (e.g. reduced in place, graph rebuilt) used to fail in torch.cat."""
+    a, b, _ = prepared
+    t = b.tables["table"]
+    width = t.obsm["asign_features_spot"].shape[1]
+    t.obsm["asign_features_spot"] = t.obsm["asign_features_spot"][:, :5]
+    asign.pp.neighbors_3d(b, similarity_key="asign_features_spot")  # a graph that matches the reduced features
+    match = (
+        rf"training samples 'A' and 'B' have features of different widths in `.obsm\['asign_features_spot'\]` "
+        rf"\({width} and 5 columns\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        asign.tl.fit({"A": a, "B": b}, n_genes=6, config={"max_epochs": 1}, show_progress_bar=False)
+
+
+def _untrained_for(sd, **kw):
+    from asign._model import ASIGNConfig
+    from asign.tl._asign import OPTIONS
+
+    genes = [str(g) for g in sd.tables["table"].var_names[:4]]
+    return ASIGNFit(models=[], config=ASIGNConfig(), genes=genes, normalization="st-net", options=dict(OPTIONS), **kw)
+
+
+def test_predict_errors_advise_what_predict_can_change(prepared):
+    """predict's errors advised `genes` and `levels='spot'`, options that predict does not have."""
+    _, _, c = prepared
+    model = _untrained_for(c, train_samples=["A", "B"])
+    c.tables["table"].uns["asign"]["unmeasured_genes"] = {"S1": [model.genes[0]]}
+    with pytest.raises(ValueError, match="never measured in known section") as e:
+        asign.tl.predict(c, model, known="S1", inplace=False, show_progress_bar=False)
+    msg = str(e.value)
+    assert "`genes`" not in msg and "choose `known` sections that measured them, or fit a model without them" in msg
+    del c.tables["table"].uns["asign"]["unmeasured_genes"]
+    del c.tables["asign_regions"]
+    with pytest.raises(KeyError, match=r"has no tile table `sdata.tables\['asign_regions'\]`") as e:
+        asign.tl.predict(c, model, known="S1", inplace=False, show_progress_bar=False)
+    msg = str(e.value)
+    assert "levels='spot' runs" not in msg
+    assert "tl.predict applies the model as it was trained (levels='spot_region_global')" in msg

@@ -235,6 +235,7 @@ def check_sample_inputs(
     levels: str,
     feature_key: str | None,
     graph_key: str,
+    for_predict: bool = False,
     **_: Any,
 ) -> None:
     """Raise an error naming what a sample lacks for method ``"asign"``, its table and what to run to add it.
@@ -257,6 +258,9 @@ def check_sample_inputs(
         Key of the spot table and name of the sample (``""`` if unnamed), for the messages.
     levels, feature_key, graph_key
         As in :func:`sample_tensors` (further options of :func:`tensor_options` are ignored).
+    for_predict
+        The check of :func:`asign.tl.predict`, whose model fixes ``levels`` and the features: missing features are
+        to be extracted as the model was trained (no hint that ``levels='spot'`` runs without tile tables).
     """
     who = f"method 'asign': {f'sample {sample!r}' if sample else 'the sample'} (table {table_key!r}) has no"
     if feature_key is None and levels != "spot":
@@ -274,7 +278,12 @@ def check_sample_inputs(
             missing += _lacking(f"sdata.tables['{name}'].obs", tables[name].obs, cols)
     if missing:
         msg = f"{who} {', '.join(missing)}; run `asign.pp.extract_features(sdata, key_added={feature_key!r})` on it first."
-        if levels != "spot" and Key.features(feature_key, "spot") in table.obsm:
+        if for_predict:  # the model fixes the levels and the feature space
+            msg += (
+                f" tl.predict applies the model as it was trained (levels={levels!r}): extract the features with the "
+                "options the model was trained with (its `options['feature_space']`)."
+            )
+        elif levels != "spot" and Key.features(feature_key, "spot") in table.obsm:
             msg += " Tile tables are read at levels='spot_region_global' only: levels='spot' runs without them."
         raise KeyError(msg)
     ckey = Key.connectivities(graph_key)
@@ -724,6 +733,7 @@ def fit_contexts(
         from asign.pp._features import common_feature_space
 
         opts["feature_space"] = common_feature_space(contexts, opts["feature_key"], method="asign")
+        _check_training_feature_widths(contexts, opts["feature_key"], cfg.levels)
     names = [c.sample or f"sample_{i}" for i, c in enumerate(contexts)]
     mode_val = opts["validation"]
     if mode_val == "auto":
@@ -951,6 +961,41 @@ def _check_sample_to_impute(
     _check_blend_coordinates(table, _blend_weight(params, transductive=not train), table_key)
 
 
+def _feature_width_difference(
+    table: AnnData, others: Sequence[tuple[str, AnnData]], feature_key: str, levels: str
+) -> tuple[str, str, int, int] | None:
+    """The first feature array of ``table`` whose width differs from that of one of ``others``, or `None`.
+
+    ``others`` are ``(name, spot table)`` pairs; the arrays are those of the model's ``levels``. Returns ``(name, obsm
+    key, width in table, width in the other)``. Keys that a table lacks are skipped (:func:`check_sample_inputs`
+    names them).
+    """
+    for name, t in others:
+        for k in _feature_keys(feature_key, levels):
+            if k in table.obsm and k in t.obsm and (w := np.shape(table.obsm[k])[1]) != (w2 := np.shape(t.obsm[k])[1]):
+                return name, k, int(w), int(w2)
+    return None
+
+
+def _check_training_feature_widths(contexts: Sequence[ImputeContext], feature_key: str, levels: str) -> None:
+    """A ValueError naming two training samples, the ``obsm`` key and the widths when their features differ in width.
+
+    One model has one input width per level; without this the first training step would fail inside torch.
+    """
+    names = [c.sample or f"sample_{i}" for i, c in enumerate(contexts)]
+    first = [(names[0], contexts[0].table)]
+    for name, c in zip(names[1:], contexts[1:], strict=True):
+        if diff := _feature_width_difference(c.table, first, feature_key, levels):
+            _, k, w, w0 = diff
+            msg = (
+                f"method 'asign': training samples {names[0]!r} and {name!r} have features of different widths in "
+                f"`.obsm['{k}']` ({w0} and {w} columns); one model cannot be trained on both. Extract every sample's "
+                f"features with the same encoder and options (`asign.pp.extract_features(sdata, key_added="
+                f"{feature_key!r})`), then build its graph again (`asign.pp.neighbors_3d`)."
+            )
+            raise ValueError(msg)
+
+
 def _check_same_features(
     table: AnnData, train: Sequence[tuple[str, AnnData]], feature_key: str, levels: str, *, sample: str
 ) -> None:
@@ -960,17 +1005,14 @@ def _check_same_features(
     who = "the sample to impute" + (f" {sample!r}" if sample else "")
     space = feature_space_id(table, feature_key)
     for name, t in train:
-        for k in _feature_keys(feature_key, levels):
-            if k not in t.obsm:  # the training sample's own check (fit_contexts) names what to run
-                continue
-            w, w_train = np.shape(table.obsm[k])[1], np.shape(t.obsm[k])[1]
-            if w != w_train:
-                msg = (
-                    f"method 'asign': {who} has {w} feature columns in `.obsm['{k}']`, training sample {name!r} has "
-                    f"{w_train}; the model could not be applied to it. Extract every sample's features with the same encoder and "
-                    f"options (`asign.pp.extract_features(sdata, key_added={feature_key!r})`)."
-                )
-                raise ValueError(msg)
+        if diff := _feature_width_difference(table, [(name, t)], feature_key, levels):
+            _, k, w, w_train = diff
+            msg = (
+                f"method 'asign': {who} has {w} feature columns in `.obsm['{k}']`, training sample {name!r} has "
+                f"{w_train}; the model could not be applied to it. Extract every sample's features with the same "
+                f"encoder and options (`asign.pp.extract_features(sdata, key_added={feature_key!r})`)."
+            )
+            raise ValueError(msg)
         if diff := feature_space_difference(feature_space_id(t, feature_key), space):
             msg = (
                 f"method 'asign': the features of {who} differ from those "

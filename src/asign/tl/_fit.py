@@ -129,8 +129,23 @@ class ASIGNFit:
     def load(cls, path: str | Path, *, encoder: Any = None) -> ASIGNFit:
         """Read a model written by :meth:`save` (``torch.load(weights_only=True)``: no code is unpickled).
 
-        ``encoder``: for a model whose spot encoder was fine-tuned from a user :class:`torch.nn.Module`, a module of
-        the same architecture (its weights are replaced by the saved ones); registry encoders are rebuilt by name.
+        Parameters
+        ----------
+        path
+            The file written by :meth:`save`.
+        encoder
+            For a model whose spot encoder was fine-tuned from a user :class:`torch.nn.Module`, a module of the same
+            architecture (its weights are replaced by the saved ones); registry encoders are rebuilt by name, so
+            `None` (the default) suffices for them. A registry name is not accepted here.
+
+        Raises
+        ------
+        ValueError
+            If the file is not an asign model file (torch cannot read it, or it holds something else), was written by
+            a newer asign, or a field is missing or broken (e.g. edited by hand); the message names the path and the
+            field. A missing file gives the usual :class:`FileNotFoundError`.
+        TypeError
+            If ``encoder`` is not a :class:`torch.nn.Module` or `None`.
         """
         import copy
 
@@ -138,23 +153,46 @@ class ASIGNFit:
 
         from asign._model import ASIGNConfig, ASIGNModel
 
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            msg = f"{str(path)!r} is not an asign model file (written by ASIGNFit.save)."
-            raise ValueError(msg)
-        if int(payload.get("format_version", 0)) > FORMAT_VERSION:
-            msg = f"{str(path)!r} was written by a newer asign (format {payload['format_version']}); upgrade asign."
-            raise ValueError(msg)
-        config = ASIGNConfig.from_dict(payload["config"])
+        if encoder is not None and not isinstance(encoder, torch.nn.Module):
+            shown = repr(encoder) if isinstance(encoder, str) else f"<{type(encoder).__name__}>"
+            msg = (
+                f"ASIGNFit.load({str(path)!r}): encoder={shown} must be a torch.nn.Module (the architecture of a "
+                "spot encoder that was fine-tuned from a user module) or None; an encoder of the registry is rebuilt "
+                "by name from the file, so leave `encoder` out for it."
+            )
+            raise TypeError(msg)
+        try:
+            payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except OSError:  # no such file, a folder, no permission: the OS error names the path
+            raise
+        except Exception as e:  # what torch raises depends on the bytes (KeyError, EOFError, UnpicklingError, ...)
+            msg = (
+                f"{str(path)!r} is not an asign model file (written by ASIGNFit.save): torch.load cannot read it "
+                f"({type(e).__name__}). Pass the path of a model saved with `ASIGNFit.save`."
+            )
+            raise ValueError(msg) from e
+        _check_payload(payload, path, encoder=encoder)
+        try:
+            config = ASIGNConfig.from_dict(dict(payload["config"]))
+        except (TypeError, ValueError) as e:
+            msg = f"{str(path)!r}: the model's `config` is broken ({e}); save the model again with ASIGNFit.save."
+            raise ValueError(msg) from e
         models = []
-        for state in payload["state_dicts"]:
-            model = ASIGNModel(int(payload["n_genes"]), dict(payload["feature_dims"]), config)
-            if "spot_encoder" in payload:
-                from asign._model._finetune import attach_encoder, spot_encoder_from_spec
+        for i, state in enumerate(payload["state_dicts"]):
+            try:
+                model = ASIGNModel(int(payload["n_genes"]), dict(payload["feature_dims"]), config)
+                if "spot_encoder" in payload:
+                    from asign._model._finetune import attach_encoder, spot_encoder_from_spec
 
-                module = None if encoder is None else copy.deepcopy(encoder)
-                attach_encoder(model, spot_encoder_from_spec(dict(payload["spot_encoder"]), module=module))
-            model.load_state_dict(state)
+                    module = None if encoder is None else copy.deepcopy(encoder)
+                    attach_encoder(model, spot_encoder_from_spec(dict(payload["spot_encoder"]), module=module))
+                model.load_state_dict(state)
+            except (KeyError, RuntimeError, TypeError, ValueError) as e:
+                msg = (
+                    f"{str(path)!r}: `state_dicts[{i}]` does not fit the model the file describes (`config`, "
+                    f"`n_genes`, `feature_dims`{', `spot_encoder`' if 'spot_encoder' in payload else ''}): {e}"
+                )
+                raise ValueError(msg) from e
             models.append(model.eval())
         return cls(
             models=models,
@@ -166,6 +204,119 @@ class ASIGNFit:
             mode=str(payload["mode"]),
             train_samples=list(payload["train_samples"]),
         )
+
+
+# the keys every file of ASIGNFit.save holds (all format versions), and the data options that tl.predict reads
+REQUIRED_KEYS = (
+    "format_version",
+    "state_dicts",
+    "config",
+    "n_genes",
+    "feature_dims",
+    "genes",
+    "normalization",
+    "options",
+    "training",
+    "mode",
+    "train_samples",
+)
+PREDICT_OPTIONS = ("feature_key", "graph_key", "tile_radius", "tile_max_neighbors")
+
+
+def _check_payload(payload: Any, path: str | Path, *, encoder: Any = None) -> None:
+    """A ValueError naming ``path`` and the field, when a loaded file is not a complete, well-formed asign model.
+
+    Checked: the format marker, the format version (a newer one first: its keys may differ), every key of
+    :data:`REQUIRED_KEYS`, then the fields of :func:`_payload_problem`.
+    """
+    where = repr(str(path))
+    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
+        msg = f"{where} is not an asign model file (written by ASIGNFit.save)."
+        raise ValueError(msg)
+    version = payload.get("format_version")
+    if not isinstance(version, bool) and isinstance(version, int) and version > FORMAT_VERSION:
+        msg = (
+            f"{where} was written by a newer asign (format {version}; this asign reads formats 1 to {FORMAT_VERSION}); "
+            "upgrade asign."
+        )
+        raise ValueError(msg)
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        msg = (
+            f"{where} is an asign model file without the field(s) {missing}. The file is incomplete or was edited; "
+            "save the model again with ASIGNFit.save."
+        )
+        raise ValueError(msg)
+    if problem := _payload_problem(payload):
+        field_name, what = problem
+        msg = (
+            f"{where} is an asign model file with a broken `{field_name}`: {what}. The file is incomplete or was "
+            "edited; save the model again with ASIGNFit.save."
+        )
+        raise ValueError(msg)
+    spec = payload.get("spot_encoder")
+    if encoder is None and isinstance(spec, Mapping) and spec.get("user_module"):
+        msg = (
+            f"{where}: this model's spot encoder was fine-tuned from a user torch.nn.Module; load it with "
+            "`ASIGNFit.load(path, encoder=<a module of the same architecture>)`."
+        )
+        raise ValueError(msg)
+    if encoder is not None and spec is None:
+        logger.warning(
+            f"ASIGNFit.load: {where} has no fine-tuned spot encoder (the model reads the stored features of "
+            "`asign.pp.extract_features`), so `encoder` is not used."
+        )
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _payload_problem(payload: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first broken field of a model file with every key of :data:`REQUIRED_KEYS`, and what is wrong, or `None`.
+
+    ``format_version`` (an int >= 1), ``state_dicts`` (a non-empty list of mappings), ``n_genes`` (an int >= 1),
+    ``genes`` (``n_genes`` unique strings), ``feature_dims`` (non-negative ints by level), ``normalization``,
+    ``config``, ``options`` and ``training`` (mappings; ``options`` with the data options :func:`predict` reads,
+    :data:`PREDICT_OPTIONS`), ``mode``, ``train_samples`` (strings) and, where present, ``spot_encoder``.
+    """
+    from asign.pp._genes import NORMALIZATIONS
+
+    version, states, n = payload["format_version"], payload["state_dicts"], payload["n_genes"]
+    genes, dims, opts = payload["genes"], payload["feature_dims"], payload["options"]
+    if not _is_int(version, 1):
+        return "format_version", f"{version!r} is not a format number (an int >= 1)"
+    if not isinstance(states, list | tuple) or not states or not all(isinstance(s, Mapping) for s in states):
+        return "state_dicts", "it must be a non-empty list of state dicts (one per ensemble member)"
+    if not _is_int(n, 1):
+        return "n_genes", f"{n!r} is not an int >= 1"
+    if not isinstance(genes, list | tuple) or not all(isinstance(g, str) for g in genes):
+        return "genes", "it must be a list of gene names (str)"
+    if len(genes) != n:
+        return "genes", f"{len(genes)} names for n_genes={n}"
+    if dup := sorted(g for g, c in Counter(genes).items() if c > 1):
+        return "genes", f"{len(dup)} name(s) repeated, e.g. {dup[:5]}"
+    if not isinstance(dims, Mapping) or not all(_is_int(v, 0) for v in dims.values()):
+        return "feature_dims", f"{dims!r} is not a mapping level -> feature width (an int >= 0)"
+    if payload["normalization"] not in NORMALIZATIONS:
+        return "normalization", f"{payload['normalization']!r} is not one of {list(NORMALIZATIONS)}"
+    for key in ("config", "options", "training"):
+        if not isinstance(payload[key], Mapping):
+            return key, f"a {type(payload[key]).__name__}, not a mapping"
+    if lacking := [k for k in PREDICT_OPTIONS if k not in opts]:
+        return "options", f"no {lacking} (tl.predict reads them)"
+    if opts["feature_key"] is not None and not isinstance(opts["feature_key"], str):
+        return "options", f"feature_key={opts['feature_key']!r} is not a str or None"
+    if not isinstance(opts["graph_key"], str):
+        return "options", f"graph_key={opts['graph_key']!r} is not a str"
+    if payload["mode"] not in ("inductive", "transductive"):
+        return "mode", f"{payload['mode']!r} is not 'inductive' or 'transductive'"
+    samples = payload["train_samples"]
+    if not isinstance(samples, list | tuple) or not all(isinstance(s, str) for s in samples):
+        return "train_samples", "it must be a list of sample names (str)"
+    if "spot_encoder" in payload and not isinstance(payload["spot_encoder"], Mapping):
+        return "spot_encoder", f"a {type(payload['spot_encoder']).__name__}, not a mapping"
+    return None
 
 
 def load(path: str | Path, *, encoder: Any = None) -> ASIGNFit:
@@ -420,6 +571,35 @@ def _check_model_genes(table: AnnData, fitted: ASIGNFit, table_key: str, sample:
         raise KeyError(msg)
 
 
+def _check_not_training_sample(fitted: ASIGNFit, sample: str, table_key: str) -> None:
+    """A ValueError when the stack to predict on is, by name, one of the model's training samples.
+
+    The name is the stack's ``uns['asign']['dataset']['patient']`` (``sample``; ``""``: unnamed, not checked).
+    """
+    if not sample or sample not in {str(s) for s in fitted.train_samples}:
+        return
+    how = (
+        f"(by name: sdata.tables[{table_key!r}].uns['asign']['dataset']['patient'] is {sample!r}, one of the model's "
+        f"train_samples {list(fitted.train_samples)})"
+    )
+    if fitted.mode == "transductive":
+        msg = (
+            f"Training sample {sample!r} is the sample to predict on itself {how}; the model was trained "
+            "transductively on its known spots, so with another `known` their labels would be scored as "
+            f"predictions. To impute {sample!r} from its own known spots use `asign.tl.impute(sdata, known=..., "
+            "method='asign')` (it trains on exactly those spots); or predict on a sample the model was not "
+            "trained on."
+        )
+    else:
+        msg = (
+            f"Training sample {sample!r} is the sample to predict on itself {how}; its labels trained the model, so "
+            "they would be scored as predictions. Predict on a sample the model was not trained on (fit a model "
+            f"without {sample!r} to evaluate on it), or use `asign.tl.impute(sdata, known=..., method='asign')` to "
+            "train on its known spots only (transductive mode)."
+        )
+    raise ValueError(msg)
+
+
 @inject_docs()
 def predict(
     sdata: SpatialData,
@@ -439,6 +619,13 @@ def predict(
 
     Inference is deterministic (``model.eval()``, the whole-sample graph, no random edges); the known spots are the
     visible set of the propagation and the level of the network; labels of every other spot are never read.
+
+    One of the model's own training samples is refused, before any work: its labels trained the model, so they would
+    be scored as predictions. The check is by sample name: the stack's ``uns['asign']['dataset']['patient']`` against
+    the model's ``train_samples`` (the names :func:`asign.tl.fit` gave its samples: the keys of a mapping, else the
+    patient names). A stack without a patient name is not checked, nor one that was trained under another name (a
+    mapping key that is not its patient name). To impute a sample from its own known spots, use
+    :func:`asign.tl.impute` (transductive mode).
 
     Parameters
     ----------
@@ -484,8 +671,20 @@ def predict(
     if inplace:
         _check_key_added(sdata, key_added, table_key, overwrite=overwrite)
     sample = _sample_name(sdata, "", table_key)
+    _check_not_training_sample(fitted, sample, table_key)
     if table_key in sdata.tables:  # else run_impute's stack validation names the missing table
         _check_model_genes(sdata.tables[table_key], fitted, table_key, sample)
+        from ._asign import check_sample_inputs, tensor_options
+
+        # what the model reads (features, tile tables, graph), with advice for predict: the model fixes the levels
+        check_sample_inputs(
+            sdata.tables[table_key],
+            sdata.tables,
+            table_key,
+            sample,
+            for_predict=True,
+            **tensor_options(fitted.config, fitted.options),
+        )
     out = run_impute(
         sdata,
         known=known,
@@ -506,6 +705,7 @@ def predict(
         device=device,
         show_progress_bar=show_progress_bar,
         sample=sample,
+        for_predict=True,
     )
     if not inplace:
         return out

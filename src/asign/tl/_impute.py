@@ -87,8 +87,14 @@ def build_context(
     device: Any = None,
     show_progress_bar: bool = True,
     sample: str = "",
+    for_predict: bool = False,
 ) -> ImputeContext:
-    """The :class:`~asign.tl._registry.ImputeContext` of one stack, with labels read for ``known`` rows only."""
+    """The :class:`~asign.tl._registry.ImputeContext` of one stack, with labels read for ``known`` rows only.
+
+    A ValueError names the genes that a known section never measured (they have no labels there); its advice is
+    for :func:`asign.tl.predict` (whose genes are the model's) when ``for_predict`` is set, else for the callers
+    that choose the genes.
+    """
     table = sdata.tables[table_key]
     Y, _ = labelled_targets(table, genes, known, normalization)
     lacking = np.isnan(Y[np.asarray(known, dtype=bool)]).any(axis=0)
@@ -96,10 +102,18 @@ def build_context(
         absent = unmeasured_genes(table)
         bad = [g for g, b in zip(genes, lacking, strict=True) if b]
         where = {s: sorted(set(bad) & gs) for s, gs in absent.items() if set(bad) & gs}
+        if for_predict:  # the genes are the model's: tl.predict has no `genes`
+            fix = (
+                "tl.predict needs labels of every gene the model was trained on in the known spots: choose `known` "
+                "sections that measured them, or fit a model without them (`asign.tl.fit(..., genes=[...])`)."
+            )
+        else:
+            fix = (
+                "leave them out of `genes` (the default gene selection ranks only genes every known section measured)."
+            )
         msg = (
             f"{'Sample ' + repr(sample) + ': g' if sample else 'G'}enes {bad[:10]}{' ...' if len(bad) > 10 else ''} "
-            f"were never measured in known section(s) {sorted(where)}, so they have no labels there; leave them out "
-            "of `genes` (the default gene selection ranks only genes every known section measured)."
+            f"were never measured in known section(s) {sorted(where)}, so they have no labels there; {fix}"
         )
         raise ValueError(msg)
     return ImputeContext(
@@ -427,10 +441,12 @@ def run_impute(
     show_progress_bar: bool,
     sample: str = "",
     extra_uns: dict[str, Any] | None = None,
+    for_predict: bool = False,
 ) -> AnnData:
     """Everything of :func:`impute` except writing: validate, select genes, build contexts, run, build the table.
 
-    :func:`asign.tl.cross_validate` calls it with prebuilt training contexts and the fold's fitted state.
+    :func:`asign.tl.cross_validate` calls it with prebuilt training contexts and the fold's fitted state;
+    :func:`asign.tl.predict` with ``for_predict=True`` (its error messages advise what predict can change).
     """
     from asign.io._validate import validate_stack
 
@@ -470,6 +486,7 @@ def run_impute(
         device=device,
         show_progress_bar=show_progress_bar,
         sample=sample,
+        for_predict=for_predict,
     )
     if train_ctx is None:
         train_ctx = train_contexts(
