@@ -187,6 +187,7 @@ def test_impute_with_views(small_stack, prepare_for_asign):
     asign.pp.extract_features(
         sd, encoder=_quadrant_encoder(), scales=SCALES, tta="flips", keep_views=True, show_progress_bar=False
     )
+    asign.pp.neighbors_3d(sd, similarity_key="asign_features_spot")  # the graph's similarity read other features
     kw = {"known": "S1", "method": "asign", "n_genes": 10, "inplace": False, "show_progress_bar": False, "seed": 1}
     aug = asign.tl.impute(sd, method_kwargs={**TINY, "predict_views": False}, **kw)
     again = asign.tl.impute(sd, method_kwargs={**TINY, "predict_views": False}, **kw)
