@@ -247,16 +247,19 @@ def test_section_gene_means_independent_of_spot_order(stack):
 def test_duplicate_var_names_are_refused_clearly(stack):
     """Duplicate gene names used to crash select_genes with an IndexError deep in the ranking."""
     t = stack.tables["table"]
+    st = asign.io.validate_stack(stack)
     names = t.var_names.tolist()
     names[3] = names[7]
     t.var_names = names
-    want = rf"Table 'table': var_names are not unique; call `table.var_names_make_unique\(\)` first .*'{names[7]}'"
+    # validate_stack, which both run first, names the table and the repeated gene
+    want = (
+        rf"table 'table': var_names are not unique \(e\.g\. \['{names[7]}'\]\); call `table\.var_names_make_unique\(\)`"
+    )
     with pytest.raises(ValueError, match=want):
         asign.pp.select_genes(stack, known="S1", n_genes=5)
     with pytest.raises(ValueError, match=want):
         asign.pp.normalize(stack, genes=["gene_000"])
     # the gene choice of tl.impute
-    st = asign.io.validate_stack(stack)
     with pytest.raises(ValueError, match=r"The table: var_names are not unique"):
         choose_genes(t, st, known=known_mask(t, st, "S1"), n_genes=5)
     other = asign.datasets.synthetic_stack(n_sections=2, n_spots=40, n_genes=15, images=False, seed=9)

@@ -637,3 +637,77 @@ def test_make_spots_measured_section_while_another_is_empty(emptied):
     with pytest.raises(ValueError, match="Section 'S1' has measured spots; make_spots never replaces them"):
         make_spots(emptied, section=["S2", "S1"])
     assert emptied.tables["table"] is table and "spots_S2" not in emptied.shapes
+
+
+def _rekey(sdata, *, instance_key="spot", region_key="reg", prefix="vis_"):
+    """The stack with its own key names, as a user may build it: the table parsed with another instance / region
+    key and the shapes elements named ``<prefix><section>`` in the manifest."""
+    from spatialdata.models import get_table_keys
+
+    t = sdata.tables["table"]
+    _, old_region_key, old_instance_key = get_table_keys(t)
+    a = t.copy()
+    del a.uns["spatialdata_attrs"]
+    a.obs = a.obs.rename(columns={old_instance_key: instance_key, old_region_key: region_key})
+    rename = {f"spots_{s}": f"{prefix}{s}" for s in a.uns["asign"]["stack"]["section"]}
+    a.obs[region_key] = a.obs[region_key].cat.rename_categories(lambda k: rename[str(k)])
+    a.uns["asign"]["stack"]["shapes_key"] = [rename[k] for k in a.uns["asign"]["stack"]["shapes_key"]]
+    for old, new in rename.items():
+        if old in sdata.shapes:
+            sdata.shapes[new] = sdata.shapes[old]
+            del sdata.shapes[old]
+    del sdata.tables["table"]
+    sdata.tables["table"] = TableModel.parse(
+        a, region=list(a.obs[region_key].cat.categories), region_key=region_key, instance_key=instance_key
+    )
+    return sdata
+
+
+def test_make_spots_keeps_the_tables_own_keys(emptied, asign_log):
+    """A table parsed with instance_key='spot' (validate_stack accepts it) crashed make_spots with
+    IntCastingNaNError after warning that 'spot' was set to -1; the rebuilt table keeps the user's key names and
+    the manifest's shapes names."""
+    from spatialdata.models import get_table_keys
+
+    _rekey(emptied)
+    validate_stack(emptied, allow_empty=["S2"])
+    before = emptied.tables["table"].obs.copy()
+    make_spots(emptied, section="S2")
+    stack = validate_stack(emptied, require_images=True)
+    assert stack.shapes_keys == ["vis_S1", "vis_S2", "vis_S3"]
+    t = emptied.tables["table"]
+    region, region_key, instance_key = get_table_keys(t)
+    assert (sorted(region), region_key, instance_key) == (["vis_S1", "vis_S2", "vis_S3"], "reg", "spot")
+    assert not {"spot_id", "region"} & set(t.obs.columns)
+    assert "vis_S2" in emptied.shapes and "spots_S2" not in emptied.shapes
+    m = _rows(t, "S2")
+    np.testing.assert_array_equal(t.obs.loc[m, "spot"].to_numpy(), np.arange(int(m.sum())))
+    assert t.obs["spot"].dtype == np.int64
+    assert (t.obs.loc[m, "reg"].astype(str) == "vis_S2").all()
+    pd.testing.assert_series_equal(t.obs.loc[~m, "spot"], before["spot"], check_names=False, check_dtype=False)
+    assert "integer obs columns" not in asign_log.warnings  # the instance ids are not "set to -1"
+
+
+def test_make_spots_string_instance_ids(emptied):
+    """Instance ids that are strings (shapes indexed by e.g. barcodes) were cast to int and the result failed
+    validation; the new circles get string ids too."""
+    t = emptied.tables["table"]
+    a = t.copy()
+    del a.uns["spatialdata_attrs"]
+    a.obs["spot_id"] = [f"bc{i}" for i in a.obs["spot_id"]]
+    for s in ("S1", "S3"):
+        shapes = emptied.shapes[f"spots_{s}"]
+        shapes.index = pd.Index([f"bc{i}" for i in shapes.index])
+        emptied.shapes[f"spots_{s}"] = shapes
+    del emptied.tables["table"]
+    emptied.tables["table"] = TableModel.parse(
+        a, region=list(a.obs["region"].cat.categories), region_key="region", instance_key="spot_id"
+    )
+    validate_stack(emptied, allow_empty=["S2"])
+    make_spots(emptied, section="S2")
+    validate_stack(emptied)
+    t = emptied.tables["table"]
+    m = _rows(t, "S2")
+    assert t.obs.loc[m, "spot_id"].tolist() == [str(i) for i in range(int(m.sum()))]
+    assert t.obs.loc[~m, "spot_id"].tolist() == a.obs["spot_id"].tolist()
+    assert emptied.shapes["spots_S2"].index.tolist() == [str(i) for i in range(int(m.sum()))]

@@ -654,3 +654,46 @@ def test_a_table_computed_for_other_spots_is_refused(aligned_stack):
         asign.pl.sections(aligned_stack, gene="gene_000", sections=["S2"], show=False)
     with pytest.raises(ValueError, match="rerun `asign.tl.impute`"):
         asign.pl.scatter_3d(aligned_stack, gene="gene_000", show=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a table parsed with its own instance key
+# ---------------------------------------------------------------------------------------------------------------------
+def _reparse(table, *, instance_key: str):
+    """``table`` parsed again with ``obs['spot_id']`` renamed to ``instance_key``."""
+    from spatialdata.models import TableModel
+
+    a = table.copy()
+    region = a.uns["spatialdata_attrs"]["region"]
+    del a.uns["spatialdata_attrs"]
+    a.obs = a.obs.rename(columns={Key.INSTANCE: instance_key})
+    return TableModel.parse(a, region=region, region_key=Key.REGION, instance_key=instance_key)
+
+
+def test_sections_uses_the_tables_own_instance_key(aligned_stack):
+    """A stack whose table was parsed with instance_key='spot' passes validate_stack, but pl.sections raised a bare
+    KeyError 'spot_id'; the spots must land where they do with the default key."""
+    import asign
+
+    ref = asign.pl.sections(aligned_stack, gene="gene_001", layers="imputed", image=False, show=False)
+    ref_offsets = [np.asarray(ax.collections[0].get_offsets()) for ax in ref.axes[:3]]
+    for k in (Key.TABLE, Key.OUTPUT_TABLE):
+        aligned_stack.tables[k] = _reparse(aligned_stack.tables[k], instance_key="spot")
+    asign.io.validate_stack(aligned_stack)
+    fig = asign.pl.sections(aligned_stack, gene="gene_001", layers="imputed", image=False, show=False)
+    for ax, expected in zip(fig.axes[:3], ref_offsets, strict=True):
+        np.testing.assert_allclose(np.asarray(ax.collections[0].get_offsets()), expected)
+    asign.pl.sections(aligned_stack, gene="gene_001", coordinate_system="native", show=False)
+
+
+def test_spot_ids_reads_the_tables_instance_key(small_stack):
+    """The napari viewer colours spots by the ids of `spot_ids`, which read the table's own instance key."""
+    from asign.pl._utils import spot_ids
+
+    table = small_stack.tables[Key.TABLE]
+    mask = (table.obs[Key.SECTION].astype(str) == "S2").to_numpy()
+    want = table.obs.loc[mask, Key.INSTANCE].to_numpy()
+    np.testing.assert_array_equal(spot_ids(table, mask), want)
+    other = _reparse(table, instance_key="spot")
+    other.obs[Key.INSTANCE] = -1  # a stray column of the default name is not read
+    np.testing.assert_array_equal(spot_ids(other, mask), want)

@@ -105,6 +105,23 @@ def test_duplicate_obs_names(small_stack):
     _invalid(small_stack, "obs_names are not unique", "S1_0")
 
 
+def test_duplicate_var_names(small_stack):
+    """Duplicate gene names passed validation and failed only later, in gene selection."""
+    t = _table(small_stack)
+    names = t.var_names.to_list()
+    names[5] = names[4]
+    names[9] = names[8]
+    t.var_names = names
+    err = _invalid(
+        small_stack,
+        f"table 'table': var_names are not unique (e.g. {sorted([names[4], names[8]])})",
+        "call `table.var_names_make_unique()`",
+    )
+    assert len(err.problems) == 1
+    t.var_names_make_unique()
+    validate_stack(small_stack)
+
+
 def test_section_not_ordered_categorical(small_stack):
     t = _table(small_stack)
     t.obs["section"] = t.obs["section"].astype(str)

@@ -83,12 +83,13 @@ def validate_stack(
 
     Every problem found is reported at once, each naming the problem, the section or element, and how to fix it.
     Checked: the table and its manifest ``uns['asign']['stack']`` (fields, equal lengths, unique section names,
-    increasing ``z_um``, positive ``um_per_px`` and spot diameter); ``obs_names`` unique; ``obs['section']`` an ordered
-    categorical whose categories are the manifest's sections in order; rows grouped by section in cutting order;
-    ``obs['measured']`` boolean; ``obsm['spatial']`` finite ``(n, 2)`` and equal to the circles' centres; counts finite
-    and non-negative; the table parsed with ``TableModel`` and annotating every section's shapes element; per section:
-    at least one spot, circles (Point + ``radius``) whose index matches ``obs['spot_id']`` in row order, a
-    transformation to the section's native coordinate system; per image: present when listed, uint8 RGB ``(c, y, x)``
+    increasing ``z_um``, positive ``um_per_px`` and spot diameter); ``obs_names`` and ``var_names`` unique;
+    ``obs['section']`` an ordered categorical whose categories are the manifest's sections in order; rows grouped by
+    section in cutting order; ``obs['measured']`` boolean; ``obsm['spatial']`` finite ``(n, 2)`` and equal to the
+    circles' centres; counts finite and non-negative; the table parsed with ``TableModel`` and annotating every
+    section's shapes element; per section: at least one spot, circles (Point + ``radius``) whose index matches the
+    table's instance key column (``obs['spot_id']`` in a stack built by asign) in row order, a transformation to the
+    section's native coordinate system; per image: present when listed, uint8 RGB ``(c, y, x)``
     with 3 channels, in the same pixel frame as the spots, every spot centre inside it.
 
     Parameters
@@ -165,6 +166,11 @@ def validate_stack(
     if not obs.index.is_unique:
         d = obs.index[obs.index.duplicated()][:5].tolist()
         problems.append(f"table {table_key!r}: obs_names are not unique (e.g. {d}); use '<section>_<spot id>'.")
+    if not table.var_names.is_unique:
+        d = sorted({str(g) for g in table.var_names[table.var_names.duplicated()]})
+        problems.append(
+            f"table {table_key!r}: var_names are not unique (e.g. {d[:5]}); call `table.var_names_make_unique()`."
+        )
     absent = [c for c in (Key.SECTION, Key.MEASURED) if c not in obs.columns]
     if absent:
         problems.append(

@@ -303,7 +303,7 @@ def interactive(
 
     from asign.io import validate_stack
     from asign.pl._plots import _gene_values, _select_sections
-    from asign.pl._utils import shared_norm
+    from asign.pl._utils import shared_norm, spot_ids
 
     stack = validate_stack(sdata, table_key=stack_table_key, check_counts=False)
     spot_table = get_table(sdata, stack_table_key)
@@ -377,7 +377,7 @@ def interactive(
         if not is_spots:
             _as_rgb(viewer, napari_layer)
         if is_spots and values is not None:
-            ids = spot_table.obs.loc[masks[s], Key.INSTANCE].to_numpy()
+            ids = spot_ids(spot_table, masks[s])
             _colour_layer(napari_layer, values[masks[s]], ids, gene, cmap=colormaps[cmap], norm=norm)
     _wait_idle(viewer_app, timeout)
     try:

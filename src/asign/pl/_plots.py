@@ -29,6 +29,7 @@ from asign.pl._utils import (
     pick_metric,
     rows_for,
     shared_norm,
+    spot_ids,
 )
 
 if TYPE_CHECKING:
@@ -247,7 +248,7 @@ def _section_geometry(
     U = np.diag([um, um, 1.0])
     M = U @ M
     mask = (table.obs[Key.SECTION].astype(str) == section).to_numpy()
-    ids = table.obs.loc[mask, Key.INSTANCE].to_numpy()
+    ids = spot_ids(table, mask)
     geo = shapes.loc[ids]
     xy = np.column_stack([geo.geometry.x.to_numpy(), geo.geometry.y.to_numpy()])
     xy = xy @ M[:2, :2].T + M[:2, 2]

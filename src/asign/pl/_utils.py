@@ -163,6 +163,18 @@ def output_table(sdata: SpatialData, key: str) -> AnnData:
     return sdata.tables[key]
 
 
+def spot_ids(table: AnnData, mask: np.ndarray) -> np.ndarray:
+    """Instance ids of the rows ``mask`` of a SpatialData table: its own ``instance_key`` column.
+
+    The key comes from the table's ``spatialdata_attrs`` (:func:`spatialdata.models.get_table_keys`), as
+    :func:`asign.io.validate_stack` reads it, so a table parsed with e.g. ``instance_key='spot'`` works too.
+    """
+    from spatialdata.models import get_table_keys
+
+    _, _, instance_key = get_table_keys(table)
+    return table.obs.loc[mask, instance_key].to_numpy()
+
+
 # evaluation tables
 METRIC_CANDIDATES = (
     "pcc_gene",

@@ -233,38 +233,55 @@ def _with_native_cs(image, cs: str):
     return new
 
 
+def _integer_ids(table: AnnData) -> bool:
+    """Whether the table's instance ids (its own ``instance_key`` column) are integers.
+
+    Otherwise they are strings (e.g. barcodes) and the new circles get the string ids ``'0'``, ``'1'`` ...
+    """
+    from spatialdata.models import get_table_keys
+
+    return bool(pd.api.types.is_integer_dtype(table.obs[get_table_keys(table)[2]]))
+
+
 def _rebuild_table(
     old: AnnData,
     *,
     section: str,
     sections: list[str],
+    shapes_keys: list[str],
     xy: np.ndarray,
     grid_rc: np.ndarray,
     empty: Sequence[str] = (),
 ) -> tuple[AnnData, list[str], list[str]]:
     """The table with the rows of ``section`` replaced by the virtual spots ``xy``.
 
-    ``empty``: sections without rows, which the table does not annotate yet. Also returns the numpy integer obs
+    ``shapes_keys``: each section's shapes element (the manifest's, in the order of ``sections``). ``empty``: sections
+    without rows, which the table does not annotate yet. The table keeps its own region and instance key columns
+    (:func:`spatialdata.models.get_table_keys`, e.g. ``instance_key='spot'``). Also returns the numpy integer obs
     columns set to -1 in the new rows and the entries dropped (``obsm`` / ``obsp`` / ``uns``), for the caller to
     warn about once the whole call has succeeded.
     """
     import anndata as ad
-    from spatialdata.models import TableModel
+    from spatialdata.models import TableModel, get_table_keys
 
+    _, region_key, instance_key = get_table_keys(old)
+    shapes_of = dict(zip(sections, shapes_keys, strict=True))
     n_new = len(xy)
     sec_str = old.obs[Key.SECTION].astype(str).to_numpy()
     ids = [f"v{i}" for i in range(n_new)]
     new_index = pd.Index([f"{section}_{i}" for i in ids])
     new_obs, reset = _fill_obs(old.obs, new_index)
     new_obs[Key.MEASURED] = False
-    new_obs[Key.INSTANCE] = np.arange(n_new, dtype=np.int64)
+    integer_ids = _integer_ids(old)
+    new_ids = np.arange(n_new, dtype=np.int64)
+    new_obs[instance_key] = new_ids if integer_ids else new_ids.astype(str).astype(object)
     new_obs[Key.BARCODE] = ids
     for col, j in (("array_row", 0), ("array_col", 1)):
         if col in new_obs.columns:
             # astype through pandas: the column may be a nullable Int64 (stack_sections writes one when some
             # sections lack it)
             new_obs[col] = pd.Series(grid_rc[:, j], index=new_index).astype(new_obs[col].dtype)
-    reset = [c for c in reset if c not in (Key.INSTANCE, "array_row", "array_col")]
+    reset = [c for c in reset if c not in (instance_key, region_key, "array_row", "array_col")]
     blocks = []  # (obs, X, obsm, layers) per section in order
     for s in sections:
         if s == section:
@@ -314,10 +331,10 @@ def _rebuild_table(
     obs = pd.concat(obs_parts)
     obs[Key.SECTION] = pd.Categorical(obs[Key.SECTION].astype(str), categories=sections, ordered=True)
     obs.loc[new_index, Key.SECTION] = section
-    shapes_keys = [Key.shapes(s) for s in sections if s not in empty]
-    obs[Key.REGION] = pd.Categorical([Key.shapes(s) for s in obs[Key.SECTION].astype(str)], categories=shapes_keys)
+    region = [shapes_of[s] for s in sections if s not in empty]
+    obs[region_key] = pd.Categorical([shapes_of[s] for s in obs[Key.SECTION].astype(str)], categories=region)
     obs[Key.MEASURED] = obs[Key.MEASURED].astype(bool)
-    obs[Key.INSTANCE] = obs[Key.INSTANCE].astype(np.int64)
+    obs[instance_key] = obs[instance_key].astype(np.int64) if integer_ids else obs[instance_key].astype(str)
     uns = copy.deepcopy(dict(old.uns))
     uns.pop("spatialdata_attrs", None)
     if len(old.obsp):
@@ -344,7 +361,7 @@ def _rebuild_table(
         layers=layers,
         varm={k: np.asarray(v).copy() for k, v in old.varm.items()},
     )
-    table = TableModel.parse(adata, region=shapes_keys, region_key=Key.REGION, instance_key=Key.INSTANCE)
+    table = TableModel.parse(adata, region=region, region_key=region_key, instance_key=instance_key)
     return table, reset, dropped
 
 
@@ -415,20 +432,22 @@ def make_spots(
     Returns
     -------
     If ``inplace = False``, a new SpatialData; otherwise `None` and ``sdata`` gets, for each section, the circles
-    ``shapes['spots_<section>']`` (radius ``diameter_um / 2`` in the section's pixels, Identity to the section's
-    coordinate system), and a rebuilt ``tables[table_key]`` whose new rows (``obs_names`` ``'<section>_v<i>'``) have
-    ``obs['measured'] = False``, zero counts, ``obsm['spatial']`` and, when present, ``obs['array_row']`` /
-    ``obs['array_col']`` (grid indices), and ``obs['z']`` (the section's z) where the table has that column; other
-    per-spot values of the new rows are NaN (``obsm`` arrays and DataFrames, numpy float columns and layers other
-    than ``counts``), missing categories (categorical columns), ``<NA>`` (pandas' nullable columns: ``Int64``,
-    ``Float64``, ``boolean``, ``string`` ...), False (numpy bool columns), ``""`` (object columns) or -1 (numpy
-    integer columns, with a warning naming them). ``obsp`` graphs are dropped (rerun the steps that wrote
-    them), and so are the ``uns`` records that describe them (``uns[<obsp key>]``, and records whose
-    ``connectivities_key`` or ``distances_key`` names one, such as ``neighbors_3d``'s); ``obsm`` entries that are
-    neither 2-D arrays nor DataFrames are dropped too, with a warning that lists everything dropped. A new section is
-    added to the manifest ``uns['asign']['stack']``, and the lattice's parameters are recorded in
-    ``uns['asign']['make_spots'][section]`` for each section (``spacing_um``, ``diameter_um``, ``grid``,
-    ``n_spots``, ``tissue_threshold``).
+    ``shapes[<the section's shapes_key>]`` (the manifest's, ``'spots_<section>'`` for a new section; radius
+    ``diameter_um / 2`` in the section's pixels, Identity to the section's coordinate system), and a rebuilt
+    ``tables[table_key]`` (annotating the shapes under the table's own region and instance keys, e.g.
+    ``instance_key='spot'``) whose new rows (``obs_names`` ``'<section>_v<i>'``) have ``obs['measured'] = False``,
+    their index in the new circles as instance id (as strings ``'0'``, ``'1'`` ... when the table's ids are strings),
+    zero counts, ``obsm['spatial']`` and, when present, ``obs['array_row']`` / ``obs['array_col']`` (grid indices),
+    and ``obs['z']`` (the section's z) where the table has that column; other per-spot values of the new rows are NaN
+    (``obsm`` arrays and DataFrames, numpy float columns and layers other than ``counts``), missing categories
+    (categorical columns), ``<NA>`` (pandas' nullable columns: ``Int64``, ``Float64``, ``boolean``, ``string`` ...),
+    False (numpy bool columns), ``""`` (object columns) or -1 (numpy integer columns, with a warning naming them).
+    ``obsp`` graphs are dropped (rerun the steps that wrote them), and so are the ``uns`` records that describe them
+    (``uns[<obsp key>]``, and records whose ``connectivities_key`` or ``distances_key`` names one, such as
+    ``neighbors_3d``'s); ``obsm`` entries that are neither 2-D arrays nor DataFrames are dropped too, with a warning
+    that lists everything dropped. A new section is added to the manifest ``uns['asign']['stack']``, and the
+    lattice's parameters are recorded in ``uns['asign']['make_spots'][section]`` for each section (``spacing_um``,
+    ``diameter_um``, ``grid``, ``n_spots``, ``tissue_threshold``).
     """
     if grid not in ("square", "hex"):
         msg = f"grid must be 'square' or 'hex', got {grid!r}."
@@ -494,15 +513,15 @@ def make_spots(
     for r in records:
         logger.info(
             f"Adding {r['n_spots']} virtual spots ({grid} grid, pitch {spacing:g} µm) to section {r['section']!r}: "
-            f"`shapes['{Key.shapes(r['section'])}']` and rows of `tables['{table_key}']` with obs['measured'] = False."
+            f"`shapes['{r['shapes_key']}']` and rows of `tables['{table_key}']` with obs['measured'] = False."
         )
     if not inplace:
         return candidate
     for k, image in candidate.images.items():
         if k not in sdata.images or image is not sdata.images[k]:
             sdata.images[k] = image
-    for s in sections:
-        sdata.shapes[Key.shapes(s)] = candidate.shapes[Key.shapes(s)]
+    for r in records:
+        sdata.shapes[r["shapes_key"]] = candidate.shapes[r["shapes_key"]]
     sdata.tables[table_key] = candidate.tables[table_key]
     return None
 
@@ -724,6 +743,7 @@ def _lay_spots(
         ikey, px, cs, new_stack = _new_section(sdata, stack, section, image_key, um_per_px, z_um)
         images[ikey] = _with_native_cs(sdata.images[ikey], cs)
 
+    skey = new_stack.shapes_key(section)
     spacing, diameter = _spacing(stack, spacing_um, diameter_um)
     _check_pitch(section, ikey, spacing, px)
     image = images[ikey]
@@ -741,11 +761,17 @@ def _lay_spots(
         xy,
         geometry=0,
         radius=np.full(len(xy), 0.5 * diameter / px),
-        index=pd.RangeIndex(len(xy)),
+        index=pd.RangeIndex(len(xy)) if _integer_ids(table) else pd.Index(np.arange(len(xy)).astype(str)),
         transformations={cs: Identity()},
     )
     new_table, reset, dropped = _rebuild_table(
-        table, section=section, sections=new_stack.sections, xy=xy, grid_rc=rc, empty=still_empty
+        table,
+        section=section,
+        sections=list(new_stack.sections),
+        shapes_keys=list(new_stack.shapes_keys),
+        xy=xy,
+        grid_rc=rc,
+        empty=still_empty,
     )
     if Key.Z in new_table.obs:  # the section's z is known from the manifest (align_layers writes the column)
         rows = (new_table.obs[Key.SECTION] == section).to_numpy()
@@ -764,7 +790,7 @@ def _lay_spots(
         images=images,
         labels=dict(sdata.labels),
         points=dict(sdata.points),
-        shapes={**dict(sdata.shapes), Key.shapes(section): shapes},
+        shapes={**dict(sdata.shapes), skey: shapes},
         tables={**{k: v for k, v in sdata.tables.items() if k != table_key}, table_key: new_table},
     )
     try:
@@ -774,6 +800,7 @@ def _lay_spots(
         raise
     record = {
         "section": section,
+        "shapes_key": skey,
         "n_spots": len(xy),
         "spacing": spacing,
         "diameter": diameter,
