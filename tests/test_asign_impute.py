@@ -455,7 +455,7 @@ def test_fit_errors_name_the_sample(stacks, monkeypatch):
 def test_inductive_feature_widths_and_space_checked_before_training(stacks, monkeypatch):
     """Features of the sample to impute that the model trained on other samples could not read fail before any
     training, naming the samples, in ``impute`` and in ``cross_validate``."""
-    from asign.pp._graph import similarity_fingerprint
+    from asign.pp._graph import similarity_fingerprint, similarity_signature
     from asign.tl import _asign
 
     a, b = stacks
@@ -465,9 +465,10 @@ def test_inductive_feature_widths_and_space_checked_before_training(stacks, monk
     full = t.obsm["asign_features_spot"]
     t.obsm["asign_features_spot"] = full[:, :5]
     params = t.uns["asign_neighbors"]["params"]
-    fingerprint = params.get("similarity_fingerprint", "")
+    fingerprint, signature = params.get("similarity_fingerprint", ""), params.get("similarity_signature")
     if fingerprint:  # as if the graph had been built on the cut features (else it is refused as stale first)
         params["similarity_fingerprint"] = similarity_fingerprint(t, "asign_features_spot")
+        params["similarity_signature"] = similarity_signature(t, "asign_features_spot")
     width = full.shape[1]
     match = rf"method 'asign': the sample to impute has 5 feature columns in `.obsm\['asign_features_spot'\]`, training sample 'B' has {width}"
     with pytest.raises(ValueError, match=match):
@@ -475,7 +476,7 @@ def test_inductive_feature_widths_and_space_checked_before_training(stacks, monk
     with pytest.raises(ValueError, match=r"sample to impute 'A' has 5 feature columns"):
         asign.tl.cross_validate({"A": a, "B": b}, folds=[["A"]], method="asign", show_progress_bar=False)
     t.obsm["asign_features_spot"] = full
-    params["similarity_fingerprint"] = fingerprint
+    params["similarity_fingerprint"], params["similarity_signature"] = fingerprint, signature
     t.uns["asign_features"]["tta"] = "dihedral"
     with pytest.raises(ValueError, match="differ from those of training sample 'B' \\(tta: 'none' != 'dihedral'\\)"):
         _impute(a, train={"B": b})

@@ -759,25 +759,51 @@ def alignment_fingerprint(table: AnnData) -> str:
 
 
 SIMILARITY_FINGERPRINT = "similarity_fingerprint"
-"""Key in ``uns['<key_added>_neighbors']['params']`` of the image features a 3D graph's similarity scores read."""
+"""Key in ``uns['<key_added>_neighbors']['params']`` of the spots and feature shape a 3D graph's similarity read."""
+SIMILARITY_SIGNATURE = "similarity_signature"
+"""Key in ``uns['<key_added>_neighbors']['params']`` of the per-spot signature of those features."""
+SIGNATURE_DIM = 4
+"""Columns of :func:`similarity_signature`."""
+SIGNATURE_ATOL = 1e-3
+"""Largest difference between two signatures of the same features (float noise of a re-extraction is ~1e-5)."""
+
+
+def _sorted_order(table: AnnData) -> tuple[np.ndarray, np.ndarray]:
+    names = np.asarray(table.obs_names, dtype=str)
+    order = np.argsort(names, kind="stable")
+    return names, order
 
 
 def similarity_fingerprint(table: AnnData, similarity_key: str) -> str:
-    """SHA-1 (hex) of the per-spot features in ``obsm[similarity_key]`` that :func:`neighbors_3d` scored across sections.
+    """SHA-1 (hex) of the spots and the shape of the features ``obsm[similarity_key]`` that :func:`neighbors_3d` scored.
 
-    Spot by spot in the order of the sorted ``obs_names`` (as :func:`alignment_fingerprint`), the names, the array's
-    shape and its values as float64 with NaN and ``-0.0`` canonicalised: a copy, permuted rows or a round trip
-    through zarr keep it; features extracted again with another encoder, scale or stain option change it.
+    The sorted ``obs_names``, the key and the array's shape: a copy, permuted rows or a round trip through zarr keep
+    it. The values are compared through :func:`similarity_signature`, which tolerates float noise.
     """
     import hashlib
 
     h = hashlib.sha1(usedforsecurity=False)
-    names = np.asarray(table.obs_names, dtype=str)
-    order = np.argsort(names, kind="stable")
+    names, order = _sorted_order(table)
     h.update(b"names\0" + "\0".join(names[order].tolist()).encode("utf-8", "surrogatepass"))
     F = np.asarray(table.obsm[similarity_key]).reshape(table.n_obs, -1)
-    h.update(f"\0{similarity_key}\0{F.shape}\0".encode() + _canonical_float(F[order]).tobytes())
+    h.update(f"\0{similarity_key}\0{F.shape}".encode())
     return h.hexdigest()
+
+
+def similarity_signature(table: AnnData, similarity_key: str) -> np.ndarray:
+    """``(n_obs, 4)`` float32 signature of the features ``obsm[similarity_key]``, rows in sorted ``obs_names`` order.
+
+    Each spot's feature vector, scaled to unit length (the cosine of the similarity score reads only its direction),
+    projected on 4 fixed Gaussian directions (seed 0). Features extracted again with the same options but another
+    batch size or thread count differ by float noise (about 1e-5 here), below :data:`SIGNATURE_ATOL`; another
+    encoder, scale or stain option moves every spot's direction by far more. A row with NaN stays NaN.
+    """
+    _, order = _sorted_order(table)
+    F = np.asarray(table.obsm[similarity_key], dtype=np.float64).reshape(table.n_obs, -1)[order]
+    norm = np.linalg.norm(F, axis=1, keepdims=True)
+    F = np.divide(F, norm, out=np.zeros_like(F), where=norm > 0)
+    R = np.random.default_rng(0).standard_normal((F.shape[1], SIGNATURE_DIM))
+    return (F @ R).astype(np.float32)
 
 
 def _check_graph_features(table: AnnData, params: dict[str, Any], ckey: str, graph_key: str, table_key: str) -> None:
@@ -785,6 +811,7 @@ def _check_graph_features(table: AnnData, params: dict[str, Any], ckey: str, gra
     skey = params.get("similarity_key")
     skey = "" if skey is None else str(np.asarray(skey).item()) if not isinstance(skey, str) else skey
     stored = params.get(SIMILARITY_FINGERPRINT)
+    signature = params.get(SIMILARITY_SIGNATURE)
     if skey == "" or stored is None:
         return
     stored = str(np.asarray(stored).item()) if not isinstance(stored, str) else stored
@@ -800,17 +827,19 @@ def _check_graph_features(table: AnnData, params: dict[str, Any], ckey: str, gra
             f"`.obsm['{skey}']`, which the table no longer holds: it cannot be checked against them. {rerun}"
         )
         return
-    if not np.isfinite(np.asarray(table.obsm[skey], dtype=float)).all():
-        # the steps that read features name the non-finite spots; a graph cannot be rebuilt from them either
-        logger.warning(
-            f"`.obsm['{skey}']` of table {table_key!r}, scored by `.obsp['{ckey}']`, now has non-finite values: "
-            "the graph cannot be checked against them."
+    same = stored == similarity_fingerprint(table, skey)
+    if same and signature is not None:
+        signature = np.asarray(signature, dtype=np.float32)
+        now = similarity_signature(table, skey)
+        same = signature.shape == now.shape and bool(
+            np.allclose(signature, now, rtol=0.0, atol=SIGNATURE_ATOL, equal_nan=True)
         )
-        return
-    if stored != similarity_fingerprint(table, skey):
+    if not same:
+        n_bad = int((~np.isfinite(np.asarray(table.obsm[skey], dtype=float)).all(axis=1)).sum())
+        nan_note = f" (it now has non-finite values in {n_bad} spots)" if n_bad else ""
         msg = (
             f"`.obsp['{ckey}']` of table {table_key!r} was built on other image features: `.obsm['{skey}']` has "
-            "changed since `asign.pp.neighbors_3d` scored cross-section pairs by their similarity (e.g. "
+            f"changed{nan_note} since `asign.pp.neighbors_3d` scored cross-section pairs by their similarity (e.g. "
             f"`asign.pp.extract_features` ran again with other options), so its edges are stale. {rerun}"
         )
         raise ValueError(msg)
@@ -821,8 +850,10 @@ def check_graph_alignment(table: AnnData, graph_key: str = Key.ADDED, *, table_k
 
     Compares ``uns['<graph_key>_neighbors']['params']['alignment_fingerprint']``, recorded by :func:`neighbors_3d`,
     with :func:`alignment_fingerprint` of ``table`` now, and, for a graph whose cross-section scores read image
-    features (``across="similarity"`` or ``"combined"``), ``params['similarity_fingerprint']`` with
-    :func:`similarity_fingerprint` of ``obsm[params['similarity_key']]``. Used wherever the stored graph is read
+    features (``across="similarity"`` or ``"combined"``), ``params['similarity_fingerprint']`` and
+    ``params['similarity_signature']`` with :func:`similarity_fingerprint` and :func:`similarity_signature` of
+    ``obsm[params['similarity_key']]`` (the signature within :data:`SIGNATURE_ATOL`, so features extracted again
+    with the same options but another batch size pass). Used wherever the stored graph is read
     (the ``"propagation"`` baseline, method ``"asign"``). A graph that records no fingerprint (written by an older
     version) passes, with an info message; an empty fingerprint means the graph has no cross-section part (or no
     similarity score) and does not depend on the alignment (or the features). A graph whose features are no longer
@@ -1069,8 +1100,10 @@ def neighbors_3d(
     :func:`asign.pp._graph.alignment_fingerprint`), ``""`` when the graph has no cross-section part. Imputation
     (``"propagation"``, ``"asign"``) refuses a graph whose fingerprint no longer matches the table, e.g. after
     :func:`asign.pp.align_layers` ran again with other transforms. With ``similarity_key``, ``params`` also holds
-    ``similarity_fingerprint``, the SHA-1 of the features scored (:func:`asign.pp._graph.similarity_fingerprint`;
-    ``""`` without them), and imputation refuses the graph once ``.obsm[similarity_key]`` has changed.
+    ``similarity_fingerprint``, the SHA-1 of the spots and the shape of the features scored
+    (:func:`asign.pp._graph.similarity_fingerprint`; ``""`` without them), and ``similarity_signature``, a
+    ``(n_obs, 4)`` float32 summary of each spot's feature direction (:func:`asign.pp._graph.similarity_signature`);
+    imputation refuses the graph once ``.obsm[similarity_key]`` has changed by more than float noise.
     """
     from asign._stack import section_codes
     from asign.io._validate import validate_stack
@@ -1171,6 +1204,7 @@ def neighbors_3d(
     ckey, dkey = Key.connectivities(key_added), Key.distances(key_added)
     table.obsp[ckey] = W
     table.obsp[dkey] = D
+    scored = features is not None and al is not None  # cross-section scores read the features
     params: dict[str, Any] = {
         "n_neighbors": int(n_neighs),
         "n_neighs": int(n_neighs),
@@ -1191,10 +1225,10 @@ def neighbors_3d(
         "distances_unit": "um",
         "edge_type": "cross-section where obs['section'] differs between the two ends",
         ALIGNMENT_FINGERPRINT: "" if al is None else alignment_fingerprint(table),
-        SIMILARITY_FINGERPRINT: ""
-        if features is None or al is None
-        else similarity_fingerprint(table, str(similarity_key)),
+        SIMILARITY_FINGERPRINT: "" if not scored else similarity_fingerprint(table, str(similarity_key)),
     }
+    if scored:
+        params[SIMILARITY_SIGNATURE] = similarity_signature(table, str(similarity_key))
     table.uns[Key.neighbors(key_added)] = {"connectivities_key": ckey, "distances_key": dkey, "params": params}
     logger.info(f"Adding `.obsp['{ckey}']`, `.obsp['{dkey}']` and `.uns['{Key.neighbors(key_added)}']`.")
     return None

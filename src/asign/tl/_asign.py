@@ -292,8 +292,9 @@ def check_sample_inputs(
         raise KeyError(msg)
     from asign.pp._graph import check_graph_alignment
 
-    check_graph_alignment(table, graph_key, table_key=table_key)
+    # non-finite features first: that message names the spots (the graph check would call them changed features)
     _check_finite_features(table, tables, sample, table_key, levels=levels, feature_key=feature_key)
+    check_graph_alignment(table, graph_key, table_key=table_key)
 
 
 def _check_finite_features(
