@@ -73,6 +73,39 @@ def prepare_for_asign():
     return _prepare_for_asign
 
 
+def _named_asign_stacks(names):
+    """Small prepared stacks (3 sections, 40 spots, 12 genes; seeds 0, 1, ...), each named by its
+    ``uns['asign']['dataset']['patient']`` (the sample's name in messages)."""
+    import asign
+
+    out = []
+    for seed, patient in enumerate(names):
+        sd = asign.datasets.synthetic_stack(
+            n_sections=3, n_spots=40, n_genes=12, image_size=256, um_per_px=16.0, seed=seed
+        )
+        sd.tables["table"].uns["asign"]["dataset"] = {"patient": patient}
+        out.append(_prepare_for_asign(sd))
+    return out
+
+
+@pytest.fixture(scope="session")
+def named_asign_stacks():
+    """``named_asign_stacks(names)``: one small prepared stack per name (align, features, graph), named by it."""
+    return _named_asign_stacks
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Make ASIGN's member training fail loudly: a check that should refuse before any training but does not."""
+    from asign.tl import _asign
+
+    def no_training(*args, **kw):
+        msg = "training started"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(_asign, "_train_member", no_training)
+
+
 def _move_spots(sd, rows, xy):
     """Move spots (table rows) to new pixel centres, in ``obsm['spatial']`` and in their shapes."""
     import geopandas as gpd

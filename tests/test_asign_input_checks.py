@@ -18,27 +18,13 @@ TINY = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 3, "ste
 
 
 @pytest.fixture(scope="module")
-def _prepared(prepare_for_asign):
-    out = []
-    for seed, patient in ((0, "P"), (1, "Q")):
-        sd = asign.datasets.synthetic_stack(
-            n_sections=3, n_spots=40, n_genes=12, image_size=256, um_per_px=16.0, seed=seed
-        )
-        sd.tables["table"].uns["asign"]["dataset"] = {"patient": patient}  # the sample's name in messages
-        out.append(prepare_for_asign(sd))
-    return out
+def _prepared(named_asign_stacks):
+    return named_asign_stacks(("P", "Q"))
 
 
 @pytest.fixture
-def stacks(_prepared, monkeypatch):
+def stacks(_prepared, no_training):
     """Two prepared stacks (named 'P' and 'Q'); training is disabled, so a missing check would fail loudly."""
-    from asign.tl import _asign
-
-    def no_training(*args, **kw):
-        msg = "training started"
-        raise AssertionError(msg)
-
-    monkeypatch.setattr(_asign, "_train_member", no_training)
     return copy.deepcopy(_prepared)
 
 

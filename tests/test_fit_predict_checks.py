@@ -195,29 +195,15 @@ def test_predict_refuses_one_of_the_models_training_samples(mode, advice):
 
 # ------------------------------------------------------------------------------ stacks with features and a 3D graph
 @pytest.fixture(scope="module")
-def _prepared(prepare_for_asign):
-    out = []
-    for seed, patient in ((0, "A"), (1, "B"), (2, "C")):
-        sd = asign.datasets.synthetic_stack(
-            n_sections=3, n_spots=40, n_genes=12, image_size=256, um_per_px=16.0, seed=seed
-        )
-        sd.tables["table"].uns["asign"]["dataset"] = {"patient": patient}
-        out.append(prepare_for_asign(sd))
-    return out
+def _prepared(named_asign_stacks):
+    return named_asign_stacks(("A", "B", "C"))
 
 
 @pytest.fixture
-def prepared(_prepared, monkeypatch):
+def prepared(_prepared, no_training):
     """Three prepared stacks ('A', 'B', 'C'); training is disabled, so a missing check fails loudly."""
     import copy
 
-    from asign.tl import _asign
-
-    def no_training(*args, **kw):
-        msg = "training started"
-        raise AssertionError(msg)
-
-    monkeypatch.setattr(_asign, "_train_member", no_training)
     return copy.deepcopy(_prepared)
 
 
