@@ -173,21 +173,27 @@ def test_load_checks_the_encoder_argument(tmp_path):
     ("mode", "advice"),
     [
         ("inductive", r"Predict on a sample the model was not trained on"),
-        ("transductive", r"To impute 'A' from its own known spots use `asign.tl.impute"),
+        ("transductive", r"The model was trained transductively .* its file does not record which \(older asign\)"),
     ],
 )
 def test_predict_refuses_one_of_the_models_training_samples(mode, advice):
-    """predict on a training sample (by name) ran silently: its training labels were scored as predictions."""
+    """predict on a training sample (by name) ran silently: its training labels were scored as predictions. The
+    name is refused by an inductive model and by a transductive one without a record of its known spots (older
+    files), with a way out for another sample of the same name."""
     sd = _stack(3, "A")
     model = ASIGNFit(models=[], config=None, genes=["x"], normalization="st-net", mode=mode, train_samples=["A", "B"])
+    rename = r"If it is another sample, give it its own name in `uns\['asign'\]\['dataset'\]\['patient'\]`"
     with pytest.raises(
-        ValueError, match=rf"Training sample 'A' is the sample to predict on itself \(by name: .*{advice}"
+        ValueError, match=rf"has the same name as training sample 'A' \(.*{rename} \(e.g. 'A_new'\). {advice}"
     ):
         asign.tl.predict(sd, model, known="S1", show_progress_bar=False)
     assert set(sd.tables) == {"table"}
     # another name passes this check (and fails on the next one, the genes)
     with pytest.raises(KeyError, match="lacks 1 of the model's 1 genes"):
         asign.tl.predict(_stack(3, "C"), model, known="S1", show_progress_bar=False)
+    sd.tables["table"].uns["asign"]["dataset"]["patient"] = "A_new"  # the way out the message gives
+    with pytest.raises(KeyError, match="lacks 1 of the model's 1 genes"):
+        asign.tl.predict(sd, model, known="S1", show_progress_bar=False)
     assert "The check is by sample name: the stack's ``uns['asign']['dataset']['patient']``" in " ".join(
         asign.tl.predict.__doc__.split()
     )
@@ -246,3 +252,78 @@ def test_predict_errors_advise_what_predict_can_change(prepared):
     msg = str(e.value)
     assert "levels='spot' runs" not in msg
     assert "tl.predict applies the model as it was trained (levels='spot_region_global')" in msg
+
+
+# ------------------------------------------------------------------------- a transductive model on its own sample
+TINY = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 3, "steps_per_epoch": 2}
+
+
+@pytest.fixture
+def trainable(_prepared):
+    """The three prepared stacks ('A', 'B', 'C'), training enabled."""
+    import copy
+
+    return copy.deepcopy(_prepared)
+
+
+def test_predict_applies_a_transductive_model_to_its_sample_with_the_known_it_was_fitted_with(trainable, tmp_path):
+    """predict refused the sample of a transductive model by name even with the `known` it was fitted with, where no
+    label is scored (re-applying a saved transductive model is a supported workflow); only a `known` that leaves
+    training spots out is refused."""
+    import copy
+
+    import numpy as np
+
+    _, _, c = trainable
+    model = asign.tl.fit(copy.deepcopy(c), known="S1", n_genes=6, config=TINY, n_models=1, show_progress_bar=False)
+    assert model.mode == "transductive" and model.train_samples == ["C"]
+    assert model.training["known_sections"] == ["S1"] and "known_spots" not in model.training
+    kw = {"inplace": False, "show_progress_bar": False}
+    out = asign.tl.predict(c, model, known="S1", **kw)
+    imp = asign.tl.impute(c, known="S1", method="asign", genes=model.genes, method_kwargs={**TINY, "n_models": 1}, **kw)
+    np.testing.assert_array_equal(out.layers["imputed"], imp.layers["imputed"])  # what impute trains and gives
+    asign.tl.predict(c, model, known=["S1", "S2"], **kw)  # more known spots: the training labels stay inputs
+    model.save(tmp_path / "c.pt")
+    loaded = ASIGNFit.load(tmp_path / "c.pt")
+    assert loaded.training["known_sections"] == ["S1"]
+    out2 = asign.tl.predict(c, tmp_path / "c.pt", known="S1", nearest_blend=0, **kw)  # e.g. another blend
+    assert out2.uns["asign"]["result"]["nearest_blend"] == 0
+    t = c.tables["table"]
+    n = int(((t.obs["section"].astype(str) == "S1") & t.obs["measured"]).sum())
+    match = (
+        r"has the same name as training sample 'C' .* trained transductively on its known spots, in section\(s\) "
+        rf"\['S1'\]: this `known` leaves {n} of them out, so their training labels would be scored"
+    )
+    with pytest.raises(ValueError, match=match):
+        asign.tl.predict(c, loaded, known="S2", **kw)
+    with pytest.raises(ValueError, match=r"this `known` leaves \d+ of them out"):
+        asign.tl.predict(
+            c, loaded, known=(t.obs["section"].astype(str) == "S1").to_numpy() & (np.arange(t.n_obs) % 2 == 0), **kw
+        )
+    # a file without the record (older asign): the name is refused, with the way out for another sample
+    del loaded.training["known_sections"]
+    with pytest.raises(ValueError, match="If it is another sample, give it its own name"):
+        asign.tl.predict(c, loaded, known="S1", **kw)
+
+
+def test_predict_reads_a_transductive_models_known_mask(trainable):
+    """A transductive model fitted on a mask of some spots records them (obs names): the same mask, or the whole
+    section, may be predicted with; a mask without them may not."""
+    import copy
+
+    import numpy as np
+
+    _, _, c = trainable
+    t = c.tables["table"]
+    s1 = (t.obs["section"].astype(str) == "S1").to_numpy()
+    half = s1 & (np.cumsum(s1) % 2 == 0)
+    model = asign.tl.fit(copy.deepcopy(c), known=half, n_genes=6, config=TINY, n_models=1, show_progress_bar=False)
+    assert model.training["known_sections"] == ["S1"]
+    assert model.training["known_spots"] == list(t.obs_names[half])
+    kw = {"inplace": False, "show_progress_bar": False}
+    asign.tl.predict(c, model, known=half, **kw)
+    asign.tl.predict(c, model, known="S1", **kw)
+    with pytest.raises(
+        ValueError, match=rf"in section\(s\) \['S1'\] \(some of their spots\): this `known` leaves {int(half.sum())} "
+    ):
+        asign.tl.predict(c, model, known=s1 & ~half, **kw)

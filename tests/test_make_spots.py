@@ -711,3 +711,104 @@ def test_make_spots_string_instance_ids(emptied):
     assert t.obs.loc[m, "spot_id"].tolist() == [str(i) for i in range(int(m.sum()))]
     assert t.obs.loc[~m, "spot_id"].tolist() == a.obs["spot_id"].tolist()
     assert emptied.shapes["spots_S2"].index.tolist() == [str(i) for i in range(int(m.sum()))]
+
+
+def _reparse(sdata, a):
+    """Put the AnnData ``a`` (no ``spatialdata_attrs``) back as the table, annotating the shapes its rows name."""
+    del sdata.tables["table"]
+    sdata.tables["table"] = TableModel.parse(
+        a, region=list(a.obs["region"].cat.categories), region_key="region", instance_key="spot_id"
+    )
+
+
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_make_spots_keeps_categorical_instance_ids(emptied, kind):
+    """Instance ids stored as a categorical (TableModel and validate_stack accept it) were all cast to strings, so the
+    existing ids no longer matched the integer shapes indexes and the final validation failed; the existing ids are
+    never rewritten and the new ones are added categories (integers or strings as the shapes indexes are)."""
+    a = emptied.tables["table"].copy()
+    del a.uns["spatialdata_attrs"]
+    if kind == "str":
+        a.obs["spot_id"] = [f"bc{i}" for i in a.obs["spot_id"]]
+        for s in ("S1", "S3"):
+            shapes = emptied.shapes[f"spots_{s}"]
+            shapes.index = pd.Index([f"bc{i}" for i in shapes.index])
+            emptied.shapes[f"spots_{s}"] = shapes
+    a.obs["spot_id"] = a.obs["spot_id"].astype("category")
+    _reparse(emptied, a)
+    validate_stack(emptied, allow_empty=["S2"])
+    before = emptied.tables["table"].obs["spot_id"].copy()
+    make_spots(emptied, section="S2")
+    make_spots(emptied, section="S2", spacing_um=150.0)  # its virtual spots replaced: the ids of the rows are kept
+    validate_stack(emptied)
+    t = emptied.tables["table"]
+    m = _rows(t, "S2")
+    ids = t.obs["spot_id"]
+    assert isinstance(ids.dtype, pd.CategoricalDtype)
+    assert pd.api.types.is_integer_dtype(ids.cat.categories) == (kind == "int")
+    assert ids[~m].tolist() == before.tolist()
+    new = list(range(int(m.sum())))
+    assert ids[m].tolist() == (new if kind == "int" else [str(i) for i in new])
+    assert emptied.shapes["spots_S2"].index.tolist() == ids[m].tolist()
+
+
+def test_make_spots_unsigned_integer_columns(emptied, asign_log):
+    """An unsigned obs column (uint32 instance ids, a user uint16 column) crashed with OverflowError (fill -1): the
+    ids keep their dtype, another unsigned column becomes the nullable UInt<k> with <NA> in the new rows."""
+    a = emptied.tables["table"].copy()
+    del a.uns["spatialdata_attrs"]
+    a.obs["spot_id"] = a.obs["spot_id"].astype(np.uint32)
+    a.obs["n_cells"] = np.arange(a.n_obs, dtype=np.uint16) % 5
+    a.obs["array_row"] = a.obs["array_row"].astype(np.uint32) if "array_row" in a.obs else np.zeros(a.n_obs, np.uint32)
+    _reparse(emptied, a)
+    validate_stack(emptied, allow_empty=["S2"])
+    before = emptied.tables["table"].obs.copy()
+    make_spots(emptied, section="S2")
+    validate_stack(emptied)
+    t = emptied.tables["table"]
+    m = _rows(t, "S2")
+    assert t.obs["spot_id"].dtype == np.uint32 and t.obs["array_row"].dtype == np.uint32
+    np.testing.assert_array_equal(t.obs.loc[m, "spot_id"].to_numpy(), np.arange(int(m.sum())))
+    assert t.obs["n_cells"].dtype == "UInt16"
+    assert t.obs.loc[m, "n_cells"].isna().all()
+    assert t.obs.loc[~m, "n_cells"].tolist() == before["n_cells"].tolist()
+    assert t.obs.loc[~m, "spot_id"].tolist() == before["spot_id"].tolist()
+    assert "integer obs columns" not in asign_log.warnings
+    assert "(numpy signed integer columns, with a warning naming" in " ".join(make_spots.__doc__.split())
+
+
+def test_make_spots_new_section_never_replaces_a_shapes_element(small_stack):
+    """A new section's spots silently replaced an existing shapes element of its name (spots_<section>), the user's
+    own or another section's."""
+    from spatialdata.models import ShapesModel
+
+    small_stack.images["he_N"] = small_stack.images["he_S3"]
+    theirs = ShapesModel.parse(
+        np.array([[1.0, 2.0], [3.0, 4.0]]), geometry=0, radius=np.ones(2), transformations={"global": Identity()}
+    )
+    small_stack.shapes["spots_N"] = theirs
+    table = small_stack.tables["table"]
+    kw = {"image_key": "he_N", "um_per_px": UM_PER_PX, "z_um": 48.0}
+    with pytest.raises(ValueError, match=r"New section 'N': .* sdata.shapes already has an element 'spots_N'"):
+        make_spots(small_stack, section="N", **kw)
+    assert small_stack.shapes["spots_N"] is theirs and small_stack.tables["table"] is table
+    # the manifest gives 'spots_N' to section S3
+    del small_stack.shapes["spots_N"]
+    a = table.copy()
+    del a.uns["spatialdata_attrs"]
+    a.obs["region"] = a.obs["region"].cat.rename_categories(lambda k: "spots_N" if k == "spots_S3" else k)
+    a.uns["asign"]["stack"]["shapes_key"] = [
+        k if k != "spots_S3" else "spots_N" for k in a.uns["asign"]["stack"]["shapes_key"]
+    ]
+    small_stack.shapes["spots_N"] = small_stack.shapes["spots_S3"]
+    del small_stack.shapes["spots_S3"]
+    _reparse(small_stack, a)
+    validate_stack(small_stack)
+    with pytest.raises(
+        ValueError, match=r"New section 'N': .* shapes 'spots_N', which the manifest gives to section 'S3'"
+    ):
+        make_spots(small_stack, section="N", **kw)
+    make_spots(small_stack, section="N2", **kw)  # another name is fine
+    assert "spots_N2" in small_stack.shapes and len(small_stack.shapes["spots_N"]) == int(
+        _rows(small_stack.tables["table"], "S3").sum()
+    )

@@ -192,23 +192,33 @@ def _missing(dt: Any, n: int) -> Any:
     return None
 
 
-def _fill_obs(obs: pd.DataFrame, index: pd.Index) -> tuple[pd.DataFrame, list[str]]:
-    """Empty rows with the dtypes of ``obs``; returns the columns set to -1.
+def _fill_obs(
+    obs: pd.DataFrame, index: pd.Index, skip: Sequence[str] = ()
+) -> tuple[pd.DataFrame, list[str], dict[str, Any]]:
+    """Empty rows with the dtypes of ``obs``; returns them, the columns set to -1 and the columns to upcast.
 
     Missing category (categoricals), ``<NA>`` (pandas' nullable extension dtypes: ``Int64``, ``Float64``,
-    ``boolean``, ``string`` ...), NaN (numpy floats), False (numpy bool), -1 (numpy integers, which have no missing
-    value) and ``""`` (anything else).
+    ``boolean``, ``string`` ...; and numpy unsigned integers, which have no missing value and cannot hold -1: the
+    column becomes the nullable ``UInt<k>`` of the same width, returned as ``{column: dtype}`` for the caller to cast
+    the existing rows, whose values are kept), NaN (numpy floats), False (numpy bool), -1 (numpy signed integers,
+    which have no missing value) and ``""`` (anything else). The columns of ``skip`` (those the caller sets itself:
+    instance ids, region, grid indices) are not filled: they hold missing categories (categoricals) or `None`.
     """
-    out, reset = {}, []
+    out, reset, upcast = {}, [], {}
     for c in obs.columns:
         dt = obs[c].dtype
         n = len(index)
         if isinstance(dt, pd.CategoricalDtype):
             out[c] = pd.Categorical([None] * n, categories=dt.categories, ordered=dt.ordered)
+        elif c in skip:
+            out[c] = np.full(n, None, dtype=object)
         elif isinstance(dt, pd.api.extensions.ExtensionDtype) and (na := _missing(dt, n)) is not None:
             out[c] = na
         elif pd.api.types.is_bool_dtype(dt):
             out[c] = np.zeros(n, dtype=bool)
+        elif pd.api.types.is_unsigned_integer_dtype(dt) and isinstance(dt, np.dtype):
+            upcast[c] = pd.api.types.pandas_dtype(f"UInt{8 * dt.itemsize}")
+            out[c] = pd.array([pd.NA] * n, dtype=upcast[c])
         elif pd.api.types.is_integer_dtype(dt) and isinstance(dt, np.dtype):
             out[c] = np.full(n, -1, dtype=dt)
             reset.append(c)
@@ -216,7 +226,7 @@ def _fill_obs(obs: pd.DataFrame, index: pd.Index) -> tuple[pd.DataFrame, list[st
             out[c] = np.full(n, np.nan, dtype=dt)
         else:
             out[c] = np.array([""] * n, dtype=object)
-    return pd.DataFrame(out, index=index), reset
+    return pd.DataFrame(out, index=index), reset, upcast
 
 
 def _with_native_cs(image, cs: str):
@@ -233,14 +243,47 @@ def _with_native_cs(image, cs: str):
     return new
 
 
-def _integer_ids(table: AnnData) -> bool:
-    """Whether the table's instance ids (its own ``instance_key`` column) are integers.
+def _integer_ids(sdata: SpatialData, table: AnnData) -> bool:
+    """Whether the new circles get integer instance ids (otherwise the strings ``'0'``, ``'1'`` ...).
 
-    Otherwise they are strings (e.g. barcodes) and the new circles get the string ids ``'0'``, ``'1'`` ...
+    Read from the indexes of the shapes elements that the table annotates: integers when every non-empty one has an
+    integer index, strings (e.g. barcodes) when any has another; without a non-empty one, from the table's own
+    ``instance_key`` column (a categorical's categories).
     """
     from spatialdata.models import get_table_keys
 
-    return bool(pd.api.types.is_integer_dtype(table.obs[get_table_keys(table)[2]]))
+    region, _, instance_key = get_table_keys(table)
+    keys = [region] if isinstance(region, str) else list(region)
+    indexes = [sdata.shapes[k].index for k in keys if k in sdata.shapes and len(sdata.shapes[k])]
+    if indexes:
+        return all(pd.api.types.is_integer_dtype(i.dtype) for i in indexes)
+    dt = table.obs[instance_key].dtype
+    if isinstance(dt, pd.CategoricalDtype):
+        dt = dt.categories.dtype
+    return bool(pd.api.types.is_integer_dtype(dt))
+
+
+def _new_instance_ids(old: pd.Series, n: int, *, integer: bool) -> tuple[Any, Any]:
+    """The instance ids ``0 .. n - 1`` of ``n`` new rows, and the dtype of the whole instance id column.
+
+    Integers, or the strings ``'0'``, ``'1'`` ... (``integer=False``), in the dtype of the existing ids ``old``
+    where it can hold them: a categorical gets the new ids as added categories, a numpy integer dtype too narrow for
+    them is widened to int64, a dtype that cannot hold them becomes ``object``. The existing ids keep their values
+    (the caller casts them to the returned dtype).
+    """
+    values = np.arange(n, dtype=np.int64) if integer else np.arange(n).astype(str).astype(object)
+    dt = old.dtype
+    if isinstance(dt, pd.CategoricalDtype):
+        new_dt = pd.CategoricalDtype(dt.categories.append(pd.Index(values)).unique(), ordered=dt.ordered)
+        return pd.Categorical(values, dtype=new_dt), new_dt
+    if integer and isinstance(dt, np.dtype) and dt.kind in "iu":
+        if n == 0 or np.iinfo(dt).max >= n - 1:
+            return values.astype(dt), dt
+        return values, np.dtype(np.int64)
+    try:
+        return pd.array(values).astype(dt), dt
+    except (TypeError, ValueError):
+        return values, np.dtype(object)
 
 
 def _rebuild_table(
@@ -251,15 +294,17 @@ def _rebuild_table(
     shapes_keys: list[str],
     xy: np.ndarray,
     grid_rc: np.ndarray,
+    integer_ids: bool,
     empty: Sequence[str] = (),
 ) -> tuple[AnnData, list[str], list[str]]:
     """The table with the rows of ``section`` replaced by the virtual spots ``xy``.
 
     ``shapes_keys``: each section's shapes element (the manifest's, in the order of ``sections``). ``empty``: sections
-    without rows, which the table does not annotate yet. The table keeps its own region and instance key columns
-    (:func:`spatialdata.models.get_table_keys`, e.g. ``instance_key='spot'``). Also returns the numpy integer obs
-    columns set to -1 in the new rows and the entries dropped (``obsm`` / ``obsp`` / ``uns``), for the caller to
-    warn about once the whole call has succeeded.
+    without rows, which the table does not annotate yet. ``integer_ids``: whether the new rows get integer instance
+    ids (:func:`_integer_ids`), else strings; the existing rows keep theirs. The table keeps its own region and
+    instance key columns (:func:`spatialdata.models.get_table_keys`, e.g. ``instance_key='spot'``). Also returns the
+    numpy signed integer obs columns set to -1 in the new rows and the entries dropped (``obsm`` / ``obsp`` /
+    ``uns``), for the caller to warn about once the whole call has succeeded.
     """
     import anndata as ad
     from spatialdata.models import TableModel, get_table_keys
@@ -270,18 +315,24 @@ def _rebuild_table(
     sec_str = old.obs[Key.SECTION].astype(str).to_numpy()
     ids = [f"v{i}" for i in range(n_new)]
     new_index = pd.Index([f"{section}_{i}" for i in ids])
-    new_obs, reset = _fill_obs(old.obs, new_index)
+    grid_cols = [c for c in ("array_row", "array_col") if c in old.obs.columns]
+    new_obs, reset, upcast = _fill_obs(old.obs, new_index, skip=[instance_key, region_key, *grid_cols])
     new_obs[Key.MEASURED] = False
-    integer_ids = _integer_ids(old)
-    new_ids = np.arange(n_new, dtype=np.int64)
-    new_obs[instance_key] = new_ids if integer_ids else new_ids.astype(str).astype(object)
+    new_ids, id_dtype = _new_instance_ids(old.obs[instance_key], n_new, integer=integer_ids)
+    new_obs[instance_key] = new_ids
+    if id_dtype != old.obs[instance_key].dtype:
+        upcast[instance_key] = id_dtype
     new_obs[Key.BARCODE] = ids
-    for col, j in (("array_row", 0), ("array_col", 1)):
-        if col in new_obs.columns:
-            # astype through pandas: the column may be a nullable Int64 (stack_sections writes one when some
-            # sections lack it)
-            new_obs[col] = pd.Series(grid_rc[:, j], index=new_index).astype(new_obs[col].dtype)
-    reset = [c for c in reset if c not in (instance_key, region_key, "array_row", "array_col")]
+    for col in grid_cols:
+        # astype through pandas: the column may be a nullable Int64 (stack_sections writes one when some
+        # sections lack it)
+        j = 0 if col == "array_row" else 1
+        new_obs[col] = pd.Series(grid_rc[:, j], index=new_index).astype(old.obs[col].dtype)
+    old_obs = old.obs
+    if upcast:  # the existing rows keep their values, in the dtype that the new rows need too
+        old_obs = old.obs.copy()
+        for c, dt in upcast.items():
+            old_obs[c] = old_obs[c].astype(dt)
     blocks = []  # (obs, X, obsm, layers) per section in order
     for s in sections:
         if s == section:
@@ -300,7 +351,7 @@ def _rebuild_table(
             del obsm_parts[k]
     for kind, rows in blocks:
         if kind == "old":
-            obs_parts.append(old.obs.iloc[rows])
+            obs_parts.append(old_obs.iloc[rows])
             X_parts.append(sp.csr_matrix(old.X[rows], dtype=np.float32))
             for k in obsm_parts:
                 v = old.obsm[k]
@@ -334,7 +385,6 @@ def _rebuild_table(
     region = [shapes_of[s] for s in sections if s not in empty]
     obs[region_key] = pd.Categorical([shapes_of[s] for s in obs[Key.SECTION].astype(str)], categories=region)
     obs[Key.MEASURED] = obs[Key.MEASURED].astype(bool)
-    obs[instance_key] = obs[instance_key].astype(np.int64) if integer_ids else obs[instance_key].astype(str)
     uns = copy.deepcopy(dict(old.uns))
     uns.pop("spatialdata_attrs", None)
     if len(old.obsp):
@@ -400,8 +450,10 @@ def make_spots(
         The section, or a list of sections. A section listed in the manifest must have an image and no measured
         spots (its unmeasured spots, if any, are replaced). A single name may also be a new section: then
         ``image_key``, ``um_per_px`` and ``z_um`` describe it and it is inserted into the stack at its z (one new
-        section per call). A list (e.g. ``["S3", "S4", "S5"]``, each named once) fills sections already in the
-        manifest, all with the same options, and gives the same result as one call per section in the order given.
+        section per call); its spots go to ``shapes['spots_<section>']``, which must not exist yet (an existing
+        element of that name is refused, never replaced). A list (e.g. ``["S3", "S4", "S5"]``, each named once)
+        fills sections already in the manifest, all with the same options, and gives the same result as one call
+        per section in the order given.
         Other sections that have an image and no spots may stay empty meanwhile (a WARNING names them): fill them in
         this call or in later calls, in any order.
     spacing_um
@@ -436,12 +488,17 @@ def make_spots(
     ``diameter_um / 2`` in the section's pixels, Identity to the section's coordinate system), and a rebuilt
     ``tables[table_key]`` (annotating the shapes under the table's own region and instance keys, e.g.
     ``instance_key='spot'``) whose new rows (``obs_names`` ``'<section>_v<i>'``) have ``obs['measured'] = False``,
-    their index in the new circles as instance id (as strings ``'0'``, ``'1'`` ... when the table's ids are strings),
-    zero counts, ``obsm['spatial']`` and, when present, ``obs['array_row']`` / ``obs['array_col']`` (grid indices),
-    and ``obs['z']`` (the section's z) where the table has that column; other per-spot values of the new rows are NaN
+    their index in the new circles as instance id (integers when the indexes of the existing shapes are integers, else
+    the strings ``'0'``, ``'1'`` ...; in the dtype of the table's ids, e.g. as added categories of a categorical; the
+    ids of the existing rows are never rewritten), zero counts, ``obsm['spatial']`` and, when present,
+    ``obs['array_row']`` / ``obs['array_col']`` (grid indices), and ``obs['z']`` (the section's z) where the table
+    has that column; other per-spot values of the new rows are NaN
     (``obsm`` arrays and DataFrames, numpy float columns and layers other than ``counts``), missing categories
     (categorical columns), ``<NA>`` (pandas' nullable columns: ``Int64``, ``Float64``, ``boolean``, ``string`` ...),
-    False (numpy bool columns), ``""`` (object columns) or -1 (numpy integer columns, with a warning naming them).
+    False (numpy bool columns), ``""`` (object columns) or -1 (numpy signed integer columns, with a warning naming
+    them); a numpy unsigned integer column (which cannot hold -1) becomes the nullable ``UInt<k>`` of the same width,
+    its existing values kept and ``<NA>`` in the new rows (the instance id column and ``array_row`` / ``array_col``
+    keep their dtype: they are set).
     ``obsp`` graphs are dropped (rerun the steps that wrote them), and so are the ``uns`` records that describe them
     (``uns[<obsp key>]``, and records whose ``connectivities_key`` or ``distances_key`` names one, such as
     ``neighbors_3d``'s); ``obsm`` entries that are neither 2-D arrays nor DataFrames are dropped too, with a warning
@@ -667,6 +724,21 @@ def _new_section(
     if sanitize_name(section) != section:
         msg = f"Section name {section!r} is not a valid element name; use e.g. {sanitize_name(section)!r}."
         raise ValueError(msg)
+    skey = Key.shapes(section)
+    owner = next((s for s, k in zip(stack.sections, stack.shapes_keys, strict=True) if k == skey), None)
+    if owner is not None:
+        msg = (
+            f"New section {section!r}: its spots would go to shapes {skey!r}, which the manifest gives to section "
+            f"{owner!r}; name the new section otherwise."
+        )
+        raise ValueError(msg)
+    if skey in sdata.shapes:
+        msg = (
+            f"New section {section!r}: its spots would go to shapes {skey!r}, but sdata.shapes already has an "
+            f"element {skey!r} (not in the manifest), which make_spots would replace. Rename or delete it "
+            f"(`del sdata.shapes[{skey!r}]`), or name the new section otherwise."
+        )
+        raise ValueError(msg)
     px = float(um_per_px)
     cs = section
     _raise_problems(_image_problems(sdata.images[ikey], section=section, image_key=ikey, identity_to=cs), section, ikey)
@@ -757,11 +829,12 @@ def _lay_spots(
         )
         raise ValueError(msg)
 
+    integer_ids = _integer_ids(sdata, table)
     shapes = ShapesModel.parse(
         xy,
         geometry=0,
         radius=np.full(len(xy), 0.5 * diameter / px),
-        index=pd.RangeIndex(len(xy)) if _integer_ids(table) else pd.Index(np.arange(len(xy)).astype(str)),
+        index=pd.RangeIndex(len(xy)) if integer_ids else pd.Index(np.arange(len(xy)).astype(str)),
         transformations={cs: Identity()},
     )
     new_table, reset, dropped = _rebuild_table(
@@ -771,6 +844,7 @@ def _lay_spots(
         shapes_keys=list(new_stack.shapes_keys),
         xy=xy,
         grid_rc=rc,
+        integer_ids=integer_ids,
         empty=still_empty,
     )
     if Key.Z in new_table.obs:  # the section's z is known from the manifest (align_layers writes the column)

@@ -62,7 +62,9 @@ class ASIGNFit:
     training
         Training record: curve (per-epoch losses, learning rate, validation per-gene PCC), best epoch, timings,
         ``validation`` (the mode used) and ``validation_sample`` (the sample that validated in mode ``"sample"``,
-        else ``""``).
+        else ``""``). A transductive model of :func:`fit` also records the spots it was trained on:
+        ``known_sections`` (the sections of its known spots) and, when ``known`` did not cover whole sections (a
+        mask), ``known_spots`` (their obs names); :func:`predict` reads them.
     mode
         ``"inductive"`` (trained on other samples) or ``"transductive"`` (trained on the known spots of the
         sample it imputes).
@@ -472,7 +474,9 @@ def fit(
 
     Returns
     -------
-    An :class:`ASIGNFit` (``.save(path)``, ``ASIGNFit.load(path)``), applied with :func:`asign.tl.predict`.
+    An :class:`ASIGNFit` (``.save(path)``, ``ASIGNFit.load(path)``), applied with :func:`asign.tl.predict`. A
+    transductive model records its known spots in ``training['known_sections']`` (and ``training['known_spots']``,
+    their obs names, when ``known`` does not cover whole sections).
     """
     from asign.io._validate import validate_stack
     from asign.pp._genes import check_normalization, gene_indices, known_mask, section_gene_means, top_genes
@@ -547,7 +551,7 @@ def fit(
         for (name, s), (m, st) in zip(named, masks, strict=True)
     ]
     transductive = len(contexts) == 1 and specs[0] is not None
-    return fit_contexts(
+    fitted = fit_contexts(
         contexts,
         params=params,
         seed=seed,
@@ -555,6 +559,25 @@ def fit(
         show_progress_bar=show_progress_bar,
         transductive=transductive,
     )
+    if transductive:  # the spots whose labels trained it: predict may not score them
+        (_, s), (m, st) = named[0], masks[0]
+        fitted.training.update(_known_record(s.tables[table_key], m, st))
+    return fitted
+
+
+def _known_record(table: AnnData, mask: np.ndarray, stack: Any) -> dict[str, list[str]]:
+    """The training record of a transductive model's known spots ``mask``.
+
+    ``known_sections``: the sections that hold them (cutting order); ``known_spots``: their obs names, only when they
+    are not every measured spot of those sections.
+    """
+    sec = table.obs[Key.SECTION].astype(str).to_numpy()
+    secs = [s for s in stack.sections if s in set(sec[mask])]
+    whole = table.obs[Key.MEASURED].to_numpy(dtype=bool) & np.isin(sec, secs)
+    record = {"known_sections": secs}
+    if not np.array_equal(mask, whole):
+        record["known_spots"] = [str(x) for x in table.obs_names[mask]]
+    return record
 
 
 def _check_model_genes(table: AnnData, fitted: ASIGNFit, table_key: str, sample: str) -> None:
@@ -571,32 +594,76 @@ def _check_model_genes(table: AnnData, fitted: ASIGNFit, table_key: str, sample:
         raise KeyError(msg)
 
 
-def _check_not_training_sample(fitted: ASIGNFit, sample: str, table_key: str) -> None:
-    """A ValueError when the stack to predict on is, by name, one of the model's training samples.
+def _trained_spots_left_out(training: Mapping[str, Any], sdata: SpatialData, known: Any, table_key: str) -> int | None:
+    """How many spots a transductive model was trained on (``training``'s record) ``known`` leaves out of the stack.
 
-    The name is the stack's ``uns['asign']['dataset']['patient']`` (``sample``; ``""``: unnamed, not checked).
+    `None` when ``known`` or the stack cannot be read (the stack validation of :func:`predict` says what is wrong).
+    """
+    from asign._stack import get_stack
+    from asign.pp._genes import known_mask
+
+    try:
+        table = sdata.tables[table_key]
+        mask = known_mask(table, get_stack(table), known)
+        sec = table.obs[Key.SECTION].astype(str).to_numpy()
+        measured = table.obs[Key.MEASURED].to_numpy(dtype=bool)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+    if "known_spots" in training:
+        trained = table.obs_names.isin([str(x) for x in training["known_spots"]])
+    else:
+        trained = measured & np.isin(sec, [str(x) for x in training["known_sections"]])
+    return int((trained & ~mask).sum())
+
+
+def _check_not_training_sample(fitted: ASIGNFit, sdata: SpatialData, known: Any, sample: str, table_key: str) -> None:
+    """A ValueError when predicting on the stack would score labels that trained the model.
+
+    The stack is taken for a training sample by name: its ``uns['asign']['dataset']['patient']`` (``sample``;
+    ``""``: unnamed, not checked) is one of the model's ``train_samples``. A transductive model that records its
+    known spots (``training['known_sections']``, :func:`fit`) refuses only a ``known`` that leaves some of them out;
+    an inductive model, and a transductive one without the record (older files), refuse the name.
     """
     if not sample or sample not in {str(s) for s in fitted.train_samples}:
         return
     how = (
-        f"(by name: sdata.tables[{table_key!r}].uns['asign']['dataset']['patient'] is {sample!r}, one of the model's "
-        f"train_samples {list(fitted.train_samples)})"
+        f"(sdata.tables[{table_key!r}].uns['asign']['dataset']['patient'] is {sample!r}; the model's train_samples "
+        f"are {list(fitted.train_samples)})"
     )
-    if fitted.mode == "transductive":
+    rename = (
+        f"If it is another sample, give it its own name in `uns['asign']['dataset']['patient']` (e.g. '{sample}_new')."
+    )
+    transductive = fitted.mode == "transductive"
+    if transductive and "known_sections" in fitted.training:
+        left = _trained_spots_left_out(fitted.training, sdata, known, table_key)
+        if not left:  # the same known (or more): the training labels are inputs, never scored
+            return
+        secs = [str(x) for x in fitted.training["known_sections"]]
+        partial = " (some of their spots)" if "known_spots" in fitted.training else ""
         msg = (
-            f"Training sample {sample!r} is the sample to predict on itself {how}; the model was trained "
-            "transductively on its known spots, so with another `known` their labels would be scored as "
-            f"predictions. To impute {sample!r} from its own known spots use `asign.tl.impute(sdata, known=..., "
-            "method='asign')` (it trains on exactly those spots); or predict on a sample the model was not "
-            "trained on."
+            f"The stack to predict on has the same name as training sample {sample!r} {how}, and the model was "
+            f"trained transductively on its known spots, in section(s) {secs}{partial}: this `known` leaves {left} "
+            "of them out, so their training labels would be scored as predictions. Predict with a `known` that "
+            f"includes them (e.g. the `known` the model was fitted with), or use `asign.tl.impute(sdata, "
+            f"known=..., method='asign')` to train on other known spots. {rename}"
+        )
+        raise ValueError(msg)
+    if transductive:
+        advice = (
+            "The model was trained transductively on its known spots, and its file does not record which (older "
+            "asign): refit it with `asign.tl.fit` to predict with the same `known`, or use "
+            "`asign.tl.impute(sdata, known=..., method='asign')` to impute it from its own known spots."
         )
     else:
-        msg = (
-            f"Training sample {sample!r} is the sample to predict on itself {how}; its labels trained the model, so "
-            "they would be scored as predictions. Predict on a sample the model was not trained on (fit a model "
-            f"without {sample!r} to evaluate on it), or use `asign.tl.impute(sdata, known=..., method='asign')` to "
-            "train on its known spots only (transductive mode)."
+        advice = (
+            "Predict on a sample the model was not trained on (fit a model without "
+            f"{sample!r} to evaluate on it), or use `asign.tl.impute(sdata, known=..., method='asign')` to train on "
+            "its known spots only (transductive mode)."
         )
+    msg = (
+        f"The stack to predict on has the same name as training sample {sample!r} {how}, so it is taken for that "
+        f"sample, whose labels trained the model and would be scored as predictions. {rename} {advice}"
+    )
     raise ValueError(msg)
 
 
@@ -620,12 +687,17 @@ def predict(
     Inference is deterministic (``model.eval()``, the whole-sample graph, no random edges); the known spots are the
     visible set of the propagation and the level of the network; labels of every other spot are never read.
 
-    One of the model's own training samples is refused, before any work: its labels trained the model, so they would
-    be scored as predictions. The check is by sample name: the stack's ``uns['asign']['dataset']['patient']`` against
-    the model's ``train_samples`` (the names :func:`asign.tl.fit` gave its samples: the keys of a mapping, else the
-    patient names). A stack without a patient name is not checked, nor one that was trained under another name (a
-    mapping key that is not its patient name). To impute a sample from its own known spots, use
-    :func:`asign.tl.impute` (transductive mode).
+    Scoring labels that trained the model is refused, before any work. The check is by sample name: the stack's
+    ``uns['asign']['dataset']['patient']`` against the model's ``train_samples`` (the names :func:`asign.tl.fit`
+    gave its samples: the keys of a mapping, else the patient names). An inductive model refuses a stack of a
+    training sample's name (another sample of the same name: give it its own name). A transductive model (one sample
+    fitted with ``known``) refuses its sample only when ``known`` leaves out spots it was trained on (recorded in its
+    ``training['known_sections']`` / ``training['known_spots']``): with the same ``known``, or more, its labels are
+    inputs and nothing is scored, so a saved transductive model may be applied again (e.g. with another
+    ``nearest_blend`` or ``gene_rank``); a transductive model file without that record (older asign) refuses the
+    name. A stack without a patient name is not checked, nor one that was trained under another name (a mapping key
+    that is not its patient name). To impute a sample from its own known spots, use :func:`asign.tl.impute`
+    (transductive mode).
 
     Parameters
     ----------
@@ -671,7 +743,7 @@ def predict(
     if inplace:
         _check_key_added(sdata, key_added, table_key, overwrite=overwrite)
     sample = _sample_name(sdata, "", table_key)
-    _check_not_training_sample(fitted, sample, table_key)
+    _check_not_training_sample(fitted, sdata, known, sample, table_key)
     if table_key in sdata.tables:  # else run_impute's stack validation names the missing table
         _check_model_genes(sdata.tables[table_key], fitted, table_key, sample)
         from ._asign import check_sample_inputs, tensor_options
