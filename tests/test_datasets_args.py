@@ -60,3 +60,19 @@ def test_her2st_path_that_is_a_file(tmp_path):
     afile.write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file, not a HER2ST folder"):
         her2st("C", path=afile)
+
+
+def test_download_without_network_names_the_file_and_the_way_out(tmp_path, monkeypatch):
+    """Offline, pooch raised requests' raw ConnectionError; now an OSError names the file, the URL and how to read a
+    copy obtained otherwise."""
+    import pooch
+    import requests
+
+    def offline(url, **kwargs):
+        msg = "Failed to resolve 'github.com'"
+        raise requests.exceptions.ConnectionError(msg)
+
+    monkeypatch.setattr(pooch, "retrieve", offline)
+    with pytest.raises(OSError, match=r"Could not download HER2ST file 'data/ST-cnts/C2\.tsv\.gz' of patient C") as e:
+        download_her2st("C", sections=["C2"], images=False, cache=tmp_path)
+    assert "asign.io.read_her2st(path" in str(e.value) and "ConnectionError" in str(e.value)

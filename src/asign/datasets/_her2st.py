@@ -90,8 +90,15 @@ def download_her2st(
     Returns
     -------
     The root of the local copy, in the HER2ST layout read by :func:`asign.io.read_her2st`.
+
+    Raises
+    ------
+    OSError
+        If a file cannot be downloaded (no network, an HTTP error, a full disk): the message names the file and the
+        URL and says how to read a copy obtained otherwise. Files downloaded before the failure stay in the cache.
     """
     import pooch
+    import requests
 
     patient = check_patient(patient)
     root = Path(cache) if cache is not None else Path(pooch.os_cache("asign")) / "her2st"
@@ -111,13 +118,22 @@ def download_her2st(
         sha = reg[rel]
         if sha is None:
             logger.warning(f"Downloading {rel} without a checksum (asign does not know it).")
-        pooch.retrieve(
-            BASE_URL + rel,
-            known_hash=None if sha is None else f"sha256:{sha}",
-            path=root / Path(rel).parent,
-            fname=Path(rel).name,
-            progressbar=False,
-        )
+        try:
+            pooch.retrieve(
+                BASE_URL + rel,
+                known_hash=None if sha is None else f"sha256:{sha}",
+                path=root / Path(rel).parent,
+                fname=Path(rel).name,
+                progressbar=False,
+            )
+        except (OSError, requests.exceptions.RequestException) as e:  # offline, DNS, HTTP errors, disk
+            msg = (
+                f"Could not download HER2ST file {rel!r} of patient {patient} from {BASE_URL + rel} into {root} "
+                f"({type(e).__name__}: {e}). Without network access, copy the HER2ST repository "
+                "(https://github.com/almaan/her2st) by other means and read it with "
+                "`asign.io.read_her2st(path, patient=...)` or `asign.datasets.her2st(patient, path=...)`."
+            )
+            raise OSError(msg) from e
     return root
 
 
