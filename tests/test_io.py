@@ -594,7 +594,7 @@ def test_stack_sections_image_only_sections_then_make_spots(small_stack, tmp_pat
 
 
 def test_stack_sections_image_only_section_filled_and_aligned(small_stack):
-    """The filled stack of an image-only section runs the pipeline's first step, align_layers."""
+    """The filled stack of an image-only section runs the whole pipeline: align_layers, features, graph, ASIGN."""
     import asign
 
     parts, st = _image_only_sections_from(small_stack, ["S2"])
@@ -604,6 +604,22 @@ def test_stack_sections_image_only_section_filled_and_aligned(small_stack):
     al = out.tables["table"].uns["asign"]["alignment"]
     assert al["reference"] == "S2" and np.all(al["quality"]["passed"])
     assert np.isfinite(np.asarray(out.tables["table"].obsm["spatial_aligned"])).all()
+    # and the rest of the route: features, the 3D graph and ASIGN impute every virtual spot of S2
+    asign.pp.extract_features(
+        out,
+        encoder="handcrafted",
+        scales={"spot": 32, "region": 128, "global": 256},
+        input_size=None,
+        show_progress_bar=False,
+    )
+    asign.pp.neighbors_3d(out, similarity_key="asign_features_spot")
+    tiny = {"hidden_dim": 16, "attn_heads": 4, "gat_heads": 4, "max_epochs": 2, "steps_per_epoch": 2, "n_models": 1}
+    res = asign.tl.impute(
+        out, known=["S1", "S3"], method="asign", n_genes=8, method_kwargs=tiny, inplace=False, show_progress_bar=False
+    )
+    virtual = (res.obs["section"] == "S2").to_numpy()
+    assert virtual.any() and not res.obs["measured"].to_numpy()[virtual].any()
+    assert np.isfinite(res.layers["imputed"][virtual]).all() and np.isnan(res.layers["target"][virtual]).all()
 
 
 def test_stack_sections_image_only_array_image_is_parsed_like_the_others():
