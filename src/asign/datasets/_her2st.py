@@ -98,7 +98,6 @@ def download_her2st(
         URL and says how to read a copy obtained otherwise. Files downloaded before the failure stay in the cache.
     """
     import pooch
-    import requests
 
     patient = check_patient(patient)
     root = Path(cache) if cache is not None else Path(pooch.os_cache("asign")) / "her2st"
@@ -126,7 +125,7 @@ def download_her2st(
                 fname=Path(rel).name,
                 progressbar=False,
             )
-        except (OSError, requests.exceptions.RequestException) as e:  # offline, DNS, HTTP errors, disk
+        except OSError as e:  # offline, DNS, HTTP errors (requests' exceptions are OSErrors), a full disk
             msg = (
                 f"Could not download HER2ST file {rel!r} of patient {patient} from {BASE_URL + rel} into {root} "
                 f"({type(e).__name__}: {e}). Without network access, copy the HER2ST repository "
