@@ -460,9 +460,8 @@ def select_genes(
     n_genes = check_number("n_genes", n_genes, integer=True, minimum=1)
     if inplace:
         check_reserved_keys(key_added, table_key, var=(key_added, f"{key_added}_score"), uns=(key_added,))
-    stack = validate_stack(sdata, table_key=table_key)
+    stack = validate_stack(sdata, table_key=table_key)  # refuses repeated var_names too
     table = sdata.tables[table_key]
-    check_unique_var_names(table, table_label(table_key))
     mask = None
     if known is not None:
         mask = known_mask(table, stack, known)

@@ -733,8 +733,7 @@ def alignment_fingerprint(table: AnnData) -> str:
     import hashlib
 
     h = hashlib.sha1(usedforsecurity=False)
-    names = np.asarray(table.obs_names, dtype=str)
-    order = np.argsort(names, kind="stable")
+    names, order = _sorted_order(table)
     h.update(b"names\0" + "\0".join(names[order].tolist()).encode("utf-8", "surrogatepass"))
     if Key.SPATIAL in table.obsm:
         xy = np.asarray(table.obsm[Key.SPATIAL], dtype=np.float64).reshape(table.n_obs, -1)[:, :2]
